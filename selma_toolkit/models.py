@@ -1,0 +1,156 @@
+"""Base models: resolve a model reference, tell its architecture, load it as a diffusers pipeline.
+
+A model reference is a Hub repo id (``stabilityai/stable-diffusion-2``), a local diffusers folder
+(with model_index.json), a single-file ``.safetensors`` checkpoint, or ``tiny:<arch>`` (the
+embedded default, built on first use). Every stage loads models through this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from selma_toolkit.errors import ModelError
+
+Architecture = Literal["sd1", "sd2", "sdxl"]
+UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+def resolve_model(spec: str) -> str:
+    """A local path for ``tiny:<arch>`` (built on first use) and local folders; Hub ids unchanged.
+
+    A local path that exists but is not a diffusers folder or a .safetensors file is an error here,
+    before anything heavy is loaded.
+    """
+    from selma_toolkit import tiny
+
+    if tiny.is_tiny_spec(spec):
+        try:
+            return str(tiny.ensure_tiny_model(spec))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in UNSAFE_SUFFIXES:
+        raise ModelError(
+            f"{spec}: {path.suffix} checkpoints are pickle files and loading one can run arbitrary code; "
+            "selma-toolkit loads weights only from .safetensors. Convert it with a tool you trust, or use "
+            "the model's diffusers folder or Hub id."
+        )
+    if path.exists():
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"{spec}: folder has no model_index.json; expected a diffusers model folder "
+                "(as written by save_pretrained or `selma tiny create`)"
+            )
+        if path.is_file() and path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{spec}: expected a diffusers folder or a .safetensors checkpoint")
+        return str(path)
+    if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
+        raise ModelError(f"{spec}: no such folder or file, and not a Hub repo id of the form owner/name")
+    return spec
+
+
+def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> Architecture:
+    """sd1 / sd2 / sdxl from a UNet config (and the pipeline class when known)."""
+    if "XL" in pipeline_class or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("use_linear_projection") or isinstance(unet_config.get("attention_head_dim"), (list, tuple)):
+        return "sd2"
+    return "sd1"
+
+
+def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
+    """Read model_index.json and unet/config.json (local or from the Hub) and name the architecture."""
+    path = Path(resolve_model(spec))
+    if path.is_dir():
+        index = json.loads((path / "model_index.json").read_text())
+        unet_config_path = path / "unet" / "config.json"
+        unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = json.loads(Path(hf_hub_download(spec, "model_index.json", revision=revision)).read_text())
+            unet_config = json.loads(Path(hf_hub_download(spec, "unet/config.json", revision=revision)).read_text())
+        except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+            raise ModelError(f"{spec}: could not read model_index.json / unet/config.json from the Hub ({exc})") from None
+    pipeline_class = index.get("_class_name", "")
+    if "unet" not in index:
+        raise ModelError(f"{spec}: pipeline {pipeline_class!r} has no UNet; expected SD 1.x, SD 2.x or SDXL")
+    return architecture_from_config(unet_config, pipeline_class)
+
+
+def default_dtype(device: str, requested: str = "auto"):
+    """float16 on CUDA, float32 elsewhere, unless a dtype is requested."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(
+    spec: str,
+    *,
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    scheduler: str | None = None,
+    safety_checker: bool = False,
+    config: str | None = None,
+):
+    """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL) with diffusers.
+
+    ``scheduler`` names a diffusers scheduler class built from the model's own scheduler config.
+    ``safety_checker`` is off by default: for dataset generation it silently blacks out images.
+    A single-file ``.safetensors`` model needs ``config`` (a local diffusers folder or Hub id of
+    the same architecture), so nothing fetches a config at run time.
+    """
+    import diffusers
+    import torch
+
+    device = device or default_device()
+    torch_dtype = default_dtype(device, dtype)
+    source = resolve_model(spec)
+    extra: dict[str, Any] = {}
+    if not safety_checker:
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if source.endswith(".safetensors"):
+            if config is None:
+                raise ModelError(
+                    f"{spec}: a single-file checkpoint needs a local config (a diffusers folder of the same "
+                    "architecture) so that no config is fetched at run time"
+                )
+            pipe = diffusers.DiffusionPipeline.from_single_file(source, config=config, torch_dtype=torch_dtype, **extra)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype, **_accepted(source, extra))
+    except ModelError:
+        raise
+    except OSError as exc:
+        raise ModelError(f"{spec}: could not load the model ({exc})") from None
+    if scheduler:
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise ModelError(f"scheduler {scheduler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')")
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _accepted(source: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Only pass safety-checker arguments to pipelines that have one (SD 1.x)."""
+    path = Path(source)
+    index_path = path / "model_index.json"
+    if path.is_dir() and index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if "safety_checker" not in index:
+            return {}
+    return extra

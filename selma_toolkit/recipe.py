@@ -1,0 +1,483 @@
+"""Recipes: TOML files -> validated objects.
+
+Two kinds of recipe:
+
+* a **skill recipe** (``recipes/skills/*.toml``) says how to make one skill's prompts: description,
+  instruction for the LLM, seed prompts, counts, de-duplication threshold, LLM settings, or a
+  grammar for the offline source;
+* a **run recipe** (``recipes/runs/*.toml``) says what to do with them: base model, which skills,
+  and the settings of every stage (images, training, merging, evaluation).
+
+Every default is the paper's number (method.md). Unknown keys are errors, with the closest valid
+key suggested. ``--set a.b=value`` overrides are parsed as TOML values, then validated like the
+file. ``resolved_toml`` / ``recipe_hash`` give the fully resolved recipe that each run writes
+next to its outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from selma_toolkit.errors import RecipeError
+from selma_toolkit.resources import shipped_run, shipped_skill
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Skill recipes (stage 1)
+# --------------------------------------------------------------------------------------------
+
+
+class LLMSettings(StrictModel):
+    """An OpenAI-compatible endpoint and the sampling settings of the authors' code."""
+
+    api: Literal["chat", "completions"] = "completions"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo-instruct"
+    # Name of the environment variable that holds the key; the key itself never enters a recipe.
+    api_key_env: str = "OPENAI_API_KEY"
+    # None: required unless base_url is on this machine (a local vLLM / llama.cpp / Ollama server).
+    api_key_required: bool | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Fraction = 1.0
+    max_tokens: PositiveInt = 3072
+    concurrency: PositiveInt = 5
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    timeout: Annotated[float, Field(gt=0)] = 60.0
+    max_requests: PositiveInt | None = None
+    max_total_tokens: PositiveInt | None = None
+    # Stop when this many requests in a row add no prompt (an endpoint answering garbage).
+    max_empty_rounds: PositiveInt = 10
+    cache: bool = True
+
+
+class GrammarSettings(StrictModel):
+    """The offline prompt source: templates whose ``{slot}`` fields are filled from word lists."""
+
+    templates: Annotated[list[str], Field(min_length=1)]
+    words: dict[str, Annotated[list[str], Field(min_length=1)]]
+
+    @model_validator(mode="after")
+    def _slots_have_words(self) -> "GrammarSettings":
+        for template in self.templates:
+            for slot in re.findall(r"\{(\w+)\}", template):
+                base = re.sub(r"\d+$", "", slot)  # {object1}, {object2} both draw from "object"
+                if slot not in self.words and base not in self.words:
+                    raise ValueError(f"template {template!r} uses slot {{{slot}}} but words has no list {base!r}")
+        return self
+
+
+class SkillRecipe(StrictModel):
+    """One skill: how the LLM (or the grammar) is asked for prompts, and how many are kept."""
+
+    name: Name
+    description: str = ""
+    source: Literal["llm", "grammar"] = "llm"
+    instruction: str = ""
+    seeds: Annotated[list[str], Field(min_length=3)]
+    num_prompts: PositiveInt = 1000
+    similarity_threshold: Fraction = 0.8
+    max_words: PositiveInt = 30
+    examples_per_request: PositiveInt = 3
+    prompts_per_request: PositiveInt = 20
+    seed: int = 0
+    license: str | None = None
+    llm: LLMSettings = LLMSettings()
+    grammar: GrammarSettings | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_not_blank(cls, seeds: list[str]) -> list[str]:
+        if any(not s.strip() for s in seeds):
+            raise ValueError("seed prompts must not be empty")
+        return seeds
+
+    @model_validator(mode="after")
+    def _source_has_what_it_needs(self) -> "SkillRecipe":
+        if self.source == "llm" and not self.instruction.strip():
+            raise ValueError("instruction: must not be empty for source = 'llm' (it is what the LLM is asked)")
+        if self.source == "grammar" and self.grammar is None:
+            raise ValueError("grammar: source = 'grammar' needs a [grammar] table with templates and words")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Run recipes (stages 2-4 and evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+class ImageSettings(StrictModel):
+    """Stage 2: one image per prompt from the T2I model (50 steps, CFG 7.5 in the paper)."""
+
+    # Generation model when it differs from the trained one (weak-to-strong); None = base_model.
+    model: str | None = None
+    steps: PositiveInt = 50
+    guidance_scale: Annotated[float, Field(ge=0.0)] = 7.5
+    resolution: PositiveInt = 512
+    negative_prompt: str = ""
+    batch_size: PositiveInt = 8
+    seed: int = 0
+    # auto: float16 on CUDA, float32 on CPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # A diffusers scheduler class name (e.g. "DPMSolverMultistepScheduler"); None = the model's own.
+    scheduler: str | None = None
+    safety_checker: bool = False
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    image_format: Literal["png", "jpg"] = "png"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+
+class TrainSettings(StrictModel):
+    """Stage 3: one LoRA expert per skill (rank 128, lr 3e-4 constant, batch 64, 5000 steps)."""
+
+    rank: PositiveInt = 128
+    # None: alpha = rank (scale 1).
+    alpha: Annotated[float, Field(gt=0)] | None = None
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["to_q", "to_k", "to_v", "to_out.0"]
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    lr_scheduler: Literal["constant", "constant_with_warmup"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # Effective batch; reached by gradient accumulation of micro_batch_size when memory is short.
+    batch_size: PositiveInt = 64
+    micro_batch_size: PositiveInt | None = None
+    steps: PositiveInt = 5000
+    checkpoint_every: PositiveInt = 1000
+    # auto: fp16 on CUDA, no mixed precision on CPU.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    cache: bool = True
+    # None: the image resolution.
+    resolution: PositiveInt | None = None
+    seed: int = 0
+    lora_format: Literal["kohya", "peft"] = "kohya"
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "TrainSettings":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}): "
+                "the effective batch is micro_batch_size x gradient-accumulation steps"
+            )
+        return self
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+MergeMethod = Literal["selma", "delta", "svd", "ties", "dare"]
+
+
+class MergeSettings(StrictModel):
+    """Stage 4: merge the experts into one LoRA (the paper: average A and B separately)."""
+
+    method: MergeMethod = "selma"
+    # None: uniform 1/T.
+    weights: list[float] | None = None
+    # Output rank for svd / ties / dare; None = the experts' rank.
+    rank: PositiveInt | None = None
+    # ties: share of largest-magnitude entries kept; dare: share of entries kept.
+    density: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    seed: int = 0
+
+
+class EvaluateSettings(StrictModel):
+    """Evaluation of base, experts, joint baseline and merged LoRA on held-out prompts."""
+
+    scorers: list[str] = ["clipscore"]
+    # Held-out prompts per skill (never used for training); 0 = skip evaluation.
+    prompts_per_skill: Annotated[int, Field(ge=0)] = 100
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    # Extra merge methods to compare with the recipe's merge.method.
+    merge_methods: list[MergeMethod] = []
+    select_checkpoints: bool = False
+    clip_model: str = "openai/clip-vit-large-patch14"
+    # DSG/TIFA-style question file (JSONL or CSV) and the VQA model that answers it.
+    questions: str | None = None
+    vqa_model: str = "Salesforce/blip-vqa-base"
+
+
+class RunRecipe(StrictModel):
+    """A whole SELMA run: base model, skills, and every stage's settings."""
+
+    name: Name
+    # A Hub id, a local diffusers folder, or "tiny:sd1" / "tiny:sd2" / "tiny:sdxl" (the embedded default).
+    base_model: str
+    revision: str | None = None
+    skills: list[SkillRecipe] = []
+    # Existing experts to merge in: catalog names, Hub repo ids or local files.
+    experts: list[str] = []
+    # Also train one LoRA on the mixture of all skill datasets (the paper's baseline).
+    joint: bool = False
+    output_dir: str | None = None
+    license: str = "creativeml-openrail-m"
+    images: ImageSettings = ImageSettings()
+    train: TrainSettings = TrainSettings()
+    merge: MergeSettings = MergeSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+
+    @model_validator(mode="after")
+    def _skills_unique(self) -> "RunRecipe":
+        names = [s.name for s in self.skills]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"skills: each skill may appear once, found {duplicates} more than once")
+        if not self.skills and not self.experts:
+            raise ValueError("skills: a run needs at least one skill (or one expert in experts)")
+        return self
+
+    def skill(self, name: str) -> SkillRecipe:
+        """The skill called ``name``, or a RecipeError listing the run's skills."""
+        for skill in self.skills:
+            if skill.name == name:
+                return skill
+        raise RecipeError(f"run {self.name!r} has no skill {name!r}; its skills are {[s.name for s in self.skills]}")
+
+    @property
+    def image_model(self) -> str:
+        """The model that draws the training images (the base model unless weak-to-strong)."""
+        return self.images.model or self.base_model
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# --------------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error names the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise RecipeError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=100"`` -> (["train", "steps"], 100). The value is read as a TOML value
+    (numbers, booleans, strings, arrays); anything that is not valid TOML is taken as a string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw recipe data (validation happens afterwards)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a table")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The recipe section class at ``loc`` (for suggesting keys), or None."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        annotation = current.model_fields[part].annotation
+        args = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = args[0] if args else annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError) -> RecipeError:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+            lines.append(f"  {path}: unknown key{hint}")
+        else:
+            found = item.get("input")
+            shown = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path}: {message}{shown}")
+    return RecipeError(f"{source}: invalid recipe\n" + "\n".join(lines))
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(source, model, exc) from None
+
+
+def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>") -> SkillRecipe:
+    """Validate raw skill-recipe data; errors name ``source`` and the field path."""
+    return _validate(SkillRecipe, data, source)
+
+
+def _resolve_recipe_path(ref: str, base: Path | None, kind: str) -> Path:
+    """A recipe reference: a path (relative to the referring recipe's folder) or a shipped name."""
+    path = Path(ref).expanduser()
+    candidates = [(base / path).resolve()] if base is not None and not path.is_absolute() else []
+    if path.resolve() not in candidates:
+        candidates.append(path.resolve())
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = (shipped_skill if kind == "skill" else shipped_run)(ref)
+    if shipped is not None and "/" not in ref and not ref.endswith(".toml"):
+        return shipped
+    tried = ", ".join(str(c) for c in candidates)
+    raise RecipeError(f"{kind} recipe {ref!r} not found (looked at {tried}, and for a shipped {kind} of that name)")
+
+
+def load_skill_recipe(ref: str | Path, overrides: list[str] | None = None) -> SkillRecipe:
+    """Load a skill recipe from a path or a shipped name (``"countbench"``)."""
+    path = _resolve_recipe_path(str(ref), None, "skill")
+    data = apply_overrides(read_toml(path), overrides or [])
+    return skill_recipe_from_dict(data, str(path))
+
+
+def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunRecipe:
+    """Load a run recipe (path or shipped name such as ``"demo"``) with its skill recipes.
+
+    ``skills`` entries are paths relative to the run recipe, shipped skill names, tables
+    ``{ recipe = "countbench", num_prompts = 24 }`` (a skill file with values replaced), or whole
+    inline skill tables (as in a resolved recipe). Overrides address the run (``train.steps=100``) or one
+    skill (``skills.countbench.num_prompts=10``).
+    """
+    path = _resolve_recipe_path(str(ref), None, "run")
+    data = read_toml(path)
+    run_overrides, skill_overrides = [], {}
+    for text in overrides or []:
+        parts, _ = parse_override(text)
+        if parts[0] == "skills" and len(parts) >= 3:
+            skill_overrides.setdefault(parts[1], []).append(text.split(".", 2)[2])
+        else:
+            run_overrides.append(text)
+    data = apply_overrides(data, run_overrides)
+    raw_skills = data.get("skills", [])
+    if not isinstance(raw_skills, list):
+        raise RecipeError(f"{path}: skills: expected a list of skill recipe paths or tables")
+    skills = []
+    for index, entry in enumerate(raw_skills):
+        if isinstance(entry, str):
+            skill_path = _resolve_recipe_path(entry, path.parent, "skill")
+            skill_data, source = read_toml(skill_path), str(skill_path)
+        elif isinstance(entry, dict) and "recipe" in entry:
+            # { recipe = "countbench", num_prompts = 24 }: a skill file with some values replaced.
+            skill_path = _resolve_recipe_path(str(entry["recipe"]), path.parent, "skill")
+            skill_data, source = _deep_merge(read_toml(skill_path), {k: v for k, v in entry.items() if k != "recipe"}), str(skill_path)
+        elif isinstance(entry, dict):
+            skill_data, source = dict(entry), f"{path} (skills[{index}])"
+        else:
+            raise RecipeError(f"{path}: skills[{index}]: expected a path or a table, found {entry!r}")
+        name = skill_data.get("name")
+        apply_overrides(skill_data, skill_overrides.pop(name, []))
+        skills.append(skill_recipe_from_dict(skill_data, source))
+    if skill_overrides:
+        known = [s.name for s in skills]
+        raise RecipeError(f"--set skills.{next(iter(skill_overrides))}...: no such skill in this run; its skills are {known}")
+    data["skills"] = skills
+    return _validate(RunRecipe, data, str(path))
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> SkillRecipe | RunRecipe:
+    """Load either kind: a file with ``base_model`` is a run recipe, otherwise a skill recipe."""
+    try:
+        path = _resolve_recipe_path(str(ref), None, "run")
+    except RecipeError:
+        path = _resolve_recipe_path(str(ref), None, "skill")
+    data = read_toml(path)
+    if "base_model" in data or "skills" in data:
+        return load_run_recipe(path, overrides)
+    return load_skill_recipe(path, overrides)
+
+
+def _drop_none(value: Any) -> Any:
+    # TOML has no null: an unset optional value is left out (it reloads as its default, None).
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def resolved_toml(recipe: SkillRecipe | RunRecipe) -> str:
+    """The fully resolved recipe as TOML (skills inline), loadable again with load_recipe."""
+    return tomli_w.dumps(_drop_none(recipe.model_dump(mode="json")))
+
+
+def recipe_hash(recipe: SkillRecipe | RunRecipe) -> str:
+    """sha256 of the resolved recipe's canonical JSON: equal recipes, equal hashes."""
+    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def write_resolved_recipe(recipe: SkillRecipe | RunRecipe, folder: str | Path) -> Path:
+    """Write ``recipe.toml`` (fully resolved) and ``recipe.sha256`` into ``folder``; return the TOML path."""
+    from selma_toolkit.io import atomic_write_text
+
+    folder = Path(folder)
+    path = folder / "recipe.toml"
+    atomic_write_text(path, resolved_toml(recipe))
+    atomic_write_text(folder / "recipe.sha256", recipe_hash(recipe) + "\n")
+    return path

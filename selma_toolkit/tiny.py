@@ -1,0 +1,243 @@
+"""The embedded default: tiny, randomly initialised text-to-image models, built from configs.
+
+Same architecture classes as the real models (UNet2DConditionModel, AutoencoderKL, CLIP text
+encoders, CLIP tokenizer, the real schedulers), so every stage runs on them unchanged, on a CPU,
+with no download. Their images mean nothing; their code paths are the real ones.
+
+* ``sd1``: SD 1.x layout (one CLIPTextModel, epsilon prediction, PNDM scheduler as SD 1.4/1.5).
+* ``sd2``: SD 2.x layout (linear projections, per-block head dims, v-prediction as SD 2 768-v).
+* ``sdxl``: SDXL layout (two text encoders, pooled embeddings, ``text_time`` added conditions).
+
+The same call writes the same weights: every component is built right after ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+Architecture = Literal["sd1", "sd2", "sdxl"]
+ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+TINY_PREFIX = "tiny:"
+# Bump when a config below changes, so cached copies are rebuilt.
+TINY_VERSION = 1
+
+# Words the tiny tokenizer keeps whole (one token each); anything else falls back to characters.
+_WORDS = """a an the of and with on in at to from by for under over above below behind next near left
+right top bottom front back inside outside beside between one two three four five six seven eight
+nine ten red green blue yellow orange purple pink black white brown gray grey silver gold small big
+large tiny huge tall short long round square circle triangle star heart cube ball box cup dog cat bird
+horse cow sheep car bus bike bicycle train boat plane apple banana orange pizza cake table chair bed
+sofa tree flower house street city man woman boy girl child people person photo image picture
+painting drawing is are sitting standing riding holding walking running lying made wooden glass
+metal stone plastic shapes shape object objects color""".split()
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learnt from ``words`` until each word is one token.
+
+    Written here rather than with the `tokenizers` BpeTrainer because that trainer breaks ties
+    between equally frequent pairs in hash order, so two runs give different vocabularies; tiny
+    models must be byte-identical for the same seed. Ties here go to the smallest pair.
+    """
+    from collections import Counter
+
+    corpus = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(pair for word in corpus for pair in zip(word, word[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged_corpus = []
+        for word in corpus:
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged_corpus.append(tuple(out))
+        corpus = merged_corpus
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer built in memory: CLIP's 256 byte-level symbols plus BPE merges learnt from
+    a small word list, so common prompt words are single tokens. Offline: the real CLIP
+    vocabulary is not on this machine."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = _learn_merges(_WORDS)
+    # CLIP's vocabulary holds every symbol both alone and word-final ("a", "a</w>"), then the merges.
+    vocab_list = list(dict.fromkeys(alphabet + [s + "</w>" for s in alphabet] + [a + b for a, b in merges]))
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
+
+
+def _text_encoder_config(vocab_size: int, hidden: int, projection_dim: int, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Two blocks: the VAE downsamples by 2 (a real one by 8); the pipelines read the factor from it.
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
+def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
+    """Build a tiny random pipeline of the given architecture (in memory)."""
+    import torch
+    from diffusers import (
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    tokenizer = tiny_tokenizer()
+    vocab_size = len(tokenizer)
+    common: dict[str, Any] = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed)
+    if arch == "sd1":
+        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=8)
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+            steps_offset=1, set_alpha_to_one=False, num_train_timesteps=1000,
+        )
+    elif arch == "sd2":
+        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            prediction_type="v_prediction", timestep_spacing="leading", num_train_timesteps=1000,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            **common,
+            cross_attention_dim=64,  # the two text encoders' hidden states, concatenated (32 + 32)
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text (32)
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading", num_train_timesteps=1000,
+        )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    torch.manual_seed(seed + 2)
+    act = "quick_gelu" if arch == "sd1" else "gelu"
+    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, 32, 32, act))
+    if arch != "sdxl":
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, 32, 32, "gelu"))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
+    )
+
+
+def create_tiny_model(out: str | os.PathLike[str], arch: Architecture = "sd1", seed: int = 0) -> Path:
+    """Write a tiny model in the standard diffusers folder layout (model_index.json, unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/).
+
+    The folder appears whole or not at all (built in a temporary folder, then renamed).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    pipe = build_tiny_pipeline(arch, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "selma_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "version": TINY_VERSION}))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_dir() -> Path:
+    """Where built tiny models are kept: $SELMA_CACHE or ~/.cache/selma."""
+    return Path(os.environ.get("SELMA_CACHE", Path.home() / ".cache" / "selma"))
+
+
+def is_tiny_spec(spec: str) -> bool:
+    return spec.startswith(TINY_PREFIX)
+
+
+def ensure_tiny_model(spec: str) -> Path:
+    """Path of the tiny model named by ``"tiny:<arch>"`` (optionally ``"tiny:<arch>:<seed>"``),
+    built into the cache on first use."""
+    parts = spec[len(TINY_PREFIX):].split(":")
+    arch = parts[0]
+    if arch not in ARCHITECTURES or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"{spec!r}: expected tiny:<arch>[:<seed>] with arch one of {', '.join(ARCHITECTURES)}")
+    seed = int(parts[1]) if len(parts) == 2 else 0
+    path = cache_dir() / "tiny" / f"{arch}-seed{seed}-v{TINY_VERSION}"
+    if not (path / "model_index.json").is_file():
+        try:
+            create_tiny_model(path, arch, seed)  # type: ignore[arg-type]
+        except OSError:
+            # Another process finished the same build first: its copy is identical.
+            if not (path / "model_index.json").is_file():
+                raise
+    return path

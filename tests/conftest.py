@@ -1,0 +1,55 @@
+"""Shared fixtures. Tiny models are built once per session; nothing touches the network or the
+user's ~/.cache (SELMA_CACHE and HF_HOME point into a session temporary folder)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="selma-tests-"))
+os.environ.setdefault("SELMA_CACHE", str(_SESSION_HOME / "selma-cache"))
+os.environ.setdefault("HF_HOME", str(_SESSION_HOME / "hf-home"))
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny sd1 / sd2 / sdxl models in the diffusers folder layout, built once per session."""
+    from selma_toolkit.tiny import ARCHITECTURES, create_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: create_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["sd1"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 600):
+    """Run the `selma` CLI in a subprocess (as a user would) and return the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "selma_toolkit", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
