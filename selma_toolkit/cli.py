@@ -122,6 +122,451 @@ def tiny_create(
     console.print(f"wrote tiny {arch} model to {path} (load it with DiffusionPipeline.from_pretrained)")
 
 
+# --------------------------------------------------------------------------------------- prompts
+
+
+@app.command("prompts")
+def prompts(
+    recipe: Annotated[str, typer.Argument(help="Run recipe (all its skills) or skill recipe: file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Only this skill of a run recipe.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (run recipe; default output_dir, else runs/<name>) "
+                                                     "or output folder (skill recipe; default runs/<skill>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 1: each skill's prompts from its LLM endpoint (or offline grammar) into prompts.jsonl.
+
+    A run recipe also asks for evaluate.prompts_per_skill held-out prompts per skill. A stopped run
+    continues where it stopped; answers are cached, so a rerun costs nothing.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.prompts import generate_prompts
+    from selma_toolkit.recipe import RunRecipe, load_recipe, write_resolved_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    if isinstance(loaded, RunRecipe):
+        paths = RunPaths.for_recipe(loaded, out)
+        chosen = [loaded.skill(skill)] if skill else loaded.skills
+        jobs = [(s, paths.prompts(s.name), loaded.evaluate.prompts_per_skill) for s in chosen]
+        write_resolved_recipe(loaded, paths.root)
+    else:
+        if skill and skill != loaded.name:
+            raise SelmaError(f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe")
+        folder = out or Path("runs") / loaded.name
+        jobs = [(loaded, folder / "prompts.jsonl", 0)]
+        write_resolved_recipe(loaded, folder)
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request would tear up the bar
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as bar:
+        for skill_recipe, path, heldout in jobs:
+            task = bar.add_task(skill_recipe.name, total=skill_recipe.num_prompts + heldout)
+
+            def show(stats, task=task) -> None:
+                calls = f"{stats.requests} requests, {stats.cache_hits} cached, " if stats.source == "llm" else ""
+                bar.update(task, completed=stats.kept,
+                           description=f"{stats.skill}: {calls}{sum(stats.rejected.values())} rejected")
+
+            results.append(generate_prompts(skill_recipe, path, heldout, progress=show))
+    _print_prompt_summary(results)
+
+
+def _print_prompt_summary(results) -> None:
+    from rich.table import Table
+
+    table = Table("skill", "kept", "new", "requests", "cached", "tokens", "rejected", title="prompts")
+    for stats in results:
+        rejected = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items() if count) or "-"
+        table.add_row(stats.skill, f"{stats.kept}/{stats.target}", str(stats.added), str(stats.requests),
+                      str(stats.cache_hits), str(stats.total_tokens), rejected)
+    console.print(table)
+    for stats in results:
+        console.print(f"{stats.skill}: {stats.path}", soft_wrap=True, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+@app.command("images")
+def images(
+    recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Only this skill (default: every skill of the run).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 2: draw one image per train prompt into each skill's image dataset (resumes a stopped run).
+
+    Several GPUs (or CPU processes) share the prompts with
+    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit images RECIPE` or
+    `torchrun --nproc_per_node N -m selma_toolkit images RECIPE`.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selma_toolkit.images import check_image_inputs, generate_images, process_state
+    from selma_toolkit.images.shard import finish
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+
+    run = load_run_recipe(recipe, set_ or [])
+    paths = RunPaths.for_recipe(run, out)
+    names = [run.skill(skill).name] if skill else [s.name for s in run.skills]
+    if not names:
+        raise SelmaError(f"{recipe}: the run has no skills, so there are no prompts to draw images for")
+    for name in names:  # every skill's input, before hours are spent drawing the first one
+        check_image_inputs(run, name, paths)
+    _quiet_loading_bars()
+    state = process_state()
+    share = f" (process {state.process_index + 1} of {state.num_processes})" if state.num_processes > 1 else ""
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=not state.is_main_process) as bar:
+        for name in names:
+            task = bar.add_task(f"{name}{share}", total=None)
+            results.append(generate_images(
+                run, name, paths, progress=lambda done, total, task=task: bar.update(task, completed=done, total=total)
+            ))
+    finish(state)
+    if state.is_main_process:
+        _print_image_summary(results, state.num_processes)
+
+
+def _quiet_loading_bars() -> None:
+    # diffusers and transformers draw a tqdm bar per model load; they would tear up the rich bar.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _rate_column():
+    """A progress column with images per second (rich's own speed columns print bytes)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.2f} img/s" if speed else "- img/s")
+
+    return RateColumn()
+
+
+def _print_image_summary(results, num_processes: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="images")
+    for column in ("skill", "train prompts", "in dataset", "drawn now", "already there", "blacked out", "img/s"):
+        table.add_column(column)
+    for stats in results:
+        table.add_row(stats.skill, str(stats.prompts), str(stats.images), str(stats.generated), str(stats.skipped),
+                      str(len(stats.blacked_out)), f"{stats.images_per_second:.2f}")
+    console.print(table)
+    for stats in results:
+        per_process = f"; drawn per process: {stats.per_process}" if num_processes > 1 else ""
+        console.print(f"{stats.skill}: dataset in {stats.folder}{per_process}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@app.command("train")
+def train(
+    recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Train the expert of this skill.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="One LoRA on the mixture of all skills (the paper's baseline).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 3: train a LoRA skill expert; run again, it resumes from the latest checkpoint.
+
+    Several GPUs split each batch with
+    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit train RECIPE --skill NAME`.
+    """
+    if (skill is None) == (not joint):
+        raise SelmaError("train: give either --skill NAME (one expert) or --joint (the mixture baseline), one of the two")
+    import torch
+    from accelerate import PartialState
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selma_toolkit.paths import JOINT, RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+    from selma_toolkit.train import TrainEvent, train_expert
+
+    run = load_run_recipe(recipe, set_ or [])
+    paths = RunPaths.for_recipe(run, out)
+    name = JOINT if joint else run.skill(skill).name
+    _quiet_loading_bars()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # else a line per file of every checkpoint
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    # The same process group train_expert's Accelerator joins (gloo on a CPU machine).
+    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    with Progress(*columns, console=err_console, disable=not is_main) as bar:
+        tasks: dict[str, int] = {}
+        rate = {"seconds": None}
+
+        def show(event: TrainEvent) -> None:
+            if event.kind not in tasks:
+                label = f"{name}: encoding cache" if event.kind == "cache" else f"{name}: training"
+                tasks[event.kind] = bar.add_task(label, total=event.total, loss="", rate="")
+            fields = {}
+            if event.kind == "step":
+                # Smoothed over about ten steps: single steps stall now and then on shared machines.
+                previous = rate["seconds"]
+                rate["seconds"] = event.seconds if previous is None else 0.9 * previous + 0.1 * event.seconds
+                fields = {"loss": f"loss {event.loss:.4f}", "rate": f"{1 / max(rate['seconds'], 1e-9):.2f} it/s"}
+            bar.update(tasks[event.kind], completed=event.done, total=event.total, **fields)
+
+        expert = train_expert(run, name, paths, progress=show)
+    if is_main:
+        console.print(f"{name}: expert written to {expert}", soft_wrap=True, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SelmaError(f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8") from None
+
+
+def _file_size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+@app.command("merge")
+def merge(
+    experts: Annotated[list[str], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged .safetensors file to write.")],
+    method: Annotated[str, typer.Option(help="selma (the paper: average A and B), delta (exact sum of updates), svd, ties or dare.")] = "selma",
+    weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Output rank for svd, ties and dare (default: the experts' largest).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="kohya (read by diffusers and ComfyUI) or peft.")] = "kohya",
+    density: Annotated[float, typer.Option(help="ties: share of largest entries kept; dare: share of entries kept.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="dare: seed of the drop masks.")] = 0,
+    normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
+) -> None:
+    """Merge several LoRA experts into one LoRA file."""
+    from rich.table import Table
+
+    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.lora.merge import MERGE_METHODS, merge_files, merge_record
+
+    if method not in MERGE_METHODS:
+        raise SelmaError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
+    if format_ not in ("kohya", "peft"):
+        raise SelmaError(f"--format {format_!r}: expected kohya or peft")
+    paths = [resolve_expert(expert) for expert in experts]
+    merged = merge_files(
+        paths, out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
+        format=format_, density=density, seed=seed, normalize=normalize,  # type: ignore[arg-type]
+    )
+    record = merge_record(merged) or {}
+    inputs = Table("expert", "weight", "sha256", title=f"merged {len(paths)} experts")
+    for info, weight in zip(record.get("experts", []), record.get("weights", [])):
+        inputs.add_row(escape(info["name"]), f"{weight:.6g}", info["sha256"][:12])
+    console.print(inputs)
+    summary = Table("modules", "ranks", "method", "file size", "file")
+    ranks = sorted(merged.ranks())
+    summary.add_row(
+        str(len(merged.modules)), ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
+        method, _file_size(out.stat().st_size), escape(str(out)),
+    )
+    console.print(summary)
+
+
+# ------------------------------------------------------------------------------------------- hub
+
+hub_app = typer.Typer(help="Share and fetch experts on the Hugging Face Hub (push, pull, catalog).", no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
+CatalogOption = Annotated[
+    Optional[list[Path]],
+    typer.Option("--catalog", help="Your own catalog file (TOML, as hub/catalog.toml); repeatable. SELMA_CATALOG=FILE works for every command."),
+]
+
+
+@hub_app.command("push")
+def hub_push(
+    path: Annotated[Path, typer.Argument(help="An expert .safetensors file, a merged LoRA, or a run folder.")],
+    repo_id: Annotated[str, typer.Argument(help="Target model repo, owner/name (created if needed).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private (if it does not exist yet).")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if needed).")] = None,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+) -> None:
+    """Upload LoRA file(s), a model card, the recipe, scores and samples in one commit. Token: `hf auth login` or HF_TOKEN."""
+    from selma_toolkit.hub import push_expert
+
+    url = push_expert(path, repo_id, private=private, revision=revision, commit_message=message)
+    console.print(f"pushed to {escape(url)}", highlight=False, soft_wrap=True)
+
+
+@hub_app.command("pull")
+def hub_pull(
+    ref: Annotated[str, typer.Argument(help="A catalog name, or a repo owner/name (owner/name:FILE for one of several files).")],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    to: Annotated[Optional[Path], typer.Option("--to", help="Also copy the file into this folder (e.g. ComfyUI/models/loras).")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", help="The .safetensors file in the repo, when it holds several.")] = None,
+    catalog: CatalogOption = None,
+) -> None:
+    """Download an expert into the Hugging Face cache (works offline from the cache) and print its local path."""
+    from selma_toolkit.hub import resolve_expert
+
+    path = resolve_expert(ref, catalog=catalog, revision=revision, to=to, filename=file)
+    sys.stdout.write(f"{path}\n")
+
+
+@hub_app.command("list")
+def hub_list(catalog: CatalogOption = None) -> None:
+    """Show the catalog of published experts (and your own with --catalog)."""
+    from rich.table import Table
+
+    from selma_toolkit.hub import load_catalog
+
+    entries = load_catalog(catalog)
+    if not entries:
+        console.print("the catalog is empty: no expert has been published in it yet; add your own with --catalog FILE")
+        return
+    table = Table("name", "skill", "base model", "arch", "repo", "file", "sha256")
+    for entry in sorted(entries.values(), key=lambda e: e.name):
+        table.add_row(*(escape(v) for v in (entry.name, entry.skill, entry.base_model, entry.architecture, entry.repo, entry.file)),
+                      "pinned" if entry.sha256 else "-")
+    console.print(table)
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+@app.command("evaluate")
+def evaluate(
+    tally: Annotated[Optional[list[Path]], typer.Option(
+        "--tally", help="Count a human-evaluation answers file exported from human-eval.html (repeatable: raters).")] = None,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", help="Write the HTML report from an evaluation folder holding scores.json.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: report/ beside the evaluation folder).")] = None,
+    pair: Annotated[Optional[list[str]], typer.Option(
+        help="Human-evaluation pair VARIANT,BASELINE, e.g. merged:selma,base (repeatable; default: merged vs base).")] = None,
+    prompts_per_skill: Annotated[int, typer.Option(help="Prompts per skill in the report's image grids.")] = 4,
+) -> None:
+    """Evaluation results: win/tie/lose of human-evaluation answers (--tally), or the HTML report (--report)."""
+    if not tally and report is None:
+        raise SelmaError("selma evaluate: give --tally ANSWERS.json (human-evaluation answers) or --report EVAL_DIR")
+    if report is not None:
+        from selma_toolkit.evaluate import write_report
+
+        pairs = None
+        if pair:
+            pairs = [p.split(",") for p in pair]
+            bad = [p for p, parts in zip(pair, pairs) if len(parts) != 2 or not all(parts)]
+            if bad:
+                raise SelmaError(f"--pair {bad[0]!r}: expected VARIANT,BASELINE, e.g. --pair merged:selma,base")
+        target = out or report.resolve().parent / "report"
+        index = write_report(report, target, human_eval_pairs=pairs, prompts_per_skill=prompts_per_skill)
+        console.print(f"wrote {index}")
+    if tally:
+        from selma_toolkit.evaluate import tally_files
+
+        # One plain line per pair (as the paper states its study), easy to read and to parse.
+        for row in tally_files(tally):
+            without_ties = ("all ties" if row.win_percent_without_ties is None
+                            else f"{row.win_percent_without_ties:.1f}% vs {100 - row.win_percent_without_ties:.1f}% without ties")
+            console.print(f"{row.variant} vs {row.baseline}: win {row.win_percent:.1f}%, tie {row.tie_percent:.1f}%, "
+                          f"lose {row.lose_percent:.1f}% of {row.n} answers ({without_ties})", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------ lora
+
+lora_app = typer.Typer(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+ComponentOption = Annotated[
+    Optional[str],
+    typer.Option(help="Model part of peft keys that lack a prefix (unet, text_encoder, text_encoder_2)."),
+]
+DropBiasDiffsOption = Annotated[
+    bool, typer.Option("--drop-bias-diffs", help="Drop bias / norm differences (ComfyUI-trained files) a LoRA cannot carry.")
+]
+
+
+@lora_app.command("info")
+def lora_info(
+    file: Annotated[Path, typer.Argument(help="A LoRA .safetensors file.")],
+    component: ComponentOption = None,
+    drop_bias_diffs: DropBiasDiffsOption = False,
+) -> None:
+    """Show a LoRA file: layout, architecture guess, modules, ranks, alphas, metadata."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from selma_toolkit.lora import inspect_lora
+
+    info = inspect_lora(file, component=component, drop_bias_diffs=drop_bias_diffs)
+    modules = info.weights.modules
+    per_component = Counter(name.split(".", 1)[0] for name in modules)
+    ranks = Counter(module.rank for module in modules.values())
+    alphas = Counter(float(module.alpha) for module in modules.values())
+    conv = sum(module.is_conv for module in modules.values())
+    summary = Table(show_header=False, title=escape(str(file)))
+    summary.add_row("layout", ", ".join(info.layouts))
+    summary.add_row("architecture", info.architecture or "unknown (no shape or metadata tells)")
+    summary.add_row("modules", f"{len(modules)} ({', '.join(f'{c} {n}' for c, n in sorted(per_component.items()))}"
+                    + (f"; {conv} conv" if conv else "") + ")")
+    summary.add_row("ranks", ", ".join(f"{rank} x{count}" for rank, count in sorted(ranks.items())))
+    summary.add_row("alphas", ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(alphas.items())))
+    console.print(summary)
+    if info.file_metadata:
+        table = Table("metadata key", "value", title="__metadata__")
+        for key, value in sorted(info.file_metadata.items()):
+            table.add_row(escape(key), escape(value if len(value) <= 200 else value[:200] + "..."))
+        console.print(table)
+
+
+@lora_app.command("convert")
+def lora_convert(
+    source: Annotated[Path, typer.Argument(help="The LoRA .safetensors file to read (any layout).")],
+    out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    format_: Annotated[str, typer.Option("--format", help="kohya (read by diffusers and ComfyUI) or peft (diffusers).")] = "kohya",
+    component: ComponentOption = None,
+    drop_bias_diffs: DropBiasDiffsOption = False,
+) -> None:
+    """Convert a LoRA file to the kohya layout (default; diffusers and ComfyUI load it) or peft."""
+    from selma_toolkit.lora import WRITE_FORMATS, load_lora, save_lora
+
+    if format_ not in WRITE_FORMATS:
+        raise SelmaError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
+    if out.resolve() == source.resolve():
+        raise SelmaError(f"{out}: the output would overwrite the input; choose another file name")
+    weights = load_lora(source, component=component, drop_bias_diffs=drop_bias_diffs)
+    save_lora(weights, out, format=format_)  # type: ignore[arg-type]
+    console.print(f"wrote {len(weights.modules)} modules in the {format_} layout to {escape(str(out))}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------- comfyui
+
+comfyui_app = typer.Typer(help="The SELMA node pack for ComfyUI.", no_args_is_help=True)
+app.add_typer(comfyui_app, name="comfyui")
+
+
+@comfyui_app.command("install")
+def comfyui_install(
+    comfyui_dir: Annotated[Path, typer.Argument(help="The ComfyUI folder (the one with main.py and custom_nodes/).")],
+) -> None:
+    """Copy the node pack into COMFYUI_DIR/custom_nodes/selma-toolkit (run again to update it)."""
+    from comfyui_nodes.install import install_node_pack
+
+    target = install_node_pack(comfyui_dir)
+    console.print(f"installed the SELMA nodes into {escape(str(target))}; restart ComfyUI to load them "
+                  "(its Python needs torch and safetensors)", highlight=False)
+
+
 def main() -> None:
     """Entry point of the `selma` console script."""
     try:

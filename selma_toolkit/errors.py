@@ -21,6 +21,10 @@ class DatasetError(SelmaError):
     """A prompt file or image dataset is missing or malformed."""
 
 
+class TrainingError(SelmaError):
+    """Training cannot go on: a checkpoint cannot be written or read (disk full, damaged folder)."""
+
+
 class ModelError(SelmaError):
     """A base model cannot be found or loaded."""
 

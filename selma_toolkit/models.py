@@ -64,9 +64,13 @@ def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
     """Read model_index.json and unet/config.json (local or from the Hub) and name the architecture."""
     path = Path(resolve_model(spec))
     if path.is_dir():
-        index = json.loads((path / "model_index.json").read_text())
-        unet_config_path = path / "unet" / "config.json"
-        unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+            unet_config_path = path / "unet" / "config.json"
+            unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{spec}: model_index.json or unet/config.json is not valid JSON ({exc}); "
+                             "expected a diffusers model folder") from None
     else:
         from huggingface_hub import hf_hub_download
 
@@ -105,13 +109,18 @@ def load_pipeline(
     scheduler: str | None = None,
     safety_checker: bool = False,
     config: str | None = None,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
 ):
     """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL) with diffusers.
 
     ``scheduler`` names a diffusers scheduler class built from the model's own scheduler config.
     ``safety_checker`` is off by default: for dataset generation it silently blacks out images.
-    A single-file ``.safetensors`` model needs ``config`` (a local diffusers folder or Hub id of
-    the same architecture), so nothing fetches a config at run time.
+    A single-file ``.safetensors`` model needs ``config`` (a local diffusers folder, or
+    ``tiny:<arch>``, of the same architecture), so nothing fetches a config at run time.
+    Attention is torch SDPA (diffusers' default processor on torch 2); ``attention_slicing``,
+    ``vae_tiling`` and ``cpu_offload`` (CUDA only: model-level offload) trade speed for memory.
     """
     import diffusers
     import torch
@@ -129,7 +138,18 @@ def load_pipeline(
                     f"{spec}: a single-file checkpoint needs a local config (a diffusers folder of the same "
                     "architecture) so that no config is fetched at run time"
                 )
-            pipe = diffusers.DiffusionPipeline.from_single_file(source, config=config, torch_dtype=torch_dtype, **extra)
+            config_dir = Path(resolve_model(config))
+            if not config_dir.is_dir():
+                raise ModelError(f"config {config!r}: expected a local diffusers folder (with model_index.json), so that "
+                                 "no config is fetched at run time")
+            # DiffusionPipeline itself has no from_single_file: the concrete class named by the config does.
+            class_name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
+            pipeline_class = getattr(diffusers, class_name, None)
+            if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+                raise ModelError(f"config {config!r}: pipeline {class_name!r} cannot load single-file checkpoints; "
+                                 "expected an SD 1.x, SD 2.x or SDXL diffusers folder")
+            pipe = pipeline_class.from_single_file(source, config=str(config_dir), torch_dtype=torch_dtype,
+                                                   local_files_only=True, **_accepted(str(config_dir), extra))
         else:
             pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype, **_accepted(source, extra))
     except ModelError:
@@ -142,6 +162,16 @@ def load_pipeline(
             raise ModelError(f"scheduler {scheduler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if cpu_offload:
+        if not str(device).startswith("cuda"):
+            raise ModelError(f"cpu_offload: model CPU offload moves parts to a CUDA device on demand; the device here is "
+                             f"{device!r}. Set images.cpu_offload = false on a machine without CUDA")
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 

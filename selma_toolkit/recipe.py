@@ -63,6 +63,8 @@ class LLMSettings(StrictModel):
     concurrency: PositiveInt = 5
     max_retries: Annotated[int, Field(ge=0)] = 5
     timeout: Annotated[float, Field(gt=0)] = 60.0
+    # Budgets per invocation (cached answers are free and not counted); the token budget is checked
+    # before each request, so the answers in flight may pass it.
     max_requests: PositiveInt | None = None
     max_total_tokens: PositiveInt | None = None
     # Stop when this many requests in a row add no prompt (an endpoint answering garbage).
@@ -87,7 +89,15 @@ class GrammarSettings(StrictModel):
 
 
 class SkillRecipe(StrictModel):
-    """One skill: how the LLM (or the grammar) is asked for prompts, and how many are kept."""
+    """One skill: how the LLM (or the grammar) is asked for prompts, and how many are kept.
+
+    Request convention (the authors' code): ``instruction`` with ``{n}`` (= prompts_per_request)
+    and ``{max_words}`` filled in, followed by ``examples_per_request`` prompts sampled from the
+    pool as a numbered list ``1. ...``; the answer is parsed as a numbered list continuing after
+    them (numbered or bulleted lines; prose around them is ignored). A candidate is kept when it
+    is non-empty, has at most ``max_words`` words, is no exact duplicate and its ROUGE-L F against
+    every pool prompt is at most ``similarity_threshold``. See selma_toolkit/prompts/.
+    """
 
     name: Name
     description: str = ""
@@ -130,6 +140,9 @@ class ImageSettings(StrictModel):
 
     # Generation model when it differs from the trained one (weak-to-strong); None = base_model.
     model: str | None = None
+    # For a single-file .safetensors generation model: a local diffusers folder (or tiny:<arch>)
+    # of the same architecture that supplies the configs, so nothing is fetched at run time.
+    single_file_config: str | None = None
     steps: PositiveInt = 50
     guidance_scale: Annotated[float, Field(ge=0.0)] = 7.5
     resolution: PositiveInt = 512
@@ -182,6 +195,21 @@ class TrainSettings(StrictModel):
     resolution: PositiveInt | None = None
     seed: int = 0
     lora_format: Literal["kohya", "peft"] = "kohya"
+    # accelerate trackers to log loss and lr to (besides loss.jsonl / loss.png).
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+
+    @field_validator("resolution")
+    @classmethod
+    def _train_resolution_multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_has_a_scheduler(self) -> "TrainSettings":
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError(f"warmup_steps = {self.warmup_steps} needs lr_scheduler = 'constant_with_warmup'")
+        return self
 
     @model_validator(mode="after")
     def _micro_batch_divides(self) -> "TrainSettings":
@@ -213,10 +241,16 @@ class MergeSettings(StrictModel):
     seed: int = 0
 
 
+ScorerName = Literal["clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class EvaluateSettings(StrictModel):
     """Evaluation of base, experts, joint baseline and merged LoRA on held-out prompts."""
 
-    scorers: list[str] = ["clipscore"]
+    # clipscore, pickscore, hps, imagereward, vqascore (P("yes") to "does this figure show <prompt>?"),
+    # questions (DSG/TIFA-style question file answered by vqa_model).
+    scorers: Annotated[list[ScorerName], Field(min_length=1)] = ["clipscore"]
     # Held-out prompts per skill (never used for training); 0 = skip evaluation.
     prompts_per_skill: Annotated[int, Field(ge=0)] = 100
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
@@ -224,9 +258,36 @@ class EvaluateSettings(StrictModel):
     merge_methods: list[MergeMethod] = []
     select_checkpoints: bool = False
     clip_model: str = "openai/clip-vit-large-patch14"
-    # DSG/TIFA-style question file (JSONL or CSV) and the VQA model that answers it.
+    # PickScore: a CLIP fine-tuned on human preferences, read with the processor of the CLIP it started from.
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # HPS v2: a transformers CLIP (folder or Hub id), or the authors' pickled open_clip checkpoint
+    # ("owner/repo:file.pt" on the Hub, or a local .pt) read into the CLIP architecture of hps_clip_config.
+    # A pickled file can run code when loaded: it is read only with hps_allow_pickle = true and hps_sha256 pinned.
+    hps_model: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
+    hps_clip_config: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    hps_allow_pickle: bool = False
+    hps_sha256: Sha256 | None = None
+    # ImageReward (extra `selma-toolkit[eval]`): its pickled checkpoint, read under the same two conditions.
+    imagereward_model: str = "THUDM/ImageReward:ImageReward.pt"
+    imagereward_allow_pickle: bool = False
+    imagereward_sha256: Sha256 | None = None
+    # DSG/TIFA-style question file (JSONL, CSV or JSON; a local path or a datasets id) and the VQA model that answers it.
     questions: str | None = None
+    questions_split: str = "train"
     vqa_model: str = "Salesforce/blip-vqa-base"
+    batch_size: PositiveInt = 16
+    bootstrap_samples: Annotated[int, Field(ge=100)] = 1000
+    # Report: prompts per skill shown in the image grids, and the human-evaluation pairs [variant, baseline]
+    # (variants: base, expert:<skill>, joint, merged:<method>); empty = the recipe's merged LoRA vs base.
+    report_prompts_per_skill: Annotated[int, Field(ge=0)] = 4
+    human_eval_pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []
+
+    @model_validator(mode="after")
+    def _questions_scorer_has_questions(self) -> "EvaluateSettings":
+        if "questions" in self.scorers and not self.questions:
+            raise ValueError("scorers: 'questions' needs evaluate.questions (a DSG/TIFA-style question file or datasets id)")
+        return self
 
 
 class RunRecipe(StrictModel):

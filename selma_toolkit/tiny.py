@@ -241,3 +241,86 @@ def ensure_tiny_model(spec: str) -> Path:
             if not (path / "model_index.json").is_file():
                 raise
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny scorer models (evaluation): a CLIP model and a BLIP VQA model, random, built from configs
+# --------------------------------------------------------------------------------------------
+
+SCORER_MODELS: tuple[str, ...] = ("clip", "vqa")
+_SCORER_IMAGE_SIZE = 32
+
+
+def tiny_wordpiece_tokenizer():
+    """A BERT WordPiece tokenizer built in memory from the tiny word list (BLIP's text side is BERT,
+    so it needs WordPiece rather than CLIP's BPE). ``[DEC]`` is BLIP's decoder start token."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
+    words = specials + ["yes", "no", "there", "does", "this", "show"] + _WORDS + characters
+    words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(words))}
+    return BertTokenizer(vocab=vocab)
+
+
+def build_tiny_clip(seed: int = 0):
+    """A tiny random ``CLIPModel`` (32 px images) and its ``CLIPProcessor`` (tiny CLIP tokenizer)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tiny_tokenizer()
+    vocab_size = len(tokenizer)
+    text = _text_encoder_config(vocab_size, 32, 16, "quick_gelu").to_dict()
+    vision = dict(image_size=_SCORER_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    # The PIL image processor: the default one needs torchvision, which this project does not install.
+    size = _SCORER_IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_vqa(seed: int = 0):
+    """A tiny random ``BlipForQuestionAnswering`` (32 px images) and its ``BlipProcessor``."""
+    import torch
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = tiny_wordpiece_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+                pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
+                bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
+    vision = dict(image_size=_SCORER_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    size = _SCORER_IMAGE_SIZE
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def ensure_tiny_scorer_model(spec: str) -> Path:
+    """Folder of the tiny scorer model named ``"tiny:clip"`` or ``"tiny:vqa"``, written on first use
+    with ``save_pretrained`` (model + processor), so scorers load it like any Hub model."""
+    kind = spec[len(TINY_PREFIX):] if is_tiny_spec(spec) else ""
+    if kind not in SCORER_MODELS:
+        raise ValueError(f"{spec!r}: expected one of {', '.join(TINY_PREFIX + k for k in SCORER_MODELS)}")
+    path = cache_dir() / "tiny" / f"{kind}-seed0-v{TINY_VERSION}"
+    if not (path / "config.json").is_file():
+        model, processor = build_tiny_clip() if kind == "clip" else build_tiny_vqa()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # OSError from the rename: another process finished the same build first (identical copy).
+            if not (isinstance(exc, OSError) and (path / "config.json").is_file()):
+                raise
+    return path

@@ -56,3 +56,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: str | Path | Non
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def scripted_llm():
+    """A scripted LLM (tests/support_llm.py: a real OpenAI-compatible HTTP server on 127.0.0.1
+    answering from a script), started for one test and stopped after it."""
+    from support_llm import ScriptedLLM
+
+    server = ScriptedLLM().start()
+    yield server
+    server.stop()

@@ -2,5 +2,22 @@
 ComfyUI load, and merged exactly. Needs only torch and safetensors (it runs inside ComfyUI)."""
 
 from selma_toolkit.lora.core import COMPONENTS, LoraModule, LoraWeights, canonical_module_name
+from selma_toolkit.lora.files import (
+    WRITE_FORMATS,
+    LoraFileInfo,
+    inspect_lora,
+    load_lora,
+    lora_from_state_dict,
+    lora_to_state_dict,
+    save_lora,
+)
+from selma_toolkit.lora.safetensors_file import read_safetensors
+from selma_toolkit.lora.metadata import file_metadata, guess_architecture, lora_metadata, metadata_value
+from selma_toolkit.lora.merge import MERGE_METHODS, merge_experts, merge_files  # noqa: F401 - the merge API
 
-__all__ = ["COMPONENTS", "LoraModule", "LoraWeights", "canonical_module_name"]
+__all__ = [
+    "COMPONENTS", "LoraModule", "LoraWeights", "canonical_module_name",
+    "WRITE_FORMATS", "LoraFileInfo", "inspect_lora", "load_lora", "lora_from_state_dict", "lora_to_state_dict",
+    "read_safetensors", "save_lora",
+    "file_metadata", "guess_architecture", "lora_metadata", "metadata_value",
+]

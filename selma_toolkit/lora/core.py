@@ -83,6 +83,7 @@ def canonical_module_name(component: str, module_path: str) -> str:
     """
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
-    if component.startswith("text_encoder") and not module_path.startswith("text_model."):
+    # text_projection sits beside text_model in CLIPTextModelWithProjection (SDXL's second encoder).
+    if component.startswith("text_encoder") and not module_path.startswith(("text_model.", "text_projection")):
         module_path = "text_model." + module_path
     return f"{component}.{module_path}"

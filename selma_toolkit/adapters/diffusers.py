@@ -1,0 +1,99 @@
+"""Attach SELMA experts to a diffusers pipeline.
+
+``load_experts`` merges the experts with :func:`selma_toolkit.lora.merge_experts` (never a formula
+of its own) and loads the result as one diffusers adapter, optionally fused into the weights; or,
+with ``method="runtime"``, loads every expert as its own adapter and weights them with
+``set_adapters`` (the way the authors' script combines them), for comparison.
+
+An expert is a LoRA file, or any reference ``selma_toolkit.hub.resolve_expert`` understands (a
+catalog name, a Hub repo id), or a ``LoraWeights`` already in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from selma_toolkit.lora import LoraWeights, merge_experts
+from selma_toolkit.lora.merge import expert_weights
+
+logger = logging.getLogger(__name__)
+
+ExpertRef = str | os.PathLike[str] | LoraWeights
+AdapterMethod = Literal["selma", "delta", "svd", "ties", "dare", "runtime"]
+
+
+def read_expert(expert: ExpertRef, position: int = 0) -> tuple[str, LoraWeights]:
+    """(a name for messages, the LoRA) for one expert reference.
+
+    The one place where references become files: ``selma_toolkit.hub.resolve_expert`` returns
+    local files as they are and downloads catalog names and Hub repo ids.
+    """
+    from selma_toolkit.lora import load_lora, metadata_value
+
+    if isinstance(expert, LoraWeights):
+        return metadata_value(expert, "skill") or f"expert {position + 1}", expert
+    from selma_toolkit.hub import resolve_expert
+
+    path = Path(resolve_expert(expert))
+    return path.name, load_lora(path)
+
+
+def load_experts(
+    pipe: Any,
+    experts: Sequence[ExpertRef],
+    method: AdapterMethod = "selma",
+    weights: Sequence[float] | None = None,
+    fuse: bool = False,
+    adapter_name: str = "selma",
+    *,
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    normalize: bool = False,
+) -> list[str]:
+    """Load ``experts`` into ``pipe`` (a diffusers SD 1.x / 2.x / XL pipeline); return the adapter names.
+
+    ``method`` is a merge method of :func:`selma_toolkit.lora.merge_experts` (default: the paper's
+    ``selma``), which gives one adapter called ``adapter_name``; or ``"runtime"``, which loads each
+    expert as adapter ``{adapter_name}_{i}`` and activates them together with ``set_adapters`` and
+    the weights (default 1/T: the same update as ``delta``, at T adapters' inference cost).
+    ``fuse=True`` folds the active adapters into the model weights (``pipe.fuse_lora``).
+    """
+    named = [read_expert(expert, position) for position, expert in enumerate(experts)]
+    names = [name for name, _ in named]
+    loras = [lora for _, lora in named]
+    if method == "runtime":
+        effective = expert_weights(weights, len(loras), normalize=normalize, method="delta")
+        adapter_names = [f"{adapter_name}_{i}" for i in range(len(loras))]
+        for name, lora, adapter in zip(names, loras, adapter_names):
+            logger.info("loading %s as adapter %s", name, adapter)
+            pipe.load_lora_weights(_diffusers_tensors(lora), adapter_name=adapter)
+        # Loading an adapter activates only that one: activate them all, with their weights, at the end.
+        pipe.set_adapters(adapter_names, adapter_weights=effective)
+    else:
+        merged = merge_experts(loras, method, weights, rank, density=density, seed=seed, names=names, normalize=normalize)
+        adapter_names = [adapter_name]
+        pipe.load_lora_weights(_diffusers_tensors(merged), adapter_name=adapter_name)
+        pipe.set_adapters(adapter_names)
+    if fuse:
+        pipe.fuse_lora(adapter_names=adapter_names)
+    return adapter_names
+
+
+def _diffusers_tensors(lora: LoraWeights) -> dict[str, Any]:
+    """The LoRA as a peft-layout state dict with each scale folded into B (alpha = rank), so the
+    tensors alone say everything: diffusers reads a dict's alphas only from file metadata, and its
+    kohya reader rejects text-encoder LoRAs without out_proj ("Could not automatically infer state
+    dict type", diffusers 0.42)."""
+    from selma_toolkit.lora import LoraModule, lora_to_state_dict
+
+    folded = {
+        name: module if module.scale == 1.0 else LoraModule(down=module.down, up=module.up * module.scale, alpha=float(module.rank))
+        for name, module in lora.modules.items()
+    }
+    tensors, _ = lora_to_state_dict(LoraWeights(modules=folded, metadata=lora.metadata), "peft")
+    return tensors

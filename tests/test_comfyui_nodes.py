@@ -1,0 +1,433 @@
+"""The ComfyUI node pack without ComfyUI: node definitions, the merge node's output against the key
+names ComfyUI maps (derived here from the diffusers models by the kohya naming rule), caching by
+file hash, readable errors, saving, the Hub node, packaging and the example workflows.
+
+ComfyUI's ``folder_paths`` is replaced by the FAKE in tests/support_comfyui.py (the nodes call four
+of its functions); everything else is the real toolkit. tests/test_comfyui_real.py runs the same
+nodes inside a real ComfyUI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from support_comfyui import (
+    FakeFolderPaths,
+    full_size_expert,
+    full_size_models,
+    load_pack_like_comfyui,
+    write_two_small_experts,
+)
+from support_lora import COMFY_CLIP_LAYERS, comfyui_accepted_keys, diffusers_to_ldm
+
+import comfyui_nodes
+from comfyui_nodes.install import REQUIREMENTS, ROOT_INIT, install_node_pack
+from comfyui_nodes.nodes import (
+    NODE_CLASS_MAPPINGS,
+    NODE_DISPLAY_NAME_MAPPINGS,
+    SelmaApplyLora,
+    SelmaExpertLoader,
+    SelmaHubExpert,
+    SelmaMergeExperts,
+    SelmaSaveLora,
+    check_lora_fits,
+)
+from selma_toolkit.errors import LoraFormatError, SelmaError
+from selma_toolkit.lora import load_lora, save_lora
+
+WORKFLOWS = Path(comfyui_nodes.__file__).parent / "workflows"
+
+
+@pytest.fixture
+def loras(tmp_path, monkeypatch) -> Path:
+    """An empty loras folder, served by the FAKE folder_paths module."""
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "folder_paths", FakeFolderPaths(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Full-size SD 1.5 and SDXL UNets and CLIPs on the meta device (names and shapes only)."""
+    return {arch: full_size_models(arch) for arch in ("sd1", "sdxl")}
+
+
+def stack(*names_and_weights):
+    """Chain SELMA Expert Loader nodes as a graph does; return the final stack."""
+    experts = None
+    for name, weight in names_and_weights:
+        (experts,) = SelmaExpertLoader().load(name, weight, experts)
+    return experts
+
+
+def merge(experts, method="selma", rank=0, normalize=True, **options):
+    out = SelmaMergeExperts().merge(experts, method, rank, normalize, **options)
+    return out["result"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ definitions
+
+
+def test_every_node_declares_inputs_outputs_and_a_function_that_takes_them(loras):
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        inputs = node.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional"} and inputs["required"], name
+        for section in inputs.values():
+            for input_name, spec in section.items():
+                kind, options = spec
+                assert isinstance(kind, (str, list)) and isinstance(options, dict), (name, input_name)
+                if kind == "FLOAT" or kind == "INT":
+                    assert options["min"] <= options["default"] <= options["max"], (name, input_name)
+        assert isinstance(node.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in node.RETURN_TYPES)
+        if hasattr(node, "RETURN_NAMES"):
+            assert len(node.RETURN_NAMES) == len(node.RETURN_TYPES)
+        assert len(getattr(node, "OUTPUT_TOOLTIPS", node.RETURN_TYPES)) == len(node.RETURN_TYPES)
+        assert node.CATEGORY == "SELMA" and node.DESCRIPTION
+        assert node.RETURN_TYPES or node.OUTPUT_NODE, f"{name} has no output and is no output node"
+        # ComfyUI calls FUNCTION with every input as a keyword: required ones always, optional ones when given.
+        parameters = inspect.signature(getattr(node(), node.FUNCTION)).parameters
+        assert set(parameters) == set(inputs["required"]) | set(inputs.get("optional", {})), name
+        for input_name in inputs.get("optional", {}):
+            assert parameters[input_name].default is not inspect.Parameter.empty, (name, input_name)
+    assert SelmaMergeExperts.RETURN_TYPES[0] == SelmaApplyLora.INPUT_TYPES()["required"]["lora"][0] == "LORA_MODEL"
+    assert SelmaExpertLoader.RETURN_TYPES == SelmaHubExpert.RETURN_TYPES == (SelmaMergeExperts.INPUT_TYPES()["required"]["experts"][0],)
+    assert SelmaMergeExperts.INPUT_TYPES()["required"]["method"][0] == ["selma", "delta", "svd", "ties", "dare"]
+
+
+def test_expert_loader_lists_the_loras_folder(loras):
+    (loras / "sub").mkdir()
+    (loras / "sub" / "a.safetensors").write_bytes(b"x")
+    (loras / "b.safetensors").write_bytes(b"x")
+    assert SelmaExpertLoader.INPUT_TYPES()["required"]["lora_name"][0] == ["b.safetensors", "sub/a.safetensors"]
+
+
+# -------------------------------------------------------------------------------- merge node
+
+
+def test_merge_node_with_equal_weights_averages_each_factor_as_the_paper(loras, models):
+    layers = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",)
+    experts = [full_size_expert("sd1", seed=seed, rank=2, unet_layers=layers, text_layers=(), models=models["sd1"]) for seed in range(3)]
+    for seed, expert in enumerate(experts):
+        expert.modules[f"unet.{layers[0]}"].alpha = 1.0 + seed  # scales alpha / r = 0.5, 1, 1.5 are folded into B
+        save_lora(expert, loras / f"e{seed}.safetensors")
+    defaults = SelmaMergeExperts.INPUT_TYPES()["required"]
+    assert defaults["normalize_weights"][1]["default"] is True and defaults["method"][1]["default"] == "selma"
+    lora, summary = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 1.0), ("e2.safetensors", 1.0)))
+    key = "lora_unet_" + layers[0].replace(".", "_")
+    downs = [e.modules[f"unet.{layers[0]}"].down for e in experts]
+    ups = [e.modules[f"unet.{layers[0]}"].up * (e.modules[f"unet.{layers[0]}"].alpha / 2) for e in experts]
+    scale = float(lora[f"{key}.alpha"]) / lora[f"{key}.lora_down.weight"].shape[0]
+    torch.testing.assert_close(lora[f"{key}.lora_down.weight"], sum(downs) / 3, rtol=0, atol=1e-7)
+    torch.testing.assert_close(lora[f"{key}.lora_up.weight"] * scale, sum(ups) / 3, rtol=0, atol=1e-7)
+    assert set(lora) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"}
+    assert "selma merge of 3 experts" in summary and "1 modules, rank 2" in summary and "sd1" in summary
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_merge_node_output_keys_are_all_in_the_comfyui_key_map_of_full_size_unet_and_clips(loras, models, arch):
+    unet, text = models[arch]
+    for seed in range(2):
+        expert = full_size_expert(arch, seed=seed, rank=1, unet_layers=None, text_layers=COMFY_CLIP_LAYERS, models=models[arch])
+        save_lora(expert, loras / f"{arch}-{seed}.safetensors")
+    lora, _ = merge(stack((f"{arch}-0.safetensors", 1.0), (f"{arch}-1.safetensors", 1.0)))
+    # ComfyUI's map, derived independently: "lora_unet_" + every diffusers UNet module path (and every
+    # original LDM path) with "." -> "_", and lora_te / lora_te1 / lora_te2 + the CLIP layers it knows.
+    accepted = comfyui_accepted_keys(SimpleNamespace(unet=unet, **text), arch)
+    up_attention = {i: kind.startswith("CrossAttn") for i, kind in enumerate(unet.config.up_block_types)}
+    for path, layer in unet.named_modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            ldm = "lora_unet_" + diffusers_to_ldm(path, 2, up_attention).replace(".", "_")
+            accepted |= {f"{ldm}.lora_down.weight", f"{ldm}.lora_up.weight", f"{ldm}.alpha"}
+    assert set(lora) <= accepted, sorted(set(lora) - accepted)[:5]
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in unet.modules())
+    text_layers = sum(path.endswith(COMFY_CLIP_LAYERS) for model in text.values() for path, _ in model.named_modules())
+    assert len(lora) == 3 * (layers + text_layers)
+    if arch == "sdxl":
+        assert any(key.startswith("lora_te1_") for key in lora) and any(key.startswith("lora_te2_") for key in lora)
+
+
+def test_loader_chain_keeps_order_weights_and_file_hashes(loras, models):
+    for seed in range(3):
+        save_lora(full_size_expert("sd1", seed=seed, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]),
+                  loras / f"e{seed}.safetensors")
+    experts = stack(("e2.safetensors", 0.5), ("e0.safetensors", 2.0), ("e1.safetensors", -1.0))
+    assert [(e.name, e.weight) for e in experts] == [("e2.safetensors", 0.5), ("e0.safetensors", 2.0), ("e1.safetensors", -1.0)]
+    assert [e.sha256 for e in experts] == [sha256(loras / e.name) for e in experts]
+    assert all(len(e.lora.modules) == 16 for e in experts)
+
+
+def test_is_changed_follows_the_file_bytes_even_when_size_and_mtime_stay(loras):
+    path = loras / "expert.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}, path)
+    first = SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=1.0)
+    assert first == sha256(path) and SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=0.5) == first
+    stat = path.stat()
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 4)}, loras / "other.safetensors")
+    with open(path, "r+b") as handle:  # rewritten in place: same file, same size, mtime put back
+        handle.write((loras / "other.safetensors").read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    now = path.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    second = SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=1.0)
+    assert second == sha256(path) != first
+    assert SelmaExpertLoader.IS_CHANGED("gone.safetensors", weight=1.0) == ""
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_missing_lora_file_error_names_the_file_and_the_loras_folder(loras):
+    with pytest.raises(LoraFormatError, match=r"'gone\.safetensors': no such file in the loras folder") as info:
+        SelmaExpertLoader().load("gone.safetensors", 1.0)
+    assert str(loras) in str(info.value) and "SELMA Hub Expert" in str(info.value)
+
+
+class _Payload:
+    """A pickle that, if ever unpickled, creates a file: proof that nothing was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_pickle_experts_are_refused_without_unpickling(loras, tmp_path, suffix):
+    marker = tmp_path / "unpickled"
+    torch.save({"lora_unet_x.lora_down.weight": _Payload(marker)}, loras / f"expert{suffix}")
+    with pytest.raises(LoraFormatError, match="pickle") as info:
+        SelmaExpertLoader().load(f"expert{suffix}", 1.0)
+    assert "arbitrary code" in str(info.value) and ".safetensors" in str(info.value)
+    assert not marker.exists()
+    # A pickle renamed to .safetensors is refused too.
+    (loras / "renamed.safetensors").write_bytes((loras / f"expert{suffix}").read_bytes())
+    with pytest.raises(LoraFormatError, match="pickle"):
+        SelmaExpertLoader().load("renamed.safetensors", 1.0)
+    assert not marker.exists()
+
+
+def test_non_lora_safetensors_error_says_it_is_not_a_lora(loras):
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, loras / "checkpoint.safetensors")
+    with pytest.raises(LoraFormatError, match=r"checkpoint\.safetensors: not a LoRA"):
+        SelmaExpertLoader().load("checkpoint.safetensors", 1.0)
+
+
+def test_experts_of_different_architectures_are_not_merged(loras, models):
+    save_lora(full_size_expert("sd1", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sd1"]), loras / "sd1.safetensors")
+    save_lora(full_size_expert("sdxl", seed=1, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]), loras / "xl.safetensors")
+    with pytest.raises(LoraFormatError, match=r"sd1\.safetensors is a LoRA for sd1 but xl\.safetensors is one for sdxl"):
+        merge(stack(("sd1.safetensors", 1.0), ("xl.safetensors", 1.0)))
+
+
+def test_empty_stack_error_says_to_connect_a_loader():
+    with pytest.raises(LoraFormatError, match="expert stack is empty; connect a SELMA Expert Loader"):
+        merge(())
+
+
+def test_unequal_ranks_with_the_selma_method_suggest_delta_or_svd(loras, models):
+    for seed, rank in enumerate((2, 4)):
+        save_lora(full_size_expert("sd1", seed=seed, rank=rank, unet_layers=("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",),
+                                   text_layers=(), models=models["sd1"]), loras / f"r{rank}.safetensors")
+    experts = stack(("r2.safetensors", 1.0), ("r4.safetensors", 1.0))
+    with pytest.raises(LoraFormatError, match="needs equal ranks") as info:
+        merge(experts, "selma")
+    assert "delta" in str(info.value) and "svd" in str(info.value)
+    delta, summary = merge(experts, "delta")
+    assert "rank 6" in summary and all(t.shape[0] == 6 for k, t in delta.items() if k.endswith("lora_down.weight"))
+    svd, summary = merge(experts, "svd", rank=3)
+    assert "rank 3" in summary
+
+
+def test_apply_refuses_a_lora_matching_no_key_or_made_for_another_architecture(models):
+    sdxl_text_only = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(1, 1280),
+                      "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 1)}
+    with pytest.raises(LoraFormatError, match=r"none of the LoRA's 2 tensors .* matches a layer of this SD15 model") as info:
+        check_lora_fits(sdxl_text_only, matched=0, model_name="SD15")
+    assert "sdxl" in str(info.value)
+    from selma_toolkit.lora import lora_to_state_dict
+
+    sdxl, _ = lora_to_state_dict(full_size_expert("sdxl", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]))
+    with pytest.raises(LoraFormatError, match=r"the LoRA is for sdxl but the MODEL is SD15 \(sd1\)"):
+        check_lora_fits(sdxl, matched=len(sdxl) // 3, model_name="SD15")
+    check_lora_fits(sdxl, matched=len(sdxl) // 3, model_name="SDXL")
+    check_lora_fits(sdxl, matched=1, model_name="Flux")  # unknown model: only the key count decides
+
+
+# ---------------------------------------------------------------------------- save and hub
+
+
+def test_save_node_writes_the_merge_with_its_record_into_the_loras_folder(loras, models):
+    for seed in range(2):
+        save_lora(full_size_expert("sd1", seed=seed, rank=2, models=models["sd1"]), loras / f"e{seed}.safetensors")
+    experts = stack(("e0.safetensors", 1.0), ("e1.safetensors", 3.0))
+    lora, _ = merge(experts)
+    first = SelmaSaveLora().save(lora, "selma/merged", "kohya")
+    second = SelmaSaveLora().save(lora, "selma/merged", "peft")
+    assert first["ui"]["text"] == ["saved loras/selma/merged_00001_.safetensors"]
+    assert second["ui"]["text"] == ["saved loras/selma/merged_00002_.safetensors"]
+    for name in ("merged_00001_", "merged_00002_"):
+        saved = load_lora(loras / "selma" / f"{name}.safetensors")
+        expected = [e.lora for e in experts]
+        assert set(saved.modules) == set(expected[0].modules)
+        for module_name, module in saved.modules.items():
+            a = [e.modules[module_name] for e in expected]
+            # weights 1 and 3 normalised to 1/4 and 3/4; every expert here has scale alpha / r = 1.
+            torch.testing.assert_close(module.down, 0.25 * a[0].down + 0.75 * a[1].down, rtol=0, atol=1e-6)
+            torch.testing.assert_close(module.up * module.scale, 0.25 * a[0].up + 0.75 * a[1].up, rtol=0, atol=1e-6)
+        record = json.loads(saved.metadata["selma.merge"])
+        assert record["method"] == "selma" and record["weights"] == [0.25, 0.75]
+        assert [(x["name"], x["sha256"]) for x in record["experts"]] == [(n, sha256(loras / n)) for n in ("e0.safetensors", "e1.safetensors")]
+    assert "selma/merged_00001_.safetensors" in SelmaExpertLoader.INPUT_TYPES()["required"]["lora_name"][0]
+
+
+def test_hub_expert_node_pulls_a_repo_file_into_the_loras_folder_and_stacks_it(loras, models, tmp_path):
+    from support_hub import OlahHub, commit_files, init_repo
+
+    expert = save_lora(full_size_expert("sd1", seed=4, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]),
+                       tmp_path / "countbench.safetensors")
+    hub = OlahHub(tmp_path / "hub")
+    commit_files(init_repo(hub.mirrors, "alice/countbench-sd15"), {"countbench.safetensors": expert.read_bytes()}, "expert")
+    hub.start()
+    try:
+        (experts,) = SelmaHubExpert().pull("alice/countbench-sd15", 0.5, "", hub.endpoint)
+        with pytest.raises(SelmaError, match="'ref' is empty"):
+            SelmaHubExpert().pull("  ", 1.0, "", hub.endpoint)
+    finally:
+        hub.stop()
+    assert (loras / "countbench.safetensors").read_bytes() == expert.read_bytes()
+    assert [(e.name, e.weight, e.sha256) for e in experts] == [("countbench.safetensors", 0.5, sha256(expert))]
+
+
+# ------------------------------------------------------------------------------- packaging
+
+
+def test_git_clone_pack_loads_and_merges_without_diffusers_peft_transformers_or_network(repo_root, tmp_path):
+    write_two_small_experts(tmp_path)
+    loaded = load_pack_like_comfyui(repo_root, tmp_path)
+    assert loaded["nodes"] == sorted(NODE_CLASS_MAPPINGS)
+    assert loaded["names"] == sorted(NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert Path(loaded["toolkit"]).resolve() == (repo_root / "selma_toolkit" / "__init__.py").resolve()
+    assert "selma merge of 2 experts" in loaded["summary"] and (tmp_path / "merged_00001_.safetensors").is_file()
+
+
+def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cli, repo_root, tmp_path):
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "custom_nodes").mkdir(parents=True)
+    result = cli("comfyui", "install", str(comfyui))
+    assert result.returncode == 0, result.stderr
+    pack = comfyui / "custom_nodes" / "selma-toolkit"
+    assert (pack / "__init__.py").read_text() == ROOT_INIT
+    assert (pack / "example_workflows" / "selma-merge-experts.json").is_file()
+    assert (pack / "selma_toolkit" / "_shipped" / "hub" / "catalog.toml").is_file()
+    assert not list(pack.rglob("__pycache__"))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_two_small_experts(loras)
+    loaded = load_pack_like_comfyui(pack, loras)
+    assert Path(loaded["toolkit"]).resolve() == (pack / "selma_toolkit" / "__init__.py").resolve()
+
+    (pack / "selma_toolkit" / "stale.py").write_text("")
+    assert install_node_pack(comfyui) == pack and not (pack / "selma_toolkit" / "stale.py").exists()
+    assert [p.name for p in (comfyui / "custom_nodes").iterdir()] == ["selma-toolkit"]  # no staging folder left
+
+    clone = comfyui / "custom_nodes" / "selma-clone"
+    clone.mkdir()
+    (clone / "__init__.py").write_text("# a git clone")
+    with pytest.raises(SelmaError, match="was not written by `selma comfyui install`"):
+        install_node_pack(comfyui, "selma-clone")
+    assert (clone / "__init__.py").read_text() == "# a git clone"
+    refused = cli("comfyui", "install", str(tmp_path / "nowhere"))
+    assert refused.returncode == 1 and "no custom_nodes folder" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_repository_root_is_the_pack_that_install_writes_and_lists_no_torch(repo_root):
+    assert (repo_root / "__init__.py").read_text() == ROOT_INIT
+    lines = [line.strip() for line in (repo_root / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    assert requirements == REQUIREMENTS
+    assert not any(line.lower().startswith("torch") for line in requirements)
+
+
+def test_pyproject_carries_the_comfy_registry_fields(repo_root):
+    pyproject = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    comfy = pyproject["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and "Icon" in comfy
+    # The registry reads a dynamic version from the file [tool.comfy.version].path names.
+    assert "version" in pyproject["project"]["dynamic"]
+    version_file = (repo_root / comfy["version"]["path"]).read_text()
+    from selma_toolkit import __version__
+
+    assert f'\n__version__ = "{__version__}"\n' in "\n" + version_file
+
+
+# ------------------------------------------------------------------------------- workflows
+
+
+CORE_NODES = {  # the core ComfyUI nodes the examples use: their inputs, and their outputs' types
+    "CheckpointLoaderSimple": ({"ckpt_name"}, ("MODEL", "CLIP", "VAE")),
+    "CLIPTextEncode": ({"text", "clip"}, ("CONDITIONING",)),
+    "EmptyLatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
+    "KSampler": ({"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"}, ("LATENT",)),
+    "VAEDecode": ({"samples", "vae"}, ("IMAGE",)),
+    "SaveImage": ({"images", "filename_prefix"}, ()),
+    "PreviewAny": ({"source"}, ()),
+}
+
+
+def node_io(class_type: str) -> tuple[dict, tuple]:
+    """(input name -> type, output types) of a node of the example workflows."""
+    if class_type in NODE_CLASS_MAPPINGS:
+        node = NODE_CLASS_MAPPINGS[class_type]
+        specs = {**node.INPUT_TYPES()["required"], **node.INPUT_TYPES().get("optional", {})}
+        return {name: spec[0] for name, spec in specs.items()}, node.RETURN_TYPES
+    names, outputs = CORE_NODES[class_type]
+    return dict.fromkeys(names), outputs
+
+
+def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras):
+    api = json.loads((WORKFLOWS / "selma-merge-experts.api.json").read_text())
+    ui = json.loads((WORKFLOWS / "selma-merge-experts.json").read_text())
+    kinds = [node["class_type"] for node in api.values()]
+    assert kinds.count("SelmaExpertLoader") == 3 and {"SelmaMergeExperts", "SelmaApplyLora", "KSampler", "SaveImage"} <= set(kinds)
+    api_links = set()
+    for node_id, node in api.items():
+        inputs, _ = node_io(node["class_type"])
+        assert set(node["inputs"]) <= set(inputs), (node_id, set(node["inputs"]) - set(inputs))
+        if node["class_type"] in NODE_CLASS_MAPPINGS:
+            assert set(NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"]), node_id
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                source, slot = value
+                produced = node_io(api[source]["class_type"])[1][slot]
+                assert inputs[name] in (None, produced), (node_id, name, produced)
+                api_links.add((int(source), slot, int(node_id), name))
+    # The UI format: same nodes and links, and our nodes' widget values in INPUT_TYPES order.
+    by_id = {node["id"]: node for node in ui["nodes"]}
+    assert {str(i): n["type"] for i, n in by_id.items()} == {i: n["class_type"] for i, n in api.items()}
+    ui_links = set()
+    for link_id, source, slot, target, target_slot, kind in ui["links"]:
+        entry = by_id[target]["inputs"][target_slot]
+        assert entry["link"] == link_id and link_id in by_id[source]["outputs"][slot]["links"] and entry["type"] == kind
+        ui_links.add((source, slot, target, entry["name"]))
+    assert ui_links == api_links
+    for node_id, node in api.items():
+        if node["class_type"] in NODE_CLASS_MAPPINGS:
+            order = [n for n in node_io(node["class_type"])[0] if not isinstance(node["inputs"].get(n), list) and n in node["inputs"]]
+            assert by_id[int(node_id)]["widgets_values"] == [node["inputs"][n] for n in order], node_id
