@@ -284,7 +284,9 @@ def train(
     """Stage 3: train a LoRA skill expert; run again, it resumes from the latest checkpoint.
 
     Several GPUs split each batch with
-    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit train RECIPE --skill NAME`.
+    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit train RECIPE --skill NAME`
+    (or `torchrun --nproc_per_node N -m selma_toolkit train ...`, also on CPUs): the same samples
+    and noise whatever the number of processes, so the same expert up to float rounding.
     """
     if (skill is None) == (not joint):
         raise SelmaError("train: give either --skill NAME (one expert) or --joint (the mixture baseline), one of the two")
@@ -447,6 +449,12 @@ def hub_list(catalog: CatalogOption = None) -> None:
 
 @app.command("evaluate")
 def evaluate(
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        help="A run folder: draw every variant on the held-out prompts, score them and write the report.")] = None,
+    checkpoints: Annotated[bool, typer.Option(
+        "--checkpoints", help="With RUN: score every saved checkpoint of each skill on held-out prompts; record the best.")] = False,
+    final_experts: Annotated[bool, typer.Option(
+        "--final-experts", help="With RUN: evaluate each skill's final expert even where a best checkpoint was selected.")] = False,
     tally: Annotated[Optional[list[Path]], typer.Option(
         "--tally", help="Count a human-evaluation answers file exported from human-eval.html (repeatable: raters).")] = None,
     report: Annotated[Optional[Path], typer.Option(
@@ -456,9 +464,19 @@ def evaluate(
         help="Human-evaluation pair VARIANT,BASELINE, e.g. merged:selma,base (repeatable; default: merged vs base).")] = None,
     prompts_per_skill: Annotated[int, typer.Option(help="Prompts per skill in the report's image grids.")] = 4,
 ) -> None:
-    """Evaluation results: win/tie/lose of human-evaluation answers (--tally), or the HTML report (--report)."""
-    if not tally and report is None:
-        raise SelmaError("selma evaluate: give --tally ANSWERS.json (human-evaluation answers) or --report EVAL_DIR")
+    """Evaluate a run folder, pick its best checkpoints, tally human answers, or write a report.
+
+    RUN: draw every variant on the held-out prompts, score them, write the report (RUN --checkpoints:
+    score every saved checkpoint and record the best). --tally: win/tie/lose of human-evaluation
+    answers. --report: the HTML report of an evaluation folder holding scores.json.
+    """
+    if not tally and report is None and run_dir is None:
+        raise SelmaError("selma evaluate: give a run folder RUN, --tally ANSWERS.json (human-evaluation answers) "
+                         "or --report EVAL_DIR")
+    if (checkpoints or final_experts) and run_dir is None:
+        raise SelmaError("selma evaluate: --checkpoints and --final-experts need a run folder, e.g. selma evaluate runs/demo --checkpoints")
+    if run_dir is not None:
+        _evaluate_run_folder(run_dir, checkpoints, final_experts)
     if report is not None:
         from selma_toolkit.evaluate import write_report
 
@@ -480,6 +498,126 @@ def evaluate(
                             else f"{row.win_percent_without_ties:.1f}% vs {100 - row.win_percent_without_ties:.1f}% without ties")
             console.print(f"{row.variant} vs {row.baseline}: win {row.win_percent:.1f}%, tie {row.tie_percent:.1f}%, "
                           f"lose {row.lose_percent:.1f}% of {row.n} answers ({without_ties})", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------- run
+# `selma run`, `selma status`, `selma demo`, and `selma evaluate RUN` (the library side: selma_toolkit/run.py).
+
+_STAGE_MARKS = {"skip": "[dim]skip[/dim] ", "start": "[cyan]run[/cyan]  ", "done": "[green]done[/green] "}
+
+
+def _stage_line(state, action: str | None = None) -> str:
+    target = f" {state.target}" if state.target else ""
+    mark = _STAGE_MARKS[action] if action else ("[green]done[/green] " if state.done else "[yellow]todo[/yellow] ")
+    note = " (complete)" if action == "skip" else ""
+    return f"{mark}{state.stage}{escape(target)}: {escape(state.detail)}{note}"
+
+
+def _run_with_progress(work):
+    """Call ``work(on_stage, progress)`` under one rich progress display: a status line per stage, a bar per task."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    _quiet_loading_bars()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_stage(state, action: str) -> None:
+            bar.console.print(_stage_line(state, action), highlight=False, soft_wrap=True)
+
+        def progress(label: str, done: int, total: int | None) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        return work(on_stage, progress)
+
+
+def _run_recipe(run, paths, use_best: bool) -> None:
+    from selma_toolkit.run import run_pipeline
+
+    result = _run_with_progress(lambda on_stage, progress: run_pipeline(
+        run, paths, use_best=use_best, on_stage=on_stage, progress=progress))
+    console.print(f"run folder: {escape(str(result.root))}", highlight=False, soft_wrap=True)
+    for method, path in result.merged.items():
+        console.print(f"merged LoRA ({method}): {escape(str(path))}", highlight=False, soft_wrap=True)
+    if result.report is not None:
+        console.print(f"report: {escape(str(result.report))}", highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_command(
+    recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    final_experts: Annotated[bool, typer.Option(
+        "--final-experts", help="Merge each skill's final expert even where a best checkpoint was selected.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Every stage: prompts -> images -> experts -> (best checkpoints) -> merge -> evaluate -> report.
+
+    Complete stages are skipped and partial ones resumed, so after a stop run the same command again.
+    """
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+
+    run = load_run_recipe(recipe, set_ or [])
+    _run_recipe(run, RunPaths.for_recipe(run, out), use_best=not final_experts)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/demo).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """The whole loop on the embedded tiny model (recipes/runs/demo.toml): offline, no API key, minutes on a CPU."""
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+
+    run = load_run_recipe("demo", set_ or [])
+    _run_recipe(run, RunPaths.for_recipe(run, out), use_best=True)
+
+
+@app.command("status")
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds recipe.toml).")],
+    final_experts: Annotated[bool, typer.Option("--final-experts", help="As `selma run --final-experts` would merge.")] = False,
+) -> None:
+    """Show what a run folder holds: each stage per skill, done or not, with counts."""
+    from selma_toolkit.run import load_run_folder, run_status
+
+    run, paths = load_run_folder(run_dir)
+    states = run_status(run, paths, use_best=not final_experts)
+    console.print(f"run {escape(run.name)} in {escape(str(paths.root))} (base model {escape(run.base_model)})",
+                  highlight=False, soft_wrap=True)
+    for state in states:
+        console.print(_stage_line(state), highlight=False, soft_wrap=True)
+    finished = sum(state.done for state in states)
+    console.print(f"{finished}/{len(states)} stages done" + ("" if finished < len(states) else "; the run is complete"))
+
+
+def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) -> None:
+    from selma_toolkit.run import evaluate_run, load_run_folder
+
+    run, paths = load_run_folder(run_dir)
+    if checkpoints:
+        from rich.table import Table
+
+        from selma_toolkit.evaluate.checkpoints import select_checkpoints
+
+        choices = _run_with_progress(lambda on_stage, progress: select_checkpoints(
+            run, paths, progress=lambda done, total: progress("checkpoint images", done, total)))
+        table = Table("skill", "checkpoint steps (mean)", "best", "expert", title="checkpoint selection (held-out prompts)")
+        for skill, choice in choices.items():
+            means = ", ".join(f"{step}: {'-' if mean is None else f'{mean:.4g}'}" for step, mean in choice.means.items())
+            table.add_row(escape(skill), f"{choice.metric} {means}", str(choice.step), escape(str(choice.expert)))
+        console.print(table)
+        return
+    index = _run_with_progress(lambda on_stage, progress: evaluate_run(
+        run, paths, use_best=not final_experts, progress=lambda done, total: progress("evaluation images", done, total)))
+    console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
+    console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------ lora

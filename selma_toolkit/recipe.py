@@ -257,6 +257,8 @@ class EvaluateSettings(StrictModel):
     # Extra merge methods to compare with the recipe's merge.method.
     merge_methods: list[MergeMethod] = []
     select_checkpoints: bool = False
+    # The metric that picks the best checkpoint (one of scorers); None = the first of scorers.
+    selection_metric: ScorerName | None = None
     clip_model: str = "openai/clip-vit-large-patch14"
     # PickScore: a CLIP fine-tuned on human preferences, read with the processor of the CLIP it started from.
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
@@ -287,6 +289,9 @@ class EvaluateSettings(StrictModel):
     def _questions_scorer_has_questions(self) -> "EvaluateSettings":
         if "questions" in self.scorers and not self.questions:
             raise ValueError("scorers: 'questions' needs evaluate.questions (a DSG/TIFA-style question file or datasets id)")
+        if self.selection_metric is not None and self.selection_metric not in self.scorers:
+            raise ValueError(f"selection_metric: {self.selection_metric!r} is not one of scorers {self.scorers}; "
+                             "add it to scorers or choose one of them")
         return self
 
 

@@ -35,3 +35,13 @@ def test_malformed_line_in_the_middle_names_the_line(tmp_path):
     path.write_text('{"id": 0}\nnot json\n{"id": 2}\n')
     with pytest.raises(DatasetError, match=r"p\.jsonl:2"):
         read_jsonl(path, repair_tail=True)
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    atomic_write_text(atomic, "x")
+    assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

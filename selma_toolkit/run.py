@@ -1,0 +1,430 @@
+"""`selma run`: a whole SELMA run, stage after stage, and `selma status`: what a run folder holds.
+
+Stages, in order (selma_toolkit.paths says where each writes):
+
+1. ``prompts``  per skill: train + held-out prompts (selma_toolkit.prompts)
+2. ``images``   per skill: one image per train prompt (selma_toolkit.images)
+3. ``train``    per skill, and ``joint`` when the recipe asks for the mixture baseline (selma_toolkit.train)
+4. ``select``   the best checkpoint of each skill on held-out prompts, when evaluate.select_checkpoints
+5. ``merge``    per method (merge.method and evaluate.merge_methods): the skill experts (best checkpoint
+                where a current selection exists, unless ``use_best=False``) plus the recipe's
+                ``experts = [...]`` (catalog names, Hub repo ids, local files)
+6. ``evaluate`` every variant on the held-out prompts, scores and the report (selma_toolkit.evaluate)
+
+A stage whose outputs are complete is skipped; a partial one is resumed by its own module (each
+stage resumes after a kill). Before any work the run folder's recorded recipe is compared with the
+new one: a change that would mix old and new results (e.g. other image settings with images on
+disk) is refused, naming each change. Derived outputs (selection, merges, evaluation) are redone
+when what they were made from has changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError, SelmaError
+from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.recipe import RunRecipe, load_run_recipe, write_resolved_recipe
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "images", "train", "select", "merge", "evaluate")
+# Image settings that change how images are drawn, not the pixels (images/generate.py records the rest).
+_IMAGE_EXECUTION_KEYS = {"batch_size", "attention_slicing", "vae_tiling", "cpu_offload"}
+
+
+@dataclass(frozen=True)
+class StageState:
+    """One line of a run's status: a stage for one target (a skill, ``joint``, a merge method, or "")."""
+
+    stage: str
+    target: str
+    done: bool
+    detail: str
+
+
+StageCallback = Callable[[StageState, Literal["skip", "start", "done"]], None]
+ProgressCallback = Callable[[str, int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class ExternalExpert:
+    """An expert listed in the recipe's ``experts``: the reference, a name for variants, the local file."""
+
+    ref: str
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class RunResult:
+    root: Path
+    experts: list[tuple[str, Path]]  # what was merged, in order
+    merged: dict[str, Path]  # merge method -> file
+    report: Path | None
+
+
+def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
+    """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
+    paths = RunPaths(Path(folder))
+    if not paths.recipe.is_file():
+        raise DatasetError(f"{folder}: not a run folder (no recipe.toml); expected a folder written by `selma run` "
+                           "(or give the recipe: `selma run RECIPE --out FOLDER`)")
+    return load_run_recipe(paths.recipe), paths
+
+
+# ---------------------------------------------------------------------------- recipe changes
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _changes(old: Any, new: Any, prefix: str, skip: set[str] = frozenset()) -> list[str]:
+    before, after = _flat(old.model_dump(mode="json"), prefix), _flat(new.model_dump(mode="json"), prefix)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
+
+
+def _has_images(paths: RunPaths, skill: str) -> bool:
+    folder = paths.images(skill)
+    return folder.is_dir() and any(folder.glob("*.txt"))
+
+
+def _has_training(paths: RunPaths, name: str) -> bool:
+    return (paths.train_dir(name) / "checkpoints").is_dir() or paths.expert(name).is_file()
+
+
+def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
+    """Refuse to continue a run folder whose recorded recipe differs from ``run`` in a way that
+    would mix results with the outputs already there; name every such change and the way out."""
+    if not paths.recipe.is_file():
+        return
+    from selma_toolkit.train.checkpoint import RESUMABLE_CHANGES
+
+    old = load_run_recipe(paths.recipe)
+    old_skills = {s.name: s for s in old.skills}
+    images = [s for s in old_skills if _has_images(paths, s)]
+    trained = [s for s in [*old_skills, JOINT] if _has_training(paths, s)]
+    problems: list[str] = []
+    if images:
+        where = f"images exist for {', '.join(images)}"
+        problems += [f"{c} ({where})" for c in _changes(old.images, run.images, "images.", _IMAGE_EXECUTION_KEYS)]
+        if old.image_model != run.image_model or (old.images.model is None and old.revision != run.revision):
+            problems.append(f"image model: {old.image_model!r}@{old.revision} -> {run.image_model!r}@{run.revision} ({where})")
+    if trained:
+        where = f"experts trained or training: {', '.join(trained)}"
+        if (old.base_model, old.revision) != (run.base_model, run.revision):
+            problems.append(f"base_model: {old.base_model!r}@{old.revision} -> {run.base_model!r}@{run.revision} ({where})")
+        problems += [f"{c} ({where})" for c in _changes(old.train, run.train, "train.", RESUMABLE_CHANGES)]
+    if JOINT in trained and run.joint and [s.name for s in run.skills] != list(old_skills):
+        problems.append(f"skills: {list(old_skills)} -> {[s.name for s in run.skills]} (the joint baseline was trained on "
+                        "the old skills' data)")
+    for skill in run.skills:
+        previous = old_skills.get(skill.name)
+        if previous is not None and paths.prompts(skill.name).exists():
+            problems += [f"{c} (prompts exist for {skill.name})" for c in _changes(previous, skill, f"skills.{skill.name}.")]
+    if problems:
+        raise RecipeError(
+            f"{paths.root}: this run folder was made with a different recipe ({paths.recipe}); continuing would mix "
+            "results made with the old and the new settings:\n  " + "\n  ".join(problems)
+            + "\nRestore those values, run into a new folder (--out), or delete the outputs named to redo those stages."
+        )
+
+
+# --------------------------------------------------------------------------- external experts
+
+
+def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[ExternalExpert]:
+    """The recipe's ``experts`` as local files (hub.resolve_expert: local file, catalog name or
+    Hub repo id), checked to fit the base model: same architecture, and for the ``selma`` merge
+    (which averages factors) the rank the run trains with. Runs before any training."""
+    if not run.experts:
+        return []
+    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
+    from selma_toolkit.models import detect_architecture
+
+    architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
+    taken = {s.name for s in run.skills} | {JOINT}
+    experts = []
+    for ref in run.experts:
+        path = Path(resolve_expert(ref))
+        lora = load_lora(path)
+        name = metadata_value(lora, "skill") or path.stem
+        if name in taken:
+            name = path.stem if path.stem not in taken else f"{path.stem}-{len(experts) + 1}"
+        taken.add(name)
+        if check_fit:
+            found = guess_architecture(lora)
+            if found is not None and found != architecture:
+                raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
+                                      f"is {architecture}; list only experts trained for this base model")
+            if "selma" in merge_methods(run) and run.skills and lora.ranks() != {run.train.rank}:
+                raise LoraFormatError(
+                    f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
+                    "the selma merge averages the factors and needs equal ranks: set train.rank to match, or use "
+                    "merge.method = 'delta' (exact sum of updates, any ranks)")
+        experts.append(ExternalExpert(ref, name, path))
+    return experts
+
+
+# ----------------------------------------------------------------------------- stage states
+
+
+def prompts_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
+    from selma_toolkit.dataset import read_prompts
+
+    wanted, heldout = run.skill(skill).num_prompts, run.evaluate.prompts_per_skill
+    path = paths.prompts(skill)
+    records = read_prompts(path, repair_tail=True) if path.is_file() else []
+    train = sum(r.split == "train" for r in records)
+    held = sum(r.split == "heldout" for r in records)
+    return StageState("prompts", skill, train >= wanted and held >= heldout,
+                      f"{min(train, wanted)}/{wanted} train, {min(held, heldout)}/{heldout} held-out")
+
+
+def images_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
+    from selma_toolkit.dataset import METADATA, read_prompts
+    from selma_toolkit.images import image_name
+    from selma_toolkit.io import read_jsonl
+
+    folder, image_format = paths.images(skill), run.images.image_format
+    prompt_file = paths.prompts(skill)
+    train = read_prompts(prompt_file, split="train", repair_tail=True) if prompt_file.is_file() else []
+    drawn = sum((folder / f"{p.id:06d}.txt").is_file() and (folder / image_name(p.id, image_format)).is_file() for p in train)
+    listed = {row.get("prompt_id") for row in read_jsonl(folder / METADATA)} if (folder / METADATA).is_file() else set()
+    done = bool(train) and drawn == len(train) and listed >= {p.id for p in train}
+    return StageState("images", skill, done, f"{drawn}/{len(train)} images" + ("" if done or not drawn else ", dataset not finished"))
+
+
+def train_state(run: RunRecipe, name: str, paths: RunPaths) -> StageState:
+    from selma_toolkit.train.checkpoint import checkpoints
+
+    saved = checkpoints(paths.train_dir(name))
+    step = saved[-1].step if saved else 0
+    done = step == run.train.steps and paths.expert(name).is_file()
+    return StageState("train", name, done, f"step {step}/{run.train.steps}, {len(saved)} checkpoint(s)"
+                      + (", expert written" if paths.expert(name).is_file() else ""))
+
+
+def selection_state(run: RunRecipe, paths: RunPaths) -> StageState:
+    from selma_toolkit.evaluate.checkpoints import current_selection
+
+    choices = {s.name: current_selection(run, paths, s.name) for s in run.skills}
+    detail = ", ".join(f"{skill}: step {c.step}" if c else f"{skill}: not selected" for skill, c in choices.items())
+    return StageState("select", "", all(choices.values()), detail)
+
+
+def merge_methods(run: RunRecipe) -> list[str]:
+    """The recipe's merge method, then evaluate.merge_methods, each once."""
+    return list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))
+
+
+def merge_inputs(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert], use_best: bool = True
+                 ) -> list[tuple[str, Path]]:
+    """(name, file) of every expert to merge, in order: each skill's expert (its best checkpoint
+    where a current selection exists and ``use_best``), then the recipe's external experts."""
+    from selma_toolkit.evaluate.checkpoints import selected_expert
+
+    chosen = [(s.name, selected_expert(run, paths, s.name) if use_best else paths.expert(s.name)) for s in run.skills]
+    return chosen + [(e.name, e.path) for e in externals]
+
+
+def _merge_settings(run: RunRecipe, method: str, count: int) -> dict[str, Any]:
+    """The merge record fields (lora/merge.py) a merge of ``count`` experts with the recipe's settings has."""
+    from selma_toolkit.lora.merge import FACTORED_METHODS, expert_weights
+
+    return {"method": method, "weights": expert_weights(run.merge.weights, count, method=method),
+            "rank": run.merge.rank if method in FACTORED_METHODS else None,
+            "density": run.merge.density if method in ("ties", "dare") else None,
+            "seed": run.merge.seed if method == "dare" else None}
+
+
+def merge_state(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple[str, Path]]) -> StageState:
+    """Done when merged/<method>.safetensors records exactly these inputs (sha256) and settings."""
+    from safetensors import safe_open
+
+    from selma_toolkit.io import sha256_file
+    from selma_toolkit.lora.merge import MERGE_METADATA_KEY
+
+    path = paths.merged(method)
+    names = ", ".join(name for name, _ in inputs)
+    if not path.is_file():
+        return StageState("merge", method, False, f"not merged yet ({names})")
+    with safe_open(str(path), framework="pt") as handle:
+        record = json.loads((handle.metadata() or {}).get(MERGE_METADATA_KEY, "null")) or {}
+    wanted = _merge_settings(run, method, len(inputs))
+    current = ([e.get("sha256") for e in record.get("experts", [])] == [sha256_file(p) for _, p in inputs]
+               and all(record.get(key) == value for key, value in wanted.items()))
+    return StageState("merge", method, current, f"{len(inputs)} experts ({names})" + ("" if current else ", out of date"))
+
+
+def eval_variants(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]]) -> dict[str, Path | None]:
+    """``{variant: LoRA file or None}``: base, every merged expert, joint (when trained), every merge."""
+    variants: dict[str, Path | None] = {"base": None}
+    variants.update({f"expert:{name}": path for name, path in inputs})
+    if run.joint and paths.expert(JOINT).is_file():
+        variants["joint"] = paths.expert(JOINT)
+    variants.update({f"merged:{m}": paths.merged(m) for m in merge_methods(run) if paths.merged(m).is_file()})
+    return variants
+
+
+def evaluation_state(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]]) -> StageState:
+    from selma_toolkit.evaluate.generate import evaluation_is_current
+
+    variants = eval_variants(run, paths, inputs)
+    done = evaluation_is_current(run, paths, variants)
+    return StageState("evaluate", "", done, (f"report {paths.report}" if done else "not evaluated yet" if not paths.report.is_file()
+                                             else "out of date") + f"; {len(variants)} variants")
+
+
+def run_status(run: RunRecipe, paths: RunPaths, *, use_best: bool = True) -> list[StageState]:
+    """Every stage's state, in order; stages that cannot be judged yet say what they wait for."""
+    states = [prompts_state(run, s.name, paths) for s in run.skills]
+    states += [images_state(run, s.name, paths) for s in run.skills]
+    states += [train_state(run, name, paths) for name in _trained_names(run)]
+    if run.evaluate.select_checkpoints and use_best and run.skills:
+        states.append(_guarded("select", "", lambda: selection_state(run, paths)))
+    try:
+        inputs = merge_inputs(run, paths, resolve_external_experts(run, check_fit=False), use_best)
+        missing = [str(path) for _, path in inputs if not path.is_file()]
+    except SelmaError as exc:
+        inputs, missing = [], [str(exc)]
+    for method in merge_methods(run):
+        states.append(StageState("merge", method, False, f"waits for {', '.join(missing)}") if missing
+                      else _guarded("merge", method, lambda m=method: merge_state(run, paths, m, inputs)))
+    if _evaluates(run):
+        states.append(StageState("evaluate", "", False, "waits for the experts") if missing
+                      else _guarded("evaluate", "", lambda: evaluation_state(run, paths, inputs)))
+    return states
+
+
+def _guarded(stage: str, target: str, state: Callable[[], StageState]) -> StageState:
+    try:
+        return state()
+    except SelmaError as exc:
+        return StageState(stage, target, False, f"cannot tell: {exc}")
+
+
+def _trained_names(run: RunRecipe) -> list[str]:
+    return [s.name for s in run.skills] + ([JOINT] if run.joint and run.skills else [])
+
+
+def _evaluates(run: RunRecipe) -> bool:
+    return bool(run.skills) and run.evaluate.prompts_per_skill > 0
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def _merge(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple[str, Path]]) -> None:
+    from selma_toolkit.lora.merge import merge_files
+
+    settings = _merge_settings(run, method, len(inputs))
+    merge_files([path for _, path in inputs], paths.merged(method), method, run.merge.weights,  # type: ignore[arg-type]
+                settings["rank"], format=run.train.lora_format, density=run.merge.density, seed=run.merge.seed)
+
+
+def run_pipeline(
+    run: RunRecipe,
+    paths: RunPaths,
+    *,
+    use_best: bool = True,
+    on_stage: StageCallback | None = None,
+    progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Run every stage of ``run`` into ``paths`` (see the module docstring); return what was made.
+
+    ``on_stage(state, action)`` is called with ``skip`` for a complete stage, ``start`` before and
+    ``done`` after a stage that runs; ``progress(label, done, total)`` as work advances.
+    ``use_best=False`` merges each skill's final expert even where a checkpoint selection exists.
+    """
+    from selma_toolkit.evaluate.checkpoints import select_checkpoints
+    from selma_toolkit.evaluate.generate import evaluate_variants
+    from selma_toolkit.images import check_image_inputs, generate_images
+    from selma_toolkit.lora.merge import expert_weights
+    from selma_toolkit.prompts import generate_prompts
+    from selma_toolkit.train import train_expert
+
+    notify = on_stage or (lambda state, action: None)
+    report = progress or (lambda label, done, total: None)
+
+    def stage(state: Callable[[], StageState], work: Callable[[], Any]) -> None:
+        before = state()
+        if before.done:
+            notify(before, "skip")
+            return
+        notify(before, "start")
+        work()
+        notify(state(), "done")
+
+    check_recipe_change(run, paths)
+    externals = resolve_external_experts(run)  # before any work: a misfit expert fails now
+    for method in merge_methods(run):
+        expert_weights(run.merge.weights, len(run.skills) + len(externals), method=method)
+    if run.evaluate.select_checkpoints and use_best and run.skills:
+        from selma_toolkit.evaluate.scorers import build_scorers
+
+        build_scorers(run.evaluate)  # scorer settings are checked before hours of training
+    write_resolved_recipe(run, paths.root)
+
+    for skill in run.skills:
+        stage(lambda s=skill: prompts_state(run, s.name, paths),
+              lambda s=skill: generate_prompts(s, paths.prompts(s.name), run.evaluate.prompts_per_skill,
+                                               progress=lambda st, s=s: report(f"prompts {s.name}", st.kept, st.target)))
+    for skill in run.skills:
+        check_image_inputs(run, skill.name, paths)
+    for skill in run.skills:
+        stage(lambda s=skill: images_state(run, s.name, paths),
+              lambda s=skill: generate_images(run, s.name, paths,
+                                              progress=lambda d, t, s=s: report(f"images {s.name}", d, t)))
+    for name in _trained_names(run):
+        stage(lambda n=name: train_state(run, n, paths),
+              lambda n=name: train_expert(run, n, paths,
+                                          progress=lambda e, n=n: report(f"{'train' if e.kind == 'step' else 'cache'} {n}",
+                                                                                 e.done, e.total)))
+    if run.evaluate.select_checkpoints and use_best and run.skills:
+        stage(lambda: selection_state(run, paths),
+              lambda: select_checkpoints(run, paths, progress=lambda d, t: report("checkpoint images", d, t)))
+    inputs = merge_inputs(run, paths, externals, use_best)
+    for method in merge_methods(run):
+        stage(lambda m=method: merge_state(run, paths, m, inputs), lambda m=method: _merge(run, paths, m, inputs))
+    index = None
+    if _evaluates(run):
+        stage(lambda: evaluation_state(run, paths, inputs),
+              lambda: evaluate_variants(run, paths, eval_variants(run, paths, inputs),
+                                        progress=lambda d, t: report("evaluation images", d, t)))
+        index = paths.report
+    return RunResult(paths.root, inputs, {m: paths.merged(m) for m in merge_methods(run)}, index)
+
+
+def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """`selma evaluate RUN`: (re)merge what is missing or out of date, then evaluate every variant
+    on the held-out prompts and write the report; return its index.html."""
+    from selma_toolkit.evaluate.generate import evaluate_variants
+
+    if not _evaluates(run):
+        raise DatasetError(f"run {run.name!r}: nothing to evaluate (it needs skills with held-out prompts; "
+                           f"evaluate.prompts_per_skill = {run.evaluate.prompts_per_skill})")
+    inputs = merge_inputs(run, paths, resolve_external_experts(run), use_best)
+    missing = [name for name, path in inputs if not path.is_file()]
+    if missing:
+        raise DatasetError(f"{paths.root}: no expert yet for {', '.join(missing)}; train first "
+                           "(`selma run RECIPE`, or `selma train RECIPE --skill NAME`)")
+    for method in merge_methods(run):
+        if not merge_state(run, paths, method, inputs).done:
+            log.info("merging %d experts with %s into %s", len(inputs), method, paths.merged(method))
+            _merge(run, paths, method, inputs)
+    return evaluate_variants(run, paths, eval_variants(run, paths, inputs), progress=progress)

@@ -1,0 +1,23 @@
+"""Stage 3: LoRA skill experts (peft + accelerate) with latent/text caches, checkpoints and resume.
+
+``train_expert(run, skill, paths)`` trains one skill's expert; ``train_joint(run, paths)`` the
+paper's baseline, one LoRA on the mixture of all skills' data. ``checkpoint_experts(train_dir)``
+lists the expert file of every checkpoint (the paper keeps the best 1,000-step checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.recipe import RunRecipe
+from selma_toolkit.train.checkpoint import checkpoint_experts
+from selma_toolkit.train.loop import Progress, TrainEvent, train_expert
+
+
+def train_joint(run: RunRecipe, paths: RunPaths, *, progress: Progress | None = None) -> Path:
+    """Train one LoRA on the mixture of every skill's dataset (``experts/joint.safetensors``)."""
+    return train_expert(run, JOINT, paths, progress=progress)
+
+
+__all__ = ["JOINT", "Progress", "TrainEvent", "checkpoint_experts", "train_expert", "train_joint"]

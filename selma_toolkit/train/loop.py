@@ -1,0 +1,333 @@
+"""Stage 3: train one LoRA skill expert (or the mixture baseline), top to bottom.
+
+``train_expert(run, skill, paths)`` reads the skill's image dataset, builds the latent and text
+caches, adds peft LoRA layers to the frozen UNet (and text encoders, if asked), trains with
+accelerate (gradient accumulation up to the effective batch, mixed precision on GPU, several GPUs
+under ``accelerate launch``), writes a checkpoint every ``checkpoint_every`` steps and the expert
+to ``paths.expert(skill)``. Run again, it resumes from the latest checkpoint; a finished run only
+rewrites the expert file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from selma_toolkit.errors import RecipeError
+from selma_toolkit.models import detect_architecture
+from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.recipe import RunRecipe, TrainSettings, recipe_hash
+from selma_toolkit.train import cache as caches
+from selma_toolkit.train import model as parts
+from selma_toolkit.train.checkpoint import check_resumable, checkpoints, save_checkpoint, training_fingerprint
+from selma_toolkit.train.data import (
+    dataset_fingerprint,
+    image_digests,
+    sample_generator,
+    sample_index,
+    training_samples,
+)
+from selma_toolkit.train.logs import LossLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress of a run, for the caller to show: ``cache`` (samples encoded) or ``step``."""
+
+    kind: Literal["cache", "step"]
+    done: int
+    total: int
+    loss: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+
+Progress = Callable[[TrainEvent], None]
+
+
+def micro_batching(settings: TrainSettings, num_processes: int) -> tuple[int, int]:
+    """(micro-batch size per process, gradient-accumulation steps) that make up batch_size."""
+    micro = settings.micro_batch_size or settings.batch_size // num_processes
+    if micro < 1 or settings.batch_size % (micro * num_processes):
+        raise RecipeError(
+            f"train.batch_size ({settings.batch_size}) must be a multiple of micro_batch_size "
+            f"({settings.micro_batch_size or 'unset'}) x processes ({num_processes}); set train.micro_batch_size "
+            "to a divisor of batch_size / processes"
+        )
+    return micro, settings.batch_size // (micro * num_processes)
+
+
+def expert_metadata(run: RunRecipe, skill: str, architecture: str, steps: int) -> dict[str, str]:
+    """The ``__metadata__`` of an expert file; ``save_lora`` adds rank, alpha, targets, toolkit
+    version and the kohya / ModelSpec fields from the tensors."""
+    from selma_toolkit.lora import lora_metadata
+
+    return lora_metadata(
+        base_model=run.base_model, architecture=architecture, skill=skill,
+        skills=[s.name for s in run.skills] if skill == JOINT else None,
+        recipe_sha256=recipe_hash(run), **{"selma.steps": steps},
+    )
+
+
+def _accelerator(settings: TrainSettings, train_dir: Path):
+    from accelerate import Accelerator
+
+    precision = settings.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if torch.cuda.is_available() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' (or 'bf16') on a CPU")
+    if settings.trackers:
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+        missing = [t for t in settings.trackers if not available[t]]
+        if missing:
+            raise RecipeError(f"train.trackers = {settings.trackers}: {missing} not installed; pip install {' '.join(missing)}")
+    # The lr scheduler is stepped by hand once per optimizer step (accelerate would otherwise step
+    # it once per process), and accumulation is done by hand (see the loop): a resumed run with a
+    # different micro-batch size must not inherit accelerate's micro-step counter.
+    # cpu=True without CUDA: processes started by torchrun / accelerate launch then join one gloo
+    # group instead of each training alone.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=settings.trackers or None,
+                       project_dir=str(train_dir), step_scheduler_with_optimizer=False)
+
+
+def _optimizer(settings: TrainSettings, params: list[torch.nn.Parameter]):
+    if settings.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RecipeError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
+                              "or use optimizer = 'adamw'") from None
+        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=1e-2)
+    # The diffusers LoRA scripts' defaults: betas (0.9, 0.999), weight decay 1e-2, eps 1e-8.
+    return torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def _register_lora_state_hooks(accelerator) -> None:
+    """Checkpoints hold only the LoRA parameters (``lora_<i>.safetensors``), not the frozen base
+    weights accelerate would save with each model (gigabytes per checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                state = parts.trainable_parameters(accelerator.unwrap_model(model))
+                save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{output_dir}/lora_{i}.safetensors")
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            index = len(models) - 1
+            model = accelerator.unwrap_model(models.pop())
+            state = load_file(f"{input_dir}/lora_{index}.safetensors")
+            expected = set(parts.trainable_parameters(model))
+            if set(state) != expected:
+                raise RecipeError(f"{input_dir}/lora_{index}.safetensors: holds other LoRA layers than this run has "
+                                  f"({len(state)} vs {len(expected)} tensors); resume with the recipe it was written with")
+            model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
+            weight_dtype: torch.dtype, progress: Progress | None):
+    """(latent cache, text cache), built where missing by the main process first; each None when
+    off (the text cache is off while the text encoders train: their outputs change every step)."""
+    if not run.train.cache:
+        return None, None
+    resolution = run.train.resolution or run.images.resolution
+    device, root = accelerator.device, train_dir / "cache"
+    shown = None
+    if progress is not None and accelerator.is_main_process:
+        def shown(done: int, total: int) -> None:
+            progress(TrainEvent("cache", done, total))
+
+    def make_latent_encoder():
+        return caches.latent_encoder(samples, parts.load_vae(model_dir).to(device), resolution)
+
+    with accelerator.main_process_first():
+        spec = caches.latent_cache_spec(model_dir, resolution, digests)
+        latents = caches.CachedTensors(caches.ensure_cache(spec, root, len(samples), make_latent_encoder, shown))
+    if run.train.train_text_encoder:
+        return latents, None
+    names = parts.text_encoder_names(arch)
+
+    def make_caption_encoder():
+        tokenizers, encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
+        return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device)
+
+    with accelerator.main_process_first():
+        spec = caches.text_cache_spec(model_dir, names, weight_dtype, samples)
+        texts = caches.CachedTensors(caches.ensure_cache(spec, root, len(samples), make_caption_encoder, shown))
+    return latents, texts
+
+
+def _models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_dtype: torch.dtype, *, cache_text: bool):
+    """({component: model with trainable LoRA}, tokenizers, text encoders): the frozen base in
+    ``weight_dtype``, LoRA parameters in float32; text encoders only when their outputs are not
+    cached."""
+    unet = parts.load_unet(model_dir, weight_dtype)
+    parts.add_lora(unet, "unet", settings)
+    trained = {"unet": unet}
+    tokenizers, text_encoders = [], []
+    if not cache_text:
+        tokenizers, text_encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
+        text_encoders = [e.to(device) for e in text_encoders]
+        if settings.train_text_encoder:
+            for name, encoder in zip(parts.text_encoder_names(arch), text_encoders):
+                parts.add_lora(encoder, name, settings)
+                trained[name] = encoder
+    for model in trained.values():
+        model.train()  # LoRA dropout and gradient checkpointing act in training mode only
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        if settings.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()  # diffusers UNet
+        elif settings.gradient_checkpointing:  # transformers text encoder (renamed in transformers 5)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+    return trained, tokenizers, text_encoders
+
+
+def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
+    """Train the LoRA expert of ``skill`` (``JOINT``: one LoRA on all skills' data, the paper's
+    mixture baseline), resuming from the latest checkpoint; return the expert file's path."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from selma_toolkit.lora import load_lora, save_lora
+
+    settings = run.train
+    train_dir = paths.train_dir(skill)
+    samples = training_samples(run, skill, paths)
+    model_dir = parts.local_model_dir(run.base_model, run.revision)
+    arch = detect_architecture(str(model_dir))
+    resolution = settings.resolution or run.images.resolution
+    accelerator = _accelerator(settings, train_dir)
+    micro, accumulation = micro_batching(settings, accelerator.num_processes)
+    digests = image_digests(samples)
+    fingerprint = training_fingerprint(run, skill, arch, resolution, dataset_fingerprint(samples, digests))
+    saved = checkpoints(train_dir)
+    resume = saved[-1] if saved else None
+    expert_name = f"{skill}.safetensors"
+    if resume is not None:
+        check_resumable(resume, fingerprint, settings.steps)
+        if resume.step == settings.steps:
+            log.info("%s: already trained %d steps; writing the expert from %s", skill, resume.step, resume.path)
+            if accelerator.is_main_process:
+                save_lora(load_lora(resume.path / expert_name), paths.expert(skill), format=settings.lora_format)
+            return paths.expert(skill)
+
+    set_seed(settings.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    latent_cache, text_cache = _caches(run, samples, digests, model_dir, arch, train_dir, accelerator, weight_dtype, progress)
+    trained, tokenizers, text_encoders = _models(settings, model_dir, arch, device, weight_dtype,
+                                                 cache_text=text_cache is not None)
+    vae = parts.load_vae(model_dir).to(device) if latent_cache is None else None
+    params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(settings, params)
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    models = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, lr_scheduler = prepared[len(trained):]
+    _register_lora_state_hooks(accelerator)
+    start = 0
+    if resume is not None:
+        accelerator.load_state(str(resume.path))
+        start = resume.step
+        log.info("%s: resuming from %s", skill, resume.path)
+    names = parts.text_encoder_names(arch)
+    encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]  # wrapped if trained
+    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
+                                    tokenizers=tokenizers, text_encoders=encoders)
+    noise_scheduler = parts.load_noise_scheduler(model_dir)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    latent_scale = parts.vae_latent_scale(model_dir)
+    if settings.trackers:
+        accelerator.init_trackers(f"selma-{run.name}-{skill}", config={k: v for k, v in settings.model_dump().items()
+                                                                     if isinstance(v, (int, float, str, bool))})
+
+    # ---- the loop: optimizer step `step` consumes stream positions [step*B, (step+1)*B); this
+    # process takes `micro * accumulation` consecutive slots of it.
+    per_process = micro * accumulation
+    first_slot = accelerator.process_index * per_process
+
+    def optimizer_step(step: int) -> float:
+        """One optimizer step on this process's slots of the batch; the whole batch's mean loss."""
+        total = torch.zeros((), device=device)
+        for micro_step in range(accumulation):
+            slots = range(first_slot + micro_step * micro, first_slot + (micro_step + 1) * micro)
+            indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
+            # Gradients are all-reduced only on the last micro-batch of the step (DDP wants the
+            # forward passes, trained text encoders' included, inside no_sync too).
+            with contextlib.ExitStack() as stack:
+                if micro_step < accumulation - 1:
+                    for model in models.values():
+                        stack.enter_context(accelerator.no_sync(model))
+                cond = source(indices)
+                generators = [sample_generator(settings.seed, step, s) for s in slots]
+                draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
+                with accelerator.autocast():
+                    loss = parts.diffusion_loss(models["unet"], noise_scheduler, cond, draws, latent_scale)
+                accelerator.backward(loss / accumulation)
+            total += loss.detach() / accumulation
+        if settings.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return accelerator.gather(total[None]).mean().item()
+
+    def write_expert(path: Path, steps: int) -> None:
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        lora = parts.lora_weights(unwrapped, expert_metadata(run, skill, arch, steps))
+        save_lora(lora, path, format=settings.lora_format)
+
+    loss_log = LossLog(train_dir, start) if accelerator.is_main_process else None
+    try:
+        for step in range(start, settings.steps):
+            began = time.perf_counter()
+            loss = optimizer_step(step)
+            lr = lr_scheduler.get_last_lr()[0]
+            if settings.trackers:
+                accelerator.log({"loss": loss, "lr": lr}, step=step + 1)
+            if loss_log is not None:
+                record = {"step": step + 1, "loss": loss, "lr": lr,
+                          "epoch": round((step + 1) * settings.batch_size / len(samples), 4)}
+                if skill == JOINT:  # which skills the batch drew from
+                    positions = range(step * settings.batch_size, (step + 1) * settings.batch_size)
+                    record["sources"] = dict(Counter(samples[sample_index(p, len(samples), settings.seed)].source
+                                                     for p in positions))
+                loss_log.append(record)
+                if progress:
+                    progress(TrainEvent("step", step + 1, settings.steps, loss, lr, time.perf_counter() - began))
+            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+                save_checkpoint(accelerator, train_dir, step + 1, fingerprint, expert_name,
+                                lambda path, done=step + 1: write_expert(path, done))
+                if loss_log is not None:
+                    loss_log.plot()
+    finally:
+        if loss_log is not None:
+            loss_log.close()
+    if settings.trackers:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        write_expert(paths.expert(skill), settings.steps)
+        log.info("%s: expert written to %s", skill, paths.expert(skill))
+    accelerator.wait_for_everyone()
+    return paths.expert(skill)

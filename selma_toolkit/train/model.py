@@ -1,0 +1,268 @@
+"""The base model's parts for training: loading them with diffusers/transformers, adding peft LoRA
+layers, encoding images and captions, the diffusion loss, and reading the trained LoRA back out
+as :class:`selma_toolkit.lora.LoraWeights`.
+
+Conditioning follows the diffusers pipelines exactly, so an expert is trained on what it will see
+at inference: SD 1.x/2.x use the text encoder's last hidden state; SDXL concatenates the
+penultimate hidden states of both text encoders, adds the pooled embedding of the second one and
+the six size/crop time ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from selma_toolkit.errors import ModelError, RecipeError
+from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
+from selma_toolkit.models import resolve_model
+from selma_toolkit.recipe import TrainSettings
+
+log = logging.getLogger(__name__)
+
+# Hub downloads: diffusers configs, tokenizers and safetensors weights only (no pickles, no
+# fp16/EMA variants the loader would not use).
+_HUB_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"] + [
+    f"{part}/*.{ext}" for part in ("unet", "vae", "text_encoder", "text_encoder_2") for ext in ("json", "safetensors")
+]
+_HUB_IGNORE = ["*.fp16.*", "*.bf16.*", "*non_ema*", "*.ema.*"]
+
+
+def local_model_dir(spec: str, revision: str | None = None) -> Path:
+    """A local diffusers folder for the base model: ``tiny:<arch>`` and folders as they are, Hub
+    ids downloaded once into the Hugging Face cache (safetensors only)."""
+    source = resolve_model(spec)
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if source.endswith(".safetensors"):
+        raise ModelError(
+            f"{spec}: training needs the model as a diffusers folder, not a single-file checkpoint; convert it once "
+            "with `DiffusionPipeline.from_single_file(...).save_pretrained(FOLDER)` and set base_model = FOLDER"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE))
+    except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+        raise ModelError(f"{spec}: could not download the model from the Hub ({exc})") from None
+
+
+def text_encoder_names(arch: str) -> list[str]:
+    """The text-encoder subfolders of an architecture: two for SDXL, one otherwise."""
+    return ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+
+
+def load_unet(model_dir: Path, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+    unet.requires_grad_(False)
+    return unet
+
+
+def load_vae(model_dir: Path):
+    # Float32 always: the SDXL VAE overflows in fp16, and with the cache it runs once per dataset.
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[list, list]:
+    """(tokenizers, text encoders), frozen, one pair per text encoder of the architecture."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers, encoders = [], []
+    for name in text_encoder_names(arch):
+        model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=name.replace("text_encoder", "tokenizer")))
+        encoder = model_class.from_pretrained(model_dir, subfolder=name, torch_dtype=dtype, use_safetensors=True)
+        encoders.append(encoder.requires_grad_(False).eval())
+    return tokenizers, encoders
+
+
+def load_noise_scheduler(model_dir: Path):
+    """The DDPM training scheduler built from the model's own scheduler config, so betas and the
+    prediction type (epsilon or v_prediction) are the model's, as in the diffusers scripts."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def vae_latent_scale(model_dir: Path) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from vae/config.json, read without loading the VAE."""
+    config = json.loads((model_dir / "vae" / "config.json").read_text())
+    return float(config.get("scaling_factor", 0.18215)), float(config.get("shift_factor") or 0.0)
+
+
+def _lora_config(settings: TrainSettings, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.rank, lora_alpha=settings.effective_alpha, lora_dropout=settings.dropout,
+        target_modules=targets,
+    )
+
+
+def add_lora(model, component: str, settings: TrainSettings) -> None:
+    """Add trainable peft LoRA layers to a frozen UNet or text encoder.
+
+    The UNet uses diffusers' ``add_adapter``; text encoders use ``peft.inject_adapter_in_model``
+    because ``text_encoder.add_adapter()`` fails with transformers 5 and peft 0.21.
+    """
+    from peft import inject_adapter_in_model
+
+    field = "target_modules" if component == "unet" else "text_encoder_target_modules"
+    targets = list(getattr(settings, field))
+    try:
+        if component == "unet":
+            model.add_adapter(_lora_config(settings, targets))
+        else:
+            inject_adapter_in_model(_lora_config(settings, targets), model)
+    except ValueError as exc:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RecipeError(
+            f"train.{field} = {targets}: peft could not place LoRA layers in the {component} ({exc}); "
+            f"linear layer names there include {linear[:20]}"
+        ) from None
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    """The LoRA parameters of a model (everything else is frozen), by parameter name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_weights_from_model(model, component: str) -> dict[str, LoraModule]:
+    """The trained peft layers as LoraModules: lora_A -> down [r, in], lora_B -> up [out, r],
+    alpha from the layer's config; names canonical (``unet.<module path>``)."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = {}
+    for path, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+            modules[canonical_module_name(component, path)] = LoraModule(
+                down=layer.lora_A["default"].weight.detach().float().cpu().clone(),
+                up=layer.lora_B["default"].weight.detach().float().cpu().clone(),
+                alpha=float(layer.lora_alpha["default"]),
+            )
+    return modules
+
+
+def lora_weights(models: dict[str, torch.nn.Module], metadata: dict[str, str]) -> LoraWeights:
+    """One LoraWeights from the trained components (``{"unet": unet, "text_encoder": te, ...}``)."""
+    modules: dict[str, LoraModule] = {}
+    for component, model in models.items():
+        modules.update(lora_weights_from_model(model, component))
+    return LoraWeights(modules=modules, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for a batch of n samples.
+
+    latent_mean / latent_std [n, C, h, w]: the VAE's latent distribution (unscaled), sampled per
+    step as the diffusers scripts do; prompt_embeds [n, 77, D]; SDXL only: pooled [n, P] and
+    time_ids [n, 6] (original size, crop top-left, target size).
+    """
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [n, 3, H, W] in [-1, 1] -> (mean, std) of the latent distribution, float32."""
+    distribution = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
+def encode_texts(
+    tokenizers: list, encoders: list, texts: list[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """captions -> (prompt_embeds [n, 77, D], pooled [n, P] or None), as the pipelines encode them.
+
+    ``encoders`` may be wrapped for distributed training, so the token ids go to ``device``.
+    Gradients flow when the caller enables them (trained text encoders).
+    """
+    hidden, pooled = [], None
+    sdxl = len(encoders) == 2
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=sdxl)
+        if sdxl:
+            hidden.append(output.hidden_states[-2])
+            if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
+                pooled = output[0]
+        else:
+            hidden.append(output[0])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[n, 6] = original (h, w) + crop (top, left) + target (h, w), the SDXL size conditioning."""
+    target = torch.tensor([resolution, resolution]).expand(original_size.shape[0], 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+@dataclass
+class Draws:
+    """The random draws of a batch: timesteps [n] (int64), noise and latent_noise like the latents."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    latent_noise: torch.Tensor
+
+
+def draw(generators: list[torch.Generator], latent_shape: tuple[int, ...], num_train_timesteps: int) -> Draws:
+    """One timestep, one noise tensor and one latent-sampling tensor per sample, each from that
+    sample's own generator (see ``data.sample_generator``)."""
+    timesteps, noise, latent_noise = [], [], []
+    for generator in generators:
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        latent_noise.append(torch.randn(latent_shape, generator=generator))
+    return Draws(torch.cat(timesteps), torch.stack(noise), torch.stack(latent_noise))
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v_prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ModelError(f"scheduler prediction_type {prediction_type!r} is not supported; expected epsilon or v_prediction")
+
+
+def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float]) -> torch.Tensor:
+    """The standard denoising loss: MSE between the UNet's prediction on the noised latents and
+    the target (epsilon or v) of the model's scheduler, averaged over the batch."""
+    device = cond.prompt_embeds.device
+    scale, shift = latent_scale
+    mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
+    latents = (mean + std * draws.latent_noise.to(device) - shift) * scale
+    noise, timesteps = draws.noise.to(device), draws.timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled.to(device), "time_ids": cond.time_ids.to(device)}
+    prediction = unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
