@@ -126,7 +126,7 @@ def load_pipeline(
     import torch
 
     device = device or default_device()
-    torch_dtype = default_dtype(device, dtype)
+    torch_dtype = default_dtype(device, dtype)  # passed as dtype= (diffusers >= 0.42 name)
     source = resolve_model(spec)
     extra: dict[str, Any] = {}
     if not safety_checker:
@@ -148,10 +148,10 @@ def load_pipeline(
             if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
                 raise ModelError(f"config {config!r}: pipeline {class_name!r} cannot load single-file checkpoints; "
                                  "expected an SD 1.x, SD 2.x or SDXL diffusers folder")
-            pipe = pipeline_class.from_single_file(source, config=str(config_dir), torch_dtype=torch_dtype,
+            pipe = pipeline_class.from_single_file(source, config=str(config_dir), dtype=torch_dtype,
                                                    local_files_only=True, **_accepted(str(config_dir), extra))
         else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype, **_accepted(source, extra))
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **_accepted(source, extra))
     except ModelError:
         raise
     except OSError as exc:

@@ -61,7 +61,7 @@ def text_encoder_names(arch: str) -> list[str]:
 def load_unet(model_dir: Path, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype, use_safetensors=True)
     unet.requires_grad_(False)
     return unet
 
@@ -70,7 +70,7 @@ def load_vae(model_dir: Path):
     # Float32 always: the SDXL VAE overflows in fp16, and with the cache it runs once per dataset.
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32, use_safetensors=True)
     vae.requires_grad_(False).eval()
     return vae
 
@@ -83,7 +83,7 @@ def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[
     for name in text_encoder_names(arch):
         model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
         tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=name.replace("text_encoder", "tokenizer")))
-        encoder = model_class.from_pretrained(model_dir, subfolder=name, torch_dtype=dtype, use_safetensors=True)
+        encoder = model_class.from_pretrained(model_dir, subfolder=name, dtype=dtype, use_safetensors=True)
         encoders.append(encoder.requires_grad_(False).eval())
     return tokenizers, encoders
 
