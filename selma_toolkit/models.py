@@ -1,8 +1,9 @@
 """Base models: resolve a model reference, tell its architecture, load it as a diffusers pipeline.
 
 A model reference is a Hub repo id (``stabilityai/stable-diffusion-2``), a local diffusers folder
-(with model_index.json), a single-file ``.safetensors`` checkpoint, or ``tiny:<arch>`` (the
-embedded default, built on first use). Every stage loads models through this module.
+(with model_index.json), a single-file ``.safetensors`` checkpoint, ``tiny:<arch>`` (the
+embedded default, built on first use), or ``toy:shapes`` (the pretrained shapes-world base, package
+data of selma_toolkit.toyworld). Every stage loads models through this module.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def resolve_model(spec: str) -> str:
     if tiny.is_tiny_spec(spec):
         try:
             return str(tiny.ensure_tiny_model(spec))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+    if spec == "toy:shapes":  # the pretrained shapes-world base shipped as package data (selma_toolkit/toyworld)
+        from selma_toolkit.toyworld.model import toy_base_dir
+
+        try:
+            return str(toy_base_dir())
         except ValueError as exc:
             raise ModelError(str(exc)) from None
     path = Path(spec).expanduser()

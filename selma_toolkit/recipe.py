@@ -241,7 +241,7 @@ class MergeSettings(StrictModel):
     seed: int = 0
 
 
-ScorerName = Literal["clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions"]
+ScorerName = Literal["clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions", "toyworld"]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -249,7 +249,8 @@ class EvaluateSettings(StrictModel):
     """Evaluation of base, experts, joint baseline and merged LoRA on held-out prompts."""
 
     # clipscore, pickscore, hps, imagereward, vqascore (P("yes") to "does this figure show <prompt>?"),
-    # questions (DSG/TIFA-style question file answered by vqa_model).
+    # questions (DSG/TIFA-style question file answered by vqa_model), toyworld (exact DSG-style
+    # faithfulness of shapes-world images by segmentation; no model).
     scorers: Annotated[list[ScorerName], Field(min_length=1)] = ["clipscore"]
     # Held-out prompts per skill (never used for training); 0 = skip evaluation.
     prompts_per_skill: Annotated[int, Field(ge=0)] = 100

@@ -12,10 +12,11 @@ Stages, in order (selma_toolkit.paths says where each writes):
 6. ``evaluate`` every variant on the held-out prompts, scores and the report (selma_toolkit.evaluate)
 
 A stage whose outputs are complete is skipped; a partial one is resumed by its own module (each
-stage resumes after a kill). Before any work the run folder's recorded recipe is compared with the
-new one: a change that would mix old and new results (e.g. other image settings with images on
-disk) is refused, naming each change. Derived outputs (selection, merges, evaluation) are redone
-when what they were made from has changed.
+stage resumes after a kill). Before any work (run_checks.py) the run folder's recorded recipe is
+compared with the new one: a change that would mix old and new results (e.g. other image settings
+with images on disk) is refused, naming each change; and the listed experts are checked to fit the
+base model. Derived outputs (selection, merges, evaluation) are redone when what they were made
+from has changed.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError, SelmaError
+from selma_toolkit.errors import DatasetError, SelmaError
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, load_run_recipe, write_resolved_recipe
+from selma_toolkit.run_checks import (
+    ExternalExpert,
+    check_recipe_change,
+    merge_methods,
+    resolve_external_experts,
+)
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prompts", "images", "train", "select", "merge", "evaluate")
-# Image settings that change how images are drawn, not the pixels (images/generate.py records the rest).
-_IMAGE_EXECUTION_KEYS = {"batch_size", "attention_slicing", "vae_tiling", "cpu_offload"}
 
 
 @dataclass(frozen=True)
@@ -50,15 +55,6 @@ class StageState:
 
 StageCallback = Callable[[StageState, Literal["skip", "start", "done"]], None]
 ProgressCallback = Callable[[str, int, "int | None"], None]
-
-
-@dataclass(frozen=True)
-class ExternalExpert:
-    """An expert listed in the recipe's ``experts``: the reference, a name for variants, the local file."""
-
-    ref: str
-    name: str
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -78,111 +74,11 @@ def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
     return load_run_recipe(paths.recipe), paths
 
 
-# ---------------------------------------------------------------------------- recipe changes
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def _changes(old: Any, new: Any, prefix: str, skip: set[str] = frozenset()) -> list[str]:
-    before, after = _flat(old.model_dump(mode="json"), prefix), _flat(new.model_dump(mode="json"), prefix)
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
-            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
-
-
-def _has_images(paths: RunPaths, skill: str) -> bool:
-    folder = paths.images(skill)
-    return folder.is_dir() and any(folder.glob("*.txt"))
-
-
-def _has_training(paths: RunPaths, name: str) -> bool:
-    return (paths.train_dir(name) / "checkpoints").is_dir() or paths.expert(name).is_file()
-
-
-def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
-    """Refuse to continue a run folder whose recorded recipe differs from ``run`` in a way that
-    would mix results with the outputs already there; name every such change and the way out."""
-    if not paths.recipe.is_file():
-        return
-    from selma_toolkit.train.checkpoint import RESUMABLE_CHANGES
-
-    old = load_run_recipe(paths.recipe)
-    old_skills = {s.name: s for s in old.skills}
-    images = [s for s in old_skills if _has_images(paths, s)]
-    trained = [s for s in [*old_skills, JOINT] if _has_training(paths, s)]
-    problems: list[str] = []
-    if images:
-        where = f"images exist for {', '.join(images)}"
-        problems += [f"{c} ({where})" for c in _changes(old.images, run.images, "images.", _IMAGE_EXECUTION_KEYS)]
-        if old.image_model != run.image_model or (old.images.model is None and old.revision != run.revision):
-            problems.append(f"image model: {old.image_model!r}@{old.revision} -> {run.image_model!r}@{run.revision} ({where})")
-    if trained:
-        where = f"experts trained or training: {', '.join(trained)}"
-        if (old.base_model, old.revision) != (run.base_model, run.revision):
-            problems.append(f"base_model: {old.base_model!r}@{old.revision} -> {run.base_model!r}@{run.revision} ({where})")
-        problems += [f"{c} ({where})" for c in _changes(old.train, run.train, "train.", RESUMABLE_CHANGES)]
-    if JOINT in trained and run.joint and [s.name for s in run.skills] != list(old_skills):
-        problems.append(f"skills: {list(old_skills)} -> {[s.name for s in run.skills]} (the joint baseline was trained on "
-                        "the old skills' data)")
-    for skill in run.skills:
-        previous = old_skills.get(skill.name)
-        if previous is not None and paths.prompts(skill.name).exists():
-            problems += [f"{c} (prompts exist for {skill.name})" for c in _changes(previous, skill, f"skills.{skill.name}.")]
-    if problems:
-        raise RecipeError(
-            f"{paths.root}: this run folder was made with a different recipe ({paths.recipe}); continuing would mix "
-            "results made with the old and the new settings:\n  " + "\n  ".join(problems)
-            + "\nRestore those values, run into a new folder (--out), or delete the outputs named to redo those stages."
-        )
-
-
-# --------------------------------------------------------------------------- external experts
-
-
-def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[ExternalExpert]:
-    """The recipe's ``experts`` as local files (hub.resolve_expert: local file, catalog name or
-    Hub repo id), checked to fit the base model: same architecture, and for the ``selma`` merge
-    (which averages factors) the rank the run trains with. Runs before any training."""
-    if not run.experts:
-        return []
-    from selma_toolkit.hub import resolve_expert
-    from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
-    from selma_toolkit.models import detect_architecture
-
-    architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
-    taken = {s.name for s in run.skills} | {JOINT}
-    experts = []
-    for ref in run.experts:
-        path = Path(resolve_expert(ref))
-        lora = load_lora(path)
-        name = metadata_value(lora, "skill") or path.stem
-        if name in taken:
-            name = path.stem if path.stem not in taken else f"{path.stem}-{len(experts) + 1}"
-        taken.add(name)
-        if check_fit:
-            found = guess_architecture(lora)
-            if found is not None and found != architecture:
-                raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
-                                      f"is {architecture}; list only experts trained for this base model")
-            if "selma" in merge_methods(run) and run.skills and lora.ranks() != {run.train.rank}:
-                raise LoraFormatError(
-                    f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
-                    "the selma merge averages the factors and needs equal ranks: set train.rank to match, or use "
-                    "merge.method = 'delta' (exact sum of updates, any ranks)")
-        experts.append(ExternalExpert(ref, name, path))
-    return experts
-
-
 # ----------------------------------------------------------------------------- stage states
 
 
 def prompts_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
+    """Done when the prompt file holds the skill's train prompts and evaluate.prompts_per_skill held-out ones."""
     from selma_toolkit.dataset import read_prompts
 
     wanted, heldout = run.skill(skill).num_prompts, run.evaluate.prompts_per_skill
@@ -195,6 +91,7 @@ def prompts_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
 
 
 def images_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
+    """Done when every train prompt has its image and caption and metadata.jsonl lists them all."""
     from selma_toolkit.dataset import METADATA, read_prompts
     from selma_toolkit.images import image_name
     from selma_toolkit.io import read_jsonl
@@ -205,10 +102,12 @@ def images_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
     drawn = sum((folder / f"{p.id:06d}.txt").is_file() and (folder / image_name(p.id, image_format)).is_file() for p in train)
     listed = {row.get("prompt_id") for row in read_jsonl(folder / METADATA)} if (folder / METADATA).is_file() else set()
     done = bool(train) and drawn == len(train) and listed >= {p.id for p in train}
-    return StageState("images", skill, done, f"{drawn}/{len(train)} images" + ("" if done or not drawn else ", dataset not finished"))
+    note = "" if done or not drawn else ", dataset not finished"
+    return StageState("images", skill, done, f"{drawn}/{len(train)} images{note}")
 
 
 def train_state(run: RunRecipe, name: str, paths: RunPaths) -> StageState:
+    """Done when the last checkpoint is at train.steps and the expert file is written."""
     from selma_toolkit.train.checkpoint import checkpoints
 
     saved = checkpoints(paths.train_dir(name))
@@ -219,16 +118,12 @@ def train_state(run: RunRecipe, name: str, paths: RunPaths) -> StageState:
 
 
 def selection_state(run: RunRecipe, paths: RunPaths) -> StageState:
+    """Done when every skill has a current checkpoint selection (evaluate/checkpoints.py)."""
     from selma_toolkit.evaluate.checkpoints import current_selection
 
     choices = {s.name: current_selection(run, paths, s.name) for s in run.skills}
     detail = ", ".join(f"{skill}: step {c.step}" if c else f"{skill}: not selected" for skill, c in choices.items())
     return StageState("select", "", all(choices.values()), detail)
-
-
-def merge_methods(run: RunRecipe) -> list[str]:
-    """The recipe's merge method, then evaluate.merge_methods, each once."""
-    return list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))
 
 
 def merge_inputs(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert], use_best: bool = True
@@ -281,16 +176,18 @@ def eval_variants(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]
 
 
 def evaluation_state(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]]) -> StageState:
+    """Done when scores and report were made from exactly the current variants and settings."""
     from selma_toolkit.evaluate.generate import evaluation_is_current
 
     variants = eval_variants(run, paths, inputs)
     done = evaluation_is_current(run, paths, variants)
-    return StageState("evaluate", "", done, (f"report {paths.report}" if done else "not evaluated yet" if not paths.report.is_file()
-                                             else "out of date") + f"; {len(variants)} variants")
+    state = f"report {paths.report}" if done else "out of date" if paths.report.is_file() else "not evaluated yet"
+    return StageState("evaluate", "", done, f"{state}; {len(variants)} variants")
 
 
 def run_status(run: RunRecipe, paths: RunPaths, *, use_best: bool = True) -> list[StageState]:
-    """Every stage's state, in order; stages that cannot be judged yet say what they wait for."""
+    """Every stage's state, in order; stages that cannot be judged yet say what they wait for.
+    Listed experts that are not local files are resolved through the Hub cache (hub.resolve_expert)."""
     states = [prompts_state(run, s.name, paths) for s in run.skills]
     states += [images_state(run, s.name, paths) for s in run.skills]
     states += [train_state(run, name, paths) for name in _trained_names(run)]
@@ -418,6 +315,14 @@ def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
     if not _evaluates(run):
         raise DatasetError(f"run {run.name!r}: nothing to evaluate (it needs skills with held-out prompts; "
                            f"evaluate.prompts_per_skill = {run.evaluate.prompts_per_skill})")
+    if use_best and run.evaluate.select_checkpoints:
+        from selma_toolkit.evaluate.checkpoints import current_selection
+
+        unselected = [s.name for s in run.skills if current_selection(run, paths, s.name) is None]
+        if unselected:
+            log.warning("no current checkpoint selection for %s: their final experts are evaluated; run "
+                        "`selma evaluate %s --checkpoints` first to evaluate the best checkpoints",
+                        ", ".join(unselected), paths.root)
     inputs = merge_inputs(run, paths, resolve_external_experts(run), use_best)
     missing = [name for name, path in inputs if not path.is_file()]
     if missing:

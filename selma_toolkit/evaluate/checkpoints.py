@@ -57,10 +57,12 @@ class CheckpointChoice:
 
 
 def selection_folder(paths: RunPaths) -> Path:
+    """``eval/checkpoints/`` of the run folder."""
     return paths.eval_dir / "checkpoints"
 
 
 def selection_metric(settings: EvaluateSettings) -> str:
+    """The scorer that picks the best checkpoint: evaluate.selection_metric, else the first scorer."""
     return settings.selection_metric or settings.scorers[0]
 
 
@@ -94,7 +96,8 @@ def read_selection(paths: RunPaths) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg}); delete it and run `selma evaluate RUN --checkpoints` again") from None
+        raise DatasetError(f"{path}: not valid JSON ({exc.msg}); delete it and run "
+                           "`selma evaluate RUN --checkpoints` again") from None
     if document.get("format") != SELECTION_FORMAT:
         raise DatasetError(f"{path}: expected format {SELECTION_FORMAT!r}, found {document.get('format')!r}")
     return document["skills"]
@@ -169,8 +172,7 @@ def select_checkpoints(
             for skill, (found, _) in todo.items() for step, path in found]
     items = draw_eval_images(run, jobs, progress=progress) if jobs else {}
     for skill, (found, signature) in todo.items():
-        document = score_variants({_variant(step): items[_variant(step)] for step, _ in found
-                                   if _variant(step) in items and skill in items[_variant(step)]},
+        document = score_variants({_variant(step): {skill: items[_variant(step)][skill]} for step, _ in found},
                                   [scorer], selection_folder(paths) / skill,
                                   bootstrap_samples=settings.bootstrap_samples, batch_size=settings.batch_size)
         rows = []

@@ -91,10 +91,12 @@ def generation_settings(run: RunRecipe) -> dict[str, Any]:
 
 
 def lora_digest(path: Path | None) -> str | None:
+    """sha256 of a LoRA file (None for the base model)."""
     return None if path is None else sha256_file(path)
 
 
 def image_path(folder: Path, skill: str, prompt_id: int, seed: int) -> Path:
+    """Where the image of (prompt, evaluation seed) of a job folder lies."""
     return folder / skill / f"{prompt_id:06d}-seed{seed}.png"
 
 
@@ -106,7 +108,8 @@ def draw_eval_images(
     progress: ProgressCallback | None = None,
 ) -> dict[str, dict[str, list[EvalItem]]]:
     """Draw the missing images of every job (one pipeline for all); return
-    ``{variant: {skill: [EvalItem]}}`` for score_variants, prompts in id order, seeds inner."""
+    ``{variant: {skill: [EvalItem]}}`` for score_variants, prompts in id order, seeds inner.
+    Two jobs of one variant must not share a skill."""
     seeds = run.evaluate.seeds
     settings = generation_settings(run)
     missing: list[tuple[EvalJob, list[tuple[str, PromptRecord, int]]]] = []
@@ -123,10 +126,13 @@ def draw_eval_images(
         progress(0, total)
     if missing:
         _draw_missing(run, missing, device, total, progress)
-    return {job.variant: {skill: [EvalItem(image_path(job.folder, skill, p.id, seed), p.prompt, seed, p.id)
-                                  for p in prompts for seed in seeds]
-                          for skill, prompts in job.prompts.items()}
-            for job in jobs}
+    items: dict[str, dict[str, list[EvalItem]]] = {}
+    for job in jobs:  # jobs of one variant name for different skills (checkpoint selection) share its table
+        table = items.setdefault(job.variant, {})
+        for skill, prompts in job.prompts.items():
+            table[skill] = [EvalItem(image_path(job.folder, skill, p.id, seed), p.prompt, seed, p.id)
+                            for p in prompts for seed in seeds]
+    return items
 
 
 def _prepare_folder(folder: Path, manifest: dict[str, Any]) -> None:
@@ -161,7 +167,15 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
     done = 0
     for job, todo in missing:
         if job.lora is not None:
-            load_experts(pipe, [job.lora], method="selma", adapter_name="selma_eval")
+            # A UNet-only expert makes diffusers warn on every load that the text encoder has no LoRA
+            # keys ("safe to ignore"); one line per variant would bury the run's own messages.
+            lora_base = logging.getLogger("diffusers.loaders.lora_base")
+            level = lora_base.level
+            lora_base.setLevel(logging.ERROR)
+            try:
+                load_experts(pipe, [job.lora], method="selma", adapter_name="selma_eval")
+            finally:
+                lora_base.setLevel(level)
         try:
             for start in range(0, len(todo), images.batch_size):
                 batch = todo[start:start + images.batch_size]

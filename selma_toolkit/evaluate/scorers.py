@@ -11,6 +11,7 @@ name the embedded tiny random models (selma_toolkit.tiny), on which every code p
 | ``imagereward`` | ``imagereward_model`` (extra ``[eval]``) | the ImageReward package's ``score`` |
 | ``vqascore`` | ``vqa_model`` | ``100 * P(yes)`` for "does this figure show <prompt>?" (selma_toolkit.evaluate.vqa) |
 | ``questions`` | ``vqa_model`` + ``questions`` | ``100 *`` share of the prompt's questions answered correctly, DSG rule |
+| ``toyworld`` | none (segmentation) | ``100 *`` share of DSG-style questions right on a shapes-world image (selma_toolkit.toyworld) |
 
 Models load on the first ``score`` call, so building the scorers (which checks every setting, the
 pickle opt-ins included) is cheap and fails before any image is generated. Weights load only from
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SCORER_NAMES = ("clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions")
+SCORER_NAMES = ("clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions", "toyworld")
 
 
 class Scorer(Protocol):
@@ -306,6 +307,10 @@ def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = N
                                     "percent", load, device, batch)
     if name == "imagereward":
         return ImageRewardScorer(settings, device)
+    if name == "toyworld":
+        from selma_toolkit.toyworld.scorer import ToyWorldScorer
+
+        return ToyWorldScorer()
     if name in ("vqascore", "questions"):
         from selma_toolkit.evaluate.vqa import QuestionScorer, VqaScoreScorer
 

@@ -1,0 +1,132 @@
+"""What `selma run` checks before any work: that the run folder's recorded recipe differs from the
+new one only where no output on disk depends on the change, and that the experts the recipe lists
+(``experts = [...]``: local files, catalog names, Hub repo ids) exist and fit the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selma_toolkit.errors import LoraFormatError, RecipeError
+from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.recipe import RunRecipe, load_run_recipe
+
+# Image settings that change how images are drawn, not the pixels (images/generate.py records the rest).
+_IMAGE_EXECUTION_KEYS = {"batch_size", "attention_slicing", "vae_tiling", "cpu_offload"}
+
+
+@dataclass(frozen=True)
+class ExternalExpert:
+    """An expert listed in the recipe's ``experts``: the reference, a name for variants, the local file."""
+
+    ref: str
+    name: str
+    path: Path
+
+
+def merge_methods(run: RunRecipe) -> list[str]:
+    """The recipe's merge method, then evaluate.merge_methods, each once."""
+    return list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))
+
+
+# ---------------------------------------------------------------------------- recipe changes
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _changes(old: Any, new: Any, prefix: str, skip: set[str] = frozenset()) -> list[str]:
+    before, after = _flat(old.model_dump(mode="json"), prefix), _flat(new.model_dump(mode="json"), prefix)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
+
+
+def _has_images(paths: RunPaths, skill: str) -> bool:
+    folder = paths.images(skill)
+    return folder.is_dir() and any(folder.glob("*.txt"))
+
+
+def _has_training(paths: RunPaths, name: str) -> bool:
+    return (paths.train_dir(name) / "checkpoints").is_dir() or paths.expert(name).is_file()
+
+
+def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
+    """Refuse to continue a run folder whose recorded recipe differs from ``run`` in a way that
+    would mix results with the outputs already there; name every such change and the way out."""
+    if not paths.recipe.is_file():
+        return
+    from selma_toolkit.train.checkpoint import RESUMABLE_CHANGES
+
+    old = load_run_recipe(paths.recipe)
+    old_skills = {s.name: s for s in old.skills}
+    images = [s for s in old_skills if _has_images(paths, s)]
+    trained = [s for s in [*old_skills, JOINT] if _has_training(paths, s)]
+    problems: list[str] = []
+    if images:
+        where = f"images exist for {', '.join(images)}"
+        problems += [f"{c} ({where})" for c in _changes(old.images, run.images, "images.", _IMAGE_EXECUTION_KEYS)]
+        if old.image_model != run.image_model or (old.images.model is None and old.revision != run.revision):
+            problems.append(f"image model: {old.image_model!r}@{old.revision} -> {run.image_model!r}@{run.revision} ({where})")
+    if trained:
+        where = f"experts trained or training: {', '.join(trained)}"
+        if (old.base_model, old.revision) != (run.base_model, run.revision):
+            problems.append(f"base_model: {old.base_model!r}@{old.revision} -> {run.base_model!r}@{run.revision} ({where})")
+        problems += [f"{c} ({where})" for c in _changes(old.train, run.train, "train.", RESUMABLE_CHANGES)]
+    if JOINT in trained and run.joint and [s.name for s in run.skills] != list(old_skills):
+        problems.append(f"skills: {list(old_skills)} -> {[s.name for s in run.skills]} (the joint baseline was trained on "
+                        "the old skills' data)")
+    for skill in run.skills:
+        previous = old_skills.get(skill.name)
+        if previous is not None and paths.prompts(skill.name).exists():
+            problems += [f"{c} (prompts exist for {skill.name})" for c in _changes(previous, skill, f"skills.{skill.name}.")]
+    if problems:
+        raise RecipeError(
+            f"{paths.root}: this run folder was made with a different recipe ({paths.recipe}); continuing would mix "
+            "results made with the old and the new settings:\n  " + "\n  ".join(problems)
+            + "\nRestore those values, run into a new folder (--out), or delete the outputs named to redo those stages."
+        )
+
+
+# --------------------------------------------------------------------------- external experts
+
+
+def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[ExternalExpert]:
+    """The recipe's ``experts`` as local files (hub.resolve_expert: local file, catalog name or
+    Hub repo id), checked to fit the base model: same architecture, and for the ``selma`` merge
+    (which averages factors) the rank the run trains with. Runs before any training."""
+    if not run.experts:
+        return []
+    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
+    from selma_toolkit.models import detect_architecture
+
+    architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
+    taken = {s.name for s in run.skills} | {JOINT}
+    experts = []
+    for ref in run.experts:
+        path = Path(resolve_expert(ref))
+        lora = load_lora(path)
+        name = metadata_value(lora, "skill") or path.stem
+        if name in taken:
+            name = path.stem if path.stem not in taken else f"{path.stem}-{len(experts) + 1}"
+        taken.add(name)
+        if check_fit:
+            found = guess_architecture(lora)
+            if found is not None and found != architecture:
+                raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
+                                      f"is {architecture}; list only experts trained for this base model")
+            if "selma" in merge_methods(run) and run.skills and lora.ranks() != {run.train.rank}:
+                raise LoraFormatError(
+                    f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
+                    "the selma merge averages the factors and needs equal ranks: set train.rank to match, or use "
+                    "merge.method = 'delta' (exact sum of updates, any ranks)")
+        experts.append(ExternalExpert(ref, name, path))
+    return experts
