@@ -347,41 +347,87 @@ def _file_size(size: int) -> str:
 
 @app.command("merge")
 def merge(
-    experts: Annotated[list[str], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The merged .safetensors file to write.")],
-    method: Annotated[str, typer.Option(help="selma (the paper: average A and B), delta (exact sum of updates), svd, ties or dare.")] = "selma",
+    experts: Annotated[Optional[list[str]], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The merged .safetensors file to write (with --to: default MERGED itself).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="selma (the paper: average A and B; the default), delta (exact sum of updates), svd, ties or dare.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Output rank for svd, ties and dare (default: the experts' largest).")] = None,
-    format_: Annotated[str, typer.Option("--format", help="kohya (read by diffusers and ComfyUI) or peft.")] = "kohya",
-    density: Annotated[float, typer.Option(help="ties: share of largest entries kept; dare: share of entries kept.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="dare: seed of the drop masks.")] = 0,
+    format_: Annotated[Optional[str], typer.Option("--format", help="kohya (read by diffusers and ComfyUI; the default) or peft.")] = None,
+    density: Annotated[Optional[float], typer.Option(help="ties: share of largest entries kept; dare: share of entries kept (default 0.5).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="dare: seed of the drop masks (default 0).")] = None,
     normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
+    add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
+    to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
+    expert_file: Annotated[Optional[list[Path]], typer.Option("--expert", help="With --to: a file of one of MERGED's experts, if it moved (matched by sha256; repeatable).")] = None,
 ) -> None:
-    """Merge several LoRA experts into one LoRA file."""
-    from rich.table import Table
+    """Merge several LoRA experts into one LoRA file, or add experts to a merged one (--add NEW --to MERGED).
 
+    --add/--to computes exactly the merge of MERGED's experts (found by the sha256 its metadata
+    records: at their recorded paths, beside MERGED, in its run folder, via the Hub) plus the new
+    ones, with MERGED's method and settings. Where an expert is missing, a selma or delta merge with
+    uniform weights is updated exactly from MERGED's own factors; other merges are refused.
+    """
     from selma_toolkit.hub import resolve_expert
-    from selma_toolkit.lora.merge import MERGE_METHODS, merge_files, merge_record
+    from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
 
+    if format_ not in (None, "kohya", "peft"):
+        raise SelmaError(f"--format {format_!r}: expected kohya or peft")
+    if to is not None or add:
+        from selma_toolkit.lora.incremental import add_to_merge
+
+        if to is None or not add:
+            raise SelmaError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
+        if experts:
+            raise SelmaError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
+        fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed))
+                 if value is not None] + (["--normalize"] if normalize else [])
+        if fixed:
+            raise SelmaError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
+                             "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
+        result = add_to_merge(to, [resolve_expert(ref) for ref in add], out, weights=_parse_weights(weights),
+                              expert_files=expert_file or [], new_sources=_hub_refs(add), format=format_)  # type: ignore[arg-type]
+        how = ("every listed expert found and verified: merged again from the files" if result.recomputed else
+               "some listed experts not found: the merged factors were updated exactly (linear merge rule)")
+        _print_merge(result.weights, result.path, f"added {len(add)} expert(s) to {to.name}")
+        console.print(how, highlight=False, soft_wrap=True)
+        return
+    if not experts or out is None:
+        raise SelmaError("selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)")
+    if expert_file:
+        raise SelmaError("--expert helps find the experts of a merged file and goes with --to MERGED")
+    method = method or "selma"
     if method not in MERGE_METHODS:
         raise SelmaError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
-    if format_ not in ("kohya", "peft"):
-        raise SelmaError(f"--format {format_!r}: expected kohya or peft")
     paths = [resolve_expert(expert) for expert in experts]
     merged = merge_files(
         paths, out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
-        format=format_, density=density, seed=seed, normalize=normalize,  # type: ignore[arg-type]
+        format=format_ or "kohya", density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
+        normalize=normalize, sources=_hub_refs(experts),
     )
+    _print_merge(merged, out, f"merged {len(paths)} experts")
+
+
+def _hub_refs(refs: list[str]) -> list[str | None]:
+    """What the merge record keeps of each reference: catalog names and repo ids (so an incremental
+    merge can resolve them again); None for local files (recorded by their relative path)."""
+    return [None if Path(ref).expanduser().is_file() else ref for ref in refs]
+
+
+def _print_merge(merged, out: Path, title: str) -> None:
+    from rich.table import Table
+
+    from selma_toolkit.lora.merge import merge_record
+
     record = merge_record(merged) or {}
-    inputs = Table("expert", "weight", "sha256", title=f"merged {len(paths)} experts")
+    inputs = Table("expert", "skill", "weight", "sha256", title=escape(title))
     for info, weight in zip(record.get("experts", []), record.get("weights", [])):
-        inputs.add_row(escape(info["name"]), f"{weight:.6g}", info["sha256"][:12])
+        inputs.add_row(escape(info["name"]), escape(info.get("skill") or "-"), f"{weight:.6g}", info["sha256"][:12])
     console.print(inputs)
     summary = Table("modules", "ranks", "method", "file size", "file")
     ranks = sorted(merged.ranks())
     summary.add_row(
         str(len(merged.modules)), ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
-        method, _file_size(out.stat().st_size), escape(str(out)),
+        record.get("method", "?"), _file_size(out.stat().st_size), escape(str(out)),
     )
     console.print(summary)
 
@@ -463,6 +509,10 @@ def evaluate(
     pair: Annotated[Optional[list[str]], typer.Option(
         help="Human-evaluation pair VARIANT,BASELINE, e.g. merged:selma,base (repeatable; default: merged vs base).")] = None,
     prompts_per_skill: Annotated[int, typer.Option(help="Prompts per skill in the report's image grids.")] = 4,
+    before: Annotated[Optional[str], typer.Option(
+        help="With RUN: also compare RUN's merged LoRA with this one from before the new skill was added (a previous "
+             "run folder, or a merged LoRA file / catalog name / repo id) on the new and the old skills' prompts.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="With --before: the merge method to compare (default: the run's).")] = None,
 ) -> None:
     """Evaluate a run folder, pick its best checkpoints, tally human answers, or write a report.
 
@@ -475,8 +525,13 @@ def evaluate(
                          "or --report EVAL_DIR")
     if (checkpoints or final_experts) and run_dir is None:
         raise SelmaError("selma evaluate: --checkpoints and --final-experts need a run folder, e.g. selma evaluate runs/demo --checkpoints")
+    if (before or method) and (run_dir is None or checkpoints):
+        raise SelmaError("selma evaluate: --before (and --method) compare a run folder's merge with an earlier one, "
+                         "e.g. selma evaluate runs/new-skill --before runs/old-skills")
     if run_dir is not None:
         _evaluate_run_folder(run_dir, checkpoints, final_experts)
+    if before is not None:
+        _compare_before_after(run_dir, before, method)
     if report is not None:
         from selma_toolkit.evaluate import write_report
 
@@ -627,6 +682,59 @@ def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) 
         run, paths, use_best=not final_experts, progress=lambda done, total: progress("evaluation images", done, total)))
     console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
     console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------- new skill
+# Teaching one more skill (docs/tutorial-new-skill.md): `selma skill new` (selma_toolkit/skill_new.py)
+# and `selma evaluate RUN --before PREVIOUS` (selma_toolkit/evaluate/before_after.py); `selma merge
+# --add/--to` is in the merge section.
+
+skill_app = typer.Typer(help="Write new skill recipes.", no_args_is_help=True)
+app.add_typer(skill_app, name="skill")
+
+
+@skill_app.command("new")
+def skill_new(
+    name: Annotated[str, typer.Argument(help="The new skill's name (lower-case letters, digits, '-', '_').")],
+    from_: Annotated[Optional[str], typer.Option("--from", help="Start from this skill recipe (shipped name such as coco, or a file).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="llm (an OpenAI-compatible endpoint) or grammar (offline); default: --from's, else llm.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The recipe file to write (default: NAME.toml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Write a new skill recipe, every field explained in a comment, and validate it."""
+    from selma_toolkit.skill_new import new_skill_recipe
+
+    made = new_skill_recipe(name, out or Path(f"{name}.toml"), source=source, from_skill=from_, overrides=set_ or [],
+                            force=force)
+    console.print(f"wrote skill recipe {made.name!r} (source {made.source}) to {escape(str(made.path))}", highlight=False)
+    if made.unfilled:
+        console.print(f"fill in: {', '.join(made.unfilled)} (the <fill in: ...> texts), then check it with "
+                      f"`selma recipe validate {escape(str(made.path))}`", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[green]OK[/green]: valid; list it in a run recipe: skills = [\"{escape(str(made.path))}\"]",
+                      highlight=False, soft_wrap=True)
+
+
+def _compare_before_after(run_dir: Path, before: str, method: str | None) -> None:
+    from rich.table import Table
+
+    from selma_toolkit.evaluate.before_after import compare_before_after, verdict_line
+    from selma_toolkit.run import load_run_folder
+
+    run, paths = load_run_folder(run_dir)
+    result = _run_with_progress(lambda on_stage, progress: compare_before_after(
+        run, paths, before, method=method, progress=lambda done, total: progress("before/after images", done, total)))
+    table = Table("skill", "kind", "metric", "before", "after", "change [95% interval]", "verdict",
+                  title="merged LoRA before and after adding the new skill(s)")
+    for c in result.changes:
+        table.add_row(escape(c.skill), c.kind, c.metric, f"{c.before:.4g}", f"{c.after:.4g}",
+                      f"{c.change.mean:+.4g} [{c.change.low:+.4g}, {c.change.high:+.4g}]", c.verdict)
+    console.print(table)
+    for verdict in ("gained", "lost"):
+        console.print(escape(verdict_line(result.changes, verdict)), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+    console.print(f"comparison: {escape(str(result.folder / 'comparison.md'))}", highlight=False, soft_wrap=True)
+    console.print(f"before/after report: {escape(str(result.report))}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -850,7 +958,7 @@ def toyworld_export(
     step: Annotated[Optional[int], typer.Option(help="Snapshot step (default: the latest).")] = None,
 ) -> None:
     """Write an EMA snapshot of a pretraining run as a diffusers pipeline folder (fp16 safetensors)."""
-    from selma_toolkit.toyworld.pretrain import export_base, snapshot_path
+    from selma_toolkit.toyworld.snapshots import export_base, snapshot_path
 
     target = export_base(run_dir, snapshot_path(run_dir, step), to)
     console.print(f"wrote {escape(str(target))}", highlight=False)

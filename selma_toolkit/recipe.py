@@ -34,6 +34,8 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# Marks text a new skill recipe's author must write (selma_toolkit/skill_new.py).
+PLACEHOLDER = "<fill in"
 
 
 class StrictModel(BaseModel):
@@ -127,6 +129,17 @@ class SkillRecipe(StrictModel):
             raise ValueError("instruction: must not be empty for source = 'llm' (it is what the LLM is asked)")
         if self.source == "grammar" and self.grammar is None:
             raise ValueError("grammar: source = 'grammar' needs a [grammar] table with templates and words")
+        return self
+
+    @model_validator(mode="after")
+    def _placeholders_filled_in(self) -> "SkillRecipe":
+        # `selma skill new` (skill_new.py) marks text the user must write with PLACEHOLDER.
+        texts = {"description": self.description, "instruction": self.instruction,
+                 **{f"seeds[{i}]": seed for i, seed in enumerate(self.seeds)}}
+        unfilled = [field for field, text in texts.items() if PLACEHOLDER in text]
+        if unfilled:
+            raise ValueError(f"{', '.join(unfilled)}: still hold{'s' if len(unfilled) == 1 else ''} the {PLACEHOLDER}...> "
+                             "text that `selma skill new` wrote; replace it with the skill's own text")
         return self
 
 

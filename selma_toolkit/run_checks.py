@@ -5,6 +5,7 @@ new one only where no output on disk depends on the change, and that the experts
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from selma_toolkit.errors import LoraFormatError, RecipeError
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, load_run_recipe
+
+log = logging.getLogger(__name__)
 
 # Image settings that change how images are drawn, not the pixels (images/generate.py records the rest).
 _IMAGE_EXECUTION_KEYS = {"batch_size", "attention_slicing", "vae_tiling", "cpu_offload"}
@@ -100,8 +103,9 @@ def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
 
 def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[ExternalExpert]:
     """The recipe's ``experts`` as local files (hub.resolve_expert: local file, catalog name or
-    Hub repo id), checked to fit the base model: same architecture, and for the ``selma`` merge
-    (which averages factors) the rank the run trains with. Runs before any training."""
+    Hub repo id), checked to fit the base model: same architecture, every adapted layer present in
+    the model with its shape (expert_fit.py), and for the ``selma`` merge (which averages factors)
+    the rank the run trains with. Runs before any training."""
     if not run.experts:
         return []
     from selma_toolkit.hub import resolve_expert
@@ -109,6 +113,9 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
     from selma_toolkit.models import detect_architecture
 
     architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
+    if check_fit:
+        from selma_toolkit.expert_fit import base_layer_shapes
+    layers = base_layer_shapes(run.base_model, revision=run.revision) if check_fit else None
     taken = {s.name for s in run.skills} | {JOINT}
     experts = []
     for ref in run.experts:
@@ -123,6 +130,7 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
             if found is not None and found != architecture:
                 raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
                                       f"is {architecture}; list only experts trained for this base model")
+            _check_layers(run, ref, path, lora, layers)
             if "selma" in merge_methods(run) and run.skills and lora.ranks() != {run.train.rank}:
                 raise LoraFormatError(
                     f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
@@ -130,3 +138,17 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
                     "merge.method = 'delta' (exact sum of updates, any ranks)")
         experts.append(ExternalExpert(ref, name, path))
     return experts
+
+
+def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None) -> None:
+    """The expert's layers against the base model's (an error) and the run's targets (a warning)."""
+    from selma_toolkit.expert_fit import check_expert_fits, target_difference
+
+    if layers is not None:
+        check_expert_fits(lora, layers, source=f"experts: {ref!r} ({path})", base_model=run.base_model)
+    difference = target_difference(lora, run.train.target_modules,
+                                   run.train.text_encoder_target_modules if run.train.train_text_encoder else [])
+    if run.skills and difference:
+        log.warning(
+            "experts: %r adapts other layers than the run's experts (%s); the merge counts a missing layer as a zero "
+            "update, so those layers get only some experts' share", ref, difference)

@@ -100,7 +100,7 @@ def merge_experts(
 
     The result's metadata holds, under ``"selma.merge"``, a JSON string with the method, the
     effective weights, rank, density, seed and the experts (name, skill, base model; merge_files
-    adds each file's sha256), enough to recompute the merge exactly.
+    adds each file's sha256 and source), enough to recompute the merge exactly.
     """
     if method not in MERGE_METHODS:
         raise LoraFormatError(f"merge method {method!r} is not known; expected one of {', '.join(MERGE_METHODS)}")
@@ -421,16 +421,22 @@ def _merged_metadata(
         "svd_mode": options.svd_mode if factored else None,
         "experts": infos,
     }
-    # The common fields of lora.metadata too, for tools that read those and not the record.
+    return record_metadata(record)
+
+
+def record_metadata(record: dict) -> dict[str, str]:
+    """A merged LoRA's metadata from its merge record: the record itself under ``selma.merge``, and
+    the common fields of lora.metadata (method, weights, skills, base model) for tools that read
+    those and not the record."""
     metadata = {
         MERGE_METADATA_KEY: json.dumps(record),
-        SELMA_PREFIX + "method": method,
-        SELMA_PREFIX + "weights": json.dumps(list(weights)),
+        SELMA_PREFIX + "method": record["method"],
+        SELMA_PREFIX + "weights": json.dumps(list(record["weights"])),
     }
-    skills = [info["skill"] for info in infos if info["skill"]]
+    skills = [info["skill"] for info in record["experts"] if info.get("skill")]
     if skills:
         metadata[SELMA_PREFIX + "skills"] = json.dumps(skills)
-    base_models = {info["base_model"] for info in infos if info["base_model"]}
+    base_models = {info["base_model"] for info in record["experts"] if info.get("base_model")}
     if len(base_models) == 1:
         metadata[SELMA_PREFIX + "base_model"] = base_models.pop()
     return metadata
@@ -457,16 +463,21 @@ def merge_files(
     seed: int = 0,
     normalize: bool = False,
     svd_mode: SvdMode = "exact",
+    sources: Sequence[str | None] | None = None,
 ) -> LoraWeights:
     """Merge LoRA files into one file, written atomically; returns the merged LoRA.
 
     The inputs are read whole (they are low-rank); the merge then runs module by module (see
     :func:`merge_experts` for the methods). The merge record in the output's metadata lists each
-    input by file name and sha256, so the merge can be checked and recomputed later.
+    input by file name, sha256 and ``source``: where to find it again for an incremental merge
+    (lora/incremental.py), the given ``sources[i]`` (a catalog name or Hub repo id the user typed),
+    else the file's path relative to the output's folder.
     """
     from selma_toolkit.io import sha256_file
 
     paths = [Path(p) for p in paths]
+    if sources is not None and len(sources) != len(paths):
+        raise ValueError(f"sources: {len(sources)} sources for {len(paths)} files")
     # Hash the inputs in a thread beside the reading and merging (hashlib releases the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool:
         digests = [pool.submit(sha256_file, path) for path in paths]
@@ -477,9 +488,19 @@ def merge_files(
             density=density, seed=seed, names=[path.name for path in paths], normalize=normalize, svd_mode=svd_mode,
         )
         record = merge_record(merged)
-        for info, digest in zip(record["experts"], digests):
+        for info, digest, path, source in zip(record["experts"], digests, paths, sources or [None] * len(paths)):
             info["sha256"] = digest.result()
+            info["source"] = source or _relative_source(path, Path(out))
     merged.metadata[MERGE_METADATA_KEY] = json.dumps(record)
     with _intra_op_threads(1):  # so does writing
         save_lora(merged, out, format=format)
     return merged
+
+
+def _relative_source(path: Path, out: Path) -> str:
+    """``path`` relative to the folder of ``out`` (so a run folder can move), or absolute where no
+    relative path exists (another drive)."""
+    try:
+        return Path(os.path.relpath(path.resolve(), out.resolve().parent)).as_posix()
+    except ValueError:
+        return str(path.resolve())

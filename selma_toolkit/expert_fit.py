@@ -1,0 +1,109 @@
+"""Whether a LoRA expert fits a base model: every layer it adapts exists in the model, with that shape.
+
+The architecture guess (lora.guess_architecture) tells SD 1.x from SDXL, but not an SD 1.5 expert
+from a smaller model of the SD 1.x architecture (the tiny default, a distilled model): the module
+names agree and only the layer sizes differ. So the model's layers are listed from its configs,
+on the meta device: the UNet and text encoders are built without memory or weights, and nothing
+but the config files is read (or downloaded from the Hub).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from selma_toolkit.errors import LoraFormatError, ModelError
+from selma_toolkit.lora.core import COMPONENTS, LoraWeights, canonical_module_name
+
+log = logging.getLogger(__name__)
+
+_SHOWN = 5  # misfit modules named in a message
+
+
+def base_layer_shapes(spec: str, revision: str | None = None) -> dict[str, tuple[int, ...]] | None:
+    """``{canonical module name: weight shape}`` of every Linear and Conv2d in the base model's UNet
+    and text encoders, built from the configs on the meta device; None for a single-file checkpoint
+    (its configs come with the weights)."""
+    import torch
+
+    from selma_toolkit.models import resolve_model
+
+    source = resolve_model(spec)
+    if source.lower().endswith(".safetensors"):
+        log.info("%s: a single-file checkpoint; the listed experts' layers are checked by architecture only", spec)
+        return None
+    index = json.loads(_config_file(source, "model_index.json", revision).read_text())
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component in COMPONENTS:
+        entry = index.get(component)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        config_path = _config_file(source, f"{component}/config.json", revision)
+        model = _meta_model(entry[0], entry[1], config_path)
+        for path, layer in model.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                shapes[canonical_module_name(component, path)] = tuple(int(d) for d in layer.weight.shape)
+    return shapes
+
+
+def _config_file(source: str, name: str, revision: str | None) -> Path:
+    folder = Path(source)
+    if folder.is_dir():
+        path = folder / name
+        if not path.is_file():
+            raise ModelError(f"{source}: {name} is missing; expected a diffusers model folder")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, name, revision=revision))
+    except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+        raise ModelError(f"{source}: could not read {name} from the Hub ({exc})") from None
+
+
+def _meta_model(library: str, class_name: str, config_path: Path):
+    """The model class named in model_index.json, built from its config on the meta device."""
+    import importlib
+
+    import torch
+
+    model_class = getattr(importlib.import_module(library), class_name, None)
+    if model_class is None:
+        raise ModelError(f"{config_path}: model class {library}.{class_name} not found")
+    with torch.device("meta"):
+        if library == "diffusers":
+            return model_class.from_config(model_class.load_config(str(config_path.parent)))
+        return model_class(model_class.config_class.from_pretrained(str(config_path.parent)))
+
+
+def check_expert_fits(lora: LoraWeights, layers: dict[str, tuple[int, ...]], *, source: str, base_model: str) -> None:
+    """Raise LoraFormatError naming the first misfit modules when ``lora`` adapts a layer that
+    ``layers`` (base_layer_shapes) lacks or has with another shape."""
+    problems = []
+    for name, module in lora.modules.items():
+        adapted = (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:]))
+        shape = layers.get(name)
+        if shape is None:
+            problems.append(f"{name}: no such layer in the base model")
+        elif shape != adapted:
+            problems.append(f"{name}: adapts a layer of shape {list(adapted)}, the base model's is {list(shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN]) + (f"\n  ... ({len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else "")
+        raise LoraFormatError(
+            f"{source}: does not fit base_model {base_model!r}: {len(problems)} of its {len(lora.modules)} modules "
+            f"do not match the model's layers:\n  {shown}\nIt was trained for another model (another size of the "
+            "same architecture, e.g. SD 1.5 vs a smaller SD 1.x model); list only experts trained for this base model")
+
+
+def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: list[str]) -> str | None:
+    """How the layers ``lora`` adapts differ from the ones a run trains (``unet_targets``; and
+    ``text_targets`` in the text encoders, empty when the run does not train them), or None.
+    A difference is no error (the merge counts a missing module as a zero update) but is worth a
+    warning: the merged LoRA then adapts those layers with only some experts' share."""
+    from selma_toolkit.lora.metadata import target_names
+
+    found = target_names(lora)
+    text_components = [c for c in found if c != "unet"] or ["text_encoder"]
+    trained = {"unet": sorted(set(unet_targets))} | {c: sorted(set(text_targets)) for c in text_components if text_targets}
+    return None if found == trained else f"it adapts {found}, the run trains {trained}"
