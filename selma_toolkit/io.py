@@ -68,6 +68,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | os.PathLike[str], *, missing: str) -> Any:
+    """Read one JSON document. Errors name the file; ``missing`` is the message (what to do) when
+    the file is absent, e.g. "no scores file; run `selma evaluate` first"."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def read_jsonl(path: str | os.PathLike[str], *, repair_tail: bool = False) -> list[dict[str, Any]]:
     """Read a JSON-lines file: one JSON object a line.
 

@@ -131,7 +131,6 @@ def load_pipeline(
     ``vae_tiling`` and ``cpu_offload`` (CUDA only: model-level offload) trade speed for memory.
     """
     import diffusers
-    import torch
 
     device = device or default_device()
     torch_dtype = default_dtype(device, dtype)  # passed as dtype= (diffusers >= 0.42 name)

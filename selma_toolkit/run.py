@@ -99,7 +99,7 @@ def images_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
     folder, image_format = paths.images(skill), run.images.image_format
     prompt_file = paths.prompts(skill)
     train = read_prompts(prompt_file, split="train", repair_tail=True) if prompt_file.is_file() else []
-    drawn = sum((folder / f"{p.id:06d}.txt").is_file() and (folder / image_name(p.id, image_format)).is_file() for p in train)
+    drawn = sum((folder / image_name(p.id, "txt")).is_file() and (folder / image_name(p.id, image_format)).is_file() for p in train)
     listed = {row.get("prompt_id") for row in read_jsonl(folder / METADATA)} if (folder / METADATA).is_file() else set()
     done = bool(train) and drawn == len(train) and listed >= {p.id for p in train}
     note = "" if done or not drawn else ", dataset not finished"

@@ -16,11 +16,25 @@ os.environ.setdefault("HF_HOME", str(_SESSION_HOME / "hf-home"))
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch CPU thread in this process and in every `selma` subprocess a test starts (they inherit
+# the environment): the tiny models' ops are so small that a second thread only adds
+# synchronisation, on a shared 2-core machine an oversubscribed thread pool makes them several
+# times slower, and bit-for-bit comparisons across processes need the same thread count (CPU
+# kernels round differently with another one, about 1e-6).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Test-support modules (local servers, builders) live beside the tests as tests/support_*.py;
 # with --import-mode=importlib they are importable only through this path entry.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # OMP_NUM_THREADS above is read when torch loads; this also covers a torch imported earlier.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

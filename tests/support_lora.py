@@ -6,6 +6,9 @@ UNet names, checked against diffusers' own LDM converter in the tests.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -225,3 +228,28 @@ def lora_like(unet=None, text: dict | None = None, *, rank=2, alpha=1.0) -> Lora
                 continue
             modules[canonical_module_name(component, path)] = LoraModule(down, up, alpha)
     return LoraWeights(modules=modules)
+
+
+@contextlib.contextmanager
+def diffusers_warnings(*, include_peft: bool = False):
+    """Collect what diffusers logs at WARNING or above (its library logger does not propagate to
+    the root logger) and, with ``include_peft``, the Python warnings peft raises about LoRA keys."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        if not include_peft:
+            yield records
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records
+        records.extend(str(w.message) for w in caught if "peft" in (w.filename or "") or "lora" in str(w.message).lower())
+    finally:
+        logger.removeHandler(handler)

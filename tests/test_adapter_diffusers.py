@@ -6,13 +6,11 @@ model with the merged update added to its weights by hand, computed in numpy fro
 
 from __future__ import annotations
 
-import contextlib
-import logging
 
 import numpy as np
 import pytest
 import torch
-from support_lora import random_lora
+from support_lora import diffusers_warnings, random_lora
 
 from selma_toolkit.adapters.diffusers import load_experts
 from selma_toolkit.lora import LoraWeights, load_lora, merge_files, save_lora
@@ -71,24 +69,6 @@ def assert_close(actual, expected, base, *, tolerance=1e-4):
         moved = np.abs(e - b).max()
         assert moved > 1e-3, "the LoRA should visibly change the output"
         assert np.abs(a - e).max() <= tolerance * moved
-
-
-@contextlib.contextmanager
-def diffusers_warnings():
-    """Collect diffusers' warnings (its library logger does not propagate to the root logger)."""
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # peft's note on a second adapter

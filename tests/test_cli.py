@@ -15,7 +15,7 @@ def test_help_and_version(cli):
 def test_recipe_validate_and_show(cli, repo_root):
     result = cli("recipe", "validate", str(repo_root / "recipes/runs/sd2-selma.toml"))
     assert result.returncode == 0 and "OK" in result.stdout
-    result = cli("recipe", "show", "demo", "--set", "train.steps=100")
+    result = cli("recipe", "show", "tiny-demo", "--set", "train.steps=100")
     assert result.returncode == 0 and "steps = 100" in result.stdout and "[[skills]]" in result.stdout
 
 

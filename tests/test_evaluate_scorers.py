@@ -166,10 +166,10 @@ def test_recipe_rejects_unknown_scorers_and_questions_without_a_file():
     from selma_toolkit.recipe import load_run_recipe
 
     with pytest.raises(RecipeError, match=r"evaluate.scorers.0: .*'clipscore'.*(found 'dsg')"):
-        load_run_recipe("demo", ["evaluate.scorers=['dsg']"])
+        load_run_recipe("tiny-demo", ["evaluate.scorers=['dsg']"])
     with pytest.raises(RecipeError, match="'questions' needs evaluate.questions"):
-        load_run_recipe("demo", ["evaluate.scorers=['questions']"])
+        load_run_recipe("tiny-demo", ["evaluate.scorers=['questions']"])
     with pytest.raises(RecipeError, match="hps_sha256"):
-        load_run_recipe("demo", ["evaluate.hps_sha256='abc'"])
-    recipe = load_run_recipe("demo", ["evaluate.scorers=['clipscore', 'vqascore']", "evaluate.clip_model='tiny:clip'"])
+        load_run_recipe("tiny-demo", ["evaluate.hps_sha256='abc'"])
+    recipe = load_run_recipe("tiny-demo", ["evaluate.scorers=['clipscore', 'vqascore']", "evaluate.clip_model='tiny:clip'"])
     assert [s.name for s in build_scorers(recipe.evaluate)] == ["clipscore", "vqascore"]

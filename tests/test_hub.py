@@ -68,7 +68,7 @@ def make_run(root: Path) -> Path:
     from selma_toolkit.paths import RunPaths
     from selma_toolkit.recipe import load_run_recipe, write_resolved_recipe
 
-    recipe = load_run_recipe("demo", ["base_model=stabilityai/stable-diffusion-2-1-base", "license=openrail++"])
+    recipe = load_run_recipe("tiny-demo", ["base_model=stabilityai/stable-diffusion-2-1-base", "license=openrail++"])
     paths = RunPaths(root)
     write_resolved_recipe(recipe, root)
     skills = [s.name for s in recipe.skills][:2]
@@ -172,7 +172,7 @@ def test_pushing_a_run_folder_uploads_loras_recipe_scores_samples_and_card_in_on
 
     assert Image.open(io.BytesIO(repo_file(repo, "main", "samples.png"))).size == (3 * 256, 256)  # 3 eval images, 1 row
     message = subprocess.run(["git", f"--git-dir={repo}", "log", "-1", "--format=%B"], capture_output=True, text=True).stdout
-    assert message.startswith("Upload SELMA run demo: 2 experts, 1 merged LoRA")
+    assert message.startswith("Upload SELMA run tiny-demo: 2 experts, 1 merged LoRA")
 
 
 def test_model_card_metadata_read_back_with_ModelCard_load_has_the_hub_fields(hub, pushed_run):

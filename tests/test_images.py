@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -30,22 +29,6 @@ SKILL = "count"
 # These compare images with ones drawn on the CPU (by plain diffusers, or by a subprocess); on a
 # machine with CUDA, generate_images in this process draws on the GPU in float16 instead.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="compares with CPU-drawn images; here images are drawn on CUDA")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Draw with one CPU thread, here and in the subprocesses: CPU kernels round differently with
-    another thread count (about 1e-6), and bit-for-bit comparisons across processes need the same
-    one; and on a busy 2-core machine two spinning threads slow the tiny models down many times."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 def write_recipe(folder: Path, base_model, *, images_model=None, **images) -> Path:

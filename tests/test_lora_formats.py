@@ -8,12 +8,9 @@ the tiny SD1 / SD2 / SDXL pipelines; "exact" means torch.equal on scale * B @ A 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import pickle
 import struct
-import warnings
 
 import pytest
 import torch
@@ -24,6 +21,7 @@ from support_lora import (
     UNET_ALL,
     UNET_ATTENTION,
     add_peft_lora,
+    diffusers_warnings,
     comfyui_accepted_keys,
     diffusers_to_ldm,
     lora_like,
@@ -72,27 +70,6 @@ def assert_same_updates(got: dict, want: dict, *, exact=True):
             assert torch.equal(got[name], want[name]), name
         else:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
-
-
-@contextlib.contextmanager
-def diffusers_warnings():
-    """Collect what diffusers logs (its logger does not propagate) and what peft warns."""
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield records
-        records.extend(str(w.message) for w in caught if "peft" in (w.filename or "") or "lora" in str(w.message).lower())
-    finally:
-        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +173,7 @@ def test_default_file_loads_in_diffusers_without_stray_keys_and_changes_the_outp
 
     pipe = load_pipe(tiny_model_dirs[arch])
     base = image(pipe)
-    with diffusers_warnings() as messages:
+    with diffusers_warnings(include_peft=True) as messages:
         pipe.load_lora_weights(str(written))
     assert not [m for m in messages if "unexpected" in m or "missing" in m or "did not match" in m], messages
     # Every module of the file arrived in a peft layer, at the strength the source had.

@@ -25,7 +25,6 @@ from selma_toolkit.run import load_run_folder, run_pipeline
 
 HUB_REPO = "selma-tests/color-grammar-tiny"
 NEW, OLD = "shape-count", ("count-grammar", "color-grammar")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SMALL = """
 [images]
 resolution = 32
@@ -46,14 +45,6 @@ scorers = ["clipscore"]
 clip_model = "tiny:clip"
 bootstrap_samples = 200
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
 
 
 def new_skill_file(folder):
@@ -81,7 +72,7 @@ def added(tmp_path_factory):
         new_skill_file(root)
         (root / "new.toml").write_text(f'name = "new"\nbase_model = "tiny:sd1"\nskills = ["{NEW}.toml"]\n'
                                        f'experts = ["runs/old/experts/count-grammar.safetensors", "{HUB_REPO}"]\n{SMALL}')
-        result = run_cli("run", "new.toml", cwd=root, env={"HF_ENDPOINT": hub.endpoint, **ONE_THREAD})
+        result = run_cli("run", "new.toml", cwd=root, env={"HF_ENDPOINT": hub.endpoint})
         yield {"root": root, "old": RunPaths(root / "runs" / "old"), "new": RunPaths(root / "runs" / "new"), "result": result}
     finally:
         hub.stop()
@@ -142,7 +133,7 @@ def test_an_expert_for_another_architecture_or_model_size_stops_the_run_before_a
         with pytest.raises(LoraFormatError, match=message):
             run_pipeline(load_run_recipe(recipe), RunPaths(tmp_path / "out"))
         assert not (tmp_path / "out").exists()  # not even the recipe was written: no prompt, image or expert
-    result = cli("run", str(recipe), "--out", str(tmp_path / "out"), env=ONE_THREAD)
+    result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not fit base_model 'tiny:sd1'" in result.stderr and "list only experts trained for this base model" in result.stderr
     assert not (tmp_path / "out").exists()

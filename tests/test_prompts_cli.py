@@ -61,7 +61,7 @@ def test_resume_after_kill_keeps_every_prompt_once(tmp_path):
 
 
 def test_run_recipe_writes_each_skill_with_heldout_prompts_and_the_resolved_recipe(cli, tmp_path):
-    result = cli("prompts", "demo", "--out", str(tmp_path), "--set", "evaluate.prompts_per_skill=3")
+    result = cli("prompts", "tiny-demo", "--out", str(tmp_path), "--set", "evaluate.prompts_per_skill=3")
     assert result.returncode == 0, result.stderr
     for skill in ("count-grammar", "spatial-grammar", "color-grammar"):
         path = tmp_path / "skills" / skill / "prompts.jsonl"
@@ -70,7 +70,7 @@ def test_run_recipe_writes_each_skill_with_heldout_prompts_and_the_resolved_reci
     assert (tmp_path / "recipe.toml").is_file() and "prompts_per_skill = 3" in (tmp_path / "recipe.toml").read_text()
     assert "16/16" not in result.stdout and "19/19" in result.stdout  # the summary table counts train + held-out
 
-    only = cli("prompts", "demo", "--skill", "spatial-grammar", "--out", str(tmp_path / "one"))
+    only = cli("prompts", "tiny-demo", "--skill", "spatial-grammar", "--out", str(tmp_path / "one"))
     assert only.returncode == 0, only.stderr
     assert [p.name for p in (tmp_path / "one" / "skills").iterdir()] == ["spatial-grammar"]
 

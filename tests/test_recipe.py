@@ -54,7 +54,7 @@ def test_defaults_are_the_papers_numbers():
 
 
 def test_overrides_are_typed_and_reach_skills():
-    run = load_run_recipe("demo", ["train.steps=7", "train.learning_rate=0.5", "skills.count-grammar.num_prompts=3",
+    run = load_run_recipe("tiny-demo", ["train.steps=7", "train.learning_rate=0.5", "skills.count-grammar.num_prompts=3",
                                    "images.negative_prompt=blurry"])
     assert run.train.steps == 7 and run.train.learning_rate == 0.5
     assert run.skill("count-grammar").num_prompts == 3
@@ -64,17 +64,17 @@ def test_overrides_are_typed_and_reach_skills():
 
 def test_override_with_wrong_type_names_the_field():
     with pytest.raises(RecipeError, match=r"train\.steps"):
-        load_run_recipe("demo", ["train.steps=many"])
+        load_run_recipe("tiny-demo", ["train.steps=many"])
 
 
 def test_resolved_recipe_round_trips_with_the_same_hash(tmp_path):
-    run = load_run_recipe("demo", ["train.steps=3"])
+    run = load_run_recipe("tiny-demo", ["train.steps=3"])
     path = write_resolved_recipe(run, tmp_path)
     again = load_recipe(path)
     assert isinstance(again, RunRecipe)
     assert again == run
     assert recipe_hash(again) == recipe_hash(run) == (tmp_path / "recipe.sha256").read_text().strip()
-    assert recipe_hash(load_run_recipe("demo", ["train.steps=4"])) != recipe_hash(run)
+    assert recipe_hash(load_run_recipe("tiny-demo", ["train.steps=4"])) != recipe_hash(run)
     assert "[train]" in resolved_toml(run)
 
 

@@ -21,12 +21,12 @@ from selma_toolkit.run import (
 def recorded(tmp_path):
     """A run folder holding only the resolved demo recipe, as `selma run` writes it first."""
     paths = RunPaths(tmp_path / "run")
-    write_resolved_recipe(load_run_recipe("demo"), paths.root)
+    write_resolved_recipe(load_run_recipe("tiny-demo"), paths.root)
     return paths
 
 
 def demo(*overrides: str):
-    return load_run_recipe("demo", list(overrides))
+    return load_run_recipe("tiny-demo", list(overrides))
 
 
 def touch(path):

@@ -1,13 +1,12 @@
-"""`selma demo` end to end, made smaller (32 px, 4 sampling steps, 6 training steps, 4 + 2 prompts
-per skill): killed with SIGKILL while training the second expert, then run again. One run serves
-every test here; each test checks one promise of `selma run` / `selma demo` / `selma status` /
-checkpoint selection on what that run left behind."""
+"""`selma run tiny-demo` (every stage on the embedded tiny model) end to end, made smaller (32 px,
+4 sampling steps, 6 training steps, 4 + 2 prompts per skill): killed with SIGKILL while training the
+second expert, then run again. One run serves every test here; each test checks one promise of
+`selma run` / `selma status` / checkpoint selection on what that run left behind."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -34,13 +33,10 @@ SMALL_DEMO = [
     "joint=true",  # the paper's mixture baseline too
 ]
 VARIANTS = {"base", *(f"expert:{s}" for s in SKILLS), "joint", "merged:selma", "merged:delta"}
-# The tiny models' ops are so small that a second thread only adds synchronisation, and on a shared
-# 2-core machine an oversubscribed thread pool makes them several times slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def demo_args(out: Path, *extra: str) -> list[str]:
-    args = ["demo", "--out", str(out)]
+    args = ["run", "tiny-demo", "--out", str(out)]
     for override in [*SMALL_DEMO, *extra]:
         args += ["--set", override]
     return args
@@ -55,14 +51,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, sha256(p)) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Run the small demo, SIGKILL it once the second skill has its step-2 checkpoint, record what
@@ -72,7 +60,7 @@ def demo_run(tmp_path_factory):
     watched = root / "skills" / SKILLS[1] / "train" / "checkpoints" / "step-2" / "state.json"
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "selma_toolkit", *demo_args(root)], stdout=output,
-                                   stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
+                                   stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while not watched.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -90,10 +78,10 @@ def demo_run(tmp_path_factory):
             (root / "experts" / f"{SKILLS[0]}.safetensors").stat().st_mtime_ns, sha256(root / "experts" / f"{SKILLS[0]}.safetensors"))},
         "second_step2": snapshot(watched.parent),
     }
-    status_after_kill = run_cli("status", str(root), env=ONE_THREAD)
-    rerun = run_cli(*demo_args(root), env=ONE_THREAD)
+    status_after_kill = run_cli("status", str(root))
+    rerun = run_cli(*demo_args(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    status_after_rerun = run_cli("status", str(root), env=ONE_THREAD)
+    status_after_rerun = run_cli("status", str(root))
     return {"root": root, "before": before, "status_after_kill": status_after_kill, "rerun": rerun,
             "status_after_rerun": status_after_rerun}
 
@@ -261,7 +249,7 @@ def test_run_merges_the_selected_checkpoints_and_can_take_the_final_experts(demo
 def test_evaluate_checkpoints_command_reports_the_recorded_choice(demo_run, cli):
     root = demo_run["root"]
     selection = json.loads((root / "eval" / "checkpoints" / "selection.json").read_text())["skills"]
-    result = cli("evaluate", str(root), "--checkpoints", env={**ONE_THREAD, "COLUMNS": "200"})
+    result = cli("evaluate", str(root), "--checkpoints", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     for skill in SKILLS:
         row = next(line for line in result.stdout.splitlines() if f" {skill} " in line)
@@ -272,7 +260,7 @@ def test_evaluate_command_on_a_finished_run_reuses_every_image_and_score(demo_ru
     root = demo_run["root"]
     images = snapshot(root / "eval" / "images")
     scores = (root / "eval" / "item_scores.jsonl").read_bytes()
-    result = cli("evaluate", str(root), env=ONE_THREAD)
+    result = cli("evaluate", str(root))
     assert result.returncode == 0, result.stderr
     assert f"report: {root / 'report' / 'index.html'}" in result.stdout
     assert snapshot(root / "eval" / "images") == images  # nothing drawn again
@@ -282,7 +270,7 @@ def test_evaluate_command_on_a_finished_run_reuses_every_image_and_score(demo_ru
 def test_changing_image_settings_of_a_run_with_images_is_refused_naming_the_change(demo_run, cli):
     root = demo_run["root"]
     recorded = (root / "recipe.toml").read_bytes()
-    result = cli("run", str(root / "recipe.toml"), "--out", str(root), "--set", "images.steps=5", env=ONE_THREAD)
+    result = cli("run", str(root / "recipe.toml"), "--out", str(root), "--set", "images.steps=5")
     assert result.returncode == 1
     assert "images.steps: 4 -> 5" in result.stderr and "Traceback" not in result.stderr
     assert (root / "recipe.toml").read_bytes() == recorded

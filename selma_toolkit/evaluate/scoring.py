@@ -37,6 +37,7 @@ from selma_toolkit.io import (
     JsonlAppender,
     atomic_open,
     atomic_write_text,
+    read_json,
     read_jsonl,
     sha256_file,
 )
@@ -223,12 +224,7 @@ def read_scores(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / SCORES_JSON
-    if not path.is_file():
-        raise DatasetError(f"{path}: no scores file; run `selma evaluate` first")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    document = read_json(path, missing="no scores file; run `selma evaluate` first")
     if not isinstance(document, dict) or document.get("format") != SCORES_FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise DatasetError(f"{path}: expected a scores file of format {SCORES_FORMAT!r}, found {found!r}")

@@ -3,7 +3,6 @@ the paper reports its human study (SDXL + SELMA preferred in 67.9% of pairs vs 3
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.human_eval import ANSWERS_FORMAT
+from selma_toolkit.io import read_json
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,7 @@ class Tally:
 def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """The answers in one exported file; errors name the file and the answer that is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: answers file not found; export it from the report's human-eval.html page")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    document = read_json(path, missing="answers file not found; export it from the report's human-eval.html page")
     if not isinstance(document, dict) or document.get("format") != ANSWERS_FORMAT or not isinstance(document.get("answers"), list):
         raise DatasetError(f"{path}: expected an answers file of format {ANSWERS_FORMAT!r} with an 'answers' list "
                            "(as exported by human-eval.html)")

@@ -77,7 +77,8 @@ def image_seed(base_seed: int, prompt_id: int) -> int:
 
 
 def image_name(prompt_id: int, image_format: str = "png") -> str:
-    """File name of a prompt's image in the dataset folder (``000017.png``)."""
+    """File name of a prompt's image in the dataset folder (``000017.png``); its caption is
+    ``image_name(id, "txt")`` (kohya's caption-file convention)."""
     return f"{prompt_id:06d}.{image_format}"
 
 
@@ -294,7 +295,7 @@ def _decodes(path: Path) -> bool:
 
 
 def _has_caption(folder: Path, prompt: PromptRecord) -> bool:
-    caption = folder / f"{prompt.id:06d}.txt"
+    caption = folder / image_name(prompt.id, "txt")
     return caption.is_file() and caption.read_text(encoding="utf-8") == prompt.prompt
 
 
@@ -310,7 +311,7 @@ def _write_example(folder: Path, prompt: PromptRecord, image, image_format: str)
         image.save(buffer, format="JPEG", quality=95)
     atomic_write_bytes(folder / image_name(prompt.id, image_format), buffer.getvalue())
     # The caption last: it marks the example as finished (a kill before it means "redraw").
-    atomic_write_text(folder / f"{prompt.id:06d}.txt", prompt.prompt)
+    atomic_write_text(folder / image_name(prompt.id, "txt"), prompt.prompt)
 
 
 def _write_metadata(folder: Path, prompts: Sequence[PromptRecord], run: RunRecipe, skill: str) -> None:

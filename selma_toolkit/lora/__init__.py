@@ -13,12 +13,13 @@ from selma_toolkit.lora.files import (
 )
 from selma_toolkit.lora.safetensors_file import read_safetensors
 from selma_toolkit.lora.metadata import file_metadata, guess_architecture, lora_metadata, metadata_value
-from selma_toolkit.lora.merge import MERGE_METHODS, merge_experts, merge_files  # noqa: F401 - the merge API
-from selma_toolkit.lora.incremental import add_to_merge  # noqa: F401 - the incremental merge
+from selma_toolkit.lora.merge import MERGE_METHODS, merge_experts, merge_files
+from selma_toolkit.lora.incremental import add_to_merge
 
 __all__ = [
     "COMPONENTS", "LoraModule", "LoraWeights", "canonical_module_name",
     "WRITE_FORMATS", "LoraFileInfo", "inspect_lora", "load_lora", "lora_from_state_dict", "lora_to_state_dict",
     "read_safetensors", "save_lora",
     "file_metadata", "guess_architecture", "lora_metadata", "metadata_value",
+    "MERGE_METHODS", "merge_experts", "merge_files", "add_to_merge",
 ]

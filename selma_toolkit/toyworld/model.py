@@ -94,8 +94,9 @@ def build_scheduler():
     """The sampling scheduler saved with the pipeline (training reads the same betas from it)."""
     from diffusers import DPMSolverMultistepScheduler
 
+    # steps_offset does nothing with trailing spacing; 1 keeps the SD pipeline from warning about an "outdated" config.
     return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
-                                       timestep_spacing="trailing")
+                                       timestep_spacing="trailing", steps_offset=1)
 
 
 def build_pipeline(unet, vae, text_encoder, tokenizer):

@@ -9,7 +9,8 @@ question expects "yes".
 :func:`segment` answers them from pixels: each pixel takes the nearest palette colour (or none,
 when no colour is near), 4-connected regions of one colour are objects, tiny regions are noise,
 and each object's shape is the shape mask (renderer.shape_mask) that overlaps its region best
-(IoU) inside its bounding box. The score of an image is ``100 x`` the share of its questions
+(IoU) inside its bounding box, if that overlap is high; regions too small, too large or too
+elongated to be a shape of this world are no objects. The score of an image is ``100 x`` the share of its questions
 answered correctly under DSG's rule (a child of a wrong parent is wrong), as
 ``selma_toolkit.evaluate.vqa.dsg_score`` computes it. Ground-truth renders score 100.
 """
@@ -23,15 +24,20 @@ from typing import TYPE_CHECKING
 from selma_toolkit.evaluate.questions import Question
 from selma_toolkit.evaluate.vqa import dsg_score
 from selma_toolkit.toyworld.renderer import shape_mask
-from selma_toolkit.toyworld.world import BACKGROUND, COLORS, SHAPES, Group, Scene, try_parse_caption
+from selma_toolkit.toyworld.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, Group, Scene, try_parse_caption
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 # A pixel farther than this (RGB Euclidean) from every palette colour belongs to no object.
 MAX_COLOR_DISTANCE = 110.0
-MIN_OBJECT_PIXELS = 12
-MIN_SHAPE_IOU = 0.5
+# What counts as an object: rendered objects are 8-11 px squares' worth of box and 32+ pixels, so
+# specks, smears and blobs of other sizes (typical of a model that has not learnt the world) are
+# not objects, and a region is a shape only if its mask fits that shape's mask well.
+MIN_OBJECT_PIXELS = 24
+BOX_SIDE = (6, 14)
+MAX_ASPECT = 1.4
+MIN_SHAPE_IOU = 0.7
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
@@ -94,6 +100,10 @@ def segment(image: "Image") -> list[Segment]:
     """The objects in an image (see the module docstring for the method)."""
     import numpy as np
 
+    from PIL import Image
+
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):  # e.g. an upscaled copy: box-averaging undoes an integer upscale exactly
+        image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     names = ["background", *COLORS]
     palette = np.array([BACKGROUND, *COLORS.values()], dtype=np.float64)
@@ -104,10 +114,12 @@ def segment(image: "Image") -> list[Segment]:
     segments = []
     for label in np.unique(labels[labels > 0]):
         ys, xs = np.nonzero(labels == label)
-        if len(ys) < MIN_OBJECT_PIXELS:
-            continue
         top, left = ys.min(), xs.min()
         region = labels[top:ys.max() + 1, left:xs.max() + 1] == label
+        height, width = region.shape
+        if (len(ys) < MIN_OBJECT_PIXELS or not BOX_SIDE[0] <= min(height, width) <= max(height, width) <= BOX_SIDE[1]
+                or max(height, width) > MAX_ASPECT * min(height, width)):
+            continue
         segments.append(Segment(color=names[int(nearest[ys[0], xs[0]])], shape=_best_shape(region),
                                 pixels=int(len(ys)), center=(float(xs.mean()), float(ys.mean()))))
     return segments

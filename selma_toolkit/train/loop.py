@@ -11,6 +11,7 @@ rewrites the expert file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -142,6 +143,10 @@ def _register_lora_state_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def _show_cache_progress(progress, done: int, total: int) -> None:
+    progress(TrainEvent("cache", done, total))
+
+
 def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
             weight_dtype: torch.dtype, progress: Progress | None):
     """(latent cache, text cache), built where missing by the main process first; each None when
@@ -152,8 +157,7 @@ def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: 
     device, root = accelerator.device, train_dir / "cache"
     shown = None
     if progress is not None and accelerator.is_main_process:
-        def shown(done: int, total: int) -> None:
-            progress(TrainEvent("cache", done, total))
+        shown = functools.partial(_show_cache_progress, progress)
 
     def make_latent_encoder():
         return caches.latent_encoder(samples, parts.load_vae(model_dir).to(device), resolution)

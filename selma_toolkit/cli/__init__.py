@@ -1,0 +1,31 @@
+"""The `selma` command line: parses arguments, loads recipes, calls one library function.
+
+No logic lives here beyond argument handling and printing. Heavy imports (torch, diffusers) happen
+inside the commands, so `selma --help` starts fast. A SelmaError prints its message and exits 1
+without a traceback; anything else is a bug and keeps its traceback.
+
+``app.py`` holds the typer app and shared helpers; each other module registers one area's
+commands on it when imported (below).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rich.markup import escape
+
+# Importing a module registers its commands; this order is the order of `selma --help`.
+from selma_toolkit.cli import recipes, stages, hub, runs, lora, toyworld  # noqa: F401, I001
+from selma_toolkit.cli.app import app, err_console
+from selma_toolkit.errors import SelmaError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point of the `selma` console script."""
+    try:
+        app()
+    except SelmaError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,314 @@
+"""The four stages, one command each: `selma prompts`, `selma images`, `selma train`, `selma merge`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from selma_toolkit.cli.app import SetOption, app, console, err_console, quiet_loading_bars
+from selma_toolkit.errors import SelmaError
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+
+@app.command("prompts")
+def prompts(
+    recipe: Annotated[str, typer.Argument(help="Run recipe (all its skills) or skill recipe: file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Only this skill of a run recipe.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (run recipe; default output_dir, else runs/<name>) "
+                                                     "or output folder (skill recipe; default runs/<skill>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 1: each skill's prompts from its LLM endpoint (or offline grammar) into prompts.jsonl.
+
+    A run recipe also asks for evaluate.prompts_per_skill held-out prompts per skill. A stopped run
+    continues where it stopped; answers are cached, so a rerun costs nothing.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.prompts import generate_prompts
+    from selma_toolkit.recipe import RunRecipe, load_recipe, write_resolved_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    if isinstance(loaded, RunRecipe):
+        paths = RunPaths.for_recipe(loaded, out)
+        chosen = [loaded.skill(skill)] if skill else loaded.skills
+        jobs = [(s, paths.prompts(s.name), loaded.evaluate.prompts_per_skill) for s in chosen]
+        write_resolved_recipe(loaded, paths.root)
+    else:
+        if skill and skill != loaded.name:
+            raise SelmaError(f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe")
+        folder = out or Path("runs") / loaded.name
+        jobs = [(loaded, folder / "prompts.jsonl", 0)]
+        write_resolved_recipe(loaded, folder)
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request would tear up the bar
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as bar:
+        for skill_recipe, path, heldout in jobs:
+            task = bar.add_task(skill_recipe.name, total=skill_recipe.num_prompts + heldout)
+
+            def show(stats, task=task) -> None:
+                calls = f"{stats.requests} requests, {stats.cache_hits} cached, " if stats.source == "llm" else ""
+                bar.update(task, completed=stats.kept,
+                           description=f"{stats.skill}: {calls}{sum(stats.rejected.values())} rejected")
+
+            results.append(generate_prompts(skill_recipe, path, heldout, progress=show))
+    _print_prompt_summary(results)
+
+
+def _print_prompt_summary(results) -> None:
+    from rich.table import Table
+
+    table = Table("skill", "kept", "new", "requests", "cached", "tokens", "rejected", title="prompts")
+    for stats in results:
+        rejected = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items() if count) or "-"
+        table.add_row(stats.skill, f"{stats.kept}/{stats.target}", str(stats.added), str(stats.requests),
+                      str(stats.cache_hits), str(stats.total_tokens), rejected)
+    console.print(table)
+    for stats in results:
+        console.print(f"{stats.skill}: {stats.path}", soft_wrap=True, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+@app.command("images")
+def images(
+    recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Only this skill (default: every skill of the run).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 2: draw one image per train prompt into each skill's image dataset (resumes a stopped run).
+
+    Several GPUs (or CPU processes) share the prompts with
+    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit images RECIPE` or
+    `torchrun --nproc_per_node N -m selma_toolkit images RECIPE`.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selma_toolkit.images import check_image_inputs, generate_images, process_state
+    from selma_toolkit.images.shard import finish
+    from selma_toolkit.paths import RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+
+    run = load_run_recipe(recipe, set_ or [])
+    paths = RunPaths.for_recipe(run, out)
+    names = [run.skill(skill).name] if skill else [s.name for s in run.skills]
+    if not names:
+        raise SelmaError(f"{recipe}: the run has no skills, so there are no prompts to draw images for")
+    for name in names:  # every skill's input, before hours are spent drawing the first one
+        check_image_inputs(run, name, paths)
+    quiet_loading_bars()
+    state = process_state()
+    share = f" (process {state.process_index + 1} of {state.num_processes})" if state.num_processes > 1 else ""
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=not state.is_main_process) as bar:
+        for name in names:
+            task = bar.add_task(f"{name}{share}", total=None)
+            results.append(generate_images(
+                run, name, paths, progress=lambda done, total, task=task: bar.update(task, completed=done, total=total)
+            ))
+    finish(state)
+    if state.is_main_process:
+        _print_image_summary(results, state.num_processes)
+
+
+def _rate_column():
+    """A progress column with images per second (rich's own speed columns print bytes)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.2f} img/s" if speed else "- img/s")
+
+    return RateColumn()
+
+
+def _print_image_summary(results, num_processes: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="images")
+    for column in ("skill", "train prompts", "in dataset", "drawn now", "already there", "blacked out", "img/s"):
+        table.add_column(column)
+    for stats in results:
+        table.add_row(stats.skill, str(stats.prompts), str(stats.images), str(stats.generated), str(stats.skipped),
+                      str(len(stats.blacked_out)), f"{stats.images_per_second:.2f}")
+    console.print(table)
+    for stats in results:
+        per_process = f"; drawn per process: {stats.per_process}" if num_processes > 1 else ""
+        console.print(f"{stats.skill}: dataset in {stats.folder}{per_process}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@app.command("train")
+def train(
+    recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
+    skill: Annotated[Optional[str], typer.Option(help="Train the expert of this skill.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="One LoRA on the mixture of all skills (the paper's baseline).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Stage 3: train a LoRA skill expert; run again, it resumes from the latest checkpoint.
+
+    Several GPUs split each batch with
+    `accelerate launch --multi_gpu --num_processes N -m selma_toolkit train RECIPE --skill NAME`
+    (or `torchrun --nproc_per_node N -m selma_toolkit train ...`, also on CPUs): the same samples
+    and noise whatever the number of processes, so the same expert up to float rounding.
+    """
+    if (skill is None) == (not joint):
+        raise SelmaError("train: give either --skill NAME (one expert) or --joint (the mixture baseline), one of the two")
+    import torch
+    from accelerate import PartialState
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selma_toolkit.paths import JOINT, RunPaths
+    from selma_toolkit.recipe import load_run_recipe
+    from selma_toolkit.train import TrainEvent, train_expert
+
+    run = load_run_recipe(recipe, set_ or [])
+    paths = RunPaths.for_recipe(run, out)
+    name = JOINT if joint else run.skill(skill).name
+    quiet_loading_bars()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # else a line per file of every checkpoint
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    # The same process group train_expert's Accelerator joins (gloo on a CPU machine).
+    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    with Progress(*columns, console=err_console, disable=not is_main) as bar:
+        tasks: dict[str, int] = {}
+        rate = {"seconds": None}
+
+        def show(event: TrainEvent) -> None:
+            if event.kind not in tasks:
+                label = f"{name}: encoding cache" if event.kind == "cache" else f"{name}: training"
+                tasks[event.kind] = bar.add_task(label, total=event.total, loss="", rate="")
+            fields = {}
+            if event.kind == "step":
+                # Smoothed over about ten steps: single steps stall now and then on shared machines.
+                previous = rate["seconds"]
+                rate["seconds"] = event.seconds if previous is None else 0.9 * previous + 0.1 * event.seconds
+                fields = {"loss": f"loss {event.loss:.4f}", "rate": f"{1 / max(rate['seconds'], 1e-9):.2f} it/s"}
+            bar.update(tasks[event.kind], completed=event.done, total=event.total, **fields)
+
+        expert = train_expert(run, name, paths, progress=show)
+    if is_main:
+        console.print(f"{name}: expert written to {expert}", soft_wrap=True, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SelmaError(f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8") from None
+
+
+def _file_size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+@app.command("merge")
+def merge(
+    experts: Annotated[Optional[list[str]], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The merged .safetensors file to write (with --to: default MERGED itself).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="selma (the paper: average A and B; the default), delta (exact sum of updates), svd, ties or dare.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Output rank for svd, ties and dare (default: the experts' largest).")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", help="kohya (read by diffusers and ComfyUI; the default) or peft.")] = None,
+    density: Annotated[Optional[float], typer.Option(help="ties: share of largest entries kept; dare: share of entries kept (default 0.5).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="dare: seed of the drop masks (default 0).")] = None,
+    normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
+    add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
+    to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
+    expert_file: Annotated[Optional[list[Path]], typer.Option("--expert", help="With --to: a file of one of MERGED's experts, if it moved (matched by sha256; repeatable).")] = None,
+) -> None:
+    """Merge several LoRA experts into one LoRA file, or add experts to a merged one (--add NEW --to MERGED).
+
+    --add/--to computes exactly the merge of MERGED's experts (found by the sha256 its metadata
+    records: at their recorded paths, beside MERGED, in its run folder, via the Hub) plus the new
+    ones, with MERGED's method and settings. Where an expert is missing, a selma or delta merge with
+    uniform weights is updated exactly from MERGED's own factors; other merges are refused.
+    """
+    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
+
+    if format_ not in (None, "kohya", "peft"):
+        raise SelmaError(f"--format {format_!r}: expected kohya or peft")
+    if to is not None or add:
+        from selma_toolkit.lora.incremental import add_to_merge
+
+        if to is None or not add:
+            raise SelmaError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
+        if experts:
+            raise SelmaError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
+        fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed))
+                 if value is not None] + (["--normalize"] if normalize else [])
+        if fixed:
+            raise SelmaError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
+                             "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
+        result = add_to_merge(to, [resolve_expert(ref) for ref in add], out, weights=_parse_weights(weights),
+                              expert_files=expert_file or [], new_sources=_hub_refs(add), format=format_)  # type: ignore[arg-type]
+        how = ("every listed expert found and verified: merged again from the files" if result.recomputed else
+               "some listed experts not found: the merged factors were updated exactly (linear merge rule)")
+        _print_merge(result.weights, result.path, f"added {len(add)} expert(s) to {to.name}")
+        console.print(how, highlight=False, soft_wrap=True)
+        return
+    if not experts or out is None:
+        raise SelmaError("selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)")
+    if expert_file:
+        raise SelmaError("--expert helps find the experts of a merged file and goes with --to MERGED")
+    method = method or "selma"
+    if method not in MERGE_METHODS:
+        raise SelmaError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
+    paths = [resolve_expert(expert) for expert in experts]
+    merged = merge_files(
+        paths, out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
+        format=format_ or "kohya", density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
+        normalize=normalize, sources=_hub_refs(experts),
+    )
+    _print_merge(merged, out, f"merged {len(paths)} experts")
+
+
+def _hub_refs(refs: list[str]) -> list[str | None]:
+    """What the merge record keeps of each reference: catalog names and repo ids (so an incremental
+    merge can resolve them again); None for local files (recorded by their relative path)."""
+    return [None if Path(ref).expanduser().is_file() else ref for ref in refs]
+
+
+def _print_merge(merged, out: Path, title: str) -> None:
+    from rich.table import Table
+
+    from selma_toolkit.lora.merge import merge_record
+
+    record = merge_record(merged) or {}
+    inputs = Table("expert", "skill", "weight", "sha256", title=escape(title))
+    for info, weight in zip(record.get("experts", []), record.get("weights", [])):
+        inputs.add_row(escape(info["name"]), escape(info.get("skill") or "-"), f"{weight:.6g}", info["sha256"][:12])
+    console.print(inputs)
+    summary = Table("modules", "ranks", "method", "file size", "file")
+    ranks = sorted(merged.ranks())
+    summary.add_row(
+        str(len(merged.modules)), ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
+        record.get("method", "?"), _file_size(out.stat().st_size), escape(str(out)),
+    )
+    console.print(summary)

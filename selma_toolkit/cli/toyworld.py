@@ -1,0 +1,147 @@
+"""`selma toyworld ...`: the shapes world (selma_toolkit/toyworld)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from selma_toolkit.cli.app import SetOption, app, console, err_console, run_with_progress, set_threads
+from selma_toolkit.errors import SelmaError
+
+
+# -------------------------------------------------------------------------------------- toyworld
+# The shapes world (selma_toolkit/toyworld): ground-truth renders, the toy base model `toy:shapes`, the study.
+
+toyworld_app = typer.Typer(help="The shapes world: exact faithfulness scores, the toy base model, the SELMA study.",
+                           no_args_is_help=True)
+app.add_typer(toyworld_app, name="toyworld")
+
+
+@toyworld_app.command("render")
+def toyworld_render(
+    caption: Annotated[str, typer.Argument(help='A shapes-world caption, e.g. "two red circles and a blue square".')],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("render.png"),
+    seed: Annotated[int, typer.Option(help="Placement seed.")] = 0,
+    scale: Annotated[int, typer.Option(min=1, max=32, help="Upscale factor (nearest neighbour) for viewing.")] = 1,
+) -> None:
+    """Draw the ground-truth 32x32 image of a caption; print its questions and their answers on it."""
+    from selma_toolkit.toyworld.renderer import render_caption
+    from selma_toolkit.toyworld.scorer import answer_questions, caption_questions, segment
+    from selma_toolkit.toyworld.world import CaptionError, parse_caption
+
+    try:
+        scene = parse_caption(caption)
+    except CaptionError as exc:
+        raise SelmaError(f"{exc}; see `selma toyworld --help` and selma_toolkit/toyworld/world.py for the grammar") from None
+    image = render_caption(caption, seed)
+    answers = answer_questions(scene, segment(image))
+    for question in caption_questions(scene):
+        console.print(f"{question.id}. {question.text} -> {answers[question.id]}", highlight=False)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    console.print(f"wrote {escape(str(out))}", highlight=False)
+
+
+@toyworld_app.command("score")
+def toyworld_score(
+    image: Annotated[Path, typer.Argument(help="An image of the shapes world (32x32 RGB).")],
+    caption: Annotated[str, typer.Argument(help="Its caption.")],
+) -> None:
+    """Answer a caption's DSG-style questions on an image by segmentation; print the score (0-100)."""
+    from PIL import Image
+
+    from selma_toolkit.toyworld.scorer import answer_questions, caption_questions, score_image, segment
+    from selma_toolkit.toyworld.world import CaptionError, parse_caption
+
+    try:
+        scene = parse_caption(caption)
+    except CaptionError as exc:
+        raise SelmaError(str(exc)) from None
+    if not image.is_file():
+        raise SelmaError(f"{image}: no such image file")
+    with Image.open(image) as opened:
+        picture = opened.convert("RGB")
+    answers = answer_questions(scene, segment(picture))
+    for question in caption_questions(scene):
+        console.print(f"{question.id}. {question.text} -> {answers[question.id]}", highlight=False)
+    console.print(f"score {score_image(picture, caption):.1f}")
+
+
+@toyworld_app.command("pretrain")
+def toyworld_pretrain(
+    out: Annotated[Path, typer.Option(help="Pretraining folder (checkpoint, snapshots, logs); rerun to resume.")],
+    seed: Annotated[int, typer.Option(help="The run is a pure function of the settings and this seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="UNet + text-encoder steps (a shorter run is a prefix of a longer one).")] = 8000,
+    vae_steps: Annotated[int, typer.Option(help="VAE steps (stage 1).")] = 600,
+    batch_size: Annotated[int, typer.Option(help="UNet batch size.")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="UNet + text-encoder learning rate (constant after warm-up).")] = 5e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint and EMA snapshot every N steps.")] = 500,
+    eval_every: Annotated[int, typer.Option(help="Score the EMA snapshot on held-out prompts every N steps (0: never).")] = 500,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice). Results "
+                                                        "depend slightly on it (floating-point sums).")] = None,
+) -> None:
+    """Pretrain the toy base model on ground-truth renders (VAE, then UNet + text encoder with EMA)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selma_toolkit.toyworld.pretrain import PretrainSettings, pretrain
+
+    set_threads(threads)
+    settings = PretrainSettings(seed=seed, steps=steps, vae_steps=vae_steps, batch_size=batch_size,
+                                learning_rate=learning_rate, checkpoint_every=checkpoint_every, eval_every=eval_every)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns, console=err_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int, loss: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, loss=loss)
+            bar.update(tasks[stage], completed=done, loss=loss)
+
+        snapshot = pretrain(out, settings, progress=progress)
+    console.print(f"latest EMA snapshot: {escape(str(snapshot))}; export it with "
+                  f"`selma toyworld export {escape(str(out))} --to FOLDER`", highlight=False, soft_wrap=True)
+
+
+@toyworld_app.command("study")
+def toyworld_study(
+    recipe: Annotated[str, typer.Argument(help="Run recipe (file or shipped name), e.g. toy-study.")] = "toy-study",
+    out: Annotated[Path, typer.Option(help="Study folder; rerun to resume.")] = Path("runs/toy-study"),
+    seed: Annotated[Optional[list[int]], typer.Option(
+        help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
+    filter_min_score: Annotated[float, typer.Option(
+        min=0, max=100, help="Filtered experts train on self-generated images scoring at least this.")] = 100.0,
+    filter_candidates: Annotated[int, typer.Option(
+        min=1, help="Self-generated candidates per prompt for the filtered experts (the first that passes is kept).")] = 4,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """SELMA on the toy base, scored exactly: base, experts on self-generated / ground-truth / filtered
+    images, the mixture LoRA and the merges, per seed; then study.md, study.json and study.png."""
+    from selma_toolkit.recipe import load_run_recipe
+    from selma_toolkit.toyworld.study import run_study
+
+    set_threads(threads)
+    run = load_run_recipe(recipe, set_ or [])
+    summary = run_with_progress(lambda on_stage, progress: run_study(
+        run, out, seeds=seed, filter_min_score=filter_min_score, filter_candidates=filter_candidates, progress=progress))
+    console.print(f"study summary: {escape(str(summary))}", highlight=False, soft_wrap=True)
+    console.print(f"per-seed reports: {escape(str(out))}/seed-*/report/index.html", highlight=False, soft_wrap=True)
+
+
+@toyworld_app.command("export")
+def toyworld_export(
+    run_dir: Annotated[Path, typer.Argument(help="A pretraining folder.")],
+    to: Annotated[Path, typer.Option(help="Diffusers folder to write (replaced whole), e.g. selma_toolkit/toyworld/base.")],
+    step: Annotated[Optional[int], typer.Option(help="Snapshot step (default: the latest).")] = None,
+) -> None:
+    """Write an EMA snapshot of a pretraining run as a diffusers pipeline folder (fp16 safetensors)."""
+    from selma_toolkit.toyworld.snapshots import export_base, snapshot_path
+
+    target = export_base(run_dir, snapshot_path(run_dir, step), to)
+    console.print(f"wrote {escape(str(target))}", highlight=False)

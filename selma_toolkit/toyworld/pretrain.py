@@ -1,0 +1,346 @@
+"""Pretrain the toy base model on ground-truth renders of the shapes world, from a seed.
+
+Two stages, top to bottom in :func:`pretrain`:
+
+1. **VAE** (``vae_steps``): the AutoencoderKL learns to reconstruct renders (MSE plus a small KL
+   term, as SD's autoencoder minus its perceptual and GAN losses); then its latent scaling factor
+   is set to 1 / std of the latents, as SD's 0.18215 was chosen.
+2. **UNet and text encoder** (``steps``), jointly, with the VAE frozen: the epsilon-prediction
+   loss of the pipeline's noise schedule, AdamW with a linear warm-up then a constant learning
+   rate, gradient clipping, ``caption_dropout`` of captions replaced by "" (so classifier-free
+   guidance works), and an exponential moving average (diffusers ``EMAModel``) of both, which is
+   what gets exported. A constant rate makes a shorter run an exact prefix of a longer one, so any
+   step's EMA snapshot is what ``--steps`` of that length would give.
+
+Data: step ``i`` draws its captions from the shipped toy skill grammars (and single objects) and
+its renders, noise and timesteps from generators seeded by (seed, stage, i): the run is a pure
+function of the settings, resumes exactly from its last checkpoint, and reproduces from the seed
+on the same machine. Floating-point sums depend on the CPU thread count (and on the CPU), so
+another ``--threads`` value or machine gives slightly different weights.
+
+Folder ``out``::
+
+    checkpoint/           the latest training state (safetensors + state.json), replaced atomically
+    snapshots/step-N.safetensors   EMA UNet + text encoder at each checkpoint (fp16)
+    vae/                  the trained VAE (diffusers layout), written when stage 1 ends
+    log.jsonl             loss per step; evals.jsonl: held-out faithfulness of snapshots
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from selma_toolkit.errors import RecipeError, TrainingError
+from selma_toolkit.io import JsonlAppender, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SKILLS = ("toy-count", "toy-color", "toy-spatial")
+STATE_FILE = "state.json"
+Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything a pretraining run depends on (recorded in its checkpoint; a resume must match)."""
+
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 2e-3
+    kl_weight: float = 1e-6
+    steps: int = 8000
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    ema_max_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 500
+    # Held-out faithfulness of the EMA snapshot every eval_every steps (0: never), on eval_prompts
+    # prompts per skill drawn with eval_sampling_steps DPM-Solver++ steps at eval_guidance.
+    eval_every: int = 500
+    eval_prompts: int = 32
+    eval_sampling_steps: int = 12
+    eval_guidance: float = 4.0
+
+    def __post_init__(self) -> None:
+        positive = ["vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every", "eval_prompts", "eval_sampling_steps"]
+        bad = [name for name in positive if getattr(self, name) < 1]
+        bad += [name for name in ("vae_learning_rate", "learning_rate", "kl_weight") if getattr(self, name) <= 0]
+        bad += [name for name in ("ema_max_decay", "caption_dropout") if not 0 <= getattr(self, name) < 1]
+        bad += [name for name in ("warmup_steps", "eval_every") if getattr(self, name) < 0]
+        if bad:
+            raise RecipeError(f"pretraining settings out of range: {', '.join(f'{n} = {getattr(self, n)}' for n in bad)} "
+                              "(counts and rates must be positive, decay and dropout in [0, 1))")
+
+    # Changing these between a run and its resumption does not change what was computed so far.
+    RESUMABLE = ("steps", "checkpoint_every", "eval_every", "eval_prompts", "eval_sampling_steps", "eval_guidance")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def caption_sources() -> list[Any]:
+    """The grammars captions are drawn from: the three toy skills and single objects."""
+    from selma_toolkit.recipe import GrammarSettings, load_skill_recipe
+    from selma_toolkit.toyworld.world import COLORS, SHAPES
+
+    grammars = [load_skill_recipe(name).grammar for name in SKILLS]
+    grammars.append(GrammarSettings(templates=["a {color} {shape}", "a {shape}"],
+                                    words={"color": list(COLORS), "shape": list(SHAPES)}))
+    return grammars
+
+
+def batch_captions(grammars: list[Any], seed: int, stage: str, step: int, size: int) -> tuple[list[str], random.Random]:
+    """The captions of one step (each from a grammar chosen uniformly) and the generator that
+    continues to place their objects: a pure function of (seed, stage, step)."""
+    from selma_toolkit.prompts.grammar import GrammarSource
+
+    rng = random.Random(f"toyworld-pretrain:{seed}:{stage}:{step}")
+    captions = []
+    for _ in range(size):
+        grammar = rng.choice(grammars)
+        captions.append(GrammarSource(grammar, seed).fill(rng.choice(grammar.templates), rng))
+    return captions, rng
+
+
+def render_batch(captions: list[str], rng: random.Random):
+    """Renders of ``captions`` as a float tensor [n, 3, 32, 32] in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    from selma_toolkit.toyworld.renderer import render_caption
+
+    arrays = [np.asarray(render_caption(caption, rng), dtype=np.float32) for caption in captions]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def step_generator(seed: int, stage: str, step: int):
+    """The torch generator of one step's noise, timesteps and caption dropout."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(f"toyworld-pretrain:{seed}:{stage}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW state as safetensors tensors plus JSON (its param groups), so no pickle is written."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items() for key, value in entry.items()}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, Any], extra: dict[str, Any]) -> None:
+    entries: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        entries.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": entries, "param_groups": extra["param_groups"]})
+
+
+def _save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+    """Write ``checkpoint/`` as a whole: into a partial folder, then renamed over the old one."""
+    from safetensors.torch import save_file
+
+    partial, final, old = out / ".checkpoint.partial", out / "checkpoint", out / ".checkpoint.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for name, tensors in files.items():
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(partial / f"{name}.safetensors"))
+        atomic_write_text(partial / STATE_FILE, json.dumps(record, indent=1) + "\n")
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingError(f"{out}: could not write a checkpoint ({exc}); free disk space and rerun to resume") from None
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
+    path = out / "checkpoint" / STATE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    saved = record["settings"]
+    changed = {k: (saved.get(k), v) for k, v in asdict(settings).items()
+               if k not in PretrainSettings.RESUMABLE and saved.get(k) != v}
+    if changed:
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise TrainingError(f"{out}: holds a pretraining run with other settings ({shown}); resume with the same settings "
+                            "or choose another --out")
+    if record["step"] > settings.steps and record["stage"] == "unet":
+        raise TrainingError(f"{out}: already trained {record['step']} steps, more than --steps {settings.steps}; export a "
+                            f"snapshot from {out / 'snapshots'} instead")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress: Progress | None):
+    import torch
+
+    from selma_toolkit.toyworld.model import build_vae
+
+    torch.manual_seed(settings.seed)
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
+    start = 0
+    if record is not None and record["stage"] == "vae":
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(str(out / "checkpoint" / "vae.safetensors")))
+        _restore_optimizer(optimizer, load_file(str(out / "checkpoint" / "optimizer.safetensors")), record["optimizer"])
+        start = record["step"]
+        log.info("VAE: resuming at step %d", start)
+    with JsonlAppender(out / "log.jsonl") as logger:
+        for step in range(start, settings.vae_steps):
+            captions, rng = batch_captions(grammars, settings.seed, "vae", step, settings.vae_batch_size)
+            pixels = render_batch(captions, rng)
+            posterior = vae.encode(pixels).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=step_generator(settings.seed, "vae", step))).sample
+            mse = torch.nn.functional.mse_loss(reconstruction, pixels)
+            loss = mse + settings.kl_weight * posterior.kl().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logger.append({"stage": "vae", "step": step + 1, "loss": round(mse.item(), 6)})
+            if progress:
+                progress("vae", step + 1, settings.vae_steps, mse.item())
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.vae_steps:
+                tensors, extra = _flatten_optimizer(optimizer)
+                _save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": asdict(settings), "optimizer": extra},
+                                 {"vae": vae.state_dict(), "optimizer": tensors})
+    # Latent scale: 1 / std of the latent means over fresh renders (SD chose 0.18215 the same way).
+    with torch.no_grad():
+        captions, rng = batch_captions(grammars, settings.seed, "scale", 0, 512)
+        means = vae.encode(render_batch(captions, rng)).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    partial = out / ".vae.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    vae.save_pretrained(partial, safe_serialization=True)
+    partial.rename(out / "vae")  # whole or absent: a kill while saving retrains the (short) VAE stage
+    log.info("VAE: trained %d steps; scaling_factor %.4f", settings.vae_steps, vae.config.scaling_factor)
+    return vae
+
+
+def _snapshot_parts(unet, text_encoder, ema) -> dict[str, Any]:
+    """EMA weights of the UNet and the text encoder, named ``unet.<param>`` / ``text_encoder.<param>``."""
+    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    return {name: shadow.detach().clone() for name, shadow in zip(names, ema.shadow_params)}
+
+
+def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress | None = None,
+             evaluate: Callable[[Path, int], dict[str, float]] | None = None) -> Path:
+    """Run (or resume) pretraining into ``out``; return the latest EMA snapshot's path.
+
+    ``evaluate(snapshot, step)`` (default: ``snapshots.evaluate_snapshot``) scores a snapshot on held-out
+    prompts every ``eval_every`` steps; the scores go to ``evals.jsonl``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
+
+    from selma_toolkit.toyworld.model import NOISE_SCHEDULE, build_text_encoder, build_unet, toy_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = _load_state(out, settings)
+    grammars = caption_sources()
+    if (out / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(out / "vae")
+    else:
+        vae = _train_vae(out, settings, grammars, record, progress)
+    if record is not None and record["stage"] == "vae":
+        record = None  # the VAE is finished: stage 2 starts from its first step
+    vae.requires_grad_(False).eval()
+    scale = vae.config.scaling_factor
+
+    torch.manual_seed(settings.seed + 1)
+    tokenizer = toy_tokenizer()
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (settings.warmup_steps + 1)))
+    ema = EMAModel(params, decay=settings.ema_max_decay, use_ema_warmup=True)
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    start = 0
+    if record is not None:
+        folder = out / "checkpoint"
+        unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
+        text_encoder.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
+        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), record["optimizer"])
+        ema_tensors = load_file(str(folder / "ema.safetensors"))
+        ema.load_state_dict({**record["ema"], "shadow_params": [ema_tensors[str(i)] for i in range(len(ema_tensors))]})
+        schedule.load_state_dict(record["schedule"])
+        start = record["step"]
+        log.info("UNet: resuming at step %d", start)
+    snapshots = out / "snapshots"
+    snapshots.mkdir(exist_ok=True)
+    if evaluate is None:
+        from selma_toolkit.toyworld.snapshots import evaluate_snapshot
+
+        def evaluate(snapshot: Path, step: int) -> dict[str, float]:
+            return evaluate_snapshot(snapshot, out / "vae", settings)
+    unet.train()
+    text_encoder.train()
+    with JsonlAppender(out / "log.jsonl") as logger:
+        for step in range(start, settings.steps):
+            began = time.perf_counter()
+            captions, rng = batch_captions(grammars, settings.seed, "unet", step, settings.batch_size)
+            pixels = render_batch(captions, rng)
+            generator = step_generator(settings.seed, "unet", step)
+            dropped = torch.rand(len(captions), generator=generator) < settings.caption_dropout
+            texts = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scale
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps,
+                              encoder_hidden_states=text_encoder(ids)[0]).sample
+            loss = torch.nn.functional.mse_loss(prediction, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(params)
+            done = step + 1
+            logger.append({"stage": "unet", "step": done, "loss": round(loss.item(), 6),
+                           "lr": schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - began, 3)})
+            if progress:
+                progress("unet", done, settings.steps, loss.item())
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                snapshot = snapshots / f"step-{done}.safetensors"
+                save_file({k: v.half() for k, v in _snapshot_parts(unet, text_encoder, ema).items()}, str(snapshot))
+                tensors, extra = _flatten_optimizer(optimizer)
+                ema_state = ema.state_dict()
+                shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
+                _save_checkpoint(out, {"stage": "unet", "step": done, "settings": asdict(settings), "optimizer": extra,
+                                       "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads()},
+                                 {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                  "optimizer": tensors, "ema": shadow})
+                if settings.eval_every and done % settings.eval_every == 0:
+                    scores = evaluate(snapshot, done)
+                    with JsonlAppender(out / "evals.jsonl") as evals:
+                        evals.append({"step": done, **scores})
+                    log.info("step %d: held-out faithfulness %s", done, scores)
+    return snapshots / f"step-{settings.steps}.safetensors"

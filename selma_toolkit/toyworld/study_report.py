@@ -1,0 +1,298 @@
+"""The study's summary over seeds: scores, gains over the base, what the merge keeps, the targets.
+
+Reads each finished replicate's ``seed-<s>/eval/scores.json`` and writes, in the study folder:
+
+* ``study.json``  every number below (format ``selma-toyworld-study/1``);
+* ``study.md``    the tables; ``study.png`` a bar chart (mean and 95% interval per skill and variant).
+
+Rows are variant kinds: ``base``, ``expert`` (each skill's SELMA expert on its own skill),
+``gt-expert``, ``filtered-expert``, ``joint`` (one LoRA on the mixture) and ``merged:<method>``.
+Every image is paired: the same prompt and seed (hence the same initial noise) in every variant,
+so a gain is the mean over (seed, prompt) of ``score(variant) - score(base)``. Intervals are 95%
+percentile-bootstrap intervals over those (seed, prompt) items (2,000 resamples, seeded); they
+cover prompt and sampling noise, and, pooled over the seeds, part of the training noise. The
+per-seed means are listed too, so the spread between replicates can be seen. Retention is the
+merged LoRA's gain divided by the expert's gain on the same items, bootstrapped as a ratio
+(resamples where the expert gains nothing are left out; undefined when the expert gains nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selma_toolkit.io import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STUDY_FORMAT = "selma-toyworld-study/1"
+METRIC = "toyworld"
+RESAMPLES = 2000
+EXPERT_KINDS = ("expert", "gt-expert", "filtered-expert")
+# Targets of the issue, checked as measured (never assumed).
+TARGET_BASE = (30.0, 70.0)
+TARGET_GAIN = 10.0
+TARGET_RETENTION = 0.8
+
+
+def _kind(variant: str) -> tuple[str, str | None]:
+    """("expert", "toy-count") for "expert:toy-count"; ("merged:selma", None) for merged LoRAs."""
+    prefix, _, rest = variant.partition(":")
+    return (prefix, rest) if prefix in EXPERT_KINDS else (variant, None)
+
+
+def collect_items(out: Path) -> tuple[list[int], dict[tuple[str, str], dict[tuple[int, Any], float]]]:
+    """(seeds found, {(kind, skill): {(seed, prompt_id): score}}) over every finished replicate;
+    experts only on their own skill."""
+    seeds, cells = [], {}
+    for folder in sorted(out.glob("seed-*"), key=lambda p: int(p.name.split("-", 1)[1])):
+        scores_path = folder / "eval" / "scores.json"
+        if not (folder / "replicate.json").is_file() or not scores_path.is_file():
+            continue
+        seed = int(folder.name.split("-", 1)[1])
+        seeds.append(seed)
+        for item in json.loads(scores_path.read_text())["items"]:
+            kind, own = _kind(item["variant"])
+            value = item["scores"].get(METRIC)
+            if value is None or (own is not None and own != item["skill"]):
+                continue
+            cells.setdefault((kind, item["skill"]), {})[(seed, item["prompt_id"])] = float(value)
+    return seeds, cells
+
+
+def _bootstrap(values: Sequence[Sequence[float]], statistic, seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, low, high): percentile bootstrap over items; ``values`` are aligned columns."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    estimate = float(statistic(data))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, data.shape[1], size=(RESAMPLES, data.shape[1]))
+    stats = np.array([statistic(data[:, idx]) for idx in draws])
+    stats = stats[np.isfinite(stats)]
+    low, high = np.quantile(stats, [0.025, 0.975]) if stats.size else (float("nan"), float("nan"))
+    return estimate, float(low), float(high)
+
+
+def _mean_row(column) -> float:
+    return column[0].mean()
+
+
+def _diff(column) -> float:
+    return (column[0] - column[1]).mean()
+
+
+def _ratio(column) -> float:
+    import numpy as np
+
+    expert_gain = (column[1] - column[0]).mean()
+    return float((column[2] - column[0]).mean() / expert_gain) if expert_gain > 0 else np.nan
+
+
+def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
+    """Every number of the study from the replicates in ``out`` (see the module docstring)."""
+    seeds, cells = collect_items(out)
+    kinds = list(dict.fromkeys(kind for kind, _ in cells))
+    order = ["base", *EXPERT_KINDS, "joint"]
+    kinds = [k for k in order if k in kinds] + sorted(k for k in kinds if k not in order)
+
+    def aligned(*pairs: tuple[str, str]) -> list[list[float]] | None:
+        maps = [cells.get(pair) for pair in pairs]
+        if any(m is None for m in maps):
+            return None
+        keys = sorted(set.intersection(*(set(m) for m in maps)))
+        return [[m[k] for k in keys] for m in maps] if keys else None
+
+    scores: dict[str, dict[str, Any]] = {}
+    gains: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        for skill in skills:
+            column = aligned((kind, skill))
+            if column is None:
+                continue
+            mean, low, high = _bootstrap(column, _mean_row)
+            per_seed = {str(s): round(sum(v for (sd, _), v in cells[(kind, skill)].items() if sd == s)
+                                      / max(1, sum(1 for sd, _ in cells[(kind, skill)] if sd == s)), 2)
+                        for s in seeds if any(sd == s for sd, _ in cells[(kind, skill)])}
+            scores.setdefault(kind, {})[skill] = {"mean": mean, "low": low, "high": high, "n": len(column[0]),
+                                                  "per_seed": per_seed}
+            paired = aligned((kind, skill), ("base", skill)) if kind != "base" else None
+            if paired is not None:
+                diff, low, high = _bootstrap(paired, _diff)
+                gains.setdefault(kind, {})[skill] = {"mean": diff, "low": low, "high": high, "n": len(paired[0])}
+    retention: dict[str, dict[str, Any]] = {}
+    versus_joint: dict[str, dict[str, Any]] = {}
+    for kind in (k for k in kinds if k.startswith("merged:")):
+        for skill in skills:
+            triple = aligned(("base", skill), ("expert", skill), (kind, skill))
+            if triple is not None:
+                ratio, low, high = _bootstrap(triple, _ratio)
+                # No share of a gain that is not there: without an expert gain the ratio is undefined (None).
+                defined = math.isfinite(ratio)
+                retention.setdefault(kind, {})[skill] = {"ratio": ratio if defined else None,
+                                                         "low": low if defined else None, "high": high if defined else None}
+            pair = aligned((kind, skill), ("joint", skill))
+            if pair is not None:
+                diff, low, high = _bootstrap(pair, _diff)
+                versus_joint.setdefault(kind, {})[skill] = {"mean": diff, "low": low, "high": high}
+    summary = {"format": STUDY_FORMAT, "metric": METRIC, "seeds": seeds, "skills": skills, "kinds": kinds,
+               "scores": scores, "gains": gains, "retention": retention, "merged_vs_joint": versus_joint,
+               "train_images": _train_images(out, seeds)}
+    summary["targets"] = targets(summary)
+    summary["findings"] = findings(summary)
+    return summary
+
+
+def _train_images(out: Path, seeds: list[int]) -> dict[str, Any]:
+    return {str(s): json.loads((out / f"seed-{s}" / "replicate.json").read_text())["train_images"] for s in seeds}
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's hoped-for results, each with the measured value and whether it was met."""
+    rows = []
+    for skill in summary["skills"]:
+        base = summary["scores"].get("base", {}).get(skill)
+        if base:
+            rows.append({"target": f"base on {skill} in {TARGET_BASE[0]:.0f}-{TARGET_BASE[1]:.0f}",
+                         "measured": f"{base['mean']:.1f}", "met": TARGET_BASE[0] <= base["mean"] <= TARGET_BASE[1]})
+        gain = summary["gains"].get("expert", {}).get(skill)
+        if gain:
+            rows.append({"target": f"SELMA expert gain on {skill} >= +{TARGET_GAIN:.0f}, interval above 0",
+                         "measured": f"{gain['mean']:+.1f} [{gain['low']:+.1f}, {gain['high']:+.1f}]",
+                         "met": gain["mean"] >= TARGET_GAIN and gain["low"] > 0})
+        for kind, per_skill in summary["retention"].items():
+            kept = per_skill.get(skill)
+            if kept:
+                rows.append({"target": f"{kind} keeps >= {TARGET_RETENTION:.0%} of the expert's gain on {skill}",
+                             "measured": _share(kept), "met": kept["ratio"] is not None and kept["ratio"] >= TARGET_RETENTION})
+        for kind, per_skill in summary["merged_vs_joint"].items():
+            versus = per_skill.get(skill)
+            if versus:
+                rows.append({"target": f"{kind} beats the mixture LoRA on {skill}",
+                             "measured": f"{versus['mean']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]",
+                             "met": versus["mean"] > 0 and versus["low"] > 0})
+    return rows
+
+
+def _verdict(gain: dict[str, Any]) -> str:
+    if gain["low"] > 0:
+        return "helps"
+    if gain["high"] < 0:
+        return "hurts"
+    return "changes nothing detectable"
+
+
+def findings(summary: dict[str, Any]) -> list[str]:
+    """Plain sentences, per skill, from the paired gains: does the SELMA expert help, and which
+    variants (if any) beat the base with an interval above zero. Written from the numbers, so the
+    report says so when self-generated data does not help, and shows what does."""
+    lines = []
+    for skill in summary["skills"]:
+        gain = summary["gains"].get("expert", {}).get(skill)
+        if gain is None:
+            continue
+        sentence = f"{skill}: the SELMA expert (self-generated images) {_verdict(gain)} ({_cell(gain, signed=True)})"
+        helping = sorted(((per_skill[skill]["mean"], kind) for kind, per_skill in summary["gains"].items()
+                          if skill in per_skill and per_skill[skill]["low"] > 0), reverse=True)
+        if helping:
+            sentence += "; above the base: " + ", ".join(f"{kind} {mean:+.1f}" for mean, kind in helping)
+        else:
+            best_mean, best_kind = max((per_skill[skill]["mean"], kind) for kind, per_skill in summary["gains"].items()
+                                       if skill in per_skill)
+            sentence += f"; no variant beats the base (closest: {best_kind} {best_mean:+.1f})"
+        lines.append(sentence + ".")
+    return lines
+
+
+def _share(kept: dict[str, Any]) -> str:
+    if kept["ratio"] is None:
+        return "undefined (no expert gain)"
+    return f"{kept['ratio']:.0%} [{kept['low']:.0%}, {kept['high']:.0%}]"
+
+
+def _cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
+    if stats is None:
+        return "–"
+    form = "{:+.1f}" if signed else "{:.1f}"
+    return f"{form.format(stats['mean'])} [{form.format(stats['low'])}, {form.format(stats['high'])}]"
+
+
+def markdown(summary: dict[str, Any], title: str) -> str:
+    """study.md: scores, gains, retention, targets, data sizes."""
+    skills = summary["skills"]
+    lines = [f"# {title}", "", f"Metric: toyworld score (0-100, share of DSG-style questions right). Seeds: "
+             f"{', '.join(map(str, summary['seeds']))}; n = (seed, prompt) items per cell. Brackets: 95% bootstrap interval.",
+             "", "## Findings", "", *(f"* {line}" for line in findings(summary)),
+             "", "## Scores on held-out prompts (experts on their own skill)", "",
+             "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+    for kind in summary["kinds"]:
+        lines.append(f"| {kind} | " + " | ".join(_cell(summary["scores"].get(kind, {}).get(s)) for s in skills) + " |")
+    lines += ["", "Per-seed means:", "", "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+    for kind in summary["kinds"]:
+        cells = [", ".join(f"{v:.1f}" for v in summary["scores"].get(kind, {}).get(s, {}).get("per_seed", {}).values()) or "–"
+                 for s in skills]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "## Gain over the base (paired)", "", "| variant | " + " | ".join(skills) + " |",
+              "|---" * (len(skills) + 1) + "|"]
+    for kind, per_skill in summary["gains"].items():
+        lines.append(f"| {kind} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
+    if summary["retention"]:
+        lines += ["", "## Share of the SELMA expert's gain kept by the merge", "", "| merge | " + " | ".join(skills) + " |",
+                  "|---" * (len(skills) + 1) + "|"]
+        for kind, per_skill in summary["retention"].items():
+            lines.append(f"| {kind} | " + " | ".join(_share(r) if (r := per_skill.get(s)) else "–" for s in skills) + " |")
+    lines += ["", "## Targets (as measured)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |" for row in summary["targets"]]
+    lines += ["", "## Training images per expert", "", "| seed | data | " + " | ".join(skills) + " |",
+              "|---" * (len(skills) + 2) + "|"]
+    for seed, kinds in summary["train_images"].items():
+        for kind, counts in kinds.items():
+            lines.append(f"| {seed} | {kind} | " + " | ".join(str(counts.get(s, "–")) for s in skills) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: dict[str, Any], path: Path) -> None:
+    """study.png: per skill, one bar per variant kind (mean, 95% interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skills, kinds = summary["skills"], summary["kinds"]
+    figure, axis = plt.subplots(figsize=(2.2 + 1.1 * len(skills) * len(kinds) / 3, 4), dpi=110)
+    width = 0.8 / max(1, len(kinds))
+    for k, kind in enumerate(kinds):
+        means, errors, xs = [], [[], []], []
+        for s, skill in enumerate(skills):
+            stats = summary["scores"].get(kind, {}).get(skill)
+            if stats is None:
+                continue
+            xs.append(s + (k - (len(kinds) - 1) / 2) * width)
+            means.append(stats["mean"])
+            errors[0].append(stats["mean"] - stats["low"])
+            errors[1].append(stats["high"] - stats["mean"])
+        axis.bar(xs, means, width, yerr=errors, capsize=2, label=kind)
+    axis.set_xticks(range(len(skills)), skills)
+    axis.set_ylabel("toyworld score (0-100)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=7, ncol=2)
+    axis.set_title(f"held-out prompts, seeds {', '.join(map(str, summary['seeds']))}")
+    figure.tight_layout()
+    with atomic_open(path) as handle:
+        figure.savefig(handle, format="png")
+    plt.close(figure)
+
+
+def write_study_report(out: Path, run) -> Path:
+    """Write study.json, study.md and study.png from the finished replicates; return study.md."""
+    summary = summarise(out, [s.name for s in run.skills])
+    atomic_write_text(out / "study.json", json.dumps(summary, indent=1) + "\n")
+    bar_chart(summary, out / "study.png")
+    path = out / "study.md"
+    atomic_write_text(path, markdown(summary, f"Shapes-world study: {run.name}"))
+    log.info("study summary: %s", path)
+    return path

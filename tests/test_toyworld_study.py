@@ -1,0 +1,153 @@
+"""The toy base model: pretraining from a seed (reproducible, resumable), the shipped `toy:shapes`
+pipeline, and a reduced study that checks the machinery (not the gains)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selma_toolkit.toyworld.pretrain import PretrainSettings, pretrain
+from selma_toolkit.toyworld.snapshots import export_base
+
+TINY = dict(vae_steps=2, vae_batch_size=4, steps=4, batch_size=4, checkpoint_every=2, eval_every=0, warmup_steps=1)
+
+
+def _same(a, b) -> bool:
+    first, second = load_file(str(a)), load_file(str(b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_pretraining_reproduces_from_its_seed_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole = pretrain(tmp_path / "whole", PretrainSettings(**TINY))
+    again = pretrain(tmp_path / "again", PretrainSettings(**TINY))
+    assert _same(whole, again)
+    # Stopped after 2 of 4 steps (as a kill after the checkpoint would leave it), then resumed.
+    pretrain(tmp_path / "resumed", PretrainSettings(**{**TINY, "steps": 2}))
+    resumed = pretrain(tmp_path / "resumed", PretrainSettings(**TINY))
+    assert _same(whole, resumed)
+    other = pretrain(tmp_path / "other", PretrainSettings(**{**TINY, "seed": 1}))
+    assert not _same(whole, other)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4]
+
+
+def test_resume_with_other_settings_is_refused_naming_the_change(tmp_path):
+    from selma_toolkit.errors import TrainingError
+
+    pretrain(tmp_path, PretrainSettings(**{**TINY, "steps": 2}))
+    with pytest.raises(TrainingError, match="learning_rate"):
+        pretrain(tmp_path, PretrainSettings(**{**TINY, "learning_rate": 1e-3}))
+
+
+def test_exported_snapshot_is_a_stable_diffusion_pipeline_every_stage_can_load(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from selma_toolkit.models import detect_architecture, load_pipeline
+
+    snapshot = pretrain(tmp_path / "run", PretrainSettings(**{**TINY, "steps": 2}))
+    target = export_base(tmp_path / "run", snapshot, tmp_path / "base")
+    assert detect_architecture(str(target)) == "sd1"
+    pipe = load_pipeline(str(target), device="cpu")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    image = pipe("two red circles", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_shipped_toy_base_generates_shapes_world_images():
+    from selma_toolkit.models import load_pipeline, resolve_model
+    from selma_toolkit.toyworld.model import BASE_DIR
+
+    assert resolve_model("toy:shapes") == str(BASE_DIR)
+    provenance = json.loads((BASE_DIR / "toyworld.json").read_text())
+    assert provenance["settings"]["seed"] == 0
+    pipe = load_pipeline("toy:shapes", device="cpu")
+    images = pipe(["three red circles"] * 2, num_inference_steps=4, guidance_scale=4.0,
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert [image.size for image in images] == [(32, 32)] * 2
+
+
+def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
+    from selma_toolkit.lora import load_lora, metadata_value
+    from selma_toolkit.recipe import load_run_recipe
+    from selma_toolkit.toyworld.scorer import score_image
+    from selma_toolkit.toyworld.study import run_study
+
+    run = load_run_recipe("toy-study", [
+        "skills.toy-count.num_prompts=4", "skills.toy-color.num_prompts=4", "skills.toy-spatial.num_prompts=4",
+        "images.steps=3", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
+        "evaluate.prompts_per_skill=2", "evaluate.seeds=[5]", "evaluate.report_prompts_per_skill=1",
+    ])
+    summary_path = run_study(run, tmp_path, filter_min_score=0.0, filter_candidates=2)
+    replicate = tmp_path / "seed-5"
+    scores = json.loads((replicate / "eval" / "scores.json").read_text())
+    skills = ["toy-count", "toy-color", "toy-spatial"]
+    expected = {"base", "joint", "merged:selma", "merged:delta"} | {
+        f"{kind}:{s}" for kind in ("expert", "gt-expert", "filtered-expert") for s in skills}
+    assert set(scores["variants"]) == expected
+    # Experts on their own skill, everything else on all three: 2 prompts x 1 seed each.
+    assert len(scores["items"]) == 2 * (4 * 3 + 9)
+    assert all(item["scores"]["toyworld"] is not None for item in scores["items"])
+    assert (replicate / "report" / "index.html").is_file()
+    merged = load_lora(replicate / "selma" / "merged" / "selma.safetensors")
+    assert "toy-count.safetensors" in metadata_value(merged, "selma.merge")
+    # Ground-truth training data are renders that score 100; filtered data hold only self-generated images.
+    gt_images = sorted((replicate / "gt" / "skills" / "toy-count" / "images").glob("*.png"))
+    assert len(gt_images) == 4
+    for path in gt_images:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            assert score_image(image.convert("RGB"), path.with_suffix(".txt").read_text()) == 100.0
+    summary = json.loads((tmp_path / "study.json").read_text())
+    assert summary["seeds"] == [5] and set(summary["kinds"]) == {
+        "base", "expert", "gt-expert", "filtered-expert", "joint", "merged:selma", "merged:delta"}
+    assert summary_path.read_text().startswith("# Shapes-world study") and (tmp_path / "study.png").stat().st_size > 0
+    # A rerun finds everything done and changes nothing.
+    before = (replicate / "eval" / "scores.json").read_bytes()
+    run_study(run, tmp_path, filter_min_score=0.0, filter_candidates=2)
+    assert (replicate / "eval" / "scores.json").read_bytes() == before
+
+
+def test_wheel_ships_the_toy_base_model_and_finds_it_outside_the_source_tree(tmp_path, repo_root):
+    import subprocess
+    import sys
+    import zipfile
+
+    from selma_toolkit.toyworld.model import BASE_DIR
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(repo_root), "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = zipfile.ZipFile(next(tmp_path.glob("selma_toolkit-*.whl")))
+    shipped = {p.relative_to(repo_root).as_posix() for p in BASE_DIR.rglob("*") if p.is_file()}
+    assert {"selma_toolkit/toyworld/base/unet/diffusion_pytorch_model.safetensors",
+            "selma_toolkit/toyworld/base/model_index.json"} <= shipped <= set(wheel.namelist())
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    code = "from selma_toolkit.models import resolve_model; print(resolve_model('toy:shapes'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / "base")
+
+
+def test_findings_say_when_self_generated_data_does_not_help_and_what_does():
+    from selma_toolkit.toyworld.study_report import findings
+
+    def gain(mean, low, high):
+        return {"mean": mean, "low": low, "high": high, "n": 10}
+
+    summary = {"skills": ["toy-count", "toy-color"], "gains": {
+        "expert": {"toy-count": gain(-6.0, -9.0, -3.0), "toy-color": gain(4.0, 1.0, 7.0)},
+        "gt-expert": {"toy-count": gain(2.0, 0.5, 3.5), "toy-color": gain(0.5, -1.0, 2.0)},
+        "merged:selma": {"toy-count": gain(-1.0, -3.0, 1.0), "toy-color": gain(5.0, 2.0, 8.0)},
+    }}
+    count, color = findings(summary)
+    assert count.startswith("toy-count: the SELMA expert (self-generated images) hurts (-6.0 [-9.0, -3.0])")
+    assert count.endswith("; above the base: gt-expert +2.0.")
+    assert color.startswith("toy-color: the SELMA expert (self-generated images) helps")
+    assert color.endswith("; above the base: merged:selma +5.0, expert +4.0.")
+    summary["gains"]["gt-expert"]["toy-count"] = gain(2.0, -0.5, 3.5)
+    assert findings(summary)[0].endswith("; no variant beats the base (closest: gt-expert +2.0).")
