@@ -83,6 +83,14 @@ def test_human_eval_page_records_choices_and_exports_answers_that_tally(browser,
         page.click(button)
         assert page.locator("#progress-text").inner_text() == f"{number + 1} of {len(pairs)} answered"
         if number == 1:  # answers survive a reload (kept in localStorage)
+            # Chromium passes a page's localStorage writes to the browser process asynchronously: a
+            # person reloads seconds later, a test within milliseconds. Wait until another tab of the
+            # same page sees both answers, then reload.
+            other = page.context.new_page()
+            other.goto(page.url, wait_until="load")
+            other.wait_for_function("Object.keys(JSON.parse(localStorage.getItem("
+                                    "'selma-human-eval:' + document.body.getAttribute('data-study')) || '{}')).length === 2")
+            other.close()
             page.reload(wait_until="load")
             assert page.locator("#progress-text").inner_text() == f"2 of {len(pairs)} answered"
     assert page.locator("#finished").is_visible()
