@@ -34,6 +34,17 @@ def test_pretraining_reproduces_from_its_seed_and_a_resumed_run_equals_an_uninte
     assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4]
 
 
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tmp_path):
+    whole = pretrain(tmp_path / "whole", PretrainSettings(**TINY))
+    pretrain(tmp_path / "cut", PretrainSettings(**{**TINY, "steps": 2}))
+    # What a kill leaves after `checkpoint` became `.checkpoint.old` and before the new one took its name.
+    (tmp_path / "cut" / "checkpoint").rename(tmp_path / "cut" / ".checkpoint.old")
+    resumed = pretrain(tmp_path / "cut", PretrainSettings(**TINY))
+    assert _same(whole, resumed)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4]  # steps 1-2 were not trained again
+
+
 def test_resume_with_other_settings_is_refused_naming_the_change(tmp_path):
     from selma_toolkit.errors import TrainingError
 

@@ -172,6 +172,9 @@ def _save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[st
 
 
 def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
+    if not (out / "checkpoint").exists() and (out / ".checkpoint.old" / STATE_FILE).is_file():
+        # Killed between the two renames of _save_checkpoint: the previous checkpoint is complete.
+        (out / ".checkpoint.old").rename(out / "checkpoint")
     path = out / "checkpoint" / STATE_FILE
     if not path.is_file():
         return None
