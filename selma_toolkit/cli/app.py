@@ -47,6 +47,15 @@ def _root(
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    if not verbose:
+        logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_note)
+
+
+def _drop_torchvision_fallback_note(record: logging.LogRecord) -> bool:
+    # diffusers' SD pipelines import CLIPImageProcessor (their feature extractor); on a CPU install
+    # without torchvision, transformers 5 then warns that it uses the PIL image processor, which is
+    # what these pipelines have always used. Nothing for a user to do: shown only with --verbose.
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def quiet_loading_bars() -> None:
