@@ -26,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from support_servers import stop_process
+
 CHECKPOINT_NAME = "sd15-random-v1.safetensors"  # bump the version when the recipe below changes
 
 
@@ -219,13 +221,7 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=20)
+        stop_process(self._process, timeout=20)
         if getattr(self, "_log", None):
             self._log.close()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import yaml
+from support_servers import send_json, stop_process
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "stand-in", "GIT_AUTHOR_EMAIL": "stand-in@127.0.0.1",
@@ -150,13 +151,7 @@ class OlahHub:
         raise RuntimeError(f"olah did not become ready at {url}; log:\n{(self.root / 'olah.log').read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
+        stop_process(self._process, timeout=10)
         if getattr(self, "_log", None):
             self._log.close()
 
@@ -179,14 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, status, payload, headers)
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
         self._reply(status, {"error": message}, {"X-Error-Code": code} if code else None)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from support_servers import send_json
+
 _ADJECTIVES = ("red", "tiny", "wooden", "striped", "sleepy", "golden", "rusty", "fluffy", "glass", "ancient",
                "purple", "shiny", "muddy", "paper", "frozen", "velvet", "neon", "marble", "dusty", "silver")
 _NOUNS = ("fox", "teapot", "bicycle", "lantern", "violin", "cactus", "penguin", "umbrella", "robot", "kettle",
@@ -165,14 +167,7 @@ class ScriptedLLM:
                 pass
 
             def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, payload, headers)
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("Content-Length") or 0)
