@@ -14,19 +14,25 @@ Data between the nodes:
   carries the merge's metadata, so that SELMA Save LoRA can write it into the file.
 
 Errors are :class:`selma_toolkit.errors.SelmaError` subclasses whose message names the file or
-input, what was found and what to do; ComfyUI shows that message on the failing node.
+input, what was found and what to do; ComfyUI shows that message on the failing node. The library's
+messages are shared with the ``selma`` CLI and name its flags (``--method delta``); each node runs
+inside :func:`node_errors`, which words them as the node's inputs (``set method to delta``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
+from selma_toolkit.expert_fit import LayerMisfit, layer_misfits, shown_lines
 from selma_toolkit.io import sha256_file
 from selma_toolkit.lora import (
     LoraWeights,
@@ -34,8 +40,10 @@ from selma_toolkit.lora import (
     load_lora,
     lora_from_state_dict,
     lora_to_state_dict,
+    metadata_value,
     save_lora,
 )
+from selma_toolkit.lora.blocks import parse_block_weights
 from selma_toolkit.lora.merge import MERGE_METADATA_KEY, MERGE_METHODS, merge_experts, merge_record
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,44 @@ EXPERTS = "SELMA_EXPERTS"
 LORA_MODEL = "LORA_MODEL"  # ComfyUI's type name (comfy_api.latest.io.LoraModel), produced by its LoRA trainer
 # ComfyUI's model configs (comfy.supported_models class names) -> the toolkit's architecture names.
 COMFY_MODEL_ARCHITECTURES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+
+# CLI wording in the library's messages -> the nodes' inputs, in order; the last rule turns any other
+# flag into the input's name, so no node error tells a ComfyUI user to type a command-line option.
+_NODE_WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"--method (\w+) --rank R\b"), r"--method \1 (with a rank; 0: the experts' largest)"),
+    (re.compile(r"\b([Uu])se --method (\w+)"), lambda m: ("S" if m.group(1) == "U" else "s") + "et method to " + m.group(2)),
+    (re.compile(r"\bor --method (\w+)"), r"or to \1"),
+    (re.compile(r"\bDrop --rank\b"), "Set rank to 0"),
+    (re.compile(r" \(or with --file FILE\)"), ""),
+    (re.compile(r"with --catalog FILE"), "in a catalog file named in the 'catalog' input or in SELMA_CATALOG"),
+    (re.compile(r"given with --revision"), "given in 'revision'"),
+    (re.compile(r"check the network or HF_ENDPOINT"), "check the network and the 'endpoint' input (empty: HF_ENDPOINT)"),
+    # Options no node has: the file is converted outside ComfyUI with `selma lora convert`.
+    (re.compile(r"pass drop_bias_diffs=True \(--drop-bias-diffs\) to drop them"),
+     "convert the file with `selma lora convert` and its drop-bias-diffs option to drop them"),
+    (re.compile(r"say which model part it is for \(component='unet', or --component unet\)"),
+     "convert the file with `selma lora convert` and its component option naming the model part (e.g. unet)"),
+    (re.compile(r"--([a-z][a-z0-9-]*)"), lambda m: "'" + m.group(1).replace("-", "_") + "'"),
+)
+
+
+def node_words(message: str) -> str:
+    """A library error message as a node shows it: CLI flags replaced by the node's input names."""
+    for pattern, replacement in _NODE_WORDS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+@contextlib.contextmanager
+def node_errors() -> Iterator[None]:
+    """Re-raise a SelmaError from the library with its message in the node's words (same class)."""
+    try:
+        yield
+    except SelmaError as error:
+        worded = node_words(str(error))
+        if worded == str(error):
+            raise
+        raise type(error)(worded) from error
 
 
 @dataclass(frozen=True)
@@ -136,7 +182,8 @@ class SelmaExpertLoader:
         return file_fingerprint(path) if path else ""
 
     def load(self, lora_name: str, weight: float, experts: tuple[Expert, ...] | None = None):
-        return _stack_with(experts, lora_name, _loras_path(lora_name), weight)
+        with node_errors():
+            return _stack_with(experts, lora_name, _loras_path(lora_name), weight)
 
 
 class SelmaHubExpert:
@@ -147,38 +194,62 @@ class SelmaHubExpert:
     RETURN_NAMES = ("experts",)
     OUTPUT_TOOLTIPS = ("The input stack plus this expert.",)
     FUNCTION = "pull"
-    DESCRIPTION = ("Downloads a skill expert (a catalog name such as 'countbench', or a Hub repo id "
-                   "owner/name[:file.safetensors]) into the loras folder and adds it to the stack. Needs network "
-                   "access when it runs, never at start-up.")
+    DESCRIPTION = ("Downloads a skill expert into the loras folder and adds it to the stack: a Hub repo id "
+                   "owner/name[:file.safetensors], or a name from your expert catalog (a TOML file named in 'catalog' "
+                   "or in the SELMA_CATALOG environment variable; the catalog shipped with the toolkit is empty). "
+                   "Needs network access when it runs, never at start-up.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "ref": ("STRING", {"default": "", "tooltip": "Catalog name, or Hub repo id owner/name "
-                                                            "(optionally owner/name:path/in/repo.safetensors)."}),
+                "ref": ("STRING", {"default": "", "tooltip": "Hub repo id owner/name (optionally owner/name:path/in/repo"
+                                                            ".safetensors), or a name from your catalog file."}),
                 "weight": _WEIGHT,
                 "revision": ("STRING", {"default": "", "tooltip": "Branch, tag or commit; empty: the catalog's pin, "
                                                                  "else main."}),
                 "endpoint": ("STRING", {"default": "", "tooltip": "Hub endpoint (e.g. a mirror); empty: HF_ENDPOINT "
                                                                  "or huggingface.co."}),
             },
-            "optional": {"experts": _STACK_IN},
+            "optional": {
+                "experts": _STACK_IN,
+                "catalog": ("STRING", {"default": "", "tooltip": "Path of a catalog TOML file whose names 'ref' may "
+                                                                "use (besides the files in SELMA_CATALOG); see "
+                                                                "hub/catalog.toml for the format."}),
+            },
         }
 
-    def pull(self, ref: str, weight: float, revision: str, endpoint: str, experts: tuple[Expert, ...] | None = None):
+    def pull(self, ref: str, weight: float, revision: str, endpoint: str, experts: tuple[Expert, ...] | None = None,
+             catalog: str = ""):
         import folder_paths
 
         from selma_toolkit.hub import resolve_expert
 
-        if not ref.strip():
-            raise LoraFormatError(
-                "SELMA Hub Expert: 'ref' is empty; give a catalog name (e.g. countbench) or a Hub repo id owner/name"
-            )
-        loras = folder_paths.get_folder_paths("loras")[0]
-        path = resolve_expert(ref.strip(), to=loras, revision=revision.strip() or None,
-                              endpoint=endpoint.strip() or None)
-        return _stack_with(experts, Path(path).name, str(path), weight)
+        catalog_file = catalog.strip() or None
+        with node_errors():
+            if not ref.strip():
+                raise HubError(f"SELMA Hub Expert: 'ref' is empty; give a Hub repo id owner/name or {_catalog_names(catalog_file)}")
+            loras = folder_paths.get_folder_paths("loras")[0]
+            try:
+                path = resolve_expert(ref.strip(), to=loras, revision=revision.strip() or None,
+                                      endpoint=endpoint.strip() or None, catalog=catalog_file)
+            except HubError as error:
+                raise HubError(f"SELMA Hub Expert: {error}") from error
+            return _stack_with(experts, Path(path).name, str(path), weight)
+
+
+def _catalog_names(catalog: str | None) -> str:
+    """What 'ref' may name from the catalogs, for a message: the names that resolve, or how to add some."""
+    from selma_toolkit.hub import load_catalog
+
+    try:
+        names = sorted(load_catalog(catalog))
+    except HubError as error:
+        return f"a catalog name (the catalog cannot be read: {error})"
+    if names:
+        return "a name from your catalog: " + ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return ("a name from your catalog (none is known: the shipped catalog is empty; name a catalog TOML file in "
+            "'catalog' or in the SELMA_CATALOG environment variable)")
 
 
 class SelmaMergeExperts:
@@ -188,7 +259,7 @@ class SelmaMergeExperts:
     RETURN_TYPES = (LORA_MODEL, "STRING")
     RETURN_NAMES = ("lora", "summary")
     OUTPUT_TOOLTIPS = ("The merged LoRA as ComfyUI's LORA_MODEL (the core 'Load LoRA Model' node takes it too).",
-                       "Experts, method, modules and rank of the merge.")
+                       "Experts, method, modules, rank and architecture of the merge.")
     FUNCTION = "merge"
     DESCRIPTION = ("Merges the stacked experts into one LoRA. selma (the paper): averages the A factors and the B factors "
                    "separately; delta: the exact weighted sum of the experts' updates (rank = sum of ranks); svd: that sum "
@@ -199,7 +270,11 @@ class SelmaMergeExperts:
         return {
             "required": {
                 "experts": (EXPERTS, {"tooltip": "The experts to merge (chain SELMA Expert Loader nodes)."}),
-                "method": (list(MERGE_METHODS), {"default": "selma"}),
+                "method": (list(MERGE_METHODS), {
+                    "default": "selma",
+                    "tooltip": "selma (the paper): average of the A and of the B factors, equal ranks needed; delta: "
+                               "exact weighted sum of the updates (rank = sum of ranks); svd: that sum re-factored to "
+                               "'rank'; ties / dare: sign-consensus / drop-and-rescale, re-factored like svd."}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 4096,
                                  "tooltip": "svd / ties / dare: rank of the merged LoRA; 0: the experts' largest. "
                                             "selma and delta keep the ranks: leave 0."}),
@@ -210,19 +285,28 @@ class SelmaMergeExperts:
                 "density": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "ties / dare: share of entries kept."}),
                 "dare_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "dare: seed of the drop masks."}),
+                "block_weights": ("STRING", {
+                    "default": "",
+                    "tooltip": "Per-block weights, e.g. in=1,mid=0.5,out=1,te=0: each merged module's update is "
+                               "multiplied by the weight of its group after the merge (0 removes that group's "
+                               "effect; unlisted groups keep 1). Groups: in / mid / out (UNet down, mid, up blocks; "
+                               "in.N / out.N for one block by its diffusers index), unet (the whole UNet), te (text "
+                               "encoders; te1 / te2 for one of SDXL's). Empty: every weight 1."}),
             },
         }
 
     def merge(self, experts: tuple[Expert, ...], method: str, rank: int, normalize_weights: bool,
-              density: float = 0.5, dare_seed: int = 0):
+              density: float = 0.5, dare_seed: int = 0, block_weights: str = ""):
         if not experts:
             raise LoraFormatError(
                 "SELMA Merge Experts: the expert stack is empty; connect a SELMA Expert Loader (chain one per expert)"
             )
-        merged = merge_experts(
-            [expert.lora for expert in experts], method, weights=[expert.weight for expert in experts], rank=rank or None,
-            density=density, seed=dare_seed, names=[expert.name for expert in experts], normalize=normalize_weights,
-        )
+        with node_errors():
+            merged = merge_experts(
+                [expert.lora for expert in experts], method, weights=[expert.weight for expert in experts],
+                rank=rank or None, density=density, seed=dare_seed, names=[expert.name for expert in experts],
+                normalize=normalize_weights, block_weights=parse_block_weights(block_weights),
+            )
         record = merge_record(merged)
         for info, expert in zip(record["experts"], experts, strict=True):
             info["sha256"] = expert.sha256
@@ -230,10 +314,14 @@ class SelmaMergeExperts:
         tensors, _ = lora_to_state_dict(merged, "kohya")
         ranks = sorted(merged.ranks())
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        base_model = metadata_value(merged, "base_model")
         summary = (
             f"{method} merge of {len(experts)} experts ({', '.join(expert.name for expert in experts)}), weights "
             f"{', '.join(f'{w:.4g}' for w in record['weights'])}: {len(merged.modules)} modules, rank {rank_text}, "
             f"for {guess_architecture(merged) or 'an unknown architecture'}"
+            + (f" (base model {base_model})" if base_model else "")
+            + (f"; block weights {', '.join(f'{g}={w:g}' for g, w in record['block_weights'].items())}"
+               if record.get("block_weights") else "")
         )
         logger.info("SELMA Merge Experts: %s", summary)
         return {"ui": {"text": [summary]}, "result": (LoraStateDict(tensors, merged.metadata), summary)}
@@ -244,13 +332,86 @@ def lora_architecture(lora: dict) -> str | None:
     try:
         return guess_architecture(lora_from_state_dict(lora, getattr(lora, "metadata", None), source="the LoRA input"))
     except LoraFormatError:
-        return None  # another tool's layout: ComfyUI may still map it, so only the key count below decides
+        return None  # another tool's layout: ComfyUI may still map it, so only ComfyUI's key map decides
 
 
-def check_lora_fits(lora: dict, matched: int, model_name: str) -> None:
-    """Raise when a LORA_MODEL does not belong to the MODEL / CLIP it is applied to: none of its keys
-    matched (``matched``: layers ComfyUI's key map found), or its architecture is another one than the
-    model's (``model_name``: ComfyUI's model config class, e.g. SD15)."""
+def _mapped_prefix(key: str, key_map: Mapping[str, Any]) -> str | None:
+    """The longest dotted prefix of a LoRA tensor key that ComfyUI's key map knows
+    (``lora_unet_x.lora_down.weight`` -> ``lora_unet_x``), or None."""
+    cut = len(key)
+    while (cut := key.rfind(".", 0, cut)) > 0:
+        if key[:cut] in key_map:
+            return key[:cut]
+    return None
+
+
+def _lora_factor_shape(patch: Any) -> tuple[int, ...] | None:
+    """The weight shape a ComfyUI LoRA patch's factors make ([out, in...]), or None for another kind of
+    patch (LoHa, LoKr, diff...) or a LoRA with a mid (Tucker) factor or a reshape, checked by ComfyUI.
+
+    ComfyUI 0.3.x makes a ``weight_adapter.LoRAAdapter`` (``name`` "lora", ``weights`` = (up, down,
+    alpha, mid, dora_scale, reshape)); older releases a tuple ``("lora", weights)``."""
+    if getattr(patch, "name", None) == "lora" and hasattr(patch, "weights"):
+        weights = patch.weights
+    elif isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "lora":
+        weights = patch[1]
+    else:
+        return None
+    up, down = weights[0], weights[1]
+    if any(len(weights) > i and weights[i] is not None for i in (3, 5)):
+        return None
+    return (int(up.shape[0]), *(int(d) for d in down.shape[1:]))
+
+
+def _target_shape(target: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape of a key-map target: a weight key, or (key, (dim, start, length)) for a slice of it."""
+    if isinstance(target, tuple):
+        key, offset = target[0], (target[1] if len(target) > 1 else None)
+    else:
+        key, offset = target, None
+    shape = shapes.get(key)
+    if shape is None or not offset:
+        return shape
+    sliced = list(shape)
+    sliced[offset[0]] = offset[2]
+    return tuple(sliced)
+
+
+def comfy_lora_fit(lora: Mapping[str, Any], key_map: Mapping[str, Any], patches: Mapping[Any, Any],
+                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[LayerMisfit]]:
+    """How a LORA_MODEL lands on a model, from ComfyUI's own key map (``comfy.lora.model_lora_keys_unet``
+    / ``_clip``: LoRA key prefix -> model weight key), the patches ``comfy.lora.load_lora`` made from it
+    (model weight key -> patch) and the model's weight shapes (``state_dict`` key -> shape).
+
+    Returns (the LoRA's tensor keys that load onto no layer, which ComfyUI would only log as
+    "lora key not loaded"; the layers whose update has another shape than the model's weight, which
+    ComfyUI would log as an invalid shape and skip), in the LoRA's order."""
+    unmatched: list[str] = []
+    adapted: dict[str, tuple[int, ...]] = {}
+    layers: dict[str, tuple[int, ...]] = {}
+    seen: set[str] = set()
+    for key in lora:
+        prefix = _mapped_prefix(key, key_map)
+        if prefix is None or key_map[prefix] not in patches:
+            unmatched.append(key)
+            continue
+        if prefix in seen:
+            continue
+        seen.add(prefix)
+        factors = _lora_factor_shape(patches[key_map[prefix]])
+        target = _target_shape(key_map[prefix], shapes)
+        if factors is not None and target is not None:
+            adapted[prefix], layers[prefix] = factors, target
+    return unmatched, layer_misfits(adapted, layers, flatten=True)
+
+
+def check_lora_fits(lora: dict, model_name: str, *, matched: int, unmatched: Sequence[str] = (),
+                    misfits: Sequence[LayerMisfit] = ()) -> None:
+    """Raise LoraFormatError when a LORA_MODEL does not fit the MODEL / CLIP it is applied to (nothing is
+    patched then): none of its keys matched (``matched``: layers ComfyUI's key map found), its
+    architecture is another one than the model's (``model_name``: ComfyUI's model config class, e.g.
+    SD15), some of its tensors load onto no layer (``unmatched``), or some layers have other shapes
+    (``misfits``; see :func:`comfy_lora_fit`). The message names the first keys and shapes."""
     architecture = lora_architecture(lora)
     expected = COMFY_MODEL_ARCHITECTURES.get(model_name)
     if matched == 0:
@@ -266,6 +427,28 @@ def check_lora_fits(lora: dict, matched: int, model_name: str) -> None:
             "layers that happen to share names would change, with mismatched shapes. Merge experts trained for "
             f"{expected}, or load a {architecture} checkpoint"
         )
+    if not unmatched and not misfits:
+        return
+    found = []
+    if misfits:
+        found.append(f"{len(misfits)} of the {matched} layers it patches have another shape in the model")
+    if unmatched:
+        found.append(f"{len(unmatched)} of its {len(lora)} tensors load onto no layer of the model or its CLIP")
+    lines = [misfit.describe("this model") for misfit in misfits[:5]]
+    lines += [f"{key}: no such layer in this model or its CLIP" for key in unmatched[:5]]
+    more = len(misfits) - min(len(misfits), 5) + len(unmatched) - min(len(unmatched), 5)
+    raise LoraFormatError(
+        f"SELMA Apply LoRA: the LoRA does not fit this {model_name} model: {' and '.join(found)}:\n"
+        f"{shown_lines(lines, shown=len(lines))}" + (f"\n  ... ({more} more)" if more else "")
+        + "\nIt was made for another model (another size of the same architecture, e.g. the tiny:sd1 test model or "
+        "a distilled model instead of SD 1.5, or another architecture); nothing was patched. Merge experts trained "
+        "for this checkpoint, or load the checkpoint they were trained for"
+    )
+
+
+def _weight_shapes(module: Any) -> dict[str, tuple[int, ...]]:
+    """``state_dict`` key -> weight shape of a torch module (ComfyUI's key maps name these keys)."""
+    return {key: tuple(int(d) for d in value.shape) for key, value in module.state_dict().items()}
 
 
 class SelmaApplyLora:
@@ -275,15 +458,18 @@ class SelmaApplyLora:
     RETURN_TYPES = ("MODEL", "CLIP")
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched CLIP model.")
     FUNCTION = "apply"
-    DESCRIPTION = "Applies the merged LoRA to the model and its text encoder(s) through comfy.sd.load_lora_for_models."
+    DESCRIPTION = ("Applies the merged LoRA to the model and its text encoder(s) through comfy.sd.load_lora_for_models, "
+                   "after checking that every tensor of the LoRA maps onto a layer of this model and fits its shape.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
         return {
             "required": {
-                "model": ("MODEL", {}),
-                "clip": ("CLIP", {}),
+                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA is applied to (e.g. Load Checkpoint's "
+                                               "MODEL); the experts must have been trained for this checkpoint."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP (text encoder) of the same checkpoint; the LoRA's text-encoder "
+                                             "layers are applied to it."}),
                 "lora": (LORA_MODEL, {"tooltip": "A merged LoRA (SELMA Merge Experts) or any LORA_MODEL."}),
                 "strength_model": ("FLOAT", {**strength, "tooltip": "How strongly to modify the diffusion model."}),
                 "strength_clip": ("FLOAT", {**strength, "tooltip": "How strongly to modify the CLIP model."}),
@@ -298,11 +484,15 @@ class SelmaApplyLora:
         if strength_model == 0 and strength_clip == 0:
             return (model, clip)  # as LoraLoader: nothing to patch
         # The key map and matching are ComfyUI's own (what load_lora_for_models does next), run once
-        # silently first to tell "matches nothing" from a LoRA that loads.
+        # silently first, so that a LoRA that does not fit is refused before anything is patched.
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False)
-        check_lora_fits(lora, len(patches), type(model.model.model_config).__name__)
+        converted = comfy.lora_convert.convert_lora(lora)
+        patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+        shapes = {**_weight_shapes(model.model), **_weight_shapes(clip.cond_stage_model)}
+        unmatched, misfits = comfy_lora_fit(converted, key_map, patches, shapes)
+        check_lora_fits(lora, type(model.model.model_config).__name__, matched=len(patches), unmatched=unmatched,
+                        misfits=misfits)
         return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
 
 
@@ -320,10 +510,14 @@ class SelmaSaveLora:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "lora": (LORA_MODEL, {}),
+                "lora": (LORA_MODEL, {"tooltip": "The LoRA to save: SELMA Merge Experts' output (its merge record and "
+                                                 "the experts' metadata are written too) or any LORA_MODEL."}),
                 "filename_prefix": ("STRING", {"default": "selma/merged",
                                                "tooltip": "Path under the loras folder; a counter is appended."}),
-                "format": (["kohya", "peft"], {"default": "kohya"}),
+                "format": (["kohya", "peft"], {
+                    "default": "kohya",
+                    "tooltip": "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers; peft: the "
+                               "layout diffusers' save_lora_weights writes (ComfyUI skips its attention keys)."}),
             }
         }
 
@@ -333,8 +527,9 @@ class SelmaSaveLora:
         loras = folder_paths.get_folder_paths("loras")[0]
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, loras)
         path = Path(folder) / f"{name}_{counter:05}_.safetensors"
-        weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
-        save_lora(weights, path, format=format)
+        with node_errors():
+            weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
+            save_lora(weights, path, format=format)
         relative = str(Path(subfolder) / path.name) if subfolder else path.name
         logger.info("SELMA Save LoRA: wrote %s (%d modules)", path, len(weights.modules))
         return {"ui": {"text": [f"saved loras/{relative}"]}}

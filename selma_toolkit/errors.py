@@ -35,3 +35,20 @@ class EndpointError(SelmaError):
 
 class HubError(SelmaError):
     """A Hugging Face Hub operation failed or was refused."""
+
+
+class OutputError(SelmaError):
+    """An output file or folder cannot be written where it was asked for (a file in the way, no permission)."""
+
+
+class FolderLockedError(SelmaError):
+    """Another process holds the lock of a run folder (two `selma run` on one folder at once)."""
+
+
+class DiskFullError(OutputError, OSError):
+    """No space left (or quota exceeded) while writing an output; also an OSError (with ``errno``
+    and ``strerror``), so code that handles failed writes (training checkpoints) keeps handling it."""
+
+    def __str__(self) -> str:
+        # OSError's own __str__ would print "[Errno 28] ..." once errno and strerror are set.
+        return str(self.args[0]) if self.args else ""

@@ -5,16 +5,23 @@ from a smaller model of the SD 1.x architecture (the tiny default, a distilled m
 names agree and only the layer sizes differ. So the model's layers are listed from its configs,
 on the meta device: the UNet and text encoders are built without memory or weights, and nothing
 but the config files is read (or downloaded from the Hub).
+
+The shape rule and the misfit listing (:func:`layer_misfits`) are shared with the ComfyUI node
+SELMA Apply LoRA, which lists a loaded model's layers through ComfyUI's own key map: at import
+this module needs only torch (diffusers and the model loaders are imported inside the functions).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from selma_toolkit.errors import LoraFormatError, ModelError
-from selma_toolkit.lora.core import COMPONENTS, LoraWeights, canonical_module_name
+from selma_toolkit.lora.core import COMPONENTS, LoraModule, LoraWeights, canonical_module_name
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +84,65 @@ def _meta_model(library: str, class_name: str, config_path: Path):
         return model_class(model_class.config_class.from_pretrained(str(config_path.parent)))
 
 
+@dataclass(frozen=True)
+class LayerMisfit:
+    """A layer a LoRA adapts that the model lacks (``layer`` None) or has with another shape."""
+
+    name: str  # the LoRA's module name (or key prefix, as the caller spells it)
+    adapted: tuple[int, ...]  # the weight shape the LoRA's factors make: [out, in] or [out, in, kh, kw]
+    layer: tuple[int, ...] | None  # the model's weight shape; None: no such layer
+
+    def describe(self, model: str = "the base model") -> str:
+        if self.layer is None:
+            return f"{self.name}: no such layer in {model}"
+        return f"{self.name}: adapts a layer of shape {list(self.adapted)}, {model}'s is {list(self.layer)}"
+
+
+def adapted_shape(module: LoraModule) -> tuple[int, ...]:
+    """The weight shape of the layer a LoRA module adapts: [out, in] or [out, in, kh, kw]."""
+    return (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:]))
+
+
+def shapes_fit(adapted: Sequence[int], layer: Sequence[int], *, flatten: bool = False) -> bool:
+    """Whether an update of shape ``adapted`` fits a weight of shape ``layer``: equal shapes, or with
+    ``flatten`` equal [out, in*kh*kw] (a Linear LoRA on a 1x1 conv, as ComfyUI applies it)."""
+    if not flatten:
+        return tuple(adapted) == tuple(layer)
+    return (len(adapted) > 0 and len(layer) > 0 and adapted[0] == layer[0]
+            and math.prod(adapted[1:]) == math.prod(layer[1:]))
+
+
+def layer_misfits(adapted: Mapping[str, Sequence[int]], layers: Mapping[str, Sequence[int] | None], *,
+                  flatten: bool = False) -> list[LayerMisfit]:
+    """Every entry of ``adapted`` (name -> adapted shape) whose layer in ``layers`` is missing (absent
+    or None) or has a shape that the update does not fit (:func:`shapes_fit`), in ``adapted``'s order."""
+    misfits = []
+    for name, shape in adapted.items():
+        layer = layers.get(name)
+        if layer is None or not shapes_fit(shape, layer, flatten=flatten):
+            misfits.append(LayerMisfit(name, tuple(int(d) for d in shape),
+                                       None if layer is None else tuple(int(d) for d in layer)))
+    return misfits
+
+
+def shown_lines(lines: Sequence[str], shown: int = _SHOWN) -> str:
+    """The first ``shown`` lines, indented, and how many more there are."""
+    text = "\n  ".join(lines[:shown])
+    if len(lines) > shown:
+        text += f"\n  ... ({len(lines) - shown} more)"
+    return "  " + text
+
+
 def check_expert_fits(lora: LoraWeights, layers: dict[str, tuple[int, ...]], *, source: str, base_model: str) -> None:
     """Raise LoraFormatError naming the first misfit modules when ``lora`` adapts a layer that
     ``layers`` (base_layer_shapes) lacks or has with another shape."""
-    problems = []
-    for name, module in lora.modules.items():
-        adapted = (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:]))
-        shape = layers.get(name)
-        if shape is None:
-            problems.append(f"{name}: no such layer in the base model")
-        elif shape != adapted:
-            problems.append(f"{name}: adapts a layer of shape {list(adapted)}, the base model's is {list(shape)}")
-    if problems:
-        shown = "\n  ".join(problems[:_SHOWN]) + (f"\n  ... ({len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else "")
+    misfits = layer_misfits({name: adapted_shape(module) for name, module in lora.modules.items()}, layers)
+    if misfits:
         raise LoraFormatError(
-            f"{source}: does not fit base_model {base_model!r}: {len(problems)} of its {len(lora.modules)} modules "
-            f"do not match the model's layers:\n  {shown}\nIt was trained for another model (another size of the "
-            "same architecture, e.g. SD 1.5 vs a smaller SD 1.x model); list only experts trained for this base model")
+            f"{source}: does not fit base_model {base_model!r}: {len(misfits)} of its {len(lora.modules)} modules "
+            f"do not match the model's layers:\n{shown_lines([m.describe() for m in misfits])}\nIt was trained for "
+            "another model (another size of the same architecture, e.g. SD 1.5 vs a smaller SD 1.x model); list only "
+            "experts trained for this base model")
 
 
 def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: list[str]) -> str | None:

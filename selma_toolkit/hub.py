@@ -171,8 +171,9 @@ def load_catalog(extra: str | Path | Sequence[str | Path] | None = None) -> dict
 
 
 @contextlib.contextmanager
-def _hub_errors(what: str) -> Iterator[None]:
-    """Turn huggingface_hub / network failures into one HubError naming ``what`` and the next step."""
+def _hub_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub / network failures into one HubError naming ``what`` and the next step
+    (and, when the server cannot be reached, the endpoint: ``endpoint``, else HF_ENDPOINT's)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -193,7 +194,9 @@ def _hub_errors(what: str) -> Iterator[None]:
         raise HubError(f"{what}: revision not found; check the branch, tag or commit given with --revision") from None
     except RemoteEntryNotFoundError:
         raise HubError(f"{what}: the file is not in the repo at this revision") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        if isinstance(exc.__cause__, _transport_errors()):  # online, but the server did not answer
+            raise HubError(_unreachable(what, endpoint, exc.__cause__) + " (the file is not in the local Hugging Face cache either)") from None
         raise HubError(
             f"{what}: not in the local Hugging Face cache and the Hub cannot be reached (offline mode: "
             "HF_HUB_OFFLINE=1, or no network); pull it once while online"
@@ -204,7 +207,14 @@ def _hub_errors(what: str) -> Iterator[None]:
         hint = f"; {LOGIN_HINT}" if status in (401, 403) else ""
         raise HubError(f"{what}: the Hub answered HTTP {status}{said}{hint}") from None
     except _transport_errors() as exc:
-        raise HubError(f"{what}: cannot reach the Hub ({type(exc).__name__}: {exc}); check the network or HF_ENDPOINT") from None
+        raise HubError(_unreachable(what, endpoint, exc)) from None
+
+
+def _unreachable(what: str, endpoint: str | None, exc: BaseException) -> str:
+    from huggingface_hub import constants
+
+    where = endpoint or constants.ENDPOINT
+    return f"{what}: cannot reach the Hub at {where} ({type(exc).__name__}: {exc}); check the network or HF_ENDPOINT"
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -223,7 +233,7 @@ def _list_repo_files(repo_id: str, revision: str | None, endpoint: str | None, t
     from huggingface_hub import HfApi, is_offline_mode, snapshot_download
 
     what = f"{repo_id}@{revision or 'main'}"
-    with _hub_errors(what):
+    with _hub_errors(what, endpoint):
         if is_offline_mode():
             # No listing without a server: use what an earlier pull left in the cache.
             folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
@@ -291,7 +301,7 @@ def pull_file(
     check_repo_id(repo_id)
     source = f"{repo_id}:{filename}@{revision or 'main'}"
     check_safetensors_name(check_repo_path(filename, source), source)
-    with _hub_errors(source):
+    with _hub_errors(source, endpoint):
         path = Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint, token=token))
     if sha256 is not None:
         actual = sha256_file(path)
@@ -397,7 +407,7 @@ def push_expert(
     plan.refuse_if_contains(token)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in plan.files.items()]
     api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(f"push to {repo_id}"):
+    with _hub_errors(f"push to {repo_id}", endpoint):
         api.create_repo(repo_id, private=private or None, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)

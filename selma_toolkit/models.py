@@ -2,8 +2,8 @@
 
 A model reference is a Hub repo id (``stabilityai/stable-diffusion-2``), a local diffusers folder
 (with model_index.json), a single-file ``.safetensors`` checkpoint, ``tiny:<arch>`` (the
-embedded default, built on first use), or ``toy:shapes`` (the pretrained shapes-world base, package
-data of selma_toolkit.toyworld). Every stage loads models through this module.
+embedded default, built on first use), or ``toy:shapes`` / ``toy:shapes-web`` (the pretrained shapes-world
+bases, package data of selma_toolkit.toyworld). Every stage loads models through this module.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def resolve_model(spec: str) -> str:
             return str(tiny.ensure_tiny_model(spec))
         except ValueError as exc:
             raise ModelError(str(exc)) from None
-    if spec == "toy:shapes":  # the pretrained shapes-world base shipped as package data (selma_toolkit/toyworld)
-        from selma_toolkit.toyworld.model import toy_base_dir
+    if spec.startswith("toy:"):  # the pretrained shapes-world bases shipped as package data (selma_toolkit/toyworld)
+        from selma_toolkit.toyworld.model import TOY_BASES, toy_base_dir
 
+        if spec not in TOY_BASES:
+            raise ModelError(f"{spec}: unknown toy base; the shipped ones are {', '.join(TOY_BASES)}")
         try:
-            return str(toy_base_dir())
+            return str(toy_base_dir(spec))
         except ValueError as exc:
             raise ModelError(str(exc)) from None
     path = Path(spec).expanduser()

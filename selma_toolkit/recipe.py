@@ -298,6 +298,8 @@ class EvaluateSettings(StrictModel):
     # (variants: base, expert:<skill>, joint, merged:<method>); empty = the recipe's merged LoRA vs base.
     report_prompts_per_skill: Annotated[int, Field(ge=0)] = 4
     human_eval_pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []
+    # A paragraph of plain text for the report's "What this run showed" section (e.g. where larger study numbers are).
+    report_note: str = ""
 
     @model_validator(mode="after")
     def _questions_scorer_has_questions(self) -> "EvaluateSettings":
@@ -357,15 +359,40 @@ class RunRecipe(StrictModel):
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; a syntax error names the file, line and column."""
+    """Parse a TOML file; a syntax error names the file, line and column (``FILE: line L, column C:
+    TOML syntax error: <what>``); an empty file or one that is not UTF-8 text is refused by name."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: recipe file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); expected a TOML recipe file") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's message already ends with "(at line L, column C)".
-        raise RecipeError(f"{path}: TOML syntax error: {exc}") from None
+        raise RecipeError(f"{path}: {_toml_error_position(str(exc), text)}") from None
+    if not data:
+        what = "the file is empty" if not text.strip() else "the file holds only comments and blank lines"
+        raise RecipeError(f"{path}: {what}; expected a TOML recipe (see `selma recipe show tiny-demo` for a run "
+                          "recipe, `selma skill new NAME` for a skill recipe)")
+    return data
+
+
+def _toml_error_position(message: str, text: str) -> str:
+    """tomllib's ``"<what> (at line L, column C)"`` or ``"<what> (at end of document)"`` (Python 3.11
+    keeps no line attributes) as ``"line L, column C: TOML syntax error: <what>"``; the end of the
+    document is given as its last line and column, with the usual cause."""
+    found = re.fullmatch(r"(?s)(.*) \(at line (\d+), column (\d+)\)", message)
+    if found:
+        what, line, column = found.group(1), int(found.group(2)), int(found.group(3))
+        return f"line {line}, column {column}: TOML syntax error: {what}"
+    found = re.fullmatch(r"(?s)(.*) \(at end of document\)", message)
+    if found:
+        lines = text.split("\n")
+        return (f"line {len(lines)}, column {len(lines[-1]) + 1}: TOML syntax error: {found.group(1)} at the end of "
+                "the file (an unclosed [ array, { table or quoted string?)")
+    return f"TOML syntax error: {message}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

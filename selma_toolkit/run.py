@@ -16,7 +16,9 @@ stage resumes after a kill). Before any work (run_checks.py) the run folder's re
 compared with the new one: a change that would mix old and new results (e.g. other image settings
 with images on disk) is refused, naming each change; and the listed experts are checked to fit the
 base model. Derived outputs (selection, merges, evaluation) are redone when what they were made
-from has changed.
+from has changed. One process at a time works in a run folder: `selma run` and `selma evaluate RUN`
+hold its lock (io.folder_lock, an OS lock that a killed process never leaves behind) and a second
+one is refused, naming the holder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selma_toolkit.errors import DatasetError, SelmaError
+from selma_toolkit.io import check_output_folder, folder_lock
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, load_run_recipe, write_resolved_recipe
 from selma_toolkit.run_checks import (
@@ -153,12 +156,17 @@ def merge_state(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple
     from selma_toolkit.io import sha256_file
     from selma_toolkit.lora.merge import MERGE_METADATA_KEY
 
+    from safetensors import SafetensorError
+
     path = paths.merged(method)
     names = ", ".join(name for name, _ in inputs)
     if not path.is_file():
         return StageState("merge", method, False, f"not merged yet ({names})")
-    with safe_open(str(path), framework="pt") as handle:
-        record = json.loads((handle.metadata() or {}).get(MERGE_METADATA_KEY, "null")) or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            record = json.loads((handle.metadata() or {}).get(MERGE_METADATA_KEY, "null")) or {}
+    except (SafetensorError, OSError, ValueError):  # damaged (truncated, overwritten): merged again, atomically
+        return StageState("merge", method, False, f"{len(inputs)} experts ({names}), {path.name} is damaged")
     wanted = _merge_settings(run, method, len(inputs))
     current = ([e.get("sha256") for e in record.get("experts", [])] == [sha256_file(p) for _, p in inputs]
                and all(record.get(key) == value for key, value in wanted.items()))
@@ -247,12 +255,7 @@ def run_pipeline(
     ``done`` after a stage that runs; ``progress(label, done, total)`` as work advances.
     ``use_best=False`` merges each skill's final expert even where a checkpoint selection exists.
     """
-    from selma_toolkit.evaluate.checkpoints import select_checkpoints
-    from selma_toolkit.evaluate.generate import evaluate_variants
-    from selma_toolkit.images import check_image_inputs, generate_images
     from selma_toolkit.lora.merge import expert_weights
-    from selma_toolkit.prompts import generate_prompts
-    from selma_toolkit.train import train_expert
 
     notify = on_stage or (lambda state, action: None)
     report = progress or (lambda label, done, total: None)
@@ -266,6 +269,7 @@ def run_pipeline(
         work()
         notify(state(), "done")
 
+    check_output_folder(paths.root)  # read-only checks first: a refused run creates nothing
     check_recipe_change(run, paths)
     externals = resolve_external_experts(run)  # before any work: a misfit expert fails now
     for method in merge_methods(run):
@@ -274,7 +278,22 @@ def run_pipeline(
         from selma_toolkit.evaluate.scorers import build_scorers
 
         build_scorers(run.evaluate)  # scorer settings are checked before hours of training
-    write_resolved_recipe(run, paths.root)
+    # One process at a time writes a run folder: a second `selma run` on it is refused here (io.folder_lock).
+    with folder_lock(paths.root, "selma run"):
+        check_recipe_change(run, paths)  # again under the lock: a run that just ended may have recorded another recipe
+        write_resolved_recipe(run, paths.root)
+        return _run_stages(run, paths, externals, use_best, stage, report)
+
+
+def _run_stages(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert], use_best: bool,
+                stage: Callable[[Callable[[], StageState], Callable[[], Any]], None],
+                report: ProgressCallback) -> RunResult:
+    """Every stage in order, under the run folder's lock (run_pipeline)."""
+    from selma_toolkit.evaluate.checkpoints import select_checkpoints
+    from selma_toolkit.evaluate.generate import evaluate_variants
+    from selma_toolkit.images import check_image_inputs, generate_images
+    from selma_toolkit.prompts import generate_prompts
+    from selma_toolkit.train import train_expert
 
     for skill in run.skills:
         stage(lambda s=skill: prompts_state(run, s.name, paths),
@@ -310,8 +329,6 @@ def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
                  progress: Callable[[int, int], None] | None = None) -> Path:
     """`selma evaluate RUN`: (re)merge what is missing or out of date, then evaluate every variant
     on the held-out prompts and write the report; return its index.html."""
-    from selma_toolkit.evaluate.generate import evaluate_variants
-
     if not _evaluates(run):
         raise DatasetError(f"run {run.name!r}: nothing to evaluate (it needs skills with held-out prompts; "
                            f"evaluate.prompts_per_skill = {run.evaluate.prompts_per_skill})")
@@ -323,6 +340,14 @@ def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
             log.warning("no current checkpoint selection for %s: their final experts are evaluated; run "
                         "`selma evaluate %s --checkpoints` first to evaluate the best checkpoints",
                         ", ".join(unselected), paths.root)
+    with folder_lock(paths.root, "selma evaluate"):  # not beside a `selma run` writing this folder
+        return _evaluate_locked(run, paths, use_best, progress)
+
+
+def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool,
+                     progress: Callable[[int, int], None] | None) -> Path:
+    from selma_toolkit.evaluate.generate import evaluate_variants
+
     inputs = merge_inputs(run, paths, resolve_external_experts(run), use_best)
     missing = [name for name, path in inputs if not path.is_file()]
     if missing:

@@ -2,6 +2,8 @@
 
 * :class:`FakeFolderPaths` is a FAKE of ComfyUI's ``folder_paths`` module (only the four functions the
   nodes call, over one temporary loras folder), for the always-on tests that run without ComfyUI.
+* :func:`fake_comfy` FAKEs the ``comfy.*`` functions SELMA Apply LoRA calls (key maps, load_lora,
+  load_lora_for_models) and a MODEL / CLIP over meta-device diffusers models.
 * :func:`full_size_expert` writes random kohya-layout experts for the full-size SD 1.5 / SDXL UNet
   and CLIPs, built from the diffusers module names and shapes (meta device, no weights).
 * Real ComfyUI (opt-in, ``COMFYUI_PATH``): :func:`comfyui_install` finds the checkout and its Python,
@@ -60,6 +62,96 @@ class FakeFolderPaths(types.ModuleType):
         folder.mkdir(parents=True, exist_ok=True)
         counter = 1 + sum(1 for p in folder.glob(f"{name}_*_.*"))
         return str(folder), name, counter, os.path.dirname(filename_prefix), filename_prefix
+
+
+# ------------------------------------------------------------------------ fake comfy.* modules
+
+
+class FakeLoRAAdapter:
+    """FAKE of ComfyUI 0.3.x ``comfy.weight_adapter.LoRAAdapter``: ``name`` "lora", ``loaded_keys``, and
+    ``weights`` = (up, down, alpha, mid, dora_scale, reshape)."""
+
+    name = "lora"
+
+    def __init__(self, loaded_keys: set[str], weights: tuple):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+
+_COMFY_CLIP_NAMES = {"text_encoder": ("clip_l", ("lora_te_", "lora_te1_")), "text_encoder_2": ("clip_g", ("lora_te2_",))}
+_COMFY_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+def fake_comfy(unet, text_encoders: dict, config_name: str):
+    """FAKE ComfyUI modules and objects for SELMA Apply LoRA, over (meta-device) diffusers models.
+
+    Returns (modules for ``sys.modules``: comfy, comfy.lora, comfy.lora_convert, comfy.sd; the MODEL;
+    the CLIP; the list of ``load_lora_for_models`` calls). The MODEL is a ModelPatcher-like object
+    whose ``.model`` holds the UNet as ``diffusion_model`` and a ``model_config`` of class
+    ``config_name`` (e.g. SD15); the CLIP's ``cond_stage_model`` holds each text encoder as
+    ``clip_l`` / ``clip_g`` ``.transformer``. The key maps follow ComfyUI's kohya rule: ``lora_unet_``
+    + the UNet module path with "." -> "_" for every Linear / Conv2d, ``lora_te_`` / ``lora_te1_``
+    (``lora_te2_``) + ``text_model_`` + the path for the CLIP layers ComfyUI knows; ``load_lora`` makes
+    a FakeLoRAAdapter for every key-map prefix with ``.lora_up.weight`` and ``.lora_down.weight``."""
+    import torch
+
+    class BaseModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = unet
+            self.model_config = type(config_name, (), {})()
+
+    class ClipModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for component, encoder in text_encoders.items():
+                wrapper = torch.nn.Module()
+                wrapper.transformer = encoder
+                self.add_module(_COMFY_CLIP_NAMES[component][0], wrapper)
+
+    def model_lora_keys_unet(model, key_map):
+        for path, layer in model.diffusion_model.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                key_map["lora_unet_" + path.replace(".", "_")] = f"diffusion_model.{path}.weight"
+        return key_map
+
+    def model_lora_keys_clip(clip_model, key_map):
+        for component, encoder in text_encoders.items():
+            name, prefixes = _COMFY_CLIP_NAMES[component]
+            for path, layer in encoder.named_modules():
+                if isinstance(layer, torch.nn.Linear) and ".layers." in path and path.endswith(_COMFY_CLIP_LAYERS):
+                    full = path if path.startswith("text_model.") else "text_model." + path
+                    for prefix in prefixes:
+                        key_map[prefix + full.replace(".", "_")] = f"{name}.transformer.{path}.weight"
+        return key_map
+
+    def load_lora(lora, to_load, log_missing=True):
+        patches = {}
+        for prefix, target in to_load.items():
+            up, down, alpha = f"{prefix}.lora_up.weight", f"{prefix}.lora_down.weight", f"{prefix}.alpha"
+            if up in lora and down in lora:
+                value = float(lora[alpha]) if alpha in lora else None
+                patches[target] = FakeLoRAAdapter({up, down, alpha}, (lora[up], lora[down], value, None, None, None))
+        return patches
+
+    calls: list[tuple] = []
+
+    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+        calls.append((model, clip, lora, strength_model, strength_clip))
+        return ("patched MODEL", "patched CLIP")
+
+    comfy = types.ModuleType("comfy")
+    comfy.lora = types.ModuleType("comfy.lora")
+    comfy.lora.model_lora_keys_unet, comfy.lora.model_lora_keys_clip = model_lora_keys_unet, model_lora_keys_clip
+    comfy.lora.load_lora = load_lora
+    comfy.lora_convert = types.ModuleType("comfy.lora_convert")
+    comfy.lora_convert.convert_lora = lambda lora: lora
+    comfy.sd = types.ModuleType("comfy.sd")
+    comfy.sd.load_lora_for_models = load_lora_for_models
+    modules = {"comfy": comfy, "comfy.lora": comfy.lora, "comfy.lora_convert": comfy.lora_convert, "comfy.sd": comfy.sd}
+    model = types.SimpleNamespace(model=BaseModel())
+    clip = types.SimpleNamespace(cond_stage_model=ClipModel())
+    return modules, model, clip, calls
 
 
 # ------------------------------------------------------------------------------ expert builders
@@ -373,7 +465,12 @@ def _key_check(lora_file: str, arch: str) -> dict:
     logging.getLogger().addHandler(Collect())
     lora = load_file(lora_file)
     patches = comfy.lora.load_lora(lora, key_map)
-    return {"model": type(model.model_config).__name__, "patched": len(patches), "keys": len(lora), "unloaded": unloaded}
+    # What SELMA Apply LoRA finds with the same real key map and patches (ComfyUI's own LoRAAdapter objects).
+    from comfyui_nodes.nodes import _weight_shapes, comfy_lora_fit
+
+    unmatched, misfits = comfy_lora_fit(lora, key_map, patches, {**_weight_shapes(model), **_weight_shapes(clip)})
+    return {"model": type(model.model_config).__name__, "patched": len(patches), "keys": len(lora), "unloaded": unloaded,
+            "unfit": unmatched[:5] + [misfit.describe("the model") for misfit in misfits[:5]]}
 
 
 if __name__ == "__main__":

@@ -130,3 +130,40 @@ def test_fused_adapter_gives_the_unfused_output(fresh_pipe, experts):
     fused = fresh_pipe()
     load_experts(fused, experts, method="svd", rank=2, fuse=True)
     assert_close(outputs(fused), outputs(unfused), base)
+
+
+def block_weight_by_hand(name: str) -> float:
+    """in=0.5, mid=0, out=2, te=0.25 read off a module name; UNet modules outside the blocks keep 1."""
+    for prefix, weight in (("unet.down_blocks.", 0.5), ("unet.mid_block.", 0.0), ("unet.up_blocks.", 2.0), ("text_encoder", 0.25)):
+        if name.startswith(prefix):
+            return weight
+    return 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_block_weights_scale_each_groups_update_in_the_merged_and_the_runtime_adapters(fresh_pipe, experts):
+    block_weights = "in=0.5,mid=0,out=2,te=0.25"
+    by_hand = fresh_pipe()
+    base = outputs(by_hand)
+    updates = {}
+    for name in experts[0].modules:
+        total = sum(s * b @ a for b, a, s in (factor_arrays(e.modules[name]) for e in experts)) / len(experts)
+        updates[name] = block_weight_by_hand(name) * total
+    assert {block_weight_by_hand(name) for name in updates} >= {0.5, 0.0, 2.0, 0.25}  # every group is exercised
+    add_updates_by_hand(by_hand, updates)
+    expected = outputs(by_hand)
+    merged = fresh_pipe()
+    load_experts(merged, experts, method="delta", block_weights=block_weights)
+    assert_close(outputs(merged), expected, base)
+    runtime = fresh_pipe()
+    load_experts(runtime, experts, method="runtime", block_weights={"in": 0.5, "mid": 0, "out": 2, "te": 0.25})
+    assert_close(outputs(runtime), expected, base)
+
+
+def test_text_encoder_block_weight_zero_leaves_the_text_encoders_output_unchanged(fresh_pipe, experts):
+    pipe = fresh_pipe()
+    base_hidden, base_noise = outputs(fresh_pipe())
+    load_experts(pipe, experts, block_weights="te=0")
+    hidden, noise = outputs(pipe)
+    assert np.array_equal(hidden, base_hidden)
+    assert np.abs(noise - base_noise).max() > 1e-3  # the UNet's update stays

@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import os
+import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from safetensors.torch import save_file
 from support_comfyui import (
     FakeFolderPaths,
+    fake_comfy,
+    free_port,
     full_size_expert,
     full_size_models,
     load_pack_like_comfyui,
@@ -31,7 +34,7 @@ from support_comfyui import (
 from support_lora import COMFY_CLIP_LAYERS, comfyui_accepted_keys, diffusers_to_ldm
 
 import comfyui_nodes
-from comfyui_nodes.install import REQUIREMENTS, ROOT_INIT, install_node_pack
+from comfyui_nodes.install import REQUIREMENTS, ROOT_INIT, base_directory_note, install_node_pack
 from comfyui_nodes.nodes import (
     NODE_CLASS_MAPPINGS,
     NODE_DISPLAY_NAME_MAPPINGS,
@@ -41,9 +44,19 @@ from comfyui_nodes.nodes import (
     SelmaMergeExperts,
     SelmaSaveLora,
     check_lora_fits,
+    node_words,
 )
-from selma_toolkit.errors import LoraFormatError, SelmaError
-from selma_toolkit.lora import load_lora, save_lora
+from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
+from selma_toolkit.lora import (
+    LoraModule,
+    LoraWeights,
+    guess_architecture,
+    inspect_lora,
+    load_lora,
+    lora_from_state_dict,
+    lora_to_state_dict,
+    save_lora,
+)
 
 WORKFLOWS = Path(comfyui_nodes.__file__).parent / "workflows"
 
@@ -110,6 +123,13 @@ def test_every_node_declares_inputs_outputs_and_a_function_that_takes_them(loras
     assert SelmaMergeExperts.INPUT_TYPES()["required"]["method"][0] == ["selma", "delta", "svd", "ties", "dare"]
 
 
+def test_every_node_input_has_a_tooltip(loras):
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        for section in node.INPUT_TYPES().values():
+            for input_name, (_, options) in section.items():
+                assert len(options.get("tooltip", "")) > 10, (name, input_name)
+
+
 def test_expert_loader_lists_the_loras_folder(loras):
     (loras / "sub").mkdir()
     (loras / "sub" / "a.safetensors").write_bytes(b"x")
@@ -170,6 +190,70 @@ def test_loader_chain_keeps_order_weights_and_file_hashes(loras, models):
     assert [(e.name, e.weight) for e in experts] == [("e2.safetensors", 0.5), ("e0.safetensors", 2.0), ("e1.safetensors", -1.0)]
     assert [e.sha256 for e in experts] == [sha256(loras / e.name) for e in experts]
     assert all(len(e.lora.modules) == 16 for e in experts)
+
+
+def test_merge_node_keeps_the_experts_architecture_base_model_and_provenance(loras, models):
+    # Experts of a small SD 1.x model: no layer width tells the architecture, only the files' metadata does.
+    small = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)}
+    for seed in range(2):
+        modules = {name: LoraModule(torch.randn(2, shape[1]), torch.randn(shape[0], 2), 2.0) for name, shape in small.items()}
+        meta = {"selma.architecture": "sd1", "selma.base_model": "tiny:sd1", "selma.skill": f"skill{seed}",
+                "selma.recipe_sha256": f"{seed}" * 64}
+        save_lora(LoraWeights(modules, meta), loras / f"e{seed}.safetensors")
+        assert inspect_lora(loras / f"e{seed}.safetensors").architecture == "sd1"  # what `selma lora info` says
+    assert guess_architecture(LoraWeights(modules)) is None  # the tensors alone do not tell
+    lora, summary = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 1.0)))
+    assert summary.endswith("for sd1 (base model tiny:sd1)"), summary
+    assert lora.metadata["selma.architecture"] == "sd1" and lora.metadata["selma.base_model"] == "tiny:sd1"
+    assert json.loads(lora.metadata["selma.skills"]) == ["skill0", "skill1"]
+    record = json.loads(lora.metadata["selma.merge"])
+    assert [(e["skill"], e["base_model"], e["architecture"], e["recipe_sha256"]) for e in record["experts"]] == [
+        ("skill0", "tiny:sd1", "sd1", "0" * 64), ("skill1", "tiny:sd1", "sd1", "1" * 64)]
+    SelmaSaveLora().save(lora, "merged", "kohya")
+    saved = inspect_lora(loras / "merged_00001_.safetensors")
+    assert saved.architecture == "sd1" and saved.file_metadata["ss_base_model_version"] == "sd_v1"
+    assert saved.file_metadata["selma.base_model"] == "tiny:sd1"
+
+
+BLOCK_MODULES = {  # one small layer per block group: in, mid, out, text encoder
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (16, 16),
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k": (16, 16),
+    "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": (16, 12),
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12),
+}
+
+
+def test_merge_node_block_weights_scale_each_groups_merged_update_and_are_recorded(loras):
+    import numpy as np
+
+    experts = []
+    for seed in range(2):
+        generator = torch.Generator().manual_seed(seed)
+        modules = {name: LoraModule(torch.randn(2, shape[1], generator=generator, dtype=torch.float64),
+                                    torch.randn(shape[0], 2, generator=generator, dtype=torch.float64), 1.0 + seed)
+                   for name, shape in BLOCK_MODULES.items()}
+        experts.append(LoraWeights(modules))
+        save_lora(experts[-1], loras / f"e{seed}.safetensors")
+    lora, summary = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 3.0)), "delta", block_weights="in=0.5, mid=0,out=2,te=0")
+    merged = lora_from_state_dict(lora, lora.metadata)
+    g = dict(zip(BLOCK_MODULES, (0.5, 0.0, 2.0, 0.0)))  # by hand: in, mid, out, te
+    for name in BLOCK_MODULES:
+        expected = g[name] * sum(w * (e.modules[name].alpha / 2) * e.modules[name].up.numpy() @ e.modules[name].down.numpy()
+                                 for w, e in zip((0.25, 0.75), experts))  # normalized weights 1/4, 3/4
+        module = merged.modules[name]
+        np.testing.assert_allclose(module.alpha / module.rank * module.up.double().numpy() @ module.down.double().numpy(),
+                                   expected, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert json.loads(lora.metadata["selma.merge"])["block_weights"] == {"in": 0.5, "mid": 0.0, "out": 2.0, "te": 0.0}
+    assert summary.endswith("; block weights in=0.5, mid=0, out=2, te=0"), summary
+    assert "block_weights" in SelmaMergeExperts.INPUT_TYPES()["optional"]
+
+
+def test_merge_node_unknown_block_group_is_a_node_error_listing_the_valid_groups(loras):
+    save_lora(LoraWeights({name: LoraModule(torch.ones(2, shape[1]), torch.ones(shape[0], 2), 2.0)
+                           for name, shape in BLOCK_MODULES.items()}), loras / "e.safetensors")
+    with pytest.raises(LoraFormatError, match=r"block weight group 'down' is not a group; valid groups: te, te1, te2, "
+                                              r"unet, in, in\.N, mid, out, out\.N"):
+        merge(stack(("e.safetensors", 1.0)), block_weights="down=0.5")
 
 
 def test_is_changed_follows_the_file_bytes_even_when_size_and_mtime_stay(loras):
@@ -248,26 +332,94 @@ def test_unequal_ranks_with_the_selma_method_suggest_delta_or_svd(loras, models)
     experts = stack(("r2.safetensors", 1.0), ("r4.safetensors", 1.0))
     with pytest.raises(LoraFormatError, match="needs equal ranks") as info:
         merge(experts, "selma")
-    assert "delta" in str(info.value) and "svd" in str(info.value)
+    # In the node's words (the library's message, shared with the CLI, says "--method delta").
+    assert "Set method to delta" in str(info.value) and "or to svd" in str(info.value) and "--" not in str(info.value)
+    with pytest.raises(LoraFormatError, match="Set rank to 0 or set method to svd") as info:
+        merge(stack(("r2.safetensors", 1.0)), "selma", rank=4)
+    assert "--" not in str(info.value)
     delta, summary = merge(experts, "delta")
     assert "rank 6" in summary and all(t.shape[0] == 6 for k, t in delta.items() if k.endswith("lora_down.weight"))
     svd, summary = merge(experts, "svd", rank=3)
     assert "rank 3" in summary
 
 
+@pytest.mark.parametrize(("library", "node"), [
+    ("x@v9: revision not found; check the branch, tag or commit given with --revision",
+     "x@v9: revision not found; check the branch, tag or commit given in 'revision'"),
+    ("alice/x@main holds 2 .safetensors files (a, b); name one as alice/x:FILE (or with --file FILE)",
+     "alice/x@main holds 2 .safetensors files (a, b); name one as alice/x:FILE"),
+    ("e.safetensors: 3 bias / norm differences cannot be carried by a LoRA; pass drop_bias_diffs=True "
+     "(--drop-bias-diffs) to drop them", "e.safetensors: 3 bias / norm differences cannot be carried by a LoRA; "
+     "convert the file with `selma lora convert` and its drop-bias-diffs option to drop them"),
+    ("weights: give them with --weights", "weights: give them with 'weights'"),
+])
+def test_node_errors_use_the_nodes_words_for_the_clis_flags(library, node):
+    assert node_words(library) == node
+
+
 def test_apply_refuses_a_lora_matching_no_key_or_made_for_another_architecture(models):
     sdxl_text_only = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(1, 1280),
                       "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 1)}
     with pytest.raises(LoraFormatError, match=r"none of the LoRA's 2 tensors .* matches a layer of this SD15 model") as info:
-        check_lora_fits(sdxl_text_only, matched=0, model_name="SD15")
+        check_lora_fits(sdxl_text_only, "SD15", matched=0)
     assert "sdxl" in str(info.value)
-    from selma_toolkit.lora import lora_to_state_dict
-
     sdxl, _ = lora_to_state_dict(full_size_expert("sdxl", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]))
     with pytest.raises(LoraFormatError, match=r"the LoRA is for sdxl but the MODEL is SD15 \(sd1\)"):
-        check_lora_fits(sdxl, matched=len(sdxl) // 3, model_name="SD15")
-    check_lora_fits(sdxl, matched=len(sdxl) // 3, model_name="SDXL")
-    check_lora_fits(sdxl, matched=1, model_name="Flux")  # unknown model: only the key count decides
+        check_lora_fits(sdxl, "SD15", matched=len(sdxl) // 3)
+    check_lora_fits(sdxl, "SDXL", matched=len(sdxl) // 3)
+    check_lora_fits(sdxl, "Flux", matched=1)  # unknown model, every key loaded: ComfyUI's key map decides
+
+
+@pytest.fixture
+def sd15_comfy(models, monkeypatch):
+    """The FAKE comfy modules over the full-size SD 1.5 UNet and CLIP-L: (MODEL, CLIP, load_lora_for_models calls)."""
+    unet, text = models["sd1"]
+    modules, model, clip, calls = fake_comfy(unet, text, "SD15")
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return model, clip, calls
+
+
+def test_apply_refuses_an_expert_of_another_width_naming_keys_and_shapes(sd15_comfy):
+    from selma_toolkit.tiny import build_tiny_pipeline
+
+    model, clip, calls = sd15_comfy
+    tiny = build_tiny_pipeline("sd1")  # tiny:sd1: the SD 1.x architecture, 32-channel layers
+    expert = full_size_expert("sd1", seed=0, rank=2, models=(tiny.unet, {"text_encoder": tiny.text_encoder}))
+    lora, _ = lora_to_state_dict(expert)
+    with pytest.raises(LoraFormatError, match="the LoRA does not fit this SD15 model") as info:
+        SelmaApplyLora().apply(model, clip, lora, 1.0, 1.0)
+    message = str(info.value)
+    layers = [k.removesuffix(".lora_down.weight") for k in lora if k.endswith(".lora_down.weight")]
+    # tiny:sd1's first up block has attentions; SD 1.5's (UpBlock2D) has none: those keys load nowhere
+    # (ComfyUI's log: 48 "lora key not loaded"); every other layer exists with 10x (UNet) / 24x (CLIP) the width.
+    nowhere = [k for k in lora if k.startswith("lora_unet_up_blocks_0_")]
+    patched = [k for k in layers if not k.startswith("lora_unet_up_blocks_0_")]
+    assert len(nowhere) == 48 and len(patched) == 48
+    assert (f"48 of the 48 layers it patches have another shape in the model and 48 of its {len(lora)} tensors load "
+            "onto no layer of the model or its CLIP") in message
+    assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q: adapts a layer of shape [32, 32], "
+            "this model's is [320, 320]") in message
+    assert f"{nowhere[0]}: no such layer in this model or its CLIP" in message
+    assert f"... ({48 - 5 + 48 - 5} more)" in message and "nothing was patched" in message
+    text_layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert text_layer in patched
+    with pytest.raises(LoraFormatError, match=rf"{text_layer}: adapts a layer of shape \[32, 32\], this model's is \[768, 768\]"):
+        SelmaApplyLora().apply(model, clip, {k: v for k, v in lora.items() if k.startswith(text_layer)}, 1.0, 1.0)
+    assert calls == []  # refused before load_lora_for_models patched anything
+
+
+def test_apply_patches_a_fitting_lora_and_refuses_one_with_a_key_that_loads_nowhere(sd15_comfy, models):
+    model, clip, calls = sd15_comfy
+    lora, _ = lora_to_state_dict(full_size_expert("sd1", seed=1, rank=2, models=models["sd1"]))
+    assert SelmaApplyLora().apply(model, clip, lora, 0.8, 0.5) == ("patched MODEL", "patched CLIP")
+    assert [(c[2], c[3], c[4]) for c in calls] == [(lora, 0.8, 0.5)]
+    extra = {**lora, "lora_unet_down_blocks_0_no_such_layer.lora_down.weight": torch.zeros(2, 320),
+             "lora_unet_down_blocks_0_no_such_layer.lora_up.weight": torch.zeros(320, 2)}
+    with pytest.raises(LoraFormatError, match=f"2 of its {len(extra)} tensors load onto no layer of the model or its CLIP") as info:
+        SelmaApplyLora().apply(model, clip, extra, 1.0, 1.0)
+    assert "lora_unet_down_blocks_0_no_such_layer.lora_down.weight: no such layer in this model or its CLIP" in str(info.value)
+    assert "another shape" not in str(info.value) and len(calls) == 1
 
 
 # ---------------------------------------------------------------------------- save and hub
@@ -304,15 +456,52 @@ def test_hub_expert_node_pulls_a_repo_file_into_the_loras_folder_and_stacks_it(l
                        tmp_path / "countbench.safetensors")
     hub = OlahHub(tmp_path / "hub")
     commit_files(init_repo(hub.mirrors, "alice/countbench-sd15"), {"countbench.safetensors": expert.read_bytes()}, "expert")
+    catalog = tmp_path / "my-catalog.toml"
+    catalog.write_text('[my-count]\nrepo = "alice/countbench-sd15"\nfile = "countbench.safetensors"\nskill = "countbench"\n'
+                       f'base_model = "runwayml/stable-diffusion-v1-5"\narchitecture = "sd1"\nsha256 = "{sha256(expert)}"\n')
     hub.start()
     try:
         (experts,) = SelmaHubExpert().pull("alice/countbench-sd15", 0.5, "", hub.endpoint)
-        with pytest.raises(SelmaError, match="'ref' is empty"):
-            SelmaHubExpert().pull("  ", 1.0, "", hub.endpoint)
+        (loras / "countbench.safetensors").unlink()
+        (experts,) = SelmaHubExpert().pull("my-count", 2.0, "", hub.endpoint, experts, catalog=str(catalog))
+        with pytest.raises(SelmaError, match="'ref' is empty; give a Hub repo id owner/name or a name from your catalog: my-count"):
+            SelmaHubExpert().pull("  ", 1.0, "", hub.endpoint, catalog=str(catalog))
     finally:
         hub.stop()
     assert (loras / "countbench.safetensors").read_bytes() == expert.read_bytes()
-    assert [(e.name, e.weight, e.sha256) for e in experts] == [("countbench.safetensors", 0.5, sha256(expert))]
+    assert [(e.name, e.weight, e.sha256) for e in experts] == [("countbench.safetensors", 0.5, sha256(expert)),
+                                                               ("countbench.safetensors", 2.0, sha256(expert))]
+
+
+def test_hub_expert_node_suggests_only_names_that_resolve(loras, monkeypatch):
+    from selma_toolkit.hub import load_catalog
+
+    monkeypatch.delenv("SELMA_CATALOG", raising=False)
+    assert load_catalog() == {}  # the shipped catalog is empty: no example name may be suggested
+    texts = [SelmaHubExpert.DESCRIPTION, *(spec[1]["tooltip"] for section in SelmaHubExpert.INPUT_TYPES().values()
+                                            for spec in section.values())]
+    assert "countbench" not in " ".join(texts) and "SELMA_CATALOG" in SelmaHubExpert.DESCRIPTION
+    with pytest.raises(HubError, match="'ref' is empty") as info:
+        SelmaHubExpert().pull("", 1.0, "", "")
+    assert "none is known: the shipped catalog is empty" in str(info.value) and "countbench" not in str(info.value)
+    with pytest.raises(HubError, match="no catalog entry of that name") as info:
+        SelmaHubExpert().pull("countbench", 1.0, "", "")
+    assert "the catalog is empty" in str(info.value) and "'catalog' input or in SELMA_CATALOG" in str(info.value)
+    assert "--" not in str(info.value)
+
+
+def test_hub_expert_node_names_an_unreachable_endpoint(loras):
+    import time
+
+    dead = f"http://127.0.0.1:{free_port()}"  # a closed port: the connection is refused at once
+    started = time.monotonic()
+    with pytest.raises(HubError) as info:
+        SelmaHubExpert().pull("alice/countbench-sd15", 1.0, "", dead)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert message.startswith(f"SELMA Hub Expert: alice/countbench-sd15@main: cannot reach the Hub at {dead} (")
+    assert "check the network and the 'endpoint' input (empty: HF_ENDPOINT)" in message
+    assert not list(loras.iterdir())
 
 
 # ------------------------------------------------------------------------------- packaging
@@ -355,6 +544,45 @@ def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cl
     assert (clone / "__init__.py").read_text() == "# a git clone"
     refused = cli("comfyui", "install", str(tmp_path / "nowhere"))
     assert refused.returncode == 1 and "no custom_nodes folder" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_install_gives_the_pack_the_modes_of_the_users_umask(tmp_path, mask):
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "custom_nodes").mkdir(parents=True)
+    previous = os.umask(mask)
+    try:
+        for _ in range(2):  # a new install, then an update
+            pack = install_node_pack(comfyui)
+            folders = [pack, *(p for p in pack.rglob("*") if p.is_dir())]
+            files = [p for p in pack.rglob("*") if p.is_file()]
+            # 0755 / 0644 under umask 022: another user's ComfyUI can read the pack (mkdtemp alone gives 0700).
+            assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o777 & ~mask}
+            assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~mask}
+            assert len(files) > 20
+    finally:
+        os.umask(previous)
+
+
+def test_install_says_when_comfyui_loads_custom_nodes_from_another_base_directory(cli, tmp_path):
+    checkout = tmp_path / "ComfyUI"  # a ComfyUI program folder: main.py beside the comfy package
+    (checkout / "comfy").mkdir(parents=True)
+    (checkout / "main.py").write_text("# ComfyUI")
+    with pytest.raises(SelmaError, match=r"a ComfyUI checkout without a custom_nodes folder\. If you start ComfyUI "
+                                         r"with --base-directory DIR, it loads custom nodes from DIR/custom_nodes: run "
+                                         r"`selma comfyui install DIR`"):
+        install_node_pack(checkout)
+    (checkout / "custom_nodes").mkdir()
+    result = cli("comfyui", "install", str(checkout))  # ComfyUI never started with it as its base: no user/
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert "has not used as its base folder yet" in said and "ignores this copy: run `selma comfyui install DIR`" in said
+    (checkout / "user").mkdir()  # ComfyUI creates <base>/user when it starts
+    assert base_directory_note(checkout) is None
+    base = tmp_path / "comfy-base"  # a --base-directory folder without custom_nodes/ yet
+    (base / "models").mkdir(parents=True)
+    with pytest.raises(SelmaError, match="If this is the folder you give ComfyUI's --base-directory, create"):
+        install_node_pack(base)
 
 
 def test_repository_root_is_the_pack_that_install_writes_and_lists_no_torch(repo_root):

@@ -182,3 +182,26 @@ def test_evaluate_report_command_writes_the_report_beside_the_evaluation(cli, tm
     assert (run / "report" / "index.html").is_file() and "expert:color" in (run / "report" / "human-eval.html").read_text()
     result = cli("evaluate", "--report", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "no scores file" in result.stderr
+
+
+def test_report_states_each_variants_paired_change_over_the_base_with_its_verdict(tmp_path, eval_dir):
+    from selma_toolkit.evaluate import read_scores
+    from selma_toolkit.evaluate.report import paired_gains
+
+    document = read_scores(eval_dir / "scores.json")
+    rows = paired_gains(document, samples=500)
+    by_key = {(i["variant"], i["skill"], i["prompt_id"], i["seed"]): i["scores"] for i in document["items"]}
+    for row in rows:
+        # Independently: the variant's score minus the base's on the same (skill, prompt, seed).
+        diffs = [scores[row["metric"]] - by_key[("base", skill, pid, seed)][row["metric"]]
+                 for (variant, skill, pid, seed), scores in by_key.items()
+                 if variant == row["variant"] and skill == row["skill"] and ("base", skill, pid, seed) in by_key]
+        assert row["change"].mean == pytest.approx(float(np.mean(diffs)))
+        assert row["change"].low <= row["change"].mean <= row["change"].high
+        expected = ("helps" if row["change"].low > 0 else "hurts" if row["change"].high < 0
+                    else "not significant at this size")
+        assert row["verdict"] == expected
+    assert {r["variant"] for r in rows} == set(document["variants"]) - {"base"}
+    page = write_report(eval_dir, tmp_path / "report", note="Study numbers: docs/toyworld.md").read_text()
+    assert "What this run showed" in page and "Study numbers: docs/toyworld.md" in page
+    assert any(verdict in page for verdict in ("helps", "hurts", "not significant at this size"))

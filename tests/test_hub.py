@@ -340,7 +340,7 @@ def test_an_unreachable_hub_is_a_clear_error(tmp_path):
     with pytest.raises(HubError, match="cannot reach the Hub .*HF_ENDPOINT"):
         push_expert(write_expert(tmp_path / "e.safetensors", skill="coco", seed=8), "alice/x", token=TOKEN, endpoint=dead)
     # (A pull with a file name goes straight to hf_hub_download, which retries for about 20 s first.)
-    with pytest.raises(HubError, match="alice/unreachable@main: cannot reach the Hub .*HF_ENDPOINT"):
+    with pytest.raises(HubError, match=f"alice/unreachable@main: cannot reach the Hub at {dead} .*HF_ENDPOINT"):
         resolve_expert("alice/unreachable", endpoint=dead)
 
 

@@ -385,6 +385,30 @@ def test_merge_files_matches_the_in_memory_merge_and_records_each_input_sha256(t
     assert sorted(p.name for p in out.parent.iterdir()) == ["selma.safetensors"]  # no temporary file left
 
 
+def test_merged_file_keeps_the_architecture_base_model_and_provenance_of_its_experts(tmp_path):
+    from selma_toolkit.lora import guess_architecture, inspect_lora, merge_files, save_lora
+
+    # LINEAR's widths tell no architecture: only the experts' files say sd1 (as `selma lora info` shows).
+    paths = [save_lora(random_expert(50 + i, 2, 2.0, dtype=torch.float32), tmp_path / f"{skill}.safetensors",
+                       metadata={"skill": skill, "architecture": "sd1", "base_model": "tiny:sd1", "recipe_sha256": f"{i}" * 64})
+             for i, skill in enumerate(["countbench", "whoops"])]
+    assert guess_architecture(random_expert(50, 2, 2.0)) is None
+    assert [inspect_lora(p).architecture for p in paths] == ["sd1", "sd1"]
+    merged = merge_files(paths, tmp_path / "merged.safetensors", "delta")
+    info = inspect_lora(tmp_path / "merged.safetensors")
+    assert info.architecture == "sd1" and guess_architecture(merged) == "sd1"
+    assert info.file_metadata["selma.base_model"] == "tiny:sd1" and info.file_metadata["ss_base_model_version"] == "sd_v1"
+    assert info.file_metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    record = merge_record(info.weights)
+    assert [(e["skill"], e["architecture"], e["base_model"], e["recipe_sha256"]) for e in record["experts"]] == [
+        ("countbench", "sd1", "tiny:sd1", "0" * 64), ("whoops", "sd1", "tiny:sd1", "1" * 64)]
+    # Experts that name no architecture (or disagree on the base model) leave those fields out.
+    plain = [save_lora(random_expert(60 + i, 2, 2.0, dtype=torch.float32), tmp_path / f"p{i}.safetensors",
+                       metadata={"base_model": f"model-{i}"}) for i in range(2)]
+    metadata = merge_files(plain, tmp_path / "plain.safetensors", "delta").metadata
+    assert "selma.architecture" not in metadata and "selma.base_model" not in metadata
+
+
 def test_cli_merge_writes_the_weighted_delta_and_prints_the_summary(tmp_path, cli):
     from selma_toolkit.lora import load_lora
 

@@ -183,3 +183,24 @@ def test_filtered_dataset_keeps_per_prompt_the_first_candidate_that_reaches_the_
     origin = {0: first, 1: second, 2: first}
     for prompt_id, record in kept.items():
         assert record.path.read_bytes() == (origin[prompt_id].images("toy-count") / record.path.name).read_bytes()
+
+
+def test_retention_is_undefined_unless_the_experts_gain_is_significant(tmp_path):
+    from selma_toolkit.toyworld.study_report import summarise
+
+    folder = tmp_path / "seed-0"
+    (folder / "eval").mkdir(parents=True)
+    items = []
+    for prompt_id in range(40):
+        base = 50.0
+        # The expert's gain alternates +1 / -1 (mean 0: nothing to keep); the merge's is +1.
+        values = {"base": base, "expert:toy-count": base + (1 if prompt_id % 2 else -1), "merged:selma": base + 1}
+        items += [{"variant": v, "skill": "toy-count", "prompt_id": prompt_id, "seed": 0, "scores": {"toyworld": x}}
+                  for v, x in values.items()]
+    (folder / "eval" / "scores.json").write_text(json.dumps({"items": items}))
+    (folder / "replicate.json").write_text(json.dumps({"train_images": {}}))
+    summary = summarise(tmp_path, ["toy-count"])
+    assert summary["gains"]["expert"]["toy-count"]["low"] < 0
+    assert summary["retention"]["merged:selma"]["toy-count"] == {"ratio": None, "low": None, "high": None}
+    met = [row["met"] for row in summary["targets"] if "keeps" in row["target"]]
+    assert met == [False]

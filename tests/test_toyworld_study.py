@@ -34,6 +34,51 @@ def test_pretraining_reproduces_from_its_seed_and_a_resumed_run_equals_an_uninte
     assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4]
 
 
+def test_web_caption_pretraining_resumes_bit_exact_and_exports_its_own_tokenizer(tmp_path):
+    """toy:shapes-web's recipe: web captions, the VAE of toy:shapes reused (stage 1 skipped)."""
+    from selma_toolkit.models import load_pipeline
+    from selma_toolkit.toyworld.model import BASE_DIR
+
+    web = {**TINY, "captions": "web", "vae_from": "toy:shapes"}
+    whole = pretrain(tmp_path / "whole", PretrainSettings(**web))
+    pretrain(tmp_path / "resumed", PretrainSettings(**{**web, "steps": 2}))
+    resumed = pretrain(tmp_path / "resumed", PretrainSettings(**web))
+    assert _same(whole, resumed)
+    assert not _same(whole, pretrain(tmp_path / "explicit", PretrainSettings(**{**TINY, "vae_from": "toy:shapes"})))
+    # The VAE is toy:shapes' own, so both bases share one latent space.
+    shipped = load_file(str(BASE_DIR / "vae" / "diffusion_pytorch_model.safetensors"))
+    copied = load_file(str(tmp_path / "whole" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(shipped[k].float(), copied[k]) for k in shipped)
+    target = export_base(tmp_path / "whole", whole, tmp_path / "base")
+    pipe = load_pipeline(str(target), device="cpu")
+    assert len(pipe.tokenizer("a picture of two discs on black").input_ids) == 9  # each web word one token
+    assert json.loads((target / "toyworld.json").read_text())["settings"]["captions"] == "web"
+    assert "--captions web" in json.loads((target / "toyworld.json").read_text())["rebuild"][0]
+
+
+def test_provenance_rebuilds_a_run_resumed_with_another_thread_count_exactly(tmp_path):
+    from selma_toolkit.toyworld.snapshots import provenance
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pretrain(tmp_path / "run", PretrainSettings(**{**TINY, "steps": 2}))
+        torch.set_num_threads(2)
+        snapshot = pretrain(tmp_path / "run", PretrainSettings(**TINY))
+        record = provenance(tmp_path / "run", snapshot)
+        assert record["threads_history"] == [[0, 1], [2, 2]]
+        first, second, export = record["rebuild"]
+        assert "--steps 2 " in first and first.endswith("--threads 1")
+        assert "--steps 4 " in second and second.endswith("--threads 2") and export.startswith("selma toyworld export")
+        # Following the two commands (here as library calls) gives the same weights.
+        torch.set_num_threads(1)
+        pretrain(tmp_path / "again", PretrainSettings(**{**TINY, "steps": 2}))
+        torch.set_num_threads(2)
+        assert _same(snapshot, pretrain(tmp_path / "again", PretrainSettings(**TINY)))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tmp_path):
     whole = pretrain(tmp_path / "whole", PretrainSettings(**TINY))
     pretrain(tmp_path / "cut", PretrainSettings(**{**TINY, "steps": 2}))
@@ -67,14 +112,16 @@ def test_exported_snapshot_is_a_stable_diffusion_pipeline_every_stage_can_load(t
     assert image.size == (32, 32)
 
 
-def test_shipped_toy_base_generates_shapes_world_images():
+@pytest.mark.parametrize("spec", ["toy:shapes", "toy:shapes-web"])
+def test_shipped_toy_base_generates_shapes_world_images(spec):
     from selma_toolkit.models import load_pipeline, resolve_model
-    from selma_toolkit.toyworld.model import BASE_DIR
+    from selma_toolkit.toyworld.model import TOY_BASES
 
-    assert resolve_model("toy:shapes") == str(BASE_DIR)
-    provenance = json.loads((BASE_DIR / "toyworld.json").read_text())
+    assert resolve_model(spec) == str(TOY_BASES[spec])
+    provenance = json.loads((TOY_BASES[spec] / "toyworld.json").read_text())
     assert provenance["settings"]["seed"] == 0
-    pipe = load_pipeline("toy:shapes", device="cpu")
+    assert provenance["settings"].get("captions", "explicit") == ("web" if spec.endswith("-web") else "explicit")
+    pipe = load_pipeline(spec, device="cpu")
     images = pipe(["three red circles"] * 2, num_inference_steps=4, guidance_scale=4.0,
                   generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
     assert [image.size for image in images] == [(32, 32)] * 2
@@ -84,22 +131,28 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     from selma_toolkit.lora import load_lora, metadata_value
     from selma_toolkit.recipe import load_run_recipe
     from selma_toolkit.toyworld.scorer import score_image
-    from selma_toolkit.toyworld.study import run_study
+    from selma_toolkit.toyworld.study import EXPERT_PREFIX, KINDS, StudyOptions, run_study
 
     run = load_run_recipe("toy-study", [
         "skills.toy-count.num_prompts=4", "skills.toy-color.num_prompts=4", "skills.toy-spatial.num_prompts=4",
         "images.steps=3", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
         "evaluate.prompts_per_skill=2", "evaluate.seeds=[5]", "evaluate.report_prompts_per_skill=1",
     ])
-    summary_path = run_study(run, tmp_path, filter_min_score=0.0, filter_candidates=2)
+    options = StudyOptions(kinds=tuple(KINDS), filter_min_score=0.0, filter_candidates=2, teacher="tiny:sd1")
+    summary_path = run_study(run, tmp_path, options)
     replicate = tmp_path / "seed-5"
     scores = json.loads((replicate / "eval" / "scores.json").read_text())
     skills = ["toy-count", "toy-color", "toy-spatial"]
-    expected = {"base", "joint", "merged:selma", "merged:delta"} | {
-        f"{kind}:{s}" for kind in ("expert", "gt-expert", "filtered-expert") for s in skills}
+    # The per-question filter keeps only images whose key questions are right: none of these
+    # 3-step images may pass, and then that expert is left out (recorded as 0 images), not the study.
+    record = json.loads((replicate / "replicate.json").read_text())
+    keyq = [s for s in skills if record["train_images"]["keyq"][s] > 0]
+    prefixes = list(EXPERT_PREFIX.values())
+    expected = {"base", "base-cfg1", "joint", "merged:selma", "merged:delta"} | {
+        f"{prefix}:{s}" for prefix in prefixes for s in skills if prefix != "keyq-expert" or s in keyq}
     assert set(scores["variants"]) == expected
     # Experts on their own skill, everything else on all three: 2 prompts x 1 seed each.
-    assert len(scores["items"]) == 2 * (4 * 3 + 9)
+    assert len(scores["items"]) == 2 * (5 * 3 + (len(prefixes) - 1) * 3 + len(keyq))
     assert all(item["scores"]["toyworld"] is not None for item in scores["items"])
     assert (replicate / "report" / "index.html").is_file()
     merged = load_lora(replicate / "selma" / "merged" / "selma.safetensors")
@@ -114,34 +167,52 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
             assert score_image(image.convert("RGB"), path.with_suffix(".txt").read_text()) == 100.0
     summary = json.loads((tmp_path / "study.json").read_text())
     assert summary["seeds"] == [5] and set(summary["kinds"]) == {
-        "base", "expert", "gt-expert", "filtered-expert", "joint", "merged:selma", "merged:delta"}
+        "base", "base-cfg1", *(p for p in prefixes if p != "keyq-expert" or keyq), "joint", "merged:selma", "merged:delta"}
+    # The mechanism table: every kind's training images scored; ground truth is perfect.
+    assert summary["train_image_scores"]["gt"] == {s: 100.0 for s in skills}
+    assert set(summary["train_image_scores"]) == set(KINDS)
+    assert set(summary["train_image_scores"]["keyq"]) == set(keyq)
+    # The teacher kind's images come from the teacher model, the guidance kinds' at their guidance.
+    teacher_rows = (replicate / "teacher" / "skills" / "toy-count" / "images" / "metadata.jsonl").read_text()
+    assert "tiny" in teacher_rows
+    assert any(row["target"].startswith("base on toy-count clearly worse at guidance 1") for row in summary["targets"])
     assert summary_path.read_text().startswith("# Shapes-world study") and (tmp_path / "study.png").stat().st_size > 0
     # A rerun finds everything done and changes nothing.
     before = (replicate / "eval" / "scores.json").read_bytes()
-    run_study(run, tmp_path, filter_min_score=0.0, filter_candidates=2)
+    run_study(run, tmp_path, options)
     assert (replicate / "eval" / "scores.json").read_bytes() == before
 
 
-def test_wheel_ships_the_toy_base_model_and_finds_it_outside_the_source_tree(tmp_path, repo_root):
+def test_wheel_ships_both_toy_bases_and_finds_them_outside_the_source_tree(tmp_path, repo_root):
     import subprocess
     import sys
     import zipfile
 
-    from selma_toolkit.toyworld.model import BASE_DIR
+    from selma_toolkit.toyworld.model import TOY_BASES
 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(repo_root), "-w", str(tmp_path)],
                    check=True, capture_output=True, timeout=300)
     wheel = zipfile.ZipFile(next(tmp_path.glob("selma_toolkit-*.whl")))
-    shipped = {p.relative_to(repo_root).as_posix() for p in BASE_DIR.rglob("*") if p.is_file()}
-    assert {"selma_toolkit/toyworld/base/unet/diffusion_pytorch_model.safetensors",
-            "selma_toolkit/toyworld/base/model_index.json"} <= shipped <= set(wheel.namelist())
     site = tmp_path / "site"
     wheel.extractall(site)
-    code = "from selma_toolkit.models import resolve_model; print(resolve_model('toy:shapes'))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / "base")
+    for spec, folder in TOY_BASES.items():
+        shipped = {p.relative_to(repo_root).as_posix() for p in folder.rglob("*") if p.is_file()}
+        name = folder.name
+        assert {f"selma_toolkit/toyworld/{name}/unet/diffusion_pytorch_model.safetensors",
+                f"selma_toolkit/toyworld/{name}/model_index.json"} <= shipped <= set(wheel.namelist())
+        code = f"from selma_toolkit.models import resolve_model; print(resolve_model({spec!r}))"
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / name)
+
+
+def test_unknown_toy_base_is_a_clear_error():
+    from selma_toolkit.errors import ModelError
+    from selma_toolkit.models import resolve_model
+
+    with pytest.raises(ModelError, match="toy:circles: unknown toy base; the shipped ones are toy:shapes, toy:shapes-web"):
+        resolve_model("toy:circles")
 
 
 def test_findings_say_when_self_generated_data_does_not_help_and_what_does():

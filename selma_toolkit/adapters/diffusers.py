@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from selma_toolkit.lora import LoraWeights, merge_experts
-from selma_toolkit.lora.merge import expert_weights
+from selma_toolkit.lora.blocks import parse_block_weights
+from selma_toolkit.lora.merge import apply_block_weights, expert_weights
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def load_experts(
     density: float = 0.5,
     seed: int = 0,
     normalize: bool = False,
+    block_weights: Mapping[str, float] | str | None = None,
 ) -> list[str]:
     """Load ``experts`` into ``pipe`` (a diffusers SD 1.x / 2.x / XL pipeline); return the adapter names.
 
@@ -62,7 +64,18 @@ def load_experts(
     expert as adapter ``{adapter_name}_{i}`` and activates them together with ``set_adapters`` and
     the weights (default 1/T: the same update as ``delta``, at T adapters' inference cost).
     ``fuse=True`` folds the active adapters into the model weights (``pipe.fuse_lora``).
+
+    ``block_weights`` ({"in": 1, "mid": 0.5, "out": 1, "te": 0}, or the string
+    ``"in=1,mid=0.5,out=1,te=0"``; groups in :mod:`selma_toolkit.lora.blocks`) multiply each
+    module's merged update by its group's weight g: B_m <- g * B_m after the merge method's formula
+    (:func:`selma_toolkit.lora.merge_experts`). With ``"runtime"``, each expert's B is scaled by g
+    before loading (:func:`~selma_toolkit.lora.merge.apply_block_weights`), so set_adapters'
+    sum_t w_t dW_t becomes g * sum_t w_t dW_t per module, the ``delta`` merge with the same block
+    weights. (diffusers' own per-block ``set_adapters`` scales are not used: their groups and
+    indices are another scheme.)
     """
+    if isinstance(block_weights, str):
+        block_weights = parse_block_weights(block_weights)
     named = [read_expert(expert, position) for position, expert in enumerate(experts)]
     names = [name for name, _ in named]
     loras = [lora for _, lora in named]
@@ -71,11 +84,12 @@ def load_experts(
         adapter_names = [f"{adapter_name}_{i}" for i in range(len(loras))]
         for name, lora, adapter in zip(names, loras, adapter_names):
             logger.info("loading %s as adapter %s", name, adapter)
-            pipe.load_lora_weights(_diffusers_tensors(lora), adapter_name=adapter)
+            pipe.load_lora_weights(_diffusers_tensors(apply_block_weights(lora, block_weights)), adapter_name=adapter)
         # Loading an adapter activates only that one: activate them all, with their weights, at the end.
         pipe.set_adapters(adapter_names, adapter_weights=effective)
     else:
-        merged = merge_experts(loras, method, weights, rank, density=density, seed=seed, names=names, normalize=normalize)
+        merged = merge_experts(loras, method, weights, rank, density=density, seed=seed, names=names, normalize=normalize,
+                               block_weights=block_weights)
         adapter_names = [adapter_name]
         pipe.load_lora_weights(_diffusers_tensors(merged), adapter_name=adapter_name)
         pipe.set_adapters(adapter_names)

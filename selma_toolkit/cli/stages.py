@@ -241,6 +241,7 @@ def merge(
     add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
     expert_file: Annotated[Optional[list[Path]], typer.Option("--expert", help="With --to: a file of one of MERGED's experts, if it moved (matched by sha256; repeatable).")] = None,
+    block_weights: Annotated[Optional[str], typer.Option("--block-weights", help="Per-block weights GROUP=W,... (groups: unet, in, in.N, mid, out, out.N, te, te1, te2), e.g. in=1,mid=0.5,out=1,te=0: each merged module's update times its group's weight.")] = None,
 ) -> None:
     """Merge several LoRA experts into one LoRA file, or add experts to a merged one (--add NEW --to MERGED).
 
@@ -250,6 +251,8 @@ def merge(
     uniform weights is updated exactly from MERGED's own factors; other merges are refused.
     """
     from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.io import check_output_file
+    from selma_toolkit.lora.blocks import parse_block_weights
     from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
 
     if format_ not in (None, "kohya", "peft"):
@@ -261,11 +264,12 @@ def merge(
             raise SelmaError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
         if experts:
             raise SelmaError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
-        fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed))
-                 if value is not None] + (["--normalize"] if normalize else [])
+        fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed),
+                                          ("--block-weights", block_weights)) if value is not None] + (["--normalize"] if normalize else [])
         if fixed:
             raise SelmaError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
                              "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
+        check_output_file(out if out is not None else to)
         result = add_to_merge(to, [resolve_expert(ref) for ref in add], out, weights=_parse_weights(weights),
                               expert_files=expert_file or [], new_sources=_hub_refs(add), format=format_)  # type: ignore[arg-type]
         how = ("every listed expert found and verified: merged again from the files" if result.recomputed else
@@ -280,11 +284,12 @@ def merge(
     method = method or "selma"
     if method not in MERGE_METHODS:
         raise SelmaError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
+    check_output_file(out)  # before reading any expert: a folder or read-only place in the way fails now
     paths = [resolve_expert(expert) for expert in experts]
     merged = merge_files(
         paths, out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
         format=format_ or "kohya", density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
-        normalize=normalize, sources=_hub_refs(experts),
+        normalize=normalize, sources=_hub_refs(experts), block_weights=parse_block_weights(block_weights),
     )
     _print_merge(merged, out, f"merged {len(paths)} experts")
 

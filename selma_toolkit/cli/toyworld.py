@@ -82,17 +82,22 @@ def toyworld_pretrain(
     learning_rate: Annotated[float, typer.Option(help="UNet + text-encoder learning rate (constant after warm-up).")] = 5e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint and EMA snapshot every N steps.")] = 500,
     eval_every: Annotated[int, typer.Option(help="Score the EMA snapshot on held-out prompts every N steps (0: never).")] = 500,
+    captions: Annotated[str, typer.Option(help="What the model reads for each render: 'explicit' (the grammar caption: "
+                                               "toy:shapes) or 'web' (a web-like partial caption: toy:shapes-web).")] = "explicit",
+    vae_from: Annotated[Optional[str], typer.Option(help="Use this pipeline's VAE (a folder or toy:shapes) and skip "
+                                                         "stage 1.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice). Results "
                                                         "depend slightly on it (floating-point sums).")] = None,
 ) -> None:
-    """Pretrain the toy base model on ground-truth renders (VAE, then UNet + text encoder with EMA)."""
+    """Pretrain a toy base model on ground-truth renders (VAE, then UNet + text encoder with EMA)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from selma_toolkit.toyworld.pretrain import PretrainSettings, pretrain
 
     set_threads(threads)
     settings = PretrainSettings(seed=seed, steps=steps, vae_steps=vae_steps, batch_size=batch_size,
-                                learning_rate=learning_rate, checkpoint_every=checkpoint_every, eval_every=eval_every)
+                                learning_rate=learning_rate, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                captions=captions, vae_from=vae_from)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"))
     with Progress(*columns, console=err_console) as bar:
@@ -114,6 +119,12 @@ def toyworld_study(
     out: Annotated[Path, typer.Option(help="Study folder; rerun to resume.")] = Path("runs/toy-study"),
     seed: Annotated[Optional[list[int]], typer.Option(
         help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
+    kind: Annotated[Optional[list[str]], typer.Option(
+        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, lowcfg, highcfg, teacher. "
+             "Default: all but teacher, and teacher too when --teacher is given.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes).")] = None,
+    high_guidance: Annotated[float, typer.Option(min=1, help="Guidance of the 'highcfg' kind's images.")] = 8.0,
     filter_min_score: Annotated[float, typer.Option(
         min=0, max=100, help="Filtered experts train on self-generated images scoring at least this.")] = 100.0,
     filter_candidates: Annotated[int, typer.Option(
@@ -121,15 +132,18 @@ def toyworld_study(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     set_: SetOption = None,
 ) -> None:
-    """SELMA on the toy base, scored exactly: base, experts on self-generated / ground-truth / filtered
-    images, the mixture LoRA and the merges, per seed; then study.md, study.json and study.png."""
+    """SELMA on a toy base, scored exactly: base, experts on self-generated / ground-truth / filtered /
+    other-guidance / teacher images, the mixture LoRA and the merges, per seed; then study.md, study.json
+    and study.png."""
     from selma_toolkit.recipe import load_run_recipe
-    from selma_toolkit.toyworld.study import run_study
+    from selma_toolkit.toyworld.study import KINDS, StudyOptions, run_study
 
     set_threads(threads)
     run = load_run_recipe(recipe, set_ or [])
-    summary = run_with_progress(lambda on_stage, progress: run_study(
-        run, out, seeds=seed, filter_min_score=filter_min_score, filter_candidates=filter_candidates, progress=progress))
+    kinds = kind or [k for k in KINDS if k != "teacher" or teacher]
+    options = StudyOptions(kinds=tuple(kinds), filter_min_score=filter_min_score, filter_candidates=filter_candidates,
+                           high_guidance=high_guidance, teacher=teacher)
+    summary = run_with_progress(lambda on_stage, progress: run_study(run, out, options, seeds=seed, progress=progress))
     console.print(f"study summary: {escape(str(summary))}", highlight=False, soft_wrap=True)
     console.print(f"per-seed reports: {escape(str(out))}/seed-*/report/index.html", highlight=False, soft_wrap=True)
 

@@ -257,7 +257,7 @@ def evaluate_variants(
                    batch_size=settings.batch_size)
     index = write_report(paths.eval_dir, paths.report.parent, title=f"SELMA evaluation: {run.name}",
                          prompts_per_skill=settings.report_prompts_per_skill,
-                         human_eval_pairs=settings.human_eval_pairs or None)
+                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note)
     atomic_write_text(paths.eval_dir / EVALUATION_RECORD,
                       json.dumps(evaluation_signature(run, variants, prompts), indent=1, ensure_ascii=False) + "\n")
     return index

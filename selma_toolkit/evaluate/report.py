@@ -152,6 +152,48 @@ def _grids(document: Mapping[str, Any], eval_dir: Path, out_dir: Path, prompts_p
     return "\n".join(sections)
 
 
+def paired_gains(document: Mapping[str, Any], baseline: str = "base", samples: int = 2000) -> list[dict[str, Any]]:
+    """Per variant, skill and metric: the mean paired change over ``baseline`` on the items both
+    scored for the same (skill, prompt id, seed), its 95% bootstrap interval and a verdict:
+    "helps" (interval above 0), "hurts" (below 0) or "not significant at this size"."""
+    from selma_toolkit.evaluate.stats import bootstrap_interval
+
+    by_key: dict[tuple, dict[str, Mapping[str, Any]]] = {}
+    for item in document["items"]:
+        by_key.setdefault((item["skill"], item["prompt_id"], item["seed"]), {})[item["variant"]] = item["scores"]
+    rows = []
+    for variant in document["variants"]:
+        if variant == baseline:
+            continue
+        for skill in document["skills"]:
+            for metric in document["scorers"]:
+                diffs = [v[variant][metric] - v[baseline][metric] for key, v in sorted(by_key.items(), key=lambda kv: str(kv[0]))
+                         if key[0] == skill and variant in v and baseline in v
+                         and v[variant][metric] is not None and v[baseline][metric] is not None]
+                if len(diffs) < 2:
+                    continue
+                change = bootstrap_interval(diffs, samples=samples)
+                verdict = "helps" if change.low > 0 else "hurts" if change.high < 0 else "not significant at this size"
+                rows.append({"variant": variant, "skill": skill, "metric": metric, "change": change, "verdict": verdict})
+    return rows
+
+
+def _paired_section(document: Mapping[str, Any]) -> str:
+    rows = paired_gains(document)
+    if not rows:
+        return "<p class='note'>No variant shares prompts and seeds with the base, so no paired change is shown.</p>"
+    labels = {m: info["label"] for m, info in document["scorers"].items()}
+    body = "".join(
+        f"<tr><td>{html.escape(r['variant'])}</td><td>{html.escape(r['skill'])}</td><td>{html.escape(labels[r['metric']])}</td>"
+        f"<td>{r['change'].mean:+.3g} <span class='ci'>[{r['change'].low:+.3g}, {r['change'].high:+.3g}]</span></td>"
+        f"<td>{r['change'].n}</td><td>{html.escape(r['verdict'])}</td></tr>" for r in rows)
+    return ("<p class='note'>Each variant minus the base on the same prompts and seeds (the same initial noise), "
+            "with its 95% bootstrap interval: <i>helps</i> when the interval lies above 0, <i>hurts</i> when below, "
+            "else <i>not significant at this size</i> (more prompts or seeds would tell).</p>"
+            "<table><tr><th>variant</th><th>skill</th><th>metric</th><th>change vs base</th><th>n</th><th>verdict</th></tr>"
+            f"{body}</table>")
+
+
 def write_report(
     scores: str | Path | Mapping[str, Any],
     out_dir: str | Path,
@@ -162,12 +204,14 @@ def write_report(
     human_eval_pairs: Sequence[Sequence[str]] | None = None,
     max_pairs: int = 200,
     seed: int = 0,
+    note: str = "",
 ) -> Path:
     """Write the report folder from scores.json (a path, its folder, or the loaded document).
 
     ``eval_dir``: where relative image paths in the scores start (default: the folder of
     scores.json). ``human_eval_pairs``: [variant, baseline] pairs for the human-evaluation page;
-    None = the first merged variant against base. Returns the path of index.html.
+    None = the first merged variant against base. ``note``: a paragraph of plain text shown under
+    "What this run showed" (the recipe's ``evaluate.report_note``). Returns the path of index.html.
     """
     if isinstance(scores, Mapping):
         document = scores
@@ -214,6 +258,9 @@ def write_report(
 <div id="image-check"></div>
 <p class="note">{n_images} images, {len(document['variants'])} variants, {len(document['skills'])} skills.
 Cells show the mean and its 95% bootstrap interval over images; the best mean per column is marked.</p>
+<h2>What this run showed</h2>
+{_paired_section(document) if "base" in document["variants"] else ""}
+{f"<p>{html.escape(note)}</p>" if note else ""}
 <h2>Summary</h2>
 {summary}
 <ul class="note">{notes}</ul>

@@ -17,6 +17,8 @@ source). :func:`add_to_merge` reads it and
    B_m rescaled by c). Both are merge_experts' own rules applied to [merged, new...] with weights
    [c, w_new...], since the merged LoRA has scale 1. svd / ties / dare merges are not linear in the
    experts (a truncated SVD, sign elections, random masks): without every expert they are refused.
+   Block weights g (recorded) multiply B linearly, so they carry over: the new experts' B enter
+   scaled by g, and a from-scratch merge (2.) applies them again.
 
 Weights: uniform 1/(T+K) when the old merge was uniform; otherwise the caller gives all T+K.
 """
@@ -34,8 +36,15 @@ from typing import Literal
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraWeights
 from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
-from selma_toolkit.lora.merge import _relative_source, merge_experts, merge_files, merge_record, record_metadata
-from selma_toolkit.lora.metadata import metadata_value
+from selma_toolkit.lora.merge import (
+    _relative_source,
+    apply_block_weights,
+    expert_info,
+    merge_experts,
+    merge_files,
+    merge_record,
+    record_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +108,8 @@ def add_to_merge(
         sources = [_kept_source(entry) for entry in old] + list(new_sources or [None] * len(new_paths))
         result = merge_files(paths, out, record["method"], weights, record["rank"], format=format,
                              density=record["density"] or 0.5, seed=record["seed"] or 0,
-                             svd_mode=record["svd_mode"] or "exact", sources=sources)
+                             svd_mode=record["svd_mode"] or "exact", sources=sources,
+                             block_weights=record.get("block_weights"))
         log.info("merged the %d listed experts and %d new one(s) from their files into %s", len(old), len(new_paths), out)
         return AddedMerge(out, result, found, recomputed=True)
     scale = _common_scale(record["weights"], weights[:len(old)])
@@ -239,14 +249,15 @@ def _update_linear(merged: Path, merged_lora: LoraWeights, record: dict, new_pat
 
     old, new_loras = record["experts"], [load_lora(p) for p in new_paths]
     merged_lora = LoraWeights(modules=merged_lora.modules, metadata={})  # its metadata names the old experts
-    result = merge_experts([merged_lora, *new_loras], record["method"], [scale, *weights[len(old):]],
+    # Block weights g scale the merged B linearly (B_m = g * rule(...)), so the new experts enter
+    # with their B scaled by g; the merged factors already carry it (g = 0 modules keep their A).
+    scaled = [apply_block_weights(lora, record.get("block_weights")) for lora in new_loras]
+    result = merge_experts([merged_lora, *scaled], record["method"], [scale, *weights[len(old):]],
                            names=[merged.name, *(p.name for p in new_paths)])
     sources = list(new_sources or [None] * len(new_paths))
     entries = [{**entry, "source": _rebased_source(entry, merged, out)} for entry in old]
     for path, lora, source in zip(new_paths, new_loras, sources):
-        entries.append({"name": path.name, "sha256": sha256_file(path), "skill": metadata_value(lora, "skill"),
-                        "base_model": metadata_value(lora, "base_model"),
-                        "source": source or _relative_source(path, out)})
+        entries.append({**expert_info(path.name, lora, sha256_file(path)), "source": source or _relative_source(path, out)})
     new_record = {**record, "weights": list(weights), "experts": entries}
     result.metadata = record_metadata(new_record)
     save_lora(result, out, format=format)  # type: ignore[arg-type]

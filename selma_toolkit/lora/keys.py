@@ -21,6 +21,7 @@ form here: they are refused by name (:data:`REFUSED_FORMATS`). Names only: no te
 
 from __future__ import annotations
 
+import functools
 import re
 
 from selma_toolkit.errors import LoraFormatError
@@ -77,6 +78,11 @@ _COMPOUND_WORDS = (
     "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
 )
 _COMPOUNDS = sorted((tuple(word.split("_")) for word in _COMPOUND_WORDS), key=len, reverse=True)
+# The compounds by their first token, longest first (the order of _COMPOUNDS): decoding tries only
+# those that can start at a token, instead of every compound at every token.
+_COMPOUNDS_BY_HEAD: dict[str, tuple[tuple[str, ...], ...]] = {
+    head: tuple(compound for compound in _COMPOUNDS if compound[0] == head) for head in {c[0] for c in _COMPOUNDS}
+}
 _LDM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 _KOHYA_TE_PREFIXES = (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"))
 # ComfyUI's names for the CLIP models inside its CLIP object -> our component.
@@ -90,6 +96,7 @@ _ADD_EMBEDDING_LDM = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.
 _TE_ATTN_PROCS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj", "to_out.0": "out_proj"}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # names only, and the experts of a merge share them
 def parse_key(key: str) -> tuple[str, str] | None:
     """``key`` -> (module spelling, role) with role down / up / alpha / diff / bias_diff, or None
     when the key is no LoRA key at all. Refused formats raise :class:`LoraFormatError`."""
@@ -115,6 +122,7 @@ def peft_adapter_name(key: str) -> str | None:
     return match["adapter"] if match else None
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the experts of a merge share their keys
 def decode_kohya_path(flat: str) -> str:
     """``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` -> the dotted module path.
 
@@ -126,7 +134,7 @@ def decode_kohya_path(flat: str) -> str:
     words: list[str] = []
     index = 0
     while index < len(tokens):
-        for compound in _COMPOUNDS:
+        for compound in _COMPOUNDS_BY_HEAD.get(tokens[index], ()):
             if tuple(tokens[index : index + len(compound)]) == compound:
                 words.append("_".join(compound))
                 index += len(compound)
@@ -200,6 +208,7 @@ def _ldm_resnet(prefix: str, inner: list[str], path: str) -> str:
     return f"{prefix}.{name}"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # names only, and the experts of a merge share them
 def module_from_key(
     spelling: str, *, component: str | None = None, ldm_layers_per_block: int = 2
 ) -> tuple[str, str]:

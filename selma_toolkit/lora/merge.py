@@ -24,9 +24,11 @@ from typing import Literal
 import torch
 
 from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
-from selma_toolkit.lora.files import load_lora, save_lora
+from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.metadata import SELMA_PREFIX, guess_architecture, metadata_value
+from selma_toolkit.lora.safetensors_file import read_safetensors_with_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def merge_experts(
     names: Sequence[str] | None = None,
     normalize: bool = False,
     svd_mode: SvdMode = "exact",
+    block_weights: BlockWeights | None = None,
 ) -> LoraWeights:
     """Merge T LoRA experts into one LoRA.
 
@@ -93,14 +96,28 @@ def merge_experts(
       ``svd``. The masks M_t come from ``seed``, the expert's position and the module name, so a
       merge is reproducible. peft's ``dare_linear_svd`` is the same rule with its own random masks.
 
+    Block weights (``block_weights``, e.g. {"in": 1, "mid": 0.5, "out": 1, "te": 0}; groups in
+    :mod:`selma_toolkit.lora.blocks`): after the method's formula, each merged module's B is
+    multiplied by the weight g of its most specific listed group (1 where none is listed),
+
+        B_m <- g * B_m [out, r_m] (conv [out, r_m, 1, 1]), A_m unchanged, so dW_m = g * B_m @ A_m,
+
+    for every method alike (selma: g * sum_s sum_t w_s w_t B'_s @ A_t; delta: g * sum_t w_t dW_t;
+    svd / ties / dare: g times the re-factored D, the factoring itself unchanged). g = 0 zeroes the
+    module's update and keeps its keys. An unknown group name raises :class:`LoraFormatError`
+    listing the valid ones; a valid group that no module is in (e.g. te for a UNet-only LoRA) is
+    logged and changes nothing.
+
     ``rank`` (svd/ties/dare) defaults to the largest rank among the experts of each module and is
     capped by the layer's size. Modules that some experts lack count as zero updates for them
     (a warning lists them). Experts whose shapes differ raise :class:`LoraFormatError`.
     ``names`` label the experts in messages and in the merged metadata (e.g. file names).
 
     The result's metadata holds, under ``"selma.merge"``, a JSON string with the method, the
-    effective weights, rank, density, seed and the experts (name, skill, base model; merge_files
-    adds each file's sha256 and source), enough to recompute the merge exactly.
+    effective weights, rank, density, seed, block weights ({group: g} as given, null when none;
+    also under ``selma.block_weights``) and the experts (name, skill, base model, architecture,
+    recipe hash; merge_files adds each file's sha256 and source), enough to recompute the merge
+    exactly; and the base model and architecture the experts agree on (:func:`record_metadata`).
     """
     if method not in MERGE_METHODS:
         raise LoraFormatError(f"merge method {method!r} is not known; expected one of {', '.join(MERGE_METHODS)}")
@@ -111,10 +128,16 @@ def merge_experts(
         raise ValueError(f"names: {len(names)} names for {len(experts)} experts")
     effective_weights = expert_weights(weights, len(experts), normalize=normalize, method=method)
     _check_options(method, rank, density, svd_mode)
-    _check_compatible(experts, names)
+    architectures = [guess_architecture(expert) for expert in experts]  # once: it reads every module name
+    _check_compatible(experts, names, architectures)
     module_names = list(dict.fromkeys(name for expert in experts for name in expert.modules))
     _warn_missing(experts, names, module_names)
-    options = _Options(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights))
+    block_weights = check_block_weights(block_weights, module_names)
+    if block_weights and (unused := unused_groups(block_weights, module_names)):
+        logger.warning("block weights for %s change nothing: no module of the experts is in %s",
+                       ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
+    options = _Options(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
+                       block_weights=block_weights)
     merged: dict[str, LoraModule] = {}
     available_threads = torch.get_num_threads()
     for module_name in module_names:
@@ -125,8 +148,9 @@ def merge_experts(
         ]
         _check_shapes(module_name, parts, names)
         with _intra_op_threads(available_threads if _needs_threads(method, parts) else 1):
-            merged[module_name] = _merge_module(module_name, parts, names, options)
-    metadata = _merged_metadata(experts, names, effective_weights, options)
+            merged[module_name] = _merge_module(module_name, parts, names, options,
+                                                module_block_weight(module_name, block_weights))
+    metadata = _merged_metadata(experts, names, architectures, effective_weights, options)
     return LoraWeights(modules=merged, metadata=metadata)
 
 
@@ -138,6 +162,7 @@ class _Options:
     seed: int
     svd_mode: str
     strength: float  # sum of the weights: TIES' lambda
+    block_weights: dict[str, float] | None = None  # checked, as given: {group: g}
 
 
 def _needs_threads(method: str, parts: Sequence[_Part]) -> bool:
@@ -210,9 +235,9 @@ def _check_options(method: str, rank: int | None, density: float, svd_mode: str)
         raise LoraFormatError(f"svd_mode {svd_mode!r}: expected 'exact' or 'randomized'")
 
 
-def _check_compatible(experts: Sequence[LoraWeights], names: Sequence[str]) -> None:
+def _check_compatible(experts: Sequence[LoraWeights], names: Sequence[str], architectures: Sequence[str | None]) -> None:
     """Different architectures -> error; different base models of the same shapes -> warning."""
-    known = [(i, arch) for i, expert in enumerate(experts) if (arch := guess_architecture(expert))]
+    known = [(i, arch) for i, arch in enumerate(architectures) if arch]
     for index, architecture in known[1:]:
         first, first_architecture = known[0]
         if architecture != first_architecture:
@@ -269,19 +294,21 @@ def _warn_missing(experts: Sequence[LoraWeights], names: Sequence[str], module_n
 # ------------------------------------------------------------------------------------ methods
 
 
-def _merge_module(module_name: str, parts: Sequence[_Part], names: Sequence[str], options: _Options) -> LoraModule:
-    """One module of the merge (see :func:`merge_experts` for the methods)."""
+def _merge_module(module_name: str, parts: Sequence[_Part], names: Sequence[str], options: _Options,
+                  block_weight: float = 1.0) -> LoraModule:
+    """One module of the merge (see :func:`merge_experts` for the methods); ``block_weight`` g
+    multiplies the merged B (g = 1: untouched, bit for bit)."""
     if options.method == "selma":
-        return _merge_selma(module_name, parts, names)
+        return _merge_selma(module_name, parts, names, block_weight)
     if options.method == "delta":
-        return _merge_delta(parts)
+        return _merge_delta(parts, block_weight)
     if options.method == "svd":
         update = _weighted_sum(parts)
     elif options.method == "ties":
         update = _ties_update(parts, options.density, options.strength)
     else:
         update = _dare_update(parts, options.density, options.seed, module_name)
-    return _factor(update, options.rank or max(p.module.rank for p in parts), parts, options)
+    return _factor(update, options.rank or max(p.module.rank for p in parts), parts, options, block_weight)
 
 
 def _compute_dtype(parts: Sequence[_Part]) -> torch.dtype:
@@ -300,7 +327,7 @@ def _zeros(shape: Sequence[int], parts: Sequence[_Part]) -> torch.Tensor:
     return torch.zeros(tuple(shape), dtype=_compute_dtype(parts), device=parts[0].module.down.device)
 
 
-def _merge_selma(module_name: str, parts: Sequence[_Part], names: Sequence[str]) -> LoraModule:
+def _merge_selma(module_name: str, parts: Sequence[_Part], names: Sequence[str], block_weight: float = 1.0) -> LoraModule:
     ranks = {p.module.rank for p in parts}
     if len(ranks) > 1:
         listed = ", ".join(f"{names[p.index]}: rank {p.module.rank}" for p in parts)
@@ -313,15 +340,24 @@ def _merge_selma(module_name: str, parts: Sequence[_Part], names: Sequence[str])
     for p in parts:
         down.add_(p.module.down, alpha=p.weight)
         up.add_(p.module.up, alpha=p.weight * p.module.scale)
+    if block_weight != 1.0:
+        up.mul_(block_weight)  # B_m <- g * B_m, in the compute dtype, before the one rounding to the output's
     out_dtype = _output_dtype(parts)
     return LoraModule(down=down.to(out_dtype), up=up.to(out_dtype), alpha=float(ranks.pop()))
 
 
-def _merge_delta(parts: Sequence[_Part]) -> LoraModule:
-    # Stacking is exact in the inputs' own dtype; only B is scaled (one rounding, as any cast).
+def _merge_delta(parts: Sequence[_Part], block_weight: float = 1.0) -> LoraModule:
+    # Stacking is exact in the inputs' own dtype; only B is scaled (one rounding, as any cast):
+    # g * cat_t(w_t B'_t) = cat_t((g w_t s_t) B_t), the coefficient taken in float64 first.
+    # Each B is scaled straight into its columns of the output: one pass over it, not a scaled copy and a cat.
     out_dtype = _output_dtype(parts)
     down = torch.cat([p.module.down.to(out_dtype) for p in parts], dim=0)
-    up = torch.cat([p.module.up.to(out_dtype) * (p.weight * p.module.scale) for p in parts], dim=1)
+    first = parts[0].module.up
+    up = torch.empty((first.shape[0], down.shape[0], *first.shape[2:]), dtype=out_dtype, device=first.device)
+    column = 0
+    for p in parts:
+        torch.mul(p.module.up.to(out_dtype), block_weight * p.weight * p.module.scale, out=up[:, column : column + p.module.rank])
+        column += p.module.rank
     return LoraModule(down=down, up=up, alpha=float(down.shape[0]))
 
 
@@ -383,8 +419,9 @@ def _dare_update(parts: Sequence[_Part], density: float, seed: int, module_name:
     return total
 
 
-def _factor(update: torch.Tensor, rank: int, parts: Sequence[_Part], options: _Options) -> LoraModule:
-    """Truncated SVD of a dense update [out, in_flat] -> a LoraModule shaped like the experts' (scale 1)."""
+def _factor(update: torch.Tensor, rank: int, parts: Sequence[_Part], options: _Options, block_weight: float = 1.0) -> LoraModule:
+    """Truncated SVD of a dense update [out, in_flat] -> a LoraModule shaped like the experts' (scale 1),
+    its B [out, rank] multiplied by ``block_weight`` g after the factoring."""
     rank = min(rank, *update.shape)
     if options.svd_mode == "exact":
         u, s, vh = torch.linalg.svd(update, full_matrices=False)
@@ -394,6 +431,8 @@ def _factor(update: torch.Tensor, rank: int, parts: Sequence[_Part], options: _O
             u, s, v = torch.svd_lowrank(update, q=min(rank + _RANDOMIZED_OVERSAMPLE, *update.shape), niter=_RANDOMIZED_ITERATIONS)
         vh = v.mT
     up, down = u[:, :rank] * s[:rank], vh[:rank]
+    if block_weight != 1.0:
+        up = up * block_weight
     like = parts[0].module
     if like.is_conv:
         down, up = down.reshape(rank, *like.down.shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
@@ -401,16 +440,33 @@ def _factor(update: torch.Tensor, rank: int, parts: Sequence[_Part], options: _O
     return LoraModule(down=down.contiguous().to(out_dtype), up=up.contiguous().to(out_dtype), alpha=float(rank))
 
 
+def apply_block_weights(lora: LoraWeights, block_weights: BlockWeights | None) -> LoraWeights:
+    """One LoRA with each module's B multiplied by its block weight g (see :func:`merge_experts`):
+    B <- g * B [out, r], A and alpha unchanged, so dW = g * scale * B @ A; computed in float32
+    (float64 stays float64) and rounded once to B's dtype. Modules with g = 1 are kept as they are.
+    For what has no merge formula of its own: runtime adapters (each expert scaled, then combined
+    by set_adapters) and new experts added to a block-weighted merge through its factors."""
+    checked = check_block_weights(block_weights, lora.modules)
+    if not checked:
+        return lora
+    modules = {}
+    for name, module in lora.modules.items():
+        g = module_block_weight(name, checked)
+        if g != 1.0:
+            compute = torch.float64 if module.up.dtype == torch.float64 else torch.float32
+            module = LoraModule(down=module.down, up=(module.up.to(compute) * g).to(module.up.dtype), alpha=module.alpha)
+        modules[name] = module
+    return LoraWeights(modules=modules, metadata=dict(lora.metadata))
+
+
 # ----------------------------------------------------------------------------------- metadata
 
 
 def _merged_metadata(
-    experts: Sequence[LoraWeights], names: Sequence[str], weights: Sequence[float], options: _Options
+    experts: Sequence[LoraWeights], names: Sequence[str], architectures: Sequence[str | None],
+    weights: Sequence[float], options: _Options,
 ) -> dict[str, str]:
-    infos = [
-        {"name": name, "sha256": None, "skill": metadata_value(expert, "skill"), "base_model": metadata_value(expert, "base_model")}
-        for name, expert in zip(names, experts)
-    ]
+    infos = [_expert_info(name, expert, None, arch) for name, expert, arch in zip(names, experts, architectures)]
     method, factored = options.method, options.method in FACTORED_METHODS
     record = {
         "method": method,
@@ -419,26 +475,48 @@ def _merged_metadata(
         "density": options.density if method in ("ties", "dare") else None,
         "seed": options.seed if method == "dare" or (factored and options.svd_mode == "randomized") else None,
         "svd_mode": options.svd_mode if factored else None,
+        "block_weights": options.block_weights,
         "experts": infos,
     }
     return record_metadata(record)
 
 
+def expert_info(name: str, expert: LoraWeights, sha256: str | None = None) -> dict[str, str | None]:
+    """One expert's entry in a merge record: its name, sha256 and provenance from its file's metadata
+    (skill, base model, architecture, the recipe hash it was trained with)."""
+    return _expert_info(name, expert, sha256, guess_architecture(expert))
+
+
+def _expert_info(name: str, expert: LoraWeights, sha256: str | None, architecture: str | None) -> dict[str, str | None]:
+    return {
+        "name": name, "sha256": sha256, "skill": metadata_value(expert, "skill"),
+        "base_model": metadata_value(expert, "base_model"), "architecture": architecture,
+        "recipe_sha256": metadata_value(expert, "recipe_sha256"),
+    }
+
+
 def record_metadata(record: dict) -> dict[str, str]:
     """A merged LoRA's metadata from its merge record: the record itself under ``selma.merge``, and
-    the common fields of lora.metadata (method, weights, skills, base model) for tools that read
-    those and not the record."""
+    the common fields of lora.metadata (method, weights, skills, base model, architecture) for tools
+    that read those and not the record. Base model and architecture are written when the experts
+    that name one agree: so a merge says what it is for even when its tensors do not tell (a small
+    model's widths), as each expert's file did."""
     metadata = {
         MERGE_METADATA_KEY: json.dumps(record),
         SELMA_PREFIX + "method": record["method"],
         SELMA_PREFIX + "weights": json.dumps(list(record["weights"])),
     }
+    if record.get("block_weights"):
+        metadata[SELMA_PREFIX + "block_weights"] = json.dumps(record["block_weights"])
     skills = [info["skill"] for info in record["experts"] if info.get("skill")]
     if skills:
         metadata[SELMA_PREFIX + "skills"] = json.dumps(skills)
     base_models = {info["base_model"] for info in record["experts"] if info.get("base_model")}
     if len(base_models) == 1:
         metadata[SELMA_PREFIX + "base_model"] = base_models.pop()
+    architectures = {info["architecture"] for info in record["experts"] if info.get("architecture")}
+    if len(architectures) == 1:
+        metadata[SELMA_PREFIX + "architecture"] = architectures.pop()
     return metadata
 
 
@@ -464,33 +542,35 @@ def merge_files(
     normalize: bool = False,
     svd_mode: SvdMode = "exact",
     sources: Sequence[str | None] | None = None,
+    block_weights: BlockWeights | None = None,
 ) -> LoraWeights:
     """Merge LoRA files into one file, written atomically; returns the merged LoRA.
 
     The inputs are read whole (they are low-rank); the merge then runs module by module (see
-    :func:`merge_experts` for the methods). The merge record in the output's metadata lists each
-    input by file name, sha256 and ``source``: where to find it again for an incremental merge
+    :func:`merge_experts` for the methods and ``block_weights``). The merge record in the output's
+    metadata lists each input by file name, sha256 and ``source``: where to find it again for an incremental merge
     (lora/incremental.py), the given ``sources[i]`` (a catalog name or Hub repo id the user typed),
     else the file's path relative to the output's folder.
     """
-    from selma_toolkit.io import sha256_file
-
     paths = [Path(p) for p in paths]
     if sources is not None and len(sources) != len(paths):
         raise ValueError(f"sources: {len(sources)} sources for {len(paths)} files")
-    # Hash the inputs in a thread beside the reading and merging (hashlib releases the GIL).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digests = [pool.submit(sha256_file, path) for path in paths]
-        with _intra_op_threads(1):  # reading copies tensors: see _intra_op_threads
-            experts = [load_lora(path) for path in paths]
-        merged = merge_experts(
-            experts, method, weights, rank,
-            density=density, seed=seed, names=[path.name for path in paths], normalize=normalize, svd_mode=svd_mode,
-        )
-        record = merge_record(merged)
-        for info, digest, path, source in zip(record["experts"], digests, paths, sources or [None] * len(paths)):
-            info["sha256"] = digest.result()
-            info["source"] = source or _relative_source(path, Path(out))
+    # Each file is read once: its tensors are views into the bytes its sha256 is computed from
+    # (profiled in bench/merge.py: hashing a second read of every input cost as much as the merge).
+    # Reading and hashing release the GIL, so files are read two at a time.
+    with _intra_op_threads(1), ThreadPoolExecutor(max_workers=2) as pool:  # see _intra_op_threads
+        read = list(pool.map(read_safetensors_with_sha256, paths))
+        experts = [lora_from_state_dict(tensors, metadata, source=str(path)) for path, (tensors, metadata, _) in zip(paths, read)]
+    digests = [digest for _, _, digest in read]
+    del read
+    merged = merge_experts(
+        experts, method, weights, rank, density=density, seed=seed, names=[path.name for path in paths],
+        normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
+    )
+    record = merge_record(merged)
+    for info, digest, path, source in zip(record["experts"], digests, paths, sources or [None] * len(paths)):
+        info["sha256"] = digest
+        info["source"] = source or _relative_source(path, Path(out))
     merged.metadata[MERGE_METADATA_KEY] = json.dumps(record)
     with _intra_op_threads(1):  # so does writing
         save_lora(merged, out, format=format)

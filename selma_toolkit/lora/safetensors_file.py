@@ -1,16 +1,25 @@
 """Reading safetensors files defensively: pickles refused, headers checked against the file size.
 
 safetensors validates files too, but its errors name neither the file nor the fault in words a
-user can act on ("incomplete metadata, file not fully covered"); the checks here do, before the
-library reads the tensors.
+user can act on ("incomplete metadata, file not fully covered"); the checks here do: the header
+against the file's size before the data is touched, and safetensors' rule that the tensors'
+offsets tile the data exactly before any tensor is returned.
+
+A file is mapped once, copy-on-write, and its tensors are views into the mapping (little-endian
+hosts; elsewhere safetensors' own reader), as safetensors' ``load_file`` does; the sha256 a merge
+records is computed from the same mapped bytes (:func:`read_safetensors_with_sha256`) instead of
+reading the file a second time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,15 +31,30 @@ _DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+    "U64": torch.uint64, "F64": torch.float64,
+}
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and ``__metadata__`` of a safetensors file, after checking its header against its
     size, so that a broken file gets a message that says what is wrong with it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    tensors, metadata, _ = _read(Path(path), with_sha256=False)
+    return tensors, metadata
 
-    path = Path(path)
+
+def read_safetensors_with_sha256(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """As :func:`read_safetensors`, plus the hex sha256 of the file's bytes, hashed from the buffer
+    the tensors are read from (equal to ``selma_toolkit.io.sha256_file(path)``, one read instead of two)."""
+    tensors, metadata, digest = _read(Path(path), with_sha256=True)
+    assert digest is not None
+    return tensors, metadata, digest
+
+
+def _read(path: Path, *, with_sha256: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFormatError(
             f"{path}: {path.suffix} files are Python pickles and loading one can run arbitrary code, so "
@@ -39,17 +63,77 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         )
     if not path.is_file():
         raise LoraFormatError(f"{path}: no such file; expected a LoRA .safetensors file")
-    _check_header(path)
+    header, metadata, header_size = _check_header(path)
+    if sys.byteorder != "little":  # safetensors stores little-endian values and byte-swaps for such hosts
+        return _read_with_safetensors(path), metadata, _sha256_of_file(path) if with_sha256 else None
     try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        data = _map_whole(path)
+    except (OSError, RuntimeError) as exc:
+        raise LoraFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    digest = hashlib.sha256(memoryview(data.numpy())).hexdigest() if with_sha256 else None
+    return _tensors_from_buffer(path, data, header, 8 + header_size), metadata, digest
+
+
+def _map_whole(path: Path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor [size], mapped copy-on-write (torch.from_file, shared=False:
+    pages come from the page cache as they are touched, writes stay private, no descriptor is kept),
+    as safetensors' own ``load_file`` maps a file."""
+    size = path.stat().st_size
+    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+
+
+def _tensors_from_buffer(path: Path, data: torch.Tensor, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+    """The header's tensors as views into ``data`` (uint8 [file size]), in the order of their data
+    (as safetensors' ``load_file`` returns them); offsets must tile the data exactly, as
+    safetensors requires."""
+    entries = sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"]))
+    data_size = data.numel() - data_start
+    tensors: dict[str, torch.Tensor] = {}
+    position = 0
+    for key, entry in entries:
+        begin, end = entry["data_offsets"]
+        if begin != position:
+            raise LoraFormatError(
+                f"{path}: not a readable safetensors file: the data of tensor {key!r} starts at byte {begin} but the "
+                f"tensors before it end at {position} ({'overlapping' if begin < position else 'a gap between'} "
+                "tensors); the file is damaged"
+            )
+        position = end
+        dtype, shape = _TORCH_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+        raw = data[data_start + begin : data_start + end]
+        if end == begin:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif (data_start + begin) % dtype.itemsize:  # an unaligned view is refused: copy it aligned
+            tensors[key] = raw.clone().view(dtype).reshape(shape)
+        else:
+            tensors[key] = raw.view(dtype).reshape(shape)
+    if position != data_size:
+        raise LoraFormatError(
+            f"{path}: not a readable safetensors file: {data_size - position} bytes after the last tensor's data "
+            "belong to no tensor (the header does not cover the file); the file is damaged"
+        )
+    return tensors
+
+
+def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    return tensors, metadata
 
 
-def _check_header(path: Path) -> None:
+def _sha256_of_file(path: Path) -> str:
+    from selma_toolkit.io import sha256_file
+
+    return sha256_file(path)
+
+
+def _check_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
+    """The tensor entries of the header, its ``__metadata__`` and its length, checked against the
+    file's size (only the header is read)."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(9)
@@ -78,6 +162,8 @@ def _check_header(path: Path) -> None:
     if not isinstance(header, dict):
         raise LoraFormatError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise LoraFormatError(f"{path}: the safetensors __metadata__ is not a JSON object of strings")
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:
         raise LoraFormatError(f"{path}: __metadata__ values must be strings; {bad[0]!r} is not")
@@ -86,6 +172,8 @@ def _check_header(path: Path) -> None:
     for key, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int)):
+                raise TypeError(entry)
             count = 1
             for dim in entry["shape"]:
                 count *= int(dim)
@@ -103,3 +191,4 @@ def _check_header(path: Path) -> None:
             f"{path}: truncated: the header needs {needed} bytes of tensor data but only {data_size} follow "
             "(an interrupted download or copy?); fetch the file again"
         )
+    return header, dict(metadata), header_size

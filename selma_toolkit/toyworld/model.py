@@ -23,7 +23,11 @@ from pathlib import Path
 from selma_toolkit.toyworld.world import COLORS, IMAGE_SIZE, NUMBERS, RELATIONS, SHAPES
 
 TOY_SPEC = "toy:shapes"
+WEB_SPEC = "toy:shapes-web"
 BASE_DIR = Path(__file__).resolve().parent / "base"
+WEB_BASE_DIR = Path(__file__).resolve().parent / "base-web"
+# The shipped toy bases: pretrained on explicit grammar captions / on web-like captions (web_captions.py).
+TOY_BASES: dict[str, Path] = {TOY_SPEC: BASE_DIR, WEB_SPEC: WEB_BASE_DIR}
 MAX_TOKENS = 16
 VAE_SCALE = 2
 LATENT_SIZE = IMAGE_SIZE // VAE_SCALE
@@ -39,17 +43,23 @@ def toy_words() -> list[str]:
     return list(dict.fromkeys([*NUMBERS, *COLORS, *SHAPES, *(s + "s" for s in SHAPES), "and", *relation_words]))
 
 
-def toy_tokenizer():
+def toy_tokenizer(captions: str = "explicit"):
     """A CLIP tokenizer built in memory: CLIP's byte-level symbols plus BPE merges that make each
-    shapes-world word one token; other text falls back to characters. Padded to 16 tokens."""
+    shapes-world word one token (with ``captions="web"`` also the words of web-like captions, for
+    ``toy:shapes-web``); other text falls back to characters. Padded to 16 tokens."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     # The deterministic merge learner of the tiny models (same tie-breaking, same file every build).
     from selma_toolkit.tiny import _learn_merges
 
+    words = toy_words()
+    if captions == "web":
+        from selma_toolkit.toyworld.web_captions import web_words
+
+        words = list(dict.fromkeys(words + web_words()))
     alphabet = sorted(ByteLevel.alphabet())
-    merges = _learn_merges(toy_words())
+    merges = _learn_merges(words)
     vocab_list = list(dict.fromkeys(alphabet + [s + "</w>" for s in alphabet] + [a + b for a, b in merges]))
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
@@ -111,12 +121,16 @@ def build_pipeline(unet, vae, text_encoder, tokenizer):
 
 
 def is_toy_spec(spec: str) -> bool:
-    return spec == TOY_SPEC
+    return spec in TOY_BASES
 
 
-def toy_base_dir() -> Path:
-    """The shipped toy base model folder (``toy:shapes``); ValueError when its weights are missing."""
-    if not (BASE_DIR / "model_index.json").is_file() or not (BASE_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        raise ValueError(f"{TOY_SPEC}: the toy base model is missing from {BASE_DIR}; rebuild it with "
-                         f"`selma toyworld pretrain --out DIR --export {BASE_DIR}` or reinstall selma-toolkit")
-    return BASE_DIR
+def toy_base_dir(spec: str = TOY_SPEC) -> Path:
+    """The shipped folder of a toy base (``toy:shapes`` or ``toy:shapes-web``); ValueError when its
+    weights are missing."""
+    folder = TOY_BASES[spec]
+    if not (folder / "model_index.json").is_file() or not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        captions = " --captions web" if spec == WEB_SPEC else ""
+        raise ValueError(f"{spec}: the toy base model is missing from {folder}; rebuild it with "
+                         f"`selma toyworld pretrain --out DIR{captions}` and `selma toyworld export DIR --to {folder}`, "
+                         "or reinstall selma-toolkit")
+    return folder

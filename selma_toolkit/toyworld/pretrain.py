@@ -70,6 +70,11 @@ class PretrainSettings:
     eval_prompts: int = 32
     eval_sampling_steps: int = 12
     eval_guidance: float = 4.0
+    # What the UNet and text encoder read for each render: "explicit" (the skill grammars' caption
+    # itself: `toy:shapes`) or "web" (a web-like partial caption of it, web_captions.py: `toy:shapes-web`).
+    captions: str = "explicit"
+    # A pipeline folder or toy base whose VAE is used as is (stage 1 skipped), e.g. "toy:shapes".
+    vae_from: str | None = None
 
     def __post_init__(self) -> None:
         positive = ["vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every", "eval_prompts", "eval_sampling_steps"]
@@ -77,6 +82,8 @@ class PretrainSettings:
         bad += [name for name in ("vae_learning_rate", "learning_rate", "kl_weight") if getattr(self, name) <= 0]
         bad += [name for name in ("ema_max_decay", "caption_dropout") if not 0 <= getattr(self, name) < 1]
         bad += [name for name in ("warmup_steps", "eval_every") if getattr(self, name) < 0]
+        if self.captions not in ("explicit", "web"):
+            raise RecipeError(f"pretraining captions = {self.captions!r}: expected 'explicit' or 'web'")
         if bad:
             raise RecipeError(f"pretraining settings out of range: {', '.join(f'{n} = {getattr(self, n)}' for n in bad)} "
                               "(counts and rates must be positive, decay and dropout in [0, 1))")
@@ -114,13 +121,35 @@ def batch_captions(grammars: list[Any], seed: int, stage: str, step: int, size: 
 
 def render_batch(captions: list[str], rng: random.Random):
     """Renders of ``captions`` as a float tensor [n, 3, 32, 32] in [-1, 1]."""
+    return draw_batch(captions, rng)[0]
+
+
+def draw_batch(captions: list[str], rng: random.Random):
+    """Renders of ``captions`` ([n, 3, 32, 32] in [-1, 1]) and, per render, (objects, relation)."""
     import numpy as np
     import torch
 
-    from selma_toolkit.toyworld.renderer import render_caption
+    from selma_toolkit.toyworld.renderer import draw_objects, place_objects
+    from selma_toolkit.toyworld.world import parse_caption
 
-    arrays = [np.asarray(render_caption(caption, rng), dtype=np.float32) for caption in captions]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    arrays, drawn = [], []
+    for caption in captions:  # as render_caption does, keeping the placed objects
+        scene = parse_caption(caption)
+        objects = place_objects(scene, rng)
+        arrays.append(np.asarray(draw_objects(objects), dtype=np.float32))
+        drawn.append((objects, scene.relation))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0, drawn
+
+
+def training_texts(captions: list[str], drawn: list, settings: "PretrainSettings", step: int) -> list[str]:
+    """What the text encoder reads for each render: the explicit caption, or a web-like caption of
+    the drawn objects from a generator seeded by (seed, step) (the renders stay those of "explicit")."""
+    if settings.captions == "explicit":
+        return captions
+    from selma_toolkit.toyworld.web_captions import web_caption
+
+    rng = random.Random(f"toyworld-pretrain:{settings.seed}:web:{step}")
+    return [web_caption(objects, relation, rng).text for objects, relation in drawn]
 
 
 def step_generator(seed: int, stage: str, step: int):
@@ -180,8 +209,9 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     saved = record["settings"]
-    changed = {k: (saved.get(k), v) for k, v in asdict(settings).items()
-               if k not in PretrainSettings.RESUMABLE and saved.get(k) != v}
+    defaults = asdict(PretrainSettings())  # a checkpoint written before a setting existed has its default
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(settings).items()
+               if k not in PretrainSettings.RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise TrainingError(f"{out}: holds a pretraining run with other settings ({shown}); resume with the same settings "
@@ -242,6 +272,35 @@ def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress
     return vae
 
 
+def _copy_vae(spec: str, out: Path) -> None:
+    """The VAE of a pipeline folder or toy base, saved (float32) as ``out/vae``: stage 1 skipped."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from selma_toolkit.models import resolve_model
+
+    source = Path(resolve_model(spec)) / "vae"
+    if not (source / "config.json").is_file():
+        raise TrainingError(f"vae_from = {spec!r}: {source} holds no diffusers VAE (config.json)")
+    vae = AutoencoderKL.from_pretrained(source, dtype=torch.float32)
+    partial = out / ".vae.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    vae.save_pretrained(partial, safe_serialization=True)
+    partial.rename(out / "vae")
+    log.info("VAE: copied from %s (stage 1 skipped)", spec)
+
+
+def _threads_history(record: dict[str, Any] | None, start: int, threads: int) -> list[list[int]]:
+    """[[first step, torch threads], ...] of a run: floating-point sums depend on the thread count,
+    so an exact rebuild repeats each part with its own count (snapshots.provenance writes the commands)."""
+    history = [list(part) for part in (record or {}).get("threads_history", [])]
+    if not history and record and record.get("threads"):
+        history = [[0, int(record["threads"])]]  # a checkpoint from before the history was kept
+    if not history or history[-1][1] != threads:
+        history.append([start, threads])
+    return history
+
+
 def _snapshot_parts(unet, text_encoder, ema) -> dict[str, Any]:
     """EMA weights of the UNet and the text encoder, named ``unet.<param>`` / ``text_encoder.<param>``."""
     names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
@@ -266,6 +325,8 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
     out.mkdir(parents=True, exist_ok=True)
     record = _load_state(out, settings)
     grammars = caption_sources()
+    if settings.vae_from and not (out / "vae" / "config.json").is_file():
+        _copy_vae(settings.vae_from, out)
     if (out / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(out / "vae")
     else:
@@ -276,7 +337,7 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
     scale = vae.config.scaling_factor
 
     torch.manual_seed(settings.seed + 1)
-    tokenizer = toy_tokenizer()
+    tokenizer = toy_tokenizer(settings.captions)
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=1e-2)
@@ -294,6 +355,7 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
         schedule.load_state_dict(record["schedule"])
         start = record["step"]
         log.info("UNet: resuming at step %d", start)
+    threads = _threads_history(record, start, torch.get_num_threads())
     snapshots = out / "snapshots"
     snapshots.mkdir(exist_ok=True)
     if evaluate is None:
@@ -307,10 +369,10 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
         for step in range(start, settings.steps):
             began = time.perf_counter()
             captions, rng = batch_captions(grammars, settings.seed, "unet", step, settings.batch_size)
-            pixels = render_batch(captions, rng)
+            pixels, drawn = draw_batch(captions, rng)
             generator = step_generator(settings.seed, "unet", step)
             dropped = torch.rand(len(captions), generator=generator) < settings.caption_dropout
-            texts = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+            texts = ["" if drop else text for text, drop in zip(training_texts(captions, drawn, settings, step), dropped.tolist())]
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scale
             noise = torch.randn(latents.shape, generator=generator)
@@ -338,7 +400,8 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
                 ema_state = ema.state_dict()
                 shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
                 _save_checkpoint(out, {"stage": "unet", "step": done, "settings": asdict(settings), "optimizer": extra,
-                                       "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads()},
+                                       "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads(),
+                                       "threads_history": threads},
                                  {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                                   "optimizer": tensors, "ema": shadow})
                 if settings.eval_every and done % settings.eval_every == 0:

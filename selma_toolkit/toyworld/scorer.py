@@ -54,14 +54,17 @@ class Segment:
 Check = Callable[[Sequence[Segment]], bool]
 
 
-def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check]]:
-    """DSG-style questions for a scene, parents before children (ids "1", "2", ...), each with the
-    test on the image's segments that answers it."""
-    asked: list[tuple[Question, Check]] = []
+QUESTION_KINDS = ("entity", "color", "count", "relation")
 
-    def ask(text: str, check: Check, parents: tuple[str, ...] = ()) -> str:
+
+def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check, str]]:
+    """DSG-style questions for a scene, parents before children (ids "1", "2", ...), each with the
+    test on the image's segments that answers it and its kind (one of QUESTION_KINDS)."""
+    asked: list[tuple[Question, Check, str]] = []
+
+    def ask(text: str, check: Check, parents: tuple[str, ...] = (), kind: str = "entity") -> str:
         qid = str(len(asked) + 1)
-        asked.append((Question(id=qid, text=text, parents=parents), check))
+        asked.append((Question(id=qid, text=text, parents=parents), check, kind))
         return qid
 
     entity_ids = []
@@ -70,10 +73,10 @@ def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check]]:
         entity_ids.append(entity)
         if group.color:
             text = f"is the {group.shape} {group.color}?" if group.count == 1 else f"are the {group.shape}s {group.color}?"
-            ask(text, lambda segs, g=group: any(_matches(s, g) for s in segs), (entity,))
+            ask(text, lambda segs, g=group: any(_matches(s, g) for s in segs), (entity,), "color")
         if group.count > 1:
             ask(f"are there exactly {_NUMBER_WORDS[group.count]} {group.phrase()}s?",
-                lambda segs, g=group: sum(_matches(s, g) for s in segs) == g.count, (entity,))
+                lambda segs, g=group: sum(_matches(s, g) for s in segs) == g.count, (entity,), "count")
     if scene.relation is not None:
         first, second = scene.groups
         words = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
@@ -82,18 +85,38 @@ def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check]]:
             return any(relation_holds(scene.relation, a.center, b.center)
                        for a in segs if _matches(a, first) for b in segs if b is not a and _matches(b, second))
 
-        ask(f"is the {first.phrase()} {words[scene.relation]} the {second.phrase()}?", related, tuple(entity_ids))
+        ask(f"is the {first.phrase()} {words[scene.relation]} the {second.phrase()}?", related, tuple(entity_ids), "relation")
     return asked
 
 
 def caption_questions(scene: Scene) -> list[Question]:
     """DSG-style questions for a scene, parents before children; ids "1", "2", ..."""
-    return [question for question, _ in _questions_and_checks(scene)]
+    return [question for question, _, _ in _questions_and_checks(scene)]
 
 
 def answer_questions(scene: Scene, segments: Sequence[Segment]) -> dict[str, str]:
     """Answers ("yes"/"no") to :func:`caption_questions` of ``scene``, read from the segments."""
-    return {q.id: "yes" if check(segments) else "no" for q, check in _questions_and_checks(scene)}
+    return {q.id: "yes" if check(segments) else "no" for q, check, _ in _questions_and_checks(scene)}
+
+
+def key_questions_pass(image: "Image", caption: str, kind: str) -> bool | None:
+    """Whether every question of ``kind`` (e.g. "count") of the caption is answered right on the
+    image, with its parents (DSG's rule); a caption without such questions needs all of them right.
+    None outside the grammar. The study's per-question data filter."""
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"question kind {kind!r}: expected one of {', '.join(QUESTION_KINDS)}")
+    scene = try_parse_caption(caption)
+    if scene is None:
+        return None
+    asked = _questions_and_checks(scene)
+    answers = answer_questions(scene, segment(image))
+    parents = {q.id: q.parents for q, _, _ in asked}
+    wanted = [q.id for q, _, k in asked if k == kind] or list(parents)
+
+    def right(qid: str) -> bool:
+        return answers[qid] == "yes" and all(right(parent) for parent in parents[qid])
+
+    return all(right(qid) for qid in wanted)
 
 
 def segment(image: "Image") -> list[Segment]:

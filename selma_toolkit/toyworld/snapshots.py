@@ -4,6 +4,7 @@ export it as the diffusers folder that ships as ``toy:shapes`` (with its provena
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -14,15 +15,16 @@ from selma_toolkit.io import atomic_write_text
 from selma_toolkit.toyworld.pretrain import SKILLS, STATE_FILE, PretrainSettings
 
 
-def load_snapshot(snapshot: Path, vae_dir: Path):
-    """A StableDiffusionPipeline (float32) from an EMA snapshot and the trained VAE."""
+def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
+    """A StableDiffusionPipeline (float32) from an EMA snapshot and the trained VAE; ``captions``
+    is the run's setting (it chooses the tokenizer)."""
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
 
-    tokenizer = toy_tokenizer()
+    tokenizer = toy_tokenizer(captions)
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     weights = load_file(str(snapshot))
     for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
@@ -66,7 +68,7 @@ def evaluate_snapshot(snapshot: Path, vae_dir: Path, settings: PretrainSettings)
     """Mean toyworld score (0-100) per skill of a snapshot on held-out prompts."""
     from selma_toolkit.toyworld.scorer import score_image
 
-    pipe = load_snapshot(snapshot, vae_dir)
+    pipe = load_snapshot(snapshot, vae_dir, settings.captions)
     scores = {}
     for skill, prompts in eval_prompts(snapshot.parent.parent, settings.eval_prompts).items():
         images = sample_images(pipe, prompts, list(range(len(prompts))), steps=settings.eval_sampling_steps,
@@ -84,7 +86,8 @@ def export_base(out: str | Path, snapshot: str | Path, target: str | Path) -> Pa
     out, snapshot, target = Path(out), Path(snapshot), Path(target)
     if not snapshot.is_file():
         raise TrainingError(f"{snapshot}: no such snapshot; snapshots are in {out / 'snapshots'}")
-    pipe = load_snapshot(snapshot, out / "vae").to(torch.float16)
+    captions = json.loads((out / "checkpoint" / STATE_FILE).read_text())["settings"].get("captions", "explicit")
+    pipe = load_snapshot(snapshot, out / "vae", captions).to(torch.float16)
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial, safe_serialization=True)
@@ -107,11 +110,16 @@ def provenance(out: Path, snapshot: Path) -> dict[str, Any]:
     threads = record.get("threads")
     defaults = asdict(PretrainSettings())
     options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
-                       if key in ("seed", "steps", "vae_steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every")
+                       if key in ("seed", "steps", "vae_steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
+                                  "captions", "vae_from")
                        and (value != defaults[key] or key in ("seed", "steps")))
-    command = f"selma toyworld pretrain --out OUT {options}" + (f" --threads {threads}" if threads else "")
-    return {"snapshot": snapshot.name, "step": step, "settings": settings, "threads": threads,
-            "rebuild": [command, f"selma toyworld export OUT --step {step} --to FOLDER"]}
+    # One command per part of the run that used its own torch thread count (an exact rebuild needs them all).
+    history = [part for part in record.get("threads_history") or ([[0, threads]] if threads else []) if part[0] < step]
+    ends = [start for start, _ in history[1:]] + [step]
+    commands = [re.sub(r"--steps \d+", f"--steps {end}", f"selma toyworld pretrain --out OUT {options}") + f" --threads {count}"
+                for (_, count), end in zip(history, ends)] or [f"selma toyworld pretrain --out OUT {options}"]
+    return {"snapshot": snapshot.name, "step": step, "settings": settings, "threads": threads, "threads_history": history,
+            "rebuild": [*commands, f"selma toyworld export OUT --step {step} --to FOLDER"]}
 
 
 def snapshot_path(out: str | Path, step: int | None = None) -> Path:
