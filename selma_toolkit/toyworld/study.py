@@ -244,14 +244,17 @@ class StudyOptions:
         object.__setattr__(self, "kinds", tuple(dict.fromkeys(("selma", *self.kinds))))
 
 
-def _image_runs(run: RunRecipe, seed: int, options: StudyOptions) -> dict[str, RunRecipe]:
-    """The recipe that draws each self-generated kind's images (same prompts and image seeds)."""
-    def images(**update: object) -> RunRecipe:
-        return run.model_copy(update={"images": run.images.model_copy(update=update)})
+def _with_images(run: RunRecipe, **update: object) -> RunRecipe:
+    """``run`` with some [images] settings changed (the image seed of a candidate set, a guidance, a model)."""
+    return run.model_copy(update={"images": run.images.model_copy(update=update)})
 
-    recipes = {"selma": run, "lowcfg": images(guidance_scale=1.0), "highcfg": images(guidance_scale=options.high_guidance)}
+
+def _image_runs(run: RunRecipe, options: StudyOptions) -> dict[str, RunRecipe]:
+    """The recipe that draws each self-generated kind's images (same prompts and image seeds)."""
+    recipes = {"selma": run, "lowcfg": _with_images(run, guidance_scale=1.0),
+               "highcfg": _with_images(run, guidance_scale=options.high_guidance)}
     if options.teacher:
-        recipes["teacher"] = images(model=options.teacher)
+        recipes["teacher"] = _with_images(run, model=options.teacher)
     return {kind: recipe for kind, recipe in recipes.items() if kind in options.kinds}
 
 
@@ -289,10 +292,9 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
             _copy_prompts(selma, roots[kind], skill.name)
     # Extra self-generated candidates for best-of-K filtering: the same stage with other image seeds.
     filtering = [k for k in ("filtered", "keyq") if k in kinds]
-    extra = [(RunPaths(root / f"candidates-{k}"), run.model_copy(update={
-        "images": run.images.model_copy(update={"seed": seed + CANDIDATE_SEED_STEP * k})}))
-        for k in range(1, options.filter_candidates)] if filtering else []
-    drawn = _image_runs(run, seed, options)
+    extra = [(RunPaths(root / f"candidates-{k}"), _with_images(run, seed=seed + CANDIDATE_SEED_STEP * k))
+             for k in range(1, options.filter_candidates)] if filtering else []
+    drawn = _image_runs(run, options)
     data: dict[str, dict[str, object]] = {}
     for skill in skills:
         for kind, kind_run in drawn.items():
@@ -334,8 +336,7 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     jobs = [EvalJob(name, eval_dir / "images" / variant_folder(name), lora, {s: prompts[s] for s in chosen})
             for name, (lora, chosen) in variants.items()]
     items = draw_eval_images(run, jobs, progress=lambda d, t: report("evaluation images", d, t))
-    unguided = run.model_copy(update={"images": run.images.model_copy(update={"guidance_scale": 1.0})})
-    items.update(draw_eval_images(unguided, [EvalJob(BASE_LOW_GUIDANCE, eval_dir / "images" / variant_folder(BASE_LOW_GUIDANCE),
+    items.update(draw_eval_images(_with_images(run, guidance_scale=1.0), [EvalJob(BASE_LOW_GUIDANCE, eval_dir / "images" / variant_folder(BASE_LOW_GUIDANCE),
                                                      None, prompts)],
                                   progress=lambda d, t: report("evaluation images, guidance 1", d, t)))
     score_variants(items, [ToyWorldScorer()], eval_dir, bootstrap_samples=run.evaluate.bootstrap_samples,
