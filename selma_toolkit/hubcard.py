@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit import __version__
+from selma_toolkit.architectures import FAMILIES, family_from_metadata
 from selma_toolkit.errors import DatasetError, HubError, RecipeError
 from selma_toolkit.paths import RunPaths
 
@@ -28,7 +29,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SAMPLES = 16
 MAX_SCORE_ROWS = 60
 SAMPLES_FILE = "samples.png"
-_ARCH_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "sdxl"}
 
 
 @dataclass
@@ -96,10 +96,8 @@ def lora_facts(meta: dict[str, str]) -> dict[str, Any]:
     skills = _string_list(_field(meta, "skills")) or _string_list(_field(meta, "skill"))
     if merge:
         skills += [e["skill"] for e in merge.get("experts", []) if e.get("skill") and e["skill"] not in skills]
-    architecture = _field(meta, "architecture")
-    spec = meta.get("modelspec.architecture", "")
-    if architecture is None and spec:
-        architecture = "sdxl" if "-xl" in spec else "sd2" if "-v2" in spec else "sd1" if "-v1" in spec else None
+    family = family_from_metadata(meta)  # ours, else kohya's or ModelSpec's name for the base
+    architecture = family.name if family is not None else None
     return {
         "base_model": _field(meta, "base_model", "ss_sd_model_name"),
         "architecture": architecture,
@@ -246,7 +244,7 @@ def render_model_card(
     base_model = (recipe.base_model if recipe else None) or first["base_model"]
     architecture = next((f["architecture"] for f in loras.values() if f["architecture"]), None)
     if architecture is None and base_model and base_model.startswith("tiny:"):
-        architecture = base_model.removeprefix("tiny:")
+        architecture = base_model.removeprefix("tiny:").split(":")[0]  # tiny:<family>[:<seed>]
     lora_skills = list(dict.fromkeys(s for f in loras.values() for s in f["skills"]))
     recipe_skills = {s.name: s for s in recipe.skills} if recipe else {}
     skill_names = lora_skills or list(recipe_skills)
@@ -267,7 +265,8 @@ def render_model_card(
             counts = {"prompts": _count_lines(run.prompts(name)), "images": _count_lines(run.images(name) / "metadata.jsonl")}
         skills.append({"name": name, "recipe": skill, "description": description, **counts})
 
-    tags = ["lora", "text-to-image", _ARCH_TAGS.get(architecture or "", "stable-diffusion"), "selma", *skill_names]
+    family_tag = FAMILIES[architecture].hub_tag if architecture in FAMILIES else "stable-diffusion"
+    tags = ["lora", "text-to-image", family_tag, "selma", *skill_names]
     card_data = ModelCardData(
         # The Hub links base_model only to a repo id; a local folder or tiny: model is named in the body instead.
         base_model=base_model if base_model and _REPO_ID.match(base_model) else None,

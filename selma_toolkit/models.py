@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from selma_toolkit.architectures import family_of_pipeline, family_titles
 from selma_toolkit.errors import ModelError
 
-Architecture = Literal["sd1", "sd2", "sdxl"]
+Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
@@ -62,12 +63,9 @@ def resolve_model(spec: str) -> str:
 
 
 def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> Architecture:
-    """sd1 / sd2 / sdxl from a UNet config (and the pipeline class when known)."""
-    if "XL" in pipeline_class or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("use_linear_projection") or isinstance(unet_config.get("attention_head_dim"), (list, tuple)):
-        return "sd2"
-    return "sd1"
+    """The family name (sd1 / sd2 / sdxl) from a denoiser config and the pipeline class when known:
+    the rules live in the family records (``architectures.family_of_pipeline``)."""
+    return family_of_pipeline(pipeline_class, unet_config).name
 
 
 def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
@@ -91,7 +89,7 @@ def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
             raise ModelError(f"{spec}: could not read model_index.json / unet/config.json from the Hub ({exc})") from None
     pipeline_class = index.get("_class_name", "")
     if "unet" not in index:
-        raise ModelError(f"{spec}: pipeline {pipeline_class!r} has no UNet; expected SD 1.x, SD 2.x or SDXL")
+        raise ModelError(f"{spec}: pipeline {pipeline_class!r} has no UNet; expected {family_titles()}")
     return architecture_from_config(unet_config, pipeline_class)
 
 

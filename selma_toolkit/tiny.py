@@ -4,6 +4,8 @@ Same architecture classes as the real models (UNet2DConditionModel, AutoencoderK
 encoders, CLIP tokenizer, the real schedulers), so every stage runs on them unchanged, on a CPU,
 with no download. Their images mean nothing; their code paths are the real ones.
 
+The configs live in each family's record (``selma_toolkit.architectures``, ``Family.tiny``):
+
 * ``sd1``: SD 1.x layout (one CLIPTextModel, epsilon prediction, PNDM scheduler as SD 1.4/1.5).
 * ``sd2``: SD 2.x layout (linear projections, per-block head dims, v-prediction as SD 2 768-v).
 * ``sdxl``: SDXL layout (two text encoders, pooled embeddings, ``text_time`` added conditions).
@@ -13,15 +15,18 @@ The same call writes the same weights: every component is built right after ``to
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Architecture = Literal["sd1", "sd2", "sdxl"]
-ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+from selma_toolkit.architectures import FAMILY_NAMES, get_family
+
+Architecture = str  # a family name of selma_toolkit.architectures
+ARCHITECTURES: tuple[str, ...] = FAMILY_NAMES  # every family has a tiny config in its record
 TINY_PREFIX = "tiny:"
 # Bump when a config below changes, so cached copies are rebuilt.
 TINY_VERSION = 1
@@ -120,75 +125,34 @@ def _vae():
 
 
 def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
-    """Build a tiny random pipeline of the given architecture (in memory)."""
+    """Build a tiny random pipeline of the given family (in memory), from its record's
+    :class:`~selma_toolkit.architectures.TinyConfig`: denoiser, scheduler, one small CLIP text
+    encoder (32 wide) per text encoder of the family, and the shared tiny VAE."""
+    import diffusers
     import torch
-    from diffusers import (
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    try:
+        family = get_family(arch)
+    except ValueError as exc:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}") from exc
     tokenizer = tiny_tokenizer()
     vocab_size = len(tokenizer)
-    common: dict[str, Any] = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=16,
-    )
     torch.manual_seed(seed)
-    if arch == "sd1":
-        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=8)
-        scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-            steps_offset=1, set_alpha_to_one=False, num_train_timesteps=1000,
-        )
-    elif arch == "sd2":
-        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-            prediction_type="v_prediction", timestep_spacing="leading", num_train_timesteps=1000,
-        )
-    else:
-        unet = UNet2DConditionModel(
-            **common,
-            cross_attention_dim=64,  # the two text encoders' hidden states, concatenated (32 + 32)
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text (32)
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-            timestep_spacing="leading", num_train_timesteps=1000,
-        )
+    denoiser = getattr(diffusers, family.denoiser_class)(**family.tiny.denoiser)
+    scheduler = getattr(diffusers, family.tiny.scheduler_class)(**family.tiny.scheduler)
     torch.manual_seed(seed + 1)
     vae = _vae()
-    torch.manual_seed(seed + 2)
-    act = "quick_gelu" if arch == "sd1" else "gelu"
-    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, 32, 32, act))
-    if arch != "sdxl":
-        return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, 32, 32, "gelu"))
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
-    )
+    parts: dict[str, Any] = {family.denoiser: denoiser, "vae": vae, "scheduler": scheduler}
+    for index, (spec, act) in enumerate(zip(family.text_encoders, family.tiny.text_activations)):
+        torch.manual_seed(seed + 2 + index)
+        model_class = getattr(transformers, spec.model_class)
+        parts[spec.component] = model_class(_text_encoder_config(vocab_size, 32, 32, act))
+        parts[spec.tokenizer] = tokenizer if index == 0 else tiny_tokenizer()
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class(**parts)
 
 
 def create_tiny_model(out: str | os.PathLike[str], arch: Architecture = "sd1", seed: int = 0) -> Path:

@@ -32,6 +32,7 @@ from support_lora import (
     save_peft_lora_with_diffusers,
 )
 
+from selma_toolkit.architectures import get_family
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora import (
     LoraModule,
@@ -107,7 +108,7 @@ def test_every_module_of_full_size_models_round_trips_through_kohya_names(meta_m
     weights = lora_like(unet, text)
     assert len(weights.modules) > 300
     for name in weights.modules:
-        kohya = kohya_module_name(name, two_text_encoders=arch == "sdxl")
+        kohya = kohya_module_name(name, family=get_family(arch))
         assert module_from_key(kohya)[0] == name, kohya
     assert guess_architecture(weights) == arch
 
@@ -423,4 +424,4 @@ def test_cli_info_and_convert_make_a_diffusers_file_comfyui_ready(cli, peft_file
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"\x80\x04K\x01.")
     refused = cli("lora", "info", str(bad))
-    assert refused.returncode == 1 and "pickle" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "pickle" in refused.stderr and "Traceback" not in refused.stderr

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from selma_toolkit.architectures import get_family
 from selma_toolkit.errors import DatasetError, RecipeError, TrainingError
 from selma_toolkit.lora import load_lora, metadata_value
 from selma_toolkit.paths import JOINT, RunPaths
@@ -114,7 +115,8 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
 
     def caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, arch, torch.float32)
-        return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"))
+        return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"),
+                                      hidden_layer=get_family(arch).text_hidden_layer)
 
     texts = caches.ensure_cache(caches.text_cache_spec(model_dir, names, torch.float32, samples), root, 2, caption_encoder)
     source = caches.ConditionSource(samples, 16, torch.device("cpu"), latents=caches.CachedTensors(latents),
@@ -408,5 +410,5 @@ def test_cli_trains_an_expert_and_refuses_bad_arguments(tiny_sd1, tmp_path, cli)
     assert RunPaths(out).expert("count-grammar").is_file()
     assert "experts/count-grammar.safetensors" in result.stdout.replace("\n", "")
     both = cli("train", str(recipe), "--skill", "count-grammar", "--joint", "--out", str(out))
-    assert both.returncode == 1 and "Traceback" not in both.stderr
+    assert both.returncode == 2 and "Traceback" not in both.stderr
     assert "either --skill NAME (one expert) or --joint" in both.stderr

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from selma_toolkit.architectures import COMPONENTS  # every family's model parts (the registry)
 
 
 @dataclass

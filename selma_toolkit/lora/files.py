@@ -25,6 +25,7 @@ import torch
 
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraModule, LoraWeights
+from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, Family, get_family
 from selma_toolkit.lora.keys import kohya_module_name, module_from_key, parse_key, peft_adapter_name
 from selma_toolkit.lora.metadata import PEFT_METADATA_KEY, file_metadata, guess_architecture, peft_adapter_metadata, peft_alpha
 from selma_toolkit.lora.safetensors_file import read_safetensors
@@ -266,9 +267,9 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, str] = {}
     if format == "kohya":
-        two_text_encoders = "text_encoder_2" in weights.components() or guess_architecture(weights) == "sdxl"
+        family = _kohya_family(weights)
         for name, (module, write_alpha) in _kohya_modules(weights).items():
-            key = kohya_module_name(name, two_text_encoders=two_text_encoders)
+            key = kohya_module_name(name, family=family)
             tensors[f"{key}.lora_down.weight"] = module.down
             tensors[f"{key}.lora_up.weight"] = module.up
             if write_alpha:
@@ -281,6 +282,16 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
     # safetensors stores each tensor whole and refuses views that share memory.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     return tensors, extra
+
+
+def _kohya_family(weights: LoraWeights) -> Family:
+    """The family whose kohya text-encoder prefixes a file gets: the guessed one, else the first
+    family (sd1, sd2, sdxl) that has every model part the LoRA adapts."""
+    guessed = guess_architecture(weights)
+    if guessed is not None:
+        return get_family(guessed)
+    components = weights.components()
+    return next(FAMILIES[name] for name in FAMILY_NAMES if components <= set(FAMILIES[name].components))
 
 
 def _kohya_modules(weights: LoraWeights) -> dict[str, tuple[LoraModule, bool]]:

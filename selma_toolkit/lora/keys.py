@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import re
 
+from selma_toolkit.architectures import COMFY_CLIP_COMPONENTS, COMPONENTS, KOHYA_TEXT_PREFIXES, Family
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import canonical_module_name
 
@@ -84,9 +85,6 @@ _COMPOUNDS_BY_HEAD: dict[str, tuple[tuple[str, ...], ...]] = {
     head: tuple(compound for compound in _COMPOUNDS if compound[0] == head) for head in {c[0] for c in _COMPOUNDS}
 }
 _LDM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
-_KOHYA_TE_PREFIXES = (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"))
-# ComfyUI's names for the CLIP models inside its CLIP object -> our component.
-_COMFY_CLIPS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
 _RESNET_LDM_TO_DIFFUSERS = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
@@ -222,19 +220,20 @@ def module_from_key(
         if path.split(".")[0] in _LDM_HEADS:
             return canonical_module_name("unet", _ldm_path(path, spelling, ldm_layers_per_block)), "kohya-ldm"
         return canonical_module_name("unet", path), "kohya"
-    for prefix, te_component in _KOHYA_TE_PREFIXES:
+    for prefix, te_component in KOHYA_TEXT_PREFIXES:
         if spelling.startswith(prefix):
             return canonical_module_name(te_component, decode_kohya_path(spelling[len(prefix):])), "kohya"
     if spelling.startswith("diffusion_model."):
         return canonical_module_name("unet", _ldm_path(spelling[len("diffusion_model."):], spelling, ldm_layers_per_block)), "comfyui"
     if spelling.startswith("text_encoders."):
         clip, _, rest = spelling[len("text_encoders."):].partition(".")
-        if clip not in _COMFY_CLIPS or not rest.startswith("transformer."):
-            raise LoraFormatError(f"key {spelling!r}: ComfyUI text-encoder key for {clip!r}; expected clip_l, clip_h or clip_g")
-        return canonical_module_name(_COMFY_CLIPS[clip], rest[len("transformer."):]), "comfyui"
+        if clip not in COMFY_CLIP_COMPONENTS or not rest.startswith("transformer."):
+            raise LoraFormatError(f"key {spelling!r}: ComfyUI text-encoder key for {clip!r}; expected "
+                                  f"{', '.join(COMFY_CLIP_COMPONENTS)} followed by .transformer.")
+        return canonical_module_name(COMFY_CLIP_COMPONENTS[clip], rest[len("transformer."):]), "comfyui"
 
     head, _, rest = spelling.partition(".")
-    if head in ("unet", "text_encoder", "text_encoder_2") and rest:
+    if head in COMPONENTS and rest:
         found_component, path = head, rest
     elif component is not None:
         found_component, path = component, spelling
@@ -275,20 +274,19 @@ def _ldm_path(path: str, spelling: str, layers_per_block: int) -> str:
         ) from None
 
 
-def kohya_module_name(canonical: str, *, two_text_encoders: bool) -> str:
-    """Canonical name -> kohya name: ``lora_unet_<path>``, ``lora_te_<path>`` (SD 1.x / 2.x) or
-    ``lora_te1_`` / ``lora_te2_`` (SDXL). Text-encoder paths keep ``text_model``, as ComfyUI's
-    key map expects (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)."""
+def kohya_module_name(canonical: str, *, family: Family) -> str:
+    """Canonical name -> kohya name: ``lora_unet_<path>``, and for text encoders the family's
+    prefix (``lora_te_`` for SD 1.x / 2.x, ``lora_te1_`` / ``lora_te2_`` for SDXL). Text-encoder
+    paths keep ``text_model``, as ComfyUI's key map expects
+    (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)."""
     component, _, path = canonical.partition(".")
     if component == "unet":
         prefix = "lora_unet_"
         # diffusers' kohya reader mangles add_embedding_linear_N (its "emb" heuristic drops the
         # index) but maps the original name label_emb_0_N; ComfyUI accepts both spellings.
         path = _ADD_EMBEDDING_LDM.get(path, path)
-    elif component == "text_encoder":
-        prefix = "lora_te1_" if two_text_encoders else "lora_te_"
     else:
-        prefix = "lora_te2_"
+        prefix = family.text_encoder(component).kohya_prefix
     return prefix + encode_kohya_path(path)
 
 

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, family_from_metadata
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.keys import peft_module_path
 
@@ -29,7 +30,7 @@ SELMA_FIELDS = (
     "recipe_sha256", "toolkit_version",
 )
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
+ARCHITECTURES = FAMILY_NAMES  # the registry's family names (selma_toolkit/architectures.py)
 # Fields recomputed from the tensors on every write, so a converted or merged file never carries
 # stale values from its source.
 _DERIVED = (
@@ -37,9 +38,6 @@ _DERIVED = (
     "ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
     "modelspec.sai_model_spec", "selma.rank", "selma.alpha", "selma.targets", "selma.toolkit_version",
 )
-_KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
-_MODELSPEC_RESOLUTION = {"sd1": "512x512", "sd2": "768x768", "sdxl": "1024x1024"}
 
 
 def lora_metadata(
@@ -112,17 +110,18 @@ def file_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None) 
     merged["ss_network_dim"] = str(rank)
     merged["ss_network_alpha"] = _number(alpha)
     architecture = merged.get(SELMA_PREFIX + "architecture") or guess_architecture(weights)
-    if architecture in ARCHITECTURES:
+    if architecture in FAMILIES:
+        family = FAMILIES[architecture]
         merged[SELMA_PREFIX + "architecture"] = architecture
-        merged["ss_base_model_version"] = _KOHYA_BASE_VERSION[architecture]
-        merged["ss_v2"] = str(architecture == "sd2")
-        spec_arch = _MODELSPEC_ARCH[architecture]
-        if architecture == "sd2" and "base" in (merged.get(SELMA_PREFIX + "base_model") or ""):
-            spec_arch = "stable-diffusion-v2-512"  # stabilityai/stable-diffusion-2-base is the 512 px model
+        merged["ss_base_model_version"] = family.kohya_base_version
+        merged["ss_v2"] = str(family.kohya_base_version.startswith("sd_v2"))  # kohya's flag for SD 2.x text encoders
+        spec_arch, resolution = family.modelspec_architecture, family.resolution
+        if spec_arch.startswith("stable-diffusion-v2") and "base" in (merged.get(SELMA_PREFIX + "base_model") or ""):
+            spec_arch, resolution = "stable-diffusion-v2-512", 512  # stabilityai/stable-diffusion-2-base is the 512 px model
         merged["modelspec.sai_model_spec"] = "1.0.0"
         merged["modelspec.architecture"] = f"{spec_arch}/lora"
         merged["modelspec.implementation"] = "diffusers"  # module names follow diffusers' UNet
-        merged.setdefault("modelspec.resolution", "512x512" if spec_arch.endswith("512") else _MODELSPEC_RESOLUTION[architecture])
+        merged.setdefault("modelspec.resolution", f"{resolution}x{resolution}")
     if SELMA_PREFIX + "base_model" in merged:
         merged.setdefault("ss_sd_model_name", merged[SELMA_PREFIX + "base_model"])
     return merged
@@ -187,8 +186,16 @@ def _peft_pattern_key(patterns: Mapping[str, Any], paths: tuple[str, ...]) -> st
 
 # ------------------------------------------------------------------------------- architecture
 
-_CROSS_ATTENTION_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TEXT_HIDDEN = {1024: "sd2", 1280: "sdxl"}  # 768 (CLIP-L) is both SD 1.x and SDXL's first encoder
+# Clues from the registry: the denoiser's cross-attention width and the text encoders' widths
+# that only one family has (768, CLIP-L, is both SD 1.x's and SDXL's first encoder: no clue).
+_CROSS_ATTENTION_DIM = {family.cross_attention_dim: name for name, family in FAMILIES.items()}
+_WIDTH_COUNT = Counter(e.hidden_size for f in FAMILIES.values() for e in f.text_encoders)
+_TEXT_HIDDEN = {e.hidden_size: f.name for f in FAMILIES.values() for e in f.text_encoders if _WIDTH_COUNT[e.hidden_size] == 1}
+# A first text encoder deeper than this has more layers than any CLIP-L (SD 2's OpenCLIP-H: 23).
+_CLIP_L_LAYERS = 12
+_DEEP_FIRST_ENCODER = {name for name, f in FAMILIES.items() if f.text_encoders[0].layers > _CLIP_L_LAYERS}
+_STACKED = {name for name, f in FAMILIES.items() if f.stacked_transformer_blocks}
+_CONV_PROJ = {name for name, f in FAMILIES.items() if f.conv_proj_in}
 _TRANSFORMER_INDEX = re.compile(r"\.transformer_blocks\.(\d+)\.")
 _TEXT_LAYER_INDEX = re.compile(r"^text_encoder\.text_model\.encoder\.layers\.(\d+)\.")
 
@@ -198,7 +205,7 @@ def guess_architecture(weights: LoraWeights) -> str | None:
     (``selma.architecture``, kohya ``ss_base_model_version``, ``modelspec.architecture``) when the
     tensors do not tell; None when neither does or the evidence conflicts.
 
-    Evidence: a second text encoder, ``add_embedding`` or a second transformer block per attention
+    Evidence (each clue read from the family records of ``selma_toolkit.architectures``): a second text encoder, ``add_embedding`` or a second transformer block per attention
     (SDXL); the cross-attention width (768 / 1024 / 2048) and text width (1024 / 1280); more than 12
     text-encoder layers (SD 2's OpenCLIP-H); conv ``proj_in`` (SD 1.x only; SD 2 and SDXL use Linear).
     """
@@ -217,40 +224,31 @@ def guess_architecture(weights: LoraWeights) -> str | None:
 def _evidence(name: str, module: LoraModule, excluded: set[str]) -> set[str]:
     found: set[str] = set()
     in_features = int(module.down.shape[1])
-    if name.startswith("text_encoder_2.") or name.startswith("unet.add_embedding."):
-        found.add("sdxl")
+    for family in FAMILIES.values():
+        if name.startswith(family.module_prefixes):
+            found.add(family.name)
     match = _TRANSFORMER_INDEX.search(name)
     if match and int(match.group(1)) >= 1:
-        found.add("sdxl")
+        found.update(_STACKED)
     if name.startswith("unet.") and re.search(r"\.attn2\.to_[kv]$", name) and in_features in _CROSS_ATTENTION_DIM:
         found.add(_CROSS_ATTENTION_DIM[in_features])
     if name.startswith("text_encoder") and re.search(r"\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1)$", name):
         if in_features in _TEXT_HIDDEN:
             found.add(_TEXT_HIDDEN[in_features])
     match = _TEXT_LAYER_INDEX.search(name)
-    if match and int(match.group(1)) >= 12:
-        found.add("sd2")
+    if match and int(match.group(1)) >= _CLIP_L_LAYERS:
+        found.update(_DEEP_FIRST_ENCODER)
     if name.startswith("unet.") and re.search(r"\.proj_(in|out)$", name):
         if module.is_conv:
-            found.add("sd1")
+            found.update(_CONV_PROJ)
         else:
-            excluded.add("sd1")
+            excluded.update(_CONV_PROJ)
     return found
 
 
 def _architecture_from_metadata(metadata: Mapping[str, str], excluded: set[str]) -> str | None:
-    said = metadata.get(SELMA_PREFIX + "architecture") or metadata.get("architecture")
-    if said not in ARCHITECTURES:
-        said = None
-        version = metadata.get("ss_base_model_version", "")
-        spec = metadata.get("modelspec.architecture", "")
-        if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-            said = "sdxl"
-        elif version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
-            said = "sd1"
-        elif version.startswith("sd_v2") or spec.startswith("stable-diffusion-v2"):
-            said = "sd2"
-    return said if said not in excluded else None
+    family = family_from_metadata(metadata)
+    return family.name if family is not None and family.name not in excluded else None
 
 
 # ----------------------------------------------------------------------------------- helpers

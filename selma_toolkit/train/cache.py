@@ -165,11 +165,14 @@ def latent_encoder(samples: list[TrainSample], vae, resolution: int) -> Encoder:
     return encode
 
 
-def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device) -> Encoder:
-    """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32."""
+def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *,
+                    hidden_layer: int) -> Encoder:
+    """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32
+    (``hidden_layer``: the family's ``text_hidden_layer``, see ``encode_texts``)."""
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled = encode_texts(tokenizers, encoders, [samples[i].text for i in indices], device)
+            embeds, pooled = encode_texts(tokenizers, encoders, [samples[i].text for i in indices], device,
+                                          hidden_layer=hidden_layer)
         out = {"prompt_embeds": embeds.float().cpu()}
         if pooled is not None:
             out["pooled"] = pooled.float().cpu()
@@ -183,8 +186,8 @@ class ConditionSource:
 
     def __init__(self, samples: list[TrainSample], resolution: int, device: torch.device, *,
                  latents: CachedTensors | None = None, texts: CachedTensors | None = None,
-                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None):
-        self.samples, self.resolution, self.device = samples, resolution, device
+                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None, hidden_layer: int = -1):
+        self.samples, self.resolution, self.device, self.hidden_layer = samples, resolution, device, hidden_layer
         self.latents, self.texts = latents, texts
         self.encode_latents = latent_encoder(samples, vae, resolution) if latents is None else None
         self.tokenizers, self.text_encoders = tokenizers or [], text_encoders or []
@@ -198,7 +201,8 @@ class ConditionSource:
         else:
             captions = [self.samples[i].text for i in indices]
             with torch.set_grad_enabled(self.train_text):
-                embeds, pooled = encode_texts(self.tokenizers, self.text_encoders, captions, self.device)
+                embeds, pooled = encode_texts(self.tokenizers, self.text_encoders, captions, self.device,
+                                              hidden_layer=self.hidden_layer)
         time_ids = None
         if pooled is not None:
             time_ids = sdxl_time_ids(image["original_size"], image["crop_top_left"], self.resolution).to(self.device)

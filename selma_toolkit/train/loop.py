@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from selma_toolkit.errors import RecipeError
+from selma_toolkit.architectures import get_family
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, TrainSettings, recipe_hash
@@ -171,7 +172,8 @@ def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: 
 
     def make_caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
-        return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device)
+        return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device,
+                                      hidden_layer=get_family(arch).text_hidden_layer)
 
     with accelerator.main_process_first():
         spec = caches.text_cache_spec(model_dir, names, weight_dtype, samples)
@@ -258,7 +260,8 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     names = parts.text_encoder_names(arch)
     encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]  # wrapped if trained
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
-                                    tokenizers=tokenizers, text_encoders=encoders)
+                                    tokenizers=tokenizers, text_encoders=encoders,
+                                    hidden_layer=get_family(arch).text_hidden_layer)
     noise_scheduler = parts.load_noise_scheduler(model_dir)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from selma_toolkit.architectures import COMPONENTS, FAMILIES, get_family
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 from selma_toolkit.models import resolve_model
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 
 # Hub downloads: diffusers configs, tokenizers and safetensors weights only (no pickles, no
 # fp16/EMA variants the loader would not use).
-_HUB_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"] + [
-    f"{part}/*.{ext}" for part in ("unet", "vae", "text_encoder", "text_encoder_2") for ext in ("json", "safetensors")
+_TOKENIZERS = dict.fromkeys(encoder.tokenizer for family in FAMILIES.values() for encoder in family.text_encoders)
+_HUB_PATTERNS = ["model_index.json", "scheduler/*", *(f"{name}/*" for name in _TOKENIZERS)] + [
+    f"{part}/*.{ext}" for part in ("vae", *COMPONENTS) for ext in ("json", "safetensors")
 ]
 _HUB_IGNORE = ["*.fp16.*", "*.bf16.*", "*non_ema*", "*.ema.*"]
 
@@ -54,8 +56,8 @@ def local_model_dir(spec: str, revision: str | None = None) -> Path:
 
 
 def text_encoder_names(arch: str) -> list[str]:
-    """The text-encoder subfolders of an architecture: two for SDXL, one otherwise."""
-    return ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+    """The text-encoder subfolders of a family (two for SDXL, one for SD 1.x / 2.x)."""
+    return list(get_family(arch).text_encoder_components)
 
 
 def load_unet(model_dir: Path, dtype: torch.dtype):
@@ -76,14 +78,16 @@ def load_vae(model_dir: Path):
 
 
 def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[list, list]:
-    """(tokenizers, text encoders), frozen, one pair per text encoder of the architecture."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """(tokenizers, text encoders), frozen, one pair per text encoder of the family, each of the
+    transformers class its record names."""
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizers, encoders = [], []
-    for name in text_encoder_names(arch):
-        model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-        tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=name.replace("text_encoder", "tokenizer")))
-        encoder = model_class.from_pretrained(model_dir, subfolder=name, dtype=dtype, use_safetensors=True)
+    for spec in get_family(arch).text_encoders:
+        model_class = getattr(transformers, spec.model_class)
+        tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=spec.tokenizer))
+        encoder = model_class.from_pretrained(model_dir, subfolder=spec.component, dtype=dtype, use_safetensors=True)
         encoders.append(encoder.requires_grad_(False).eval())
     return tokenizers, encoders
 
@@ -190,20 +194,22 @@ def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def encode_texts(
-    tokenizers: list, encoders: list, texts: list[str], device: torch.device | str = "cpu"
+    tokenizers: list, encoders: list, texts: list[str], device: torch.device | str = "cpu", *, hidden_layer: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """captions -> (prompt_embeds [n, 77, D], pooled [n, P] or None), as the pipelines encode them.
 
-    ``encoders`` may be wrapped for distributed training, so the token ids go to ``device``.
-    Gradients flow when the caller enables them (trained text encoders).
+    ``hidden_layer`` is the family's ``text_hidden_layer``: -1, the encoder's output (SD 1.x / 2.x);
+    -2, the penultimate hidden state of each encoder, concatenated, with the pooled projection of
+    the one that has it (SDXL). ``encoders`` may be wrapped for distributed training, so the token
+    ids go to ``device``. Gradients flow when the caller enables them (trained text encoders).
     """
     hidden, pooled = [], None
-    sdxl = len(encoders) == 2
+    penultimate = hidden_layer == -2
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        output = encoder(ids, output_hidden_states=sdxl)
-        if sdxl:
+        output = encoder(ids, output_hidden_states=penultimate)
+        if penultimate:
             hidden.append(output.hidden_states[-2])
             if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
                 pooled = output[0]
