@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selma_toolkit.errors import SelmaError
+from selma_toolkit.errors import InputError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 def install_node_pack(comfyui_dir: str | os.PathLike[str], folder_name: str = PACK_FOLDER) -> Path:
     """Copy the node pack into ``comfyui_dir/custom_nodes/<folder_name>``; return that folder.
 
-    Raises :class:`SelmaError` when ``comfyui_dir`` has no ``custom_nodes`` folder, or when the
+    Raises :class:`~selma_toolkit.errors.InputError` when ``comfyui_dir`` has no ``custom_nodes`` folder, or when the
     target exists and was not written by this function (a git clone is updated with ``git pull``).
     The new folder is assembled beside the target and swapped in, so a failed copy leaves the old one;
     its folders and files get the modes the user's umask gives new ones (0755 / 0644 under umask 022),
@@ -56,10 +56,10 @@ def install_node_pack(comfyui_dir: str | os.PathLike[str], folder_name: str = PA
     comfyui_dir = Path(comfyui_dir).expanduser()
     custom_nodes = comfyui_dir / "custom_nodes"
     if not custom_nodes.is_dir():
-        raise SelmaError(_no_custom_nodes(comfyui_dir))
+        raise InputError(_no_custom_nodes(comfyui_dir))
     target = custom_nodes / folder_name
     if (target.exists() or target.is_symlink()) and not (target / MARKER).is_file():
-        raise SelmaError(
+        raise OutputError(
             f"{target} exists and was not written by `selma comfyui install` (a git clone or a link?); update a clone "
             "with `git pull` in it, or move the folder away and run the command again"
         )

@@ -22,7 +22,6 @@ inside :func:`node_errors`, which words them as the node's inputs (``set method 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.architectures import family_of_comfy_model
 from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
 from selma_toolkit.expert_fit import LayerMisfit, layer_misfits, shown_lines
 from selma_toolkit.io import sha256_file
@@ -44,15 +44,14 @@ from selma_toolkit.lora import (
     save_lora,
 )
 from selma_toolkit.lora.blocks import parse_block_weights
-from selma_toolkit.lora.merge import MERGE_METADATA_KEY, MERGE_METHODS, merge_experts, merge_record
+from selma_toolkit.lora.merge import MergeRecord, merge_experts
+from selma_toolkit.lora.merging import methods as merging  # the method table: list, rules, texts
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "SELMA"
 EXPERTS = "SELMA_EXPERTS"
 LORA_MODEL = "LORA_MODEL"  # ComfyUI's type name (comfy_api.latest.io.LoraModel), produced by its LoRA trainer
-# ComfyUI's model configs (comfy.supported_models class names) -> the toolkit's architecture names.
-COMFY_MODEL_ARCHITECTURES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
 
 # CLI wording in the library's messages -> the nodes' inputs, in order; the last rule turns any other
 # flag into the input's name, so no node error tells a ComfyUI user to type a command-line option.
@@ -261,30 +260,26 @@ class SelmaMergeExperts:
     OUTPUT_TOOLTIPS = ("The merged LoRA as ComfyUI's LORA_MODEL (the core 'Load LoRA Model' node takes it too).",
                        "Experts, method, modules, rank and architecture of the merge.")
     FUNCTION = "merge"
-    DESCRIPTION = ("Merges the stacked experts into one LoRA. selma (the paper): averages the A factors and the B factors "
-                   "separately; delta: the exact weighted sum of the experts' updates (rank = sum of ranks); svd: that sum "
-                   "re-factored to 'rank'; ties / dare: sign-consensus and drop-and-rescale variants.")
+    DESCRIPTION = f"Merges the stacked experts into one LoRA. {merging.method_summaries()}."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "experts": (EXPERTS, {"tooltip": "The experts to merge (chain SELMA Expert Loader nodes)."}),
-                "method": (list(MERGE_METHODS), {
-                    "default": "selma",
-                    "tooltip": "selma (the paper): average of the A and of the B factors, equal ranks needed; delta: "
-                               "exact weighted sum of the updates (rank = sum of ranks); svd: that sum re-factored to "
-                               "'rank'; ties / dare: sign-consensus / drop-and-rescale, re-factored like svd."}),
+                "method": (list(merging.MERGE_METHODS), {"default": merging.DEFAULT_METHOD,
+                                                         "tooltip": f"{merging.method_summaries()}."}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 4096,
-                                 "tooltip": "svd / ties / dare: rank of the merged LoRA; 0: the experts' largest. "
-                                            "selma and delta keep the ranks: leave 0."}),
+                                 "tooltip": f"{' / '.join(merging.FACTORED_METHODS)}: rank of the merged LoRA; 0: the "
+                                            f"experts' largest. {merging.listing(merging.RANK_KEEPING_METHODS, 'and')} "
+                                            "keep the ranks: leave 0."}),
                 "normalize_weights": ("BOOLEAN", {"default": True, "tooltip": "Divide the expert weights by their sum "
                                                                              "(equal weights -> 1/T each)."}),
             },
             "optional": {
                 "density": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "ties / dare: share of entries kept."}),
-                "dare_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "dare: seed of the drop masks."}),
+                                      "tooltip": f"{merging.density_text()}."}),
+                "dare_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": f"{merging.seed_text()}."}),
                 "block_weights": ("STRING", {
                     "default": "",
                     "tooltip": "Per-block weights, e.g. in=1,mid=0.5,out=1,te=0: each merged module's update is "
@@ -307,28 +302,26 @@ class SelmaMergeExperts:
                 rank=rank or None, density=density, seed=dare_seed, names=[expert.name for expert in experts],
                 normalize=normalize_weights, block_weights=parse_block_weights(block_weights),
             )
-        record = merge_record(merged)
-        for info, expert in zip(record["experts"], experts, strict=True):
-            info["sha256"] = expert.sha256
-        merged.metadata[MERGE_METADATA_KEY] = json.dumps(record)
+        record = MergeRecord.read(merged).with_files([expert.sha256 for expert in experts])
+        record.write_to(merged)
         tensors, _ = lora_to_state_dict(merged, "kohya")
         ranks = sorted(merged.ranks())
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
         base_model = metadata_value(merged, "base_model")
         summary = (
             f"{method} merge of {len(experts)} experts ({', '.join(expert.name for expert in experts)}), weights "
-            f"{', '.join(f'{w:.4g}' for w in record['weights'])}: {len(merged.modules)} modules, rank {rank_text}, "
+            f"{', '.join(f'{w:.4g}' for w in record.weights)}: {len(merged.modules)} modules, rank {rank_text}, "
             f"for {guess_architecture(merged) or 'an unknown architecture'}"
             + (f" (base model {base_model})" if base_model else "")
-            + (f"; block weights {', '.join(f'{g}={w:g}' for g, w in record['block_weights'].items())}"
-               if record.get("block_weights") else "")
+            + (f"; block weights {', '.join(f'{g}={w:g}' for g, w in record.block_weights.items())}"
+               if record.block_weights else "")
         )
         logger.info("SELMA Merge Experts: %s", summary)
         return {"ui": {"text": [summary]}, "result": (LoraStateDict(tensors, merged.metadata), summary)}
 
 
 def lora_architecture(lora: dict) -> str | None:
-    """sd1 / sd2 / sdxl for a LORA_MODEL, or None when its layout or architecture is not recognised."""
+    """sd1 / sd2 / sdxl / sd3 / flux for a LORA_MODEL, or None when its layout or architecture is not recognised."""
     try:
         return guess_architecture(lora_from_state_dict(lora, getattr(lora, "metadata", None), source="the LoRA input"))
     except LoraFormatError:
@@ -413,7 +406,8 @@ def check_lora_fits(lora: dict, model_name: str, *, matched: int, unmatched: Seq
     SD15), some of its tensors load onto no layer (``unmatched``), or some layers have other shapes
     (``misfits``; see :func:`comfy_lora_fit`). The message names the first keys and shapes."""
     architecture = lora_architecture(lora)
-    expected = COMFY_MODEL_ARCHITECTURES.get(model_name)
+    family = family_of_comfy_model(model_name)  # ComfyUI's model config class (SD15, SDXL...) -> our family
+    expected = family.name if family is not None else None
     if matched == 0:
         example = next(iter(lora), "(none)")
         raise LoraFormatError(
@@ -516,8 +510,9 @@ class SelmaSaveLora:
                                                "tooltip": "Path under the loras folder; a counter is appended."}),
                 "format": (["kohya", "peft"], {
                     "default": "kohya",
-                    "tooltip": "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers; peft: the "
-                               "layout diffusers' save_lora_weights writes (ComfyUI skips its attention keys)."}),
+                    "tooltip": "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers (SD 3 / Flux "
+                               "LoRAs: diffusers' transformer.* names, which both load for those models); peft: the "
+                               "layout diffusers' save_lora_weights writes (ComfyUI skips its UNet attention keys)."}),
             }
         }
 

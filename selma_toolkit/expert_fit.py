@@ -30,7 +30,7 @@ _SHOWN = 5  # misfit modules named in a message
 
 def base_layer_shapes(spec: str, revision: str | None = None) -> dict[str, tuple[int, ...]] | None:
     """``{canonical module name: weight shape}`` of every Linear and Conv2d in the base model's UNet
-    and text encoders, built from the configs on the meta device; None for a single-file checkpoint
+    (or SD 3 / Flux transformer) and text encoders (CLIP, T5), built from the configs on the meta device; None for a single-file checkpoint
     (its configs come with the weights)."""
     import torch
 
@@ -145,14 +145,16 @@ def check_expert_fits(lora: LoraWeights, layers: dict[str, tuple[int, ...]], *, 
             "experts trained for this base model")
 
 
-def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: list[str]) -> str | None:
-    """How the layers ``lora`` adapts differ from the ones a run trains (``unet_targets``; and
+def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: list[str], *,
+                      denoiser: str = "unet") -> str | None:
+    """How the layers ``lora`` adapts differ from the ones a run trains (``unet_targets`` in the
+    ``denoiser``, the family's unet or transformer; and
     ``text_targets`` in the text encoders, empty when the run does not train them), or None.
     A difference is no error (the merge counts a missing module as a zero update) but is worth a
     warning: the merged LoRA then adapts those layers with only some experts' share."""
     from selma_toolkit.lora.metadata import target_names
 
     found = target_names(lora)
-    text_components = [c for c in found if c != "unet"] or ["text_encoder"]
-    trained = {"unet": sorted(set(unet_targets))} | {c: sorted(set(text_targets)) for c in text_components if text_targets}
+    text_components = [c for c in found if c != denoiser] or ["text_encoder"]
+    trained = {denoiser: sorted(set(unet_targets))} | {c: sorted(set(text_targets)) for c in text_components if text_targets}
     return None if found == trained else f"it adapts {found}, the run trains {trained}"

@@ -25,9 +25,10 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
-from selma_toolkit.errors import HubError, LoraFormatError
+from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES
+from selma_toolkit.errors import HubError, HubInputError, LoraFormatError
 from selma_toolkit.io import atomic_open, sha256_file
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?"
 _REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 _CATALOG_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-Architecture = Literal["sd1", "sd2", "sdxl"]
+Architecture = str  # a family name of selma_toolkit.architectures
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -62,7 +63,7 @@ def check_repo_id(repo_id: str) -> str:
         except HFValidationError as exc:
             problem = str(exc)
     if problem:
-        raise HubError(f"repo id {repo_id!r} is not valid: {problem}")
+        raise HubInputError(f"repo id {repo_id!r} is not valid: {problem}")
     return repo_id
 
 
@@ -72,9 +73,9 @@ def check_repo_path(name: str, source: str) -> str:
     parts = PurePosixPath(name).parts
     absolute = name.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", name) is not None
     if not parts or absolute or "\\" in name or ".." in parts:
-        raise HubError(
+        raise HubInputError(
             f"{source}: refusing file name {name!r}: expected a relative path inside the repo without '..' "
-            "(the name comes from a server or catalog and could write outside the target folder)"
+            "(such a name, from a command line, a catalog or a server, could write outside the target folder)"
         )
     return name
 
@@ -83,7 +84,7 @@ def check_safetensors_name(name: str, source: str) -> str:
     """Refuse anything but ``.safetensors``, naming why."""
     if not name.lower().endswith(".safetensors"):
         why = " (a pickle file: loading one can run arbitrary code)" if name.lower().endswith(PICKLE_SUFFIXES) else ""
-        raise HubError(f"{source}: {name!r} is not a .safetensors file{why}; selma-toolkit accepts LoRA experts only as .safetensors")
+        raise HubInputError(f"{source}: {name!r} is not a .safetensors file{why}; selma-toolkit accepts LoRA experts only as .safetensors")
     return name
 
 
@@ -126,11 +127,11 @@ def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
         raise HubError(f"{where}: {', '.join(bad_types)}: expected strings")
     try:
         check_repo_id(table["repo"])
-        check_safetensors_name(check_repo_path(table["file"], f"{where} file"), f"{where} file")
+        check_safetensors_name(check_repo_path(table["file"], "file"), "file")  # `where` is added below, once
     except HubError as exc:
         raise HubError(f"{where}: {exc}") from None
-    if table["architecture"] not in ("sd1", "sd2", "sdxl"):
-        raise HubError(f"{where}: architecture {table['architecture']!r}: expected sd1, sd2 or sdxl")
+    if table["architecture"] not in FAMILIES:
+        raise HubError(f"{where}: architecture {table['architecture']!r}: expected one of {', '.join(FAMILY_NAMES)}")
     if "sha256" in table and not _SHA256.match(table["sha256"]):
         raise HubError(f"{where}: sha256 {table['sha256']!r}: expected 64 lower-case hex digits (`sha256sum FILE`)")
     return CatalogEntry(name=name, source=source, **table)
@@ -141,12 +142,15 @@ def read_catalog(path: str | Path) -> dict[str, CatalogEntry]:
     base_model, architecture and optional sha256 and revision."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HubError(f"{path}: catalog file not found")
+        raise HubInputError(f"{path}: catalog file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise HubError(f"{path}: TOML syntax error: {exc}") from None
-    return {name: _catalog_entry(name, table, str(path)) for name, table in data.items()}
+        raise HubInputError(f"{path}: TOML syntax error: {exc}") from None
+    try:
+        return {name: _catalog_entry(name, table, str(path)) for name, table in data.items()}
+    except HubError as exc:  # every entry check is about the file's text: an input error (exit code 2)
+        raise HubInputError(str(exc)) from None
 
 
 def load_catalog(extra: str | Path | Sequence[str | Path] | None = None) -> dict[str, CatalogEntry]:
@@ -362,7 +366,7 @@ def resolve_expert(
         entry = entries.get(text)
         if entry is None:
             known = f"catalog names: {', '.join(sorted(entries))}" if entries else "the catalog is empty"
-            raise HubError(
+            raise HubInputError(
                 f"{text!r}: no such file, and no catalog entry of that name ({known}; add your own entries "
                 "with --catalog FILE); a Hub repo is written owner/name"
             )
@@ -370,7 +374,7 @@ def resolve_expert(
         return pull_file(entry.repo, entry.file, revision=revision or entry.revision, sha256=entry.sha256,
                          to=to, endpoint=endpoint, token=token)
     if _looks_like_local_path(repo_id) or not _REPO_ID.match(repo_id):
-        raise HubError(f"{text}: no such file; an expert is a .safetensors file, a catalog name, or a Hub repo id owner/name")
+        raise HubInputError(f"{text}: no such file; an expert is a .safetensors file, a catalog name, or a Hub repo id owner/name")
     check_repo_id(repo_id)
     file = filename or in_ref or _choose_expert_file(repo_id, revision, endpoint, token)
     return pull_file(repo_id, file, revision=revision, to=to, endpoint=endpoint, token=token)

@@ -21,6 +21,7 @@ from typing import Any
 from selma_toolkit import __version__
 from selma_toolkit.architectures import FAMILIES, family_from_metadata
 from selma_toolkit.errors import DatasetError, HubError, RecipeError
+from selma_toolkit.lora.merging.record import metadata_record
 from selma_toolkit.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _string_list(value: str | None) -> list[str]:
 
 def lora_facts(meta: dict[str, str]) -> dict[str, Any]:
     """Base model, architecture, skills, rank, alpha, merge record and license from a LoRA's metadata."""
-    merge = json.loads(meta["selma.merge"]) if meta.get("selma.merge") else None
+    merge = metadata_record(meta)  # the selma.merge record, read where it is written (lora/merging/record.py)
     skills = _string_list(_field(meta, "skills")) or _string_list(_field(meta, "skill"))
     if merge:
         skills += [e["skill"] for e in merge.get("experts", []) if e.get("skill") and e["skill"] not in skills]

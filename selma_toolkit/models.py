@@ -8,15 +8,23 @@ bases, package data of selma_toolkit.toyworld). Every stage loads models through
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.architectures import family_of_pipeline, family_titles
+from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
 from selma_toolkit.errors import ModelError
 
-Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl"
+Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+# Model sources named by a prefix: each is "module:function" turning the reference into a local
+# diffusers folder (ValueError when it cannot), imported on use so that this module imports no
+# model builder. tiny: the embedded random models; toy: the shipped shapes-world bases.
+MODEL_SOURCES: dict[str, str] = {
+    "tiny:": "selma_toolkit.tiny:ensure_tiny_model",
+    "toy:": "selma_toolkit.toyworld.model:toy_base_dir",
+}
 
 
 def resolve_model(spec: str) -> str:
@@ -25,22 +33,13 @@ def resolve_model(spec: str) -> str:
     A local path that exists but is not a diffusers folder or a .safetensors file is an error here,
     before anything heavy is loaded.
     """
-    from selma_toolkit import tiny
-
-    if tiny.is_tiny_spec(spec):
-        try:
-            return str(tiny.ensure_tiny_model(spec))
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
-    if spec.startswith("toy:"):  # the pretrained shapes-world bases shipped as package data (selma_toolkit/toyworld)
-        from selma_toolkit.toyworld.model import TOY_BASES, toy_base_dir
-
-        if spec not in TOY_BASES:
-            raise ModelError(f"{spec}: unknown toy base; the shipped ones are {', '.join(TOY_BASES)}")
-        try:
-            return str(toy_base_dir(spec))
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
+    for prefix, source in MODEL_SOURCES.items():
+        if spec.startswith(prefix):
+            module, _, function = source.partition(":")
+            try:
+                return str(getattr(importlib.import_module(module), function)(spec))
+            except ValueError as exc:
+                raise ModelError(str(exc)) from None
     path = Path(spec).expanduser()
     if path.suffix.lower() in UNSAFE_SUFFIXES:
         raise ModelError(
@@ -63,34 +62,51 @@ def resolve_model(spec: str) -> str:
 
 
 def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> Architecture:
-    """The family name (sd1 / sd2 / sdxl) from a denoiser config and the pipeline class when known:
+    """The family name (sd1 / sd2 / sdxl / sd3 / flux) from a denoiser config and the pipeline class when known:
     the rules live in the family records (``architectures.family_of_pipeline``)."""
     return family_of_pipeline(pipeline_class, unet_config).name
 
 
 def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
-    """Read model_index.json and unet/config.json (local or from the Hub) and name the architecture."""
+    """Read model_index.json and the denoiser's config.json (unet/ or transformer/, local or from
+    the Hub) and name the architecture."""
     path = Path(resolve_model(spec))
     if path.is_dir():
         try:
             index = json.loads((path / "model_index.json").read_text())
-            unet_config_path = path / "unet" / "config.json"
-            unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+            denoiser = _denoiser(spec, index)
+            config_path = path / denoiser / "config.json"
+            unet_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         except json.JSONDecodeError as exc:
-            raise ModelError(f"{spec}: model_index.json or unet/config.json is not valid JSON ({exc}); "
+            raise ModelError(f"{spec}: model_index.json or its denoiser's config.json is not valid JSON ({exc}); "
                              "expected a diffusers model folder") from None
     else:
         from huggingface_hub import hf_hub_download
 
         try:
             index = json.loads(Path(hf_hub_download(spec, "model_index.json", revision=revision)).read_text())
-            unet_config = json.loads(Path(hf_hub_download(spec, "unet/config.json", revision=revision)).read_text())
         except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-            raise ModelError(f"{spec}: could not read model_index.json / unet/config.json from the Hub ({exc})") from None
+            raise ModelError(f"{spec}: could not read model_index.json from the Hub ({exc})") from None
+        denoiser = _denoiser(spec, index)
+        try:
+            unet_config = json.loads(Path(hf_hub_download(spec, f"{denoiser}/config.json", revision=revision)).read_text())
+        except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+            raise ModelError(f"{spec}: could not read {denoiser}/config.json from the Hub ({exc})") from None
     pipeline_class = index.get("_class_name", "")
-    if "unet" not in index:
-        raise ModelError(f"{spec}: pipeline {pipeline_class!r} has no UNet; expected {family_titles()}")
-    return architecture_from_config(unet_config, pipeline_class)
+    family = family_of_pipeline(pipeline_class, unet_config)
+    if family.denoiser != denoiser:  # a transformer no family's rule claims (another DiT model)
+        raise ModelError(f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
+                         f"expected {family_titles()}")
+    return family.name
+
+
+def _denoiser(spec: str, index: dict[str, Any]) -> str:
+    """The denoiser component a model_index.json lists (unet, or the DiT families' transformer)."""
+    for name in DENOISERS:
+        if name in index:
+            return name
+    raise ModelError(f"{spec}: pipeline {index.get('_class_name', '')!r} has no UNet or transformer; "
+                     f"expected {family_titles()}")
 
 
 def default_dtype(device: str, requested: str = "auto"):
@@ -121,7 +137,7 @@ def load_pipeline(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
 ):
-    """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL) with diffusers.
+    """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL, SD 3, Flux) with diffusers.
 
     ``scheduler`` names a diffusers scheduler class built from the model's own scheduler config.
     ``safety_checker`` is off by default: for dataset generation it silently blacks out images.
@@ -154,7 +170,7 @@ def load_pipeline(
             pipeline_class = getattr(diffusers, class_name, None)
             if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
                 raise ModelError(f"config {config!r}: pipeline {class_name!r} cannot load single-file checkpoints; "
-                                 "expected an SD 1.x, SD 2.x or SDXL diffusers folder")
+                                 f"expected an {family_titles()} diffusers folder")
             pipe = pipeline_class.from_single_file(source, config=str(config_dir), dtype=torch_dtype,
                                                    local_files_only=True, **_accepted(str(config_dir), extra))
         else:

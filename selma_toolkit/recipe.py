@@ -25,9 +25,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from selma_toolkit.errors import RecipeError
+from selma_toolkit.evaluate.scorers import SCORER_NAMES
+from selma_toolkit.lora.merging.methods import MergeMethod  # the method table's names as a Literal (no torch)
 from selma_toolkit.resources import shipped_run, shipped_skill
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
@@ -37,6 +48,10 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # Marks text a new skill recipe's author must write (selma_toolkit/skill_new.py).
 PLACEHOLDER = "<fill in"
 
+
+# The prompt sources of prompts/sources.py PROMPT_SOURCES (a test keeps the two lists equal; importing
+# the prompts package here would be circular).
+PromptSourceName = Literal["llm", "grammar"]
 
 class StrictModel(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
@@ -103,7 +118,7 @@ class SkillRecipe(StrictModel):
 
     name: Name
     description: str = ""
-    source: Literal["llm", "grammar"] = "llm"
+    source: PromptSourceName = "llm"
     instruction: str = ""
     seeds: Annotated[list[str], Field(min_length=3)]
     num_prompts: PositiveInt = 1000
@@ -180,6 +195,9 @@ class ImageSettings(StrictModel):
         return value
 
 
+UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the SD 1.x / 2.x / XL default (architectures.py)
+
+
 class TrainSettings(StrictModel):
     """Stage 3: one LoRA expert per skill (rank 128, lr 3e-4 constant, batch 64, 5000 steps)."""
 
@@ -187,7 +205,9 @@ class TrainSettings(StrictModel):
     # None: alpha = rank (scale 1).
     alpha: Annotated[float, Field(gt=0)] | None = None
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: Annotated[list[str], Field(min_length=1)] = ["to_q", "to_k", "to_v", "to_out.0"]
+    # None: the family's default (``Family.lora_targets``): to_q, to_k, to_v, to_out.0 for SD 1.x /
+    # 2.x / XL; SD 3 and Flux add the joint attention's add_q_proj, add_k_proj, add_v_proj, to_add_out.
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
@@ -237,8 +257,18 @@ class TrainSettings(StrictModel):
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
 
+    def denoiser_targets(self, family_targets: tuple[str, ...] | list[str]) -> list[str]:
+        """The denoiser's peft target modules: ``target_modules``, or the family's default when unset."""
+        return list(self.target_modules if self.target_modules is not None else family_targets)
 
-MergeMethod = Literal["selma", "delta", "svd", "ties", "dare"]
+    @field_serializer("target_modules")
+    def _hash_unset_targets_as_before(self, value: list[str] | None, info: SerializationInfo) -> list[str] | None:
+        # Hashes and training fingerprints (dumped with context {"hash": True}) see an unset value as
+        # the list that was the default before it became per-family: the UNet families' default,
+        # so their recipe hashes and checkpoints stay as they were. Resolved recipes keep it unset.
+        if value is None and (info.context or {}).get("hash"):
+            return list(UNET_TARGET_MODULES)
+        return value
 
 
 class MergeSettings(StrictModel):
@@ -254,7 +284,7 @@ class MergeSettings(StrictModel):
     seed: int = 0
 
 
-ScorerName = Literal["clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions", "toyworld"]
+ScorerName = Literal[SCORER_NAMES]  # the scorer registry (evaluate/scorers.py SCORERS)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -311,11 +341,46 @@ class EvaluateSettings(StrictModel):
         return self
 
 
+class MoESettings(StrictModel):
+    """The MoE-LoRA baseline (paper Table 4): the frozen skill experts mixed by a learned gate,
+    only the gate trained, on the mixture of all skills' data (lr 1e-5, 5K steps)."""
+
+    # Train it in `selma run` (or `selma train RECIPE --moe`) and evaluate it as variant "moe".
+    enabled: bool = False
+    # layer: the paper's, a linear gate per layer on the layer input (per token); prompt: one gate on
+    # the mean of the text conditioning (one mixture per prompt, the same in every layer).
+    gate: Literal["layer", "prompt"] = "layer"
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    steps: PositiveInt = 5000
+    # None: train.batch_size / train.checkpoint_every.
+    batch_size: PositiveInt | None = None
+    checkpoint_every: PositiveInt | None = None
+
+
+class DPOSettings(StrictModel):
+    """The DPO variant (paper Table 4): per skill, two base images per prompt (other seeds), the one
+    the scorer prefers wins (ties dropped), Diffusion-DPO on a LoRA (lr 3e-4, 5K steps), the DPO
+    experts merged with merge.method."""
+
+    # Train them in `selma run` (or `selma train RECIPE --dpo`) and evaluate the merge as variant "dpo".
+    enabled: bool = False
+    # Diffusion-DPO's beta (Wallace et al. 2023 use 5000 for SD 1.5, with the per-pixel mean error).
+    beta: Annotated[float, Field(gt=0)] = 5000.0
+    pairs_per_prompt: PositiveInt = 1
+    # The scorer that picks the winner; None = the first of evaluate.scorers.
+    scorer: ScorerName | None = None
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    steps: PositiveInt = 5000
+    # None: train.batch_size (pairs per step) / train.checkpoint_every.
+    batch_size: PositiveInt | None = None
+    checkpoint_every: PositiveInt | None = None
+
+
 class RunRecipe(StrictModel):
     """A whole SELMA run: base model, skills, and every stage's settings."""
 
     name: Name
-    # A Hub id, a local diffusers folder, or "tiny:sd1" / "tiny:sd2" / "tiny:sdxl" (the embedded default).
+    # A Hub id, a local diffusers folder, or "tiny:sd1" / "tiny:sd2" / "tiny:sdxl" / "tiny:sd3" / "tiny:flux" (embedded).
     base_model: str
     revision: str | None = None
     skills: list[SkillRecipe] = []
@@ -329,6 +394,8 @@ class RunRecipe(StrictModel):
     train: TrainSettings = TrainSettings()
     merge: MergeSettings = MergeSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    moe: MoESettings = MoESettings()
+    dpo: DPOSettings = DPOSettings()
 
     @model_validator(mode="after")
     def _skills_unique(self) -> "RunRecipe":
@@ -450,6 +517,11 @@ def _format_validation_error(source: str, model: type[BaseModel], error: Validat
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
             lines.append(f"  {path}: unknown key{hint}")
+        elif item["type"] == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NAME_PATTERN:
+            # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
+            # say so, rather than show the regular expression.
+            lines.append(f"  {path}: expected lower-case letters, digits, '-' and '_', starting with a letter or digit "
+                         f"(it names folders and files, so no '/', '.' or spaces), e.g. 'shape-count' (found {item.get('input')!r})")
         else:
             found = item.get("input")
             shown = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
@@ -575,7 +647,7 @@ def resolved_toml(recipe: SkillRecipe | RunRecipe) -> str:
 
 def recipe_hash(recipe: SkillRecipe | RunRecipe) -> str:
     """sha256 of the resolved recipe's canonical JSON: equal recipes, equal hashes."""
-    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(recipe.model_dump(mode="json", context={"hash": True}), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -11,6 +11,10 @@ Stages, in order (selma_toolkit.paths says where each writes):
                 ``experts = [...]`` (catalog names, Hub repo ids, local files)
 6. ``evaluate`` every variant on the held-out prompts, scores and the report (selma_toolkit.evaluate)
 
+With ``[dpo] enabled`` each skill's Diffusion-DPO expert is trained and merged (train/dpo.py, variant
+``dpo``) after stage 5, and with ``[moe] enabled`` the MoE-LoRA gate over the merged experts
+(train/moe.py, variant ``moe``): the paper's Table 4 baselines, evaluated next to the merges.
+
 A stage whose outputs are complete is skipped; a partial one is resumed by its own module (each
 stage resumes after a kill). Before any work (run_checks.py) the run folder's recorded recipe is
 compared with the new one: a change that would mix old and new results (e.g. other image settings
@@ -23,7 +27,6 @@ one is refused, naming the holder.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,13 +143,14 @@ def merge_inputs(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert
 
 
 def _merge_settings(run: RunRecipe, method: str, count: int) -> dict[str, Any]:
-    """The merge record fields (lora/merge.py) a merge of ``count`` experts with the recipe's settings has."""
-    from selma_toolkit.lora.merge import FACTORED_METHODS, expert_weights
+    """The merge record fields (lora/merging/record.py) a merge of ``count`` experts with the recipe's
+    settings has; which settings a method records is the method table's rule (``recorded_settings``)."""
+    from selma_toolkit.lora.merge import expert_weights
+    from selma_toolkit.lora.merging.methods import recorded_settings
 
-    return {"method": method, "weights": expert_weights(run.merge.weights, count, method=method),
-            "rank": run.merge.rank if method in FACTORED_METHODS else None,
-            "density": run.merge.density if method in ("ties", "dare") else None,
-            "seed": run.merge.seed if method == "dare" else None}
+    settings = recorded_settings(method, rank=run.merge.rank, density=run.merge.density, seed=run.merge.seed)
+    del settings["svd_mode"]  # recipes always merge with the exact SVD: never compared
+    return {"method": method, "weights": expert_weights(run.merge.weights, count, method=method), **settings}
 
 
 def merge_state(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple[str, Path]]) -> StageState:
@@ -154,7 +158,7 @@ def merge_state(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple
     from safetensors import safe_open
 
     from selma_toolkit.io import sha256_file
-    from selma_toolkit.lora.merge import MERGE_METADATA_KEY
+    from selma_toolkit.lora.merge import metadata_record
 
     from safetensors import SafetensorError
 
@@ -164,7 +168,7 @@ def merge_state(run: RunRecipe, paths: RunPaths, method: str, inputs: list[tuple
         return StageState("merge", method, False, f"not merged yet ({names})")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            record = json.loads((handle.metadata() or {}).get(MERGE_METADATA_KEY, "null")) or {}
+            record = metadata_record(handle.metadata() or {}) or {}
     except (SafetensorError, OSError, ValueError):  # damaged (truncated, overwritten): merged again, atomically
         return StageState("merge", method, False, f"{len(inputs)} experts ({names}), {path.name} is damaged")
     wanted = _merge_settings(run, method, len(inputs))
@@ -180,7 +184,42 @@ def eval_variants(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]
     if run.joint and paths.expert(JOINT).is_file():
         variants["joint"] = paths.expert(JOINT)
     variants.update({f"merged:{m}": paths.merged(m) for m in merge_methods(run) if paths.merged(m).is_file()})
+    variants.update(baseline_variants(run, paths))
     return variants
+
+
+def baseline_variants(run: RunRecipe, paths: RunPaths) -> dict[str, Path]:
+    """The paper's Table 4 baselines where trained: ``moe`` (MoE-LoRA file) and ``dpo`` (the merged DPO experts)."""
+    from selma_toolkit.train.dpo import dpo_merged
+    from selma_toolkit.train.moe import moe_file
+
+    found = {"moe": moe_file(paths), "dpo": dpo_merged(run, paths)}
+    return {name: path for name, path in found.items() if path.is_file()}
+
+
+def moe_state(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]]) -> StageState:
+    """Done when the MoE-LoRA holds exactly the merged experts (sha256), the recipe's gate and moe.steps."""
+    from selma_toolkit.train.moe import moe_is_current
+
+    done, detail = moe_is_current(run, paths, inputs)
+    return StageState("train", "moe", done, detail)
+
+
+def dpo_state(run: RunRecipe, skill: str, paths: RunPaths) -> StageState:
+    """Done when the skill's DPO expert has dpo.steps of training and is written."""
+    from selma_toolkit.train.dpo import dpo_is_current
+
+    done, detail = dpo_is_current(run, paths, skill)
+    return StageState("train", f"dpo:{skill}", done, detail)
+
+
+def dpo_merge_state(run: RunRecipe, paths: RunPaths) -> StageState:
+    """Done when the merged DPO file records exactly the current DPO experts."""
+    from selma_toolkit.train.dpo import dpo_merge_is_current, dpo_merged
+
+    done = dpo_merge_is_current(run, paths)
+    return StageState("merge", "dpo", done, f"{run.merge.method} merge of the DPO experts, {dpo_merged(run, paths).name}"
+                      + ("" if done else ": not merged yet or out of date"))
 
 
 def evaluation_state(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]]) -> StageState:
@@ -209,6 +248,12 @@ def run_status(run: RunRecipe, paths: RunPaths, *, use_best: bool = True) -> lis
     for method in merge_methods(run):
         states.append(StageState("merge", method, False, f"waits for {', '.join(missing)}") if missing
                       else _guarded("merge", method, lambda m=method: merge_state(run, paths, m, inputs)))
+    if run.dpo.enabled:
+        states += [_guarded("train", f"dpo:{s.name}", lambda s=s: dpo_state(run, s.name, paths)) for s in run.skills]
+        states.append(_guarded("merge", "dpo", lambda: dpo_merge_state(run, paths)))
+    if run.moe.enabled:
+        states.append(StageState("train", "moe", False, f"waits for {', '.join(missing)}") if missing
+                      else _guarded("train", "moe", lambda: moe_state(run, paths, inputs)))
     if _evaluates(run):
         states.append(StageState("evaluate", "", False, "waits for the experts") if missing
                       else _guarded("evaluate", "", lambda: evaluation_state(run, paths, inputs)))
@@ -316,6 +361,7 @@ def _run_stages(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert]
     inputs = merge_inputs(run, paths, externals, use_best)
     for method in merge_methods(run):
         stage(lambda m=method: merge_state(run, paths, m, inputs), lambda m=method: _merge(run, paths, m, inputs))
+    _run_baselines(run, paths, inputs, stage, report)
     index = None
     if _evaluates(run):
         stage(lambda: evaluation_state(run, paths, inputs),
@@ -323,6 +369,24 @@ def _run_stages(run: RunRecipe, paths: RunPaths, externals: list[ExternalExpert]
                                         progress=lambda d, t: report("evaluation images", d, t)))
         index = paths.report
     return RunResult(paths.root, inputs, {m: paths.merged(m) for m in merge_methods(run)}, index)
+
+
+def _run_baselines(run: RunRecipe, paths: RunPaths, inputs: list[tuple[str, Path]],
+                   stage: Callable[[Callable[[], StageState], Callable[[], Any]], None], report: ProgressCallback) -> None:
+    """The paper's Table 4 baselines the recipe enables: DPO experts and their merge, the MoE-LoRA gate."""
+    if run.dpo.enabled:
+        from selma_toolkit.train.dpo import merge_dpo, train_dpo_expert
+
+        for skill in run.skills:
+            stage(lambda s=skill: dpo_state(run, s.name, paths),
+                  lambda s=skill: train_dpo_expert(run, s.name, paths,
+                                                   progress=lambda e, s=s: report(f"dpo {s.name}", e.done, e.total)))
+        stage(lambda: dpo_merge_state(run, paths), lambda: merge_dpo(run, paths))
+    if run.moe.enabled:
+        from selma_toolkit.train.moe import train_moe
+
+        stage(lambda: moe_state(run, paths, inputs),
+              lambda: train_moe(run, paths, inputs, progress=lambda e: report("moe gate", e.done, e.total)))
 
 
 def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
@@ -357,4 +421,9 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool,
         if not merge_state(run, paths, method, inputs).done:
             log.info("merging %d experts with %s into %s", len(inputs), method, paths.merged(method))
             _merge(run, paths, method, inputs)
+    from selma_toolkit.train.dpo import dpo_paths, merge_dpo
+
+    if run.dpo.enabled and all(dpo_paths(paths).expert(s.name).is_file() for s in run.skills):
+        if not dpo_merge_state(run, paths).done:
+            merge_dpo(run, paths)
     return evaluate_variants(run, paths, eval_variants(run, paths, inputs), progress=progress)

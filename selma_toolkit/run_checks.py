@@ -12,6 +12,7 @@ from typing import Any
 
 from selma_toolkit.errors import LoraFormatError, RecipeError
 from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.lora.merging.methods import METHODS
 from selma_toolkit.recipe import RunRecipe, load_run_recipe
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _changes(old: Any, new: Any, prefix: str, skip: set[str] = frozenset()) -> list[str]:
-    before, after = _flat(old.model_dump(mode="json"), prefix), _flat(new.model_dump(mode="json"), prefix)
+    # context "hash": an unset train.target_modules compares as the list that was the default (recipe.py),
+    # so run folders recorded before the default became per-family continue.
+    dump = {"mode": "json", "context": {"hash": True}}
+    before, after = _flat(old.model_dump(**dump), prefix), _flat(new.model_dump(**dump), prefix)
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
             if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
 
@@ -130,24 +134,28 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
             if found is not None and found != architecture:
                 raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
                                       f"is {architecture}; list only experts trained for this base model")
-            _check_layers(run, ref, path, lora, layers)
-            if "selma" in merge_methods(run) and run.skills and lora.ranks() != {run.train.rank}:
+            _check_layers(run, ref, path, lora, layers, architecture)
+            needs_equal = [m for m in merge_methods(run) if METHODS[m].equal_ranks]  # the method table's rank rule
+            if needs_equal and run.skills and lora.ranks() != {run.train.rank}:
                 raise LoraFormatError(
                     f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
-                    "the selma merge averages the factors and needs equal ranks: set train.rank to match, or use "
+                    f"the {needs_equal[0]} merge {METHODS[needs_equal[0]].equal_ranks} and needs equal ranks: set train.rank to match, or use "
                     "merge.method = 'delta' (exact sum of updates, any ranks)")
         experts.append(ExternalExpert(ref, name, path))
     return experts
 
 
-def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None) -> None:
+def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None, architecture: str) -> None:
     """The expert's layers against the base model's (an error) and the run's targets (a warning)."""
+    from selma_toolkit.architectures import get_family
     from selma_toolkit.expert_fit import check_expert_fits, target_difference
 
     if layers is not None:
         check_expert_fits(lora, layers, source=f"experts: {ref!r} ({path})", base_model=run.base_model)
-    difference = target_difference(lora, run.train.target_modules,
-                                   run.train.text_encoder_target_modules if run.train.train_text_encoder else [])
+    family = get_family(architecture)
+    difference = target_difference(lora, run.train.denoiser_targets(family.lora_targets),
+                                   run.train.text_encoder_target_modules if run.train.train_text_encoder else [],
+                                   denoiser=family.denoiser)
     if run.skills and difference:
         log.warning(
             "experts: %r adapts other layers than the run's experts (%s); the merge counts a missing layer as a zero "

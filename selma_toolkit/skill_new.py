@@ -155,14 +155,16 @@ def _field(key: str, value: Any, comment: str | None = None) -> str:
     return "\n".join([*lines, f"{key} = {_value(value)}"]) + "\n"
 
 
-def recipe_text(data: dict[str, Any], from_skill: str | None = None) -> str:
-    """The commented TOML of a skill recipe (``data``: SkillRecipe fields)."""
+def recipe_text(data: dict[str, Any], from_skill: str | None = None, *, command: str = "selma skill new") -> str:
+    """The commented TOML of a skill recipe (``data``: SkillRecipe fields); ``command`` names its writer."""
     def get(key: str) -> Any:
         return data.get(key, SkillRecipe.model_fields[key].default)
 
     origin = f", starting from {from_skill!r}" if from_skill else ""
-    head = (f"# Skill recipe {data['name']!r}, written by `selma skill new`{origin}. Every field is explained\n"
-            "# above it; the numbers are the SELMA paper's unless noted. Replace every <fill in: ...> text, then\n"
+    # A recipe with nothing left to write (e.g. proposed by `selma skill propose`) is not told to fill anything in.
+    fill = "Replace every <fill in: ...> text, then" if PLACEHOLDER in repr(data) else "Review every value, then"
+    head = (f"# Skill recipe {data['name']!r}, written by `{command}`{origin}. Every field is explained\n"
+            f"# above it; the numbers are the SELMA paper's unless noted. {fill}\n"
             "# check the file with `selma recipe validate FILE` and list it in a run recipe: skills = [\"FILE\"].\n\n")
     parts = [
         head,

@@ -9,6 +9,12 @@ The configs live in each family's record (``selma_toolkit.architectures``, ``Fam
 * ``sd1``: SD 1.x layout (one CLIPTextModel, epsilon prediction, PNDM scheduler as SD 1.4/1.5).
 * ``sd2``: SD 2.x layout (linear projections, per-block head dims, v-prediction as SD 2 768-v).
 * ``sdxl``: SDXL layout (two text encoders, pooled embeddings, ``text_time`` added conditions).
+* ``sd3``: SD 3 layout (SD3Transformer2DModel, CLIP-L/G with projection + a small T5EncoderModel,
+  flow matching with FlowMatchEulerDiscreteScheduler).
+* ``flux``: Flux layout (FluxTransformer2DModel with double- and single-stream blocks and the guidance
+  embedding as FLUX.1-dev, CLIP-L pooled + a small T5EncoderModel, flow matching with dynamic shift).
+
+The T5 tokenizer is built in memory too (a Unigram ``T5Tokenizer`` over the same word list).
 
 The same call writes the same weights: every component is built right after ``torch.manual_seed``.
 """
@@ -90,6 +96,26 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
 
 
+def tiny_t5_tokenizer(max_length: int = 512):
+    """A T5 tokenizer built in memory: a Unigram model over the tiny word list (each a whole piece
+    after T5's "▁" word marker) and single characters, T5's specials first (pad 0, eos 1, unk 2).
+    ``max_length``: the family's T5 prompt length (the pipelines pad to it)."""
+    from transformers import T5Tokenizer
+
+    characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + word, -2.0) for word in dict.fromkeys(_WORDS)]
+    pieces += [(character, -5.0) for character in characters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(vocab_size: int, config):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                   **dict(config)))
+
+
 def _text_encoder_config(vocab_size: int, hidden: int, projection_dim: int, act: str):
     from transformers import CLIPTextConfig
 
@@ -108,26 +134,29 @@ def _text_encoder_config(vocab_size: int, hidden: int, projection_dim: int, act:
     )
 
 
-def _vae():
+def _vae(**overrides: Any):
     from diffusers import AutoencoderKL
 
     # Two blocks: the VAE downsamples by 2 (a real one by 8); the pipelines read the factor from it.
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
+    # ``overrides``: the family's TinyConfig.vae (none for SD 1.x / 2.x / XL).
+    return AutoencoderKL(**{
+        "block_out_channels": (32, 64),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "sample_size": 64,
+        **overrides,
+    })
 
 
 def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
     """Build a tiny random pipeline of the given family (in memory), from its record's
     :class:`~selma_toolkit.architectures.TinyConfig`: denoiser, scheduler, one small CLIP text
-    encoder (32 wide) per text encoder of the family, and the shared tiny VAE."""
+    encoder (32 wide) per CLIP of the family and a small T5 (``TinyConfig.t5``) per T5, and the
+    shared tiny VAE (with the family's ``TinyConfig.vae`` settings)."""
     import diffusers
     import torch
     import transformers
@@ -142,10 +171,14 @@ def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
     denoiser = getattr(diffusers, family.denoiser_class)(**family.tiny.denoiser)
     scheduler = getattr(diffusers, family.tiny.scheduler_class)(**family.tiny.scheduler)
     torch.manual_seed(seed + 1)
-    vae = _vae()
+    vae = _vae(**family.tiny.vae)
     parts: dict[str, Any] = {family.denoiser: denoiser, "vae": vae, "scheduler": scheduler}
     for index, (spec, act) in enumerate(zip(family.text_encoders, family.tiny.text_activations)):
         torch.manual_seed(seed + 2 + index)
+        if spec.kind == "t5":
+            parts[spec.tokenizer] = tiny_t5_tokenizer(spec.max_length)
+            parts[spec.component] = _t5_encoder(len(parts[spec.tokenizer]), family.tiny.t5)
+            continue
         model_class = getattr(transformers, spec.model_class)
         parts[spec.component] = model_class(_text_encoder_config(vocab_size, 32, 32, act))
         parts[spec.tokenizer] = tokenizer if index == 0 else tiny_tokenizer()
@@ -157,7 +190,8 @@ def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
 
 def create_tiny_model(out: str | os.PathLike[str], arch: Architecture = "sd1", seed: int = 0) -> Path:
     """Write a tiny model in the standard diffusers folder layout (model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/).
+    text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; SD 3 and
+    Flux have transformer/ instead of unet/, and a T5 in text_encoder_3/ or text_encoder_2/).
 
     The folder appears whole or not at all (built in a temporary folder, then renamed).
     """

@@ -44,7 +44,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Tiny sd1 / sd2 / sdxl models in the diffusers folder layout, built once per session."""
+    """Tiny sd1 / sd2 / sdxl / sd3 / flux models in the diffusers folder layout, built once per session."""
     from selma_toolkit.tiny import ARCHITECTURES, create_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")

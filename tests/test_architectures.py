@@ -40,11 +40,11 @@ def test_every_family_record_is_consistent():
 
 
 def test_unknown_family_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl"):
+    with pytest.raises(ValueError, match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl, sd3, flux"):
         get_family("sd3x")
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "sd3", "flux"])
 def test_each_tiny_model_is_recognised_as_its_family_from_its_files(arch, tiny_model_dirs):
     folder = tiny_model_dirs[arch]
     index = json.loads((folder / "model_index.json").read_text())
@@ -65,7 +65,12 @@ def test_each_tiny_model_is_recognised_as_its_family_from_its_files(arch, tiny_m
         ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl"),
         ({"modelspec.architecture": "stable-diffusion-v2-512/lora"}, "sd2"),
         ({"modelspec.architecture": "stable-diffusion-v1/lora"}, "sd1"),
-        ({"modelspec.architecture": "flux-1-dev/lora"}, None),
+        ({"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
+        ({"ss_base_model_version": "flux1"}, "flux"),
+        ({"modelspec.architecture": "stable-diffusion-3-medium/lora"}, "sd3"),
+        ({"modelspec.architecture": "stable-diffusion-3.5-large/lora"}, "sd3"),
+        ({"ss_base_model_version": "sd3"}, "sd3"),
+        ({"modelspec.architecture": "hunyuan-dit/lora"}, None),
         ({}, None),
     ],
 )
@@ -78,7 +83,10 @@ def test_comfyui_model_classes_map_to_families():
     assert family_of_comfy_model("SD15").name == "sd1"
     assert family_of_comfy_model("SD20").name == "sd2"
     assert family_of_comfy_model("SDXL").name == "sdxl"
-    assert family_of_comfy_model("Flux") is None
+    assert family_of_comfy_model("Flux").name == "flux"
+    assert family_of_comfy_model("FluxSchnell").name == "flux"
+    assert family_of_comfy_model("SD3").name == "sd3"
+    assert family_of_comfy_model("HunyuanDiT") is None
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
@@ -94,13 +102,14 @@ def test_kohya_text_encoder_names_round_trip_through_the_registry_prefixes(arch)
     # lora_te1_ must be tried before lora_te_ (its prefix): longest first
     prefixes = [prefix for prefix, _ in KOHYA_TEXT_PREFIXES]
     assert prefixes == sorted(prefixes, key=len, reverse=True)
+    # t5xxl is SD 3's third text encoder and Flux's second: no single component, so not in the table
     assert set(COMFY_CLIP_COMPONENTS) == {"clip_l", "clip_h", "clip_g"}
 
 
 def test_no_module_outside_the_registry_compares_family_names():
     """Family facts live in architectures.py: elsewhere a family name may appear in prose, a
     default argument or a help text, but not in a comparison, a membership test or a mapping."""
-    rule = re.compile(r"""(==|!=|\bin\s*[\(\[\{])\s*["'](sd1|sd2|sdxl)["']|["'](sd1|sd2|sdxl)["']\s*:""")
+    rule = re.compile(r"""(==|!=|\bin\s*[\(\[\{])\s*["'](sd1|sd2|sdxl|sd3|flux)["']|["'](sd1|sd2|sdxl|sd3|flux)["']\s*:""")
     offenders = []
     for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "comfyui_nodes").rglob("*.py")]:
         if path.name == "architectures.py":

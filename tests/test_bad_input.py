@@ -1,7 +1,7 @@
 """Malformed input and unwritable outputs (issue 22, item 1, part): each is refused through the CLI
-with one line that names the file and says what was found and what was expected, exit code 1 (a
-SelmaError; 2 is kept for usage errors such as an unknown option), no traceback, nothing written.
-docs/reliability.md lists these cases with the test that checks each."""
+with one line that names the file and says what was found and what was expected, exit code 2 (an
+InputError, like click's usage errors; 1 is for runtime failures such as a full disk), no
+traceback, nothing written. docs/reliability.md lists these cases with the test that checks each."""
 
 from __future__ import annotations
 
@@ -15,26 +15,12 @@ import pytest
 import torch
 from conftest import TINY_RUN_SKILLS, run_cli, small_tiny_run
 from safetensors.torch import save_file
+from support_cli import files_under, one_error_line
 
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora import read_safetensors
 
 HUGE = 10**15  # a header length no file has: it must be refused, never allocated
-
-
-def one_error_line(result, exit_code: int = 1) -> str:
-    """The error line of a refused command, after checking it is the only one, the last line of
-    stderr (so the message has no continuation lines), without a traceback."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-2000:]
-    return errors[0]
-
-
-def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*"))
 
 
 # ---------------------------------------------------------------------------------------- recipes
@@ -117,7 +103,7 @@ def test_recipe_value_of_wrong_type_range_or_key_names_the_field_and_what_was_ex
         # A validation error lists its problems one a line under "FILE: invalid recipe" (test_recipe.py
         # pins that form), so this is the one place where a message takes two lines.
         head, problem = expected.split(": invalid recipe: ")
-        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-2:] == [f"{head}: invalid recipe", f"  {problem}"]
     else:
         assert one_error_line(result) == expected
@@ -354,13 +340,13 @@ def test_merge_on_a_full_disk_is_one_line_and_leaves_no_file_and_an_older_merge_
     tiny_lora(tmp_path / "a.safetensors")
     tiny_lora(tmp_path / "b.safetensors", scale=2.0)
     merge = ["merge", "a.safetensors", "b.safetensors", "--out", "m.safetensors"]
-    line = one_error_line(selma_on_a_full_disk(*merge, cwd=tmp_path))
+    line = one_error_line(selma_on_a_full_disk(*merge, cwd=tmp_path), exit_code=1)  # a runtime error
     assert line.startswith("error: m.safetensors: No space left on device while writing it (") and line.endswith(
         "; nothing was written over it. Free some space or write elsewhere (--out), then run the command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no partial, no temporary
     assert run_cli(*merge, cwd=tmp_path).returncode == 0
     before = (tmp_path / "m.safetensors").read_bytes()
-    one_error_line(selma_on_a_full_disk(*merge, "--method", "delta", cwd=tmp_path))
+    one_error_line(selma_on_a_full_disk(*merge, "--method", "delta", cwd=tmp_path), exit_code=1)
     assert (tmp_path / "m.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -403,12 +389,15 @@ def test_jsonl_append_on_a_full_disk_is_a_disk_full_error_and_keeps_earlier_reco
     assert read_jsonl(path, repair_tail=True)[0] == {"id": 1}
 
 
-def test_reliability_table_lists_every_test_of_the_bad_input_lock_and_secrets_modules():
+RELIABILITY_MODULES = ("test_bad_input.py", "test_faults.py", "test_kill_resume.py", "test_run_lock.py", "test_secrets.py")
+
+
+def test_reliability_table_lists_every_test_of_its_modules():
     # docs/reliability.md names the test behind each row: a renamed test must be renamed there too.
     tests = Path(__file__).resolve().parent
     doc = (tests.parent / "docs" / "reliability.md").read_text()
-    names = [name for module in ("test_bad_input.py", "test_run_lock.py", "test_secrets.py")
+    names = [name for module in RELIABILITY_MODULES
              for name in re.findall(r"^def (test_\w+)", (tests / module).read_text(), flags=re.M)]
-    missing = [name for name in names if name != "test_reliability_table_lists_every_test_of_the_bad_input_lock_and_secrets_modules"
+    missing = [name for name in names if name != "test_reliability_table_lists_every_test_of_its_modules"
                and name not in doc]
     assert len(names) > 25 and not missing, f"docs/reliability.md does not list {missing}"

@@ -23,7 +23,7 @@ def test_user_errors_exit_nonzero_without_traceback(cli, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "r"\nbase_model = "tiny:sd1"\nskills = ["countbench"]\n[train]\nsetps = 1\n')
     result = cli("recipe", "validate", str(bad))
-    assert result.returncode == 1
+    assert result.returncode == 2  # an input error (selma_toolkit/errors.py)
     assert "did you mean 'steps'" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -35,4 +35,4 @@ def test_tiny_create_writes_a_loadable_model(cli, tmp_path):
     # transformers' note that it falls back to the PIL image processor (no torchvision) is noise here.
     assert "requires torchvision" not in result.stderr
     again = cli("tiny", "create", str(out))
-    assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr

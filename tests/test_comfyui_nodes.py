@@ -367,7 +367,9 @@ def test_apply_refuses_a_lora_matching_no_key_or_made_for_another_architecture(m
     with pytest.raises(LoraFormatError, match=r"the LoRA is for sdxl but the MODEL is SD15 \(sd1\)"):
         check_lora_fits(sdxl, "SD15", matched=len(sdxl) // 3)
     check_lora_fits(sdxl, "SDXL", matched=len(sdxl) // 3)
-    check_lora_fits(sdxl, "Flux", matched=1)  # unknown model, every key loaded: ComfyUI's key map decides
+    check_lora_fits(sdxl, "HunyuanDiT", matched=1)  # unknown model, every key loaded: ComfyUI's key map decides
+    with pytest.raises(LoraFormatError, match=r"the LoRA is for sdxl but the MODEL is Flux \(flux\)"):
+        check_lora_fits(sdxl, "Flux", matched=1)
 
 
 @pytest.fixture
@@ -543,7 +545,7 @@ def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cl
         install_node_pack(comfyui, "selma-clone")
     assert (clone / "__init__.py").read_text() == "# a git clone"
     refused = cli("comfyui", "install", str(tmp_path / "nowhere"))
-    assert refused.returncode == 1 and "no custom_nodes folder" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "no custom_nodes folder" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])

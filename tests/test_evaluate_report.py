@@ -170,7 +170,7 @@ def test_evaluate_tally_command_prints_percentages_and_rejects_bad_files(cli, tm
     bad.write_text(json.dumps({"format": "selma-human-eval/1", "answers": [{"pair": "p", "variant": "a", "baseline": "b",
                                                                              "left": "a", "right": "b", "choice": "up"}]}))
     result = cli("evaluate", "--tally", str(bad))
-    assert result.returncode == 1 and "answer 1: choice must be left, right or tie" in result.stderr
+    assert result.returncode == 2 and "answer 1: choice must be left, right or tie" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -181,7 +181,7 @@ def test_evaluate_report_command_writes_the_report_beside_the_evaluation(cli, tm
     assert result.returncode == 0, result.stderr
     assert (run / "report" / "index.html").is_file() and "expert:color" in (run / "report" / "human-eval.html").read_text()
     result = cli("evaluate", "--report", str(tmp_path / "nowhere"))
-    assert result.returncode == 1 and "no scores file" in result.stderr
+    assert result.returncode == 2 and "no scores file" in result.stderr
 
 
 def test_report_states_each_variants_paired_change_over_the_base_with_its_verdict(tmp_path, eval_dir):

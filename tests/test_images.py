@@ -393,8 +393,8 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
         expected = "no model_index.json"
     elif kind == "unknown_architecture":
         model.mkdir()
-        (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-        expected = "has no UNet; expected SD 1.x, SD 2.x or SDXL"
+        (model / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}))
+        expected = "none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3 or Flux"
     elif kind in ("ckpt", "bin"):
         model = tmp_path / f"model.{kind}"
         model.write_bytes(b"\x80\x04not really a pickle")
@@ -420,13 +420,13 @@ def test_out_of_range_image_settings_are_recipe_errors(override, message, tmp_pa
         load_run_recipe(write_recipe(tmp_path, "tiny:sd1"), [override])
 
 
-def test_cli_prints_bad_input_without_traceback_and_exits_1(cli, tiny_sd1, tmp_path):
+def test_cli_prints_bad_input_without_traceback_and_exits_2(cli, tiny_sd1, tmp_path):
     recipe = write_recipe(tmp_path, tiny_sd1)
     prompt_file = RunPaths(tmp_path / "run").prompts(SKILL)
     prompt_file.parent.mkdir(parents=True)
     prompt_file.write_text('{"id": 0, "prompt": "one cat"}\n{"id": 0, "prompt": "two cats"}\n')
     result = cli("images", str(recipe), "--out", str(tmp_path / "run"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "id 0 appears twice" in result.stderr and "Traceback" not in result.stderr
     assert not RunPaths(tmp_path / "run").images(SKILL).exists()
 

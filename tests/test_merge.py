@@ -429,6 +429,6 @@ def test_cli_merge_bad_input_prints_the_reason_without_traceback(tmp_path, cli):
     experts = [random_expert(46, 2, 2.0, dtype=torch.float32), random_expert(47, 4, 1.0, dtype=torch.float32)]
     paths = save_experts(tmp_path, experts, ["coco", "whoops"])
     result = cli("merge", *map(str, paths), "--out", str(tmp_path / "m.safetensors"))  # selma, unequal ranks
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "--method delta" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m.safetensors").exists()

@@ -134,7 +134,7 @@ def test_an_expert_for_another_architecture_or_model_size_stops_the_run_before_a
             run_pipeline(load_run_recipe(recipe), RunPaths(tmp_path / "out"))
         assert not (tmp_path / "out").exists()  # not even the recipe was written: no prompt, image or expert
     result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not fit base_model 'tiny:sd1'" in result.stderr and "list only experts trained for this base model" in result.stderr
     assert not (tmp_path / "out").exists()
 

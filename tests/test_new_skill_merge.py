@@ -170,5 +170,5 @@ def test_cli_merge_add_to_replaces_the_merged_file_with_the_merge_of_all_experts
     assert identical(merged, tmp_path / "scratch.safetensors")
     assert json.loads(load_lora(merged).metadata["selma.skills"]) == list(SKILLS)
     refused = cli("merge", "--add", str(experts[2]), "--to", str(merged), "--method", "svd")
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--method: adding to" in refused.stderr and "keeps its merge settings" in refused.stderr

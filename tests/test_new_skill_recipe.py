@@ -84,4 +84,4 @@ def test_cli_skill_new_writes_the_recipe_and_says_what_to_fill_in(tmp_path, cli)
     skill = load_skill_recipe(tmp_path / "whoops-mine.toml")  # whoops' seeds and instruction, a starter grammar
     assert skill.seeds == load_skill_recipe("whoops").seeds and skill.grammar is not None
     again = cli("skill", "new", "whoops-mine", "--from", "whoops", cwd=tmp_path)
-    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

@@ -98,3 +98,12 @@ def test_missing_key_is_a_clear_error_without_traceback(cli, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "SELMA_UNSET_KEY_VAR is not set" in result.stderr
     assert not (tmp_path / "out" / "prompts.jsonl").exists()
+
+
+def test_recipe_accepts_exactly_the_registered_prompt_sources():
+    from typing import get_args
+
+    from selma_toolkit.prompts.sources import PROMPT_SOURCES
+    from selma_toolkit.recipe import PromptSourceName
+
+    assert set(get_args(PromptSourceName)) == set(PROMPT_SOURCES)

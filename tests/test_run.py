@@ -107,7 +107,7 @@ def test_status_of_a_fresh_run_folder_lists_every_stage_still_to_do(recorded):
 
 def test_status_command_on_a_folder_without_a_recipe_says_what_it_expects(cli, tmp_path):
     result = cli("status", str(tmp_path))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "not a run folder (no recipe.toml)" in result.stderr
     with pytest.raises(DatasetError, match="selma run RECIPE --out FOLDER"):
         load_run_folder(tmp_path)

@@ -271,7 +271,7 @@ def test_changing_image_settings_of_a_run_with_images_is_refused_naming_the_chan
     root = demo_run["root"]
     recorded = (root / "recipe.toml").read_bytes()
     result = cli("run", str(root / "recipe.toml"), "--out", str(root), "--set", "images.steps=5")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "images.steps: 4 -> 5" in result.stderr and "Traceback" not in result.stderr
     assert (root / "recipe.toml").read_bytes() == recorded
 

@@ -124,7 +124,7 @@ def test_cli_render_writes_the_image_and_answers_its_questions(cli, tmp_path):
     scored = cli("toyworld", "score", str(out), "two blue squares and a red triangle")
     assert scored.returncode == 0 and "score 100.0" in scored.stdout
     bad = cli("toyworld", "render", "a purple elephant", "--out", str(out))
-    assert bad.returncode == 1 and "a purple elephant" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "a purple elephant" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_study_summary_gains_and_retention_match_a_direct_computation(tmp_path):

@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 from selma_toolkit.lora import LoraWeights, merge_experts
 from selma_toolkit.lora.blocks import parse_block_weights
-from selma_toolkit.lora.merge import apply_block_weights, expert_weights
+from selma_toolkit.lora.merge import MERGE_METHODS, apply_block_weights, expert_weights
 
 logger = logging.getLogger(__name__)
 
 ExpertRef = str | os.PathLike[str] | LoraWeights
-AdapterMethod = Literal["selma", "delta", "svd", "ties", "dare", "runtime"]
+AdapterMethod = Literal[(*MERGE_METHODS, "runtime")]  # type: ignore[valid-type]  # the merge methods, and runtime adapters
 
 
 def read_expert(expert: ExpertRef, position: int = 0) -> tuple[str, LoraWeights]:

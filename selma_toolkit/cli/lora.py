@@ -1,4 +1,4 @@
-"""`selma lora info|convert` and `selma comfyui install`."""
+"""`selma lora info|convert`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console, err_console
-from selma_toolkit.errors import SelmaError
+from selma_toolkit.cli.app import app, console
+from selma_toolkit.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -71,30 +71,9 @@ def lora_convert(
     from selma_toolkit.lora import WRITE_FORMATS, load_lora, save_lora
 
     if format_ not in WRITE_FORMATS:
-        raise SelmaError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
+        raise InputError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
     if out.resolve() == source.resolve():
-        raise SelmaError(f"{out}: the output would overwrite the input; choose another file name")
+        raise InputError(f"{out}: the output would overwrite the input; choose another file name")
     weights = load_lora(source, component=component, drop_bias_diffs=drop_bias_diffs)
     save_lora(weights, out, format=format_)  # type: ignore[arg-type]
     console.print(f"wrote {len(weights.modules)} modules in the {format_} layout to {escape(str(out))}", highlight=False)
-
-
-# --------------------------------------------------------------------------------------- comfyui
-
-comfyui_app = typer.Typer(help="The SELMA node pack for ComfyUI.", no_args_is_help=True)
-app.add_typer(comfyui_app, name="comfyui")
-
-
-@comfyui_app.command("install")
-def comfyui_install(
-    comfyui_dir: Annotated[Path, typer.Argument(help="The ComfyUI folder (the one with main.py and custom_nodes/).")],
-) -> None:
-    """Copy the node pack into COMFYUI_DIR/custom_nodes/selma-toolkit (run again to update it)."""
-    from comfyui_nodes.install import base_directory_note, install_node_pack
-
-    target = install_node_pack(comfyui_dir)
-    console.print(f"installed the SELMA nodes into {escape(str(target))}; restart ComfyUI to load them "
-                  "(its Python needs torch and safetensors)", highlight=False)
-    note = base_directory_note(comfyui_dir)
-    if note:
-        err_console.print(f"warning: {escape(note)}", highlight=False)

@@ -1,21 +1,17 @@
-"""`selma recipe ...` and `selma tiny create`."""
+"""`selma recipe validate|show|list`."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from selma_toolkit.cli.app import SetOption, app, console
-from selma_toolkit.errors import SelmaError
 
 
 recipe_app = typer.Typer(help="Validate and show recipes.", no_args_is_help=True)
-tiny_app = typer.Typer(help="The embedded tiny models (no download needed).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-app.add_typer(tiny_app, name="tiny")
 
 
 # ---------------------------------------------------------------------------------------- recipe
@@ -26,7 +22,7 @@ def recipe_validate(
     recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped names.")],
     set_: SetOption = None,
 ) -> None:
-    """Check recipes; print OK or what is wrong (exit 1)."""
+    """Check recipes; print OK or what is wrong (exit 2)."""
     from selma_toolkit.recipe import RunRecipe, load_recipe
 
     for ref in recipes:
@@ -57,24 +53,3 @@ def recipe_list() -> None:
     for kind in ("skills", "runs"):
         names = sorted(p.stem for p in (root / kind).glob("*.toml"))
         console.print(f"[bold]{kind}[/bold]: {', '.join(names)}")
-
-
-# ------------------------------------------------------------------------------------------ tiny
-
-
-@tiny_app.command("create")
-def tiny_create(
-    out: Annotated[Path, typer.Argument(help="New folder for the model.")],
-    arch: Annotated[str, typer.Option(help="sd1, sd2 or sdxl.")] = "sd1",
-    seed: Annotated[int, typer.Option(help="Weights seed: the same seed writes the same weights.")] = 0,
-) -> None:
-    """Write a tiny random text-to-image model in the diffusers folder layout."""
-    from selma_toolkit.tiny import ARCHITECTURES, create_tiny_model
-
-    if arch not in ARCHITECTURES:
-        raise SelmaError(f"--arch {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
-    try:
-        path = create_tiny_model(out, arch, seed)  # type: ignore[arg-type]
-    except FileExistsError as exc:
-        raise SelmaError(str(exc)) from None
-    console.print(f"wrote tiny {arch} model to {path} (load it with DiffusionPipeline.from_pretrained)")

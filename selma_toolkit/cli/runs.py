@@ -1,4 +1,4 @@
-"""Whole runs: `selma evaluate`, `selma run`, `selma demo`, `selma status`, `selma skill new`."""
+"""Commands over a whole run folder: `selma evaluate`, `selma run`, `selma demo`, `selma status`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from selma_toolkit.cli.app import SetOption, app, console, run_with_progress, stage_line
-from selma_toolkit.errors import SelmaError
+from selma_toolkit.errors import InputError
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -43,12 +43,12 @@ def evaluate(
     answers. --report: the HTML report of an evaluation folder holding scores.json.
     """
     if not tally and report is None and run_dir is None:
-        raise SelmaError("selma evaluate: give a run folder RUN, --tally ANSWERS.json (human-evaluation answers) "
+        raise InputError("selma evaluate: give a run folder RUN, --tally ANSWERS.json (human-evaluation answers) "
                          "or --report EVAL_DIR")
     if (checkpoints or final_experts) and run_dir is None:
-        raise SelmaError("selma evaluate: --checkpoints and --final-experts need a run folder, e.g. selma evaluate runs/demo --checkpoints")
+        raise InputError("selma evaluate: --checkpoints and --final-experts need a run folder, e.g. selma evaluate runs/demo --checkpoints")
     if (before or method) and (run_dir is None or checkpoints):
-        raise SelmaError("selma evaluate: --before (and --method) compare a run folder's merge with an earlier one, "
+        raise InputError("selma evaluate: --before (and --method) compare a run folder's merge with an earlier one, "
                          "e.g. selma evaluate runs/new-skill --before runs/old-skills")
     if run_dir is not None:
         _evaluate_run_folder(run_dir, checkpoints, final_experts)
@@ -62,7 +62,7 @@ def evaluate(
             pairs = [p.split(",") for p in pair]
             bad = [p for p, parts in zip(pair, pairs) if len(parts) != 2 or not all(parts)]
             if bad:
-                raise SelmaError(f"--pair {bad[0]!r}: expected VARIANT,BASELINE, e.g. --pair merged:selma,base")
+                raise InputError(f"--pair {bad[0]!r}: expected VARIANT,BASELINE, e.g. --pair merged:selma,base")
         target = out or report.resolve().parent / "report"
         index = write_report(report, target, human_eval_pairs=pairs, prompts_per_skill=prompts_per_skill)
         console.print(f"wrote {index}")
@@ -173,38 +173,6 @@ def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) 
         run, paths, use_best=not final_experts, progress=lambda done, total: progress("evaluation images", done, total)))
     console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
     console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
-
-
-# ------------------------------------------------------------------------------------- new skill
-# Teaching one more skill (docs/tutorial-new-skill.md): `selma skill new` (selma_toolkit/skill_new.py)
-# and `selma evaluate RUN --before PREVIOUS` (selma_toolkit/evaluate/before_after.py); `selma merge
-# --add/--to` is in the merge section.
-
-skill_app = typer.Typer(help="Write new skill recipes.", no_args_is_help=True)
-app.add_typer(skill_app, name="skill")
-
-
-@skill_app.command("new")
-def skill_new(
-    name: Annotated[str, typer.Argument(help="The new skill's name (lower-case letters, digits, '-', '_').")],
-    from_: Annotated[Optional[str], typer.Option("--from", help="Start from this skill recipe (shipped name such as coco, or a file).")] = None,
-    source: Annotated[Optional[str], typer.Option(help="llm (an OpenAI-compatible endpoint) or grammar (offline); default: --from's, else llm.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="The recipe file to write (default: NAME.toml).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    set_: SetOption = None,
-) -> None:
-    """Write a new skill recipe, every field explained in a comment, and validate it."""
-    from selma_toolkit.skill_new import new_skill_recipe
-
-    made = new_skill_recipe(name, out or Path(f"{name}.toml"), source=source, from_skill=from_, overrides=set_ or [],
-                            force=force)
-    console.print(f"wrote skill recipe {made.name!r} (source {made.source}) to {escape(str(made.path))}", highlight=False)
-    if made.unfilled:
-        console.print(f"fill in: {', '.join(made.unfilled)} (the <fill in: ...> texts), then check it with "
-                      f"`selma recipe validate {escape(str(made.path))}`", highlight=False, soft_wrap=True)
-    else:
-        console.print(f"[green]OK[/green]: valid; list it in a run recipe: skills = [\"{escape(str(made.path))}\"]",
-                      highlight=False, soft_wrap=True)
 
 
 def _compare_before_after(run_dir: Path, before: str, method: str | None) -> None:

@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from selma_toolkit.cli.app import SetOption, app, console, err_console, quiet_loading_bars
-from selma_toolkit.errors import SelmaError
+from selma_toolkit.errors import InputError
+from selma_toolkit.lora.merging import methods as merging  # the merge method table (no torch): --method help
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -43,7 +44,7 @@ def prompts(
         write_resolved_recipe(loaded, paths.root)
     else:
         if skill and skill != loaded.name:
-            raise SelmaError(f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe")
+            raise InputError(f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe")
         folder = out or Path("runs") / loaded.name
         jobs = [(loaded, folder / "prompts.jsonl", 0)]
         write_resolved_recipe(loaded, folder)
@@ -105,7 +106,7 @@ def images(
     paths = RunPaths.for_recipe(run, out)
     names = [run.skill(skill).name] if skill else [s.name for s in run.skills]
     if not names:
-        raise SelmaError(f"{recipe}: the run has no skills, so there are no prompts to draw images for")
+        raise InputError(f"{recipe}: the run has no skills, so there are no prompts to draw images for")
     for name in names:  # every skill's input, before hours are spent drawing the first one
         check_image_inputs(run, name, paths)
     quiet_loading_bars()
@@ -160,6 +161,8 @@ def train(
     recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
     skill: Annotated[Optional[str], typer.Option(help="Train the expert of this skill.")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="One LoRA on the mixture of all skills (the paper's baseline).")] = False,
+    moe: Annotated[bool, typer.Option("--moe", help="MoE-LoRA (paper Table 4): a gate over the trained experts, kept frozen, on the mixture; [moe] settings.")] = False,
+    dpo: Annotated[bool, typer.Option("--dpo", help="DPO variant (paper Table 4): each skill's Diffusion-DPO expert on scored pairs of base images, then merged (with --skill: that skill's); [dpo] settings.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
     set_: SetOption = None,
 ) -> None:
@@ -170,8 +173,10 @@ def train(
     (or `torchrun --nproc_per_node N -m selma_toolkit train ...`, also on CPUs): the same samples
     and noise whatever the number of processes, so the same expert up to float rounding.
     """
-    if (skill is None) == (not joint):
-        raise SelmaError("train: give either --skill NAME (one expert) or --joint (the mixture baseline), one of the two")
+    modes = joint + moe + dpo
+    if modes > 1 or (modes == 0 and skill is None) or ((joint or moe) and skill is not None):
+        raise InputError("train: give one of --skill NAME (one expert), --joint (the mixture baseline), --moe (the MoE-LoRA "
+                         "gate over the trained experts) or --dpo [--skill NAME] (the DPO experts and their merge)")
     import torch
     from accelerate import PartialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -182,7 +187,7 @@ def train(
 
     run = load_run_recipe(recipe, set_ or [])
     paths = RunPaths.for_recipe(run, out)
-    name = JOINT if joint else run.skill(skill).name
+    name = JOINT if joint else "moe" if moe else run.skill(skill).name if skill else "dpo"
     quiet_loading_bars()
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # else a line per file of every checkpoint
@@ -206,9 +211,31 @@ def train(
                 fields = {"loss": f"loss {event.loss:.4f}", "rate": f"{1 / max(rate['seconds'], 1e-9):.2f} it/s"}
             bar.update(tasks[event.kind], completed=event.done, total=event.total, **fields)
 
-        expert = train_expert(run, name, paths, progress=show)
+        if moe:
+            expert = _train_moe(run, paths, show)
+        elif dpo:
+            from selma_toolkit.train.dpo import train_dpo, train_dpo_expert
+
+            expert = (train_dpo_expert(run, name, paths, progress=show) if skill else
+                      train_dpo(run, paths, progress=lambda _skill, event: show(event)))
+        else:
+            expert = train_expert(run, name, paths, progress=show)
     if is_main:
         console.print(f"{name}: expert written to {expert}", soft_wrap=True, highlight=False)
+
+
+def _train_moe(run, paths, show):
+    """The MoE-LoRA gate over the experts `selma run` would merge (best checkpoints where selected)."""
+    from selma_toolkit.run import merge_inputs
+    from selma_toolkit.run_checks import resolve_external_experts
+    from selma_toolkit.train.moe import train_moe
+
+    experts = merge_inputs(run, paths, resolve_external_experts(run))
+    missing = [name for name, path in experts if not path.is_file()]
+    if missing:
+        raise InputError(f"train --moe: no expert yet for {', '.join(missing)}; train them first "
+                         "(`selma train RECIPE --skill NAME`, or `selma run RECIPE`)")
+    return train_moe(run, paths, experts, progress=show)
 
 
 # ----------------------------------------------------------------------------------------- merge
@@ -220,7 +247,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise SelmaError(f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8") from None
+        raise InputError(f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8") from None
 
 
 def _file_size(size: int) -> str:
@@ -231,12 +258,12 @@ def _file_size(size: int) -> str:
 def merge(
     experts: Annotated[Optional[list[str]], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The merged .safetensors file to write (with --to: default MERGED itself).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="selma (the paper: average A and B; the default), delta (exact sum of updates), svd, ties or dare.")] = None,
+    method: Annotated[Optional[str], typer.Option(help=merging.method_help())] = None,
     weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="Output rank for svd, ties and dare (default: the experts' largest).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help=merging.rank_help())] = None,
     format_: Annotated[Optional[str], typer.Option("--format", help="kohya (read by diffusers and ComfyUI; the default) or peft.")] = None,
-    density: Annotated[Optional[float], typer.Option(help="ties: share of largest entries kept; dare: share of entries kept (default 0.5).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="dare: seed of the drop masks (default 0).")] = None,
+    density: Annotated[Optional[float], typer.Option(help=merging.density_help())] = None,
+    seed: Annotated[Optional[int], typer.Option(help=merging.seed_help())] = None,
     normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
     add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
@@ -256,18 +283,18 @@ def merge(
     from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
 
     if format_ not in (None, "kohya", "peft"):
-        raise SelmaError(f"--format {format_!r}: expected kohya or peft")
+        raise InputError(f"--format {format_!r}: expected kohya or peft")
     if to is not None or add:
         from selma_toolkit.lora.incremental import add_to_merge
 
         if to is None or not add:
-            raise SelmaError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
+            raise InputError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
         if experts:
-            raise SelmaError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
+            raise InputError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
         fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed),
                                           ("--block-weights", block_weights)) if value is not None] + (["--normalize"] if normalize else [])
         if fixed:
-            raise SelmaError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
+            raise InputError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
                              "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
         check_output_file(out if out is not None else to)
         result = add_to_merge(to, [resolve_expert(ref) for ref in add], out, weights=_parse_weights(weights),
@@ -278,12 +305,12 @@ def merge(
         console.print(how, highlight=False, soft_wrap=True)
         return
     if not experts or out is None:
-        raise SelmaError("selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)")
+        raise InputError("selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)")
     if expert_file:
-        raise SelmaError("--expert helps find the experts of a merged file and goes with --to MERGED")
+        raise InputError("--expert helps find the experts of a merged file and goes with --to MERGED")
     method = method or "selma"
     if method not in MERGE_METHODS:
-        raise SelmaError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
+        raise InputError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
     check_output_file(out)  # before reading any expert: a folder or read-only place in the way fails now
     paths = [resolve_expert(expert) for expert in experts]
     merged = merge_files(

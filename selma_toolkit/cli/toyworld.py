@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from selma_toolkit.cli.app import SetOption, app, console, err_console, run_with_progress, set_threads
-from selma_toolkit.errors import SelmaError
+from selma_toolkit.errors import InputError
 
 
 # -------------------------------------------------------------------------------------- toyworld
@@ -35,7 +35,7 @@ def toyworld_render(
     try:
         scene = parse_caption(caption)
     except CaptionError as exc:
-        raise SelmaError(f"{exc}; see `selma toyworld --help` and selma_toolkit/toyworld/world.py for the grammar") from None
+        raise InputError(f"{exc}; see `selma toyworld --help` and selma_toolkit/toyworld/world.py for the grammar") from None
     image = render_caption(caption, seed)
     answers = answer_questions(scene, segment(image))
     for question in caption_questions(scene):
@@ -61,9 +61,9 @@ def toyworld_score(
     try:
         scene = parse_caption(caption)
     except CaptionError as exc:
-        raise SelmaError(str(exc)) from None
+        raise InputError(str(exc)) from None
     if not image.is_file():
-        raise SelmaError(f"{image}: no such image file")
+        raise InputError(f"{image}: no such image file")
     with Image.open(image) as opened:
         picture = opened.convert("RGB")
     answers = answer_questions(scene, segment(picture))
@@ -120,7 +120,8 @@ def toyworld_study(
     seed: Annotated[Optional[list[int]], typer.Option(
         help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
     kind: Annotated[Optional[list[str]], typer.Option(
-        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, lowcfg, highcfg, teacher. "
+        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, lowcfg, highcfg, teacher, "
+             "and the Table 4 baselines dpo, moe ([dpo] / [moe] settings). "
              "Default: all but teacher, and teacher too when --teacher is given.")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes).")] = None,

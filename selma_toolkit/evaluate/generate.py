@@ -1,7 +1,9 @@
 """Evaluation images of a run, with fixed seeds, on held-out prompts only; then scores and the report.
 
 A *variant* is the base model or the base model with one LoRA: ``base``, ``expert:<skill>``,
-``joint`` (the mixture baseline) and ``merged:<method>``. Every variant draws every skill's
+``joint`` (the mixture baseline) and ``merged:<method>``; the paper's Table 4 baselines ``moe``
+(a MoE-LoRA file: experts + gate, attached by selma_toolkit.adapters.moe) and ``dpo`` (the merged
+DPO experts). Every variant draws every skill's
 held-out prompts (``evaluate.prompts_per_skill`` of them, split ``heldout`` in the prompt file:
 never a prompt that was trained on) once per seed in ``evaluate.seeds``.
 
@@ -158,6 +160,7 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
     import torch
 
     from selma_toolkit.adapters.diffusers import load_experts
+    from selma_toolkit.adapters.moe import is_moe_file, load_moe, unload_moe
     from selma_toolkit.images import image_seed
     from selma_toolkit.models import load_pipeline
 
@@ -166,7 +169,10 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
                          scheduler=images.scheduler)
     done = 0
     for job, todo in missing:
-        if job.lora is not None:
+        moe = job.lora is not None and is_moe_file(job.lora)
+        if moe:
+            load_moe(pipe, job.lora)  # the experts and their gate, kept apart (T LoRAs per layer)
+        elif job.lora is not None:
             # A UNet-only expert makes diffusers warn on every load that the text encoder has no LoRA
             # keys ("safe to ignore"); one line per variant would bury the run's own messages.
             lora_base = logging.getLogger("diffusers.loaders.lora_base")
@@ -197,7 +203,9 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
                 if progress:
                     progress(done, total)
         finally:
-            if job.lora is not None:
+            if moe:
+                unload_moe(pipe)
+            elif job.lora is not None:
                 pipe.unload_lora_weights()
     log.info("drew %d evaluation image(s)", total)
 

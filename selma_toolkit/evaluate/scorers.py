@@ -21,12 +21,15 @@ sha256 pinned.
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from selma_toolkit.errors import ModelError
+from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -34,9 +37,6 @@ if TYPE_CHECKING:
     from selma_toolkit.recipe import EvaluateSettings
 
 logger = logging.getLogger(__name__)
-
-SCORER_NAMES = ("clipscore", "pickscore", "hps", "imagereward", "vqascore", "questions", "toyworld")
-
 
 class Scorer(Protocol):
     """What score_variants needs from a scorer."""
@@ -49,12 +49,6 @@ class Scorer(Protocol):
     def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
         """One score per image (None where the scorer does not apply, e.g. a prompt without questions)."""
         ...
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_scorer_model(spec: str, field: str) -> str:
@@ -283,45 +277,71 @@ def _sibling(spec: str, filename: str) -> str:
     return f"{spec.partition(':')[0]}:{filename}"
 
 
+def _build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+    return ClipSimilarityScorer(
+        "clipscore", "CLIPScore", settings.clip_model, "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
+        "clipscore", _clip_loader(settings.clip_model, "clip_model", None, "clip_model"), device, settings.batch_size)
+
+
+def _build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+    return ClipSimilarityScorer(
+        "pickscore", "PickScore", settings.pickscore_model, "PickScore human-preference model: logit_scale * cos.",
+        "logit_scale", _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor,
+                                    "pickscore_processor"), device, settings.batch_size)
+
+
+def _build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
+    if settings.hps_model.endswith((".pt", ".pth", ".bin")):
+        # Refuse now (before images are generated) if the opt-in or the pin is missing.
+        require_pickle_opt_in(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
+        load = _hps_pickle_loader(settings)
+    else:
+        load = _clip_loader(settings.hps_model, "hps_model", None, "hps_model")
+    return ClipSimilarityScorer("hps", "HPS v2", settings.hps_model, "Human Preference Score v2: 100 * cos.",
+                                "percent", load, device, settings.batch_size)
+
+
+def _build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
+    return ImageRewardScorer(settings, device)
+
+
+ScorerFactory = Callable[["EvaluateSettings", "str | None"], Scorer]
+
+
+@dataclass(frozen=True)
+class ScorerEntry:
+    """One scorer of the registry: its factory ``(settings, device) -> Scorer``, given as
+    ``"module:function"`` and imported on use, so a scorer's module (the VQA models, the shapes
+    world) is imported only when a recipe asks for it, and this module imports none of them."""
+
+    name: str
+    factory: str
+
+    def load_factory(self) -> ScorerFactory:
+        module, _, function = self.factory.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# The scorer registry: adding a scorer is a class with the Scorer protocol, a factory next to it
+# and one entry here (recipe.py's evaluate.scorers accepts every name listed).
+SCORERS: dict[str, ScorerEntry] = {entry.name: entry for entry in (
+    ScorerEntry("clipscore", f"{__name__}:_build_clipscore"),
+    ScorerEntry("pickscore", f"{__name__}:_build_pickscore"),
+    ScorerEntry("hps", f"{__name__}:_build_hps"),
+    ScorerEntry("imagereward", f"{__name__}:_build_imagereward"),
+    ScorerEntry("vqascore", "selma_toolkit.evaluate.vqa:build_vqascore"),
+    ScorerEntry("questions", "selma_toolkit.evaluate.vqa:build_question_scorer"),
+    ScorerEntry("toyworld", "selma_toolkit.toyworld.scorer:build_toyworld_scorer"),
+)}
+SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
+
+
 def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:
     """The scorer called ``name`` (one of SCORER_NAMES) with its models from ``settings``."""
-    batch = settings.batch_size
-    if name == "clipscore":
-        return ClipSimilarityScorer(
-            "clipscore", "CLIPScore", settings.clip_model, "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
-            "clipscore", _clip_loader(settings.clip_model, "clip_model", None, "clip_model"), device, batch)
-    if name == "pickscore":
-        return ClipSimilarityScorer(
-            "pickscore", "PickScore", settings.pickscore_model, "PickScore human-preference model: logit_scale * cos.",
-            "logit_scale", _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor,
-                                        "pickscore_processor"), device, batch)
-    if name == "hps":
-        pickled = settings.hps_model.endswith((".pt", ".pth", ".bin"))
-        if pickled:
-            # Refuse now (before images are generated) if the opt-in or the pin is missing.
-            require_pickle_opt_in(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
-            load = _hps_pickle_loader(settings)
-        else:
-            load = _clip_loader(settings.hps_model, "hps_model", None, "hps_model")
-        return ClipSimilarityScorer("hps", "HPS v2", settings.hps_model, "Human Preference Score v2: 100 * cos.",
-                                    "percent", load, device, batch)
-    if name == "imagereward":
-        return ImageRewardScorer(settings, device)
-    if name == "toyworld":
-        from selma_toolkit.toyworld.scorer import ToyWorldScorer
-
-        return ToyWorldScorer()
-    if name in ("vqascore", "questions"):
-        from selma_toolkit.evaluate.vqa import QuestionScorer, VqaScoreScorer
-
-        if name == "vqascore":
-            return VqaScoreScorer(settings.vqa_model, device)
-        from selma_toolkit.evaluate.questions import read_questions
-
-        if not settings.questions:
-            raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
-        return QuestionScorer(read_questions(settings.questions, settings.questions_split), settings.vqa_model, device)
-    raise ModelError(f"unknown scorer {name!r}; expected one of {', '.join(SCORER_NAMES)}")
+    entry = SCORERS.get(name)
+    if entry is None:
+        raise ModelError(f"unknown scorer {name!r}; expected one of {', '.join(SCORER_NAMES)}")
+    return entry.load_factory()(settings, device)
 
 
 def build_scorers(settings: "EvaluateSettings", device: str | None = None) -> list[Scorer]:

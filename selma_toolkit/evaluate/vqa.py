@@ -26,10 +26,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from selma_toolkit.evaluate.questions import Question, QuestionSet
-from selma_toolkit.evaluate.scorers import default_device, load_pretrained
+from selma_toolkit.evaluate.scorers import load_pretrained
+from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from selma_toolkit.recipe import EvaluateSettings
 
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 COMPARABILITY_NOTE = ("Scores from a VQA model are comparable only between runs that used the same VQA model "
@@ -166,3 +169,21 @@ class QuestionScorer:
             questions = self.questions.for_prompt(prompt)
             scores.append(None if questions is None else dsg_score(questions, self.answers(image, questions))[0])
         return scores
+
+
+# ------------------------------------------------------------------------- registry factories
+
+
+def build_vqascore(settings: "EvaluateSettings", device: str | None = None) -> VqaScoreScorer:
+    """The ``vqascore`` scorer of the registry (evaluate/scorers.py ``SCORERS``)."""
+    return VqaScoreScorer(settings.vqa_model, device)
+
+
+def build_question_scorer(settings: "EvaluateSettings", device: str | None = None) -> QuestionScorer:
+    """The ``questions`` scorer of the registry: the recipe's question file, answered by vqa_model."""
+    from selma_toolkit.errors import ModelError
+    from selma_toolkit.evaluate.questions import read_questions
+
+    if not settings.questions:
+        raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
+    return QuestionScorer(read_questions(settings.questions, settings.questions_split), settings.vqa_model, device)

@@ -181,6 +181,7 @@ def _model_revision(run: RunRecipe) -> str | None:
 
 def _check_model(run: RunRecipe) -> None:
     """Fail before any work on a model that is not SD 1.x / 2.x / XL or cannot be loaded safely."""
+    from selma_toolkit.architectures import get_family
     from selma_toolkit.models import detect_architecture, resolve_model
 
     source = resolve_model(run.image_model)
@@ -190,7 +191,11 @@ def _check_model(run: RunRecipe) -> None:
                              "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
                              "architecture, so that no config is fetched at run time")
         return
-    detect_architecture(run.image_model, revision=_model_revision(run))
+    family = get_family(detect_architecture(run.image_model, revision=_model_revision(run)))
+    if run.images.negative_prompt and not family.negative_prompt:
+        log.warning("images.negative_prompt is set, but %s pipelines use guidance_scale as their embedded guidance and "
+                    "ignore a negative prompt (it acts only with true_cfg_scale > 1); the images are drawn without it",
+                    family.title)
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):

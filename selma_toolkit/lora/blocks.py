@@ -3,7 +3,8 @@ block group a module belongs to, the ``in=1,mid=0.5,out=1,te=0`` spelling, and t
 mapping of them against the modules of a merge.
 
 A block weight g multiplies one module's merged update after the merge method's formula (applied
-in :func:`selma_toolkit.lora.merge.merge_experts`, the one place that computes merges):
+by each formula of :mod:`selma_toolkit.lora.merging.formulas`, which
+:func:`selma_toolkit.lora.merge.merge_experts` calls, the one place that computes merges):
 
     B_m <- g * B_m   [out, r_m],   A_m unchanged   =>   dW_m = g * (B_m @ A_m)   [out, in]
 

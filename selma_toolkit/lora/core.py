@@ -8,6 +8,7 @@ with A = ``down`` [r, in] (conv: [r, in, kh, kw]) and B = ``up`` [out, r] (conv:
 
 Modules are keyed by diffusers module names with the component first:
 ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
+``transformer.transformer_blocks.0.attn.add_q_proj`` (SD 3 / Flux),
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.text_model...``.
 Text-encoder names always carry ``text_model.`` (as files on the Hub and ComfyUI spell them),
 although transformers 5 ``CLIPTextModel`` module paths lack it: see ``canonical_module_name``.
@@ -74,6 +75,9 @@ class LoraWeights:
         return {module.rank for module in self.modules.values()}
 
 
+_NOT_UNDER_TEXT_MODEL = ("text_model.", "text_projection", "encoder.block.", "encoder.final_layer_norm", "shared")
+
+
 def canonical_module_name(component: str, module_path: str) -> str:
     """``component`` + a model's own module path -> the canonical key of this package.
 
@@ -83,7 +87,8 @@ def canonical_module_name(component: str, module_path: str) -> str:
     """
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
-    # text_projection sits beside text_model in CLIPTextModelWithProjection (SDXL's second encoder).
-    if component.startswith("text_encoder") and not module_path.startswith(("text_model.", "text_projection")):
+    # text_projection sits beside text_model in CLIPTextModelWithProjection (SDXL's second encoder);
+    # a T5EncoderModel (SD 3, Flux) has no text_model at all: encoder.block.N..., shared.
+    if component.startswith("text_encoder") and not module_path.startswith(_NOT_UNDER_TEXT_MODEL):
         module_path = "text_model." + module_path
     return f"{component}.{module_path}"

@@ -1,9 +1,23 @@
 """Reading and writing LoRA files: safetensors only, every layout in, kohya or peft out.
 
-The default written layout is kohya's (``lora_unet_...lora_down.weight`` / ``lora_up.weight`` /
-``alpha``): diffusers' ``load_lora_weights`` reads it, and ComfyUI's LoraLoader maps every key of
-it, while it skips peft-named attention keys (ComfyUI issues #1144, #9753). The peft layout is
-written on request, with diffusers' ``lora_adapter_metadata`` so that alpha survives.
+The default written layout (format "kohya") is the one that both diffusers' ``load_lora_weights``
+and ComfyUI's LoraLoader load, per family (``Family.default_layout``):
+
+* SD 1.x / 2.x / XL: kohya's (``lora_unet_...lora_down.weight`` / ``lora_up.weight`` / ``alpha``).
+  ComfyUI maps every key of it, while it skips peft-named UNet attention keys (ComfyUI issues
+  #1144, #9753).
+* SD 3 / Flux: diffusers' names, ``transformer.<path>.lora_A.weight`` / ``.lora_B.weight``, with
+  each module's scale alpha / r folded into B (so alpha = rank and no ``.alpha`` tensor). For these
+  models ComfyUI's key map (comfy/lora.py ``model_lora_keys_unet``) takes ``transformer.<diffusers
+  path>`` through ``flux_to_diffusers`` / ``mmdit_to_diffusers``, q/k/v slices of its fused layers
+  included; diffusers reads it natively (its SD 3 loader has no kohya reader at all, its Flux kohya
+  reader knows only some ``lora_transformer_`` names). ComfyUI reads a missing ``.alpha`` as scale
+  1 and ignores ``lora_adapter_metadata``, so folding is what makes both agree for any alpha.
+  kohya's own Flux layout (BFL names, fused qkv) would need the q/k/v LoRAs fused into one of
+  three times the rank; files in it are read (``lora.dit``), not written.
+
+The peft layout is written on request, with diffusers' ``lora_adapter_metadata`` so that alpha
+survives (diffusers reads it; ComfyUI does not).
 
 diffusers has ``convert_state_dict_to_kohya``, but it is not used: it needs diffusers at import
 (this package also runs inside ComfyUI without it), it writes alpha = rank whatever lora_alpha was
@@ -26,6 +40,7 @@ import torch
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, Family, get_family
+from selma_toolkit.lora.dit import is_bfl_flux, split_bfl_flux
 from selma_toolkit.lora.keys import kohya_module_name, module_from_key, parse_key, peft_adapter_name
 from selma_toolkit.lora.metadata import PEFT_METADATA_KEY, file_metadata, guess_architecture, peft_adapter_metadata, peft_alpha
 from selma_toolkit.lora.safetensors_file import read_safetensors
@@ -120,6 +135,9 @@ def _read_state_dict(
     layouts: set[str] = set()
     adapters: set[str] = set()
     unknown: list[str] = []
+    if is_bfl_flux(state_dict):  # kohya's Flux names (fused qkv...): split into diffusers' modules first
+        state_dict = split_bfl_flux(state_dict)
+        layouts.add("kohya-flux")
     for key, tensor in state_dict.items():
         try:
             parsed = parse_key(key)
@@ -257,7 +275,9 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
 
     ``kohya``: ``lora_unet_<path>`` / ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` with two text
     encoders) + ``.lora_down.weight`` [r, in], ``.lora_up.weight`` [out, r], ``.alpha`` (float32
-    scalar); text-encoder names keep ``text_model``. ``peft``: ``<component>.<path>.lora_A.weight`` /
+    scalar); text-encoder names keep ``text_model``. For SD 3 / Flux LoRAs (their family's
+    ``default_layout`` "diffusers", see the module docstring) ``<component>.<path>.lora_A.weight`` /
+    ``.lora_B.weight`` with B <- (alpha / r) B and alpha = r. ``peft``: ``<component>.<path>.lora_A.weight`` /
     ``.lora_B.weight``, and diffusers' ``lora_adapter_metadata`` (alpha lives only there).
     """
     if format not in WRITE_FORMATS:
@@ -266,7 +286,13 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
         raise LoraFormatError("the LoRA has no modules; nothing to write")
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, str] = {}
-    if format == "kohya":
+    if _folds_scale(weights, format):
+        folded = _folded(weights)
+        for name, module in folded.modules.items():
+            tensors[f"{name}.lora_A.weight"] = module.down
+            tensors[f"{name}.lora_B.weight"] = module.up
+        extra[PEFT_METADATA_KEY] = json.dumps(peft_adapter_metadata(folded), indent=2, sort_keys=True)
+    elif format == "kohya":
         family = _kohya_family(weights)
         for name, (module, write_alpha) in _kohya_modules(weights).items():
             key = kohya_module_name(name, family=family)
@@ -284,9 +310,25 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
     return tensors, extra
 
 
+def _folds_scale(weights: LoraWeights, format: str) -> bool:
+    """Whether ``format`` writes ``weights`` in the diffusers layout with scales folded (SD 3 / Flux)."""
+    return format == "kohya" and _kohya_family(weights).default_layout == "diffusers"
+
+
+def _folded(weights: LoraWeights) -> LoraWeights:
+    return LoraWeights(modules={name: _fold_scale(m) for name, m in weights.modules.items()}, metadata=weights.metadata)
+
+
+def _fold_scale(module: LoraModule) -> LoraModule:
+    """The same update with alpha = r: B <- (alpha / r) B (unchanged when the scale is 1)."""
+    if module.scale == 1.0:
+        return module
+    return LoraModule(down=module.down, up=(module.up.float() * module.scale).to(module.up.dtype), alpha=float(module.rank))
+
+
 def _kohya_family(weights: LoraWeights) -> Family:
-    """The family whose kohya text-encoder prefixes a file gets: the guessed one, else the first
-    family (sd1, sd2, sdxl) that has every model part the LoRA adapts."""
+    """The family whose kohya text-encoder prefixes (and default layout) a file gets: the guessed
+    one, else the first family (sd1, sd2, sdxl, sd3, flux) that has every model part the LoRA adapts."""
     guessed = guess_architecture(weights)
     if guessed is not None:
         return get_family(guessed)
@@ -350,7 +392,8 @@ def save_lora(
     if path.suffix.lower() != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are written as .safetensors; give a path ending in .safetensors")
     tensors, extra = lora_to_state_dict(weights, format)
-    header = {**file_metadata(weights, metadata), **extra, "format": "pt"}
+    written = _folded(weights) if _folds_scale(weights, format) else weights  # rank / alpha as the file has them
+    header = {**file_metadata(written, metadata), **extra, "format": "pt"}
     atomic_write_bytes(path, save(tensors, metadata=header))
     logger.debug("wrote %d modules (%s layout) to %s", len(weights.modules), format, path)
     return path

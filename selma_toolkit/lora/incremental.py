@@ -11,12 +11,13 @@ source). :func:`add_to_merge` reads it and
 2. when every expert is found, merges the old experts and the new ones from their files with the
    record's settings: the same computation, in the same order, as a from-scratch ``merge_files``;
 3. when some are missing, updates the merged file's own factors where that is exact, which it is
-   for the two linear rules when the old experts keep their weights up to one factor c (uniform
-   weights: c = T/(T+K)): ``selma`` (A' = c A_m + sum_new w_k A_k, B' likewise with each new
+   for the linear methods (``linear`` in lora/merging/methods.py's table; today selma and delta)
+   when the old experts keep their weights up to one factor c (uniform weights: c = T/(T+K)): ``selma`` (A' = c A_m + sum_new w_k A_k, B' likewise with each new
    expert's scale folded in) and ``delta`` (the new experts' factors stacked under the old ones,
    B_m rescaled by c). Both are merge_experts' own rules applied to [merged, new...] with weights
-   [c, w_new...], since the merged LoRA has scale 1. svd / ties / dare merges are not linear in the
-   experts (a truncated SVD, sign elections, random masks): without every expert they are refused.
+   [c, w_new...], since the merged LoRA has scale 1. The other methods (svd / ties / dare) are not
+   linear in the experts (a truncated SVD, sign elections, random masks): without every expert
+   they are refused, saying why (the table's ``nonlinear``).
    Block weights g (recorded) multiply B linearly, so they carry over: the new experts' B enter
    scaled by g, and a from-scratch merge (2.) applies them again.
 
@@ -29,26 +30,19 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraWeights
 from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
-from selma_toolkit.lora.merge import (
-    _relative_source,
-    apply_block_weights,
-    expert_info,
-    merge_experts,
-    merge_files,
-    merge_record,
-    record_metadata,
-)
+from selma_toolkit.lora.merging.api import merge_experts, merge_files
+from selma_toolkit.lora.merging.formulas import apply_block_weights
+from selma_toolkit.lora.merging.methods import method_spec
+from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 
 log = logging.getLogger(__name__)
-
-LINEAR_METHODS = ("selma", "delta")  # merges that an exact update of the merged factors can extend
 
 
 @dataclass(frozen=True)
@@ -85,19 +79,20 @@ def add_to_merge(
     if not new_paths:
         raise LoraFormatError("add_to_merge: no expert to add; give at least one LoRA file")
     info = inspect_lora(merged)
-    record = merge_record(info.weights)
+    record = MergeRecord.read(info.weights)
     if record is None:
         raise LoraFormatError(
             f"{merged}: has no merge record (selma.merge metadata), so the experts it was made from are not known; "
             "merge the experts from scratch: selma merge EXPERT... NEW.safetensors --out FILE")
-    old = record["experts"]
+    old = record.experts
     total = len(old) + len(new_paths)
     weights = _weights_for(merged, record, weights, total)
     from selma_toolkit.io import sha256_file
 
     listed = {entry.get("sha256") for entry in old}
-    for path in new_paths:
-        if sha256_file(path) in listed:
+    new_digests = [sha256_file(path) for path in new_paths]  # once: the exact update records them too
+    for path, digest in zip(new_paths, new_digests):
+        if digest in listed:
             raise LoraFormatError(f"{path}: is already one of the experts of {merged} (same sha256); adding it again "
                                   "would count it twice")
     format = format or ("peft" if "peft" in info.layouts and "kohya" not in info.layouts else "kohya")
@@ -106,24 +101,24 @@ def add_to_merge(
     if not missing:
         paths = [*found, *new_paths]
         sources = [_kept_source(entry) for entry in old] + list(new_sources or [None] * len(new_paths))
-        result = merge_files(paths, out, record["method"], weights, record["rank"], format=format,
-                             density=record["density"] or 0.5, seed=record["seed"] or 0,
-                             svd_mode=record["svd_mode"] or "exact", sources=sources,
-                             block_weights=record.get("block_weights"))
+        result = merge_files(paths, out, record.method, weights, record.rank, format=format,
+                             density=record.density or 0.5, seed=record.seed or 0,
+                             svd_mode=record.svd_mode or "exact", sources=sources,
+                             block_weights=record.block_weights)
         log.info("merged the %d listed experts and %d new one(s) from their files into %s", len(old), len(new_paths), out)
         return AddedMerge(out, result, found, recomputed=True)
-    scale = _common_scale(record["weights"], weights[:len(old)])
-    if record["method"] not in LINEAR_METHODS or scale is None:
+    scale = _common_scale(record.weights, weights[:len(old)])
+    if not method_spec(record.method).linear or scale is None:
         raise LoraFormatError(_missing_message(merged, record, missing))
-    result = _update_linear(merged, info.weights, record, new_paths, new_sources, out, format, scale, weights)
+    result = _update_linear(merged, info.weights, record, new_paths, new_digests, new_sources, out, format, scale, weights)
     log.info("%s: %d listed expert(s) not found; updated the merged factors exactly (%s rule)",
-             merged, len(missing), record["method"])
+             merged, len(missing), record.method)
     return AddedMerge(out, result, found, recomputed=False)
 
 
-def _weights_for(merged: Path, record: dict, weights: Sequence[float] | None, total: int) -> list[float]:
+def _weights_for(merged: Path, record: MergeRecord, weights: Sequence[float] | None, total: int) -> list[float]:
     """The new merge's weights: the given ones, or uniform 1/total when the old ones were uniform."""
-    old = [float(w) for w in record["weights"]]
+    old = [float(w) for w in record.weights]
     if weights is not None:
         if len(weights) != total:
             raise LoraFormatError(f"weights: got {len(weights)} for {total} experts ({len(old)} in {merged.name} and "
@@ -218,20 +213,20 @@ def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str 
     return found, looked
 
 
-def _missing_message(merged: Path, record: dict, missing: Sequence[tuple[dict, list[str]]]) -> str:
+def _missing_message(merged: Path, record: MergeRecord, missing: Sequence[tuple[dict, list[str]]]) -> str:
     """Which experts were not found and where they were looked for; why the merge cannot do without them."""
     lines = []
     for entry, places in missing:
         label = f"{entry['name']} (skill {entry.get('skill') or '?'}, sha256 {(entry.get('sha256') or '?')[:12]})"
         lines.append(f"  {label}; looked at: " + "; ".join(places))
-    if record["method"] not in LINEAR_METHODS:
-        why = (f"the {record['method']} merge is not linear in its experts (re-factored by a truncated SVD"
-               + (", with sign elections" if record["method"] == "ties" else ", with random drop masks" if record["method"] == "dare" else "")
-               + "), so it can be extended exactly only from every expert file")
+    spec = method_spec(record.method)
+    if not spec.linear:
+        why = (f"the {record.method} merge is not linear in its experts ({spec.nonlinear}), so it can be extended "
+               "exactly only from every expert file")
     else:
         why = ("the weights given for the old experts are not proportional to the ones they were merged with, so their "
                "updates must be reweighted one by one, which needs their files")
-    return (f"{merged}: {len(missing)} of its {len(record['experts'])} experts were not found:\n" + "\n".join(lines)
+    return (f"{merged}: {len(missing)} of its {len(record.experts)} experts were not found:\n" + "\n".join(lines)
             + f"\n{why}. Give the missing files with --expert FILE (they are matched by sha256), or pull them "
             "(`selma hub pull NAME`).")
 
@@ -239,27 +234,24 @@ def _missing_message(merged: Path, record: dict, missing: Sequence[tuple[dict, l
 # ------------------------------------------------------------------------------ exact updates
 
 
-def _update_linear(merged: Path, merged_lora: LoraWeights, record: dict, new_paths: Sequence[Path],
-                   new_sources: Sequence[str | None] | None, out: Path, format: str, scale: float,
-                   weights: Sequence[float]) -> LoraWeights:
-    """The selma / delta merge of T old experts, known only through the merged factors (scale 1),
+def _update_linear(merged: Path, merged_lora: LoraWeights, record: MergeRecord, new_paths: Sequence[Path],
+                   new_digests: Sequence[str], new_sources: Sequence[str | None] | None, out: Path, format: str,
+                   scale: float, weights: Sequence[float]) -> LoraWeights:
+    """The merge (of a linear method: selma, delta) of T old experts, known only through the merged factors (scale 1),
     with weights ``scale`` * their old ones, and K new ones: merge_experts' rule on [merged, new...]
     with weights [scale, w_new...] (uniform: [T/(T+K), 1/(T+K), ...])."""
-    from selma_toolkit.io import sha256_file
-
-    old, new_loras = record["experts"], [load_lora(p) for p in new_paths]
+    old, new_loras = record.experts, [load_lora(p) for p in new_paths]
     merged_lora = LoraWeights(modules=merged_lora.modules, metadata={})  # its metadata names the old experts
     # Block weights g scale the merged B linearly (B_m = g * rule(...)), so the new experts enter
     # with their B scaled by g; the merged factors already carry it (g = 0 modules keep their A).
-    scaled = [apply_block_weights(lora, record.get("block_weights")) for lora in new_loras]
-    result = merge_experts([merged_lora, *scaled], record["method"], [scale, *weights[len(old):]],
+    scaled = [apply_block_weights(lora, record.block_weights) for lora in new_loras]
+    result = merge_experts([merged_lora, *scaled], record.method, [scale, *weights[len(old):]],  # type: ignore[arg-type]
                            names=[merged.name, *(p.name for p in new_paths)])
     sources = list(new_sources or [None] * len(new_paths))
     entries = [{**entry, "source": _rebased_source(entry, merged, out)} for entry in old]
-    for path, lora, source in zip(new_paths, new_loras, sources):
-        entries.append({**expert_info(path.name, lora, sha256_file(path)), "source": source or _relative_source(path, out)})
-    new_record = {**record, "weights": list(weights), "experts": entries}
-    result.metadata = record_metadata(new_record)
+    for path, lora, digest, source in zip(new_paths, new_loras, new_digests, sources):
+        entries.append({**expert_info(path.name, lora, digest), "source": file_source(path, out, source)})
+    replace(record, weights=list(weights), experts=entries).write_to(result)
     save_lora(result, out, format=format)  # type: ignore[arg-type]
     return result
 
@@ -269,4 +261,4 @@ def _rebased_source(entry: dict, merged: Path, out: Path) -> str | None:
     source = entry.get("source")
     if not source or not _is_path(source) or Path(source).is_absolute():
         return source
-    return _relative_source(merged.parent / source, out)
+    return file_source(merged.parent / source, out)

@@ -9,7 +9,10 @@ turns the module spelling into this package's canonical name (``unet.<diffusers 
   (as ``peft.get_peft_model_state_dict(unet)`` returns it; the caller names the component);
 * ``diffusers-attn-procs``: the old diffusers spelling ``<path>.processor.to_q_lora.down.weight``;
 * ``kohya``: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoders, LoCon conv layers included;
+  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` for text encoders, LoCon conv layers
+  included; for the DiT families ``lora_transformer_<diffusers path with _>`` (OneTrainer's,
+  ComfyUI maps it for SD 3 and Flux), and kohya's Flux files with the original BFL names
+  (``lora_unet_double_blocks_N_img_attn_qkv``), split into diffusers' modules by ``lora.dit``;
 * ``kohya-ldm``: kohya with the original (LDM / sgm) UNet names, ``lora_unet_input_blocks_4_1_...``,
   as kohya's SDXL scripts write them (``lycoris_<path>``, SimpleTuner's spelling, reads as kohya);
 * ``comfyui``: what ComfyUI's own LoRA training and extraction save: ``diffusion_model.<LDM path>``
@@ -74,6 +77,10 @@ _COMPOUND_WORDS = (
     # original (LDM / sgm) UNet
     "input_blocks", "output_blocks", "middle_block", "in_layers", "out_layers", "emb_layers",
     "skip_connection", "time_embed", "label_emb",
+    # diffusers DiT transformers (SD3Transformer2DModel, FluxTransformer2DModel)
+    "single_transformer_blocks", "add_q_proj", "to_add_out", "ff_context", "norm1_context", "proj_mlp",
+    "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder", "guidance_embedder", "text_embedder",
+    "norm_out", "pos_embed",
     # CLIP text encoders
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
     "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
@@ -84,6 +91,9 @@ _COMPOUNDS = sorted((tuple(word.split("_")) for word in _COMPOUND_WORDS), key=le
 _COMPOUNDS_BY_HEAD: dict[str, tuple[tuple[str, ...], ...]] = {
     head: tuple(compound for compound in _COMPOUNDS if compound[0] == head) for head in {c[0] for c in _COMPOUNDS}
 }
+# Top-level modules of diffusers' SD 3 / Flux transformers (none is a UNet module name).
+_DIT_HEADS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
+              "pos_embed", "norm_out")
 _LDM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 _RESNET_LDM_TO_DIFFUSERS = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -215,8 +225,12 @@ def module_from_key(
     ``component`` names the model part for peft keys without a component prefix. Raises
     :class:`LoraFormatError` when the spelling cannot be placed.
     """
+    if spelling.startswith("lora_transformer_"):
+        return canonical_module_name("transformer", decode_kohya_path(spelling[len("lora_transformer_"):])), "kohya"
     if spelling.startswith(("lora_unet_", "lycoris_")):
         path = decode_kohya_path(spelling.split("_", 2)[2] if spelling.startswith("lora_unet_") else spelling[len("lycoris_"):])
+        if spelling.startswith("lycoris_") and path.split(".")[0] in _DIT_HEADS:  # SimpleTuner's SD 3 / Flux files
+            return canonical_module_name("transformer", path), "kohya"
         if path.split(".")[0] in _LDM_HEADS:
             return canonical_module_name("unet", _ldm_path(path, spelling, ldm_layers_per_block)), "kohya-ldm"
         return canonical_module_name("unet", path), "kohya"
@@ -241,7 +255,7 @@ def module_from_key(
         found_component, path = "unet", spelling  # attention processors only ever existed in the UNet
     else:
         raise LoraFormatError(
-            f"key {spelling!r} has no component prefix (unet. / text_encoder. / text_encoder_2.), as "
+            f"key {spelling!r} has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
             "peft.get_peft_model_state_dict(model) returns keys; say which model part it is for "
             "(component='unet', or --component unet)"
         )
@@ -280,6 +294,8 @@ def kohya_module_name(canonical: str, *, family: Family) -> str:
     paths keep ``text_model``, as ComfyUI's key map expects
     (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)."""
     component, _, path = canonical.partition(".")
+    if component == "transformer":  # OneTrainer's spelling of diffusers' DiT paths, which ComfyUI maps
+        return "lora_transformer_" + encode_kohya_path(path)
     if component == "unet":
         prefix = "lora_unet_"
         # diffusers' kohya reader mangles add_embedding_linear_N (its "emb" heuristic drops the

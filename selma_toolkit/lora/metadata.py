@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, family_from_metadata
+from selma_toolkit.architectures import DENOISERS, FAMILIES, FAMILY_NAMES, family_from_metadata
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.keys import peft_module_path
 
@@ -188,9 +188,17 @@ def _peft_pattern_key(patterns: Mapping[str, Any], paths: tuple[str, ...]) -> st
 
 # Clues from the registry: the denoiser's cross-attention width and the text encoders' widths
 # that only one family has (768, CLIP-L, is both SD 1.x's and SDXL's first encoder: no clue).
-_CROSS_ATTENTION_DIM = {family.cross_attention_dim: name for name, family in FAMILIES.items()}
-_WIDTH_COUNT = Counter(e.hidden_size for f in FAMILIES.values() for e in f.text_encoders)
-_TEXT_HIDDEN = {e.hidden_size: f.name for f in FAMILIES.values() for e in f.text_encoders if _WIDTH_COUNT[e.hidden_size] == 1}
+# Text widths are told apart among the UNet families (SD 3's CLIP-G is as wide as SDXL's: a LoRA
+# with transformer modules is placed among the DiT families by the clues below instead).
+_UNET_FAMILIES = {name: f for name, f in FAMILIES.items() if f.denoiser == DENOISERS[0]}
+_CROSS_ATTENTION_DIM = {family.cross_attention_dim: name for name, family in _UNET_FAMILIES.items()}
+_WIDTH_COUNT = Counter(e.hidden_size for f in _UNET_FAMILIES.values() for e in f.text_encoders)
+_TEXT_HIDDEN = {e.hidden_size: f.name for f in _UNET_FAMILIES.values() for e in f.text_encoders if _WIDTH_COUNT[e.hidden_size] == 1}
+# DiT families: the transformer's attention width and the pooled text width of the real models.
+_DIT_WIDTH_COUNT = Counter(w for f in FAMILIES.values() for w in f.denoiser_widths)
+_DIT_WIDTH = {w: f.name for f in FAMILIES.values() for w in f.denoiser_widths if _DIT_WIDTH_COUNT[w] == 1}
+_POOLED_WIDTH = {f.pooled_width: f.name for f in FAMILIES.values() if f.pooled_width}
+_DIT_ATTENTION = re.compile(r"^transformer\..*\.attn\.(to_[qkv]|add_[qkv]_proj)$")
 # A first text encoder deeper than this has more layers than any CLIP-L (SD 2's OpenCLIP-H: 23).
 _CLIP_L_LAYERS = 12
 _DEEP_FIRST_ENCODER = {name for name, f in FAMILIES.items() if f.text_encoders[0].layers > _CLIP_L_LAYERS}
@@ -201,24 +209,40 @@ _TEXT_LAYER_INDEX = re.compile(r"^text_encoder\.text_model\.encoder\.layers\.(\d
 
 
 def guess_architecture(weights: LoraWeights) -> str | None:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from module names and shapes; the file's metadata
-    (``selma.architecture``, kohya ``ss_base_model_version``, ``modelspec.architecture``) when the
-    tensors do not tell; None when neither does or the evidence conflicts.
+    """``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` from module names and shapes; the
+    file's metadata (``selma.architecture``, kohya ``ss_base_model_version``,
+    ``modelspec.architecture``) when the tensors do not tell; None when neither does or the
+    evidence conflicts.
 
-    Evidence (each clue read from the family records of ``selma_toolkit.architectures``): a second text encoder, ``add_embedding`` or a second transformer block per attention
-    (SDXL); the cross-attention width (768 / 1024 / 2048) and text width (1024 / 1280); more than 12
-    text-encoder layers (SD 2's OpenCLIP-H); conv ``proj_in`` (SD 1.x only; SD 2 and SDXL use Linear).
+    The denoiser's modules say which kind of family it is: ``unet.*`` (SD 1.x / 2.x / XL) or
+    ``transformer.*`` (SD 3 / Flux); clues of the other kind are ignored. Evidence (each clue read
+    from the family records of ``selma_toolkit.architectures``): a second text encoder, ``add_embedding``
+    or a second transformer block per attention (SDXL); the cross-attention width (768 / 1024 / 2048)
+    and text width (1024 / 1280); more than 12 text-encoder layers (SD 2's OpenCLIP-H); conv
+    ``proj_in`` (SD 1.x only; SD 2 and SDXL use Linear); single-stream blocks or the guidance
+    embedding (Flux); ``pos_embed`` or a third text encoder (SD 3); the transformer's attention width
+    (Flux 3072, SD 3 1536 / 2432) and pooled text width (Flux 768, SD 3 2048). SD 3 and Flux
+    double-stream blocks share their names: a LoRA of only those, at a width no real model has
+    (a tiny test model), is told by its metadata.
     """
     found: set[str] = set()
     excluded: set[str] = set()
     for name, module in weights.modules.items():
         found.update(_evidence(name, module, excluded))
+    denoisers = {name.split(".", 1)[0] for name in weights.modules} & set(DENOISERS)
+    pool = {name for name, f in FAMILIES.items() if f.denoiser in denoisers} or set(FAMILIES)
+    found &= pool
     candidates = found - excluded
     if len(found) == 1 and candidates:
         return candidates.pop()
     if found:
         return None  # conflicting evidence
-    return _architecture_from_metadata(weights.metadata, excluded)
+    said = _architecture_from_metadata(weights.metadata, excluded)
+    if said in pool:
+        return said
+    if said is None and len(pool) == 1:
+        return next(iter(pool))
+    return None
 
 
 def _evidence(name: str, module: LoraModule, excluded: set[str]) -> set[str]:
@@ -227,8 +251,12 @@ def _evidence(name: str, module: LoraModule, excluded: set[str]) -> set[str]:
     for family in FAMILIES.values():
         if name.startswith(family.module_prefixes):
             found.add(family.name)
+    if _DIT_ATTENTION.match(name) and in_features in _DIT_WIDTH:
+        found.add(_DIT_WIDTH[in_features])
+    if name == "transformer.time_text_embed.text_embedder.linear_1" and in_features in _POOLED_WIDTH:
+        found.add(_POOLED_WIDTH[in_features])
     match = _TRANSFORMER_INDEX.search(name)
-    if match and int(match.group(1)) >= 1:
+    if match and int(match.group(1)) >= 1 and name.startswith("unet."):
         found.update(_STACKED)
     if name.startswith("unet.") and re.search(r"\.attn2\.to_[kv]$", name) and in_features in _CROSS_ATTENTION_DIM:
         found.add(_CROSS_ATTENTION_DIM[in_features])

@@ -30,8 +30,7 @@ from typing import Any
 from selma_toolkit.errors import DatasetError, EndpointError, RecipeError
 from selma_toolkit.io import JsonlAppender, read_jsonl
 from selma_toolkit.prompts.filters import REASONS, PromptPool, normalized
-from selma_toolkit.prompts.grammar import GrammarSource
-from selma_toolkit.prompts.parse import parse_answer, request_text
+from selma_toolkit.prompts.sources import Batch, PromptSource, open_source
 from selma_toolkit.recipe import SkillRecipe
 
 log = logging.getLogger(__name__)
@@ -59,69 +58,6 @@ class PromptStats:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """The candidates of one answer and where they came from."""
-
-    candidates: list[str]
-    cut_off: int = 0
-    request_id: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    from_network: bool = False
-
-
-class _LLMSource:
-    """Requests to the recipe's endpoint; answers from the cache when it has them."""
-
-    def __init__(self, skill: SkillRecipe, cache_dir: Path | None):
-        from selma_toolkit.prompts.client import LLMClient
-
-        self.skill = skill
-        self.client = LLMClient(skill.llm, cache_dir)
-
-    def prepare(self, index: int, examples: list[str]) -> tuple[str, str]:
-        text = request_text(self.skill.instruction, examples, self.skill.prompts_per_request, self.skill.max_words)
-        return text, f"{self.skill.seed}:{index}"
-
-    def ready(self, request: tuple[str, str]) -> _Batch | None:
-        answer = self.client.cached(*request)
-        return None if answer is None else self._batch(answer)
-
-    def fetch(self, request: tuple[str, str]) -> _Batch:
-        return self._batch(self.client.complete(*request))
-
-    @staticmethod
-    def _batch(answer: Any) -> _Batch:
-        parsed = parse_answer(answer.text, truncated=answer.finish_reason == "length")
-        return _Batch(parsed.candidates, parsed.cut_off, answer.request_id, answer.prompt_tokens,
-                      answer.completion_tokens, from_network=not answer.from_cache)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class _GrammarSource:
-    """The offline grammar: every batch is ready at once, nothing goes over the network."""
-
-    def __init__(self, skill: SkillRecipe):
-        assert skill.grammar is not None  # the recipe validator guarantees it for source = "grammar"
-        self.skill = skill
-        self.grammar = GrammarSource(skill.grammar, skill.seed)
-
-    def prepare(self, index: int, examples: list[str]) -> int:
-        return index
-
-    def ready(self, index: int) -> _Batch:
-        return _Batch(self.grammar.batch(index, self.skill.prompts_per_request), request_id=f"grammar-{index}")
-
-    def fetch(self, index: int) -> _Batch:
-        return self.ready(index)
-
-    def close(self) -> None:
-        pass
 
 
 def _read_existing(path: Path, skill: str) -> list[dict[str, Any]]:
@@ -159,29 +95,28 @@ class _Generation:
         for prompt in [*skill.seeds, *(record["prompt"] for record in existing)]:
             self.pool.add(prompt)
         self.kept_requests = [record["request"] for record in existing]
-        self.window = skill.llm.concurrency if skill.source == "llm" else 1
         self.empty_rounds = 0
 
     @property
     def complete(self) -> bool:
         return all(self.splits[split] >= wanted for split, wanted in self.wanted.items())
 
-    def examples_for(self, request: int) -> list[str]:
+    def examples_for(self, request: int, window: int) -> list[str]:
         """Examples for request ``request``: sampled from the seeds and the prompts accepted from
         answers up to ``request - window`` (the pool as it was when the request was sent)."""
-        visible = len(self.skill.seeds) + bisect.bisect_right(self.kept_requests, request - self.window)
+        visible = len(self.skill.seeds) + bisect.bisect_right(self.kept_requests, request - window)
         rng = random.Random(f"selma-examples:{self.skill.seed}:{request}")
         chosen = rng.sample(range(visible), min(self.skill.examples_per_request, visible))
         return [self.pool.prompts[i] for i in chosen]
 
-    def process(self, request: int, batch: _Batch, writer: JsonlAppender, already_kept: set[str]) -> None:
+    def process(self, request: int, batch: Batch, writer: JsonlAppender, already_kept: set[str]) -> None:
         """Filter one answer's candidates in order; append the accepted ones to the file."""
         stats = self.stats
         if batch.from_network:  # cached answers cost nothing, so their tokens are not counted
             stats.requests += 1
             stats.prompt_tokens += batch.prompt_tokens
             stats.completion_tokens += batch.completion_tokens
-        elif self.skill.source == "llm":
+        elif batch.from_cache:
             stats.cache_hits += 1
         stats.rejected["cut_off"] += batch.cut_off
         added = 0
@@ -219,19 +154,8 @@ class _Generation:
         return (f"{self.stats.kept}/{self.stats.target} prompts kept so far are saved in {self.out}; "
                 "rerun the same command to continue")
 
-    def too_many_empty_rounds(self) -> Exception:
-        rounds = self.empty_rounds
-        if self.skill.source == "grammar":
-            return RecipeError(
-                f"skill {self.skill.name!r}: {rounds} grammar batches in a row added no prompt (rejected: "
-                f"{self.rejected_summary()}); the grammar cannot make more prompts that differ enough: add templates "
-                f"or words, lower num_prompts or raise similarity_threshold. {self.kept_note()}")
-        llm = self.skill.llm
-        return EndpointError(
-            f"skill {self.skill.name!r}: {rounds} answers in a row from {llm.base_url} (model {llm.model!r}) added no "
-            f"usable prompt (llm.max_empty_rounds = {llm.max_empty_rounds}; this run: {self.stats.candidates} "
-            f"candidates, rejected: {self.rejected_summary()}). Expected a numbered list of prompts; check llm.model, "
-            f"llm.api and the instruction. {self.kept_note()}")
+    def too_many_empty_rounds(self, source: PromptSource) -> Exception:
+        return source.exhausted(self.empty_rounds, self.stats.candidates, self.rejected_summary(), self.kept_note())
 
 
 def generate_prompts(
@@ -261,34 +185,31 @@ def generate_prompts(
         return run.stats
     if run.stats.kept:
         log.info("%s: continuing %s from %d/%d prompts", skill.name, out, run.stats.kept, run.stats.target)
-    # The key is checked here, before any request.
-    source = _LLMSource(skill, cache_dir) if skill.source == "llm" else _GrammarSource(skill)
-    try:
+    # The source opens here (an LLM's key is checked before any request), and closes when done.
+    with open_source(skill, cache_dir) as source:
         _run_requests(run, source, progress)
-    finally:
-        source.close()
     stats = run.stats
     log.debug("%s: %d/%d prompts in %s (%d requests, %d cached, %d tokens; rejected: %s)", skill.name, stats.kept,
              stats.target, out, stats.requests, stats.cache_hits, stats.total_tokens, run.rejected_summary())
     return stats
 
 
-def _run_requests(run: _Generation, source: Any, progress: Callable[[PromptStats], None] | None) -> None:
+def _run_requests(run: _Generation, source: PromptSource, progress: Callable[[PromptStats], None] | None) -> None:
     """Send requests (at most ``window`` ahead) and process their answers in order until done."""
     llm = run.skill.llm
     # A killed run resumes at the answer it was processing (the request of its last prompt).
     first = run.kept_requests[-1] if run.kept_requests else 0
     kept_prompts = run.pool.prompts[len(run.skill.seeds):]
     already_kept = {normalized(p) for p, r in zip(kept_prompts, run.kept_requests, strict=True) if r == first}
-    pending: dict[int, Future | _Batch] = {}
+    pending: dict[int, Future | Batch] = {}
     sent = 0
     issued = processed = first
     stop_reason = None
-    with JsonlAppender(run.out) as writer, ThreadPoolExecutor(max_workers=run.window, thread_name_prefix="selma-llm") as pool:
+    with JsonlAppender(run.out) as writer, ThreadPoolExecutor(max_workers=source.window, thread_name_prefix="selma-llm") as pool:
         try:
             while not run.complete:
-                while issued < processed + run.window and stop_reason is None:
-                    request = source.prepare(issued, run.examples_for(issued))
+                while issued < processed + source.window and stop_reason is None:
+                    request = source.prepare(issued, run.examples_for(issued, source.window))
                     batch = source.ready(request)
                     if batch is None:
                         if llm.max_requests is not None and sent >= llm.max_requests:
@@ -316,7 +237,7 @@ def _run_requests(run: _Generation, source: Any, progress: Callable[[PromptStats
                 if progress:
                     progress(run.stats)
                 if not run.complete and run.empty_rounds >= llm.max_empty_rounds:
-                    raise run.too_many_empty_rounds()
+                    raise run.too_many_empty_rounds(source)
         finally:
             for item in pending.values():
                 if isinstance(item, Future):

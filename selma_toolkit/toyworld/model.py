@@ -125,8 +125,10 @@ def is_toy_spec(spec: str) -> bool:
 
 
 def toy_base_dir(spec: str = TOY_SPEC) -> Path:
-    """The shipped folder of a toy base (``toy:shapes`` or ``toy:shapes-web``); ValueError when its
-    weights are missing."""
+    """The shipped folder of a toy base (``toy:shapes`` or ``toy:shapes-web``); ValueError for
+    another ``toy:`` name or when its weights are missing (the ``toy:`` model source of models.py)."""
+    if spec not in TOY_BASES:
+        raise ValueError(f"{spec}: unknown toy base; the shipped ones are {', '.join(TOY_BASES)}")
     folder = TOY_BASES[spec]
     if not (folder / "model_index.json").is_file() or not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         captions = " --captions web" if spec == WEB_SPEC else ""

@@ -34,62 +34,17 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import RecipeError, TrainingError
+from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
+from selma_toolkit.toyworld.pretrain_settings import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.toyworld.snapshots import evaluate_snapshot
 
 log = logging.getLogger(__name__)
 
-SKILLS = ("toy-count", "toy-color", "toy-spatial")
-STATE_FILE = "state.json"
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
-
-
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Everything a pretraining run depends on (recorded in its checkpoint; a resume must match)."""
-
-    seed: int = 0
-    vae_steps: int = 600
-    vae_batch_size: int = 32
-    vae_learning_rate: float = 2e-3
-    kl_weight: float = 1e-6
-    steps: int = 8000
-    batch_size: int = 64
-    learning_rate: float = 5e-4
-    warmup_steps: int = 200
-    ema_max_decay: float = 0.999
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 500
-    # Held-out faithfulness of the EMA snapshot every eval_every steps (0: never), on eval_prompts
-    # prompts per skill drawn with eval_sampling_steps DPM-Solver++ steps at eval_guidance.
-    eval_every: int = 500
-    eval_prompts: int = 32
-    eval_sampling_steps: int = 12
-    eval_guidance: float = 4.0
-    # What the UNet and text encoder read for each render: "explicit" (the skill grammars' caption
-    # itself: `toy:shapes`) or "web" (a web-like partial caption of it, web_captions.py: `toy:shapes-web`).
-    captions: str = "explicit"
-    # A pipeline folder or toy base whose VAE is used as is (stage 1 skipped), e.g. "toy:shapes".
-    vae_from: str | None = None
-
-    def __post_init__(self) -> None:
-        positive = ["vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every", "eval_prompts", "eval_sampling_steps"]
-        bad = [name for name in positive if getattr(self, name) < 1]
-        bad += [name for name in ("vae_learning_rate", "learning_rate", "kl_weight") if getattr(self, name) <= 0]
-        bad += [name for name in ("ema_max_decay", "caption_dropout") if not 0 <= getattr(self, name) < 1]
-        bad += [name for name in ("warmup_steps", "eval_every") if getattr(self, name) < 0]
-        if self.captions not in ("explicit", "web"):
-            raise RecipeError(f"pretraining captions = {self.captions!r}: expected 'explicit' or 'web'")
-        if bad:
-            raise RecipeError(f"pretraining settings out of range: {', '.join(f'{n} = {getattr(self, n)}' for n in bad)} "
-                              "(counts and rates must be positive, decay and dropout in [0, 1))")
-
-    # Changing these between a run and its resumption does not change what was computed so far.
-    RESUMABLE = ("steps", "checkpoint_every", "eval_every", "eval_prompts", "eval_sampling_steps", "eval_guidance")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -209,9 +164,9 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     saved = record["settings"]
-    defaults = asdict(PretrainSettings())  # a checkpoint written before a setting existed has its default
-    changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(settings).items()
-               if k not in PretrainSettings.RESUMABLE and saved.get(k, defaults[k]) != v}
+    defaults = PretrainSettings().model_dump()  # a checkpoint written before a setting existed has its default
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in settings.model_dump().items()
+               if k not in RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise TrainingError(f"{out}: holds a pretraining run with other settings ({shown}); resume with the same settings "
@@ -257,7 +212,7 @@ def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress
                 progress("vae", step + 1, settings.vae_steps, mse.item())
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.vae_steps:
                 tensors, extra = _flatten_optimizer(optimizer)
-                _save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": asdict(settings), "optimizer": extra},
+                _save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": settings.model_dump(), "optimizer": extra},
                                  {"vae": vae.state_dict(), "optimizer": tensors})
     # Latent scale: 1 / std of the latent means over fresh renders (SD chose 0.18215 the same way).
     with torch.no_grad():
@@ -359,8 +314,6 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
     snapshots = out / "snapshots"
     snapshots.mkdir(exist_ok=True)
     if evaluate is None:
-        from selma_toolkit.toyworld.snapshots import evaluate_snapshot
-
         def evaluate(snapshot: Path, step: int) -> dict[str, float]:
             return evaluate_snapshot(snapshot, out / "vae", settings)
     unet.train()
@@ -399,7 +352,7 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
                 tensors, extra = _flatten_optimizer(optimizer)
                 ema_state = ema.state_dict()
                 shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
-                _save_checkpoint(out, {"stage": "unet", "step": done, "settings": asdict(settings), "optimizer": extra,
+                _save_checkpoint(out, {"stage": "unet", "step": done, "settings": settings.model_dump(), "optimizer": extra,
                                        "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads(),
                                        "threads_history": threads},
                                  {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),

@@ -29,6 +29,8 @@ from selma_toolkit.toyworld.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES,
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from selma_toolkit.recipe import EvaluateSettings
+
 # A pixel farther than this (RGB Euclidean) from every palette colour belongs to no object.
 MAX_COLOR_DISTANCE = 110.0
 # What counts as an object: rendered objects are 8-11 px squares' worth of box and 32+ pixels, so
@@ -92,6 +94,11 @@ def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check, str]]:
 def caption_questions(scene: Scene) -> list[Question]:
     """DSG-style questions for a scene, parents before children; ids "1", "2", ..."""
     return [question for question, _, _ in _questions_and_checks(scene)]
+
+
+def question_kinds(scene: Scene) -> dict[str, str]:
+    """The kind (one of QUESTION_KINDS) of each question id of :func:`caption_questions`."""
+    return {question.id: kind for question, _, kind in _questions_and_checks(scene)}
 
 
 def answer_questions(scene: Scene, segments: Sequence[Segment]) -> dict[str, str]:
@@ -223,3 +230,8 @@ class ToyWorldScorer:
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts")
         return [score_image(image, prompt) for image, prompt in zip(images, prompts)]
+
+
+def build_toyworld_scorer(settings: "EvaluateSettings", device: str | None = None) -> ToyWorldScorer:
+    """The ``toyworld`` scorer of the evaluate registry (evaluate/scorers.py ``SCORERS``): no model, no settings."""
+    return ToyWorldScorer()

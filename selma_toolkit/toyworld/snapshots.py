@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.toyworld.pretrain import SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.toyworld.pretrain_settings import SKILLS, STATE_FILE, PretrainSettings
 
 
 def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
@@ -108,7 +107,7 @@ def provenance(out: Path, snapshot: Path) -> dict[str, Any]:
     step = int(snapshot.stem.split("-")[1])
     settings = {**record["settings"], "steps": step}
     threads = record.get("threads")
-    defaults = asdict(PretrainSettings())
+    defaults = PretrainSettings().model_dump()
     options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
                        if key in ("seed", "steps", "vae_steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
                                   "captions", "vae_from")

@@ -17,6 +17,10 @@ training and evaluation noise; images.seed = train.seed = s), under ``<out>/seed
                 key attribute (KEY_QUESTIONS: count / colour / relation) are right;
 * ``lowcfg/``, ``highcfg/``  self-generated images at guidance 1 and at ``high_guidance``;
 * ``teacher/``  images drawn by another base (``teacher``): weak-to-strong (the paper's Table 3);
+* ``selma/dpo/``, ``selma/moe/``  the paper's Table 4 baselines (kinds ``dpo`` and ``moe``): DPO
+                experts on scored pairs of base images (``[dpo]``, the toyworld score picks the
+                winner) and their merge, variant ``dpo``; the SELMA experts under a learned gate
+                (``[moe]``), variant ``moe``;
 * ``eval/``     evaluation images on the held-out prompts (paired noise: the same initial noise for
                 every variant), ``scores.json`` and ``report/``: variants ``base``, ``base-cfg1``
                 (the base at guidance 1), ``joint`` and ``merged:<method>`` on every skill;
@@ -62,6 +66,16 @@ KINDS: dict[str, tuple[str, str]] = {
     "highcfg": ("highcfg-expert", "self-generated at a high guidance (--high-guidance)"),
     "teacher": ("teacher-expert", "drawn by another base model (--teacher): weak-to-strong, paper Table 3"),
 }
+# The paper's Table 4 baselines, asked for with --kind dpo / --kind moe (not by default): no dataset
+# of their own, trained from the "selma" run folder's prompts and experts (train/dpo.py,
+# train/moe.py: under seed-<s>/selma/dpo/ and seed-<s>/selma/moe/).
+BASELINE_KINDS: dict[str, tuple[str, str]] = {
+    "dpo": ("dpo-expert", "Diffusion-DPO on pairs of the base's own images, the toyworld score's preferred one winning "
+                          "(paper Table 4); merged as variant dpo"),
+    "moe": ("moe", "the SELMA experts kept apart under a learned gate (MoE-LoRA, paper Table 4): variant moe"),
+}
+ALL_KINDS = {**KINDS, **BASELINE_KINDS}
+RUN_KINDS = tuple(BASELINE_KINDS)
 DATA_KINDS = tuple(KINDS)
 EXPERT_PREFIX = {kind: prefix for kind, (prefix, _) in KINDS.items()}
 # The question kind (toyworld scorer) that says whether an image shows each toy skill's point.
@@ -234,9 +248,9 @@ class StudyOptions:
     teacher: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [kind for kind in self.kinds if kind not in KINDS]
+        unknown = [kind for kind in self.kinds if kind not in ALL_KINDS]
         if unknown:
-            raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(KINDS)}")
+            raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(ALL_KINDS)}")
         if "teacher" in self.kinds and not self.teacher:
             raise RecipeError("study kind 'teacher' needs a teacher base model (--teacher toy:shapes, a folder or a Hub id)")
         if self.filter_candidates < 1 or self.high_guidance < 1:
@@ -258,6 +272,37 @@ def _image_runs(run: RunRecipe, options: StudyOptions) -> dict[str, RunRecipe]:
     return {kind: recipe for kind, recipe in recipes.items() if kind in options.kinds}
 
 
+def _table4_baselines(run: RunRecipe, selma: RunPaths, skills: list[str], kinds: tuple[str, ...],
+                      progress: Progress) -> dict[str, tuple[Path | None, list[str]]]:
+    """Train the ``dpo`` / ``moe`` kinds from the SELMA run folder; their evaluation variants."""
+    variants: dict[str, tuple[Path | None, list[str]]] = {}
+    if "dpo" in kinds:
+        from selma_toolkit.train.dpo import (
+            dpo_is_current, dpo_merge_is_current, dpo_merged, dpo_paths, merge_dpo, preference_pairs, train_dpo_expert)
+
+        trained = []
+        for skill in skills:
+            if not dpo_is_current(run, selma, skill)[0]:
+                if not preference_pairs(run, skill, selma):  # every pair a tie: left out, as a filter that keeps nothing
+                    log.warning("%s: every DPO preference pair is a tie; no DPO expert (raise dpo.pairs_per_prompt)", skill)
+                    continue
+                train_dpo_expert(run, skill, selma, progress=lambda e, s=skill: progress(f"dpo {s}", e.done, e.total))
+            trained.append(skill)
+        variants.update({f"{BASELINE_KINDS['dpo'][0]}:{s}": (dpo_paths(selma).expert(s), [s]) for s in trained})
+        if trained == skills:  # the variant "dpo" is the merge of every skill's DPO expert
+            if not dpo_merge_is_current(run, selma):
+                merge_dpo(run, selma)
+            variants["dpo"] = (dpo_merged(run, selma), skills)
+    if "moe" in kinds:
+        from selma_toolkit.train.moe import moe_file, moe_is_current, train_moe
+
+        experts = [(s, selma.expert(s)) for s in skills]
+        if not moe_is_current(run, selma, experts)[0]:
+            train_moe(run, selma, experts, progress=lambda e: progress("moe gate", e.done, e.total))
+        variants["moe"] = (moe_file(selma), skills)
+    return variants
+
+
 def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | None = None, *,
                   progress: Progress | None = None) -> dict[str, object]:
     """Every stage of one replicate (see the module docstring); returns its record (also written
@@ -275,7 +320,8 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     run = replicate_recipe(run, seed)
     root = out / f"seed-{seed}"
     kinds = options.kinds
-    roots = {kind: RunPaths(root / kind) for kind in kinds}
+    data_kinds = [kind for kind in kinds if kind not in RUN_KINDS]  # kinds with a dataset of their own
+    roots = {kind: RunPaths(root / kind) for kind in data_kinds}
     skills = [s.name for s in run.skills]
     selma = roots["selma"]
     for paths in roots.values():
@@ -288,7 +334,7 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
 
     for skill in run.skills:
         generate_prompts(skill, selma.prompts(skill.name), run.evaluate.prompts_per_skill)
-        for kind in kinds[1:]:
+        for kind in data_kinds[1:]:
             _copy_prompts(selma, roots[kind], skill.name)
     # Extra self-generated candidates for best-of-K filtering: the same stage with other image seeds.
     filtering = [k for k in ("filtered", "keyq") if k in kinds]
@@ -314,10 +360,10 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
                      options.filter_candidates)
 
     # A filter may keep no image of a skill: that expert is left out (write_filtered warns).
-    trained = {kind: [s for s in skills if (roots[kind].images(s) / METADATA).is_file()] for kind in kinds}
-    image_scores = {kind: {skill: _mean_score(roots[kind].images(skill)) for skill in trained[kind]} for kind in kinds}
+    trained = {kind: [s for s in skills if (roots[kind].images(s) / METADATA).is_file()] for kind in data_kinds}
+    image_scores = {kind: {skill: _mean_score(roots[kind].images(skill)) for skill in trained[kind]} for kind in data_kinds}
     _train(run, selma, skills + ([JOINT] if run.joint else []), "train", report)
-    for kind in kinds[1:]:
+    for kind in data_kinds[1:]:
         _train(run, roots[kind], trained[kind], f"train {kind}", report)
     methods = list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))
     for method in methods:
@@ -328,8 +374,9 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     eval_dir = root / "eval"
     prompts = heldout_prompts(run, selma)
     variants: dict[str, tuple[Path | None, list[str]]] = {"base": (None, skills)}
-    for kind in kinds:
+    for kind in data_kinds:
         variants.update({f"{EXPERT_PREFIX[kind]}:{s}": (roots[kind].expert(s), [s]) for s in trained[kind]})
+    variants.update(_table4_baselines(run, selma, skills, kinds, report))
     if run.joint:
         variants["joint"] = (selma.expert(JOINT), skills)
     variants.update({f"merged:{m}": (selma.merged(m), skills) for m in methods})

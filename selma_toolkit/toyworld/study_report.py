@@ -6,7 +6,9 @@ Reads each finished replicate's ``seed-<s>/eval/scores.json`` and writes, in the
 * ``study.md``    the tables; ``study.png`` a bar chart (mean and 95% interval per skill and variant).
 
 Rows are variant kinds: ``base``, ``expert`` (each skill's SELMA expert on its own skill),
-``gt-expert``, ``filtered-expert``, ``joint`` (one LoRA on the mixture) and ``merged:<method>``.
+``gt-expert``, ``filtered-expert``, ``joint`` (one LoRA on the mixture) and ``merged:<method>``;
+with the Table 4 kinds, ``dpo-expert``, ``dpo`` (the DPO experts merged) and ``moe`` (MoE-LoRA),
+each also compared with every merge, paired (``table4_vs_merged``).
 Every image is paired: the same prompt and seed (hence the same initial noise) in every variant,
 so a gain is the mean over (seed, prompt) of ``score(variant) - score(base)``. Intervals are 95%
 percentile-bootstrap intervals over those (seed, prompt) items (2,000 resamples, seeded); they
@@ -27,25 +29,26 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.io import atomic_open, atomic_write_text
-from selma_toolkit.toyworld.study import BASE_LOW_GUIDANCE, KINDS
+from selma_toolkit.toyworld.study import ALL_KINDS, BASE_LOW_GUIDANCE
 
 log = logging.getLogger(__name__)
 
 STUDY_FORMAT = "selma-toyworld-study/1"
 METRIC = "toyworld"
 RESAMPLES = 2000
-EXPERT_KINDS = tuple(prefix for prefix, _ in KINDS.values())
+EXPERT_KINDS = tuple(prefix for prefix, _ in ALL_KINDS.values())
 # Targets of the issue (the paper's claims), stated before the study ran and checked as measured (never assumed).
 TARGET_BASE = (25.0, 60.0)
 TARGET_GAIN = 5.0
 TARGET_RETENTION = 0.8
 TARGET_GT_GAP = 3.0  # "SELMA data within a few points of ground-truth data"
+TABLE4_KINDS = ("moe", "dpo")  # variants of the paper's Table 4 baselines, compared with each merge
 
 
 def _kind(variant: str) -> tuple[str, str | None]:
     """("expert", "toy-count") for "expert:toy-count"; ("merged:selma", None) for merged LoRAs."""
     prefix, _, rest = variant.partition(":")
-    return (prefix, rest) if prefix in EXPERT_KINDS else (variant, None)
+    return (prefix, rest) if prefix in EXPERT_KINDS and rest else (variant, None)
 
 
 def collect_items(out: Path) -> tuple[list[int], dict[tuple[str, str], dict[tuple[int, Any], float]]]:
@@ -144,6 +147,16 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
             if pair is not None:
                 diff, low, high = _bootstrap(pair, _diff)
                 versus_joint.setdefault(kind, {})[skill] = {"mean": diff, "low": low, "high": high}
+    # The paper's Table 4 baselines (MoE-LoRA, the merged DPO experts) against each merge, paired.
+    table4: dict[str, dict[str, Any]] = {}
+    for kind in (k for k in kinds if k in TABLE4_KINDS):
+        for merged in (k for k in kinds if k.startswith("merged:")):
+            for skill in skills:
+                pair = aligned((kind, skill), (merged, skill))
+                if pair is not None:
+                    diff, low, high = _bootstrap(pair, _diff)
+                    table4.setdefault(f"{kind} - {merged}", {})[skill] = {"mean": diff, "low": low, "high": high,
+                                                                          "n": len(pair[0])}
     versus_gt: dict[str, Any] = {}
     for skill in skills:
         pair = aligned(("expert", skill), ("gt-expert", skill))
@@ -154,6 +167,7 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
     summary = {"format": STUDY_FORMAT, "metric": METRIC, "seeds": seeds, "skills": skills, "kinds": kinds,
                "base_models": sorted({str(r.get("base_model")) for r in records.values()}),
                "scores": scores, "gains": gains, "retention": retention, "merged_vs_joint": versus_joint,
+               "table4_vs_merged": table4,
                "selma_vs_gt": versus_gt,
                "train_images": {seed: r["train_images"] for seed, r in records.items()},
                "train_image_scores": _train_image_scores(records, skills)}
@@ -283,6 +297,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
                   "|---" * (len(skills) + 1) + "|"]
         for kind, per_skill in summary["retention"].items():
             lines.append(f"| {kind} | " + " | ".join(_share(r) if (r := per_skill.get(s)) else "–" for s in skills) + " |")
+    if summary.get("table4_vs_merged"):
+        lines += ["", "## Table 4 baselines minus the merged experts (paired)", "",
+                  "| comparison | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+        for name, per_skill in summary["table4_vs_merged"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
     lines += ["", "## Targets (as measured)", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |" for row in summary["targets"]]
     if summary.get("train_image_scores"):

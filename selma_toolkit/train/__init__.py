@@ -20,4 +20,20 @@ def train_joint(run: RunRecipe, paths: RunPaths, *, progress: Progress | None = 
     return train_expert(run, JOINT, paths, progress=progress)
 
 
-__all__ = ["JOINT", "Progress", "TrainEvent", "checkpoint_experts", "train_expert", "train_joint"]
+def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], *,
+              progress: Progress | None = None) -> Path:
+    """The MoE-LoRA baseline (paper Table 4): a gate over the frozen ``experts`` (train/moe.py)."""
+    from selma_toolkit.train.moe import train_moe as train
+
+    return train(run, paths, experts, progress=progress)
+
+
+def train_dpo(run: RunRecipe, paths: RunPaths) -> Path:
+    """The DPO variant (paper Table 4): every skill's Diffusion-DPO expert, merged (train/dpo.py)."""
+    from selma_toolkit.train.dpo import train_dpo as train
+
+    return train(run, paths)
+
+
+__all__ = ["JOINT", "Progress", "TrainEvent", "checkpoint_experts", "train_dpo", "train_expert", "train_joint",
+           "train_moe"]

@@ -24,7 +24,8 @@ import torch
 
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.train.data import TrainSample, prepare_image
-from selma_toolkit.train.model import Conditioning, encode_images, encode_texts, sdxl_time_ids
+from selma_toolkit.architectures import Family
+from selma_toolkit.train.model import Conditioning, encode_images, encode_prompts, encode_texts, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +167,25 @@ def latent_encoder(samples: list[TrainSample], vae, resolution: int) -> Encoder:
 
 
 def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *,
-                    hidden_layer: int) -> Encoder:
+                    hidden_layer: int = -1, family: Family | None = None) -> Encoder:
     """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32
-    (``hidden_layer``: the family's ``text_hidden_layer``, see ``encode_texts``)."""
+    (``family``: encoded as its pipeline does, see ``encode_prompts``; without it ``hidden_layer``,
+    the family's ``text_hidden_layer``, see ``encode_texts``)."""
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled = encode_texts(tokenizers, encoders, [samples[i].text for i in indices], device,
-                                          hidden_layer=hidden_layer)
+            embeds, pooled = _encode(tokenizers, encoders, [samples[i].text for i in indices], device,
+                                     hidden_layer, family)
         out = {"prompt_embeds": embeds.float().cpu()}
         if pooled is not None:
             out["pooled"] = pooled.float().cpu()
         return out
     return encode
+
+
+def _encode(tokenizers, encoders, texts, device, hidden_layer: int, family: Family | None):
+    if family is not None:
+        return encode_prompts(family, tokenizers, encoders, texts, device)
+    return encode_texts(tokenizers, encoders, texts, device, hidden_layer=hidden_layer)
 
 
 class ConditionSource:
@@ -186,8 +194,10 @@ class ConditionSource:
 
     def __init__(self, samples: list[TrainSample], resolution: int, device: torch.device, *,
                  latents: CachedTensors | None = None, texts: CachedTensors | None = None,
-                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None, hidden_layer: int = -1):
+                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None, hidden_layer: int = -1,
+                 family: Family | None = None):
         self.samples, self.resolution, self.device, self.hidden_layer = samples, resolution, device, hidden_layer
+        self.family = family  # None: SD 1.x / 2.x / XL conditioning by hidden_layer (time ids with pooled text)
         self.latents, self.texts = latents, texts
         self.encode_latents = latent_encoder(samples, vae, resolution) if latents is None else None
         self.tokenizers, self.text_encoders = tokenizers or [], text_encoders or []
@@ -201,11 +211,12 @@ class ConditionSource:
         else:
             captions = [self.samples[i].text for i in indices]
             with torch.set_grad_enabled(self.train_text):
-                embeds, pooled = encode_texts(self.tokenizers, self.text_encoders, captions, self.device,
-                                              hidden_layer=self.hidden_layer)
+                embeds, pooled = _encode(self.tokenizers, self.text_encoders, captions, self.device,
+                                         self.hidden_layer, self.family)
         time_ids = None
-        if pooled is not None:
+        if pooled is not None and (self.family is None or self.family.pooled_and_time_ids):
             time_ids = sdxl_time_ids(image["original_size"], image["crop_top_left"], self.resolution).to(self.device)
+        if pooled is not None:
             pooled = pooled.to(self.device)
         return Conditioning(
             latent_mean=image["mean"].to(self.device), latent_std=image["std"].to(self.device),

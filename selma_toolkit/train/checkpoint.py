@@ -43,7 +43,7 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "cache", "lora_format", "gradi
 def training_fingerprint(run: RunRecipe, skill: str, architecture: str, resolution: int, dataset: str) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint: the base model, the
     skill, the dataset content and every training setting that changes the result."""
-    train = run.train.model_dump(mode="json")
+    train = run.train.model_dump(mode="json", context={"hash": True})  # unset targets as before (recipe.py)
     return {
         "base_model": run.base_model,
         "revision": run.revision,

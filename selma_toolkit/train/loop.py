@@ -1,7 +1,8 @@
 """Stage 3: train one LoRA skill expert (or the mixture baseline), top to bottom.
 
 ``train_expert(run, skill, paths)`` reads the skill's image dataset, builds the latent and text
-caches, adds peft LoRA layers to the frozen UNet (and text encoders, if asked), trains with
+caches, adds peft LoRA layers to the frozen UNet or SD 3 / Flux transformer (and text encoders,
+if asked), trains with
 accelerate (gradient accumulation up to the effective batch, mixed precision on GPU, several GPUs
 under ``accelerate launch``), writes a checkpoint every ``checkpoint_every`` steps and the expert
 to ``paths.expert(skill)``. Run again, it resumes from the latest checkpoint; a finished run only
@@ -173,7 +174,7 @@ def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: 
     def make_caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
         return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device,
-                                      hidden_layer=get_family(arch).text_hidden_layer)
+                                      hidden_layer=get_family(arch).text_hidden_layer, family=get_family(arch))
 
     with accelerator.main_process_first():
         spec = caches.text_cache_spec(model_dir, names, weight_dtype, samples)
@@ -184,10 +185,12 @@ def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: 
 def _models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_dtype: torch.dtype, *, cache_text: bool):
     """({component: model with trainable LoRA}, tokenizers, text encoders): the frozen base in
     ``weight_dtype``, LoRA parameters in float32; text encoders only when their outputs are not
-    cached."""
-    unet = parts.load_unet(model_dir, weight_dtype)
-    parts.add_lora(unet, "unet", settings)
-    trained = {"unet": unet}
+    cached. The denoiser is the family's (UNet, or the SD 3 / Flux transformer), its targets the
+    recipe's ``train.target_modules`` or, unset, the family's default."""
+    family = get_family(arch)
+    denoiser = parts.load_denoiser(model_dir, arch, weight_dtype)
+    parts.add_lora(denoiser, family.denoiser, settings, settings.denoiser_targets(family.lora_targets))
+    trained = {family.denoiser: denoiser}
     tokenizers, text_encoders = [], []
     if not cache_text:
         tokenizers, text_encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
@@ -202,7 +205,7 @@ def _models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_
             if param.requires_grad:
                 param.data = param.data.float()
         if settings.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
-            model.enable_gradient_checkpointing()  # diffusers UNet
+            model.enable_gradient_checkpointing()  # diffusers UNet / transformer
         elif settings.gradient_checkpointing:  # transformers text encoder (renamed in transformers 5)
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
@@ -222,6 +225,10 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     samples = training_samples(run, skill, paths)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
     arch = detect_architecture(str(model_dir))
+    family = get_family(arch)
+    if settings.train_text_encoder and family.conditioning != "unet":
+        raise RecipeError(f"train.train_text_encoder = true: text-encoder LoRA is trained for SD 1.x / 2.x / XL only; "
+                          f"{family.title} experts adapt the transformer. Set train.train_text_encoder = false")
     resolution = settings.resolution or run.images.resolution
     accelerator = _accelerator(settings, train_dir)
     micro, accumulation = micro_batching(settings, accelerator.num_processes)
@@ -261,8 +268,8 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]  # wrapped if trained
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
                                     tokenizers=tokenizers, text_encoders=encoders,
-                                    hidden_layer=get_family(arch).text_hidden_layer)
-    noise_scheduler = parts.load_noise_scheduler(model_dir)
+                                    hidden_layer=family.text_hidden_layer, family=family)
+    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)
     if settings.trackers:
@@ -290,7 +297,9 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
                 generators = [sample_generator(settings.seed, step, s) for s in slots]
                 draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
                 with accelerator.autocast():
-                    loss = parts.diffusion_loss(models["unet"], noise_scheduler, cond, draws, latent_scale)
+                    # Flux's guidance embedding gets the guidance the run's images were drawn with.
+                    loss = parts.diffusion_loss(models[family.denoiser], noise_scheduler, cond, draws, latent_scale,
+                                                family, guidance=run.images.guidance_scale)
                 accelerator.backward(loss / accumulation)
             total += loss.detach() / accumulation
         if settings.max_grad_norm is not None:

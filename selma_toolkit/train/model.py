@@ -5,7 +5,15 @@ as :class:`selma_toolkit.lora.LoraWeights`.
 Conditioning follows the diffusers pipelines exactly, so an expert is trained on what it will see
 at inference: SD 1.x/2.x use the text encoder's last hidden state; SDXL concatenates the
 penultimate hidden states of both text encoders, adds the pooled embedding of the second one and
-the six size/crop time ids.
+the six size/crop time ids. SD 3 (``StableDiffusion3Pipeline.encode_prompt``) puts the two CLIPs'
+penultimate states side by side, zero-pads them to T5's width and appends T5's states along the
+sequence, with both CLIPs' pooled projections; Flux (``FluxPipeline.encode_prompt``) reads T5's
+states and CLIP-L's pooled output.
+
+The loss is the family's (``Family.loss_target``): DDPM epsilon / v for the UNet families, and for
+SD 3 / Flux rectified flow as diffusers' train_dreambooth_lora_sd3.py / _flux.py: a sigma from the
+training scheduler's own sigmas, noisy = (1 - sigma) x0 + sigma noise, target = noise - x0 (Flux
+with packed 2x2 latents, position ids and, when its config has it, the guidance embedding).
 """
 
 from __future__ import annotations
@@ -18,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selma_toolkit.architectures import COMPONENTS, FAMILIES, get_family
+from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family, get_family
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 from selma_toolkit.models import resolve_model
-from selma_toolkit.recipe import TrainSettings
+from selma_toolkit.recipe import UNET_TARGET_MODULES, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,17 @@ def load_unet(model_dir: Path, dtype: torch.dtype):
     return unet
 
 
+def load_denoiser(model_dir: Path, arch: str, dtype: torch.dtype):
+    """The family's denoiser (UNet or transformer), frozen, of the diffusers class its record names."""
+    import diffusers
+
+    family = get_family(arch)
+    model_class = getattr(diffusers, family.denoiser_class)
+    model = model_class.from_pretrained(model_dir, subfolder=family.denoiser, dtype=dtype, use_safetensors=True)
+    model.requires_grad_(False)
+    return model
+
+
 def load_vae(model_dir: Path):
     # Float32 always: the SDXL VAE overflows in fp16, and with the cache it runs once per dataset.
     from diffusers import AutoencoderKL
@@ -92,11 +111,14 @@ def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[
     return tokenizers, encoders
 
 
-def load_noise_scheduler(model_dir: Path):
-    """The DDPM training scheduler built from the model's own scheduler config, so betas and the
-    prediction type (epsilon or v_prediction) are the model's, as in the diffusers scripts."""
-    from diffusers import DDPMScheduler
+def load_noise_scheduler(model_dir: Path, arch: str | None = None):
+    """The training scheduler built from the model's own scheduler config, as in the diffusers
+    scripts: DDPM (the model's betas and prediction type, epsilon or v_prediction) for the UNet
+    families, FlowMatchEulerDiscreteScheduler (its sigmas, with the model's shift) for SD 3 / Flux."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if arch is not None and get_family(arch).loss_target == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
 
@@ -115,18 +137,21 @@ def _lora_config(settings: TrainSettings, targets: list[str]):
     )
 
 
-def add_lora(model, component: str, settings: TrainSettings) -> None:
-    """Add trainable peft LoRA layers to a frozen UNet or text encoder.
+def add_lora(model, component: str, settings: TrainSettings, targets: list[str] | None = None) -> None:
+    """Add trainable peft LoRA layers to a frozen UNet / transformer or text encoder.
 
-    The UNet uses diffusers' ``add_adapter``; text encoders use ``peft.inject_adapter_in_model``
+    The denoiser uses diffusers' ``add_adapter``, with ``targets`` (the recipe's, or its family's
+    default); text encoders use ``peft.inject_adapter_in_model``
     because ``text_encoder.add_adapter()`` fails with transformers 5 and peft 0.21.
     """
     from peft import inject_adapter_in_model
 
-    field = "target_modules" if component == "unet" else "text_encoder_target_modules"
-    targets = list(getattr(settings, field))
+    denoiser = component in DENOISERS
+    field = "target_modules" if denoiser else "text_encoder_target_modules"
+    if targets is None:
+        targets = settings.denoiser_targets(UNET_TARGET_MODULES) if denoiser else list(settings.text_encoder_target_modules)
     try:
-        if component == "unet":
+        if denoiser:
             model.add_adapter(_lora_config(settings, targets))
         else:
             inject_adapter_in_model(_lora_config(settings, targets), model)
@@ -218,6 +243,33 @@ def encode_texts(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def encode_prompts(family: Family, tokenizers: list, encoders: list, texts: list[str],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """captions -> (prompt_embeds, pooled or None) as the family's pipeline's ``encode_prompt``:
+    ``encode_texts`` for the UNet families; SD 3 [n, 77 + T5 length, T5 width] (the CLIPs'
+    penultimate states concatenated and zero-padded to T5's width, then T5's states) and pooled
+    [n, P_L + P_G]; Flux T5's last states [n, T5 length, T5 width] and CLIP-L's pooled output."""
+    if family.conditioning == "unet":
+        return encode_texts(tokenizers, encoders, texts, device, hidden_layer=family.text_hidden_layer)
+    clip_states, pooled, t5_states = [], [], None
+    for spec, tokenizer, encoder in zip(family.text_encoders, tokenizers, encoders):
+        ids = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        if spec.kind == "t5":
+            t5_states = encoder(ids)[0]
+        elif family.conditioning == "packed":
+            pooled.append(encoder(ids, output_hidden_states=False).pooler_output)
+        else:
+            output = encoder(ids, output_hidden_states=True)
+            pooled.append(output[0])  # CLIPTextModelWithProjection: text_embeds
+            clip_states.append(output.hidden_states[family.text_hidden_layer])
+    if family.conditioning == "packed":
+        return t5_states, pooled[0]
+    clip = torch.cat(clip_states, dim=-1)
+    clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5_states], dim=-2), torch.cat(pooled, dim=-1)
+
+
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
     """[n, 6] = original (h, w) + crop (top, left) + target (h, w), the SDXL size conditioning."""
     target = torch.tensor([resolution, resolution]).expand(original_size.shape[0], 2)
@@ -257,9 +309,27 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise ModelError(f"scheduler prediction_type {prediction_type!r} is not supported; expected epsilon or v_prediction")
 
 
-def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float]) -> torch.Tensor:
+def flow_noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow: (noisy = (1 - sigma) x0 + sigma noise, target velocity = noise - x0), sigma [n]."""
+    sigma = sigmas.to(latents.dtype).reshape(-1, *([1] * (latents.dim() - 1)))
+    return (1.0 - sigma) * latents + sigma * noise, noise - latents
+
+
+def flow_sigmas(noise_scheduler, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) [n] of the training scheduler at the drawn indices into its
+    ``num_train_timesteps`` schedule, as the diffusers scripts pick them (uniform weighting)."""
+    indices = indices.cpu().long()
+    return noise_scheduler.timesteps[indices].float(), noise_scheduler.sigmas[indices].float()
+
+
+def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float],
+                   family: Family | None = None, guidance: float = 3.5) -> torch.Tensor:
     """The standard denoising loss: MSE between the UNet's prediction on the noised latents and
-    the target (epsilon or v) of the model's scheduler, averaged over the batch."""
+    the target (epsilon or v) of the model's scheduler, averaged over the batch. For SD 3 / Flux
+    (``family.loss_target`` "flow") the rectified-flow loss of :func:`flow_loss` (``guidance``: the
+    guidance embedding's value for a Flux transformer that has one)."""
+    if family is not None and family.loss_target == "flow":
+        return flow_loss(unet, noise_scheduler, cond, draws, latent_scale, family, guidance)
     device = cond.prompt_embeds.device
     scale, shift = latent_scale
     mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
@@ -272,3 +342,46 @@ def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, late
         added = {"text_embeds": cond.pooled.to(device), "time_ids": cond.time_ids.to(device)}
     prediction = unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def flow_loss(transformer, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float],
+              family: Family, guidance: float = 3.5) -> torch.Tensor:
+    """MSE between the transformer's velocity prediction on (1 - sigma) x0 + sigma noise and
+    noise - x0, sigma = the training scheduler's sigma at the drawn index (``draws.timesteps``).
+
+    SD 3: ``transformer(noisy, timestep, encoder_hidden_states, pooled_projections)``. Flux: the
+    latents packed into 2x2 patches (``FluxPipeline._pack_latents``), image ids of the latent grid,
+    zero text ids, timestep / 1000, guidance [n] when ``config.guidance_embeds``; the prediction
+    unpacked before the loss (as train_dreambooth_lora_flux.py)."""
+    device = cond.prompt_embeds.device
+    scale, shift = latent_scale
+    mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
+    latents = (mean + std * draws.latent_noise.to(device) - shift) * scale
+    timesteps, sigmas = flow_sigmas(noise_scheduler, draws.timesteps)
+    timesteps, sigmas = timesteps.to(device), sigmas.to(device)
+    noisy, target = flow_noisy_and_target(latents, draws.noise.to(device), sigmas)
+    dtype = next(transformer.parameters()).dtype
+    embeds, pooled = cond.prompt_embeds.to(dtype), cond.pooled.to(device, dtype)
+    if family.conditioning == "packed":
+        from diffusers import FluxPipeline
+
+        n, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy.to(dtype), n, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, device, dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+        config = transformer.config
+        guidance_input = torch.full((n,), float(guidance), device=device) if config.guidance_embeds else None
+        packed_prediction = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance_input,
+                                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                        img_ids=image_ids, return_dict=False)[0]
+        prediction = _unpack_flux(packed_prediction, n, channels, height, width)
+    else:
+        prediction = transformer(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def _unpack_flux(packed: torch.Tensor, n: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """[n, (h/2)(w/2), 4C] -> [n, C, h, w]: the inverse of ``FluxPipeline._pack_latents``."""
+    packed = packed.view(n, height // 2, width // 2, channels, 2, 2)
+    return packed.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, height, width)
