@@ -222,7 +222,7 @@ class SelmaHubExpert:
              catalog: str = ""):
         import folder_paths
 
-        from selma_toolkit.hub import resolve_expert
+        from selma_toolkit.experts import resolve_expert_file
 
         catalog_file = catalog.strip() or None
         with node_errors():
@@ -230,8 +230,8 @@ class SelmaHubExpert:
                 raise HubError(f"SELMA Hub Expert: 'ref' is empty; give a Hub repo id owner/name or {_catalog_names(catalog_file)}")
             loras = folder_paths.get_folder_paths("loras")[0]
             try:
-                path = resolve_expert(ref.strip(), to=loras, revision=revision.strip() or None,
-                                      endpoint=endpoint.strip() or None, catalog=catalog_file)
+                path = resolve_expert_file(ref.strip(), to=loras, revision=revision.strip() or None,
+                                           endpoint=endpoint.strip() or None, catalog=catalog_file).path
             except HubError as error:
                 raise HubError(f"SELMA Hub Expert: {error}") from error
             return _stack_with(experts, Path(path).name, str(path), weight)

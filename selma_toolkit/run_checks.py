@@ -106,13 +106,13 @@ def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
 
 
 def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[ExternalExpert]:
-    """The recipe's ``experts`` as local files (hub.resolve_expert: local file, catalog name or
+    """The recipe's ``experts`` as local files (experts.resolve_expert_file: local file, catalog name or
     Hub repo id), checked to fit the base model: same architecture, every adapted layer present in
     the model with its shape (expert_fit.py), and for the ``selma`` merge (which averages factors)
     the rank the run trains with. Runs before any training."""
     if not run.experts:
         return []
-    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.experts import resolve_expert_file
     from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
     from selma_toolkit.models import detect_architecture
 
@@ -123,7 +123,7 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
     taken = {s.name for s in run.skills} | {JOINT}
     experts = []
     for ref in run.experts:
-        path = Path(resolve_expert(ref))
+        path = resolve_expert_file(ref).path
         lora = load_lora(path)
         name = metadata_value(lora, "skill") or path.stem
         if name in taken:

@@ -415,6 +415,14 @@ def test_kohya_bfl_onetrainer_and_ai_toolkit_flux_files_are_read_as_diffusers_mo
     for name, want in expected.items():
         assert torch.allclose(lora.modules[name].delta(), want, atol=1e-6), name
     assert guess_architecture(lora) == "flux"  # single-stream blocks exist only in Flux
+    # ComfyUI's own trainer spells the same BFL modules diffusion_model.double_blocks.N...
+    comfy = {key.replace("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv"): value
+             for key, value in state.items() if key.startswith("lora_unet_double_blocks_0_img_attn_qkv")}
+    assert len(comfy) == 3 and all(key.startswith("diffusion_model.") for key in comfy)
+    from_comfy = lora_from_state_dict(comfy)
+    for part in ("to_q", "to_k", "to_v"):
+        name = f"transformer.transformer_blocks.0.attn.{part}"
+        assert torch.equal(from_comfy.modules[name].delta(), lora.modules[name].delta())
 
     # OneTrainer (lora_transformer_<diffusers path>) and ai-toolkit (transformer.<path>.lora_A/B) spellings
     onetrainer = {"lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight": torch.ones(2, 8),
@@ -534,7 +542,7 @@ def test_metadata_and_hub_card_name_the_family(arch, kohya, spec, tag, repo, exp
     from safetensors import safe_open
 
     from selma_toolkit.architectures import family_from_metadata
-    from selma_toolkit.hubcard import lora_facts, render_model_card
+    from selma_toolkit.hub.card import lora_facts, render_model_card
 
     with safe_open(str(experts[arch]), "pt") as handle:
         metadata = handle.metadata()

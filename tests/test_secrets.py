@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN_SKILLS, run_cli, small_tiny_run
 
-from selma_toolkit.hubcard import plan_upload
+from selma_toolkit.hub.card import plan_upload
 
 SKILLS = TINY_RUN_SKILLS
 SMALL_RUN = small_tiny_run(train_steps=2)

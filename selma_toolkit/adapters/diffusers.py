@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from selma_toolkit.lora import LoraWeights, merge_experts
@@ -30,16 +29,16 @@ AdapterMethod = Literal[(*MERGE_METHODS, "runtime")]  # type: ignore[valid-type]
 def read_expert(expert: ExpertRef, position: int = 0) -> tuple[str, LoraWeights]:
     """(a name for messages, the LoRA) for one expert reference.
 
-    The one place where references become files: ``selma_toolkit.hub.resolve_expert`` returns
-    local files as they are and downloads catalog names and Hub repo ids.
+    References become files in one place, ``selma_toolkit.experts``: local files as they are,
+    catalog names and Hub repo ids downloaded.
     """
     from selma_toolkit.lora import load_lora, metadata_value
 
     if isinstance(expert, LoraWeights):
         return metadata_value(expert, "skill") or f"expert {position + 1}", expert
-    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.experts import resolve_expert_file
 
-    path = Path(resolve_expert(expert))
+    path = resolve_expert_file(expert).path
     return path.name, load_lora(path)
 
 

@@ -46,9 +46,9 @@ def hub_pull(
     catalog: CatalogOption = None,
 ) -> None:
     """Download an expert into the Hugging Face cache (works offline from the cache) and print its local path."""
-    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.experts import resolve_expert_file
 
-    path = resolve_expert(ref, catalog=catalog, revision=revision, to=to, filename=file)
+    path = resolve_expert_file(ref, catalog=catalog, revision=revision, to=to, filename=file).path
     sys.stdout.write(f"{path}\n")
 
 

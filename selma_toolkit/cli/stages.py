@@ -277,7 +277,7 @@ def merge(
     ones, with MERGED's method and settings. Where an expert is missing, a selma or delta merge with
     uniform weights is updated exactly from MERGED's own factors; other merges are refused.
     """
-    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.experts import listed_expert_places, resolve_expert_files
     from selma_toolkit.io import check_output_file
     from selma_toolkit.lora.blocks import parse_block_weights
     from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
@@ -297,8 +297,10 @@ def merge(
             raise InputError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
                              "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
         check_output_file(out if out is not None else to)
-        result = add_to_merge(to, [resolve_expert(ref) for ref in add], out, weights=_parse_weights(weights),
-                              expert_files=expert_file or [], new_sources=_hub_refs(add), format=format_)  # type: ignore[arg-type]
+        added = resolve_expert_files(add)
+        result = add_to_merge(to, [e.path for e in added], out, weights=_parse_weights(weights),
+                              expert_files=expert_file or [], new_sources=[e.source for e in added],
+                              format=format_, locate=listed_expert_places)  # type: ignore[arg-type]
         how = ("every listed expert found and verified: merged again from the files" if result.recomputed else
                "some listed experts not found: the merged factors were updated exactly (linear merge rule)")
         _print_merge(result.weights, result.path, f"added {len(add)} expert(s) to {to.name}")
@@ -312,19 +314,13 @@ def merge(
     if method not in MERGE_METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
     check_output_file(out)  # before reading any expert: a folder or read-only place in the way fails now
-    paths = [resolve_expert(expert) for expert in experts]
+    files = resolve_expert_files(experts)
     merged = merge_files(
-        paths, out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
+        [e.path for e in files], out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
         format=format_ or "kohya", density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
-        normalize=normalize, sources=_hub_refs(experts), block_weights=parse_block_weights(block_weights),
+        normalize=normalize, sources=[e.source for e in files], block_weights=parse_block_weights(block_weights),
     )
-    _print_merge(merged, out, f"merged {len(paths)} experts")
-
-
-def _hub_refs(refs: list[str]) -> list[str | None]:
-    """What the merge record keeps of each reference: catalog names and repo ids (so an incremental
-    merge can resolve them again); None for local files (recorded by their relative path)."""
-    return [None if Path(ref).expanduser().is_file() else ref for ref in refs]
+    _print_merge(merged, out, f"merged {len(files)} experts")
 
 
 def _print_merge(merged, out: Path, title: str) -> None:

@@ -124,7 +124,7 @@ def compare_before_after(
 
 def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRecipe, RunPaths] | None]:
     """The before LoRA file and, when it belongs to a run folder, that run's recipe and paths."""
-    from selma_toolkit.hub import resolve_expert
+    from selma_toolkit.experts import resolve_expert_file
     from selma_toolkit.run import load_run_folder
 
     folder = Path(before).expanduser()
@@ -136,7 +136,7 @@ def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRec
             raise DatasetError(f"{folder}: no merged/{method}.safetensors (merges there: {made or 'none'}); compare the "
                                f"same method, e.g. --method {made[0] if made else 'selma'}")
         return file, (before_run, before_paths)
-    file = Path(resolve_expert(before))
+    file = resolve_expert_file(before).path
     root = file.resolve().parent.parent
     if file.resolve().parent.name == "merged" and (root / "recipe.toml").is_file():
         return file, load_run_folder(root)

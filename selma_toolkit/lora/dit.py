@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
+# ComfyUI's own trainer writes the same BFL names as ``diffusion_model.double_blocks.0.img_attn.qkv``.
+_COMFY_BFL = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.", "diffusion_model.final_layer.")
 BFL_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
                 "lora_unet_time_in_", "lora_unet_vector_in_", "lora_unet_guidance_in_", "lora_unet_final_layer_")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -58,8 +60,18 @@ _MLP_RATIO = 4  # Flux's single blocks: linear1's output is 3 x hidden (q, k, v)
 
 
 def is_bfl_flux(state_dict: Mapping[str, object]) -> bool:
-    """Whether a state dict has kohya keys with Flux's original (BFL) names."""
-    return any(key.startswith(BFL_PREFIXES) for key in state_dict)
+    """Whether a state dict has kohya (or ComfyUI) keys with Flux's original (BFL) names."""
+    return any(key.startswith(BFL_PREFIXES + _COMFY_BFL) for key in state_dict)
+
+
+def _kohya_spelling(key: str) -> str:
+    """``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight`` -> kohya's ``lora_unet_double_blocks_0_...``."""
+    if not key.startswith(_COMFY_BFL):
+        return key
+    suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
+        return key
+    return "lora_unet_" + key[len("diffusion_model."): -len(suffix)].replace(".", "_") + suffix
 
 
 def _parts(module: str) -> tuple[tuple[str, ...], str] | None:
@@ -91,11 +103,13 @@ def _split_rows(up: torch.Tensor, count: int, split: str) -> list[torch.Tensor]:
 
 
 def split_bfl_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict with every BFL-named Flux module replaced by its diffusers parts, spelled
+    """The state dict with every BFL-named Flux module (kohya's ``lora_unet_double_blocks_N_...``
+    or ComfyUI's ``diffusion_model.double_blocks.N...``) replaced by its diffusers parts, spelled
     ``lora_transformer_<path>`` (down and alpha shared, up split by rows); other keys unchanged.
     A BFL module this table does not know keeps its key (and is reported by the reader)."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
+        key = _kohya_spelling(key)
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         found = _parts(key[: -len(suffix)]) if suffix and key.startswith(BFL_PREFIXES) else None
         if found is None:

@@ -5,9 +5,10 @@ A merged file written by :func:`~selma_toolkit.lora.merge.merge_files` carries i
 source). :func:`add_to_merge` reads it and
 
 1. finds each listed expert, verified by its sha256: among files the caller names, at its recorded
-   source (a path relative to the merged file's folder, or a catalog name / Hub repo id resolved by
-   ``hub.resolve_expert``), beside the merged file, and, for a merge inside a run folder, among the
-   run's experts and the experts its recipe lists;
+   source when it is a path (relative to the merged file's folder), beside the merged file, for a
+   merge inside a run folder among the run's experts, and where the caller's ``locate`` looks (the
+   CLI passes ``experts.listed_expert_places``: a recorded catalog name / Hub repo id, the experts
+   a run's recipe lists; this module imports neither the Hub nor the recipe code);
 2. when every expert is found, merges the old experts and the new ones from their files with the
    record's settings: the same computation, in the same order, as a from-scratch ``merge_files``;
 3. when some are missing, updates the merged file's own factors where that is exact, which it is
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,9 @@ from selma_toolkit.lora.merging.api import merge_experts, merge_files
 from selma_toolkit.lora.merging.formulas import apply_block_weights
 from selma_toolkit.lora.merging.methods import method_spec
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
+
+# (merged file, a record entry) -> (where, file) pairs: more places to look for a listed expert.
+Locate = Callable[[Path, dict], Iterable[tuple[str, "Path | None"]]]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ def add_to_merge(
     expert_files: Sequence[str | os.PathLike[str]] = (),
     new_sources: Sequence[str | None] | None = None,
     format: Literal["kohya", "peft"] | None = None,
+    locate: Locate | None = None,
 ) -> AddedMerge:
     """Add the experts ``new`` to the merged LoRA file ``merged``; write the merge of the old
     experts plus the new ones to ``out`` (default: replace ``merged``, atomically).
@@ -72,7 +77,9 @@ def add_to_merge(
     weights were 1/T; needed otherwise). ``expert_files``: files to look at first for the
     listed experts (matched by sha256). ``new_sources``: how each new expert was referenced (a
     catalog name or repo id) for the new record. ``format``: the layout of the output (default:
-    the merged file's). Raises LoraFormatError where the merge cannot be extended exactly.
+    the merged file's). ``locate(merged, entry)``: more places for a listed expert, as (where,
+    file) pairs (``experts.listed_expert_places``: its recorded catalog name or repo id, a run's
+    listed experts); without it only files are looked at. Raises LoraFormatError where the merge cannot be extended exactly.
     """
     merged, out = Path(merged), Path(out) if out is not None else Path(merged)
     new_paths = [Path(p) for p in new]
@@ -96,7 +103,7 @@ def add_to_merge(
             raise LoraFormatError(f"{path}: is already one of the experts of {merged} (same sha256); adding it again "
                                   "would count it twice")
     format = format or ("peft" if "peft" in info.layouts and "kohya" not in info.layouts else "kohya")
-    found, looked = _find_experts(merged, old, expert_files)
+    found, looked = _find_experts(merged, old, expert_files, locate)
     missing = [(entry, places) for entry, path, places in zip(old, found, looked) if path is None]
     if not missing:
         paths = [*found, *new_paths]
@@ -144,10 +151,10 @@ def _common_scale(old: Sequence[float], new: Sequence[float]) -> float | None:
 def _kept_source(entry: dict) -> str | None:
     """A recorded source worth keeping as it is: a catalog name or repo id (paths are re-derived)."""
     source = entry.get("source")
-    return source if source and not _is_path(source) else None
+    return source if source and not is_file_source(source) else None
 
 
-def _is_path(source: str) -> bool:
+def is_file_source(source: str) -> bool:
     """A recorded file path (merge_files writes them relative), not a catalog name or ``owner/name[:file]``."""
     return Path(source).is_absolute() or (source.lower().endswith(".safetensors") and ":" not in source)
 
@@ -155,37 +162,24 @@ def _is_path(source: str) -> bool:
 # ---------------------------------------------------------------------------- finding experts
 
 
-def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path]) -> Iterator[tuple[str, Path | None]]:
+def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path], locate: Locate | None
+                ) -> Iterator[tuple[str, Path | None]]:
     """(where, file) for each place a listed expert may be, in order; file None when that place failed."""
     yield from ((f"given file {p}", p) for p in expert_files)
     source = entry.get("source")
-    if source and _is_path(source):
+    if source and is_file_source(source):
         path = Path(source) if Path(source).is_absolute() else Path(os.path.normpath(merged.parent / source))
         yield f"recorded source {path}", path
-    elif source:
-        yield from _resolved(source, f"recorded source {source!r}")
     yield f"beside the merged file: {merged.parent / entry['name']}", merged.parent / entry["name"]
     run_root = merged.resolve().parent.parent
     if (run_root / "recipe.toml").is_file():
         yield f"the run's experts: {run_root / 'experts' / entry['name']}", run_root / "experts" / entry["name"]
-        from selma_toolkit.recipe import read_toml
-
-        for ref in read_toml(run_root / "recipe.toml").get("experts", []):
-            yield from _resolved(str(ref), f"the run's listed expert {ref!r}")
+    if locate is not None:  # references (catalog names, repo ids, a run's listed experts): experts.py
+        yield from locate(merged, entry)
 
 
-def _resolved(ref: str, where: str) -> Iterator[tuple[str, Path | None]]:
-    from selma_toolkit.errors import SelmaError
-    from selma_toolkit.hub import resolve_expert
-
-    try:
-        yield where, resolve_expert(ref)
-    except SelmaError as exc:
-        yield f"{where} ({exc})", None
-
-
-def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]]
-                  ) -> tuple[list[Path | None], list[list[str]]]:
+def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]],
+                  locate: Locate | None) -> tuple[list[Path | None], list[list[str]]]:
     """Each listed expert's verified file (or None) and where it was looked for, in the record's order."""
     from selma_toolkit.io import sha256_file
 
@@ -197,7 +191,7 @@ def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str 
         wanted, places, hit = entry.get("sha256"), [], None
         if not wanted:
             places.append("nowhere: the record has no sha256 for it, so no file can be verified")
-        for where, path in _candidates(merged, entry, given) if wanted else ():
+        for where, path in _candidates(merged, entry, given, locate) if wanted else ():
             if path is None or not path.is_file():
                 places.append(f"{where} (none)" if path is not None else where)
                 continue
@@ -259,6 +253,6 @@ def _update_linear(merged: Path, merged_lora: LoraWeights, record: MergeRecord, 
 def _rebased_source(entry: dict, merged: Path, out: Path) -> str | None:
     """An old expert's recorded source, as seen from the new file's folder."""
     source = entry.get("source")
-    if not source or not _is_path(source) or Path(source).is_absolute():
+    if not source or not is_file_source(source) or Path(source).is_absolute():
         return source
     return file_source(merged.parent / source, out)

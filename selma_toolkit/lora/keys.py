@@ -12,7 +12,8 @@ turns the module spelling into this package's canonical name (``unet.<diffusers 
   ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` for text encoders, LoCon conv layers
   included; for the DiT families ``lora_transformer_<diffusers path with _>`` (OneTrainer's,
   ComfyUI maps it for SD 3 and Flux), and kohya's Flux files with the original BFL names
-  (``lora_unet_double_blocks_N_img_attn_qkv``), split into diffusers' modules by ``lora.dit``;
+  (``lora_unet_double_blocks_N_img_attn_qkv``; ComfyUI's ``diffusion_model.double_blocks.N...`` too),
+  split into diffusers' modules by ``lora.dit`` before these names are read;
 * ``kohya-ldm``: kohya with the original (LDM / sgm) UNet names, ``lora_unet_input_blocks_4_1_...``,
   as kohya's SDXL scripts write them (``lycoris_<path>``, SimpleTuner's spelling, reads as kohya);
 * ``comfyui``: what ComfyUI's own LoRA training and extraction save: ``diffusion_model.<LDM path>``

@@ -171,7 +171,7 @@ def sample_grid(images: list[Path], columns: int = 4, cell: int = 256) -> bytes:
 
 def plan_upload(path: Path, repo_id: str) -> UploadPlan:
     """Everything one push uploads, README.md included. ``path``: a ``.safetensors`` file, or a run folder."""
-    from selma_toolkit.hub import check_safetensors_name
+    from selma_toolkit.hub.names import check_safetensors_name
 
     if path.is_file():
         check_safetensors_name(path.name, str(path))
@@ -237,7 +237,7 @@ def render_model_card(
     """README.md text: YAML metadata via ModelCardData, body from the ``hub/model_card.md`` template."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from selma_toolkit.hub import _REPO_ID
+    from selma_toolkit.hub.names import REPO_ID
     from selma_toolkit.recipe import RunRecipe, load_skill_recipe
     from selma_toolkit.resources import shipped_dir, shipped_skill
 
@@ -270,7 +270,7 @@ def render_model_card(
     tags = ["lora", "text-to-image", family_tag, "selma", *skill_names]
     card_data = ModelCardData(
         # The Hub links base_model only to a repo id; a local folder or tiny: model is named in the body instead.
-        base_model=base_model if base_model and _REPO_ID.match(base_model) else None,
+        base_model=base_model if base_model and REPO_ID.match(base_model) else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         license=license_,
@@ -292,6 +292,9 @@ def render_model_card(
         example_prompt=next((s["recipe"].seeds[0] for s in skills if s["recipe"]), None)
         or next((load_skill_recipe(s["name"]).seeds[0] for s in skills if shipped_skill(s["name"])), "a photo of two apples on a table"),
         recipe=recipe,
+        # train.target_modules unset: the family's default layers (architectures.py), as training used them.
+        lora_targets=recipe.train.denoiser_targets(FAMILIES[architecture].lora_targets if architecture in FAMILIES
+                                                   else FAMILIES["sd1"].lora_targets) if recipe else [],
         has_recipe_file=recipe is not None,
         score_rows=_score_rows(scores)[:MAX_SCORE_ROWS] if scores is not None else [],
         images=images or [],
