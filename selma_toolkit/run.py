@@ -423,7 +423,7 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool,
             _merge(run, paths, method, inputs)
     from selma_toolkit.train.dpo import dpo_paths, merge_dpo
 
-    if run.dpo.enabled and all(dpo_paths(paths).expert(s.name).is_file() for s in run.skills):
-        if not dpo_merge_state(run, paths).done:
-            merge_dpo(run, paths)
+    dpo_trained = run.dpo.enabled and all(dpo_paths(paths).expert(s.name).is_file() for s in run.skills)
+    if dpo_trained and not dpo_merge_state(run, paths).done:
+        merge_dpo(run, paths)
     return evaluate_variants(run, paths, eval_variants(run, paths, inputs), progress=progress)

@@ -108,7 +108,7 @@ class Brightness:
 
 @pytest.fixture
 def brightness(monkeypatch):
-    import selma_toolkit.evaluate.scorers as scorers
+    from selma_toolkit.evaluate import scorers
 
     monkeypatch.setattr(scorers, "build_scorer", lambda name, settings, device=None: Brightness())
 
@@ -140,7 +140,7 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
 
 
 def test_all_ties_is_a_clear_error(tiny_model_dirs, pair_run, monkeypatch):
-    import selma_toolkit.evaluate.scorers as scorers
+    from selma_toolkit.evaluate import scorers
 
     class Flat(Brightness):
         name = "flat"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli, small_tiny_run
 from PIL import Image
 from torch import nn
 
-from conftest import run_cli, small_tiny_run
 from selma_toolkit.adapters.moe import (
     MoELora,
     attach_moe,

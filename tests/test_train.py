@@ -411,4 +411,4 @@ def test_cli_trains_an_expert_and_refuses_bad_arguments(tiny_sd1, tmp_path, cli)
     assert "experts/count-grammar.safetensors" in result.stdout.replace("\n", "")
     both = cli("train", str(recipe), "--skill", "count-grammar", "--joint", "--out", str(out))
     assert both.returncode == 2 and "Traceback" not in both.stderr
-    assert "either --skill NAME (one expert) or --joint" in both.stderr
+    assert "give one of --skill NAME (one expert), --joint (the mixture baseline)" in both.stderr

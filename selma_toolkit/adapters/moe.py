@@ -224,7 +224,6 @@ def attach_moe(denoiser: nn.Module, moe: MoELora, *, trainable: bool = False) ->
             states = _encoder_hidden_states(args, kwargs)
             if states is not None:
                 prompt_gate.set_from(states)
-            return None
 
         hook = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
     layers, originals = {}, {}
@@ -364,5 +363,20 @@ def unload_moe(pipe: Any) -> bool:
     return True
 
 
-__all__ = ["GATE_KINDS", "MOE_FORMAT", "MoELora", "MoELoRALinear", "PromptGate", "AttachedMoE", "attach_moe",
-           "check_experts", "is_moe_file", "load_moe", "moe_record", "read_moe", "save_moe", "unload_moe", "zero_gate"]
+__all__ = [
+    "GATE_KINDS",
+    "MOE_FORMAT",
+    "AttachedMoE",
+    "MoELoRALinear",
+    "MoELora",
+    "PromptGate",
+    "attach_moe",
+    "check_experts",
+    "is_moe_file",
+    "load_moe",
+    "moe_record",
+    "read_moe",
+    "save_moe",
+    "unload_moe",
+    "zero_gate",
+]

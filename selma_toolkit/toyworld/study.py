@@ -70,8 +70,8 @@ KINDS: dict[str, tuple[str, str]] = {
 # of their own, trained from the "selma" run folder's prompts and experts (train/dpo.py,
 # train/moe.py: under seed-<s>/selma/dpo/ and seed-<s>/selma/moe/).
 BASELINE_KINDS: dict[str, tuple[str, str]] = {
-    "dpo": ("dpo-expert", "Diffusion-DPO on pairs of the base's own images, the toyworld score's preferred one winning "
-                          "(paper Table 4); merged as variant dpo"),
+    "dpo": ("dpo-expert", ("Diffusion-DPO on pairs of the base's own images, the toyworld score's preferred one "
+                           "winning (paper Table 4); merged as variant dpo")),
     "moe": ("moe", "the SELMA experts kept apart under a learned gate (MoE-LoRA, paper Table 4): variant moe"),
 }
 ALL_KINDS = {**KINDS, **BASELINE_KINDS}
@@ -278,7 +278,14 @@ def _table4_baselines(run: RunRecipe, selma: RunPaths, skills: list[str], kinds:
     variants: dict[str, tuple[Path | None, list[str]]] = {}
     if "dpo" in kinds:
         from selma_toolkit.train.dpo import (
-            dpo_is_current, dpo_merge_is_current, dpo_merged, dpo_paths, merge_dpo, preference_pairs, train_dpo_expert)
+            dpo_is_current,
+            dpo_merge_is_current,
+            dpo_merged,
+            dpo_paths,
+            merge_dpo,
+            preference_pairs,
+            train_dpo_expert,
+        )
 
         trained = []
         for skill in skills:

@@ -44,9 +44,14 @@ from selma_toolkit.recipe import RunRecipe
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import training_fingerprint
-from selma_toolkit.train.data import TrainSample, dataset_fingerprint, image_digests, sample_generator, sample_index
-from selma_toolkit.train.loop import Progress
-from selma_toolkit.train.steps import finished, run_steps, variant_settings, with_train
+from selma_toolkit.train.data import (
+    TrainSample,
+    dataset_fingerprint,
+    image_digests,
+    sample_generator,
+    sample_index,
+)
+from selma_toolkit.train.steps import Progress, TrainEvent, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +236,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     """The DPO expert of ``skill`` (pairs, then Diffusion-DPO; see the module docstring), resumable;
     returns ``<run>/dpo/experts/<skill>.safetensors``."""
     from selma_toolkit.lora import save_lora
-    from selma_toolkit.train.loop import TrainEvent, _accelerator, _caches, _models, expert_metadata
+    from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
 
     settings = variant_settings(run.train, learning_rate=run.dpo.learning_rate, steps=run.dpo.steps,
                                 batch_size=run.dpo.batch_size, checkpoint_every=run.dpo.checkpoint_every)
@@ -258,17 +263,17 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
                                           dataset_fingerprint(samples, digests)),
                    "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_name(run)}
     fingerprint = json.loads(json.dumps(fingerprint))
-    accelerator = _accelerator(settings, train_dir)
+    accelerator = make_accelerator(settings, train_dir)
     if finished(train_dir, fingerprint, settings.steps, f"{skill}.safetensors", output):
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = _caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
+    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
                                        weight_dtype, progress)
     from accelerate.utils import set_seed
 
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it
-    trained, _, _ = _models(settings, model_dir, arch, device, weight_dtype, cache_text=True)
+    trained, _, _ = build_models(settings, model_dir, arch, device, weight_dtype, cache_text=True)
     denoiser = trained[family.denoiser]
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache,
                                     hidden_layer=family.text_hidden_layer, family=family)
@@ -276,7 +281,8 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)
 
-    def micro_loss(model, step: int, slots: list[int]) -> torch.Tensor:
+    def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
+        model = models[family.denoiser]
         chosen = [sample_index(step * settings.batch_size + s, count, settings.seed) for s in slots]
         cond = source(chosen + [count + k for k in chosen])  # winners, then their losers
         draws = pair_draws([sample_generator(settings.seed, step, s) for s in slots],
@@ -295,7 +301,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         save_lora(lora, path, format=settings.lora_format)
 
     log.info("%s: Diffusion-DPO on %d pairs, beta %g, %d steps", skill, count, run.dpo.beta, settings.steps)
-    return run_steps(accelerator=accelerator, settings=settings, model=denoiser, train_dir=train_dir,
+    return run_steps(accelerator=accelerator, settings=settings, models={family.denoiser: denoiser}, train_dir=train_dir,
                      fingerprint=fingerprint, output_name=f"{skill}.safetensors", micro_loss=micro_loss,
                      write_output=write_output, output=output, progress=progress)
 

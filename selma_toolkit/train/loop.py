@@ -11,15 +11,10 @@ rewrites the expert file.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -30,7 +25,7 @@ from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, TrainSettings, recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
-from selma_toolkit.train.checkpoint import check_resumable, checkpoints, save_checkpoint, training_fingerprint
+from selma_toolkit.train.checkpoint import check_resumable, checkpoints, training_fingerprint
 from selma_toolkit.train.data import (
     dataset_fingerprint,
     image_digests,
@@ -38,36 +33,9 @@ from selma_toolkit.train.data import (
     sample_index,
     training_samples,
 )
-from selma_toolkit.train.logs import LossLog
+from selma_toolkit.train.steps import Progress, TrainEvent, micro_batching, run_steps
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    """Progress of a run, for the caller to show: ``cache`` (samples encoded) or ``step``."""
-
-    kind: Literal["cache", "step"]
-    done: int
-    total: int
-    loss: float | None = None
-    lr: float | None = None
-    seconds: float | None = None
-
-
-Progress = Callable[[TrainEvent], None]
-
-
-def micro_batching(settings: TrainSettings, num_processes: int) -> tuple[int, int]:
-    """(micro-batch size per process, gradient-accumulation steps) that make up batch_size."""
-    micro = settings.micro_batch_size or settings.batch_size // num_processes
-    if micro < 1 or settings.batch_size % (micro * num_processes):
-        raise RecipeError(
-            f"train.batch_size ({settings.batch_size}) must be a multiple of micro_batch_size "
-            f"({settings.micro_batch_size or 'unset'}) x processes ({num_processes}); set train.micro_batch_size "
-            "to a divisor of batch_size / processes"
-        )
-    return micro, settings.batch_size // (micro * num_processes)
 
 
 def expert_metadata(run: RunRecipe, skill: str, architecture: str, steps: int) -> dict[str, str]:
@@ -82,7 +50,7 @@ def expert_metadata(run: RunRecipe, skill: str, architecture: str, steps: int) -
     )
 
 
-def _accelerator(settings: TrainSettings, train_dir: Path):
+def make_accelerator(settings: TrainSettings, train_dir: Path):
     from accelerate import Accelerator
 
     precision = settings.mixed_precision
@@ -106,50 +74,11 @@ def _accelerator(settings: TrainSettings, train_dir: Path):
                        project_dir=str(train_dir), step_scheduler_with_optimizer=False)
 
 
-def _optimizer(settings: TrainSettings, params: list[torch.nn.Parameter]):
-    if settings.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise RecipeError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
-                              "or use optimizer = 'adamw'") from None
-        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=1e-2)
-    # The diffusers LoRA scripts' defaults: betas (0.9, 0.999), weight decay 1e-2, eps 1e-8.
-    return torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-
-
-def _register_lora_state_hooks(accelerator) -> None:
-    """Checkpoints hold only the LoRA parameters (``lora_<i>.safetensors``), not the frozen base
-    weights accelerate would save with each model (gigabytes per checkpoint)."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for i, model in enumerate(models):
-                state = parts.trainable_parameters(accelerator.unwrap_model(model))
-                save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{output_dir}/lora_{i}.safetensors")
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        while models:
-            index = len(models) - 1
-            model = accelerator.unwrap_model(models.pop())
-            state = load_file(f"{input_dir}/lora_{index}.safetensors")
-            expected = set(parts.trainable_parameters(model))
-            if set(state) != expected:
-                raise RecipeError(f"{input_dir}/lora_{index}.safetensors: holds other LoRA layers than this run has "
-                                  f"({len(state)} vs {len(expected)} tensors); resume with the recipe it was written with")
-            model.load_state_dict(state, strict=False)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def _show_cache_progress(progress, done: int, total: int) -> None:
     progress(TrainEvent("cache", done, total))
 
 
-def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
+def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
             weight_dtype: torch.dtype, progress: Progress | None):
     """(latent cache, text cache), built where missing by the main process first; each None when
     off (the text cache is off while the text encoders train: their outputs change every step)."""
@@ -182,7 +111,7 @@ def _caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: 
     return latents, texts
 
 
-def _models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_dtype: torch.dtype, *, cache_text: bool):
+def build_models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_dtype: torch.dtype, *, cache_text: bool):
     """({component: model with trainable LoRA}, tokenizers, text encoders): the frozen base in
     ``weight_dtype``, LoRA parameters in float32; text encoders only when their outputs are not
     cached. The denoiser is the family's (UNet, or the SD 3 / Flux transformer), its targets the
@@ -216,7 +145,6 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     """Train the LoRA expert of ``skill`` (``JOINT``: one LoRA on all skills' data, the paper's
     mixture baseline), resuming from the latest checkpoint; return the expert file's path."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     from selma_toolkit.lora import load_lora, save_lora
 
@@ -230,8 +158,8 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
         raise RecipeError(f"train.train_text_encoder = true: text-encoder LoRA is trained for SD 1.x / 2.x / XL only; "
                           f"{family.title} experts adapt the transformer. Set train.train_text_encoder = false")
     resolution = settings.resolution or run.images.resolution
-    accelerator = _accelerator(settings, train_dir)
-    micro, accumulation = micro_batching(settings, accelerator.num_processes)
+    accelerator = make_accelerator(settings, train_dir)
+    micro_batching(settings, accelerator.num_processes)  # a batch size that does not split fails before any work
     digests = image_digests(samples)
     fingerprint = training_fingerprint(run, skill, arch, resolution, dataset_fingerprint(samples, digests))
     saved = checkpoints(train_dir)
@@ -248,102 +176,44 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     set_seed(settings.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = _caches(run, samples, digests, model_dir, arch, train_dir, accelerator, weight_dtype, progress)
-    trained, tokenizers, text_encoders = _models(settings, model_dir, arch, device, weight_dtype,
-                                                 cache_text=text_cache is not None)
+    latent_cache, text_cache = build_caches(run, samples, digests, model_dir, arch, train_dir, accelerator, weight_dtype, progress)
+    trained, tokenizers, text_encoders = build_models(settings, model_dir, arch, device, weight_dtype,
+                                                      cache_text=text_cache is not None)
     vae = parts.load_vae(model_dir).to(device) if latent_cache is None else None
-    params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(settings, params)
-    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
-    models = dict(zip(trained, prepared[: len(trained)]))
-    optimizer, lr_scheduler = prepared[len(trained):]
-    _register_lora_state_hooks(accelerator)
-    start = 0
-    if resume is not None:
-        accelerator.load_state(str(resume.path))
-        start = resume.step
-        log.info("%s: resuming from %s", skill, resume.path)
     names = parts.text_encoder_names(arch)
-    encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]  # wrapped if trained
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
-                                    tokenizers=tokenizers, text_encoders=encoders,
+                                    tokenizers=tokenizers, text_encoders=text_encoders,
                                     hidden_layer=family.text_hidden_layer, family=family)
     noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)
-    if settings.trackers:
-        accelerator.init_trackers(f"selma-{run.name}-{skill}", config={k: v for k, v in settings.model_dump().items()
-                                                                     if isinstance(v, (int, float, str, bool))})
 
-    # ---- the loop: optimizer step `step` consumes stream positions [step*B, (step+1)*B); this
-    # process takes `micro * accumulation` consecutive slots of it.
-    per_process = micro * accumulation
-    first_slot = accelerator.process_index * per_process
+    def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
+        # Trained text encoders run through their prepared (DDP) wrappers, so their gradients are all-reduced.
+        source.text_encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]
+        indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
+        cond = source(indices)
+        generators = [sample_generator(settings.seed, step, s) for s in slots]
+        draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
+        # Flux's guidance embedding gets the guidance the run's images were drawn with.
+        return parts.diffusion_loss(models[family.denoiser], noise_scheduler, cond, draws, latent_scale,
+                                    family, guidance=run.images.guidance_scale)
 
-    def optimizer_step(step: int) -> float:
-        """One optimizer step on this process's slots of the batch; the whole batch's mean loss."""
-        total = torch.zeros((), device=device)
-        for micro_step in range(accumulation):
-            slots = range(first_slot + micro_step * micro, first_slot + (micro_step + 1) * micro)
-            indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
-            # Gradients are all-reduced only on the last micro-batch of the step (DDP wants the
-            # forward passes, trained text encoders' included, inside no_sync too).
-            with contextlib.ExitStack() as stack:
-                if micro_step < accumulation - 1:
-                    for model in models.values():
-                        stack.enter_context(accelerator.no_sync(model))
-                cond = source(indices)
-                generators = [sample_generator(settings.seed, step, s) for s in slots]
-                draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
-                with accelerator.autocast():
-                    # Flux's guidance embedding gets the guidance the run's images were drawn with.
-                    loss = parts.diffusion_loss(models[family.denoiser], noise_scheduler, cond, draws, latent_scale,
-                                                family, guidance=run.images.guidance_scale)
-                accelerator.backward(loss / accumulation)
-            total += loss.detach() / accumulation
-        if settings.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return accelerator.gather(total[None]).mean().item()
+    def loss_record(step: int) -> dict:
+        record = {"epoch": round((step + 1) * settings.batch_size / len(samples), 4)}
+        if skill == JOINT:  # which skills the batch drew from
+            positions = range(step * settings.batch_size, (step + 1) * settings.batch_size)
+            record["sources"] = dict(Counter(samples[sample_index(p, len(samples), settings.seed)].source
+                                             for p in positions))
+        return record
 
     def write_expert(path: Path, steps: int) -> None:
-        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
         lora = parts.lora_weights(unwrapped, expert_metadata(run, skill, arch, steps))
         save_lora(lora, path, format=settings.lora_format)
 
-    loss_log = LossLog(train_dir, start) if accelerator.is_main_process else None
-    try:
-        for step in range(start, settings.steps):
-            began = time.perf_counter()
-            loss = optimizer_step(step)
-            lr = lr_scheduler.get_last_lr()[0]
-            if settings.trackers:
-                accelerator.log({"loss": loss, "lr": lr}, step=step + 1)
-            if loss_log is not None:
-                record = {"step": step + 1, "loss": loss, "lr": lr,
-                          "epoch": round((step + 1) * settings.batch_size / len(samples), 4)}
-                if skill == JOINT:  # which skills the batch drew from
-                    positions = range(step * settings.batch_size, (step + 1) * settings.batch_size)
-                    record["sources"] = dict(Counter(samples[sample_index(p, len(samples), settings.seed)].source
-                                                     for p in positions))
-                loss_log.append(record)
-                if progress:
-                    progress(TrainEvent("step", step + 1, settings.steps, loss, lr, time.perf_counter() - began))
-            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(accelerator, train_dir, step + 1, fingerprint, expert_name,
-                                lambda path, done=step + 1: write_expert(path, done))
-                if loss_log is not None:
-                    loss_log.plot()
-    finally:
-        if loss_log is not None:
-            loss_log.close()
-    if settings.trackers:
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        write_expert(paths.expert(skill), settings.steps)
-        log.info("%s: expert written to %s", skill, paths.expert(skill))
-    accelerator.wait_for_everyone()
+    run_steps(accelerator=accelerator, settings=settings, models=trained, train_dir=train_dir, fingerprint=fingerprint,
+              output_name=expert_name, micro_loss=micro_loss, write_output=write_expert, output=paths.expert(skill),
+              progress=progress, loss_record=loss_record, tracker_run=f"selma-{run.name}-{skill}")
+    log.info("%s: expert written to %s", skill, paths.expert(skill))
     return paths.expert(skill)

@@ -26,9 +26,14 @@ from selma_toolkit.recipe import RunRecipe, recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import training_fingerprint
-from selma_toolkit.train.data import dataset_fingerprint, image_digests, sample_generator, sample_index, training_samples
-from selma_toolkit.train.loop import Progress
-from selma_toolkit.train.steps import finished, run_steps, variant_settings, with_train
+from selma_toolkit.train.data import (
+    dataset_fingerprint,
+    image_digests,
+    sample_generator,
+    sample_index,
+    training_samples,
+)
+from selma_toolkit.train.steps import Progress, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +74,15 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
               progress: Progress | None = None) -> Path:
     """Train the gate of a MoE-LoRA over ``experts`` ((name, file), in order) on the mixture of the
     run's skills; return the MoE-LoRA file (see the module docstring)."""
-    from selma_toolkit.adapters.moe import MoELora, attach_moe, check_experts, save_moe, zero_gate
+    from selma_toolkit.adapters.moe import (
+        MoELora,
+        attach_moe,
+        check_experts,
+        save_moe,
+        zero_gate,
+    )
     from selma_toolkit.lora import load_lora, metadata_value
-    from selma_toolkit.train.loop import _accelerator, _caches
+    from selma_toolkit.train.loop import build_caches, make_accelerator
 
     settings = variant_settings(run.train, learning_rate=run.moe.learning_rate, steps=run.moe.steps,
                                 batch_size=run.moe.batch_size, checkpoint_every=run.moe.checkpoint_every)
@@ -91,12 +102,12 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
     digests = image_digests(samples)
     fingerprint = {**training_fingerprint(trained_run, MOE, arch, resolution, dataset_fingerprint(samples, digests)),
                    "moe.gate": run.moe.gate, "moe.experts": digests_of_experts}
-    accelerator = _accelerator(settings, train_dir)
+    accelerator = make_accelerator(settings, train_dir)
     if finished(train_dir, fingerprint, settings.steps, OUTPUT_NAME, output):
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = _caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
+    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
                                        weight_dtype, progress)
     text_width = int(text_cache.rows([0])["prompt_embeds"].shape[-1])
     denoiser = parts.load_denoiser(model_dir, arch, weight_dtype)
@@ -111,7 +122,8 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)
 
-    def micro_loss(model, step: int, slots: list[int]) -> torch.Tensor:
+    def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
+        model = models[family.denoiser]
         indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
         cond = source(indices)
         generators = [sample_generator(settings.seed, step, s) for s in slots]
@@ -125,6 +137,9 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
         save_moe(MoELora(loras, run.moe.gate, attached.gate_tensors(), info, record), path)
 
     log.info("MoE-LoRA: %d experts (%s), %s gate, %d steps", len(loras), ", ".join(names), run.moe.gate, settings.steps)
-    return run_steps(accelerator=accelerator, settings=settings, model=denoiser, train_dir=train_dir,
+    from accelerate.utils import set_seed
+
+    set_seed(settings.seed)  # the global generator (dropout) starts where it always does
+    return run_steps(accelerator=accelerator, settings=settings, models={family.denoiser: denoiser}, train_dir=train_dir,
                      fingerprint=json.loads(json.dumps(fingerprint)), output_name=OUTPUT_NAME, micro_loss=micro_loss,
                      write_output=write_output, output=output, progress=progress)
