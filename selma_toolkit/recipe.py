@@ -11,7 +11,8 @@ Two kinds of recipe:
 Every default is the paper's number (method.md). Unknown keys are errors, with the closest valid
 key suggested. ``--set a.b=value`` overrides are parsed as TOML values, then validated like the
 file. ``resolved_toml`` / ``recipe_hash`` give the fully resolved recipe that each run writes
-next to its outputs.
+next to its outputs. Each stage's section is defined next to the stage's code (settings.py names
+the modules); this module puts them together.
 """
 
 from __future__ import annotations
@@ -22,87 +23,45 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import tomli_w
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
-    SerializationInfo,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
 
 from selma_toolkit.errors import RecipeError
-from selma_toolkit.evaluate.scorers import SCORER_NAMES
-from selma_toolkit.lora.merging.methods import MergeMethod  # the method table's names as a Literal (no torch)
+from selma_toolkit.evaluate.settings import EvaluateSettings, ScorerName  # noqa: F401 - part of this module's API
+from selma_toolkit.images.settings import ImageSettings
+from selma_toolkit.lora.merging.settings import MergeSettings
+from selma_toolkit.prompts.settings import (
+    GrammarSettings,
+    LLMSettings,
+    PromptSourceName,
+)
 from selma_toolkit.resources import shipped_run, shipped_skill
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
-PositiveInt = Annotated[int, Field(ge=1)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-# Marks text a new skill recipe's author must write (selma_toolkit/skill_new.py).
-PLACEHOLDER = "<fill in"
-
-
-# The prompt sources of prompts/sources.py PROMPT_SOURCES (a test keeps the two lists equal; importing
-# the prompts package here would be circular).
-PromptSourceName = Literal["llm", "grammar"]
-
-class StrictModel(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from selma_toolkit.settings import (  # noqa: F401
+    NAME_PATTERN,
+    PLACEHOLDER,
+    Fraction,
+    Name,
+    PositiveInt,
+    StrictModel,
+)
+from selma_toolkit.train.settings import (  # noqa: F401
+    UNET_TARGET_MODULES,
+    DPOSettings,
+    MoESettings,
+    TrainSettings,
+)
 
 # --------------------------------------------------------------------------------------------
 # Skill recipes (stage 1)
 # --------------------------------------------------------------------------------------------
-
-
-class LLMSettings(StrictModel):
-    """An OpenAI-compatible endpoint and the sampling settings of the authors' code."""
-
-    api: Literal["chat", "completions"] = "completions"
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-3.5-turbo-instruct"
-    # Name of the environment variable that holds the key; the key itself never enters a recipe.
-    api_key_env: str = "OPENAI_API_KEY"
-    # None: required unless base_url is on this machine (a local vLLM / llama.cpp / Ollama server).
-    api_key_required: bool | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Fraction = 1.0
-    max_tokens: PositiveInt = 3072
-    concurrency: PositiveInt = 5
-    max_retries: Annotated[int, Field(ge=0)] = 5
-    timeout: Annotated[float, Field(gt=0)] = 60.0
-    # Budgets per invocation (cached answers are free and not counted); the token budget is checked
-    # before each request, so the answers in flight may pass it.
-    max_requests: PositiveInt | None = None
-    max_total_tokens: PositiveInt | None = None
-    # Stop when this many requests in a row add no prompt (an endpoint answering garbage).
-    max_empty_rounds: PositiveInt = 10
-    cache: bool = True
-
-
-class GrammarSettings(StrictModel):
-    """The offline prompt source: templates whose ``{slot}`` fields are filled from word lists."""
-
-    templates: Annotated[list[str], Field(min_length=1)]
-    words: dict[str, Annotated[list[str], Field(min_length=1)]]
-
-    @model_validator(mode="after")
-    def _slots_have_words(self) -> "GrammarSettings":
-        for template in self.templates:
-            for slot in re.findall(r"\{(\w+)\}", template):
-                base = re.sub(r"\d+$", "", slot)  # {object1}, {object2} both draw from "object"
-                if slot not in self.words and base not in self.words:
-                    raise ValueError(f"template {template!r} uses slot {{{slot}}} but words has no list {base!r}")
-        return self
 
 
 class SkillRecipe(StrictModel):
@@ -161,219 +120,6 @@ class SkillRecipe(StrictModel):
 # --------------------------------------------------------------------------------------------
 # Run recipes (stages 2-4 and evaluation)
 # --------------------------------------------------------------------------------------------
-
-
-class ImageSettings(StrictModel):
-    """Stage 2: one image per prompt from the T2I model (50 steps, CFG 7.5 in the paper)."""
-
-    # Generation model when it differs from the trained one (weak-to-strong); None = base_model.
-    model: str | None = None
-    # For a single-file .safetensors generation model: a local diffusers folder (or tiny:<arch>)
-    # of the same architecture that supplies the configs, so nothing is fetched at run time.
-    single_file_config: str | None = None
-    steps: PositiveInt = 50
-    guidance_scale: Annotated[float, Field(ge=0.0)] = 7.5
-    resolution: PositiveInt = 512
-    negative_prompt: str = ""
-    batch_size: PositiveInt = 8
-    seed: int = 0
-    # auto: float16 on CUDA, float32 on CPU.
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # A diffusers scheduler class name (e.g. "DPMSolverMultistepScheduler"); None = the model's own.
-    scheduler: str | None = None
-    safety_checker: bool = False
-    attention_slicing: bool = False
-    vae_tiling: bool = False
-    cpu_offload: bool = False
-    image_format: Literal["png", "jpg"] = "png"
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-        return value
-
-
-UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the SD 1.x / 2.x / XL default (architectures.py)
-
-
-class TrainSettings(StrictModel):
-    """Stage 3: one LoRA expert per skill (rank 128, lr 3e-4 constant, batch 64, 5000 steps)."""
-
-    rank: PositiveInt = 128
-    # None: alpha = rank (scale 1).
-    alpha: Annotated[float, Field(gt=0)] | None = None
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    # None: the family's default (``Family.lora_targets``): to_q, to_k, to_v, to_out.0 for SD 1.x /
-    # 2.x / XL; SD 3 and Flux add the joint attention's add_q_proj, add_k_proj, add_v_proj, to_add_out.
-    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
-    train_text_encoder: bool = False
-    text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
-    lr_scheduler: Literal["constant", "constant_with_warmup"] = "constant"
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    # Effective batch; reached by gradient accumulation of micro_batch_size when memory is short.
-    batch_size: PositiveInt = 64
-    micro_batch_size: PositiveInt | None = None
-    steps: PositiveInt = 5000
-    checkpoint_every: PositiveInt = 1000
-    # auto: fp16 on CUDA, no mixed precision on CPU.
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
-    cache: bool = True
-    # None: the image resolution.
-    resolution: PositiveInt | None = None
-    seed: int = 0
-    lora_format: Literal["kohya", "peft"] = "kohya"
-    # accelerate trackers to log loss and lr to (besides loss.jsonl / loss.png).
-    trackers: list[Literal["tensorboard", "wandb"]] = []
-
-    @field_validator("resolution")
-    @classmethod
-    def _train_resolution_multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _warmup_has_a_scheduler(self) -> "TrainSettings":
-        if self.warmup_steps and self.lr_scheduler == "constant":
-            raise ValueError(f"warmup_steps = {self.warmup_steps} needs lr_scheduler = 'constant_with_warmup'")
-        return self
-
-    @model_validator(mode="after")
-    def _micro_batch_divides(self) -> "TrainSettings":
-        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}): "
-                "the effective batch is micro_batch_size x gradient-accumulation steps"
-            )
-        return self
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
-
-    def denoiser_targets(self, family_targets: tuple[str, ...] | list[str]) -> list[str]:
-        """The denoiser's peft target modules: ``target_modules``, or the family's default when unset."""
-        return list(self.target_modules if self.target_modules is not None else family_targets)
-
-    @field_serializer("target_modules")
-    def _hash_unset_targets_as_before(self, value: list[str] | None, info: SerializationInfo) -> list[str] | None:
-        # Hashes and training fingerprints (dumped with context {"hash": True}) see an unset value as
-        # the list that was the default before it became per-family: the UNet families' default,
-        # so their recipe hashes and checkpoints stay as they were. Resolved recipes keep it unset.
-        if value is None and (info.context or {}).get("hash"):
-            return list(UNET_TARGET_MODULES)
-        return value
-
-
-class MergeSettings(StrictModel):
-    """Stage 4: merge the experts into one LoRA (the paper: average A and B separately)."""
-
-    method: MergeMethod = "selma"
-    # None: uniform 1/T.
-    weights: list[float] | None = None
-    # Output rank for svd / ties / dare; None = the experts' rank.
-    rank: PositiveInt | None = None
-    # ties: share of largest-magnitude entries kept; dare: share of entries kept.
-    density: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    seed: int = 0
-
-
-ScorerName = Literal[SCORER_NAMES]  # the scorer registry (evaluate/scorers.py SCORERS)
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-
-
-class EvaluateSettings(StrictModel):
-    """Evaluation of base, experts, joint baseline and merged LoRA on held-out prompts."""
-
-    # clipscore, pickscore, hps, imagereward, vqascore (P("yes") to "does this figure show <prompt>?"),
-    # questions (DSG/TIFA-style question file answered by vqa_model), toyworld (exact DSG-style
-    # faithfulness of shapes-world images by segmentation; no model).
-    scorers: Annotated[list[ScorerName], Field(min_length=1)] = ["clipscore"]
-    # Held-out prompts per skill (never used for training); 0 = skip evaluation.
-    prompts_per_skill: Annotated[int, Field(ge=0)] = 100
-    seeds: Annotated[list[int], Field(min_length=1)] = [0]
-    # Extra merge methods to compare with the recipe's merge.method.
-    merge_methods: list[MergeMethod] = []
-    select_checkpoints: bool = False
-    # The metric that picks the best checkpoint (one of scorers); None = the first of scorers.
-    selection_metric: ScorerName | None = None
-    clip_model: str = "openai/clip-vit-large-patch14"
-    # PickScore: a CLIP fine-tuned on human preferences, read with the processor of the CLIP it started from.
-    pickscore_model: str = "yuvalkirstain/PickScore_v1"
-    pickscore_processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    # HPS v2: a transformers CLIP (folder or Hub id), or the authors' pickled open_clip checkpoint
-    # ("owner/repo:file.pt" on the Hub, or a local .pt) read into the CLIP architecture of hps_clip_config.
-    # A pickled file can run code when loaded: it is read only with hps_allow_pickle = true and hps_sha256 pinned.
-    hps_model: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
-    hps_clip_config: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    hps_allow_pickle: bool = False
-    hps_sha256: Sha256 | None = None
-    # ImageReward (extra `selma-toolkit[eval]`): its pickled checkpoint, read under the same two conditions.
-    imagereward_model: str = "THUDM/ImageReward:ImageReward.pt"
-    imagereward_allow_pickle: bool = False
-    imagereward_sha256: Sha256 | None = None
-    # DSG/TIFA-style question file (JSONL, CSV or JSON; a local path or a datasets id) and the VQA model that answers it.
-    questions: str | None = None
-    questions_split: str = "train"
-    vqa_model: str = "Salesforce/blip-vqa-base"
-    batch_size: PositiveInt = 16
-    bootstrap_samples: Annotated[int, Field(ge=100)] = 1000
-    # Report: prompts per skill shown in the image grids, and the human-evaluation pairs [variant, baseline]
-    # (variants: base, expert:<skill>, joint, merged:<method>); empty = the recipe's merged LoRA vs base.
-    report_prompts_per_skill: Annotated[int, Field(ge=0)] = 4
-    human_eval_pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []
-    # A paragraph of plain text for the report's "What this run showed" section (e.g. where larger study numbers are).
-    report_note: str = ""
-
-    @model_validator(mode="after")
-    def _questions_scorer_has_questions(self) -> "EvaluateSettings":
-        if "questions" in self.scorers and not self.questions:
-            raise ValueError("scorers: 'questions' needs evaluate.questions (a DSG/TIFA-style question file or datasets id)")
-        if self.selection_metric is not None and self.selection_metric not in self.scorers:
-            raise ValueError(f"selection_metric: {self.selection_metric!r} is not one of scorers {self.scorers}; "
-                             "add it to scorers or choose one of them")
-        return self
-
-
-class MoESettings(StrictModel):
-    """The MoE-LoRA baseline (paper Table 4): the frozen skill experts mixed by a learned gate,
-    only the gate trained, on the mixture of all skills' data (lr 1e-5, 5K steps)."""
-
-    # Train it in `selma run` (or `selma train RECIPE --moe`) and evaluate it as variant "moe".
-    enabled: bool = False
-    # layer: the paper's, a linear gate per layer on the layer input (per token); prompt: one gate on
-    # the mean of the text conditioning (one mixture per prompt, the same in every layer).
-    gate: Literal["layer", "prompt"] = "layer"
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
-    steps: PositiveInt = 5000
-    # None: train.batch_size / train.checkpoint_every.
-    batch_size: PositiveInt | None = None
-    checkpoint_every: PositiveInt | None = None
-
-
-class DPOSettings(StrictModel):
-    """The DPO variant (paper Table 4): per skill, two base images per prompt (other seeds), the one
-    the scorer prefers wins (ties dropped), Diffusion-DPO on a LoRA (lr 3e-4, 5K steps), the DPO
-    experts merged with merge.method."""
-
-    # Train them in `selma run` (or `selma train RECIPE --dpo`) and evaluate the merge as variant "dpo".
-    enabled: bool = False
-    # Diffusion-DPO's beta (Wallace et al. 2023 use 5000 for SD 1.5, with the per-pixel mean error).
-    beta: Annotated[float, Field(gt=0)] = 5000.0
-    pairs_per_prompt: PositiveInt = 1
-    # The scorer that picks the winner; None = the first of evaluate.scorers.
-    scorer: ScorerName | None = None
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
-    steps: PositiveInt = 5000
-    # None: train.batch_size (pairs per step) / train.checkpoint_every.
-    batch_size: PositiveInt | None = None
-    checkpoint_every: PositiveInt | None = None
 
 
 class RunRecipe(StrictModel):

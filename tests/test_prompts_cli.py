@@ -101,6 +101,7 @@ def test_missing_key_is_a_clear_error_without_traceback(cli, tmp_path):
 
 
 def test_recipe_accepts_exactly_the_registered_prompt_sources():
+    """The recipe's source names are the registry's: a source added to PROMPT_SOURCES is accepted."""
     from typing import get_args
 
     from selma_toolkit.prompts.sources import PROMPT_SOURCES

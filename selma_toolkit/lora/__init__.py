@@ -5,8 +5,7 @@ The names below are imported on first use (PEP 562), so that torch-free parts su
 method table (``lora/merging/methods.py``, read by recipe.py and the CLI at startup) can be
 imported without torch."""
 
-from importlib import import_module
-from typing import Any
+from selma_toolkit.lazy import lazy_exports
 
 _EXPORTS = {
     "core": ("COMPONENTS", "LoraModule", "LoraWeights", "canonical_module_name"),
@@ -17,7 +16,6 @@ _EXPORTS = {
     "merge": ("MERGE_METHODS", "merge_experts", "merge_files"),
     "incremental": ("add_to_merge",),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "COMPONENTS", "LoraModule", "LoraWeights", "canonical_module_name",
@@ -28,14 +26,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # once: later lookups (and monkeypatch) see a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

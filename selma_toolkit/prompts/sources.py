@@ -6,7 +6,7 @@ LLM answer, a grammar batch) or sends ``fetch`` to a thread pool (at most ``wind
 and stops with ``exhausted(...)`` when too many answers in a row added nothing.
 
 Adding a source: a class with this protocol and one entry in :data:`PROMPT_SOURCES`; the recipe's
-``source`` field accepts every name listed there (``recipe.PromptSourceName``).
+``source`` field accepts every name listed there (``prompts/settings.py``'s ``PromptSourceName``).
 """
 
 from __future__ import annotations

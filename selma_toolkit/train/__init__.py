@@ -8,15 +8,25 @@ lists the expert file of every checkpoint (the paper keeps the best 1,000-step c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from selma_toolkit.lazy import lazy_exports
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe
-from selma_toolkit.train.checkpoint import checkpoint_experts
-from selma_toolkit.train.loop import Progress, TrainEvent, train_expert
+
+if TYPE_CHECKING:
+    from selma_toolkit.recipe import RunRecipe
+    from selma_toolkit.train.steps import Progress
+
+# Imported on first use (selma_toolkit/lazy.py): recipe.py imports train/settings.py, and the
+# training modules import torch.
+_EXPORTS = {"checkpoint": ("checkpoint_experts",), "steps": ("Progress", "TrainEvent"), "loop": ("train_expert",)}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def train_joint(run: RunRecipe, paths: RunPaths, *, progress: Progress | None = None) -> Path:
     """Train one LoRA on the mixture of every skill's dataset (``experts/joint.safetensors``)."""
+    from selma_toolkit.train.loop import train_expert
+
     return train_expert(run, JOINT, paths, progress=progress)
 
 
