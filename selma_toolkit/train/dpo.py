@@ -269,7 +269,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
-                                       weight_dtype, progress)
+                                            weight_dtype, progress)
     from accelerate.utils import set_seed
 
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it

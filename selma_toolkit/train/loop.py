@@ -79,7 +79,7 @@ def _show_cache_progress(progress, done: int, total: int) -> None:
 
 
 def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
-            weight_dtype: torch.dtype, progress: Progress | None):
+                 weight_dtype: torch.dtype, progress: Progress | None):
     """(latent cache, text cache), built where missing by the main process first; each None when
     off (the text cache is off while the text encoders train: their outputs change every step)."""
     if not run.train.cache:

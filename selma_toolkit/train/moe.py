@@ -108,7 +108,7 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
-                                       weight_dtype, progress)
+                                            weight_dtype, progress)
     text_width = int(text_cache.rows([0])["prompt_embeds"].shape[-1])
     denoiser = parts.load_denoiser(model_dir, arch, weight_dtype)
     moe = MoELora(loras, run.moe.gate, zero_gate(loras, run.moe.gate, text_width), info)
