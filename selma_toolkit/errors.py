@@ -60,6 +60,12 @@ class HubInputError(HubError, InputError):
     exit_code = 2
 
 
+class ModelDownloadError(SelmaError):
+    """A model's files could not be fetched from the Hub although the reference may be right (no
+    network, a server error, offline mode without a cached copy): a runtime failure, unlike a
+    reference that names no model (``ModelError``)."""
+
+
 class OutputError(InputError):
     """An output file or folder cannot be written where it was asked for (a file in the way, no permission)."""
 

@@ -66,7 +66,9 @@ def _config_file(source: str, name: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(source, name, revision=revision))
     except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-        raise ModelError(f"{source}: could not read {name} from the Hub ({exc})") from None
+        from selma_toolkit.models import hub_model_error
+
+        raise hub_model_error(f"{source}: could not read {name} from the Hub", exc) from None
 
 
 def _meta_model(library: str, class_name: str, config_path: Path):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
-from selma_toolkit.errors import ModelError
+from selma_toolkit.errors import ModelDownloadError, ModelError, SelmaError
 
 Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -86,12 +86,12 @@ def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
         try:
             index = json.loads(Path(hf_hub_download(spec, "model_index.json", revision=revision)).read_text())
         except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-            raise ModelError(f"{spec}: could not read model_index.json from the Hub ({exc})") from None
+            raise hub_model_error(f"{spec}: could not read model_index.json from the Hub", exc) from None
         denoiser = _denoiser(spec, index)
         try:
             unet_config = json.loads(Path(hf_hub_download(spec, f"{denoiser}/config.json", revision=revision)).read_text())
         except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-            raise ModelError(f"{spec}: could not read {denoiser}/config.json from the Hub ({exc})") from None
+            raise hub_model_error(f"{spec}: could not read {denoiser}/config.json from the Hub", exc) from None
     pipeline_class = index.get("_class_name", "")
     family = family_of_pipeline(pipeline_class, unet_config)
     if family.denoiser != denoiser:  # a transformer no family's rule claims (another DiT model)
@@ -107,6 +107,29 @@ def _denoiser(spec: str, index: dict[str, Any]) -> str:
             return name
     raise ModelError(f"{spec}: pipeline {index.get('_class_name', '')!r} has no UNet or transformer; "
                      f"expected {family_titles()}")
+
+
+def hub_model_error(message: str, exc: BaseException) -> SelmaError:
+    """The error for a failed read of a model's files from the Hub: ``ModelError`` (exit 2) when
+    the Hub says the reference names nothing (no such repo, revision or file, an invalid id), else
+    ``ModelDownloadError`` (exit 1: no network, a server error, offline without a cached copy)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # LocalEntryNotFoundError (not found in the cache, the Hub unreachable) is an EntryNotFoundError
+    # too, and GatedRepoError a RepositoryNotFoundError: both are tested first.
+    if isinstance(exc, (LocalEntryNotFoundError, GatedRepoError)):
+        return ModelDownloadError(f"{message} ({exc}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE, or log in "
+                                  "(`hf auth login`) for a gated or private model, then run the command again")
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError, HFValidationError)):
+        return ModelError(f"{message} ({exc}); check the repo id and revision")
+    return ModelDownloadError(f"{message} ({type(exc).__name__}: {exc}); run the command again once the Hub answers")
 
 
 def default_dtype(device: str, requested: str = "auto"):

@@ -56,6 +56,7 @@ EXIT_CODES = {
     "InputError": 2, "RecipeError": 2, "LoraFormatError": 2, "DatasetError": 2, "ModelError": 2, "OutputError": 2,
     "HubInputError": 2,
     "SelmaError": 1, "TrainingError": 1, "EndpointError": 1, "HubError": 1, "FolderLockedError": 1, "DiskFullError": 1,
+    "ModelDownloadError": 1,
 }
 
 
@@ -64,6 +65,37 @@ def test_every_error_class_has_the_exit_code_of_its_kind():
     assert set(classes) == set(EXIT_CODES), "a new error class must be sorted here into input (2) or runtime (1)"
     assert {name: cls.exit_code for name, cls in classes.items()} == EXIT_CODES
     assert all(issubclass(classes[name], errors.InputError) == (code == 2) for name, code in EXIT_CODES.items())
+
+
+def _hub_response(status: int):
+    import httpx2
+
+    return httpx2.Response(status, request=httpx2.Request("GET", "http://127.0.0.1/alice/model/resolve/main/model_index.json"))
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    pytest.param(lambda e: e.RepositoryNotFoundError("404 Repository Not Found", response=_hub_response(404)),
+                 errors.ModelError, id="no_such_repo"),
+    pytest.param(lambda e: e.RevisionNotFoundError("404 Revision Not Found", response=_hub_response(404)),
+                 errors.ModelError, id="no_such_revision"),
+    pytest.param(lambda e: e.HFValidationError("Repo id must be in the form 'repo_name'"), errors.ModelError,
+                 id="invalid_repo_id"),
+    pytest.param(lambda e: e.GatedRepoError("403 Gated repo", response=_hub_response(403)), errors.ModelDownloadError,
+                 id="gated_repo"),
+    pytest.param(lambda e: e.LocalEntryNotFoundError("cannot find the requested files in the local cache"),
+                 errors.ModelDownloadError, id="unreachable_and_not_cached"),
+    pytest.param(lambda e: e.HfHubHTTPError("500 Server Error", response=_hub_response(500)), errors.ModelDownloadError,
+                 id="server_error"),
+])
+def test_a_failed_model_read_from_the_hub_is_bad_input_only_when_the_hub_says_the_reference_names_nothing(make, expected):
+    from huggingface_hub import errors as hub_errors
+
+    from selma_toolkit.models import hub_model_error
+
+    error = hub_model_error("alice/model: could not read model_index.json from the Hub", make(hub_errors))
+    assert type(error) is expected
+    assert error.exit_code == (2 if expected is errors.ModelError else 1)
+    assert str(error).startswith("alice/model: could not read model_index.json from the Hub (")
 
 
 def test_verbose_adds_the_traceback_of_a_refusal_and_keeps_its_line_and_exit_code(tmp_path):

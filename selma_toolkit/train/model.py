@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family, get_family
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
-from selma_toolkit.models import resolve_model
+from selma_toolkit.models import hub_model_error, resolve_model
 from selma_toolkit.recipe import UNET_TARGET_MODULES, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def local_model_dir(spec: str, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(source, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE))
     except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-        raise ModelError(f"{spec}: could not download the model from the Hub ({exc})") from None
+        raise hub_model_error(f"{spec}: could not download the model from the Hub", exc) from None
 
 
 def text_encoder_names(arch: str) -> list[str]:
