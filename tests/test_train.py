@@ -115,12 +115,11 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
 
     def caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, arch, torch.float32)
-        return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"),
-                                      hidden_layer=get_family(arch).text_hidden_layer)
+        return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=get_family(arch))
 
     texts = caches.ensure_cache(caches.text_cache_spec(model_dir, names, torch.float32, samples), root, 2, caption_encoder)
     source = caches.ConditionSource(samples, 16, torch.device("cpu"), latents=caches.CachedTensors(latents),
-                                    texts=caches.CachedTensors(texts))
+                                    texts=caches.CachedTensors(texts), family=get_family(arch))
     cond = source([1, 0])
     pipe = DiffusionPipeline.from_pretrained(model_dir)
     for row, index in enumerate([1, 0]):

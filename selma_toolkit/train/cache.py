@@ -25,7 +25,7 @@ import torch
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.train.data import TrainSample, prepare_image
 from selma_toolkit.architectures import Family
-from selma_toolkit.train.model import Conditioning, encode_images, encode_prompts, encode_texts, sdxl_time_ids
+from selma_toolkit.train.model import Conditioning, encode_images, encode_prompts, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,12 @@ def latent_encoder(samples: list[TrainSample], vae, resolution: int) -> Encoder:
 
 
 def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *,
-                    hidden_layer: int = -1, family: Family | None = None) -> Encoder:
-    """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32
-    (``family``: encoded as its pipeline does, see ``encode_prompts``; without it ``hidden_layer``,
-    the family's ``text_hidden_layer``, see ``encode_texts``)."""
+                    family: Family) -> Encoder:
+    """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32,
+    encoded as the family's pipeline does (``encode_prompts``)."""
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled = _encode(tokenizers, encoders, [samples[i].text for i in indices], device,
-                                     hidden_layer, family)
+            embeds, pooled = encode_prompts(family, tokenizers, encoders, [samples[i].text for i in indices], device)
         out = {"prompt_embeds": embeds.float().cpu()}
         if pooled is not None:
             out["pooled"] = pooled.float().cpu()
@@ -182,22 +180,14 @@ def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list
     return encode
 
 
-def _encode(tokenizers, encoders, texts, device, hidden_layer: int, family: Family | None):
-    if family is not None:
-        return encode_prompts(family, tokenizers, encoders, texts, device)
-    return encode_texts(tokenizers, encoders, texts, device, hidden_layer=hidden_layer)
-
-
 class ConditionSource:
     """Conditioning for a list of dataset indices, from the caches where they exist and through
     the VAE / text encoders otherwise (the text encoders always, when they are trained)."""
 
-    def __init__(self, samples: list[TrainSample], resolution: int, device: torch.device, *,
+    def __init__(self, samples: list[TrainSample], resolution: int, device: torch.device, *, family: Family,
                  latents: CachedTensors | None = None, texts: CachedTensors | None = None,
-                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None, hidden_layer: int = -1,
-                 family: Family | None = None):
-        self.samples, self.resolution, self.device, self.hidden_layer = samples, resolution, device, hidden_layer
-        self.family = family  # None: SD 1.x / 2.x / XL conditioning by hidden_layer (time ids with pooled text)
+                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None):
+        self.samples, self.resolution, self.device, self.family = samples, resolution, device, family
         self.latents, self.texts = latents, texts
         self.encode_latents = latent_encoder(samples, vae, resolution) if latents is None else None
         self.tokenizers, self.text_encoders = tokenizers or [], text_encoders or []
@@ -211,10 +201,9 @@ class ConditionSource:
         else:
             captions = [self.samples[i].text for i in indices]
             with torch.set_grad_enabled(self.train_text):
-                embeds, pooled = _encode(self.tokenizers, self.text_encoders, captions, self.device,
-                                         self.hidden_layer, self.family)
+                embeds, pooled = encode_prompts(self.family, self.tokenizers, self.text_encoders, captions, self.device)
         time_ids = None
-        if pooled is not None and (self.family is None or self.family.pooled_and_time_ids):
+        if pooled is not None and self.family.pooled_and_time_ids:
             time_ids = sdxl_time_ids(image["original_size"], image["crop_top_left"], self.resolution).to(self.device)
         if pooled is not None:
             pooled = pooled.to(self.device)

@@ -275,8 +275,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it
     trained, _, _ = build_models(settings, model_dir, arch, device, weight_dtype, cache_text=True)
     denoiser = trained[family.denoiser]
-    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache,
-                                    hidden_layer=family.text_hidden_layer, family=family)
+    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
     noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)

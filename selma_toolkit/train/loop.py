@@ -103,7 +103,7 @@ def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, a
     def make_caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
         return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device,
-                                      hidden_layer=get_family(arch).text_hidden_layer, family=get_family(arch))
+                                      family=get_family(arch))
 
     with accelerator.main_process_first():
         spec = caches.text_cache_spec(model_dir, names, weight_dtype, samples)
@@ -139,6 +139,28 @@ def build_models(settings: TrainSettings, model_dir: Path, arch: str, device, we
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
     return trained, tokenizers, text_encoders
+
+
+def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.ConditionSource, model_dir: Path, arch: str):
+    """``loss(denoiser, step, slots)``: the family's denoising loss (epsilon / v, or flow) on the
+    samples at stream positions ``step * batch_size + slot``, with each slot's own noise draws; what
+    an expert, the mixture baseline and the MoE gate train on."""
+    family = get_family(arch)
+    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    latent_scale = parts.vae_latent_scale(model_dir)
+    count = len(source.samples)
+
+    def loss(denoiser, step: int, slots: list[int]) -> torch.Tensor:
+        indices = [sample_index(step * settings.batch_size + s, count, settings.seed) for s in slots]
+        cond = source(indices)
+        generators = [sample_generator(settings.seed, step, s) for s in slots]
+        draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
+        # Flux's guidance embedding gets the guidance the run's images were drawn with.
+        return parts.diffusion_loss(denoiser, noise_scheduler, cond, draws, latent_scale, family,
+                                    guidance=run.images.guidance_scale)
+
+    return loss
 
 
 def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
@@ -182,22 +204,13 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     vae = parts.load_vae(model_dir).to(device) if latent_cache is None else None
     names = parts.text_encoder_names(arch)
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
-                                    tokenizers=tokenizers, text_encoders=text_encoders,
-                                    hidden_layer=family.text_hidden_layer, family=family)
-    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+                                    tokenizers=tokenizers, text_encoders=text_encoders, family=family)
+    loss = denoising_loss(run, settings, source, model_dir, arch)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         # Trained text encoders run through their prepared (DDP) wrappers, so their gradients are all-reduced.
         source.text_encoders = [models.get(name, encoder) for name, encoder in zip(names, text_encoders)]
-        indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
-        cond = source(indices)
-        generators = [sample_generator(settings.seed, step, s) for s in slots]
-        draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
-        # Flux's guidance embedding gets the guidance the run's images were drawn with.
-        return parts.diffusion_loss(models[family.denoiser], noise_scheduler, cond, draws, latent_scale,
-                                    family, guidance=run.images.guidance_scale)
+        return loss(models[family.denoiser], step, slots)
 
     def loss_record(step: int) -> dict:
         record = {"epoch": round((step + 1) * settings.batch_size / len(samples), 4)}

@@ -68,14 +68,6 @@ def text_encoder_names(arch: str) -> list[str]:
     return list(get_family(arch).text_encoder_components)
 
 
-def load_unet(model_dir: Path, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype, use_safetensors=True)
-    unet.requires_grad_(False)
-    return unet
-
-
 def load_denoiser(model_dir: Path, arch: str, dtype: torch.dtype):
     """The family's denoiser (UNet or transformer), frozen, of the diffusers class its record names."""
     import diffusers

@@ -29,8 +29,6 @@ from selma_toolkit.train.checkpoint import training_fingerprint
 from selma_toolkit.train.data import (
     dataset_fingerprint,
     image_digests,
-    sample_generator,
-    sample_index,
     training_samples,
 )
 from selma_toolkit.train.steps import Progress, finished, run_steps, variant_settings, with_train
@@ -82,7 +80,7 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
         zero_gate,
     )
     from selma_toolkit.lora import load_lora, metadata_value
-    from selma_toolkit.train.loop import build_caches, make_accelerator
+    from selma_toolkit.train.loop import build_caches, denoising_loss, make_accelerator
 
     settings = variant_settings(run.train, learning_rate=run.moe.learning_rate, steps=run.moe.steps,
                                 batch_size=run.moe.batch_size, checkpoint_every=run.moe.checkpoint_every)
@@ -116,20 +114,11 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
     denoiser.train()
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache,
-                                    hidden_layer=family.text_hidden_layer, family=family)
-    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
+    loss = denoising_loss(trained_run, settings, source, model_dir, arch)  # an expert's loss, through the gated layers
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
-        model = models[family.denoiser]
-        indices = [sample_index(step * settings.batch_size + s, len(samples), settings.seed) for s in slots]
-        cond = source(indices)
-        generators = [sample_generator(settings.seed, step, s) for s in slots]
-        draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
-        return parts.diffusion_loss(model, noise_scheduler, cond, draws, latent_scale, family,
-                                    guidance=run.images.guidance_scale)
+        return loss(models[family.denoiser], step, slots)
 
     def write_output(path: Path, steps: int) -> None:
         record = {"steps": steps, "base_model": run.base_model, "architecture": arch, "recipe_sha256": recipe_hash(run),
