@@ -1,4 +1,4 @@
-"""Package namespaces whose names are imported on first use (PEP 562).
+"""Names imported on first use: package namespaces (PEP 562) and registry entries (``"module:name"``).
 
 A stage package (``selma_toolkit.train``, ``.images``, ``.prompts``, ``.lora``) exports its
 functions from modules that need torch or the recipe classes, while the recipe classes import
@@ -32,3 +32,11 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]], namespace
         return sorted({*namespace, *module_of})
 
     return __getattr__, __dir__
+
+
+def import_object(path: str) -> Any:
+    """The object a registry entry names as ``"package.module:name"`` (a scorer factory, a model
+    source), imported now: registries list their entries by name so that importing the registry
+    imports none of them."""
+    module, _, name = path.partition(":")
+    return getattr(import_module(module), name)

@@ -8,13 +8,13 @@ bases, package data of selma_toolkit.toyworld). Every stage loads models through
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
 from selma_toolkit.errors import ModelDownloadError, ModelError, SelmaError
+from selma_toolkit.lazy import import_object
 
 Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -35,9 +35,8 @@ def resolve_model(spec: str) -> str:
     """
     for prefix, source in MODEL_SOURCES.items():
         if spec.startswith(prefix):
-            module, _, function = source.partition(":")
             try:
-                return str(getattr(importlib.import_module(module), function)(spec))
+                return str(import_object(source)(spec))
             except ValueError as exc:
                 raise ModelError(str(exc)) from None
     path = Path(spec).expanduser()

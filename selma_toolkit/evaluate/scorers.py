@@ -21,14 +21,13 @@ sha256 pinned.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from selma_toolkit.errors import ModelError
+from selma_toolkit.lazy import import_object
 from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
@@ -305,43 +304,27 @@ def _build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scor
     return ImageRewardScorer(settings, device)
 
 
-ScorerFactory = Callable[["EvaluateSettings", "str | None"], Scorer]
-
-
-@dataclass(frozen=True)
-class ScorerEntry:
-    """One scorer of the registry: its factory ``(settings, device) -> Scorer``, given as
-    ``"module:function"`` and imported on use, so a scorer's module (the VQA models, the shapes
-    world) is imported only when a recipe asks for it, and this module imports none of them."""
-
-    name: str
-    factory: str
-
-    def load_factory(self) -> ScorerFactory:
-        module, _, function = self.factory.partition(":")
-        return getattr(importlib.import_module(module), function)
-
-
-# The scorer registry: adding a scorer is a class with the Scorer protocol, a factory next to it
-# and one entry here (recipe.py's evaluate.scorers accepts every name listed).
-SCORERS: dict[str, ScorerEntry] = {entry.name: entry for entry in (
-    ScorerEntry("clipscore", f"{__name__}:_build_clipscore"),
-    ScorerEntry("pickscore", f"{__name__}:_build_pickscore"),
-    ScorerEntry("hps", f"{__name__}:_build_hps"),
-    ScorerEntry("imagereward", f"{__name__}:_build_imagereward"),
-    ScorerEntry("vqascore", "selma_toolkit.evaluate.vqa:build_vqascore"),
-    ScorerEntry("questions", "selma_toolkit.evaluate.vqa:build_question_scorer"),
-    ScorerEntry("toyworld", "selma_toolkit.toyworld.scorer:build_toyworld_scorer"),
-)}
+# The scorer registry: name -> its factory ``(settings, device) -> Scorer`` as "module:function",
+# imported when a recipe asks for the scorer (lazy.import_object), so this module imports none of
+# their modules (the VQA models, the shapes world). Adding a scorer is a class with the Scorer
+# protocol, a factory next to it and one entry here (evaluate.scorers accepts every name listed).
+SCORERS: dict[str, str] = {
+    "clipscore": f"{__name__}:_build_clipscore",
+    "pickscore": f"{__name__}:_build_pickscore",
+    "hps": f"{__name__}:_build_hps",
+    "imagereward": f"{__name__}:_build_imagereward",
+    "vqascore": "selma_toolkit.evaluate.vqa:build_vqascore",
+    "questions": "selma_toolkit.evaluate.vqa:build_question_scorer",
+    "toyworld": "selma_toolkit.toyworld.scorer:build_toyworld_scorer",
+}
 SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
 
 
 def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:
     """The scorer called ``name`` (one of SCORER_NAMES) with its models from ``settings``."""
-    entry = SCORERS.get(name)
-    if entry is None:
+    if name not in SCORERS:
         raise ModelError(f"unknown scorer {name!r}; expected one of {', '.join(SCORER_NAMES)}")
-    return entry.load_factory()(settings, device)
+    return import_object(SCORERS[name])(settings, device)
 
 
 def build_scorers(settings: "EvaluateSettings", device: str | None = None) -> list[Scorer]:
