@@ -280,20 +280,27 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
     ``.lora_B.weight`` with B <- (alpha / r) B and alpha = r. ``peft``: ``<component>.<path>.lora_A.weight`` /
     ``.lora_B.weight``, and diffusers' ``lora_adapter_metadata`` (alpha lives only there).
     """
+    _, tensors, extra = _layout(weights, format)
+    return tensors, extra
+
+
+def _layout(weights: LoraWeights, format: LoraLayout) -> tuple[LoraWeights, dict[str, torch.Tensor], dict[str, str]]:
+    """(``weights`` as the file holds them: scales folded for the diffusers layout, the tensors,
+    the layout's metadata entries); the family is guessed once (it reads every module name)."""
     if format not in WRITE_FORMATS:
         raise LoraFormatError(f"format {format!r}: expected one of {', '.join(WRITE_FORMATS)}")
     if not weights.modules:
         raise LoraFormatError("the LoRA has no modules; nothing to write")
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, str] = {}
-    if _folds_scale(weights, format):
-        folded = _folded(weights)
-        for name, module in folded.modules.items():
+    family = _kohya_family(weights) if format == "kohya" else None
+    if family is not None and family.default_layout == "diffusers":
+        weights = _folded(weights)
+        for name, module in weights.modules.items():
             tensors[f"{name}.lora_A.weight"] = module.down
             tensors[f"{name}.lora_B.weight"] = module.up
-        extra[PEFT_METADATA_KEY] = json.dumps(peft_adapter_metadata(folded), indent=2, sort_keys=True)
-    elif format == "kohya":
-        family = _kohya_family(weights)
+        extra[PEFT_METADATA_KEY] = json.dumps(peft_adapter_metadata(weights), indent=2, sort_keys=True)
+    elif family is not None:
         for name, (module, write_alpha) in _kohya_modules(weights).items():
             key = kohya_module_name(name, family=family)
             tensors[f"{key}.lora_down.weight"] = module.down
@@ -307,12 +314,7 @@ def lora_to_state_dict(weights: LoraWeights, format: LoraLayout = "kohya") -> tu
         extra[PEFT_METADATA_KEY] = json.dumps(peft_adapter_metadata(weights), indent=2, sort_keys=True)
     # safetensors stores each tensor whole and refuses views that share memory.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    return tensors, extra
-
-
-def _folds_scale(weights: LoraWeights, format: str) -> bool:
-    """Whether ``format`` writes ``weights`` in the diffusers layout with scales folded (SD 3 / Flux)."""
-    return format == "kohya" and _kohya_family(weights).default_layout == "diffusers"
+    return weights, tensors, extra
 
 
 def _folded(weights: LoraWeights) -> LoraWeights:
@@ -391,8 +393,7 @@ def save_lora(
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are written as .safetensors; give a path ending in .safetensors")
-    tensors, extra = lora_to_state_dict(weights, format)
-    written = _folded(weights) if _folds_scale(weights, format) else weights  # rank / alpha as the file has them
+    written, tensors, extra = _layout(weights, format)  # written: rank / alpha as the file has them
     header = {**file_metadata(written, metadata), **extra, "format": "pt"}
     atomic_write_bytes(path, save(tensors, metadata=header))
     logger.debug("wrote %d modules (%s layout) to %s", len(weights.modules), format, path)
