@@ -177,16 +177,7 @@ def per_sample_errors(unet, noise_scheduler, cond: parts.Conditioning, draws: pa
                       latent_scale: tuple[float, float]) -> torch.Tensor:
     """[n] mean squared error per sample of the UNet's prediction against the scheduler's target
     (epsilon or v): ``diffusion_loss`` (train/model.py) before its batch mean."""
-    device = cond.prompt_embeds.device
-    scale, shift = latent_scale
-    latents = (cond.latent_mean + cond.latent_std * draws.latent_noise.to(device) - shift) * scale
-    noise, timesteps = draws.noise.to(device), draws.timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = parts.diffusion_target(noise_scheduler, latents, noise, timesteps)
-    added = None
-    if cond.pooled is not None:
-        added = {"text_embeds": cond.pooled.to(device), "time_ids": cond.time_ids.to(device)}
-    prediction = unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added).sample
+    prediction, target = parts.unet_prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale)
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 

@@ -322,6 +322,14 @@ def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, late
     guidance embedding's value for a Flux transformer that has one)."""
     if family is not None and family.loss_target == "flow":
         return flow_loss(unet, noise_scheduler, cond, draws, latent_scale, family, guidance)
+    prediction, target = unet_prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale)
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def unet_prediction_and_target(unet, noise_scheduler, cond: Conditioning, draws: Draws,
+                               latent_scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the UNet's prediction on the noised latents, the scheduler's target: epsilon or v), each
+    [n, C, h, w]: what ``diffusion_loss`` averages, and Diffusion-DPO compares per sample."""
     device = cond.prompt_embeds.device
     scale, shift = latent_scale
     mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
@@ -333,7 +341,7 @@ def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, late
     if cond.pooled is not None:
         added = {"text_embeds": cond.pooled.to(device), "time_ids": cond.time_ids.to(device)}
     prediction = unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    return prediction, target
 
 
 def flow_loss(transformer, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float],
