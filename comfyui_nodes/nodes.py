@@ -194,9 +194,11 @@ class SelmaHubExpert:
     OUTPUT_TOOLTIPS = ("The input stack plus this expert.",)
     FUNCTION = "pull"
     DESCRIPTION = ("Downloads a skill expert into the loras folder and adds it to the stack: a Hub repo id "
-                   "owner/name[:file.safetensors], or a name from your expert catalog (a TOML file named in 'catalog' "
-                   "or in the SELMA_CATALOG environment variable; the catalog shipped with the toolkit is empty). "
-                   "Needs network access when it runs, never at start-up.")
+                   "owner/name[:file.safetensors], or a catalog name (`selma hub list`; your own entries in a TOML "
+                   "file named in 'catalog' or in the SELMA_CATALOG environment variable). Catalog entries extracted "
+                   "from two full models (kind 'extract', such as the SELMA authors' models) are made once in a "
+                   "terminal with `selma hub pull NAME`; this node takes them from that cache and never downloads "
+                   "full models. Needs network access when it runs, never at start-up.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -230,8 +232,10 @@ class SelmaHubExpert:
                 raise HubError(f"SELMA Hub Expert: 'ref' is empty; give a Hub repo id owner/name or {_catalog_names(catalog_file)}")
             loras = folder_paths.get_folder_paths("loras")[0]
             try:
+                # cached_only: a queued graph never downloads and extracts two full models (several GB).
                 path = resolve_expert_file(ref.strip(), to=loras, revision=revision.strip() or None,
-                                           endpoint=endpoint.strip() or None, catalog=catalog_file).path
+                                           endpoint=endpoint.strip() or None, catalog=catalog_file,
+                                           cached_only=True).path
             except HubError as error:
                 raise HubError(f"SELMA Hub Expert: {error}") from error
             return _stack_with(experts, Path(path).name, str(path), weight)
@@ -247,8 +251,8 @@ def _catalog_names(catalog: str | None) -> str:
         return f"a catalog name (the catalog cannot be read: {error})"
     if names:
         return "a name from your catalog: " + ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-    return ("a name from your catalog (none is known: the shipped catalog is empty; name a catalog TOML file in "
-            "'catalog' or in the SELMA_CATALOG environment variable)")
+    return ("a name from your catalog (none is known: name a catalog TOML file in 'catalog' or in the SELMA_CATALOG "
+            "environment variable)")
 
 
 class SelmaMergeExperts:

@@ -1,7 +1,8 @@
 """Expert references: what a user writes for an expert -> a local, verified ``.safetensors`` file.
 
-A reference is a local file, a catalog name (``countbench``) or a Hub repo id (``owner/name``,
-``owner/name:path/in/repo.safetensors``). Every caller resolves through this module: the diffusers
+A reference is a local file, a catalog name (``countbench``; an ``extract`` entry such as
+``selma-sdxl`` is extracted from its two models on first use and cached) or a Hub repo id
+(``owner/name``, ``owner/name:path/in/repo.safetensors``). Every caller resolves through this module: the diffusers
 adapter, the ComfyUI Hub Expert node, `selma merge` (and `--add`), the run checks of `selma run`,
 `selma evaluate --before` and `selma hub pull`. Downloads are ``selma_toolkit.hub``'s.
 
@@ -36,7 +37,7 @@ class ExpertFile:
 
 def resolve_expert_file(ref: str | Path, **hub_options) -> ExpertFile:
     """``ref`` as a local file: as it is when it is one, else from the catalog / Hub
-    (``hub_options``: catalog, revision, to, filename, endpoint, token; see ``hub.resolve_expert``)."""
+    (``hub_options``: catalog, revision, to, filename, endpoint, token, cached_only; see ``hub.resolve_expert``)."""
     from selma_toolkit.hub import resolve_expert
 
     text = str(ref)

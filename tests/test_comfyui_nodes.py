@@ -479,17 +479,17 @@ def test_hub_expert_node_suggests_only_names_that_resolve(loras, monkeypatch):
     from selma_toolkit.hub import load_catalog
 
     monkeypatch.delenv("SELMA_CATALOG", raising=False)
-    assert load_catalog() == {}  # the shipped catalog is empty: no example name may be suggested
+    shipped = sorted(load_catalog())  # the shipped catalog's entries, the only names that may be suggested
     texts = [SelmaHubExpert.DESCRIPTION, *(spec[1]["tooltip"] for section in SelmaHubExpert.INPUT_TYPES().values()
                                             for spec in section.values())]
     assert "countbench" not in " ".join(texts) and "SELMA_CATALOG" in SelmaHubExpert.DESCRIPTION
     with pytest.raises(HubError, match="'ref' is empty") as info:
         SelmaHubExpert().pull("", 1.0, "", "")
-    assert "none is known: the shipped catalog is empty" in str(info.value) and "countbench" not in str(info.value)
+    assert f"a name from your catalog: {', '.join(shipped)}" in str(info.value) and "countbench" not in str(info.value)
     with pytest.raises(HubError, match="no catalog entry of that name") as info:
         SelmaHubExpert().pull("countbench", 1.0, "", "")
-    assert "the catalog is empty" in str(info.value) and "'catalog' input or in SELMA_CATALOG" in str(info.value)
-    assert "--" not in str(info.value)
+    assert f"catalog names: {', '.join(shipped)}" in str(info.value)
+    assert "'catalog' input or in SELMA_CATALOG" in str(info.value) and "--" not in str(info.value)
 
 
 def test_hub_expert_node_names_an_unreachable_endpoint(loras):

@@ -191,6 +191,7 @@ def test_a_file_name_with_dotdot_listed_by_a_hostile_server_is_refused_and_nothi
 # ------------------------------------------------------------------------------ repo ids, catalogs
 
 REPO_ID_FORM = "expected owner/name (letters, digits, '-', '_', '.'), e.g. my-user/countbench-sd2"
+SHIPPED_NAMES = "selma-sd14, selma-sd2, selma-sdxl, selma-sdxl-512"  # hub/catalog.toml's extract entries
 
 REFERENCES = {
     # case: (files, selma arguments, expected message after "error: ")
@@ -205,12 +206,12 @@ REFERENCES = {
     "merge_expert_repo_id_with_dotdot": ({"a.safetensors": ""}, ["merge", "alice/x..y", "a.safetensors", "--out", "m.safetensors"],
                                          "repo id 'alice/x..y' is not valid: Cannot have -- or .. in repo_id: 'alice/x..y'."),
     "pull_unknown_catalog_name": ({}, ["hub", "pull", "no-such-expert", "--to", "loras"],
-                                  "'no-such-expert': no such file, and no catalog entry of that name (the catalog is empty; "
-                                  "add your own entries with --catalog FILE); a Hub repo is written owner/name"),
+                                  "'no-such-expert': no such file, and no catalog entry of that name (catalog names: "
+                                  f"{SHIPPED_NAMES}; add your own entries with --catalog FILE); a Hub repo is written owner/name"),
     "merge_unknown_catalog_name": ({"a.safetensors": "", "c.toml": "[mine]\n" + CATALOG_ENTRY.format(file="x.safetensors")},
                                    ["merge", "no-such-expert", "a.safetensors", "--out", "m.safetensors"],
-                                   "'no-such-expert': no such file, and no catalog entry of that name (catalog names: mine; "
-                                   "add your own entries with --catalog FILE); a Hub repo is written owner/name"),
+                                   "'no-such-expert': no such file, and no catalog entry of that name (catalog names: mine, "
+                                   f"{SHIPPED_NAMES}; add your own entries with --catalog FILE); a Hub repo is written owner/name"),
     "catalog_file_missing": ({}, ["hub", "list", "--catalog", "nope.toml"], "nope.toml: catalog file not found"),
     "catalog_file_syntax_error": ({"c.toml": '[ok\nrepo = "a/b"\n'}, ["hub", "list", "--catalog", "c.toml"],
                                   "c.toml: TOML syntax error: Expected ']' at the end of a table declaration (at line 1, column 4)"),

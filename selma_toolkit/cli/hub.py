@@ -45,7 +45,10 @@ def hub_pull(
     file: Annotated[Optional[str], typer.Option("--file", help="The .safetensors file in the repo, when it holds several.")] = None,
     catalog: CatalogOption = None,
 ) -> None:
-    """Download an expert into the Hugging Face cache (works offline from the cache) and print its local path."""
+    """Download an expert into the Hugging Face cache (works offline from the cache) and print its local path.
+
+    A catalog entry of kind extract (`selma hub list`) downloads its two models, extracts the LoRA once and keeps it
+    in the extraction cache ($SELMA_CACHE/extractions); pulling it again is instant."""
     from selma_toolkit.experts import resolve_expert_file
 
     path = resolve_expert_file(ref, catalog=catalog, revision=revision, to=to, filename=file).path
@@ -55,7 +58,7 @@ def hub_pull(
 @hub_app.command("list")
 def hub_list(catalog: CatalogOption = None) -> None:
     """Show the catalog of published experts (and your own with --catalog)."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from selma_toolkit.hub import load_catalog
 
@@ -63,8 +66,13 @@ def hub_list(catalog: CatalogOption = None) -> None:
     if not entries:
         console.print("the catalog is empty: no expert has been published in it yet; add your own with --catalog FILE")
         return
-    table = Table("name", "skill", "base model", "arch", "repo", "file", "sha256")
+    table = Table(Column("name", no_wrap=True), "kind", "family", "skill", "base model", "source", "pinned")
     for entry in sorted(entries.values(), key=lambda e: e.name):
-        table.add_row(*(escape(v) for v in (entry.name, entry.skill, entry.base_model, entry.architecture, entry.repo, entry.file)),
-                      "pinned" if entry.sha256 else "-")
+        if entry.extract is not None:  # made by `selma hub pull`: this fine-tuned model minus its base model
+            source = entry.extract.model
+            pinned = "revisions" if entry.extract.model_revision and entry.extract.base_revision else "-"
+        else:
+            source, pinned = f"{entry.repo}:{entry.file}", "sha256" if entry.sha256 else "-"
+        row = (entry.name, entry.kind, entry.architecture, entry.skill or "-", entry.base_model, source, pinned)
+        table.add_row(*(escape(v) for v in row))
     console.print(table)

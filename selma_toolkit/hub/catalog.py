@@ -1,5 +1,9 @@
 """The catalog of published experts: ``hub/catalog.toml`` (shipped) plus the user's files
-(``--catalog``, ``SELMA_CATALOG``), each entry checked: repo id, file name, family, sha256."""
+(``--catalog``, ``SELMA_CATALOG``), each entry checked: repo id, file name, family, sha256.
+
+Two kinds of entries: a LoRA file in a Hub repo (``repo`` + ``file``), or a LoRA extracted from
+two full models (``extract = { model = "...", base = "..." }``: the fine-tuned model minus the base
+it was trained from, made by ``selma_toolkit.hub.extraction``)."""
 
 from __future__ import annotations
 
@@ -26,8 +30,22 @@ Architecture = str  # a family name of selma_toolkit.architectures
 
 
 @dataclass(frozen=True)
+class ExtractSpec:
+    """How an ``extract`` entry's LoRA is made: ``model`` minus ``base`` (Hub repo ids, optionally
+    pinned to revisions), at ``rank`` ("auto" or N), over ``components`` (default: every part both have)."""
+
+    model: str
+    base: str
+    model_revision: str | None = None
+    base_revision: str | None = None
+    rank: str | int = "auto"
+    components: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
-    """One published expert: where it lives and what it is."""
+    """One published expert: where it lives and what it is. For an ``extract`` entry, ``repo``
+    is the fine-tuned model, ``file`` the name the extracted LoRA gets and ``extract`` the recipe."""
 
     name: str
     repo: str
@@ -38,10 +56,19 @@ class CatalogEntry:
     sha256: str | None = None
     revision: str | None = None
     source: str = ""
+    extract: ExtractSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """"file" (a LoRA file in a repo) or "extract" (a LoRA extracted from two models)."""
+        return "extract" if self.extract is not None else "file"
 
 
 _REQUIRED = ("repo", "file", "skill", "base_model", "architecture")
 _OPTIONAL = ("sha256", "revision")
+_EXTRACT_KEYS = ("extract", "architecture", "skill", "base_model")
+_EXTRACT_SPEC_REQUIRED = ("model", "base")
+_EXTRACT_SPEC_OPTIONAL = ("model_revision", "base_revision", "rank", "components")
 
 
 def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
@@ -50,6 +77,8 @@ def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
         raise HubError(f"{where}: entry name must be lower-case letters, digits, '-', '_' or '.' (no '/'; that would read as a repo id)")
     if not isinstance(table, dict):
         raise HubError(f"{where}: expected a table with keys {', '.join(_REQUIRED)}, found {table!r}")
+    if "extract" in table:
+        return _extract_entry(name, table, source, where)
     unknown = sorted(set(table) - set(_REQUIRED) - set(_OPTIONAL))
     missing = [key for key in _REQUIRED if key not in table]
     if unknown or missing:
@@ -71,9 +100,49 @@ def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
     return CatalogEntry(name=name, source=source, **table)
 
 
+def _extract_entry(name: str, table: dict[str, Any], source: str, where: str) -> CatalogEntry:
+    """An ``extract`` entry: ``extract = { model, base[, model_revision, base_revision, rank,
+    components] }``, ``architecture``, optional ``skill`` and ``base_model`` (default: the base)."""
+    unknown = sorted(set(table) - set(_EXTRACT_KEYS))
+    if unknown or "architecture" not in table:
+        raise HubError(f"{where}: an extract entry takes the keys {', '.join(_EXTRACT_KEYS)} (architecture required)"
+                       + (f"; found unknown key(s) {unknown}" if unknown else ""))
+    spec = table["extract"]
+    allowed = set(_EXTRACT_SPEC_REQUIRED + _EXTRACT_SPEC_OPTIONAL)
+    if not isinstance(spec, dict) or set(_EXTRACT_SPEC_REQUIRED) - set(spec) or set(spec) - allowed:
+        raise HubError(f"{where}: extract = {spec!r}: expected a table with model and base (Hub repo ids) and "
+                       f"optionally {', '.join(_EXTRACT_SPEC_OPTIONAL)}")
+    strings = [k for k in ("model", "base", "model_revision", "base_revision")
+               if k in spec and not isinstance(spec[k], str)]
+    strings += [k for k in ("architecture", "skill", "base_model") if k in table and not isinstance(table[k], str)]
+    if strings:
+        raise HubError(f"{where}: {', '.join(strings)}: expected strings")
+    rank = spec.get("rank", "auto")
+    if rank != "auto" and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise HubError(f"{where}: extract.rank {rank!r}: expected \"auto\" or a positive integer")
+    if table["architecture"] not in FAMILIES:
+        raise HubError(f"{where}: architecture {table['architecture']!r}: expected one of {', '.join(FAMILY_NAMES)}")
+    parts = FAMILIES[table["architecture"]].components
+    components = spec.get("components")
+    if components is not None and (not isinstance(components, list) or not components
+                                   or not all(isinstance(c, str) and c in parts for c in components)):
+        raise HubError(f"{where}: extract.components {components!r}: expected a list of model parts of "
+                       f"{table['architecture']}: {', '.join(parts)}")
+    try:
+        check_repo_id(spec["model"])
+        check_repo_id(spec["base"])
+    except HubError as exc:
+        raise HubError(f"{where}: extract: {exc}") from None
+    extract = ExtractSpec(spec["model"], spec["base"], spec.get("model_revision"), spec.get("base_revision"), rank,
+                          tuple(components) if components else None)
+    return CatalogEntry(name=name, repo=extract.model, file=f"{name}.safetensors", skill=table.get("skill", ""),
+                        base_model=table.get("base_model", extract.base), architecture=table["architecture"],
+                        revision=extract.model_revision, source=source, extract=extract)
+
+
 def read_catalog(path: str | Path) -> dict[str, CatalogEntry]:
     """Read one catalog file: a TOML table per entry, ``[name]`` with repo, file, skill,
-    base_model, architecture and optional sha256 and revision."""
+    base_model, architecture and optional sha256 and revision; or an ``extract`` entry."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise HubInputError(f"{path}: catalog file not found")

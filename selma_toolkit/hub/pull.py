@@ -134,6 +134,7 @@ def resolve_expert(
     filename: str | None = None,
     endpoint: str | None = None,
     token: str | bool | None = None,
+    cached_only: bool = False,
 ) -> Path:
     """A local ``.safetensors`` path for an expert reference.
 
@@ -142,6 +143,8 @@ def resolve_expert(
     ``revision`` picks a branch, tag or commit (default: the catalog's pin, else main); ``to`` copies
     the downloaded file into a folder; ``filename`` names the file in a repo with several;
     ``endpoint`` and ``token`` are passed to huggingface_hub (default: HF_ENDPOINT, the stored login).
+    A catalog ``extract`` entry is extracted from its two models on first use and then taken from
+    the extraction cache (``hub.extraction``); with ``cached_only`` only from the cache.
     """
     text = str(ref)
     local = Path(text).expanduser()
@@ -161,6 +164,11 @@ def resolve_expert(
                 f"{text!r}: no such file, and no catalog entry of that name ({known}; add your own entries "
                 "with --catalog FILE); a Hub repo is written owner/name"
             )
+        if entry.extract is not None:
+            from selma_toolkit.hub.extraction import pull_extraction
+
+            return pull_extraction(entry, revision=revision, to=to, endpoint=endpoint, token=token,
+                                   cached_only=cached_only)
         log.info("catalog %s -> %s:%s", entry.name, entry.repo, entry.file)
         return pull_file(entry.repo, entry.file, revision=revision or entry.revision, sha256=entry.sha256,
                          to=to, endpoint=endpoint, token=token)

@@ -204,7 +204,7 @@ def _module(source: str, name: str, parts: dict[str, tuple[str, torch.Tensor]]) 
     if "diff" in parts:
         if set(parts) - {"diff", "alpha"}:
             raise LoraFormatError(f"{source}: module {name} has both a full difference and LoRA factors")
-        return _full_rank_module(parts["diff"][1])
+        return full_rank_module(parts["diff"][1])
     missing = {"down", "up"} - set(parts)
     if missing:
         present = ", ".join(key for key, _ in parts.values())
@@ -223,7 +223,7 @@ def _module(source: str, name: str, parts: dict[str, tuple[str, torch.Tensor]]) 
     return LoraModule(down=down, up=up, alpha=alpha_value)
 
 
-def _full_rank_module(diff: torch.Tensor) -> LoraModule:
+def full_rank_module(diff: torch.Tensor) -> LoraModule:
     """A dense difference D as an exact LoRA: B @ A = D with one factor the identity."""
     out_features, in_flat = diff.shape[0], diff[0].numel()
     if diff.dim() == 2 and in_flat <= out_features:

@@ -19,7 +19,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -192,3 +192,33 @@ def _check_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
             "(an interrupted download or copy?); fetch the file again"
         )
     return header, dict(metadata), header_size
+
+
+def safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
+    """The tensor entries of a safetensors file's header (``dtype``, ``shape``, ``data_offsets``),
+    its ``__metadata__`` and the byte where the tensor data starts, checked against the file's
+    size as :func:`read_safetensors` checks it; no tensor is read."""
+    header, metadata, header_size = _check_header(Path(path))
+    return header, metadata, 8 + header_size
+
+
+def read_tensor(handle: BinaryIO, entry: dict[str, Any], data_start: int) -> torch.Tensor:
+    """One tensor of an open safetensors file, by its header ``entry``, read with positioned reads
+    into memory of its own.
+
+    Not safetensors' ``safe_open``: it maps the whole file, and every page a tensor is read from
+    stays resident in the process until the file is closed (reading all tensors of a 1 GB file
+    that way peaks at about 1.3 GB RSS, against 0.3 GB for positioned reads); a model extraction
+    reads two models of several GB tensor by tensor and should hold about one tensor pair."""
+    begin, end = entry["data_offsets"]
+    dtype = _TORCH_DTYPES[entry["dtype"]]
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
+    while done < len(view):  # a positioned read may return less than asked (above 2 GB on Linux)
+        count = os.preadv(handle.fileno(), [view[done:]], data_start + begin + done)
+        if count == 0:
+            raise LoraFormatError(f"{handle.name}: ends inside a tensor's data; it was truncated or changed while read")
+        done += count
+    if sys.byteorder != "little" and dtype.itemsize > 1:  # stored little-endian: reverse each value's bytes
+        buffer = buffer.view(-1, dtype.itemsize).flip(1).contiguous().view(-1)
+    return buffer.view(dtype).reshape([int(d) for d in entry["shape"]])
