@@ -30,6 +30,17 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Bina
 
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
+    with atomic_file(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+        handle.flush()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write by name; on success it is fsynced and renamed over
+    ``path``, on any exception removed (``path`` is left as it was). For writers that open the file
+    themselves, such as safetensors' ``save_file`` (which writes tensors from their own memory where
+    ``save`` would build the whole file as bytes first); :func:`atomic_open` for a handle."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,12 +53,14 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Bina
         # mkstemp creates files readable by the owner only; give the result the permissions a
         # plain open() would (0666 minus the umask), so a shared dataset folder stays readable.
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
+        os.fsync(fd)  # the same file as the writer's own descriptor: its data reaches the disk
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL and not isinstance(exc, DiskFullError):

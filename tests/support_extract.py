@@ -7,6 +7,7 @@ diffusers folder by the naming rules of the original code (independent of the to
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -147,3 +148,76 @@ def _openclip(text: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
             for name, original in _OPENCLIP.items():
                 out[f"{target}{original}.{kind}"] = text[f"{source}{name}.{kind}"]
     return out
+
+
+def full_size_pair(arch: str, root: Path) -> tuple[Path, Path]:
+    """Two UNet + text-encoder folders of the full-size ``arch`` model (SD 1.5 or SDXL layers, names
+    and shapes from the meta device): a base of zeros and a model with a random rank-1 update in
+    every Linear / Conv layer of the UNet and in every CLIP layer ComfyUI maps, written in fp16 shards
+    of about 1 GB (names are what ComfyUI's key maps are tested on; the values do not matter)."""
+    from support_comfyui import full_size_models
+    from support_lora import COMFY_CLIP_LAYERS, FULL_SIZE_UNET
+
+    unet, text = full_size_models(arch)
+    generator = torch.Generator().manual_seed(0)
+    pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
+    writers = {name: _ShardWriter(root / name) for name in ("base", "model")}
+    index = {
+        "_class_name": pipeline,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        **{component: ["transformers", type(model).__name__] for component, model in text.items()},
+    }
+    for name in writers:
+        (root / name).mkdir(parents=True)
+        (root / name / "model_index.json").write_text(json.dumps(index))
+    parts = {"unet": (unet, None), **{component: (model, COMFY_CLIP_LAYERS) for component, model in text.items()}}
+    for component, (model, layers) in parts.items():
+        for path, layer in model.named_modules():
+            if not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d) or (layers and not path.endswith(layers)):
+                continue
+            shape = tuple(layer.weight.shape)
+            down = torch.randn(math.prod(shape[1:]), generator=generator)
+            update = torch.outer(torch.randn(shape[0], generator=generator), down) * 1e-2
+            unprefixed = component != "unet" and not path.startswith("text_model.")
+            key = f"text_model.{path}.weight" if unprefixed else f"{path}.weight"
+            writers["base"].add(component, key, torch.zeros(shape, dtype=torch.float16))
+            writers["model"].add(component, key, update.reshape(shape).half())
+    for name, writer in writers.items():
+        writer.close()
+        (root / name / "unet" / "config.json").write_text(
+            json.dumps({"_class_name": "UNet2DConditionModel", **FULL_SIZE_UNET[arch]})
+        )
+    return root / "base", root / "model"
+
+
+class _ShardWriter:
+    """Tensors written into ``<component>/`` as safetensors shards of about 1 GB with a diffusers index."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.shards, self.pending, self.size = folder, {}, {}, 0
+
+    def add(self, component: str, key: str, tensor: torch.Tensor) -> None:
+        if self.pending and (self.size + tensor.nbytes > 1 << 30 or next(iter(self.pending))[0] != component):
+            self._flush()
+        self.pending[(component, key)] = tensor
+        self.size += tensor.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        component = next(iter(self.pending))[0]
+        stem = "diffusion_pytorch_model" if component == "unet" else "model"
+        shards = self.shards.setdefault(component, {})
+        file = f"{stem}-{len(set(shards.values())) + 1:05d}.safetensors"
+        (self.folder / component).mkdir(parents=True, exist_ok=True)
+        save_file({key: tensor for (_, key), tensor in self.pending.items()}, self.folder / component / file)
+        shards.update({key: file for _, key in self.pending})
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        for component, weight_map in self.shards.items():
+            stem = "diffusion_pytorch_model" if component == "unet" else "model"
+            index = self.folder / component / f"{stem}.safetensors.index.json"
+            index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

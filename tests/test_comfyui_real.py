@@ -167,6 +167,25 @@ def test_merge_node_output_is_loaded_whole_by_comfyui_key_maps(arch, tmp_path, m
     assert answer["unfit"] == []  # SELMA Apply LoRA's own check agrees with ComfyUI's key maps
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_an_extracted_lora_is_loaded_whole_by_comfyui_key_maps(arch, tmp_path):
+    """`selma lora extract` on two full-size models that differ in every UNet layer and every CLIP layer
+    ComfyUI maps (written in fp16: about 2 x 1.7 GB for SD 1.5, 2 x 5 GB for SDXL): ComfyUI patches every module."""
+    from support_extract import full_size_pair
+
+    from selma_toolkit.lora.extract import extract_lora, save_extraction
+
+    comfyui, python = INSTALL
+    base, model = full_size_pair(arch, tmp_path / "models")
+    extraction = extract_lora(model, base)
+    assert {layer.found for layer in extraction.changed} == {1}
+    file = save_extraction(extraction, tmp_path / "extracted.safetensors")
+    shutil.rmtree(tmp_path / "models")
+    answer = run_in_comfyui(python, comfyui, "key-check", str(file), arch, timeout=600)
+    assert answer["model"] == {"sd1": "SD15", "sdxl": "SDXL"}[arch]
+    assert answer["unloaded"] == [] and answer["patched"] == len(extraction.weights.modules) and answer["unfit"] == []
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

@@ -163,8 +163,7 @@ def extract_lora(
             reports.append(_report(name, tuple(fine_weight.shape), fit))
             if fit.status != "unchanged":
                 modules[name] = _module(fit, tuple(fine_weight.shape), _factor_dtype(fine_weight))
-                if fit.status == "low-rank":
-                    hint = max(hint, fit.rank)
+                hint = max(hint, fit.found)  # sizes the range finder of the next layers
             if rank_n is None:
                 _early_verdict(reports, model_source.ref, base_source.ref)
             if progress is not None:

@@ -312,9 +312,24 @@ def _layout(weights: LoraWeights, format: LoraLayout) -> tuple[LoraWeights, dict
             tensors[f"{name}.lora_A.weight"] = module.down
             tensors[f"{name}.lora_B.weight"] = module.up
         extra[PEFT_METADATA_KEY] = json.dumps(peft_adapter_metadata(weights), indent=2, sort_keys=True)
-    # safetensors stores each tensor whole and refuses views that share memory.
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    return weights, tensors, extra
+    return weights, _owning(tensors), extra
+
+
+def _owning(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors writes them: each whole and contiguous, none sharing memory with
+    another (it refuses views that do); only those that are not so are copied (a LoRA of a few GB,
+    as an extraction makes, would otherwise be held twice)."""
+    owning: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu")
+        storage = value.untyped_storage()
+        whole = value.is_contiguous() and value.storage_offset() == 0 and storage.nbytes() == value.nbytes
+        if not whole or storage.data_ptr() in storages:
+            value = value.contiguous().clone()
+        storages.add(value.untyped_storage().data_ptr())
+        owning[key] = value
+    return owning
 
 
 def _folded(weights: LoraWeights) -> LoraWeights:
@@ -386,15 +401,16 @@ def save_lora(
     :func:`selma_toolkit.lora.metadata.lora_metadata`), with rank, alpha, targets, architecture,
     toolkit version and the kohya ``ss_*`` / ModelSpec fields recomputed from the tensors.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
-    from selma_toolkit.io import atomic_write_bytes
+    from selma_toolkit.io import atomic_file
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are written as .safetensors; give a path ending in .safetensors")
     written, tensors, extra = _layout(weights, format)  # written: rank / alpha as the file has them
     header = {**file_metadata(written, metadata), **extra, "format": "pt"}
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    with atomic_file(path) as tmp:  # save_file writes from the tensors' memory; save() would copy it all twice
+        save_file(tensors, tmp, metadata=header)
     logger.debug("wrote %d modules (%s layout) to %s", len(weights.modules), format, path)
     return path

@@ -84,7 +84,7 @@ def rounding_variance(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def fit_layer(fine: torch.Tensor, base: torch.Tensor, rank: int | None = None, rank_hint: int = 0) -> LayerFit:
     """Factor D = ``fine`` - ``base`` (stored weights of one layer, equal shapes). ``rank``: None
     for the rank read from the spectrum, N for the best rank-N approximation. ``rank_hint``: the
-    rank expected (the largest found so far), which sizes the range finder."""
+    rank expected (the largest found so far), which sizes the range finder (0: exact SVD)."""
     dtype = compute_dtype(fine, base)
     base_c = base.to(dtype).reshape(base.shape[0], -1)
     difference = fine.to(dtype).reshape(fine.shape[0], -1) - base_c
@@ -182,9 +182,9 @@ def _decompose(difference: torch.Tensor, threshold: float, rank: int | None, ran
     """(U, S, Vh, solver) holding at least the singular values the rank choice needs: all of them
     (exact SVD), or the leading ones when a range finder of width rank + OVERSAMPLE suffices."""
     width = min(difference.shape)
-    wanted = max(rank if rank is not None else rank_hint, 1)
+    wanted = rank if rank is not None else rank_hint  # no hint yet: the exact SVD finds the first rank
     generator = torch.Generator().manual_seed(_SEED)
-    while (wanted + OVERSAMPLE) * _RANGE_SHARE <= width:
+    while wanted and (wanted + OVERSAMPLE) * _RANGE_SHARE <= width:
         q = wanted + OVERSAMPLE
         iterations = _POWER_ITERATIONS if rank is None else 2 * _POWER_ITERATIONS  # no gap to rely on for a fixed rank
         u, s, vh = _range_svd(difference, q, iterations, generator)
