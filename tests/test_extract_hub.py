@@ -146,7 +146,9 @@ def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from
 def test_extract_entries_are_checked_naming_the_file_entry_and_key(tmp_path):
     cases = {
         'extract.rank 0: expected "auto" or a positive integer': 'extract = { model = "a/b", base = "c/d", rank = 0 }',
-        "extract.components ['vae']: expected a list of model parts of sd1: unet, text_encoder": 'extract = { model = "a/b", base = "c/d", components = ["vae"] }',
+        "extract.components ['vae']: expected a list of model parts of sd1: unet, text_encoder": (
+            'extract = { model = "a/b", base = "c/d", components = ["vae"] }'
+        ),
         "repo id 'nobody' is not valid": 'extract = { model = "nobody", base = "c/d" }',
         "expected a table with model and base": 'extract = { model = "a/b" }',
         "found unknown key(s) ['repo']": 'repo = "a/b"\nextract = { model = "a/b", base = "c/d" }',
