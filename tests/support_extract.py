@@ -109,8 +109,10 @@ _OPENCLIP = {
 def single_file(folder: Path, out: Path, family: str) -> Path:
     """The diffusers ``folder`` as one checkpoint in the original layout (``model.diffusion_model.``
     UNet; SD 1.x CLIP under ``cond_stage_model.transformer.``; SD 2.x OpenCLIP under
-    ``cond_stage_model.model.`` with q / k / v fused into ``attn.in_proj_weight``), plus a VAE key
-    the reader must skip. Written from the original code's naming, not with the toolkit's mapper."""
+    ``cond_stage_model.model.`` with q / k / v fused into ``attn.in_proj_weight``; SDXL's two under
+    ``conditioner.embedders.0.transformer.`` / ``.1.model.``, the projection applied as x @ P), plus
+    a VAE key the reader must skip. Written from the original code's naming, not with the toolkit's
+    mapper."""
     from safetensors.torch import load_file, save_file
 
     config = json.loads((folder / "unet" / "config.json").read_text())
@@ -121,16 +123,27 @@ def single_file(folder: Path, out: Path, family: str) -> Path:
         tensors[
             f"model.diffusion_model.{diffusers_to_ldm(module, config['layers_per_block'], up_attention)}.{leaf}"
         ] = value
-    text = {
-        k if k.startswith("text_model.") else "text_model." + k: v
-        for k, v in load_file(folder / "text_encoder" / "model.safetensors").items()
-    }
+    text = _clip(folder / "text_encoder")
     if family == "sd1":
         tensors.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
-    else:
+    elif family == "sd2":
         tensors.update(_openclip(text, "cond_stage_model.model."))
+    else:  # SDXL: CLIP-L under embedders.0 with transformers' names, OpenCLIP-G under embedders.1
+        tensors.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in text.items()})
+        text_2 = _clip(folder / "text_encoder_2")
+        tensors.update(_openclip(text_2, "conditioner.embedders.1.model."))
+        tensors["conditioner.embedders.1.model.text_projection"] = text_2["text_projection.weight"].T.contiguous()
     save_file(tensors, out)
     return out
+
+
+def _clip(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
 
 
 def _openclip(text: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

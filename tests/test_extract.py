@@ -197,17 +197,11 @@ def test_different_architectures_are_refused_naming_both_models(tiny_model_dirs,
 # ---------------------------------------------------------------------------------- single files
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_single_file_checkpoints_are_read_per_key_and_give_the_same_lora(tiny_model_dirs, family, tmp_path):
     pipe = build_tiny_pipeline(family)
-    lora = known_lora(
-        pipe,
-        family,
-        rank=3,
-        seed=5,
-        targets=(*ATTENTION, "proj_in", "conv1"),
-        text_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1"),
-    )
+    text = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1") + (("text_projection",) if family == "sdxl" else ())
+    lora = known_lora(pipe, family, rank=3, seed=5, targets=(*ATTENTION, "proj_in", "conv1"), text_targets=text)
     model = fused_model(tiny_model_dirs[family], [lora], tmp_path / "fused")
     checkpoint = single_file(model, tmp_path / "fused.safetensors", family)
     extraction = extract_lora(checkpoint, tiny_model_dirs[family])  # a single file against a folder

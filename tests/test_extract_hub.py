@@ -143,6 +143,29 @@ def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from
         assert float((fused - want).norm() / want.norm()) < 3e-2  # the fp16 variant's rounding floor
 
 
+def test_lora_extract_takes_hub_ids_and_records_revisions_commits_and_file_hashes(hub, tmp_path):
+    import json
+
+    olah, lora, model_commit = hub
+    env = {"HF_ENDPOINT": olah.endpoint, "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "x.safetensors"
+    result = _cli("lora", "extract", "--model", MODEL, "--base", BASE, "--revision", model_commit, "--components", "unet",
+                  "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"{MODEL}@{model_commit} ({model_commit[:10]})" in result.stdout
+    record = json.loads(load_lora(out).metadata["selma.extract"])
+    base_commit = head(olah.mirrors / "models" / BASE)
+    assert (record["model"]["ref"], record["model"]["revision"], record["model"]["commit"]) == (MODEL, model_commit, model_commit)
+    assert (record["base"]["revision"], record["base"]["commit"]) == ("main", base_commit)
+    # The files' sha256 are the Hub's (the cache names each downloaded file by it).
+    blob = (tmp_path / "hf" / "hub" / "models--alice--tiny-sd1" / "snapshots" / base_commit / "unet"
+            / "diffusion_pytorch_model.safetensors")
+    from selma_toolkit.io import sha256_file
+
+    assert record["base"]["files"] == {"unet/diffusion_pytorch_model.safetensors": sha256_file(blob)}
+    assert set(record["layers"]) == set(lora.modules)
+
+
 def test_extract_entries_are_checked_naming_the_file_entry_and_key(tmp_path):
     cases = {
         'extract.rank 0: expected "auto" or a positive integer': 'extract = { model = "a/b", base = "c/d", rank = 0 }',

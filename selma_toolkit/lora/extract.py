@@ -153,6 +153,7 @@ def extract_lora(
         ) as start,
     ):
         names = _paired_layers(fine, start, model_source.ref, base_source.ref)
+        log.info("comparing %d layers of %s with %s (rank %s)", len(names), model_source.ref, base_source.ref, rank)
         hashing = _Hashes([*fine.files, *start.files])
         modules: dict[str, LoraModule] = {}
         reports: list[LayerReport] = []
@@ -181,6 +182,8 @@ def extract_lora(
         family,
     )
     extraction.weights.metadata = extraction_metadata(extraction)
+    summary = extraction.summary()
+    log.info("%d layers changed (ranks %s), %d unchanged", summary["changed"], summary["ranks"], summary["unchanged"])
     return extraction
 
 
