@@ -149,6 +149,15 @@ def write_unet(folder: Path, config: dict, case: tuple[int, float] | None) -> No
 # ------------------------------------------------------------------------ jobs, each in a fresh process
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM of its address space. Not getrusage's ru_maxrss: Linux carries
+    it over exec, so a spawned child reports at least what its parent held when it forked."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: an upper bound
+
+
 def _usage(threads: int, work) -> dict:
     import torch
 
@@ -158,7 +167,7 @@ def _usage(threads: int, work) -> dict:
     return {
         "cpu": time.process_time() - cpu,
         "wall": time.perf_counter() - wall,
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib": _peak_rss_mib(),
         **(result or {}),
     }
 
