@@ -38,7 +38,7 @@ _EMBEDDINGS = {
     "relative_attention_bias",
     "pos_embed",
 }
-_STEMS = ("diffusion_pytorch_model", "model")
+_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, transformers' pickles
 _VARIANT = re.compile(r"\.(fp16|bf16)(?:-\d+-of-\d+)?\.(safetensors|bin)$|\.index\.(fp16|bf16)\.json$")
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
