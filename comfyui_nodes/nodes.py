@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import family_of_comfy_model
+from selma_toolkit.config import merge_methods as merging  # the method table: list, rules, texts
 from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
 from selma_toolkit.expert_fit import LayerMisfit, layer_misfits, shown_lines
 from selma_toolkit.io import sha256_file
@@ -45,7 +46,6 @@ from selma_toolkit.lora import (
 )
 from selma_toolkit.lora.blocks import parse_block_weights
 from selma_toolkit.lora.merge import MergeRecord, merge_experts
-from selma_toolkit.lora.merging import methods as merging  # the method table: list, rules, texts
 
 logger = logging.getLogger(__name__)
 

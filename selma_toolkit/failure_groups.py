@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from selma_toolkit.errors import InputError
 
 if TYPE_CHECKING:
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 # Question kinds (the toyworld scorer's, and question_kind's) -> the name of the skill they propose.
 KIND_SKILLS = {"count": "count", "color": "color", "relation": "spatial", "spatial": "spatial", "entity": "objects",
@@ -285,7 +285,7 @@ def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:
         return _ToyWorldJudge()
     from selma_toolkit.evaluate.scorers import build_scorer
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     settings = settings or EvaluateSettings(scorers=[scorer])
     built = build_scorer(scorer, settings)

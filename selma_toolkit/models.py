@@ -13,18 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
+from selma_toolkit.config.registries import MODEL_SOURCES, import_object
 from selma_toolkit.errors import ModelDownloadError, ModelError, SelmaError
-from selma_toolkit.lazy import import_object
 
 Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-# Model sources named by a prefix: each is "module:function" turning the reference into a local
-# diffusers folder (ValueError when it cannot), imported on use so that this module imports no
-# model builder. tiny: the embedded random models; toy: the shipped shapes-world bases.
-MODEL_SOURCES: dict[str, str] = {
-    "tiny:": "selma_toolkit.tiny:ensure_tiny_model",
-    "toy:": "selma_toolkit.toyworld.model:toy_base_dir",
-}
 
 
 def resolve_model(spec: str) -> str:

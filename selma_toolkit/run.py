@@ -36,7 +36,8 @@ from typing import Any, Literal
 from selma_toolkit.errors import DatasetError, SelmaError
 from selma_toolkit.io import check_output_folder, folder_lock
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe, load_run_recipe, write_resolved_recipe
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.recipe import load_run_folder, write_resolved_recipe
 from selma_toolkit.run_checks import (
     ExternalExpert,
     check_recipe_change,
@@ -69,15 +70,6 @@ class RunResult:
     experts: list[tuple[str, Path]]  # what was merged, in order
     merged: dict[str, Path]  # merge method -> file
     report: Path | None
-
-
-def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
-    """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
-    paths = RunPaths(Path(folder))
-    if not paths.recipe.is_file():
-        raise DatasetError(f"{folder}: not a run folder (no recipe.toml); expected a folder written by `selma run` "
-                           "(or give the recipe: `selma run RECIPE --out FOLDER`)")
-    return load_run_recipe(paths.recipe), paths
 
 
 # ----------------------------------------------------------------------------- stage states
@@ -146,7 +138,7 @@ def _merge_settings(run: RunRecipe, method: str, count: int) -> dict[str, Any]:
     """The merge record fields (lora/merging/record.py) a merge of ``count`` experts with the recipe's
     settings has; which settings a method records is the method table's rule (``recorded_settings``)."""
     from selma_toolkit.lora.merge import expert_weights
-    from selma_toolkit.lora.merging.methods import recorded_settings
+    from selma_toolkit.config.merge_methods import recorded_settings
 
     settings = recorded_settings(method, rank=run.merge.rank, density=run.merge.density, seed=run.merge.seed)
     del settings["svd_mode"]  # recipes always merge with the exact SVD: never compared

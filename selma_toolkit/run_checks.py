@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.merge_methods import METHODS
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.errors import LoraFormatError, RecipeError
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.lora.merging.methods import METHODS
-from selma_toolkit.recipe import RunRecipe, load_run_recipe
+from selma_toolkit.recipe import load_run_recipe
 
 log = logging.getLogger(__name__)
 

@@ -18,16 +18,11 @@ from typing import Any
 
 import tomli_w
 
+from selma_toolkit.config.base import NAME_PATTERN, PLACEHOLDER
+from selma_toolkit.config.prompts import LLMSettings
+from selma_toolkit.config.recipes import SkillRecipe
 from selma_toolkit.errors import RecipeError
-from selma_toolkit.recipe import (
-    NAME_PATTERN,
-    PLACEHOLDER,
-    LLMSettings,
-    SkillRecipe,
-    apply_overrides,
-    load_skill_recipe,
-    skill_recipe_from_dict,
-)
+from selma_toolkit.recipe import apply_overrides, load_skill_recipe, skill_recipe_from_dict
 
 # An instruction in the form of the authors' (method.md), for the author to finish.
 GENERIC_INSTRUCTION = f"""Please create {{n}} more diverse image descriptions. Here are several rules for creating the image descriptions:

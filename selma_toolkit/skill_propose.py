@@ -49,6 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from selma_toolkit.config.evaluate import EvaluateSettings
+from selma_toolkit.config.prompts import LLMSettings
+from selma_toolkit.config.recipes import SkillRecipe
 from selma_toolkit.errors import DatasetError, InputError, OutputError, RecipeError
 from selma_toolkit.failure_groups import (
     FailureGroup,
@@ -61,7 +64,7 @@ from selma_toolkit.failure_groups import (
     tfidf_embeddings,
 )
 from selma_toolkit.io import JsonlAppender, atomic_write_bytes, atomic_write_text, folder_lock, read_jsonl
-from selma_toolkit.recipe import EvaluateSettings, LLMSettings, SkillRecipe, skill_recipe_from_dict
+from selma_toolkit.recipe import skill_recipe_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +403,7 @@ def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, s
 
 def _write_recipes(groups: Sequence[FailureGroup], out: Path, base_model: str, scorer: str, source: str, prefix: str,
                    num_prompts: int | None) -> list[ProposedSkill]:
-    from selma_toolkit.recipe import NAME_PATTERN
+    from selma_toolkit.config.base import NAME_PATTERN
     from selma_toolkit.skill_new import recipe_text
 
     folder = out / "skills"

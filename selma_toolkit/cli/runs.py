@@ -140,7 +140,8 @@ def status(
     final_experts: Annotated[bool, typer.Option("--final-experts", help="As `selma run --final-experts` would merge.")] = False,
 ) -> None:
     """Show what a run folder holds: each stage per skill, done or not, with counts."""
-    from selma_toolkit.run import load_run_folder, run_status
+    from selma_toolkit.recipe import load_run_folder
+    from selma_toolkit.run import run_status
 
     run, paths = load_run_folder(run_dir)
     states = run_status(run, paths, use_best=not final_experts)
@@ -153,7 +154,8 @@ def status(
 
 
 def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) -> None:
-    from selma_toolkit.run import evaluate_run, load_run_folder
+    from selma_toolkit.recipe import load_run_folder
+    from selma_toolkit.run import evaluate_run
 
     run, paths = load_run_folder(run_dir)
     if checkpoints:
@@ -179,7 +181,7 @@ def _compare_before_after(run_dir: Path, before: str, method: str | None) -> Non
     from rich.table import Table
 
     from selma_toolkit.evaluate.before_after import compare_before_after, verdict_line
-    from selma_toolkit.run import load_run_folder
+    from selma_toolkit.recipe import load_run_folder
 
     run, paths = load_run_folder(run_dir)
     result = run_with_progress(lambda on_stage, progress: compare_before_after(

@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from selma_toolkit.cli.app import SetOption, app, console, err_console, quiet_loading_bars
+from selma_toolkit.config import merge_methods as merging  # the merge method table (no torch): --method help
 from selma_toolkit.errors import InputError
-from selma_toolkit.lora.merging import methods as merging  # the merge method table (no torch): --method help
 
 
 # --------------------------------------------------------------------------------------- prompts

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
 from selma_toolkit.evaluate.stats import Interval, bootstrap_interval
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
+from selma_toolkit.recipe import load_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ def compare_before_after(
 def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRecipe, RunPaths] | None]:
     """The before LoRA file and, when it belongs to a run folder, that run's recipe and paths."""
     from selma_toolkit.experts import resolve_expert_file
-    from selma_toolkit.run import load_run_folder
 
     folder = Path(before).expanduser()
     if folder.is_dir():

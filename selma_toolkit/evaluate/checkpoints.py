@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.evaluate import EvaluateSettings
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.errors import DatasetError, TrainingError
 from selma_toolkit.evaluate.generate import (
     EvalJob,
@@ -37,7 +39,6 @@ from selma_toolkit.evaluate.generate import (
 from selma_toolkit.evaluate.scoring import variant_folder
 from selma_toolkit.io import atomic_write_text, sha256_file
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import EvaluateSettings, RunRecipe
 
 log = logging.getLogger(__name__)
 

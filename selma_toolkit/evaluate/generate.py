@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.scoring import EvalItem, variant_folder
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.prompts.filters import normalized
-from selma_toolkit.recipe import RunRecipe
 
 log = logging.getLogger(__name__)
 

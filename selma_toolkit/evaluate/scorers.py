@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from selma_toolkit.config.registries import SCORER_NAMES, SCORERS, import_object
 from selma_toolkit.errors import ModelError
-from selma_toolkit.lazy import import_object
 from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 logger = logging.getLogger(__name__)
 
@@ -276,20 +276,20 @@ def _sibling(spec: str, filename: str) -> str:
     return f"{spec.partition(':')[0]}:{filename}"
 
 
-def _build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ClipSimilarityScorer(
         "clipscore", "CLIPScore", settings.clip_model, "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
         "clipscore", _clip_loader(settings.clip_model, "clip_model", None, "clip_model"), device, settings.batch_size)
 
 
-def _build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ClipSimilarityScorer(
         "pickscore", "PickScore", settings.pickscore_model, "PickScore human-preference model: logit_scale * cos.",
         "logit_scale", _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor,
                                     "pickscore_processor"), device, settings.batch_size)
 
 
-def _build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
     if settings.hps_model.endswith((".pt", ".pth", ".bin")):
         # Refuse now (before images are generated) if the opt-in or the pin is missing.
         require_pickle_opt_in(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
@@ -300,24 +300,8 @@ def _build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
                                 "percent", load, device, settings.batch_size)
 
 
-def _build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ImageRewardScorer(settings, device)
-
-
-# The scorer registry: name -> its factory ``(settings, device) -> Scorer`` as "module:function",
-# imported when a recipe asks for the scorer (lazy.import_object), so this module imports none of
-# their modules (the VQA models, the shapes world). Adding a scorer is a class with the Scorer
-# protocol, a factory next to it and one entry here (evaluate.scorers accepts every name listed).
-SCORERS: dict[str, str] = {
-    "clipscore": f"{__name__}:_build_clipscore",
-    "pickscore": f"{__name__}:_build_pickscore",
-    "hps": f"{__name__}:_build_hps",
-    "imagereward": f"{__name__}:_build_imagereward",
-    "vqascore": "selma_toolkit.evaluate.vqa:build_vqascore",
-    "questions": "selma_toolkit.evaluate.vqa:build_question_scorer",
-    "toyworld": "selma_toolkit.toyworld.scorer:build_toyworld_scorer",
-}
-SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
 
 
 def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:

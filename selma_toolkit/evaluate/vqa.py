@@ -32,7 +32,7 @@ from selma_toolkit.models import default_device
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 COMPARABILITY_NOTE = ("Scores from a VQA model are comparable only between runs that used the same VQA model "

@@ -114,7 +114,8 @@ def lora_facts(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _read_recipe(path: Path):
-    from selma_toolkit.recipe import RunRecipe, load_recipe
+    from selma_toolkit.config.recipes import RunRecipe
+    from selma_toolkit.recipe import load_recipe
 
     try:
         recipe = load_recipe(path)
@@ -237,8 +238,9 @@ def render_model_card(
     """README.md text: YAML metadata via ModelCardData, body from the ``hub/model_card.md`` template."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from selma_toolkit.config.recipes import RunRecipe
     from selma_toolkit.hub.names import REPO_ID
-    from selma_toolkit.recipe import RunRecipe, load_skill_recipe
+    from selma_toolkit.recipe import load_skill_recipe
     from selma_toolkit.resources import shipped_dir, shipped_skill
 
     first = next(iter(loras.values()))

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError, ModelError
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe, write_resolved_recipe
+from selma_toolkit.recipe import write_resolved_recipe
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ source). :func:`add_to_merge` reads it and
 2. when every expert is found, merges the old experts and the new ones from their files with the
    record's settings: the same computation, in the same order, as a from-scratch ``merge_files``;
 3. when some are missing, updates the merged file's own factors where that is exact, which it is
-   for the linear methods (``linear`` in lora/merging/methods.py's table; today selma and delta)
+   for the linear methods (``linear`` in config/merge_methods.py's table; today selma and delta)
    when the old experts keep their weights up to one factor c (uniform weights: c = T/(T+K)): ``selma`` (A' = c A_m + sum_new w_k A_k, B' likewise with each new
    expert's scale folded in) and ``delta`` (the new experts' factors stacked under the old ones,
    B_m rescaled by c). Both are merge_experts' own rules applied to [merged, new...] with weights
@@ -35,12 +35,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from selma_toolkit.config.merge_methods import method_spec
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraWeights
 from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
 from selma_toolkit.lora.merging.api import merge_experts, merge_files
 from selma_toolkit.lora.merging.formulas import apply_block_weights
-from selma_toolkit.lora.merging.methods import method_spec
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 
 # (merged file, a record entry) -> (where, file) pairs: more places to look for a listed expert.

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import SkillRecipe
 from selma_toolkit.errors import DatasetError, EndpointError, RecipeError
 from selma_toolkit.io import JsonlAppender, read_jsonl
 from selma_toolkit.prompts.filters import REASONS, PromptPool, normalized
 from selma_toolkit.prompts.sources import Batch, PromptSource, open_source
-from selma_toolkit.recipe import SkillRecipe
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.pretrain import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
 from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
-from selma_toolkit.toyworld.pretrain_settings import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
 from selma_toolkit.toyworld.snapshots import evaluate_snapshot
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 
 def caption_sources() -> list[Any]:
     """The grammars captions are drawn from: the three toy skills and single objects."""
-    from selma_toolkit.recipe import GrammarSettings, load_skill_recipe
+    from selma_toolkit.config.prompts import GrammarSettings
+    from selma_toolkit.recipe import load_skill_recipe
     from selma_toolkit.toyworld.world import COLORS, SHAPES
 
     grammars = [load_skill_recipe(name).grammar for name in SKILLS]

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.pretrain import SKILLS, STATE_FILE, PretrainSettings
 from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.toyworld.pretrain_settings import SKILLS, STATE_FILE, PretrainSettings
 
 
 def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):

@@ -26,9 +26,9 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.errors import RecipeError, TrainingError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.recipe import RunRecipe
 
 log = logging.getLogger(__name__)
 

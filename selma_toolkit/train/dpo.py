@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from selma_toolkit.architectures import get_family
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.errors import DatasetError, RecipeError
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import training_fingerprint

@@ -20,9 +20,11 @@ import torch
 
 from selma_toolkit.errors import RecipeError
 from selma_toolkit.architectures import get_family
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.config.train import TrainSettings
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe, TrainSettings, recipe_hash
+from selma_toolkit.recipe import recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import check_resumable, checkpoints, training_fingerprint
@@ -230,3 +232,8 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
               progress=progress, loss_record=loss_record, tracker_run=f"selma-{run.name}-{skill}")
     log.info("%s: expert written to %s", skill, paths.expert(skill))
     return paths.expert(skill)
+
+
+def train_joint(run: RunRecipe, paths: RunPaths, *, progress: Progress | None = None) -> Path:
+    """Train one LoRA on the mixture of every skill's dataset (``experts/joint.safetensors``)."""
+    return train_expert(run, JOINT, paths, progress=progress)

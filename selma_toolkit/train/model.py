@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family, get_family
+from selma_toolkit.config.train import UNET_TARGET_MODULES, TrainSettings
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 from selma_toolkit.models import hub_model_error, resolve_model
-from selma_toolkit.recipe import UNET_TARGET_MODULES, TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from selma_toolkit.architectures import get_family
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.io import sha256_file
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe, recipe_hash
+from selma_toolkit.recipe import recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import training_fingerprint

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from selma_toolkit.config.merge_methods import MergeMethod, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
@@ -24,7 +25,6 @@ from selma_toolkit.lora.merging.checks import (
     check_compatible, check_options, check_ranks, check_shapes, expert_weights, warn_missing,
 )
 from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module
-from selma_toolkit.lora.merging.methods import MergeMethod, SvdMode, method_spec
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 from selma_toolkit.lora.merging.threads import intra_op_threads, needs_threads
 from selma_toolkit.lora.metadata import guess_architecture
@@ -48,7 +48,7 @@ def merge_experts(
 ) -> LoraWeights:
     """Merge T LoRA experts into one LoRA, module by module.
 
-    ``method``: a name in :data:`~selma_toolkit.lora.merging.methods.METHODS` (selma, delta, svd,
+    ``method``: a name in :data:`~selma_toolkit.config.merge_methods.METHODS` (selma, delta, svd,
     ties, dare); each method's formula, with shapes, is the docstring of its function in
     :mod:`selma_toolkit.lora.merging.formulas`. Convention: expert t's scale alpha_t / r_t is folded
     into its B first; the merged LoRA has scale 1 (alpha = its rank), so its update is B_m @ A_m.

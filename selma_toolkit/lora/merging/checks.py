@@ -6,10 +6,10 @@ import logging
 import math
 from collections.abc import Sequence
 
+from selma_toolkit.config.merge_methods import FACTORED_METHODS, METHODS, SVD_MODES, MethodSpec, listing, method_spec
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.merging.formulas import Part
-from selma_toolkit.lora.merging.methods import FACTORED_METHODS, METHODS, SVD_MODES, MethodSpec, listing, method_spec
 from selma_toolkit.lora.metadata import metadata_value
 
 logger = logging.getLogger("selma_toolkit.lora.merge")  # the merge's one logger name, as before the split

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from selma_toolkit.config.merge_methods import MethodSpec
 from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight
 from selma_toolkit.lora.core import LoraModule, LoraWeights
-from selma_toolkit.lora.merging.methods import MethodSpec
 
 _RANDOMIZED_OVERSAMPLE = 10
 _RANDOMIZED_ITERATIONS = 4

@@ -1,4 +1,4 @@
-"""The evaluation's settings (a run recipe's [evaluate]); the scorers are the registry's (scorers.py)."""
+"""The evaluation's settings (a run recipe's [evaluate]); the scorers are the registry's (registries.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from selma_toolkit.evaluate.scorers import SCORER_NAMES
-from selma_toolkit.lora.merging.methods import MergeMethod
-from selma_toolkit.settings import PositiveInt, StrictModel
+from selma_toolkit.config.base import PositiveInt, StrictModel
+from selma_toolkit.config.merge_methods import MergeMethod
+from selma_toolkit.config.registries import SCORER_NAMES
 
-ScorerName = Literal[SCORER_NAMES]  # the scorer registry (evaluate/scorers.py SCORERS)
+ScorerName = Literal[SCORER_NAMES]  # the scorer registry (registries.py SCORERS)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 

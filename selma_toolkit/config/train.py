@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SerializationInfo, field_serializer, field_validator, model_validator
 
-from selma_toolkit.evaluate.settings import ScorerName
-from selma_toolkit.settings import PositiveInt, StrictModel
+from selma_toolkit.config.base import PositiveInt, StrictModel
+from selma_toolkit.config.evaluate import ScorerName
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the SD 1.x / 2.x / XL default (architectures.py)
 
