@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ __all__ = [
     "NAME_PATTERN", "PLACEHOLDER", "UNET_TARGET_MODULES", "DPOSettings", "EvaluateSettings", "Fraction",
     "GrammarSettings", "ImageSettings", "LLMSettings", "MergeSettings", "MoESettings", "Name", "PositiveInt",
     "PromptSourceName", "RunRecipe", "ScorerName", "SkillRecipe", "StrictModel", "TrainSettings", "apply_overrides",
-    "load_recipe", "load_run_folder", "load_run_recipe", "load_skill_recipe", "parse_override", "read_toml",
-    "recipe_hash", "resolved_toml", "skill_recipe_from_dict", "write_resolved_recipe",
+    "changed_fields", "load_recipe", "load_run_folder", "load_run_recipe", "load_skill_recipe", "parse_override",
+    "read_toml", "recipe_hash", "resolved_toml", "skill_recipe_from_dict", "write_resolved_recipe",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +282,26 @@ def recipe_hash(recipe: SkillRecipe | RunRecipe) -> str:
     """sha256 of the resolved recipe's canonical JSON: equal recipes, equal hashes."""
     canonical = json.dumps(recipe.model_dump(mode="json", context={"hash": True}), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def changed_fields(old: BaseModel, new: BaseModel, prefix: str, skip: Collection[str] = frozenset()) -> list[str]:
+    """``"<prefix><key>: old -> new"`` for every field (nested tables flattened) of two recipe
+    sections that differs, but the keys in ``skip``; what the run checks name (stages/)."""
+    # context "hash": an unset train.target_modules compares as the list that was the default (config/train.py),
+    # so run folders recorded before the default became per-family continue.
+    dump: dict[str, Any] = {"mode": "json", "context": {"hash": True}}
+    before, after = _flat(old.model_dump(**dump), prefix), _flat(new.model_dump(**dump), prefix)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
 
 
 def write_resolved_recipe(recipe: SkillRecipe | RunRecipe, folder: str | Path) -> Path:

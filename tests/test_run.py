@@ -8,10 +8,9 @@ import pytest
 
 from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import load_run_recipe, write_resolved_recipe
+from selma_toolkit.recipe import load_run_folder, load_run_recipe, write_resolved_recipe
 from selma_toolkit.run import (
     check_recipe_change,
-    load_run_folder,
     run_pipeline,
     run_status,
 )

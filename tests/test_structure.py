@@ -38,9 +38,12 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        type_checking = {id(node) for block in ast.walk(tree)
-                         if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                         for node in ast.walk(block)}
+        type_checking = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
         targets: set[str] = set()
         for node in ast.walk(tree):
             if id(node) in type_checking:
@@ -51,7 +54,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:  # relative: from its own package
                     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
                 for alias in node.names:  # `from a import b` imports the module a.b when b is one
                     targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
         edges = set()
@@ -122,10 +125,13 @@ def test_the_config_package_is_the_bottom_floor():
             assert {m for m in imported if not m.startswith("selma_toolkit.config")} <= {"selma_toolkit.errors"}, name
 
 
-@pytest.mark.parametrize(("code", "absent"), [
-    ("import selma_toolkit.cli, selma_toolkit.recipe, selma_toolkit.config.registries", ("torch", "diffusers")),
-    ("import comfyui_nodes", ("diffusers", "transformers", "peft", "accelerate")),
-])
+@pytest.mark.parametrize(
+    ("code", "absent"),
+    [
+        ("import selma_toolkit.cli, selma_toolkit.recipe, selma_toolkit.config.registries", ("torch", "diffusers")),
+        ("import comfyui_nodes", ("diffusers", "transformers", "peft", "accelerate")),
+    ],
+)
 def test_start_up_imports_no_heavy_library(code, absent):
     """`selma --help` (the CLI module and the recipe) imports no torch; ComfyUI, which has torch
     loaded already, gets a node pack that imports no diffusers, transformers, peft or accelerate."""
@@ -134,6 +140,8 @@ def test_start_up_imports_no_heavy_library(code, absent):
 
 
 def test_help_imports_no_torch():
-    check = ("import sys; from selma_toolkit.cli import app; from typer.testing import CliRunner; "
-             "assert CliRunner().invoke(app, ['--help']).exit_code == 0; assert 'torch' not in sys.modules")
+    check = (
+        "import sys; from selma_toolkit.cli import app; from typer.testing import CliRunner; "
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT)

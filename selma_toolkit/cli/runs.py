@@ -171,8 +171,7 @@ def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) 
             table.add_row(escape(skill), f"{choice.metric} {means}", str(choice.step), escape(str(choice.expert)))
         console.print(table)
         return
-    index = run_with_progress(lambda on_stage, progress: evaluate_run(
-        run, paths, use_best=not final_experts, progress=lambda done, total: progress("evaluation images", done, total)))
+    index = run_with_progress(lambda on_stage, progress: evaluate_run(run, paths, use_best=not final_experts, progress=progress))
     console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
     console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
 

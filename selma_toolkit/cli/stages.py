@@ -226,8 +226,8 @@ def train(
 
 def _train_moe(run, paths, show):
     """The MoE-LoRA gate over the experts `selma run` would merge (best checkpoints where selected)."""
-    from selma_toolkit.run import merge_inputs
     from selma_toolkit.run_checks import resolve_external_experts
+    from selma_toolkit.stages import merge_inputs
     from selma_toolkit.train.moe import train_moe
 
     experts = merge_inputs(run, paths, resolve_external_experts(run))

@@ -129,3 +129,8 @@ class RunRecipe(StrictModel):
     def image_model(self) -> str:
         """The model that draws the training images (the base model unless weak-to-strong)."""
         return self.images.model or self.base_model
+
+
+def merge_methods(run: RunRecipe) -> list[str]:
+    """The recipe's merge method, then evaluate.merge_methods, each once."""
+    return list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))

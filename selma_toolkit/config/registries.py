@@ -43,6 +43,20 @@ MODEL_SOURCES: dict[str, str] = {
     "toy:": "selma_toolkit.toyworld.model:toy_base_dir",  # the shipped shapes-world bases
 }
 
+# In the order they run (and `selma status` lists them); each stage reads only the outputs of the
+# stages before it.
+STAGES: tuple[str, ...] = (
+    "selma_toolkit.stages.prompts:PromptsStage",  # per skill: train + held-out prompts
+    "selma_toolkit.stages.images:ImagesStage",  # per skill: one image per train prompt
+    "selma_toolkit.stages.train:TrainStage",  # per skill, and joint: the LoRA experts
+    "selma_toolkit.stages.select:SelectStage",  # the best checkpoint of each skill
+    "selma_toolkit.stages.merge:MergeStage",  # per merge method: the experts merged
+    "selma_toolkit.stages.dpo:DPOStage",  # per skill: the Diffusion-DPO experts ([dpo])
+    "selma_toolkit.stages.dpo:DPOMergeStage",  # the DPO experts merged
+    "selma_toolkit.stages.moe:MoEStage",  # the MoE-LoRA gate over the merged experts ([moe])
+    "selma_toolkit.stages.evaluate:EvaluateStage",  # every variant scored, the report
+)
+
 
 def import_object(path: str) -> Any:
     """The object a registry entry names as ``"package.module:name"``, imported now."""
