@@ -9,9 +9,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from selma_toolkit.architectures import get_family
 from selma_toolkit.config.merge_methods import METHODS
 from selma_toolkit.config.recipes import RunRecipe, merge_methods
 from selma_toolkit.errors import LoraFormatError, RecipeError
+from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import load_run_recipe
 from selma_toolkit.stages import load_stages
@@ -59,7 +61,6 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
         return []
     from selma_toolkit.experts import resolve_expert_file
     from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
-    from selma_toolkit.models import detect_architecture
 
     architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
     if check_fit:
@@ -92,7 +93,6 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
 
 def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None, architecture: str) -> None:
     """The expert's layers against the base model's (an error) and the run's targets (a warning)."""
-    from selma_toolkit.architectures import get_family
     from selma_toolkit.expert_fit import check_expert_fits, target_difference
 
     if layers is not None:

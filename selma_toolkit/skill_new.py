@@ -22,6 +22,7 @@ from selma_toolkit.config.base import NAME_PATTERN, PLACEHOLDER
 from selma_toolkit.config.prompts import LLMSettings
 from selma_toolkit.config.recipes import SkillRecipe
 from selma_toolkit.errors import RecipeError
+from selma_toolkit.io import atomic_write_text
 from selma_toolkit.recipe import apply_overrides, load_skill_recipe, skill_recipe_from_dict
 
 # An instruction in the form of the authors' (method.md), for the author to finish.
@@ -96,7 +97,6 @@ def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, f
     unfilled = check_new_skill(text, str(out))
     if skill_recipe_from_dict(_filled(tomllib.loads(text)), str(out)) != wanted:  # the writer dropped a value
         raise RuntimeError(f"skill_new: the written recipe differs from the values given:\n{text}")
-    from selma_toolkit.io import atomic_write_text
 
     atomic_write_text(out, text)
     return NewSkill(out, name, data["source"], unfilled)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from selma_toolkit.config.base import NAME_PATTERN
 from selma_toolkit.config.evaluate import EvaluateSettings
 from selma_toolkit.config.prompts import LLMSettings
 from selma_toolkit.config.recipes import SkillRecipe
@@ -63,8 +64,18 @@ from selma_toolkit.failure_groups import (
     judge_for,
     tfidf_embeddings,
 )
-from selma_toolkit.io import JsonlAppender, atomic_write_bytes, atomic_write_text, folder_lock, read_jsonl
-from selma_toolkit.recipe import skill_recipe_from_dict
+from selma_toolkit.io import (
+    JsonlAppender,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_folder,
+    folder_lock,
+    read_jsonl,
+)
+from selma_toolkit.models import detect_architecture, load_pipeline
+from selma_toolkit.recipe import apply_overrides, skill_recipe_from_dict
+from selma_toolkit.skill_new import GENERIC_INSTRUCTION, recipe_text
+from selma_toolkit.toyworld.world import COLORS, RELATIONS, SHAPES, parse_caption
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +159,6 @@ def evaluate_settings(scorer: str, overrides: Sequence[str] = ()) -> EvaluateSet
     """The ``[evaluate]`` settings for ``scorer`` with ``key=value`` overrides (``clip_model=tiny:clip``)."""
     from pydantic import ValidationError
 
-    from selma_toolkit.recipe import apply_overrides
-
     check_scorer(scorer)
     try:
         return EvaluateSettings.model_validate(apply_overrides({"scorers": [scorer]}, list(overrides)))
@@ -189,8 +198,6 @@ def propose_skills(
     counts images. Raises DatasetError (prompt file), InputError (scorer, settings), OutputError
     (``out``), ModelError (base model).
     """
-    from selma_toolkit.models import detect_architecture
-
     prompts_file, out = Path(prompts_file), Path(out)
     prompts = read_prompt_file(prompts_file)
     check_scorer(scorer)
@@ -236,8 +243,6 @@ def propose_skills(
 
 
 def _check_out(out: Path, record: dict[str, Any], force: bool) -> None:
-    from selma_toolkit.io import check_output_folder
-
     check_output_folder(out)
     if not out.is_dir() or not any(p.name != ".selma.lock" for p in out.iterdir()):
         return
@@ -287,8 +292,6 @@ def _draw_and_judge(prompts: list[tuple[int, str]], base_model: str, out: Path, 
         progress(count, len(items))
     if pending:
         import torch
-
-        from selma_toolkit.models import load_pipeline
 
         pipe = load_pipeline(base_model, dtype=draw.dtype)
         size = {} if draw.resolution is None else {"height": draw.resolution, "width": draw.resolution}
@@ -341,8 +344,6 @@ def _embeddings(judge: Any, results: Sequence[PromptResult], out: Path) -> Any:
 def toy_template(prompt: str) -> str:
     """A grammar template that keeps a shapes-world caption's structure and frees its colours and
     shapes: ``two red circles and a square`` -> ``two {color} {shape1}s and a {shape2}``."""
-    from selma_toolkit.toyworld.world import RELATIONS, parse_caption
-
     scene = parse_caption(prompt)
     colors = iter(["{color}", "{color2}", "{color3}", "{color4}"])
     phrases = []
@@ -365,8 +366,6 @@ def _grammar_capacity(templates: Sequence[str], words: dict[str, list[str]]) -> 
 
 def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, source: str,
                  num_prompts: int | None) -> tuple[dict[str, Any], str]:
-    from selma_toolkit.skill_new import GENERIC_INSTRUCTION
-
     seeds = [r.prompt for r in group.prompts][:20]
     what = (f"{group.key} questions fail first in {group.failure_rate:.0%} of the images asking them" if group.failure_rate
             is not None else f"a cluster of failing prompts sharing {', '.join(group.words) or 'no words'}")
@@ -375,8 +374,6 @@ def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, s
                                            f"({scorer} scorer: {what})."}
     note = ""
     if source == "grammar":
-        from selma_toolkit.toyworld.world import COLORS, SHAPES
-
         templates = list(dict.fromkeys(toy_template(p) for p in seeds))
         grammar_words = {"color": list(COLORS), "shape": list(SHAPES)}
         capacity = _grammar_capacity(templates, grammar_words)
@@ -403,9 +400,6 @@ def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, s
 
 def _write_recipes(groups: Sequence[FailureGroup], out: Path, base_model: str, scorer: str, source: str, prefix: str,
                    num_prompts: int | None) -> list[ProposedSkill]:
-    from selma_toolkit.config.base import NAME_PATTERN
-    from selma_toolkit.skill_new import recipe_text
-
     folder = out / "skills"
     for stale in folder.glob("*.toml") if folder.is_dir() else []:
         stale.unlink()  # from an earlier grouping of this folder (--force)

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from selma_toolkit.errors import LoraFormatError
-from selma_toolkit.lora import LoraModule, LoraWeights
+from selma_toolkit.io import atomic_write_bytes
+from selma_toolkit.lora import LoraModule, LoraWeights, read_safetensors
 
 MOE_FORMAT = "selma-moe/1"
 MOE_KEY = "selma.moe"
@@ -277,8 +278,6 @@ def save_moe(moe: MoELora, path: str | os.PathLike[str]) -> Path:
     """Write the MoE-LoRA as one safetensors file, atomically."""
     from safetensors.torch import save
 
-    from selma_toolkit.io import atomic_write_bytes
-
     tensors, metadata = moe_tensors(moe)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
     return Path(path)
@@ -303,8 +302,6 @@ def is_moe_file(path: str | os.PathLike[str]) -> bool:
 
 def read_moe(path: str | os.PathLike[str]) -> MoELora:
     """A MoE-LoRA file back into memory; refuses other files by name."""
-    from selma_toolkit.lora import read_safetensors
-
     tensors, metadata = read_safetensors(path)
     raw = metadata.get(MOE_KEY)
     if not raw:

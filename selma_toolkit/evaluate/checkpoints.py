@@ -36,7 +36,8 @@ from selma_toolkit.evaluate.generate import (
     generation_settings,
     heldout_prompts,
 )
-from selma_toolkit.evaluate.scoring import variant_folder
+from selma_toolkit.evaluate.scorers import build_scorer
+from selma_toolkit.evaluate.scoring import score_variants, variant_folder
 from selma_toolkit.io import atomic_write_text, sha256_file
 from selma_toolkit.paths import RunPaths
 
@@ -75,8 +76,6 @@ def _checkpoint_files(paths: RunPaths, skill: str) -> list[tuple[int, Path]]:
 
 
 def _signature(run: RunRecipe, checkpoints: Sequence[tuple[int, Path]], prompts) -> dict[str, Any]:
-    from selma_toolkit.evaluate.scorers import build_scorer
-
     metric = selection_metric(run.evaluate)
     scorer = build_scorer(metric, run.evaluate)
     return {
@@ -141,9 +140,6 @@ def select_checkpoints(
     """Score every checkpoint expert of each skill (default: all of the run's) on its held-out
     prompts, record the best in selection.json and return the choices. A current selection of a
     skill is reused as it is."""
-    from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.evaluate.scoring import score_variants
-
     settings = run.evaluate
     metric = selection_metric(settings)
     scorer = build_scorer(metric, settings)

@@ -37,8 +37,11 @@ from typing import Any
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError
-from selma_toolkit.evaluate.scoring import EvalItem, variant_folder
+from selma_toolkit.evaluate.report import write_report
+from selma_toolkit.evaluate.scorers import build_scorers
+from selma_toolkit.evaluate.scoring import EvalItem, score_variants, variant_folder
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
+from selma_toolkit.models import load_pipeline
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.prompts.filters import normalized
 
@@ -162,7 +165,6 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
     from selma_toolkit.adapters.diffusers import load_experts
     from selma_toolkit.adapters.moe import is_moe_file, load_moe, unload_moe
     from selma_toolkit.images import image_seed
-    from selma_toolkit.models import load_pipeline
 
     images = run.images
     pipe = load_pipeline(run.base_model, revision=run.revision, device=device, dtype=images.dtype,
@@ -217,8 +219,6 @@ def evaluation_signature(run: RunRecipe, variants: Mapping[str, Path | None],
                          prompts: Mapping[str, Sequence[PromptRecord]]) -> dict[str, Any]:
     """What a finished evaluation depends on: each variant's LoRA (sha256), the prompts, seeds,
     scorers and generation settings. Equal signatures: the scores and report are up to date."""
-    from selma_toolkit.evaluate.scorers import build_scorers
-
     return {
         "variants": {variant: lora_digest(lora) for variant, lora in sorted(variants.items())},
         "prompts": {skill: [[p.id, p.prompt] for p in records] for skill, records in prompts.items()},
@@ -251,10 +251,6 @@ def evaluate_variants(
 ) -> Path:
     """Draw (or reuse) every variant's images on the held-out prompts, score them (scores.json,
     scores.csv, summary.csv in ``paths.eval_dir``) and write the report; return its index.html."""
-    from selma_toolkit.evaluate.report import write_report
-    from selma_toolkit.evaluate.scorers import build_scorers
-    from selma_toolkit.evaluate.scoring import score_variants
-
     settings = run.evaluate
     scorers = build_scorers(settings)  # checks every scorer setting before anything is drawn
     prompts = heldout_prompts(run, paths)

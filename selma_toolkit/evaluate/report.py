@@ -23,6 +23,7 @@ from typing import Any
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.human_eval import build_pairs, write_human_eval_page
 from selma_toolkit.evaluate.scoring import read_scores, variant_folder, variant_sort_key
+from selma_toolkit.evaluate.stats import bootstrap_interval
 from selma_toolkit.io import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ def paired_gains(document: Mapping[str, Any], baseline: str = "base", samples: i
     """Per variant, skill and metric: the mean paired change over ``baseline`` on the items both
     scored for the same (skill, prompt id, seed), its 95% bootstrap interval and a verdict:
     "helps" (interval above 0), "hurts" (below 0) or "not significant at this size"."""
-    from selma_toolkit.evaluate.stats import bootstrap_interval
-
     by_key: dict[tuple, dict[str, Mapping[str, Any]]] = {}
     for item in document["items"]:
         by_key.setdefault((item["skill"], item["prompt_id"], item["seed"]), {})[item["variant"]] = item["scores"]

@@ -26,8 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from selma_toolkit import tiny
 from selma_toolkit.config.registries import SCORER_NAMES, SCORERS, import_object
 from selma_toolkit.errors import ModelError
+from selma_toolkit.evaluate.openclip import clip_state_dict_from_open_clip
+from selma_toolkit.io import sha256_file
 from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
@@ -52,8 +55,6 @@ class Scorer(Protocol):
 
 def resolve_scorer_model(spec: str, field: str) -> str:
     """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use); other references unchanged."""
-    from selma_toolkit import tiny
-
     if tiny.is_tiny_spec(spec):
         try:
             return str(tiny.ensure_tiny_scorer_model(spec))
@@ -97,8 +98,6 @@ def require_pickle_opt_in(spec: str, field: str, allow: bool, sha256: str | None
 def pinned_pickle(spec: str, field: str, allow: bool, sha256: str | None) -> Path:
     """The local path of a pickled checkpoint (``owner/repo:file.pt`` on the Hub, or a local file),
     returned only after the opt-in check and if the file's sha256 equals the pinned one."""
-    from selma_toolkit.io import sha256_file
-
     require_pickle_opt_in(spec, field, allow, sha256)
     prefix = field.removesuffix("_model")
     path = _fetch_file(spec, field)
@@ -211,8 +210,6 @@ def _hps_pickle_loader(settings: "EvaluateSettings"):
     def load():
         import torch
         from transformers import AutoProcessor, CLIPConfig, CLIPModel
-
-        from selma_toolkit.evaluate.openclip import clip_state_dict_from_open_clip
 
         path = pinned_pickle(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
         try:

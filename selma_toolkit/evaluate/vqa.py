@@ -25,7 +25,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from selma_toolkit.evaluate.questions import Question, QuestionSet
+from selma_toolkit.errors import ModelError
+from selma_toolkit.evaluate.questions import Question, QuestionSet, read_questions
 from selma_toolkit.evaluate.scorers import load_pretrained
 from selma_toolkit.models import default_device
 
@@ -181,9 +182,6 @@ def build_vqascore(settings: "EvaluateSettings", device: str | None = None) -> V
 
 def build_question_scorer(settings: "EvaluateSettings", device: str | None = None) -> QuestionScorer:
     """The ``questions`` scorer of the registry: the recipe's question file, answered by vqa_model."""
-    from selma_toolkit.errors import ModelError
-    from selma_toolkit.evaluate.questions import read_questions
-
     if not settings.questions:
         raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
     return QuestionScorer(read_questions(settings.questions, settings.questions_split), settings.vqa_model, device)

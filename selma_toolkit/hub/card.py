@@ -21,8 +21,11 @@ from typing import Any
 from selma_toolkit import __version__
 from selma_toolkit.architectures import FAMILIES, family_from_metadata
 from selma_toolkit.errors import DatasetError, HubError, RecipeError
+from selma_toolkit.hub.names import REPO_ID, check_safetensors_name
+from selma_toolkit.io import read_jsonl
 from selma_toolkit.lora.merging.record import metadata_record
 from selma_toolkit.paths import RunPaths
+from selma_toolkit.resources import shipped_dir, shipped_skill
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +129,6 @@ def _read_recipe(path: Path):
 
 
 def _count_lines(path: Path) -> int | None:
-    from selma_toolkit.io import read_jsonl
-
     if not path.is_file():
         return None
     try:
@@ -172,8 +173,6 @@ def sample_grid(images: list[Path], columns: int = 4, cell: int = 256) -> bytes:
 
 def plan_upload(path: Path, repo_id: str) -> UploadPlan:
     """Everything one push uploads, README.md included. ``path``: a ``.safetensors`` file, or a run folder."""
-    from selma_toolkit.hub.names import check_safetensors_name
-
     if path.is_file():
         check_safetensors_name(path.name, str(path))
         run = RunPaths(path.parent.parent) if path.parent.name in ("experts", "merged") else None
@@ -239,9 +238,7 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from selma_toolkit.config.recipes import RunRecipe
-    from selma_toolkit.hub.names import REPO_ID
     from selma_toolkit.recipe import load_skill_recipe
-    from selma_toolkit.resources import shipped_dir, shipped_skill
 
     first = next(iter(loras.values()))
     base_model = (recipe.base_model if recipe else None) or first["base_model"]

@@ -18,6 +18,7 @@ from selma_toolkit.hub.names import (
     check_repo_path,
     check_safetensors_name,
 )
+from selma_toolkit.resources import shipped_dir
 
 CATALOG_ENV = "SELMA_CATALOG"
 _CATALOG_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -91,8 +92,6 @@ def load_catalog(extra: str | Path | Sequence[str | Path] | None = None) -> dict
     """The shipped catalog (``hub/catalog.toml``), then the files in the ``SELMA_CATALOG``
     environment variable (separated like PATH; so every command and the diffusers / ComfyUI layers
     see them), then ``extra``; a later entry replaces an earlier one of the same name."""
-    from selma_toolkit.resources import shipped_dir
-
     files: list[str | Path] = [shipped_dir("hub") / "catalog.toml"]
     files += [f for f in os.environ.get(CATALOG_ENV, "").split(os.pathsep) if f]
     if isinstance(extra, (str, Path)):

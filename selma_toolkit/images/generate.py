@@ -35,11 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.architectures import get_family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError, ModelError
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from selma_toolkit.models import default_dtype, detect_architecture, load_pipeline, resolve_model
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import write_resolved_recipe
 
@@ -182,9 +184,6 @@ def _model_revision(run: RunRecipe) -> str | None:
 
 def _check_model(run: RunRecipe) -> None:
     """Fail before any work on a model that is not SD 1.x / 2.x / XL or cannot be loaded safely."""
-    from selma_toolkit.architectures import get_family
-    from selma_toolkit.models import detect_architecture, resolve_model
-
     source = resolve_model(run.image_model)
     if source.endswith(".safetensors"):
         if run.images.single_file_config is None:
@@ -200,8 +199,6 @@ def _check_model(run: RunRecipe) -> None:
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):
-    from selma_toolkit.models import load_pipeline
-
     settings = run.images
     pipe = load_pipeline(
         run.image_model,
@@ -248,8 +245,6 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe) -> tuple[list[Any
 
 def _settings_record(run: RunRecipe, device: str) -> dict[str, Any]:
     """Every setting that changes the pixels; images drawn with other values must not be mixed in."""
-    from selma_toolkit.models import default_dtype
-
     settings = run.images
     return {
         "model": run.image_model,

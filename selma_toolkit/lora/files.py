@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.io import atomic_write_bytes
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, Family, get_family
 from selma_toolkit.lora.dit import is_bfl_flux, split_bfl_flux
@@ -387,8 +388,6 @@ def save_lora(
     toolkit version and the kohya ``ss_*`` / ModelSpec fields recomputed from the tensors.
     """
     from safetensors.torch import save
-
-    from selma_toolkit.io import atomic_write_bytes
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

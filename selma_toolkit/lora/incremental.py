@@ -37,6 +37,7 @@ from typing import Literal
 
 from selma_toolkit.config.merge_methods import method_spec
 from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.core import LoraWeights
 from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
 from selma_toolkit.lora.merging.api import merge_experts, merge_files
@@ -94,7 +95,6 @@ def add_to_merge(
     old = record.experts
     total = len(old) + len(new_paths)
     weights = _weights_for(merged, record, weights, total)
-    from selma_toolkit.io import sha256_file
 
     listed = {entry.get("sha256") for entry in old}
     new_digests = [sha256_file(path) for path in new_paths]  # once: the exact update records them too
@@ -181,8 +181,6 @@ def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path], locate:
 def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]],
                   locate: Locate | None) -> tuple[list[Path | None], list[list[str]]]:
     """Each listed expert's verified file (or None) and where it was looked for, in the record's order."""
-    from selma_toolkit.io import sha256_file
-
     digests: dict[Path, str] = {}
     given = [Path(p) for p in expert_files]
     found: list[Path | None] = []

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from selma_toolkit import __version__
 from selma_toolkit.architectures import DENOISERS, FAMILIES, FAMILY_NAMES, family_from_metadata
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.keys import peft_module_path
@@ -91,8 +92,6 @@ def metadata_value(weights: LoraWeights | Mapping[str, str], field: str) -> str 
 def file_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``__metadata__`` a file of ``weights`` gets: its own metadata and ``extra`` (plain field
     names such as ``base_model`` moved under ``selma.``), derived fields recomputed."""
-    from selma_toolkit import __version__
-
     merged: dict[str, str] = {key: as_metadata_string(value) for key, value in {**weights.metadata, **(extra or {})}.items()}
     for field in SELMA_FIELDS:
         if field in merged:

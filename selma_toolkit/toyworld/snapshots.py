@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.config.pretrain import SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import atomic_write_text
+from selma_toolkit.prompts import generate_prompts
+from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
+from selma_toolkit.toyworld.scorer import score_image
 
 
 def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
@@ -20,8 +24,6 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
-
-    from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
 
     tokenizer = toy_tokenizer(captions)
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
@@ -38,8 +40,6 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
 
 def eval_prompts(out: Path, per_skill: int) -> dict[str, list[str]]:
     """``per_skill`` held-out prompts of each toy skill (the shipped recipes' prompt streams)."""
-    from selma_toolkit.dataset import read_prompts
-    from selma_toolkit.prompts import generate_prompts
     from selma_toolkit.recipe import load_skill_recipe
 
     prompts = {}
@@ -65,8 +65,6 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
 
 def evaluate_snapshot(snapshot: Path, vae_dir: Path, settings: PretrainSettings) -> dict[str, float]:
     """Mean toyworld score (0-100) per skill of a snapshot on held-out prompts."""
-    from selma_toolkit.toyworld.scorer import score_image
-
     pipe = load_snapshot(snapshot, vae_dir, settings.captions)
     scores = {}
     for skill, prompts in eval_prompts(snapshot.parent.parent, settings.eval_prompts).items():

@@ -49,12 +49,18 @@ from pathlib import Path
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, read_image_dataset, read_prompts
 from selma_toolkit.errors import RecipeError
-from selma_toolkit.images import image_name, image_seed
+from selma_toolkit.evaluate.report import write_report
+from selma_toolkit.evaluate.scoring import score_variants, variant_folder
+from selma_toolkit.images import generate_images, image_name, image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text
 from selma_toolkit.paths import JOINT, RunPaths
+from selma_toolkit.prompts import generate_prompts
 from selma_toolkit.recipe import write_resolved_recipe
+from selma_toolkit.toyworld.renderer import render_caption
+from selma_toolkit.toyworld.scorer import ToyWorldScorer, key_questions_pass, score_image
 from selma_toolkit.toyworld.study_kinds import ALL_KINDS, BASE_LOW_GUIDANCE, BASELINE_KINDS, KINDS
 from selma_toolkit.toyworld.study_report import write_study_report
+from selma_toolkit.toyworld.world import CaptionError, parse_caption
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,6 @@ def replicate_recipe(run: RunRecipe, seed: int) -> RunRecipe:
 
 def check_study_recipe(run: RunRecipe) -> None:
     """The study needs toy skills with grammar prompts and the toyworld scorer; say what is missing."""
-    from selma_toolkit.toyworld.world import CaptionError, parse_caption
-
     problems = []
     if "toyworld" not in run.evaluate.scorers:
         problems.append("evaluate.scorers must include 'toyworld'")
@@ -124,8 +128,6 @@ def _write_dataset(folder: Path, examples: list[tuple[int, str, str, object]], e
 def write_ground_truth(run: RunRecipe, skill: str, paths: RunPaths) -> int:
     """Ground-truth renders of ``skill``'s train prompts into ``paths.images(skill)``; each
     placement drawn from ``image_seed(images.seed, prompt id)``. Returns the number of images."""
-    from selma_toolkit.toyworld.renderer import render_caption
-
     folder = paths.images(skill)
     prompts = sorted(read_prompts(paths.prompts(skill), split="train"), key=lambda p: p.id)
     if not (folder / METADATA).is_file():
@@ -144,8 +146,6 @@ def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_sco
     right. Returns (prompts kept, prompts); when none passes, nothing is written but the record
     (that expert is left out of the replicate, with a warning, rather than stopping the study)."""
     from PIL import Image
-
-    from selma_toolkit.toyworld.scorer import key_questions_pass, score_image
 
     def passes(image, caption: str) -> bool:
         if key_question is not None:
@@ -195,8 +195,6 @@ def _copy_prompts(source: RunPaths, target: RunPaths, skill: str) -> None:
 def _mean_score(folder: Path) -> float:
     """Mean toyworld score of an image dataset's images on their own captions."""
     from PIL import Image
-
-    from selma_toolkit.toyworld.scorer import score_image
 
     values = []
     for record in read_image_dataset(folder):
@@ -296,12 +294,7 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     """Every stage of one replicate (see the module docstring); returns its record (also written
     to ``seed-<s>/replicate.json``) with the data sizes and the path of its scores.json."""
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
-    from selma_toolkit.evaluate.report import write_report
-    from selma_toolkit.evaluate.scoring import score_variants, variant_folder
-    from selma_toolkit.images import generate_images
     from selma_toolkit.lora.merge import merge_files
-    from selma_toolkit.prompts import generate_prompts
-    from selma_toolkit.toyworld.scorer import ToyWorldScorer
 
     options = options or StudyOptions()
     report = progress or (lambda label, done, total: None)

@@ -37,13 +37,16 @@ import torch.nn.functional as F
 
 from selma_toolkit.architectures import get_family
 from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import DatasetError, RecipeError
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
+from selma_toolkit.lora import save_lora
+from selma_toolkit.lora.merge import merge_files, metadata_record
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
-from selma_toolkit.train.checkpoint import training_fingerprint
+from selma_toolkit.train.checkpoint import checkpoints, training_fingerprint
 from selma_toolkit.train.data import (
     TrainSample,
     dataset_fingerprint,
@@ -131,7 +134,6 @@ def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
                      progress: Callable[[int, int], None] | None = None) -> list[Pair]:
     """Draw (or reuse) the pair images of ``skill``'s train prompts, score them, pair them up (see
     the module docstring); writes ``pairs.jsonl`` and returns the pairs, prompts in id order."""
-    from selma_toolkit.dataset import read_prompts
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images
     from selma_toolkit.evaluate.scorers import build_scorer
 
@@ -214,8 +216,6 @@ def pair_draws(generators: list[torch.Generator], latent_shape: tuple[int, ...],
 
 def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, str]:
     """(done, detail) of one skill's DPO expert: its last checkpoint at dpo.steps and the file written."""
-    from selma_toolkit.train.checkpoint import checkpoints
-
     out = dpo_paths(paths)
     saved = checkpoints(out.train_dir(skill))
     step = saved[-1].step if saved else 0
@@ -226,7 +226,6 @@ def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, s
 def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
     """The DPO expert of ``skill`` (pairs, then Diffusion-DPO; see the module docstring), resumable;
     returns ``<run>/dpo/experts/<skill>.safetensors``."""
-    from selma_toolkit.lora import save_lora
     from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
 
     settings = variant_settings(run.train, learning_rate=run.dpo.learning_rate, steps=run.dpo.steps,
@@ -303,8 +302,6 @@ def dpo_merged(run: RunRecipe, paths: RunPaths) -> Path:
 
 def merge_dpo(run: RunRecipe, paths: RunPaths) -> Path:
     """Merge every skill's DPO expert with the recipe's merge settings."""
-    from selma_toolkit.lora.merge import merge_files
-
     out = dpo_paths(paths)
     merge_files([out.expert(s.name) for s in run.skills], dpo_merged(run, paths), run.merge.method,  # type: ignore[arg-type]
                 run.merge.weights, run.merge.rank, format=run.train.lora_format, density=run.merge.density,
@@ -315,8 +312,6 @@ def merge_dpo(run: RunRecipe, paths: RunPaths) -> Path:
 def dpo_merge_is_current(run: RunRecipe, paths: RunPaths) -> bool:
     """The merged DPO file records exactly the current DPO experts (sha256)."""
     from safetensors import SafetensorError, safe_open
-
-    from selma_toolkit.lora.merge import metadata_record
 
     path = dpo_merged(run, paths)
     if not path.is_file():

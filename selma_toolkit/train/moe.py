@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from selma_toolkit.adapters.moe import MoELora, attach_moe, check_experts, moe_record, save_moe, zero_gate
 from selma_toolkit.architectures import get_family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.io import sha256_file
+from selma_toolkit.lora import load_lora, metadata_value
 from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import recipe_hash
@@ -32,6 +34,7 @@ from selma_toolkit.train.data import (
     image_digests,
     training_samples,
 )
+from selma_toolkit.train.loop import build_caches, denoising_loss, make_accelerator
 from selma_toolkit.train.steps import Progress, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,6 @@ def moe_train_dir(paths: RunPaths) -> Path:
 def moe_is_current(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]]) -> tuple[bool, str]:
     """(done, detail): the MoE file exists, holds exactly these experts (sha256), the recipe's gate
     and moe.steps of training."""
-    from selma_toolkit.adapters.moe import moe_record
-
     path = moe_file(paths)
     if not path.is_file():
         return False, "not trained yet"
@@ -73,16 +74,6 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
               progress: Progress | None = None) -> Path:
     """Train the gate of a MoE-LoRA over ``experts`` ((name, file), in order) on the mixture of the
     run's skills; return the MoE-LoRA file (see the module docstring)."""
-    from selma_toolkit.adapters.moe import (
-        MoELora,
-        attach_moe,
-        check_experts,
-        save_moe,
-        zero_gate,
-    )
-    from selma_toolkit.lora import load_lora, metadata_value
-    from selma_toolkit.train.loop import build_caches, denoising_loss, make_accelerator
-
     settings = variant_settings(run.train, learning_rate=run.moe.learning_rate, steps=run.moe.steps,
                                 batch_size=run.moe.batch_size, checkpoint_every=run.moe.checkpoint_every)
     trained_run = with_train(run, settings)
