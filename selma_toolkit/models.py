@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
+from selma_toolkit.architectures import DENOISERS, Family, family_of_pipeline, family_titles
 from selma_toolkit.config.registries import MODEL_SOURCES, import_object
 from selma_toolkit.errors import ModelDownloadError, ModelError, SelmaError
 
-Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
@@ -53,15 +52,20 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> Architecture:
+def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> str:
     """The family name (sd1 / sd2 / sdxl / sd3 / flux) from a denoiser config and the pipeline class when known:
     the rules live in the family records (``architectures.family_of_pipeline``)."""
     return family_of_pipeline(pipeline_class, unet_config).name
 
 
-def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
+def detect_architecture(spec: str, revision: str | None = None) -> str:
+    """The family name of a model (sd1 / sd2 / sdxl / sd3 / flux), as metadata and messages write it."""
+    return detect_family(spec, revision).name
+
+
+def detect_family(spec: str, revision: str | None = None) -> Family:
     """Read model_index.json and the denoiser's config.json (unet/ or transformer/, local or from
-    the Hub) and name the architecture."""
+    the Hub): the model's family record (selma_toolkit.architectures), which the stages pass down."""
     path = Path(resolve_model(spec))
     if path.is_dir():
         try:
@@ -89,7 +93,7 @@ def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
     if family.denoiser != denoiser:  # a transformer no family's rule claims (another DiT model)
         raise ModelError(f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
                          f"expected {family_titles()}")
-    return family.name
+    return family
 
 
 def _denoiser(spec: str, index: dict[str, Any]) -> str:

@@ -9,11 +9,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from selma_toolkit.architectures import get_family
+from selma_toolkit.architectures import Family
 from selma_toolkit.config.merge_methods import METHODS
 from selma_toolkit.config.recipes import RunRecipe, merge_methods
 from selma_toolkit.errors import LoraFormatError, RecipeError
-from selma_toolkit.models import detect_architecture
+from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import load_run_recipe
 from selma_toolkit.stages import load_stages
@@ -62,7 +62,7 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
     from selma_toolkit.experts import resolve_expert_file
     from selma_toolkit.lora import guess_architecture, load_lora, metadata_value
 
-    architecture = detect_architecture(run.base_model, revision=run.revision) if check_fit else None
+    family = detect_family(run.base_model, revision=run.revision) if check_fit else None
     if check_fit:
         from selma_toolkit.expert_fit import base_layer_shapes
     layers = base_layer_shapes(run.base_model, revision=run.revision) if check_fit else None
@@ -75,12 +75,12 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
         if name in taken:
             name = path.stem if path.stem not in taken else f"{path.stem}-{len(experts) + 1}"
         taken.add(name)
-        if check_fit:
+        if family is not None:  # check_fit
             found = guess_architecture(lora)
-            if found is not None and found != architecture:
+            if found is not None and found != family.name:
                 raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
-                                      f"is {architecture}; list only experts trained for this base model")
-            _check_layers(run, ref, path, lora, layers, architecture)
+                                      f"is {family.name}; list only experts trained for this base model")
+            _check_layers(run, ref, path, lora, layers, family)
             needs_equal = [m for m in merge_methods(run) if METHODS[m].equal_ranks]  # the method table's rank rule
             if needs_equal and run.skills and lora.ranks() != {run.train.rank}:
                 raise LoraFormatError(
@@ -91,13 +91,12 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
     return experts
 
 
-def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None, architecture: str) -> None:
+def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | None, family: Family) -> None:
     """The expert's layers against the base model's (an error) and the run's targets (a warning)."""
     from selma_toolkit.expert_fit import check_expert_fits, target_difference
 
     if layers is not None:
         check_expert_fits(lora, layers, source=f"experts: {ref!r} ({path})", base_model=run.base_model)
-    family = get_family(architecture)
     difference = target_difference(lora, run.train.denoiser_targets(family.lora_targets),
                                    run.train.text_encoder_target_modules if run.train.train_text_encoder else [],
                                    denoiser=family.denoiser)

@@ -31,7 +31,6 @@ from typing import Any
 
 from selma_toolkit.architectures import FAMILY_NAMES, get_family
 
-Architecture = str  # a family name of selma_toolkit.architectures
 ARCHITECTURES: tuple[str, ...] = FAMILY_NAMES  # every family has a tiny config in its record
 TINY_PREFIX = "tiny:"
 # Bump when a config below changes, so cached copies are rebuilt.
@@ -152,7 +151,7 @@ def _vae(**overrides: Any):
     })
 
 
-def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
+def build_tiny_pipeline(arch: str = "sd1", seed: int = 0):
     """Build a tiny random pipeline of the given family (in memory), from its record's
     :class:`~selma_toolkit.architectures.TinyConfig`: denoiser, scheduler, one small CLIP text
     encoder (32 wide) per CLIP of the family and a small T5 (``TinyConfig.t5``) per T5, and the
@@ -188,7 +187,7 @@ def build_tiny_pipeline(arch: Architecture = "sd1", seed: int = 0):
     return pipeline_class(**parts)
 
 
-def create_tiny_model(out: str | os.PathLike[str], arch: Architecture = "sd1", seed: int = 0) -> Path:
+def create_tiny_model(out: str | os.PathLike[str], arch: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny model in the standard diffusers folder layout (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; SD 3 and
     Flux have transformer/ instead of unet/, and a T5 in text_encoder_3/ or text_encoder_2/).

@@ -60,8 +60,10 @@ def test_reference_model_is_the_base_without_the_lora_and_gradients_come_back(ti
     from selma_toolkit.train import model as parts
 
     model_dir = tiny_model_dirs["sd1"]
-    base = parts.load_denoiser(model_dir, "sd1", torch.float32)
-    unet = parts.load_denoiser(model_dir, "sd1", torch.float32)
+    from selma_toolkit.architectures import get_family
+
+    base = parts.load_denoiser(model_dir, get_family("sd1"), torch.float32)
+    unet = parts.load_denoiser(model_dir, get_family("sd1"), torch.float32)
     parts.add_lora(unet, "unet", TrainSettings(rank=2))
     with torch.no_grad():
         for name, p in unet.named_parameters():

@@ -145,12 +145,12 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
     folder = write_dataset(tmp_path / "images", 2)
     samples = [TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])]
     root = tmp_path / "cache"
-    names = parts.text_encoder_names(arch)
+    names = parts.text_encoder_names(family)
     latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 32, image_digests(samples)), root, 2,
                                   lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 32))
 
     def caption_encoder():
-        tokenizers, encoders = parts.load_text_encoders(model_dir, arch, torch.float32)
+        tokenizers, encoders = parts.load_text_encoders(model_dir, family, torch.float32)
         return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=family)
 
     spec = caches.text_cache_spec(model_dir, names, torch.float32, samples)
@@ -204,7 +204,7 @@ def test_flow_loss_equals_the_mse_computed_with_the_pipelines_own_helpers(arch, 
 
     family = get_family(arch)
     pipe = pipes[arch]
-    scheduler = parts.load_noise_scheduler(tiny_model_dirs[arch], arch)
+    scheduler = parts.load_noise_scheduler(tiny_model_dirs[arch], family)
     generator = torch.Generator().manual_seed(1)
     n, channels, size = 2, 4, 16
     mean, std = torch.randn(n, channels, size, size, generator=generator), torch.rand(n, channels, size, size, generator=generator)

@@ -109,12 +109,12 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
     folder = write_dataset(tmp_path / "images", 2, size=(40, 48))
     samples = [TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])]
     root = tmp_path / "cache"
-    names = parts.text_encoder_names(arch)
+    names = parts.text_encoder_names(get_family(arch))
     latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 16, image_digests(samples)), root, 2,
                                   lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 16))
 
     def caption_encoder():
-        tokenizers, encoders = parts.load_text_encoders(model_dir, arch, torch.float32)
+        tokenizers, encoders = parts.load_text_encoders(model_dir, get_family(arch), torch.float32)
         return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=get_family(arch))
 
     texts = caches.ensure_cache(caches.text_cache_spec(model_dir, names, torch.float32, samples), root, 2, caption_encoder)

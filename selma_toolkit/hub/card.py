@@ -245,6 +245,7 @@ def render_model_card(
     architecture = next((f["architecture"] for f in loras.values() if f["architecture"]), None)
     if architecture is None and base_model and base_model.startswith("tiny:"):
         architecture = base_model.removeprefix("tiny:").split(":")[0]  # tiny:<family>[:<seed>]
+    family = FAMILIES.get(architecture or "")  # None: a base model of no known family
     lora_skills = list(dict.fromkeys(s for f in loras.values() for s in f["skills"]))
     recipe_skills = {s.name: s for s in recipe.skills} if recipe else {}
     skill_names = lora_skills or list(recipe_skills)
@@ -265,7 +266,7 @@ def render_model_card(
             counts = {"prompts": _count_lines(run.prompts(name)), "images": _count_lines(run.images(name) / "metadata.jsonl")}
         skills.append({"name": name, "recipe": skill, "description": description, **counts})
 
-    family_tag = FAMILIES[architecture].hub_tag if architecture in FAMILIES else "stable-diffusion"
+    family_tag = family.hub_tag if family else "stable-diffusion"
     tags = ["lora", "text-to-image", family_tag, "selma", *skill_names]
     card_data = ModelCardData(
         # The Hub links base_model only to a repo id; a local folder or tiny: model is named in the body instead.
@@ -292,8 +293,7 @@ def render_model_card(
         or next((load_skill_recipe(s["name"]).seeds[0] for s in skills if shipped_skill(s["name"])), "a photo of two apples on a table"),
         recipe=recipe,
         # train.target_modules unset: the family's default layers (architectures.py), as training used them.
-        lora_targets=recipe.train.denoiser_targets(FAMILIES[architecture].lora_targets if architecture in FAMILIES
-                                                   else FAMILIES["sd1"].lora_targets) if recipe else [],
+        lora_targets=recipe.train.denoiser_targets((family or FAMILIES["sd1"]).lora_targets) if recipe else [],
         has_recipe_file=recipe is not None,
         score_rows=_score_rows(scores)[:MAX_SCORE_ROWS] if scores is not None else [],
         images=images or [],

@@ -23,7 +23,6 @@ from selma_toolkit.resources import shipped_dir
 CATALOG_ENV = "SELMA_CATALOG"
 _CATALOG_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-Architecture = str  # a family name of selma_toolkit.architectures
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class CatalogEntry:
     file: str
     skill: str
     base_model: str
-    architecture: Architecture
+    architecture: str  # a family name (architectures.FAMILY_NAMES), as the catalog file writes it
     sha256: str | None = None
     revision: str | None = None
     source: str = ""

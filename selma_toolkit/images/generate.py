@@ -35,13 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.architectures import get_family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError, ModelError
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
-from selma_toolkit.models import default_dtype, detect_architecture, load_pipeline, resolve_model
+from selma_toolkit.models import default_dtype, detect_family, load_pipeline, resolve_model
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import write_resolved_recipe
 
@@ -191,7 +190,7 @@ def _check_model(run: RunRecipe) -> None:
                              "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
                              "architecture, so that no config is fetched at run time")
         return
-    family = get_family(detect_architecture(run.image_model, revision=_model_revision(run)))
+    family = detect_family(run.image_model, revision=_model_revision(run))
     if run.images.negative_prompt and not family.negative_prompt:
         log.warning("images.negative_prompt is set, but %s pipelines use guidance_scale as their embedded guidance and "
                     "ignore a negative prompt (it acts only with true_cfg_scale > 1); the images are drawn without it",

@@ -35,14 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selma_toolkit.architectures import get_family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import DatasetError, RecipeError
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
 from selma_toolkit.lora import save_lora
 from selma_toolkit.lora.merge import merge_files, metadata_record
-from selma_toolkit.models import detect_architecture
+from selma_toolkit.models import detect_family
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
@@ -232,8 +231,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
                                 batch_size=run.dpo.batch_size, checkpoint_every=run.dpo.checkpoint_every)
     trained_run = with_train(run, settings)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
-    arch = detect_architecture(str(model_dir))
-    family = get_family(arch)
+    family = detect_family(str(model_dir))
     if family.loss_target == "flow" or family.conditioning != "unet":
         raise RecipeError(f"dpo.enabled: the DPO variant is implemented for the UNet families (SD 1.x / 2.x / XL), "
                           f"not {family.title}; set dpo.enabled = false")
@@ -249,7 +247,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     resolution = settings.resolution or run.images.resolution
     train_dir, output = out.train_dir(skill), out.expert(skill)
     digests = image_digests(samples)
-    fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", arch, resolution,
+    fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", family.name, resolution,
                                           dataset_fingerprint(samples, digests)),
                    "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_name(run)}
     fingerprint = json.loads(json.dumps(fingerprint))
@@ -258,15 +256,15 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
+    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, family, train_dir, accelerator,
                                             weight_dtype, progress)
     from accelerate.utils import set_seed
 
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it
-    trained, _, _ = build_models(settings, model_dir, arch, device, weight_dtype, cache_text=True)
+    trained, _, _ = build_models(settings, model_dir, family, device, weight_dtype, cache_text=True)
     denoiser = trained[family.denoiser]
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
-    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
+    noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_scale = parts.vae_latent_scale(model_dir)
 
@@ -283,7 +281,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         return dpo_loss(errors[:n], errors[n:], reference[:n], reference[n:], run.dpo.beta)
 
     def write_output(path: Path, steps: int) -> None:
-        metadata = expert_metadata(run, skill, arch, steps)
+        metadata = expert_metadata(run, skill, family, steps)
         metadata.update({"selma.training": "diffusion-dpo", "selma.dpo": json.dumps(
             {"beta": run.dpo.beta, "pairs": count, "scorer": scorer_name(run), "learning_rate": settings.learning_rate})})
         lora = parts.lora_weights({family.denoiser: accelerator.unwrap_model(denoiser)}, metadata)

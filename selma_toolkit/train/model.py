@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family, get_family
+from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family
 from selma_toolkit.config.train import UNET_TARGET_MODULES, TrainSettings
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
@@ -63,16 +63,15 @@ def local_model_dir(spec: str, revision: str | None = None) -> Path:
         raise hub_model_error(f"{spec}: could not download the model from the Hub", exc) from None
 
 
-def text_encoder_names(arch: str) -> list[str]:
+def text_encoder_names(family: Family) -> list[str]:
     """The text-encoder subfolders of a family (two for SDXL, one for SD 1.x / 2.x)."""
-    return list(get_family(arch).text_encoder_components)
+    return list(family.text_encoder_components)
 
 
-def load_denoiser(model_dir: Path, arch: str, dtype: torch.dtype):
+def load_denoiser(model_dir: Path, family: Family, dtype: torch.dtype):
     """The family's denoiser (UNet or transformer), frozen, of the diffusers class its record names."""
     import diffusers
 
-    family = get_family(arch)
     model_class = getattr(diffusers, family.denoiser_class)
     model = model_class.from_pretrained(model_dir, subfolder=family.denoiser, dtype=dtype, use_safetensors=True)
     model.requires_grad_(False)
@@ -88,14 +87,14 @@ def load_vae(model_dir: Path):
     return vae
 
 
-def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[list, list]:
+def load_text_encoders(model_dir: Path, family: Family, dtype: torch.dtype) -> tuple[list, list]:
     """(tokenizers, text encoders), frozen, one pair per text encoder of the family, each of the
     transformers class its record names."""
     import transformers
     from transformers import AutoTokenizer
 
     tokenizers, encoders = [], []
-    for spec in get_family(arch).text_encoders:
+    for spec in family.text_encoders:
         model_class = getattr(transformers, spec.model_class)
         tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=spec.tokenizer))
         encoder = model_class.from_pretrained(model_dir, subfolder=spec.component, dtype=dtype, use_safetensors=True)
@@ -103,13 +102,13 @@ def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[
     return tokenizers, encoders
 
 
-def load_noise_scheduler(model_dir: Path, arch: str | None = None):
+def load_noise_scheduler(model_dir: Path, family: Family | None = None):
     """The training scheduler built from the model's own scheduler config, as in the diffusers
     scripts: DDPM (the model's betas and prediction type, epsilon or v_prediction) for the UNet
     families, FlowMatchEulerDiscreteScheduler (its sigmas, with the model's shift) for SD 3 / Flux."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if arch is not None and get_family(arch).loss_target == "flow":
+    if family is not None and family.loss_target == "flow":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
