@@ -15,6 +15,7 @@ import pytest
 
 from selma_toolkit.config import registries
 from selma_toolkit.errors import RecipeError
+from selma_toolkit.io import atomic_write_text
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import load_run_recipe
 from selma_toolkit.run import check_recipe_change, run_pipeline, run_status
@@ -64,10 +65,8 @@ class PromptCountStage(Stage):
         return StageState(self.name, skill, done, "counted" if done else "not counted yet")
 
     def run(self, ctx: RunContext, skill: str, progress) -> None:
-        wanted = ctx.run.skill(skill).num_prompts
-        path = self.outputs(ctx, skill)[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"train": wanted, "seed": ctx.run.skill(skill).seed}))
+        recipe = ctx.run.skill(skill)
+        atomic_write_text(self.outputs(ctx, skill)[0], json.dumps({"train": recipe.num_prompts, "seed": recipe.seed}))
         progress(f"count {skill}", 1, 1)
 
     def recipe_changes(self, old, new, paths: RunPaths) -> list[str]:
