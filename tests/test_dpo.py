@@ -110,9 +110,7 @@ class Brightness:
 
 @pytest.fixture
 def brightness(monkeypatch):
-    from selma_toolkit.evaluate import scorers
-
-    monkeypatch.setattr(scorers, "build_scorer", lambda name, settings, device=None: Brightness())
+    monkeypatch.setattr(dpo, "build_scorer", lambda name, settings, device=None: Brightness())
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +140,13 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
 
 
 def test_all_ties_is_a_clear_error(tiny_model_dirs, pair_run, monkeypatch):
-    from selma_toolkit.evaluate import scorers
-
     class Flat(Brightness):
         name = "flat"
 
         def score(self, images, prompts):
             return [50.0] * len(images)
 
-    monkeypatch.setattr(scorers, "build_scorer", lambda name, settings, device=None: Flat())
+    monkeypatch.setattr(dpo, "build_scorer", lambda name, settings, device=None: Flat())
     with pytest.raises(DatasetError, match="every preference pair of count is a tie"):
         dpo.train_dpo_expert(tiny_run(tiny_model_dirs["sd1"]), "count", pair_run)
 

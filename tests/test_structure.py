@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -31,40 +33,66 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+@dataclass(frozen=True)
+class Import:
+    """One import statement that runs (not under ``if TYPE_CHECKING:``): what it names, where."""
+
+    names: tuple[str, ...]  # dotted names: package modules, or a library's
+    in_function: bool
+    line: int
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]:
+    """The imports of module ``name`` (``from a import b`` names the module ``a.b`` when b is one)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_checking = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for node in ast.walk(block)
+    }
+    in_functions = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(function)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in type_checking:
+            continue
+        if isinstance(node, ast.Import):
+            names = tuple(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from its own package
+                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            names = tuple(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+        else:
+            continue
+        found.append(Import(names, id(node) in in_functions, node.lineno))
+    return found
+
+
+def _runs(name: str, target: str, modules: dict[str, Path]) -> set[str]:
+    """The package modules that importing ``target`` from ``name`` runs: it and its packages, except
+    those ``name`` is inside (they are running already)."""
+    return {target, *(a for a in _ancestors(target) if a in modules and a not in _ancestors(name))} - {name}
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """``{module: the package modules it imports}``: imports at module level and inside functions
-    (everything but ``if TYPE_CHECKING:`` blocks, which never run). Importing ``a.b.c`` runs the
-    packages ``a`` and ``a.b`` too, except those the importer is inside (they are running already)."""
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        type_checking = {
-            id(node)
-            for block in ast.walk(tree)
-            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for node in ast.walk(block)
+    """``{module: the package modules it imports}``: imports at module level and inside functions."""
+    return {
+        name: {
+            run
+            for found in imports_of(name, path, modules)
+            for target in found.names
+            if target in modules
+            for run in _runs(name, target, modules)
         }
-        targets: set[str] = set()
-        for node in ast.walk(tree):
-            if id(node) in type_checking:
-                continue
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from its own package
-                    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-                for alias in node.names:  # `from a import b` imports the module a.b when b is one
-                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
-        edges = set()
-        for target in targets:
-            if target in modules:
-                edges.add(target)
-                edges.update(a for a in _ancestors(target) if a in modules and a not in _ancestors(name))
-        edges.discard(name)
-        graph[name] = edges
-    return graph
+        for name, path in modules.items()
+    }
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -123,6 +151,64 @@ def test_the_config_package_is_the_bottom_floor():
     for name, imported in graph.items():
         if name.startswith("selma_toolkit.config"):
             assert {m for m in imported if not m.startswith("selma_toolkit.config")} <= {"selma_toolkit.errors"}, name
+
+
+# Libraries slow enough to import (about 0.1 s and more here) that start-up paths import them late.
+HEAVY = frozenset(
+    {
+        "torch",
+        "diffusers",
+        "transformers",
+        "peft",
+        "accelerate",
+        "numpy",
+        "PIL",
+        "openai",
+        "huggingface_hub",
+        "datasets",
+        "pydantic",
+        "matplotlib",
+        "open_clip",
+        "ImageReward",
+        "torchmetrics",
+    }
+)
+
+
+def deferred_imports(modules: dict[str, Path]) -> list[tuple[str, str, int, set[str]]]:
+    """(module, package module it imports inside a function, line, the heavy libraries that import
+    loads and the module does not load at its own import) of every import inside a function."""
+    found = {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+    @cache
+    def loads(name: str) -> frozenset[str]:  # heavy libraries loaded when ``name`` is imported
+        top = [target for entry in found[name] if not entry.in_function for target in entry.names]
+        heavy = {t.split(".")[0] for t in top if t.split(".")[0] in HEAVY}
+        for target in (t for t in top if t in modules):
+            heavy |= {lib for run in _runs(name, target, modules) for lib in loads(run)}
+        return frozenset(heavy)
+
+    return [
+        (name, target, entry.line, set(loads(target) - loads(name)))
+        for name, entries in found.items()
+        for entry in entries
+        if entry.in_function
+        for target in entry.names
+        if target in modules
+    ]
+
+
+def test_an_import_inside_a_function_defers_a_heavy_library():
+    """A package module is imported inside a function only to load a heavy library late that the
+    importing module does not load already; anything else goes at the top of the module (the
+    cycle test keeps the graph acyclic). The CLI's commands are the exception: they import what a
+    command needs, so that `selma --help` starts fast."""
+    needless = [
+        f"{name}:{line} imports {target}"
+        for name, target, line, heavy in deferred_imports(package_modules())
+        if not heavy and not name.startswith("selma_toolkit.cli")
+    ]
+    assert needless == []
 
 
 @pytest.mark.parametrize(

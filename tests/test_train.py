@@ -254,24 +254,22 @@ def test_resuming_with_a_changed_recipe_is_refused_naming_what_changed(tiny_mode
 
 
 def test_out_of_disk_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd1, tmp_path, monkeypatch):
-    import selma_toolkit.lora as lora
-
     paths = new_run_dir(tmp_path)
     run = make_run(tiny_sd1, steps=4, checkpoint_every=2)
-    real_save = lora.save_lora
+    real_save = loop.save_lora
 
     def disk_full_in_step_4(weights, path, **kwargs):
         if ".step-4.partial" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(weights, path, **kwargs)
 
-    monkeypatch.setattr(lora, "save_lora", disk_full_in_step_4)
+    monkeypatch.setattr(loop, "save_lora", disk_full_in_step_4)
     with pytest.raises(TrainingError, match="step-2 is intact"):
         train_expert(run, "count", paths)
     folder = paths.train_dir("count") / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-2"]
     step_2 = load_lora(folder / "step-2" / "count.safetensors")
-    monkeypatch.setattr(lora, "save_lora", real_save)
+    monkeypatch.setattr(loop, "save_lora", real_save)
     train_expert(run, "count", paths)
     assert [r["step"] for r in losses(paths)] == [1, 2, 3, 4]
     again = load_lora(folder / "step-2" / "count.safetensors")

@@ -40,6 +40,7 @@ from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.report import write_report
 from selma_toolkit.evaluate.scorers import build_scorers
 from selma_toolkit.evaluate.scoring import EvalItem, score_variants, variant_folder
+from selma_toolkit.images import image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.models import load_pipeline
 from selma_toolkit.paths import RunPaths
@@ -164,7 +165,6 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
 
     from selma_toolkit.adapters.diffusers import load_experts
     from selma_toolkit.adapters.moe import is_moe_file, load_moe, unload_moe
-    from selma_toolkit.images import image_seed
 
     images = run.images
     pipe = load_pipeline(run.base_model, revision=run.revision, device=device, dtype=images.dtype,

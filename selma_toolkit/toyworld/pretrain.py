@@ -43,6 +43,7 @@ from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
 from selma_toolkit.models import resolve_model
 from selma_toolkit.prompts.grammar import GrammarSource
+from selma_toolkit.recipe import load_skill_recipe
 from selma_toolkit.toyworld.model import NOISE_SCHEDULE, build_text_encoder, build_unet, build_vae, toy_tokenizer
 from selma_toolkit.toyworld.renderer import draw_objects, place_objects
 from selma_toolkit.toyworld.snapshots import evaluate_snapshot
@@ -59,8 +60,6 @@ Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 
 def caption_sources() -> list[Any]:
     """The grammars captions are drawn from: the three toy skills and single objects."""
-    from selma_toolkit.recipe import load_skill_recipe
-
     grammars = [load_skill_recipe(name).grammar for name in SKILLS]
     grammars.append(GrammarSettings(templates=["a {color} {shape}", "a {shape}"],
                                     words={"color": list(COLORS), "shape": list(SHAPES)}))

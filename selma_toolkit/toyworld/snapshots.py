@@ -14,6 +14,7 @@ from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import TrainingError
 from selma_toolkit.io import atomic_write_text
 from selma_toolkit.prompts import generate_prompts
+from selma_toolkit.recipe import load_skill_recipe
 from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
 from selma_toolkit.toyworld.scorer import score_image
 
@@ -40,8 +41,6 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
 
 def eval_prompts(out: Path, per_skill: int) -> dict[str, list[str]]:
     """``per_skill`` held-out prompts of each toy skill (the shipped recipes' prompt streams)."""
-    from selma_toolkit.recipe import load_skill_recipe
-
     prompts = {}
     for name in SKILLS:
         path = out / "prompts" / f"{name}.jsonl"

@@ -49,6 +49,7 @@ from pathlib import Path
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, read_image_dataset, read_prompts
 from selma_toolkit.errors import RecipeError
+from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
 from selma_toolkit.evaluate.report import write_report
 from selma_toolkit.evaluate.scoring import score_variants, variant_folder
 from selma_toolkit.images import generate_images, image_name, image_seed
@@ -293,7 +294,6 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
                   progress: Progress | None = None) -> dict[str, object]:
     """Every stage of one replicate (see the module docstring); returns its record (also written
     to ``seed-<s>/replicate.json``) with the data sizes and the path of its scores.json."""
-    from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
     from selma_toolkit.lora.merge import merge_files
 
     options = options or StudyOptions()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import DatasetError, RecipeError
+from selma_toolkit.evaluate.scorers import build_scorer
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
 from selma_toolkit.lora import save_lora
 from selma_toolkit.lora.merge import merge_files, metadata_record
@@ -53,6 +54,7 @@ from selma_toolkit.train.data import (
     sample_generator,
     sample_index,
 )
+from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
 from selma_toolkit.train.steps import Progress, TrainEvent, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,6 @@ def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
     """Draw (or reuse) the pair images of ``skill``'s train prompts, score them, pair them up (see
     the module docstring); writes ``pairs.jsonl`` and returns the pairs, prompts in id order."""
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images
-    from selma_toolkit.evaluate.scorers import build_scorer
 
     out = dpo_paths(paths)
     prompts = sorted(read_prompts(paths.prompts(skill), split="train", repair_tail=True), key=lambda p: p.id)
@@ -225,8 +226,6 @@ def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, s
 def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
     """The DPO expert of ``skill`` (pairs, then Diffusion-DPO; see the module docstring), resumable;
     returns ``<run>/dpo/experts/<skill>.safetensors``."""
-    from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
-
     settings = variant_settings(run.train, learning_rate=run.dpo.learning_rate, steps=run.dpo.steps,
                                 batch_size=run.dpo.batch_size, checkpoint_every=run.dpo.checkpoint_every)
     trained_run = with_train(run, settings)

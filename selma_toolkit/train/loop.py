@@ -22,6 +22,7 @@ from selma_toolkit.errors import RecipeError
 from selma_toolkit.architectures import Family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.config.train import TrainSettings
+from selma_toolkit.lora import load_lora, lora_metadata, save_lora
 from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import recipe_hash
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 def expert_metadata(run: RunRecipe, skill: str, family: Family, steps: int) -> dict[str, str]:
     """The ``__metadata__`` of an expert file; ``save_lora`` adds rank, alpha, targets, toolkit
     version and the kohya / ModelSpec fields from the tensors."""
-    from selma_toolkit.lora import lora_metadata
-
     return lora_metadata(
         base_model=run.base_model, architecture=family.name, skill=skill,
         skills=[s.name for s in run.skills] if skill == JOINT else None,
@@ -168,8 +167,6 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     """Train the LoRA expert of ``skill`` (``JOINT``: one LoRA on all skills' data, the paper's
     mixture baseline), resuming from the latest checkpoint; return the expert file's path."""
     from accelerate.utils import set_seed
-
-    from selma_toolkit.lora import load_lora, save_lora
 
     settings = run.train
     train_dir = paths.train_dir(skill)
