@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from selma_toolkit.errors import InputError
+from selma_toolkit.errors import InputError, Option
 
 if TYPE_CHECKING:
     from selma_toolkit.recipe import EvaluateSettings
@@ -215,7 +215,7 @@ class _ToyWorldJudge:
             parse_caption(prompt)
         except CaptionError as exc:
             return (f"the toyworld scorer reads only shapes-world captions ({exc}); see docs/toyworld.md for the "
-                    "grammar, or choose another --scorer")
+                    "grammar, or choose another scorer")
         return None
 
     def judge(self, images: Sequence[Any], prompts: Sequence[str]) -> list[ImageVerdict]:
@@ -274,7 +274,8 @@ def check_scorer(scorer: str) -> None:
     from selma_toolkit.evaluate.scorers import SCORER_NAMES
 
     if scorer not in SCORER_NAMES:
-        raise InputError(f"--scorer {scorer!r}: unknown scorer; expected one of {', '.join(SCORER_NAMES)}")
+        raise InputError(what="unknown scorer", where=Option("scorer"), found=scorer,
+                         expected=f"one of {', '.join(SCORER_NAMES)}")
 
 
 def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:

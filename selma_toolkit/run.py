@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from selma_toolkit.errors import DatasetError, SelmaError
+from selma_toolkit.errors import DatasetError, Remedy, SelmaError
 from selma_toolkit.io import check_output_folder, folder_lock
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import RunRecipe, load_run_recipe, write_resolved_recipe
@@ -75,8 +75,9 @@ def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
     """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
     paths = RunPaths(Path(folder))
     if not paths.recipe.is_file():
-        raise DatasetError(f"{folder}: not a run folder (no recipe.toml); expected a folder written by `selma run` "
-                           "(or give the recipe: `selma run RECIPE --out FOLDER`)")
+        raise DatasetError(what="not a run folder (no recipe.toml)", where=str(folder),
+                           expected="a folder written by `selma run`",
+                           remedies=[Remedy.run("selma run RECIPE --out FOLDER", note="to give the recipe")])
     return load_run_recipe(paths.recipe), paths
 
 
@@ -415,8 +416,8 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool,
     inputs = merge_inputs(run, paths, resolve_external_experts(run), use_best)
     missing = [name for name, path in inputs if not path.is_file()]
     if missing:
-        raise DatasetError(f"{paths.root}: no expert yet for {', '.join(missing)}; train first "
-                           "(`selma run RECIPE`, or `selma train RECIPE --skill NAME`)")
+        raise DatasetError(what=f"no expert yet for {', '.join(missing)}", where=str(paths.root),
+                           remedies=[Remedy.run("selma run RECIPE"), Remedy.run("selma train RECIPE --skill NAME")])
     for method in merge_methods(run):
         if not merge_state(run, paths, method, inputs).done:
             log.info("merging %d experts with %s into %s", len(inputs), method, paths.merged(method))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import LoraFormatError, RecipeError
+from selma_toolkit.errors import LoraFormatError, RecipeError, Remedy
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.lora.merging.methods import METHODS
 from selma_toolkit.recipe import RunRecipe, load_run_recipe
@@ -96,9 +96,10 @@ def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
             problems += [f"{c} (prompts exist for {skill.name})" for c in _changes(previous, skill, f"skills.{skill.name}.")]
     if problems:
         raise RecipeError(
-            f"{paths.root}: this run folder was made with a different recipe ({paths.recipe}); continuing would mix "
-            "results made with the old and the new settings:\n  " + "\n  ".join(problems)
-            + "\nRestore those values, run into a new folder (--out), or delete the outputs named to redo those stages."
+            what=f"this run folder was made with a different recipe ({paths.recipe}); continuing would mix results "
+            "made with the old and the new settings:", where=str(paths.root), details=problems,
+            remedies=[Remedy.do("restore those values"), Remedy.change("out", "run folder"),
+                      Remedy.do("delete the outputs named to redo those stages")],
         )
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
+from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError, Remedy
 from selma_toolkit.evaluate.stats import Interval, bootstrap_interval
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import RunRecipe
@@ -133,8 +133,10 @@ def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRec
         file = before_paths.merged(method)
         if not file.is_file():
             made = sorted(p.stem for p in (folder / "merged").glob("*.safetensors"))
-            raise DatasetError(f"{folder}: no merged/{method}.safetensors (merges there: {made or 'none'}); compare the "
-                               f"same method, e.g. --method {made[0] if made else 'selma'}")
+            raise DatasetError(what=f"no merged/{method}.safetensors (merges there: {made or 'none'})",
+                               where=str(folder),
+                               remedies=[Remedy.set("method", made[0] if made else "selma",
+                                                    note="compare a method both runs merged with")])
         return file, (before_run, before_paths)
     file = resolve_expert_file(before).path
     root = file.resolve().parent.parent

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selma_toolkit.dataset import METADATA, read_image_dataset, read_prompts
-from selma_toolkit.errors import RecipeError
+from selma_toolkit.errors import RecipeError, Remedy
 from selma_toolkit.images import image_name, image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text
 from selma_toolkit.paths import JOINT, RunPaths
@@ -252,7 +252,8 @@ class StudyOptions:
         if unknown:
             raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(ALL_KINDS)}")
         if "teacher" in self.kinds and not self.teacher:
-            raise RecipeError("study kind 'teacher' needs a teacher base model (--teacher toy:shapes, a folder or a Hub id)")
+            raise RecipeError(what="needs a teacher base model", where="study kind 'teacher'",
+                              remedies=[Remedy.give("teacher", "toy:shapes", noun="a base model (a folder, a Hub id)")])
         if self.filter_candidates < 1 or self.high_guidance < 1:
             raise RecipeError("filter_candidates and high_guidance must be at least 1")
         object.__setattr__(self, "kinds", tuple(dict.fromkeys(("selma", *self.kinds))))
