@@ -48,12 +48,15 @@ def test_help_shows_plain_metavars_and_the_set_options_own_examples(cli):
              ("run", "merge", "evaluate", "skill new", "skill propose", "hub pull", "recipe validate")}
     for command, page in pages.items():
         assert page.returncode == 0, page.stderr
-        assert not re.search(r"<(bool|str|int|float|path|Path|list\[\w+\])>|\{\w+\}", page.stdout), (command, page.stdout)
+        python_types = re.search(r"<(bool|str|int|float|path|Path|list\[\w+\])>|\{\w+\}", page.stdout)
+        assert not python_types, (command, page.stdout)
+    spaced = {command: re.sub(r" +", "  ", page.stdout) for command, page in pages.items()}
     assert "Usage: python -m selma_toolkit run [OPTIONS] RECIPE" in pages["run"].stdout
-    assert "--set  KEY=VALUE" in re.sub(r" +", "  ", pages["run"].stdout)
-    assert "[OPTIONS] [EXPERTS...]" in pages["merge"].stdout and "--rank  INTEGER" in re.sub(r" +", "  ", pages["merge"].stdout)
+    assert "--set  KEY=VALUE" in spaced["run"]
+    assert "[OPTIONS] [EXPERTS...]" in pages["merge"].stdout and "--rank  INTEGER" in spaced["merge"]
     assert "[OPTIONS] [RUN]" in pages["evaluate"].stdout
-    assert "A scorer setting of a run recipe's evaluate section, e.g. --set clip_model=tiny:clip" in pages["skill propose"].stdout
+    propose = pages["skill propose"].stdout
+    assert "A scorer setting of a run recipe's evaluate section, e.g. --set clip_model=tiny:clip" in propose
     assert "Set a skill field, e.g. --set num_prompts=200" in pages["skill new"].stdout
     assert "train.steps" not in pages["skill new"].stdout
 

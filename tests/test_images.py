@@ -411,9 +411,9 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("images.steps=0", r"overrides 'images\.steps=0': expected 1 or more"),
-    ("images.resolution=30", r"images\.resolution: must be a multiple of 8"),
+    ("images.resolution=30", r"overrides 'images\.resolution=30': must be a multiple of 8"),
     ("images.guidance_scale=-1", r"images\.guidance_scale"),
-    ("images.stpes=3", r"images\.stpes: unknown key; did you mean 'steps'"),
+    ("images.stpes=3", r"overrides 'images\.stpes=3': unknown key; did you mean 'steps'"),
 ])
 def test_out_of_range_image_settings_are_recipe_errors(override, message, tmp_path):
     with pytest.raises(RecipeError, match=message):
