@@ -214,8 +214,11 @@ def test_ctrl_c_says_the_run_was_interrupted_and_that_the_same_command_resumes(t
     the run, skipping the stages that were complete."""
     root = tmp_path / "run"
     command = [sys.executable, "-m", "selma_toolkit", *run_args(root)]
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the run is given the default disposition, as in a terminal.
     started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **WIDE})
+                               env={**os.environ, **WIDE},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(root.glob("skills/*/images/*.png")) and started.poll() is None and time.monotonic() < deadline:
