@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from selma_toolkit.errors import InputError
+from selma_toolkit.errors import InputError, Option
 from selma_toolkit.evaluate.scorers import SCORER_NAMES, build_scorer
 from selma_toolkit.evaluate.vqa import dsg_score
 from selma_toolkit.toyworld.scorer import answer_questions, caption_questions, question_kinds, segment
@@ -215,7 +215,7 @@ class _ToyWorldJudge:
             parse_caption(prompt)
         except CaptionError as exc:
             return (f"the toyworld scorer reads only shapes-world captions ({exc}); see docs/toyworld.md for the "
-                    "grammar, or choose another --scorer")
+                    "grammar, or choose another scorer")
         return None
 
     def judge(self, images: Sequence[Any], prompts: Sequence[str]) -> list[ImageVerdict]:
@@ -269,7 +269,8 @@ class _ScoreJudge:
 def check_scorer(scorer: str) -> None:
     """An InputError unless ``scorer`` is one of the evaluation scorers (selma_toolkit/evaluate/scorers.py)."""
     if scorer not in SCORER_NAMES:
-        raise InputError(f"--scorer {scorer!r}: unknown scorer; expected one of {', '.join(SCORER_NAMES)}")
+        raise InputError(what="unknown scorer", where=Option("scorer"), found=scorer,
+                         expected=f"one of {', '.join(SCORER_NAMES)}")
 
 
 def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:

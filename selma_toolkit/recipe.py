@@ -30,7 +30,7 @@ from selma_toolkit.config.merge import MergeSettings
 from selma_toolkit.config.prompts import GrammarSettings, LLMSettings, PromptSourceName
 from selma_toolkit.config.recipes import RunRecipe, SkillRecipe
 from selma_toolkit.config.train import UNET_TARGET_MODULES, DPOSettings, MoESettings, TrainSettings
-from selma_toolkit.errors import DatasetError, RecipeError
+from selma_toolkit.errors import DatasetError, Fields, Option, RecipeError, Remedy
 from selma_toolkit.io import atomic_write_text
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.resources import shipped_run, shipped_skill
@@ -90,11 +90,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.steps=100"`` -> (["train", "steps"], 100). The value is read as a TOML value
     (numbers, booleans, strings, arrays); anything that is not valid TOML is taken as a string."""
     if "=" not in text:
-        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        raise RecipeError(what="", where=Option("overrides"), found=text, expected="KEY=VALUE, e.g. train.steps=100")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise RecipeError(f"--set {text!r}: empty key")
+        raise RecipeError(what="empty key", where=Option("overrides"), found=text)
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -110,7 +110,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a table")
+                raise RecipeError(what=f"{part!r} is a value, not a table", where=Option("overrides"), found=text)
             node = child
         node[parts[-1]] = value
     return data
@@ -130,40 +130,83 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError) -> RecipeError:
-    lines = []
+# pydantic's wording of the common type and range errors -> what a recipe expects ("expected an integer").
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string (in quotes)", "list_type": "a list [...]", "dict_type": "a table", "model_type": "a table",
+}
+_EXPECTED_RANGE = {"greater_than_equal": ("ge", "{} or more"), "greater_than": ("gt", "more than {}"),
+                   "less_than_equal": ("le", "{} or less"), "less_than": ("lt", "less than {}")}
+
+
+def _problem(model: type[BaseModel], item: Any) -> str:
+    """One validation error of pydantic's, without its field path: what was expected."""
+    loc, kind, ctx = tuple(item["loc"]), item["type"], item.get("ctx", {})
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return "unknown key" + hint
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
+        # say so, rather than show the regular expression.
+        return ("expected lower-case letters, digits, '-' and '_', starting with a letter or digit (it names folders "
+                "and files, so no '/', '.' or spaces), e.g. 'shape-count'")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}"
+    if kind in _EXPECTED_RANGE and _EXPECTED_RANGE[kind][0] in ctx:
+        bound, text = _EXPECTED_RANGE[kind]
+        return "expected " + text.format(ctx[bound])
+    if kind == "literal_error":
+        return "expected " + item["msg"].removeprefix("Input should be ")
+    return item["msg"].removeprefix("Value error, ")
+
+
+def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError,
+                             overrides: dict[tuple[str, ...], str]) -> RecipeError:
+    """One RecipeError for every problem pydantic found, a line each naming the field, or the ``overrides``
+    entry (key path -> the ``--set`` text) that set it; one line only when an override is the one problem."""
+    lines: list[str | Fields] = []
     for item in error.errors():
         loc = tuple(item["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            parent = _model_at(model, loc[:-1])
-            valid = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
-            lines.append(f"  {path}: unknown key{hint}")
-        elif item["type"] == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NAME_PATTERN:
-            # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
-            # say so, rather than show the regular expression.
-            lines.append(f"  {path}: expected lower-case letters, digits, '-' and '_', starting with a letter or digit "
-                         f"(it names folders and files, so no '/', '.' or spaces), e.g. 'shape-count' (found {item.get('input')!r})")
-        else:
-            found = item.get("input")
-            shown = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"  {path}: {message}{shown}")
-    return RecipeError(f"{source}: invalid recipe\n" + "\n".join(lines))
+        keys = tuple(str(p) for p in loc if not isinstance(p, int))
+        override = next((text for key, text in overrides.items() if keys[:len(key)] == key), None)
+        problem = _problem(model, item)
+        if override is not None:
+            lines.append(Fields(problem, (Option("overrides"),), override))
+            continue
+        found = item.get("input")
+        shown = "" if isinstance(found, (dict, list)) or item["type"] == "extra_forbidden" else f" (found {found!r})"
+        lines.append(f"{path}: {problem}{shown}")
+    if all(isinstance(line, Fields) for line in lines):  # only overrides are wrong, not the file
+        if len(lines) == 1:
+            return RecipeError(what=lines[0].what, where=lines[0].where, found=lines[0].found)  # type: ignore[union-attr]
+        return RecipeError(what="invalid values", where=Option("overrides"), details=lines)
+    return RecipeError(what="invalid recipe", where=source, details=lines)
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+def _override_paths(overrides: list[str], skip: int = 0) -> dict[tuple[str, ...], str]:
+    """Each override's key path (its first ``skip`` parts left out) -> its text, for naming it in errors."""
+    return {tuple(parse_override(text)[0][skip:]): text for text in overrides}
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], source: str,
+              overrides: dict[tuple[str, ...], str] | None = None) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation_error(source, model, exc) from None
+        raise _format_validation_error(source, model, exc, overrides or {}) from None
 
 
-def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>") -> SkillRecipe:
-    """Validate raw skill-recipe data; errors name ``source`` and the field path."""
-    return _validate(SkillRecipe, data, source)
+def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>", overrides: list[str] | None = None,
+                           skip: int = 0) -> SkillRecipe:
+    """Validate raw skill-recipe data; errors name ``source`` and the field path, or the entry of
+    ``overrides`` (already applied to ``data``; their key paths after the first ``skip`` parts) that set it."""
+    return _validate(SkillRecipe, data, source, _override_paths(overrides or [], skip))
 
 
 def _resolve_recipe_path(ref: str, base: Path | None, kind: str) -> Path:
@@ -186,7 +229,7 @@ def load_skill_recipe(ref: str | Path, overrides: list[str] | None = None) -> Sk
     """Load a skill recipe from a path or a shipped name (``"countbench"``)."""
     path = _resolve_recipe_path(str(ref), None, "skill")
     data = apply_overrides(read_toml(path), overrides or [])
-    return skill_recipe_from_dict(data, str(path))
+    return skill_recipe_from_dict(data, str(path), overrides)
 
 
 def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunRecipe:
@@ -199,11 +242,12 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
     """
     path = _resolve_recipe_path(str(ref), None, "run")
     data = read_toml(path)
-    run_overrides, skill_overrides = [], {}
+    run_overrides: list[str] = []
+    skill_overrides: dict[str, list[str]] = {}
     for text in overrides or []:
         parts, _ = parse_override(text)
         if parts[0] == "skills" and len(parts) >= 3:
-            skill_overrides.setdefault(parts[1], []).append(text.split(".", 2)[2])
+            skill_overrides.setdefault(parts[1], []).append(text)
         else:
             run_overrides.append(text)
     data = apply_overrides(data, run_overrides)
@@ -223,14 +267,15 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
             skill_data, source = dict(entry), f"{path} (skills[{index}])"
         else:
             raise RecipeError(f"{path}: skills[{index}]: expected a path or a table, found {entry!r}")
-        name = skill_data.get("name")
-        apply_overrides(skill_data, skill_overrides.pop(name, []))
-        skills.append(skill_recipe_from_dict(skill_data, source))
+        own = skill_overrides.pop(skill_data.get("name"), [])  # type: ignore[arg-type]
+        apply_overrides(skill_data, [text.split(".", 2)[2] for text in own])
+        skills.append(skill_recipe_from_dict(skill_data, source, own, skip=2))
     if skill_overrides:
         known = [s.name for s in skills]
-        raise RecipeError(f"--set skills.{next(iter(skill_overrides))}...: no such skill in this run; its skills are {known}")
+        raise RecipeError(what=f"no such skill in this run; its skills are {known}", where=Option("overrides"),
+                          found=next(iter(skill_overrides.values()))[0])
     data["skills"] = skills
-    return _validate(RunRecipe, data, str(path))
+    return _validate(RunRecipe, data, str(path), _override_paths(run_overrides))
 
 
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -247,8 +292,9 @@ def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
     """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
     paths = RunPaths(Path(folder))
     if not paths.recipe.is_file():
-        raise DatasetError(f"{folder}: not a run folder (no recipe.toml); expected a folder written by `selma run` "
-                           "(or give the recipe: `selma run RECIPE --out FOLDER`)")
+        raise DatasetError(what="not a run folder (no recipe.toml)", where=str(folder),
+                           expected="a folder written by `selma run`",
+                           remedies=[Remedy.run("selma run RECIPE --out FOLDER", note="to give the recipe")])
     return load_run_recipe(paths.recipe), paths
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from selma_toolkit.config.recipes import RunRecipe, merge_methods
-from selma_toolkit.errors import DatasetError, SelmaError
+from selma_toolkit.errors import DatasetError, Remedy, SelmaError
 from selma_toolkit.evaluate.checkpoints import current_selection
 from selma_toolkit.io import check_output_folder, folder_lock
 from selma_toolkit.paths import RunPaths
@@ -144,8 +144,8 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool, progress: 
     ctx = RunContext(run, paths, use_best, resolve_external_experts(run))
     missing = [name for name, path in ctx.experts if not path.is_file()]
     if missing:
-        raise DatasetError(f"{paths.root}: no expert yet for {', '.join(missing)}; train first "
-                           "(`selma run RECIPE`, or `selma train RECIPE --skill NAME`)")
+        raise DatasetError(what=f"no expert yet for {', '.join(missing)}", where=str(paths.root),
+                           remedies=[Remedy.run("selma run RECIPE"), Remedy.run("selma train RECIPE --skill NAME")])
     for stage in load_stages():
         if not stage.redone_before_evaluation:
             continue

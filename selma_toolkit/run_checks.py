@@ -12,7 +12,7 @@ from pathlib import Path
 from selma_toolkit.architectures import Family
 from selma_toolkit.config.merge_methods import METHODS
 from selma_toolkit.config.recipes import RunRecipe, merge_methods
-from selma_toolkit.errors import LoraFormatError, RecipeError
+from selma_toolkit.errors import LoraFormatError, RecipeError, Remedy
 from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
 from selma_toolkit.recipe import load_run_recipe
@@ -43,9 +43,10 @@ def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
     problems = [problem for stage in load_stages() for problem in stage.recipe_changes(old, run, paths)]
     if problems:
         raise RecipeError(
-            f"{paths.root}: this run folder was made with a different recipe ({paths.recipe}); continuing would mix "
-            "results made with the old and the new settings:\n  " + "\n  ".join(problems)
-            + "\nRestore those values, run into a new folder (--out), or delete the outputs named to redo those stages."
+            what=f"this run folder was made with a different recipe ({paths.recipe}); continuing would mix results "
+            "made with the old and the new settings:", where=str(paths.root), details=problems,
+            remedies=[Remedy.do("restore those values"), Remedy.change("out", "run folder"),
+                      Remedy.do("delete the outputs named to redo those stages")],
         )
 
 

@@ -53,7 +53,7 @@ from selma_toolkit.config.base import NAME_PATTERN
 from selma_toolkit.config.evaluate import EvaluateSettings
 from selma_toolkit.config.prompts import LLMSettings
 from selma_toolkit.config.recipes import SkillRecipe
-from selma_toolkit.errors import DatasetError, InputError, OutputError, RecipeError
+from selma_toolkit.errors import DatasetError, Fields, InputError, Option, OutputError, RecipeError, Remedy
 from selma_toolkit.failure_groups import (
     FailureGroup,
     ImageVerdict,
@@ -164,7 +164,8 @@ def evaluate_settings(scorer: str, overrides: Sequence[str] = ()) -> EvaluateSet
         return EvaluateSettings.model_validate(apply_overrides({"scorers": [scorer]}, list(overrides)))
     except ValidationError as exc:
         found = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise RecipeError(f"--set {list(overrides)}: not valid [evaluate] settings for scorer {scorer!r}: {found}") from None
+        raise RecipeError(what=f"not valid [evaluate] settings for scorer {scorer!r}: {found}",
+                          where=Option("overrides"), found=list(overrides)) from None
 
 
 # ---------------------------------------------------------------------------------- the entry
@@ -202,23 +203,28 @@ def propose_skills(
     prompts = read_prompt_file(prompts_file)
     check_scorer(scorer)
     if source not in (None, "llm", "grammar"):
-        raise InputError(f"--source {source!r}: expected llm or grammar")
+        raise InputError(what="", where=Option("source"), found=source, expected="llm or grammar")
     if source == "grammar" and scorer != "toyworld":
-        raise InputError(f"--source grammar: a grammar can be derived only from shapes-world captions (--scorer "
-                         f"toyworld); with --scorer {scorer} the recipes ask an LLM (--source llm)")
+        raise InputError(what=f"a grammar can be derived only from shapes-world captions (the toyworld scorer), not "
+                         f"with the {scorer} scorer", where=Option("source"), found=source,
+                         remedies=[Remedy.set("source", "llm", note="the recipes ask an LLM"),
+                                   Remedy.set("scorer", "toyworld")])
     judge = judge_for(scorer, evaluate)
     for line, prompt in prompts:
         problem = judge.check(prompt)
         if problem:
             raise DatasetError(f"{prompts_file}:{line}: {prompt!r}: {problem}")
-    bad = [f"--{name} {value}: expected {wanted}" for name, value, ok, wanted in [
-        ("images-per-prompt", draw.images_per_prompt, draw.images_per_prompt >= 1, "1 or more"),
-        ("steps", draw.steps, draw.steps >= 1, "1 or more"), ("batch-size", draw.batch_size, draw.batch_size >= 1, "1 or more"),
-        ("min-prompts", min_prompts, min_prompts >= 3, "3 or more (a skill recipe needs three seed prompts)"),
-        ("min-failure-rate", min_failure_rate, 0 <= min_failure_rate <= 1, "a share from 0 to 1"),
-        ("max-skills", max_skills, max_skills >= 1, "1 or more")] if not ok]
+    bad = [Fields("", (Option(name),), value, wanted) for name, value, ok, wanted in [
+        ("images_per_prompt", draw.images_per_prompt, draw.images_per_prompt >= 1, "1 or more"),
+        ("steps", draw.steps, draw.steps >= 1, "1 or more"),
+        ("batch_size", draw.batch_size, draw.batch_size >= 1, "1 or more"),
+        ("min_prompts", min_prompts, min_prompts >= 3, "3 or more (a skill recipe needs three seed prompts)"),
+        ("min_failure_rate", min_failure_rate, 0 <= min_failure_rate <= 1, "a share from 0 to 1"),
+        ("max_skills", max_skills, max_skills >= 1, "1 or more")] if not ok]
+    if len(bad) == 1:
+        raise InputError(what="", where=bad[0].where, found=bad[0].found, expected=bad[0].expected)
     if bad:
-        raise InputError("; ".join(bad))
+        raise InputError(what="invalid values", details=bad)
     record = {"base_model": base_model, "prompts": [p for _, p in prompts], "scorer": scorer,
               "scorer_model": judge.model_id, **vars(draw)}
     _check_out(out, record, force)
@@ -248,19 +254,22 @@ def _check_out(out: Path, record: dict[str, Any], force: bool) -> None:
         return
     settings = out / SETTINGS_FILE
     if not settings.is_file():
-        raise OutputError(f"{out}: --out exists and holds files that `selma skill propose` did not write; choose an "
-                          "empty or new folder")
+        raise OutputError(what="exists and holds files that `selma skill propose` did not write", where=Option("out"),
+                          found=out, remedies=[Remedy.change("out", "folder", note="an empty or new one")])
     try:
         previous = json.loads(settings.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        raise OutputError(f"{settings}: not valid JSON; choose another --out or delete the folder") from None
+        raise OutputError(what="not valid JSON", where=str(settings),
+                          remedies=[Remedy.change("out", "folder"), Remedy.do("delete the folder")]) from None
     changed = [k for k in record if previous.get(k) != record[k]]
     if changed:
-        raise OutputError(f"{out}: holds a proposal drawn with other inputs ({', '.join(changed)} differ); choose another "
-                          "--out, or delete the folder to start over")
+        raise OutputError(what=f"holds a proposal drawn with other inputs ({', '.join(changed)} differ)",
+                          where=str(out),
+                          remedies=[Remedy.change("out", "folder"), Remedy.do("delete the folder to start over")])
     if (out / REPORT).is_file() and not force:
-        raise OutputError(f"{out}: already holds a finished proposal ({out / REPORT}); choose another --out, or pass "
-                          "--force to group its images again and rewrite its recipes")
+        raise OutputError(what=f"already holds a finished proposal ({out / REPORT})", where=str(out), remedies=[
+            Remedy.change("out", "folder"),
+            Remedy.set("force", True, note="to group its images again and rewrite its recipes")])
 
 
 def image_seed(seed: int, prompt: str, index: int) -> int:

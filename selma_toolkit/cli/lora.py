@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console
+from selma_toolkit.cli.app import SelmaTyper, app, console
 from selma_toolkit.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------ lora
 
-lora_app = typer.Typer(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).", no_args_is_help=True)
+lora_app = SelmaTyper(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).",
+                      no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 ComponentOption = Annotated[
     Optional[str],

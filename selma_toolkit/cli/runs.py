@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import SetOption, app, console, run_with_progress, stage_line
+from selma_toolkit.cli.app import SetOption, app, console, err_console, run_with_progress, stage_line
 from selma_toolkit.errors import InputError
 
 
@@ -83,13 +85,41 @@ def evaluate(
 def _run_recipe(run, paths, use_best: bool) -> None:
     from selma_toolkit.run import run_pipeline
 
-    result = run_with_progress(lambda on_stage, progress: run_pipeline(
-        run, paths, use_best=use_best, on_stage=on_stage, progress=progress))
+    try:
+        result = run_with_progress(lambda on_stage, progress: run_pipeline(
+            run, paths, use_best=use_best, on_stage=on_stage, progress=progress))
+    except KeyboardInterrupt:
+        # Every stage keeps what it finished (atomic writes, resumable files) and the folder's lock
+        # is released, so the same command goes on from there.
+        command = shlex.join(["selma", *sys.argv[1:]])
+        err_console.print(f"interrupted: what finished is kept in {escape(str(paths.root))}; run the same command "
+                          f"again to resume: {escape(command)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"run folder: {escape(str(result.root))}", highlight=False, soft_wrap=True)
     for method, path in result.merged.items():
         console.print(f"merged LoRA ({method}): {escape(str(path))}", highlight=False, soft_wrap=True)
     if result.report is not None:
+        _print_verdicts(paths)
         console.print(f"report: {escape(str(result.report))}", highlight=False, soft_wrap=True)
+
+
+def _print_verdicts(paths) -> None:
+    """Whether each merge (and each expert on its own skill) beat the base: the report's paired changes."""
+    from selma_toolkit.evaluate.report import gain_line, headline_gains
+    from selma_toolkit.evaluate.scoring import read_scores
+
+    document = read_scores(paths.eval_dir / "scores.json")
+    if "base" not in document["variants"]:
+        return
+    rows = headline_gains(document)
+    if not rows:
+        console.print("no verdict: each skill needs two or more held-out prompts and seeds shared with the base "
+                      "(evaluate.prompts_per_skill, evaluate.seeds)", highlight=False, soft_wrap=True)
+        return
+    labels = {metric: info["label"] for metric, info in document["scorers"].items()}
+    console.print(escape("change vs base on the same prompts and seeds [95% interval], verdict:"), highlight=False)
+    for row in rows:
+        console.print(f"  {escape(gain_line(row, labels))}", highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -173,6 +203,7 @@ def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) 
         return
     index = run_with_progress(lambda on_stage, progress: evaluate_run(run, paths, use_best=not final_experts, progress=progress))
     console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
+    _print_verdicts(paths)
     console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selma_toolkit.config.recipes import RunRecipe
-from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
+from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError, Remedy
 from selma_toolkit.evaluate.report import write_report
 from selma_toolkit.evaluate.scorers import build_scorers
 from selma_toolkit.evaluate.scoring import score_variants, variant_folder
@@ -134,8 +134,10 @@ def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRec
         file = before_paths.merged(method)
         if not file.is_file():
             made = sorted(p.stem for p in (folder / "merged").glob("*.safetensors"))
-            raise DatasetError(f"{folder}: no merged/{method}.safetensors (merges there: {made or 'none'}); compare the "
-                               f"same method, e.g. --method {made[0] if made else 'selma'}")
+            raise DatasetError(what=f"no merged/{method}.safetensors (merges there: {made or 'none'})",
+                               where=str(folder),
+                               remedies=[Remedy.set("method", made[0] if made else "selma",
+                                                    note="compare a method both runs merged with")])
         return file, (before_run, before_paths)
     file = resolve_expert_file(before).path
     root = file.resolve().parent.parent

@@ -28,7 +28,7 @@ from typing import Any
 
 from selma_toolkit.config.evaluate import EvaluateSettings
 from selma_toolkit.config.recipes import RunRecipe
-from selma_toolkit.errors import DatasetError, TrainingError
+from selma_toolkit.errors import DatasetError, Remedy, TrainingError
 from selma_toolkit.evaluate.generate import (
     EvalJob,
     ProgressCallback,
@@ -90,14 +90,15 @@ def _signature(run: RunRecipe, checkpoints: Sequence[tuple[int, Path]], prompts)
 
 def read_selection(paths: RunPaths) -> dict[str, Any]:
     """The ``skills`` table of selection.json (empty when no selection was made)."""
-    path = selection_folder(paths) / "selection.json"
+    path = paths.selection
     if not path.is_file():
         return {}
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg}); delete it and run "
-                           "`selma evaluate RUN --checkpoints` again") from None
+        raise DatasetError(what=f"not valid JSON ({exc.msg})", where=str(path),
+                           remedies=[Remedy.do("delete it"), Remedy.run("selma evaluate RUN --checkpoints",
+                                                                         note="after deleting it")]) from None
     if document.get("format") != SELECTION_FORMAT:
         raise DatasetError(f"{path}: expected format {SELECTION_FORMAT!r}, found {document.get('format')!r}")
     return document["skills"]
@@ -156,8 +157,10 @@ def select_checkpoints(
         run.skill(skill)
         found = _checkpoint_files(paths, skill)
         if not found:
-            raise TrainingError(f"{paths.train_dir(skill) / 'checkpoints'}: no checkpoint of skill {skill!r} to select "
-                                "from; train it first (`selma train RECIPE --skill ...` or `selma run`)")
+            raise TrainingError(what=f"no checkpoint of skill {skill!r} to select from",
+                                where=str(paths.train_dir(skill) / "checkpoints"),
+                                remedies=[Remedy.run(f"selma train RECIPE --skill {skill}"),
+                                          Remedy.run("selma run RECIPE")])
         signature = _signature(run, found, prompts[skill])
         entry = recorded.get(skill)
         if entry is not None and entry.get("signature") == signature:
@@ -187,7 +190,7 @@ def select_checkpoints(
         choices[skill] = _choice(paths, skill, recorded[skill])
         log.info("%s: best checkpoint step %d (%s %.4g)", skill, best["step"], metric, best["mean"])
     if todo:
-        atomic_write_text(selection_folder(paths) / "selection.json", json.dumps(
+        atomic_write_text(paths.selection, json.dumps(
             {"format": SELECTION_FORMAT, "skills": recorded}, indent=1, ensure_ascii=False) + "\n")
     return {skill: choices[skill] for skill in names}
 

@@ -242,6 +242,33 @@ def evaluation_is_current(run: RunRecipe, paths: RunPaths, variants: Mapping[str
         return False
 
 
+def _lora_notes(paths: RunPaths, variants: Mapping[str, Path | None]) -> dict[str, str]:
+    """What each variant's LoRA file is, for the report: its path in the run folder, and for an expert
+    that is a selected checkpoint, its step and why it was chosen (from the checkpoint selection)."""
+    selection: dict[str, Any] = {}
+    try:
+        if paths.selection.is_file():
+            selection = json.loads(paths.selection.read_text(encoding="utf-8"))["skills"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        selection = {}  # a damaged selection is refused where it is used; the report only leaves the note out
+    notes = {}
+    for variant, lora in variants.items():
+        if lora is None:
+            continue
+        shown = lora.relative_to(paths.root).as_posix() if lora.is_relative_to(paths.root) else str(lora)
+        entry = selection.get(variant.removeprefix("expert:")) if variant.startswith("expert:") else None
+        if entry and entry.get("expert") == shown:
+            means = ", ".join(f"step {c['step']}: " + ("-" if c.get("mean") is None else f"{c['mean']:.4g}")
+                              for c in entry.get("checkpoints", []))
+            notes[variant] = (f"the checkpoint of step {entry['best_step']} ({shown}), the best by "
+                              f"{entry['metric']} on the held-out prompts ({means})")
+        elif variant.startswith("expert:") and lora == paths.expert(variant.removeprefix("expert:")):
+            notes[variant] = f"{shown} (the final expert)"
+        else:
+            notes[variant] = shown
+    return notes
+
+
 def evaluate_variants(
     run: RunRecipe,
     paths: RunPaths,
@@ -261,7 +288,8 @@ def evaluate_variants(
                    batch_size=settings.batch_size)
     index = write_report(paths.eval_dir, paths.report.parent, title=f"SELMA evaluation: {run.name}",
                          prompts_per_skill=settings.report_prompts_per_skill,
-                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note)
+                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note,
+                         loras=_lora_notes(paths, variants))
     atomic_write_text(paths.eval_dir / EVALUATION_RECORD,
                       json.dumps(evaluation_signature(run, variants, prompts), indent=1, ensure_ascii=False) + "\n")
     return index

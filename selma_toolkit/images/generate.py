@@ -37,7 +37,7 @@ from typing import Any
 
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
-from selma_toolkit.errors import DatasetError, ModelError
+from selma_toolkit.errors import DatasetError, ModelError, Remedy
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from selma_toolkit.models import default_dtype, detect_family, load_pipeline, resolve_model
@@ -271,8 +271,10 @@ def _check_settings(folder: Path, recorded: dict[str, Any]) -> None:
     changed = {k: (previous.get(k), v) for k, v in recorded.items() if previous.get(k) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise DatasetError(f"{folder}: holds images drawn with other settings ({shown}); resuming would mix them. "
-                           "Restore those settings, choose another --out, or delete the folder to start over")
+        raise DatasetError(what=f"holds images drawn with other settings ({shown}); resuming would mix them",
+                           where=str(folder), remedies=[Remedy.do("restore those settings"),
+                                                        Remedy.change("out", "folder"),
+                                                        Remedy.do("delete the folder to start over")])
 
 
 def _prepare_folder(folder: Path, recorded: dict[str, Any]) -> None:

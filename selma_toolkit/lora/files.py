@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.errors import LoraFormatError, Remedy
 from selma_toolkit.io import atomic_write_bytes
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, Family, get_family
@@ -148,7 +148,7 @@ def _read_state_dict(
             spelling, role = parsed
             name, layout = module_from_key(spelling, component=component, ldm_layers_per_block=ldm_layers_per_block)
         except LoraFormatError as exc:
-            raise LoraFormatError(f"{source}: {exc}") from None
+            raise exc.within(source) from None
         layouts.add(layout)
         if (adapter := peft_adapter_name(key)) is not None:
             adapters.add(adapter)
@@ -260,9 +260,9 @@ def _handle_bias_diffs(source: str, state_dict, keys: list[str], drop: bool) -> 
     nonzero = [key for key in keys if bool(state_dict[key].any())]
     if nonzero and not drop:
         raise LoraFormatError(
-            f"{source}: {len(nonzero)} bias / norm differences (e.g. {nonzero[0]!r}, as ComfyUI's LoRA trainer "
-            "writes) cannot be carried by a LoRA; pass drop_bias_diffs=True (--drop-bias-diffs) to drop them, "
-            "knowing the result then differs from the file"
+            what=f"{len(nonzero)} bias / norm differences (e.g. {nonzero[0]!r}, as ComfyUI's LoRA trainer writes) "
+            "cannot be carried by a LoRA", where=source,
+            remedies=[Remedy.set("drop_bias_diffs", True, note="the result then differs from the file")],
         )
     if nonzero:
         logger.warning("%s: dropped %d non-zero bias / norm differences (e.g. %s)", source, len(nonzero), nonzero[0])

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from selma_toolkit.config.merge_methods import method_spec
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.errors import LoraFormatError, Remedy
 from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.core import LoraWeights
 from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
@@ -90,8 +90,9 @@ def add_to_merge(
     record = MergeRecord.read(info.weights)
     if record is None:
         raise LoraFormatError(
-            f"{merged}: has no merge record (selma.merge metadata), so the experts it was made from are not known; "
-            "merge the experts from scratch: selma merge EXPERT... NEW.safetensors --out FILE")
+            what="has no merge record (selma.merge metadata), so the experts it was made from are not known",
+            where=str(merged), remedies=[Remedy.run("selma merge EXPERT... NEW.safetensors --out FILE",
+                                                    note="the experts merged from scratch")])
     old = record.experts
     total = len(old) + len(new_paths)
     weights = _weights_for(merged, record, weights, total)
@@ -116,7 +117,7 @@ def add_to_merge(
         return AddedMerge(out, result, found, recomputed=True)
     scale = _common_scale(record.weights, weights[:len(old)])
     if not method_spec(record.method).linear or scale is None:
-        raise LoraFormatError(_missing_message(merged, record, missing))
+        raise _missing_error(merged, record, missing)
     result = _update_linear(merged, info.weights, record, new_paths, new_digests, new_sources, out, format, scale, weights)
     log.info("%s: %d listed expert(s) not found; updated the merged factors exactly (%s rule)",
              merged, len(missing), record.method)
@@ -135,8 +136,8 @@ def _weights_for(merged: Path, record: MergeRecord, weights: Sequence[float] | N
         return [1.0 / total] * total  # what merge_experts' default gives, value for value
     example = ",".join(f"{w:g}" for w in old) + "," + ",".join(["W"] * (total - len(old)))
     raise LoraFormatError(
-        f"{merged}: its {len(old)} experts were merged with weights {old}, not uniformly, so the weights of {total} "
-        f"experts cannot be inferred; give them with --weights (e.g. {example})")
+        what=f"its {len(old)} experts were merged with weights {old}, not uniformly, so the weights of {total} "
+        "experts cannot be inferred", where=str(merged), remedies=[Remedy.give("weights", example)])
 
 
 def _common_scale(old: Sequence[float], new: Sequence[float]) -> float | None:
@@ -205,12 +206,12 @@ def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str 
     return found, looked
 
 
-def _missing_message(merged: Path, record: MergeRecord, missing: Sequence[tuple[dict, list[str]]]) -> str:
+def _missing_error(merged: Path, record: MergeRecord, missing: Sequence[tuple[dict, list[str]]]) -> LoraFormatError:
     """Which experts were not found and where they were looked for; why the merge cannot do without them."""
     lines = []
     for entry, places in missing:
         label = f"{entry['name']} (skill {entry.get('skill') or '?'}, sha256 {(entry.get('sha256') or '?')[:12]})"
-        lines.append(f"  {label}; looked at: " + "; ".join(places))
+        lines.append(f"{label}; looked at: " + "; ".join(places))
     spec = method_spec(record.method)
     if not spec.linear:
         why = (f"the {record.method} merge is not linear in its experts ({spec.nonlinear}), so it can be extended "
@@ -218,9 +219,11 @@ def _missing_message(merged: Path, record: MergeRecord, missing: Sequence[tuple[
     else:
         why = ("the weights given for the old experts are not proportional to the ones they were merged with, so their "
                "updates must be reweighted one by one, which needs their files")
-    return (f"{merged}: {len(missing)} of its {len(record.experts)} experts were not found:\n" + "\n".join(lines)
-            + f"\n{why}. Give the missing files with --expert FILE (they are matched by sha256), or pull them "
-            "(`selma hub pull NAME`).")
+    return LoraFormatError(
+        what=f"{len(missing)} of its {len(record.experts)} experts were not found", where=str(merged),
+        details=[*lines, f"{why}."], remedies=[
+            Remedy.give("expert_files", noun="the missing files", note="they are matched by sha256"),
+            Remedy.run("selma hub pull NAME", note="to pull them")])
 
 
 # ------------------------------------------------------------------------------ exact updates

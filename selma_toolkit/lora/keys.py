@@ -29,7 +29,7 @@ import functools
 import re
 
 from selma_toolkit.architectures import COMFY_CLIP_COMPONENTS, COMPONENTS, KOHYA_TEXT_PREFIXES, Family
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.errors import LoraFormatError, Remedy
 from selma_toolkit.lora.core import canonical_module_name
 
 # (suffix, role), longest suffixes first. Roles: down (A), up (B), alpha, and full-weight
@@ -256,9 +256,9 @@ def module_from_key(
         found_component, path = "unet", spelling  # attention processors only ever existed in the UNet
     else:
         raise LoraFormatError(
-            f"key {spelling!r} has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
-            "peft.get_peft_model_state_dict(model) returns keys; say which model part it is for "
-            "(component='unet', or --component unet)"
+            what="has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
+            "peft.get_peft_model_state_dict(model) returns keys", where=f"key {spelling!r}",
+            remedies=[Remedy.set("component", "unet", note="the model part its keys are for")],
         )
     path = path.removeprefix("base_model.model.")
     layout = "peft"

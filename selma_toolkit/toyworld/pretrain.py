@@ -37,9 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.config.pretrain import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.config.pretrain import PretrainSettings, RESUMABLE, SKILLS, STATE_FILE
 from selma_toolkit.config.prompts import GrammarSettings
-from selma_toolkit.errors import TrainingError
+from selma_toolkit.errors import Option, Remedy, TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
 from selma_toolkit.models import resolve_model
 from selma_toolkit.prompts.grammar import GrammarSource
@@ -168,11 +168,12 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
                if k not in RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise TrainingError(f"{out}: holds a pretraining run with other settings ({shown}); resume with the same settings "
-                            "or choose another --out")
+        raise TrainingError(what=f"holds a pretraining run with other settings ({shown})", where=str(out),
+                            remedies=[Remedy.do("resume with the same settings"), Remedy.change("out", "folder")])
     if record["step"] > settings.steps and record["stage"] == "unet":
-        raise TrainingError(f"{out}: already trained {record['step']} steps, more than --steps {settings.steps}; export a "
-                            f"snapshot from {out / 'snapshots'} instead")
+        raise TrainingError(what=f"already trained {record['step']} steps, more than asked",
+                            where=(str(out), Option("steps")), found=settings.steps,
+                            remedies=[Remedy.do(f"export a snapshot from {out / 'snapshots'} instead")])
     return record
 
 

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.config.pretrain import SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.config.pretrain import PretrainSettings, SKILLS, STATE_FILE
 from selma_toolkit.dataset import read_prompts
-from selma_toolkit.errors import TrainingError
+from selma_toolkit.errors import Remedy, TrainingError
 from selma_toolkit.io import atomic_write_text
 from selma_toolkit.prompts import generate_prompts
 from selma_toolkit.recipe import load_skill_recipe
@@ -123,7 +123,8 @@ def snapshot_path(out: str | Path, step: int | None = None) -> Path:
     folder = Path(out) / "snapshots"
     found = sorted(folder.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
     if not found:
-        raise TrainingError(f"{folder}: no snapshots; run `selma toyworld pretrain --out {out}` first")
+        raise TrainingError(what="no snapshots", where=str(folder),
+                            remedies=[Remedy.run(f"selma toyworld pretrain --out {out}")])
     if step is None:
         return found[-1]
     path = folder / f"step-{step}.safetensors"

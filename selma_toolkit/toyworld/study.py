@@ -48,7 +48,7 @@ from pathlib import Path
 
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, read_image_dataset, read_prompts
-from selma_toolkit.errors import RecipeError
+from selma_toolkit.errors import RecipeError, Remedy
 from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
 from selma_toolkit.evaluate.report import write_report
 from selma_toolkit.evaluate.scoring import score_variants, variant_folder
@@ -232,7 +232,8 @@ class StudyOptions:
         if unknown:
             raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(ALL_KINDS)}")
         if "teacher" in self.kinds and not self.teacher:
-            raise RecipeError("study kind 'teacher' needs a teacher base model (--teacher toy:shapes, a folder or a Hub id)")
+            raise RecipeError(what="needs a teacher base model", where="study kind 'teacher'",
+                              remedies=[Remedy.give("teacher", "toy:shapes", noun="a base model (a folder, a Hub id)")])
         if self.filter_candidates < 1 or self.high_guidance < 1:
             raise RecipeError("filter_candidates and high_guidance must be at least 1")
         object.__setattr__(self, "kinds", tuple(dict.fromkeys(("selma", *self.kinds))))

@@ -150,7 +150,7 @@ def merge_files(
     digests = [digest for _, _, digest in read]
     del read
     merged = merge_experts(
-        experts, method, weights, rank, density=density, seed=seed, names=[path.name for path in paths],
+        experts, method, weights, rank, density=density, seed=seed, names=distinct_labels(paths),
         normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
     )
     given = sources or [None] * len(paths)
@@ -159,3 +159,16 @@ def merge_files(
     with intra_op_threads(1):  # so does writing
         save_lora(merged, out, format=format)
     return merged
+
+
+def distinct_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """A label per path that tells it from the others: its file name where the names differ, else the
+    shortest tail of its path no other path ends with (``a/count.safetensors``, ``b/count.safetensors``),
+    the whole path for a file listed twice."""
+    parts = [Path(os.path.abspath(path)).parts for path in paths]
+    labels = []
+    for index, own in enumerate(parts):
+        others = [other for i, other in enumerate(parts) if i != index]
+        length = next((n for n in range(1, len(own)) if all(other[-n:] != own[-n:] for other in others)), len(own))
+        labels.append(str(Path(*own[-length:])) if length < len(own) else str(paths[index]))
+    return labels
