@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import FAMILY_NAMES, get_family
+from selma_toolkit.config.registries import import_object
 
 ARCHITECTURES: tuple[str, ...] = FAMILY_NAMES  # every family has a tiny config in its record
 TINY_PREFIX = "tiny:"
@@ -47,8 +48,9 @@ painting drawing is are sitting standing riding holding walking running lying ma
 metal stone plastic shapes shape object objects color""".split()
 
 
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Byte-pair merges learnt from ``words`` until each word is one token.
+def _learn_merges(words: list[str], end_of_word: str = "</w>") -> list[tuple[str, str]]:
+    """Byte-pair merges learnt from ``words`` until each word is one token (``end_of_word`` marks a
+    word's last symbol, as CLIP's BPE does; ``""`` for tokenizers that mark word starts instead).
 
     Written here rather than with the `tokenizers` BpeTrainer because that trainer breaks ties
     between equally frequent pairs in hash order, so two runs give different vocabularies; tiny
@@ -56,7 +58,7 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """
     from collections import Counter
 
-    corpus = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in dict.fromkeys(words)]
+    corpus = [tuple(word[:-1]) + (word[-1] + end_of_word,) for word in dict.fromkeys(words)]
     merges: list[tuple[str, str]] = []
     while True:
         pairs = Counter(pair for word in corpus for pair in zip(word, word[1:]))
@@ -95,16 +97,17 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
 
 
-def tiny_t5_tokenizer(max_length: int = 512):
+def tiny_t5_tokenizer(max_length: int = 512, extra_words: tuple[str, ...] = (), characters: str = ""):
     """A T5 tokenizer built in memory: a Unigram model over the tiny word list (each a whole piece
     after T5's "▁" word marker) and single characters, T5's specials first (pad 0, eos 1, unk 2).
-    ``max_length``: the family's T5 prompt length (the pipelines pad to it)."""
+    ``max_length``: the family's T5 prompt length (the pipelines pad to it); ``extra_words`` and
+    ``characters``: more whole words and single characters (the VQA judges' prompt words)."""
     from transformers import T5Tokenizer
 
-    characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()" + characters
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [("\u2581" + word, -2.0) for word in dict.fromkeys(_WORDS)]
-    pieces += [(character, -5.0) for character in characters]
+    pieces += [("\u2581" + word, -2.0) for word in dict.fromkeys(_WORDS + list(extra_words))]
+    pieces += [(character, -5.0) for character in dict.fromkeys(characters)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
@@ -244,7 +247,15 @@ def ensure_tiny_model(spec: str) -> Path:
 # Tiny scorer models (evaluation): a CLIP model and a BLIP VQA model, random, built from configs
 # --------------------------------------------------------------------------------------------
 
-SCORER_MODELS: tuple[str, ...] = ("clip", "vqa")
+# The tiny VQA judges (image-text-to-text models) of selma_toolkit.tiny_vlm, loaded on use as the
+# registries are (config/registries.py), since that module builds on this one.
+TINY_VLMS: dict[str, str] = {
+    "blip2": "selma_toolkit.tiny_vlm:build_tiny_blip2",
+    "paligemma": "selma_toolkit.tiny_vlm:build_tiny_paligemma",
+    "llava": "selma_toolkit.tiny_vlm:build_tiny_llava",
+    "qwen2.5-vl": "selma_toolkit.tiny_vlm:build_tiny_qwen25_vl",
+}
+SCORER_MODELS: tuple[str, ...] = ("clip", "vqa", *TINY_VLMS)
 _SCORER_IMAGE_SIZE = 32
 
 
@@ -301,14 +312,16 @@ def build_tiny_vqa(seed: int = 0):
 
 
 def ensure_tiny_scorer_model(spec: str) -> Path:
-    """Folder of the tiny scorer model named ``"tiny:clip"`` or ``"tiny:vqa"``, written on first use
-    with ``save_pretrained`` (model + processor), so scorers load it like any Hub model."""
+    """Folder of the tiny scorer model named ``"tiny:clip"``, ``"tiny:vqa"`` or a tiny VQA judge
+    (``TINY_VLMS``), written on first use with ``save_pretrained`` (model + processor), so scorers
+    load it like any Hub model."""
     kind = spec[len(TINY_PREFIX):] if is_tiny_spec(spec) else ""
     if kind not in SCORER_MODELS:
         raise ValueError(f"{spec!r}: expected one of {', '.join(TINY_PREFIX + k for k in SCORER_MODELS)}")
     path = cache_dir() / "tiny" / f"{kind}-seed0-v{TINY_VERSION}"
     if not (path / "config.json").is_file():
-        model, processor = build_tiny_clip() if kind == "clip" else build_tiny_vqa()
+        build = {"clip": build_tiny_clip, "vqa": build_tiny_vqa}.get(kind) or import_object(TINY_VLMS[kind])
+        model, processor = build()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

@@ -44,10 +44,16 @@ class EvaluateSettings(StrictModel):
     imagereward_model: str = "THUDM/ImageReward:ImageReward.pt"
     imagereward_allow_pickle: bool = False
     imagereward_sha256: Sha256 | None = None
-    # DSG/TIFA-style question file (JSONL, CSV or JSON; a local path or a datasets id) and the VQA model that answers it.
+    # DSG/TIFA-style question file (JSONL, CSV or JSON; a local path or a datasets id) and the VQA model that answers it:
+    # BLIP's VQA model, or any image-text-to-text model of transformers (BLIP-2, InstructBLIP, PaliGemma, LLaVA,
+    # Qwen2.5-VL, ...; docs/evaluation.md says which to pick). tiny:vqa, tiny:blip2, tiny:paligemma, tiny:llava
+    # are the embedded random ones.
     questions: str | None = None
     questions_split: str = "train"
     vqa_model: str = "Salesforce/blip-vqa-base"
+    # The image-text-to-text model's weights: auto = bfloat16 on CUDA, float32 elsewhere.
+    vqa_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Images per scorer call, and (image, question) pairs per forward pass of a VQA model.
     batch_size: PositiveInt = 16
     bootstrap_samples: Annotated[int, Field(ge=100)] = 1000
     # Report: prompts per skill shown in the image grids, and the human-evaluation pairs [variant, baseline]
