@@ -92,11 +92,24 @@ class VlmAnswerer:
         self.model: Any = None
         self.processor: Any = None
 
+    @classmethod
+    def from_loaded(cls, model: Any, processor: Any, name: str, batch_size: int = 16) -> VlmAnswerer:
+        """An answerer over a model and processor already in memory (e.g. built from a config with
+        random weights to measure speed: bench/gpu.py)."""
+        answerer = cls(name, str(model.device), str(model.dtype).removeprefix("torch."), batch_size)
+        answerer.model, answerer.processor = model, processor
+        answerer._configure()
+        return answerer
+
     def _ensure_loaded(self) -> None:
         if self.model is not None:
             return
         self.device = self.device or default_device()
         self.model, self.processor = load_vlm(self.model_id, self.device, self.dtype)
+        self._configure()
+
+    def _configure(self) -> None:
+        """The prompt form, padding side and logits of the loaded model."""
         config = self.model.config
         self.model_type = config.model_type
         self.encoder_decoder = bool(getattr(getattr(config, "text_config", config), "is_encoder_decoder", False))
