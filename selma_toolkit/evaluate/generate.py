@@ -112,11 +112,13 @@ def draw_eval_images(
     *,
     device: str | None = None,
     progress: ProgressCallback | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, dict[str, list[EvalItem]]]:
     """Draw the missing images of every job (one pipeline for all); return
     ``{variant: {skill: [EvalItem]}}`` for score_variants, prompts in id order, seeds inner.
-    Two jobs of one variant must not share a skill."""
-    seeds = run.evaluate.seeds
+    Two jobs of one variant must not share a skill. ``seeds``: the evaluation seeds (default
+    ``evaluate.seeds``; a benchmark's protocol names its own)."""
+    seeds = list(run.evaluate.seeds if seeds is None else seeds)
     settings = generation_settings(run)
     missing: list[tuple[EvalJob, list[tuple[str, PromptRecord, int]]]] = []
     for job in jobs:

@@ -48,10 +48,14 @@ class Question:
 
 @dataclass(frozen=True)
 class QuestionSet:
-    """Questions grouped by prompt text, each group ordered so that parents come before children."""
+    """Questions grouped by prompt text, each group ordered so that parents come before children.
+
+    ``items``: when the file names items (a benchmark's ``item_id``), every item in file order as
+    ``key -> (prompt, questions)``; two items may share a prompt text only with the same questions."""
 
     source: str
     by_prompt: dict[str, list[Question]] = field(default_factory=dict)
+    items: dict[str, tuple[str, list[Question]]] = field(default_factory=dict)
 
     def for_prompt(self, prompt: str) -> list[Question] | None:
         """The questions about ``prompt`` (matched after stripping spaces), or None if it has none."""
@@ -66,11 +70,13 @@ class QuestionSet:
         return sum(len(q) for q in self.by_prompt.values())
 
 
-def read_questions(ref: str | Path, split: str = "train") -> QuestionSet:
+def read_questions(ref: str | Path, split: str = "train", item_column: str | None = None) -> QuestionSet:
     """Read a question file (JSONL / JSON / CSV), a dataset folder, or a Hub dataset id.
 
-    Errors (:class:`DatasetError`) name the source, the record and what is wrong: a missing
-    column, an unknown parent id, a dependency cycle, an expected answer that is not a choice.
+    ``item_column``: the column naming each record's item (questions are grouped by it rather than
+    by prompt text, and ``items`` lists them). Errors (:class:`DatasetError`) name the source, the
+    record and what is wrong: a missing column, an unknown parent id, a dependency cycle, an
+    expected answer that is not a choice.
     """
     path = Path(str(ref)).expanduser()
     if path.is_file():
@@ -84,9 +90,9 @@ def read_questions(ref: str | Path, split: str = "train") -> QuestionSet:
                 rows = list(csv.DictReader(handle))
         else:
             raise DatasetError(f"{path}: question file must end in .jsonl, .json or .csv (found {suffix or 'no suffix'!r})")
-        return questions_from_records(rows, str(path))
+        return questions_from_records(rows, str(path), item_column)
     if path.is_dir() or (str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))):
-        return questions_from_records(_load_dataset(str(ref), split), f"{ref} (split {split})")
+        return questions_from_records(_load_dataset(str(ref), split), f"{ref} (split {split})", item_column)
     raise DatasetError(f"{ref}: question file not found; give a .jsonl/.json/.csv file, a dataset folder, "
                        "or a Hugging Face dataset id (owner/name)")
 
@@ -140,9 +146,10 @@ def _normalise_id(value: Any) -> str:
     return text[:-2] if text.endswith(".0") and text[:-2].isdigit() else text
 
 
-def questions_from_records(rows: Iterable[Mapping[str, Any]], source: str) -> QuestionSet:
-    """Group question records by prompt, check ids, parents, choices, and order parents first."""
-    grouped: dict[str, list[tuple[int, Question]]] = {}
+def questions_from_records(rows: Iterable[Mapping[str, Any]], source: str, item_column: str | None = None) -> QuestionSet:
+    """Group question records by prompt (or by ``item_column``), check ids, parents, choices, and
+    order parents first."""
+    grouped: dict[str, tuple[str, list[tuple[int, Question]]]] = {}
     for number, row in enumerate(rows, start=1):
         prompt, text = _column(row, PROMPT_COLUMNS), _column(row, QUESTION_COLUMNS)
         if prompt is None or text is None:
@@ -150,7 +157,14 @@ def questions_from_records(rows: Iterable[Mapping[str, Any]], source: str) -> Qu
                 f"{source}: record {number}: needs a prompt column ({', '.join(PROMPT_COLUMNS)}) and a question "
                 f"column ({', '.join(QUESTION_COLUMNS)}); found columns {sorted(row)}"
             )
-        questions = grouped.setdefault(str(prompt).strip(), [])
+        prompt = str(prompt).strip()
+        if item_column is not None and _column(row, (item_column,)) is None:
+            raise DatasetError(f"{source}: record {number}: no {item_column!r}, which names the record's item")
+        key = prompt if item_column is None else str(row[item_column]).strip()
+        owner, questions = grouped.setdefault(key, (prompt, []))
+        if owner != prompt:
+            raise DatasetError(f"{source}: record {number}: item {key!r} has the prompt {owner[:60]!r} in an earlier "
+                               f"record and {prompt[:60]!r} here")
         raw_id = _column(row, ID_COLUMNS)
         qid = _normalise_id(raw_id) if raw_id is not None else str(len(questions) + 1)
         parents = tuple(p for p in (_normalise_id(v) for v in _as_list(_column(row, PARENT_COLUMNS), numeric_sep=True)) if p != "0")
@@ -159,11 +173,17 @@ def questions_from_records(rows: Iterable[Mapping[str, Any]], source: str) -> Qu
         if answer not in choices:
             raise DatasetError(f"{source}: record {number}: expected answer {answer!r} is not among the choices {list(choices)}")
         if any(qid == other.id for _, other in questions):
-            raise DatasetError(f"{source}: record {number}: question id {qid!r} appears twice for prompt {str(prompt)[:60]!r}")
+            raise DatasetError(f"{source}: record {number}: question id {qid!r} appears twice for prompt {prompt[:60]!r}")
         questions.append((number, Question(qid, str(text).strip(), parents, choices, answer)))
     if not grouped:
         raise DatasetError(f"{source}: no questions found")
-    return QuestionSet(source, {prompt: _parents_first(prompt, items, source) for prompt, items in grouped.items()})
+    ordered = {key: (prompt, _parents_first(prompt, items, source)) for key, (prompt, items) in grouped.items()}
+    by_prompt: dict[str, list[Question]] = {}
+    for key, (prompt, questions) in ordered.items():
+        if by_prompt.setdefault(prompt, questions) != questions:
+            raise DatasetError(f"{source}: item {key!r} shares its prompt {prompt[:60]!r} with an earlier item but not "
+                               "its questions, so an image of that prompt cannot be scored")
+    return QuestionSet(source, by_prompt, ordered if item_column is not None else {})
 
 
 def _parents_first(prompt: str, items: list[tuple[int, Question]], source: str) -> list[Question]:

@@ -208,7 +208,7 @@ class VqaAnswerer:
         return self.backend.answer_logprobs(asks)
 
 
-def _model_key(settings: EvaluateSettings) -> str:
+def model_key(settings: EvaluateSettings) -> str:
     """What the scores depend on besides the images: the VQA model, and its dtype where set."""
     return settings.vqa_model if settings.vqa_dtype == "auto" else f"{settings.vqa_model}|{settings.vqa_dtype}"
 
@@ -284,7 +284,7 @@ def vqa_answerer(settings: EvaluateSettings, device: str | None = None) -> VqaAn
 def build_vqascore(settings: EvaluateSettings, device: str | None = None) -> VqaScoreScorer:
     """The ``vqascore`` scorer of the registry (config/registries.py ``SCORERS``); its model is
     ``vqa_model``, ``batch_size`` (image, question) pairs per forward pass."""
-    return VqaScoreScorer(vqa_answerer(settings, device), _model_key(settings))
+    return VqaScoreScorer(vqa_answerer(settings, device), model_key(settings))
 
 
 def build_question_scorer(settings: EvaluateSettings, device: str | None = None) -> QuestionScorer:
@@ -292,4 +292,4 @@ def build_question_scorer(settings: EvaluateSettings, device: str | None = None)
     if not settings.questions:
         raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
     return QuestionScorer(read_questions(settings.questions, settings.questions_split), vqa_answerer(settings, device),
-                          _model_key(settings))
+                          model_key(settings))
