@@ -12,6 +12,10 @@ Each record is one question about one prompt. Column names of the published file
 | answer choices | ``choices`` (a list, a JSON list, or ``a|b|c``); default ``["yes", "no"]`` |
 | expected answer | ``answer``; default ``"yes"`` (every DSG question expects yes) |
 
+Questions are grouped by prompt text, or (``item_column``, as the benchmarks read DSG-1k's
+``item_id`` and TIFA's ``id``) by item, each item keeping its prompt: DSG-1k has two items with the
+same text and questions.
+
 Formats: ``.jsonl`` (one object a line), ``.json`` (a list of objects, as TIFA's question file),
 ``.csv`` (as DSG-1k's annotation file); a folder or a Hub dataset id is read with
 ``datasets.load_dataset(ref, split=...)``.
