@@ -47,6 +47,12 @@ DSG_FILE = dsg_csv(
         # Two items with the same text and questions, as midjourney_61 and midjourney_65 in DSG-1k.
         ("midjourney_61", "a blue ball", 1, "0", "Is there a ball?"),
         ("midjourney_65", "a blue ball", 1, "0", "Is there a ball?"),
+        # DSG-1k's flaws: a word among the parents (posescript_69: "5, right"), which takes the item's
+        # dependencies away in DSG's code; a question depending on itself; a parent the item lacks.
+        ("posescript_69", "a man with one leg out", 1, "0", "Is there a man?"),
+        ("posescript_69", "a man with one leg out", 2, "1, right", "Is a leg out to the right?"),
+        ("drawtext_45", "a sign saying hi", 1, "1", "Is there a sign?"),
+        ("drawtext_45", "a sign saying hi", 2, "1,7", "Does the sign say hi?"),
     ]
 )
 DPG_FILE = dsg_csv(

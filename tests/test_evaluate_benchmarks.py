@@ -73,14 +73,20 @@ def test_shipped_pins_name_a_commit_and_the_files_hashes():
 
 
 def test_each_format_is_read_into_items_with_sources_and_questions(server):
-    dsg = load_benchmark("dsg-1k")
+    dsg = load_benchmark("dsg-1k")  # sources filed under DSG's categories, as its code reports them
     assert [(i.index, i.key, i.category, i.prompt) for i in dsg] == [
-        (0, "whoops_5", "whoops", "a red cube on a table"),
-        (1, "countbench_7", "countbench", "two dogs"),
-        (2, "midjourney_61", "midjourney", "a blue ball"),
-        (3, "midjourney_65", "midjourney", "a blue ball"),
+        (0, "whoops_5", "defying", "a red cube on a table"),
+        (1, "countbench_7", "count", "two dogs"),
+        (2, "midjourney_61", "real_user", "a blue ball"),
+        (3, "midjourney_65", "real_user", "a blue ball"),
+        (4, "posescript_69", "pose", "a man with one leg out"),
+        (5, "drawtext_45", "text", "a sign saying hi"),
     ]
     assert [(q.id, q.parents) for q in dsg[0].questions] == [("1", ()), ("2", ("1",)), ("3", ())]
+    # Read as DSG's code reads its flaws: no dependencies for an item with a word among them; a
+    # question's own id and ids its item lacks are no parents.
+    assert [(q.id, q.parents) for q in dsg[4].questions] == [("1", ()), ("2", ())]
+    assert [(q.id, q.parents) for q in dsg[5].questions] == [("1", ()), ("2", ("1",))]
     tifa = load_benchmark("tifa-v1")
     assert [(i.key, i.category) for i in tifa] == [("coco_301091", "coco"), ("drawbench_4", "drawbench")]
     assert tifa[0].questions[1].choices == ("red", "blue", "green") and tifa[1].questions[0].answer == "3"
@@ -132,25 +138,27 @@ def test_selma_evaluate_benchmark_dsg_runs_end_to_end_with_a_tiny_judge(server, 
     folder = paths.eval_dir / "benchmarks" / "dsg-1k"
     record = json.loads((folder / "benchmark.json").read_text())
     scores = json.loads((folder / "scores.json").read_text())
-    assert record["seeds"] == [0] and record["prompts"] == {"used": 4, "total": 4}
+    assert record["seeds"] == [0] and record["prompts"] == {"used": 6, "total": 6}
     assert record["judge"]["model"] == "tiny:paligemma" and "mPLUG-large" in record["judge"]["authors"]
     assert record["licence"].startswith("Apache-2.0") and "Cho2024DSG" in record["citation"]
     assert record["file"]["commit"] == table.BENCHMARKS["dsg-1k"].file.commit
     # One image per prompt and seed, of the base model only (no merge yet), each scored by DSG's rule.
     assert sorted(p.relative_to(folder / "images").as_posix() for p in (folder / "images").rglob("*.png")) == [
-        "base/countbench/000001-seed0.png",
-        "base/midjourney/000002-seed0.png",
-        "base/midjourney/000003-seed0.png",
-        "base/whoops/000000-seed0.png",
+        "base/count/000001-seed0.png",
+        "base/defying/000000-seed0.png",
+        "base/pose/000004-seed0.png",
+        "base/real_user/000002-seed0.png",
+        "base/real_user/000003-seed0.png",
+        "base/text/000005-seed0.png",
     ]
     values = {item["prompt_id"]: item["scores"]["dsg-1k"] for item in scores["items"]}
     assert values[0] in (0.0, 100 / 3, 200 / 3, 100.0) and values[2] in (0.0, 100.0)
     base = record["results"]["base"]
-    assert base["overall"]["mean"] == pytest.approx(sum(values.values()) / 4) and base["overall"]["n"] == 4
-    assert base["sources"]["midjourney"]["mean"] == pytest.approx((values[2] + values[3]) / 2)
-    assert base["sources"]["whoops"]["mean"] == pytest.approx(values[0])
+    assert base["overall"]["mean"] == pytest.approx(sum(values.values()) / 6) and base["overall"]["n"] == 6
+    assert base["sources"]["real_user"]["mean"] == pytest.approx((values[2] + values[3]) / 2)
+    assert base["sources"]["defying"]["mean"] == pytest.approx(values[0])
     # What the command printed, and the report's licence and citation.
-    assert "DSG-1k (Davidsonian Scene Graph): 4 of 4 prompts, seeds [0], judge tiny:paligemma" in result.output
+    assert "DSG-1k (Davidsonian Scene Graph): 6 of 6 prompts, seeds [0], judge tiny:paligemma" in result.output
     assert f"base: {base['overall']['mean']:.2f}" in result.output and "licence: Apache-2.0" in result.output
     report = (folder / "report" / "index.html").read_text()
     assert "Cho2024DSG" in report and "Apache-2.0" in report

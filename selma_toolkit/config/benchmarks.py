@@ -15,7 +15,7 @@ pinned, and a download is checked against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Benchmark:
     # answers; "prompts": a prompt list scored by VQAScore on the whole prompt.
     kind: str
     item_column: str | None  # the column naming a prompt's item (several rows per item); None: the prompt
+    # DSG's dependency rule as the benchmark's own code applies it: a parent passes if it counts as
+    # correct (True: DPG-Bench's code, this toolkit's held-out rule) or on its own answer (False: DSG-1k's).
+    transitive_dependencies: bool
     seeds: tuple[int, ...]  # the protocol's seeds (one image per prompt per seed)
     fixed_images: bool  # whether the protocol fixes the number of images per prompt (len(seeds))
     judge: str  # the default VQA model (evaluate.benchmark_judges overrides it)
@@ -52,6 +55,9 @@ class Benchmark:
     licence: str
     citation: str
     homepage: str
+    # The category a prompt's source (its id without the trailing number) is reported under; a source
+    # not listed is its own category.
+    categories: dict[str, str] = field(default_factory=dict)
 
 
 DSG_1K = Benchmark(
@@ -66,6 +72,7 @@ DSG_1K = Benchmark(
     ),
     kind="questions",
     item_column="item_id",
+    transitive_dependencies=False,
     seeds=(0,),
     fixed_images=False,
     judge="google/paligemma-3b-mix-448",
@@ -78,9 +85,10 @@ DSG_1K = Benchmark(
     ),
     protocol=(
         "1,060 prompts from 10 sources, one image per prompt per seed; each image scores 100 x the share of "
-        "its prompt's yes/no questions answered yes, a question whose parent got no counting as wrong (DSG's "
-        "rule); reported overall and per source, as the DSG paper does. Answers are the judge's likelier "
-        "of yes and no"
+        "its prompt's yes/no questions answered yes, a question one of whose parents got no counting as wrong "
+        "(DSG's rule as DSG's released code applies it: a parent's own answer decides, and an item whose "
+        "dependency cell is not a list of numbers has none); reported overall and in DSG's eight categories, "
+        "as the DSG paper does. Answers are the judge's likelier of yes and no"
     ),
     licence="Apache-2.0 (the j-min/DSG repository)",
     citation=(
@@ -90,6 +98,19 @@ DSG_1K = Benchmark(
         "Generation}, booktitle = {ICLR}, year = {2024}}"
     ),
     homepage="https://google.github.io/dsg/",
+    # DSG's data_utils.get_data_category
+    categories={
+        "tifa160": "tifa",
+        "stanford_paragraph": "paragraph",
+        "localized_narratives": "paragraph",
+        "countbench": "count",
+        "vrd": "relation",
+        "diffusiondb": "real_user",
+        "midjourney": "real_user",
+        "posescript": "pose",
+        "whoops": "defying",
+        "drawtext": "text",
+    },
 )
 
 TIFA_V1 = Benchmark(
@@ -103,6 +124,7 @@ TIFA_V1 = Benchmark(
     ),
     kind="questions",
     item_column="id",
+    transitive_dependencies=True,  # TIFA's questions have no dependencies
     seeds=(0,),
     fixed_images=False,
     judge="Salesforce/blip2-flan-t5-xl",
@@ -137,6 +159,7 @@ DPG_BENCH = Benchmark(
     ),
     kind="questions",
     item_column="item_id",
+    transitive_dependencies=True,
     seeds=(0, 1, 2, 3),
     fixed_images=True,
     judge="google/paligemma-3b-mix-448",
@@ -146,8 +169,9 @@ DPG_BENCH = Benchmark(
     ),
     protocol=(
         "1,065 dense prompts, four images per prompt (ELLA's 2x2 grid, drawn here as four seeds); each image "
-        "scores by DSG's rule, a prompt the mean of its four, the benchmark the mean over prompts; reported "
-        "overall and per source. ELLA's script skips the CSV's first row and reports per-category accuracy "
+        "scores by DSG's rule as ELLA's code applies it (in file order, a parent that was itself failed by "
+        "its parents fails its children), a prompt the mean of its four, the benchmark the mean over prompts; "
+        "reported overall and per source. ELLA's script skips the CSV's first row and reports per-category accuracy "
         "from the last image only; neither is reproduced, and per-category accuracy is not computed"
     ),
     licence="Apache-2.0 (the TencentQQGYLab/ELLA repository)",
@@ -171,6 +195,7 @@ GENAI_BENCH = Benchmark(
     ),
     kind="prompts",
     item_column=None,
+    transitive_dependencies=True,  # no questions
     seeds=(0,),
     fixed_images=False,
     judge="Qwen/Qwen2.5-VL-7B-Instruct",

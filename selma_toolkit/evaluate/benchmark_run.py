@@ -105,7 +105,9 @@ def _scorer(run: RunRecipe, spec: Benchmark, items: Sequence[BenchmarkItem]):
             f"{spec.file.repo}/{spec.file.path}@{spec.file.commit[:12]}",
             {item.prompt: list(item.questions) for item in items},
         )
-        scorer = QuestionScorer(questions, vqa_answerer(settings), model_key(settings))
+        scorer = QuestionScorer(
+            questions, vqa_answerer(settings), model_key(settings), transitive=spec.transitive_dependencies
+        )
     scorer.name, scorer.label = spec.name, spec.title
     return scorer
 

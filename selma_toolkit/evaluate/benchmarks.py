@@ -17,6 +17,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +111,12 @@ def fetch_pinned(name: str, pinned: PinnedFile, base: str | None = None) -> Path
     return path
 
 
-def source_category(key: str) -> str:
-    """A prompt's source from its benchmark id: ``whoops_5`` -> ``whoops``, ``COCOval2014000000014635``
-    -> ``COCOval``, ``partiprompts115`` -> ``partiprompts``; an id of digits only -> ``numbered``."""
-    return re.sub(r"_?\d+$", "", key) or "numbered"
+def source_category(key: str, categories: Mapping[str, str] | None = None) -> str:
+    """A prompt's category from its benchmark id: its source (``whoops_5`` -> ``whoops``,
+    ``COCOval2014000000014635`` -> ``COCOval``, ``partiprompts115`` -> ``partiprompts``; an id of
+    digits only -> ``numbered``), or the category ``categories`` files that source under."""
+    source = re.sub(r"_?\d+$", "", key) or "numbered"
+    return (categories or {}).get(source, source)
 
 
 def load_benchmark(name: str, base: str | None = None) -> list[BenchmarkItem]:
@@ -122,9 +125,9 @@ def load_benchmark(name: str, base: str | None = None) -> list[BenchmarkItem]:
     path = fetch_pinned(name, spec.file, base)
     if spec.kind == "prompts":
         return _genai_prompts(path)
-    questions = read_questions(path, item_column=spec.item_column)
+    questions = read_questions(path, item_column=spec.item_column, as_published=True)
     return [
-        BenchmarkItem(index, key, prompt, source_category(key), tuple(qs))
+        BenchmarkItem(index, key, prompt, source_category(key, spec.categories), tuple(qs))
         for index, (key, (prompt, qs)) in enumerate(questions.items.items())
     ]
 

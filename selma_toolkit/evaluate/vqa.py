@@ -54,18 +54,24 @@ COMPARABILITY_NOTE = ("Scores from a VQA model are comparable only between runs 
                       "(the paper used mPLUG-large for DSG and BLIP-2 for TIFA).")
 
 
-def dsg_score(questions: Sequence[Question], answers: Mapping[str, str]) -> tuple[float, dict[str, bool]]:
+def dsg_score(
+    questions: Sequence[Question], answers: Mapping[str, str], *, transitive: bool = True
+) -> tuple[float, dict[str, bool]]:
     """100 x the share of ``questions`` answered correctly, with DSG's dependency rule.
 
-    ``questions`` must list parents before children (QuestionSet does); ``answers`` maps every
-    question id to the model's answer. A question counts as correct only if its answer equals the
-    expected one *and* every parent counts as correct: DSG does not ask a child whose parent got
-    "no", and scores it as wrong, which gives the same number.
+    ``answers`` maps every question id to the model's answer. A question counts as correct only if
+    its answer equals the expected one *and* its parents pass: DSG does not ask a child whose parent
+    got "no", and scores it as wrong, which gives the same number. ``transitive`` (this toolkit's
+    rule, and DPG-Bench's code): a parent passes if it counts as correct, so a failure runs down a
+    chain; ``questions`` list parents before children (QuestionSet does), else a parent not yet
+    reached passes on its own answer (DPG-Bench's code, which walks its file in order). Not
+    ``transitive`` (DSG-1k's released code): a parent passes on its own answer alone.
     """
+    own = {question.id: answers[question.id] == question.answer for question in questions}
     correct: dict[str, bool] = {}
     for question in questions:
-        parents_ok = all(correct[parent] for parent in question.parents)
-        correct[question.id] = parents_ok and answers[question.id] == question.answer
+        passes = correct.get if transitive else own.get
+        correct[question.id] = own[question.id] and all(passes(p, own.get(p, True)) for p in question.parents)
     if not correct:
         raise ValueError("dsg_score needs at least one question")
     return 100.0 * sum(correct.values()) / len(correct), correct
@@ -240,13 +246,15 @@ class QuestionScorer:
 
     name, label = "questions", "Question faithfulness"
 
-    def __init__(self, questions: QuestionSet, answerer: VqaAnswerer, model_key: str):
+    def __init__(self, questions: QuestionSet, answerer: VqaAnswerer, model_key: str, *, transitive: bool = True):
         self.questions = questions
+        self.transitive = transitive  # dsg_score's rule
         self.model_id = answerer.model_id
         # Cached scores (score_variants) depend on the questions too: a changed file is scored again.
         canonical = json.dumps({p: [dataclasses.astuple(q) for q in qs] for p, qs in questions.by_prompt.items()},
                                sort_keys=True)
-        self.cache_key = f"{model_key}|questions:{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}"
+        self.cache_key = f"{model_key}|questions:{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}" + (
+            "" if transitive else "|parents-by-own-answer")
         self.description = (f"100 x share of the prompt's questions ({questions.source}) answered correctly by "
                             f"{self.model_id}, DSG dependency rule. {COMPARABILITY_NOTE}")
         self.answerer = answerer
@@ -269,7 +277,7 @@ class QuestionScorer:
         answers = self.answer_many([images[i] for i, _ in asked], [qs for _, qs in asked])
         scores: list[float | None] = [None] * len(images)
         for (i, qs), given in zip(asked, answers, strict=True):
-            scores[i] = dsg_score(qs, given)[0]
+            scores[i] = dsg_score(qs, given, transitive=self.transitive)[0]
         return scores
 
 
