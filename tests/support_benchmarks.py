@@ -91,6 +91,16 @@ TIFA_FILE = json.dumps(
             "element_type": "counting",
             "element": "3",
         },
+        # Another item with the same caption and other questions, as two of TIFA v1.0's captions.
+        {
+            "id": "coco_99",
+            "caption": "a red cube",
+            "question": "is the cube blue?",
+            "choices": ["yes", "no"],
+            "answer": "no",
+            "element_type": "color",
+            "element": "blue",
+        },
     ],
     indent=4,
 ).encode()

@@ -88,7 +88,12 @@ def test_each_format_is_read_into_items_with_sources_and_questions(server):
     assert [(q.id, q.parents) for q in dsg[4].questions] == [("1", ()), ("2", ())]
     assert [(q.id, q.parents) for q in dsg[5].questions] == [("1", ()), ("2", ("1",))]
     tifa = load_benchmark("tifa-v1")
-    assert [(i.key, i.category) for i in tifa] == [("coco_301091", "coco"), ("drawbench_4", "drawbench")]
+    assert [(i.key, i.category) for i in tifa] == [
+        ("coco_301091", "coco"),
+        ("drawbench_4", "drawbench"),
+        ("coco_99", "coco"),
+    ]
+    assert tifa[0].prompt == tifa[2].prompt and tifa[0].questions != tifa[2].questions
     assert tifa[0].questions[1].choices == ("red", "blue", "green") and tifa[1].questions[0].answer == "3"
     dpg = load_benchmark("dpg-bench")
     assert [i.category for i in dpg] == ["partiprompts", "COCOval"]
@@ -240,6 +245,33 @@ def test_genai_bench_scores_vqascore_on_the_whole_prompt(server, tmp_path):
     assert record["results"]["base"]["sources"].keys() == {"all"}
 
 
+def test_tifa_scores_each_image_by_its_items_questions_where_items_share_a_caption(server, tmp_path):
+    from PIL import Image
+
+    from selma_toolkit.evaluate import build_scorer
+    from selma_toolkit.evaluate.benchmark_run import evaluate_benchmark
+    from selma_toolkit.evaluate.vqa import dsg_score
+    from selma_toolkit.recipe import EvaluateSettings
+
+    run, paths = run_folder(tmp_path)
+    evaluate_benchmark(run, paths, "tifa-v1", {"base": None})
+    folder = paths.eval_dir / "benchmarks" / "tifa-v1"
+    items = {item.index: item for item in load_benchmark("tifa-v1")}
+    # The same judge, asked each item's own questions about its image, independently of the benchmark's scorer.
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "x", "question": "q"}\n')
+    judge = build_scorer(
+        "questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:blip2")
+    )
+    scored = json.loads((folder / "scores.json").read_text())["items"]
+    assert sorted(item["prompt_id"] for item in scored) == [0, 1, 2]
+    for item in scored:
+        questions = list(items[item["prompt_id"]].questions)
+        with Image.open(folder / item["image"]) as image:
+            answers = judge.answers(image.convert("RGB"), questions)
+        assert item["scores"]["tifa-v1"] == pytest.approx(dsg_score(questions, answers)[0])
+
+
 def test_the_recipes_benchmark_is_a_stage_done_until_its_settings_change(server, tmp_path):
     from selma_toolkit.stages import RunContext, load_stages
     from selma_toolkit.stages.benchmark import BenchmarkStage
@@ -256,7 +288,7 @@ def test_the_recipes_benchmark_is_a_stage_done_until_its_settings_change(server,
     stage.run(ctx, "tifa-v1", lambda label, done, total: None)
     assert stage.state(ctx, "tifa-v1").done
     record = json.loads((paths.eval_dir / "benchmarks" / "tifa-v1" / "benchmark.json").read_text())
-    assert record["prompts"] == {"used": 1, "total": 2} and "not a result to compare" in record["comparability"]
+    assert record["prompts"] == {"used": 1, "total": 3} and "not a result to compare" in record["comparability"]
     other = load_run_recipe(
         "tiny-demo",
         [*TINY, "evaluate.benchmark='tifa-v1'", "evaluate.benchmark_prompts=1", "evaluate.benchmark_seeds=[0, 1]"],

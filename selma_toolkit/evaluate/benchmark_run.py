@@ -17,10 +17,12 @@ they stopped; a finished benchmark is redone only when what it depends on change
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selma_toolkit.config.benchmarks import Benchmark
 from selma_toolkit.config.evaluate import benchmark_seeds
@@ -29,13 +31,24 @@ from selma_toolkit.dataset import PromptRecord
 from selma_toolkit.errors import DatasetError, Option
 from selma_toolkit.evaluate.benchmarks import BenchmarkItem, get_benchmark, load_benchmark
 from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, generation_settings, lora_digest
-from selma_toolkit.evaluate.questions import QuestionSet
+from selma_toolkit.evaluate.questions import Question, QuestionSet
 from selma_toolkit.evaluate.report import write_report
 from selma_toolkit.evaluate.scoring import score_variants, variant_folder, variant_sort_key
 from selma_toolkit.evaluate.stats import bootstrap_interval
-from selma_toolkit.evaluate.vqa import COMPARABILITY_NOTE, QuestionScorer, build_vqascore, model_key, vqa_answerer
+from selma_toolkit.evaluate.vqa import (
+    COMPARABILITY_NOTE,
+    QuestionScorer,
+    VqaAnswerer,
+    build_vqascore,
+    dsg_score,
+    model_key,
+    vqa_answerer,
+)
 from selma_toolkit.io import atomic_write_text, read_json
 from selma_toolkit.paths import RunPaths
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 BENCHMARK_FORMAT = "selma-benchmark/1"
 BENCHMARK_RECORD = "benchmark.json"
@@ -95,19 +108,34 @@ def benchmark_is_current(run: RunRecipe, paths: RunPaths, name: str, variants: M
         return False
 
 
+class ItemQuestionScorer(QuestionScorer):
+    """A benchmark's questions scorer: an image is asked its item's questions, found by its prompt id
+    (the item's index), since two items may share a prompt text with other questions (TIFA v1.0)."""
+
+    def __init__(self, spec: Benchmark, items: Sequence[BenchmarkItem], answerer: VqaAnswerer, key: str):
+        source = f"{spec.file.repo}/{spec.file.path}@{spec.file.commit[:12]}"
+        by_prompt: dict[str, list[Question]] = {}
+        for item in items:
+            by_prompt.setdefault(item.prompt, list(item.questions))
+        super().__init__(QuestionSet(source, by_prompt), answerer, key, transitive=spec.transitive_dependencies)
+        self.by_index = {item.index: list(item.questions) for item in items}
+        canonical = json.dumps([[i, [dataclasses.astuple(q) for q in qs]] for i, qs in self.by_index.items()])
+        digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+        self.cache_key = f"{key}|{spec.name}:{digest}" + ("" if self.transitive else "|parents-by-own-answer")
+
+    def score_by_id(self, images: Sequence[Image], prompt_ids: Sequence[int]) -> list[float | None]:
+        asked = [self.by_index[i] for i in prompt_ids]
+        answers = self.answer_many(images, asked)
+        return [dsg_score(qs, given, transitive=self.transitive)[0] for qs, given in zip(asked, answers, strict=True)]
+
+
 def _scorer(run: RunRecipe, spec: Benchmark, items: Sequence[BenchmarkItem]):
     """The benchmark's scorer with its judge, its metric named after the benchmark."""
     settings = run.evaluate.model_copy(update={"vqa_model": judge_model(run, spec.name)})
     if spec.kind == "prompts":
         scorer = build_vqascore(settings)
     else:
-        questions = QuestionSet(
-            f"{spec.file.repo}/{spec.file.path}@{spec.file.commit[:12]}",
-            {item.prompt: list(item.questions) for item in items},
-        )
-        scorer = QuestionScorer(
-            questions, vqa_answerer(settings), model_key(settings), transitive=spec.transitive_dependencies
-        )
+        scorer = ItemQuestionScorer(spec, items, vqa_answerer(settings), model_key(settings))
     scorer.name, scorer.label = spec.name, spec.title
     return scorer
 

@@ -2,8 +2,8 @@
 repositories at the pinned commit (config/benchmarks.py), checked against the pinned hashes, cached
 under ``$SELMA_CACHE/benchmarks/<name>/<commit>/`` and read by the question readers (questions.py).
 
-The files are served by ``https://raw.githubusercontent.com``; ``evaluate.benchmark_url`` or the
-environment variable ``SELMA_BENCHMARK_URL`` names another server with the same layout
+The files are served by ``https://raw.githubusercontent.com``; the environment variable
+``SELMA_BENCHMARK_URL`` (or the ``benchmark_url`` argument) names another server with the same layout
 (``<base>/<owner>/<repo>/<commit>/<path>``), e.g. a mirror inside a network without GitHub. A file
 is used only if its bytes have the pinned git blob id and, where pinned, sha256, whoever served it.
 """
@@ -58,9 +58,9 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-def base_url(setting: str | None = None) -> str:
-    """Where the files are fetched from: the setting, else ``$SELMA_BENCHMARK_URL``, else GitHub's raw files."""
-    return setting or os.environ.get(URL_VARIABLE) or RAW_BASE
+def base_url(benchmark_url: str | None = None) -> str:
+    """Where the files are fetched from: ``benchmark_url``, else ``$SELMA_BENCHMARK_URL``, else GitHub's raw files."""
+    return benchmark_url or os.environ.get(URL_VARIABLE) or RAW_BASE
 
 
 def git_blob_id(data: bytes) -> str:
@@ -85,7 +85,7 @@ def check_pinned(data: bytes, pinned: PinnedFile, source: str) -> None:
             )
 
 
-def fetch_pinned(name: str, pinned: PinnedFile, base: str | None = None) -> Path:
+def fetch_pinned(name: str, pinned: PinnedFile, benchmark_url: str | None = None) -> Path:
     """The local copy of a benchmark's pinned file, downloaded once and checked every time it is read."""
     path = cache_dir() / "benchmarks" / name / pinned.commit / Path(pinned.path).name
     if path.is_file():
@@ -94,7 +94,7 @@ def fetch_pinned(name: str, pinned: PinnedFile, base: str | None = None) -> Path
             return path
         except DatasetError:
             log.warning("%s: the cached copy differs from the pinned file; downloading it again", path)
-    url = pinned.url(base_url(base))
+    url = pinned.url(base_url(benchmark_url))
     log.info("downloading %s", url)
     request = urllib.request.Request(url, headers={"User-Agent": "selma-toolkit"})
     try:
@@ -119,10 +119,10 @@ def source_category(key: str, categories: Mapping[str, str] | None = None) -> st
     return (categories or {}).get(source, source)
 
 
-def load_benchmark(name: str, base: str | None = None) -> list[BenchmarkItem]:
+def load_benchmark(name: str, benchmark_url: str | None = None) -> list[BenchmarkItem]:
     """Every prompt of benchmark ``name`` in its file's order, with its questions."""
     spec = get_benchmark(name)
-    path = fetch_pinned(name, spec.file, base)
+    path = fetch_pinned(name, spec.file, benchmark_url)
     if spec.kind == "prompts":
         return _genai_prompts(path)
     questions = read_questions(path, item_column=spec.item_column, as_published=True)

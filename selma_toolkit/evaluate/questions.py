@@ -165,7 +165,10 @@ def questions_from_records(
     depend on themselves, 3 items have cycles, one names a question it lacks): an item with a
     dependency cell that is not a list of integers has no dependencies at all, a parent that is the
     question itself or not among its item's questions is dropped, and questions keep the file's
-    order (cycles are allowed; see vqa.dsg_score for how parents are then judged)."""
+    order (cycles are allowed; see vqa.dsg_score for how parents are then judged). An expected answer
+    that is not among the choices is kept: the question can never be answered right, as in TIFA's code.
+    Two items may share a prompt text with other questions (two of TIFA's captions are): ``by_prompt``
+    keeps the first, and an image is scored by its item (``items``; benchmark_run.py)."""
     grouped: dict[str, tuple[str, list[tuple[int, Question]]]] = {}
     unreadable: set[str] = set()
     for number, row in enumerate(rows, start=1):
@@ -191,7 +194,7 @@ def questions_from_records(
             unreadable.add(key)
         choices = tuple(c.lower() for c in _as_list(row.get("choices"))) or ("yes", "no")
         answer = str(row.get("answer") or "yes").strip().lower()
-        if answer not in choices:
+        if answer not in choices and not as_published:  # TIFA's code scores such a question as never right
             raise DatasetError(f"{source}: record {number}: expected answer {answer!r} is not among the choices "
                                f"{list(choices)}")
         if any(qid == other.id for _, other in questions):
@@ -207,7 +210,7 @@ def questions_from_records(
         ordered = {key: (prompt, _parents_first(prompt, items, source)) for key, (prompt, items) in grouped.items()}
     by_prompt: dict[str, list[Question]] = {}
     for key, (prompt, questions) in ordered.items():
-        if by_prompt.setdefault(prompt, questions) != questions:
+        if by_prompt.setdefault(prompt, questions) != questions and not as_published:
             raise DatasetError(f"{source}: item {key!r} shares its prompt {prompt[:60]!r} with an earlier item but not "
                                "its questions, so an image of that prompt cannot be scored")
     return QuestionSet(source, by_prompt, ordered if item_column is not None else {})

@@ -53,6 +53,9 @@ class Scorer(Protocol):
         """One score per image (None where the scorer does not apply, e.g. a prompt without questions)."""
         ...
 
+    # A scorer may also have ``score_by_id(images, prompt_ids)``, which score_variants then calls instead:
+    # a benchmark's questions scorer, whose prompts are told apart by id (two TIFA items share a caption).
+
 
 def resolve_scorer_model(spec: str, field: str) -> str:
     """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use); other references unchanged."""
