@@ -67,7 +67,7 @@ class TinyConfig:
 class Family:
     """Everything family-specific, in one place. Fields are data, so every rule is visible here."""
 
-    name: str  # "sd1": the value of ``selma.architecture`` in our files and of ``tiny:<name>``
+    name: str  # the value of ``selma.architecture`` in our files and of ``tiny:<name>`` (sd1, flux2-klein...)
     title: str  # for people: "SD 1.x"
     pipeline_class: str  # diffusers text-to-image pipeline
     denoiser: str  # pipeline component trained with LoRA: "unet", or "transformer" (the DiT families)
@@ -100,8 +100,9 @@ class Family:
     module_prefixes: tuple[str, ...] = ()
     # How the denoiser is called and the prompt encoded (train/conditioning.py has one entry per
     # value): "unet" (SD 1.x / 2.x / XL); "mmdit" (SD 3); "packed" (Flux: T5 + CLIP-L pooled, 2x2
-    # packed latents, guidance embedding); "chroma" (T5 with its mask); "qwen-image", "z-image",
-    # "flux2" (a chat language model's hidden states, each family's own latent layout).
+    # packed latents, guidance embedding); "packed-mask" (Chroma: T5 with its mask); "qwen-vl"
+    # (Qwen-Image), "qwen3-list" (Z-Image), "flux2" (FLUX.2: a chat language model's hidden states,
+    # each family's own latent layout).
     conditioning: str = "unet"
     # Transformer widths (attention inner dim) and pooled-text widths of the real models: clues for
     # files whose module names two DiT families share. Empty for the UNet families.

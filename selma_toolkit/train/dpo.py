@@ -265,7 +265,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
     noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    latent_scale = parts.vae_latent_scale(model_dir, family)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         model = models[family.denoiser]

@@ -122,7 +122,7 @@ def merge_files(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     *,
-    format: Literal["kohya", "peft"] = "kohya",
+    format: Literal["kohya", "peft", "ai-toolkit"] | None = None,
     density: float = 0.5,
     seed: int = 0,
     normalize: bool = False,
@@ -136,7 +136,8 @@ def merge_files(
     :func:`merge_experts` for the methods and ``block_weights``). The merge record in the output's
     metadata lists each input by file name, sha256 and ``source``: where to find it again for an
     incremental merge (lora/incremental.py), the given ``sources[i]`` (a catalog name or Hub repo
-    id the user typed), else the file's path relative to the output's folder.
+    id the user typed), else the file's path relative to the output's folder. ``format``: the
+    output's layout (lora/writing.py), None for the experts' family's default.
     """
     paths = [Path(p) for p in paths]
     if sources is not None and len(sources) != len(paths):
