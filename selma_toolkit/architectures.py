@@ -343,7 +343,7 @@ Z_IMAGE = Family(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
         axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512))),
-    published_model="Tongyi-MAI/Z-Image-Turbo",
+    published_model="Tongyi-MAI/Z-Image",  # Z-Image-Turbo, its distilled model, has the same config
     conditioning="qwen3-list", denoiser_widths=(3840,),
     module_prefixes=("transformer.layers.", "transformer.noise_refiner.", "transformer.context_refiner."),
     matches_config=lambda config: config.get("_class_name") == "ZImageTransformer2DModel",
