@@ -26,10 +26,16 @@ TABLE_FILE = Path(__file__).with_name("published_layers.json")
 
 def published_layer_shapes(family: Family) -> dict[str, tuple[int, ...]]:
     """``{canonical module name: weight shape}`` of every Linear / Conv2d of the family's real-size
-    denoiser, built from its published config on the meta device."""
+    denoiser, built from its published config on the meta device (once per process)."""
+    return dict(_published_shapes(family.name))
+
+
+@cache
+def _published_shapes(name: str) -> dict[str, tuple[int, ...]]:
     import diffusers
     import torch
 
+    family = FAMILIES[name]
     model_class = getattr(diffusers, family.denoiser_class)
     with torch.device("meta"):
         model = model_class.from_config(dict(family.published_denoiser))

@@ -234,6 +234,8 @@ def split_bfl_flux2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             shift, scale = torch.chunk(up, 2)
             up = torch.cat([scale, shift])
         for part, (part_down, part_up) in zip(parts, _split_fused(down, up, len(parts))):
+            if len(parts) > 1 and not part_down.any() and not part_up.any():
+                continue  # the zero factors fuse_flux2 fills a part the LoRA lacks with
             out[f"{_FLUX2_PREFIX}{part}{down_suffix}"] = part_down
             out[f"{_FLUX2_PREFIX}{part}{up_suffix}"] = part_up
             if "alpha" in roles:
@@ -245,7 +247,8 @@ def fuse_flux2(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict
     """diffusers' FLUX.2 modules ({path without component: (A, B)}, scale already folded into B) ->
     BFL's ({BFL path: (A, B)}). Three LoRAs on q, k and v become one on the fused qkv, exactly:
     A = [A_q; A_k; A_v] [r_q + r_k + r_v, in], B = blockdiag(B_q, B_k, B_v); a part the LoRA lacks
-    adds zero factors of the others' rank, so every fused layer has all three (read back as a zero update)."""
+    adds zero factors of the others' rank, so every fused layer has all three (the reader leaves out
+    a part whose A and B are both zero: a trained LoRA's A is never all zero)."""
     table = _diffusers_names_flux2()
     patterns = [(re.compile("^" + re.escape(d).replace(r"\{\}", r"(\d+)") + "$"), b) for d, b in table.items()]
     fused: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}

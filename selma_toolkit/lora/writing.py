@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 
 from selma_toolkit.architectures import FAMILIES, FAMILY_NAMES, Family, get_family
-from selma_toolkit.errors import LoraFormatError, Remedy
+from selma_toolkit.errors import LoraFormatError, Option, Remedy
 from selma_toolkit.io import atomic_write_bytes
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.dit import fuse_flux2
@@ -79,11 +79,11 @@ def _layout_for(weights: LoraWeights, format: str | None, family: Family) -> str
         return family.default_layout
     if format not in WRITE_FORMATS:
         raise LoraFormatError(what=f"is not a LoRA layout; expected one of {', '.join(WRITE_FORMATS)}",
-                              where=f"format {format!r}", remedies=[Remedy.unset("format", note="the family's own")])
+                              where=Option("format"), found=format, remedies=[Remedy.unset("format", note="the family's own")])
     if format not in family.layouts:
         raise LoraFormatError(
             what=f"{family.title} LoRAs are written as {' or '.join(family.layouts)} (the layouts both diffusers "
-            f"and ComfyUI read for {family.title}), not {format}", where=f"format {format!r}",
+            f"and ComfyUI read for {family.title}), not {format}", where=Option("format"), found=format,
             remedies=[Remedy.set("format", family.default_layout), Remedy.unset("format", note="the family's default")])
     return format
 
@@ -133,13 +133,13 @@ def _ai_toolkit_tensors(weights: LoraWeights, family: Family) -> dict[str, torch
     if others:
         raise LoraFormatError(
             what=f"ai-toolkit's layout holds the {family.denoiser} only; this LoRA also adapts {others[0]}",
-            where="format 'ai-toolkit'", remedies=[Remedy.set("format", "peft")])
+            where=Option("format"), found="ai-toolkit", remedies=[Remedy.set("format", "peft")])
     modules = {name.split(".", 1)[1]: (m.down, m.up) for name, m in weights.modules.items()}
     if family.native_names == "bfl-flux2":
         try:
             modules = fuse_flux2(modules)
         except ValueError as exc:
-            raise LoraFormatError(what=f"cannot be written in FLUX.2's BFL names: {exc}", where="format 'ai-toolkit'",
+            raise LoraFormatError(what=f"cannot be written in FLUX.2's BFL names: {exc}", where=Option("format"), found="ai-toolkit",
                                   remedies=[Remedy.set("format", "peft")]) from None
     tensors: dict[str, torch.Tensor] = {}
     for path, (down, up) in modules.items():
