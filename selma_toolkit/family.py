@@ -160,7 +160,9 @@ class Family:
         for encoder in self.text_encoders:
             if encoder.component == component:
                 return encoder
-        raise KeyError(f"{self.name} has no text encoder {component!r}; it has {', '.join(self.text_encoder_components)}")
+        raise KeyError(
+            f"{self.name} has no text encoder {component!r}; it has {', '.join(self.text_encoder_components)}"
+        )
 
     def pipeline_arguments(self, negative_prompt: str | None, guidance_scale: float, count: int) -> dict[str, Any]:
         """The guidance and negative-prompt keyword arguments of one call of the family's pipeline for

@@ -39,8 +39,11 @@ def _published_shapes(name: str) -> dict[str, tuple[int, ...]]:
     model_class = getattr(diffusers, family.denoiser_class)
     with torch.device("meta"):
         model = model_class.from_config(dict(family.published_denoiser))
-    return {f"{family.denoiser}.{path}": tuple(int(d) for d in layer.weight.shape)
-            for path, layer in model.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+    return {
+        f"{family.denoiser}.{path}": tuple(int(d) for d in layer.weight.shape)
+        for path, layer in model.named_modules()
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+    }
 
 
 def _pattern(family: Family, path: str) -> tuple[str, tuple[str, int] | None]:
@@ -48,7 +51,7 @@ def _pattern(family: Family, path: str) -> tuple[str, tuple[str, int] | None]:
     for container in family.block_groups:
         match = re.match(rf"^{re.escape(container)}\.(\d+)\.", path)
         if match:
-            return f"{container}.N.{path[match.end():]}", (container, int(match.group(1)))
+            return f"{container}.N.{path[match.end() :]}", (container, int(match.group(1)))
     return path, None
 
 

@@ -17,7 +17,9 @@ Same words, same merges, same ids on every machine: the tiny models are byte-ide
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 # Words the tiny tokenizer keeps whole (one token each); anything else falls back to characters.
@@ -28,7 +30,7 @@ large tiny huge tall short long round square circle triangle star heart cube bal
 horse cow sheep car bus bike bicycle train boat plane apple banana orange pizza cake table chair bed
 sofa tree flower house street city man woman boy girl child people person photo image picture
 painting drawing is are sitting standing riding holding walking running lying made wooden glass
-metal stone plastic shapes shape object objects color""".split()
+metal stone plastic shapes shape object objects color""".split()  # noqa: SIM905 - a word list reads best as text
 
 
 def _learn_merges(words: list[str], word_end: str = "</w>") -> list[tuple[str, str]]:
@@ -39,12 +41,10 @@ def _learn_merges(words: list[str], word_end: str = "</w>") -> list[tuple[str, s
     between equally frequent pairs in hash order, so two runs give different vocabularies; tiny
     models must be byte-identical for the same seed. Ties here go to the smallest pair.
     """
-    from collections import Counter
-
-    corpus = [tuple(word[:-1]) + (word[-1] + word_end,) for word in dict.fromkeys(words)]
+    corpus = [(*word[:-1], word[-1] + word_end) for word in dict.fromkeys(words)]
     merges: list[tuple[str, str]] = []
     while True:
-        pairs = Counter(pair for word in corpus for pair in zip(word, word[1:]))
+        pairs = Counter(pair for word in corpus for pair in pairwise(word))
         if not pairs:
             return merges
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
@@ -96,8 +96,9 @@ def tiny_t5_tokenizer(max_length: int = 512):
 def t5_encoder(vocab_size: int, config):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                   **dict(config)))
+    return T5EncoderModel(
+        T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dict(config))
+    )
 
 
 def clip_config(vocab_size: int, hidden: int, projection_dim: int, act: str):
@@ -125,7 +126,7 @@ def tiny_wordpiece_tokenizer():
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
-    words = specials + ["yes", "no", "there", "does", "this", "show"] + _WORDS + characters
+    words = [*specials, "yes", "no", "there", "does", "this", "show", *_WORDS, *characters]
     words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(words))}
     return BertTokenizer(vocab=vocab)
@@ -134,9 +135,18 @@ def tiny_wordpiece_tokenizer():
 # Qwen-Image's system prompt (QwenImagePipeline.prompt_template_encode) and the chat markup: each a
 # whole token, as in Qwen's vocabulary.
 _CHAT_WORDS = """system user assistant Describe describe detailing color shape size texture quantity text spatial
-relationships objects background the image by of and""".split()
-_CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+relationships objects background the image by of and""".split()  # noqa: SIM905 - as _WORDS
+_CHAT_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 # What Qwen3's chat template writes for user messages and the generation prompt; with
 # enable_thinking false the assistant turn starts with an empty think block.
 CHAT_TEMPLATE = (
@@ -170,16 +180,31 @@ def language_model(model_class: str, config: Mapping[str, Any], tokenizer):
     from the family's ``TinyConfig.language_model``, its vocabulary and special ids the tokenizer's."""
     import transformers
 
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("pad_token_id", "<|endoftext|>"), ("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"))}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("pad_token_id", "<|endoftext|>"),
+            ("bos_token_id", "<|endoftext|>"),
+            ("eos_token_id", "<|im_end|>"),
+        )
+    }
     vocab_size = len(tokenizer)
     if model_class == "Qwen2_5_VLForConditionalGeneration":
-        vision = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+        vision = {
+            name: tokenizer.convert_tokens_to_ids(token)
+            for name, token in (
+                ("vision_start_token_id", "<|vision_start|>"),
+                ("vision_end_token_id", "<|vision_end|>"),
+                ("image_token_id", "<|image_pad|>"),
+                ("video_token_id", "<|video_pad|>"),
+            )
+        }
         text = {**config["text_config"], "vocab_size": vocab_size, **ids}
-        model_config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=dict(config["vision_config"]),
-                                                      vocab_size=vocab_size, **vision, **ids)
+        model_config = transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=dict(config["vision_config"]), vocab_size=vocab_size, **vision, **ids
+        )
     else:
-        model_config = transformers.Qwen3Config(**dict(config), vocab_size=vocab_size, max_position_embeddings=1024, **ids)
+        model_config = transformers.Qwen3Config(
+            **dict(config), vocab_size=vocab_size, max_position_embeddings=1024, **ids
+        )
     return getattr(transformers, model_class)(model_config).eval()

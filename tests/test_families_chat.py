@@ -18,9 +18,9 @@ from test_families_dit import make_run, new_run_dir, write_dataset
 
 from selma_toolkit.architectures import get_family
 from selma_toolkit.lora import guess_architecture, inspect_lora, load_lora
-from selma_toolkit.train import train_expert
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
+from selma_toolkit.train import train_expert
 from selma_toolkit.train.data import TrainSample, image_digests
 
 NEW = ("chroma", "qwen-image", "z-image", "flux2-klein")
@@ -45,7 +45,9 @@ def experts(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for arch in NEW:
         paths = new_run_dir(tmp_path_factory.mktemp(f"expert-{arch}"))
-        out[arch] = train_expert(make_run(tiny_model_dirs[arch], steps=2, checkpoint_every=2, alpha=2.0), "count", paths)
+        out[arch] = train_expert(
+            make_run(tiny_model_dirs[arch], steps=2, checkpoint_every=2, alpha=2.0), "count", paths
+        )
     return out
 
 
@@ -66,8 +68,11 @@ def test_tiny_model_has_the_family_classes_and_the_same_seed_writes_the_same_wei
     assert index["text_encoder"] == ["transformers", family.text_encoders[0].model_class]
     assert detect_architecture(str(folder)) == arch
     again = create_tiny_model(tmp_path / "again", arch)
-    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors"):
+    for part in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
         first, second = load_file(folder / part), load_file(again / part)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), part
     assert (again / "tokenizer" / "tokenizer.json").read_text() == (folder / "tokenizer" / "tokenizer.json").read_text()
@@ -82,11 +87,15 @@ def test_tiny_chat_tokenizer_has_qwen_images_34_token_system_prompt_and_qwen3s_c
     # The prompt's own tokens start right after the 34 dropped ones.
     assert tokenizer.decode(ids[34:37]) == "two red cube"
     messages = [{"role": "user", "content": "a dog"}]
-    assert pipes["z-image"].tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                          enable_thinking=True) == "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n"
-    assert pipes["flux2-klein"].tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                              enable_thinking=False) == (
-        "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert (
+        pipes["z-image"].tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        == "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert pipes["flux2-klein"].tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    ) == ("<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # The FLUX.2 [klein] encoder is deep enough for the hidden states the pipeline stacks (9, 18, 27).
     assert pipes["flux2-klein"].text_encoder.config.num_hidden_layers >= 28
 
@@ -121,12 +130,23 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
         tokenizers, encoders = parts.load_text_encoders(model_dir, family, torch.float32)
         return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=family)
 
-    latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 32, image_digests(samples)), tmp_path, 2,
-                                  lambda: caches.latent_encoder(samples, parts.load_vae(model_dir, family), 32, family))
-    texts = caches.ensure_cache(caches.text_cache_spec(model_dir, names, torch.float32, samples), tmp_path, 2,
-                                caption_encoder)
-    source = caches.ConditionSource(samples, 32, torch.device("cpu"), latents=caches.CachedTensors(latents),
-                                    texts=caches.CachedTensors(texts), family=family)
+    latents = caches.ensure_cache(
+        caches.latent_cache_spec(model_dir, 32, image_digests(samples)),
+        tmp_path,
+        2,
+        lambda: caches.latent_encoder(samples, parts.load_vae(model_dir, family), 32, family),
+    )
+    texts = caches.ensure_cache(
+        caches.text_cache_spec(model_dir, names, torch.float32, samples), tmp_path, 2, caption_encoder
+    )
+    source = caches.ConditionSource(
+        samples,
+        32,
+        torch.device("cpu"),
+        latents=caches.CachedTensors(latents),
+        texts=caches.CachedTensors(texts),
+        family=family,
+    )
     cond = source([1, 0])
     for row, index in enumerate([1, 0]):
         embeds, mask = _pipeline_encoding(arch, pipes[arch], PROMPTS[index])
@@ -150,7 +170,10 @@ def _latents_as_the_pipeline_normalises(arch: str, pipe, z: torch.Tensor) -> tor
     2x2-patchified layout, as Flux2KleinPipeline._encode_vae_image normalises)."""
     config = pipe.vae.config
     if arch == "qwen-image":
-        mean, std = torch.tensor(config.latents_mean).view(1, -1, 1, 1), torch.tensor(config.latents_std).view(1, -1, 1, 1)
+        mean, std = (
+            torch.tensor(config.latents_mean).view(1, -1, 1, 1),
+            torch.tensor(config.latents_std).view(1, -1, 1, 1),
+        )
         return (z - mean) / std
     if arch == "flux2-klein":
         patches = pipe._patchify_latents(z)
@@ -165,25 +188,43 @@ def _velocity_as_the_pipeline_calls(arch: str, pipe, noisy: torch.Tensor, timest
     each prompt of PROMPTS encoded and the transformer called alone, as the pipeline's loop does."""
     outputs = []
     for i, text in enumerate(PROMPTS):
-        x, t = noisy[i:i + 1], timesteps[i:i + 1]
+        x, t = noisy[i : i + 1], timesteps[i : i + 1]
         if arch == "chroma":
             embeds, text_ids, mask, *_ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
             n, c, h, w = x.shape
             packed = pipe._pack_latents(x, n, c, h, w)
             ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, "cpu", x.dtype)
             attention = pipe._prepare_attention_mask(n, packed.shape[1], x.dtype, mask)
-            out = pipe.transformer(hidden_states=packed, timestep=t / 1000, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                   img_ids=ids, attention_mask=attention, return_dict=False)[0]
-            outputs.append(pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
-                                                pipe.vae_scale_factor))
+            out = pipe.transformer(
+                hidden_states=packed,
+                timestep=t / 1000,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=ids,
+                attention_mask=attention,
+                return_dict=False,
+            )[0]
+            outputs.append(
+                pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+            )
         elif arch == "qwen-image":
             embeds, mask = pipe.encode_prompt(text, device="cpu", max_sequence_length=512)
             n, c, h, w = x.shape
             packed = pipe._pack_latents(x, n, c, h, w)
-            out = pipe.transformer(hidden_states=packed, timestep=t / 1000, guidance=None, encoder_hidden_states_mask=mask,
-                                   encoder_hidden_states=embeds, img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
-            outputs.append(pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
-                                                pipe.vae_scale_factor)[:, :, 0])
+            out = pipe.transformer(
+                hidden_states=packed,
+                timestep=t / 1000,
+                guidance=None,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=[[(1, h // 2, w // 2)]],
+                return_dict=False,
+            )[0]
+            outputs.append(
+                pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)[
+                    :, :, 0
+                ]
+            )
         elif arch == "z-image":
             embeds, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
             out = pipe.transformer(list(x.unsqueeze(2).unbind(0)), (1000 - t) / 1000, embeds, return_dict=False)[0]
@@ -191,8 +232,15 @@ def _velocity_as_the_pipeline_calls(arch: str, pipe, noisy: torch.Tensor, timest
         else:
             embeds, text_ids = pipe.encode_prompt(text, device="cpu")
             ids = pipe._prepare_latent_ids(x)
-            out = pipe.transformer(hidden_states=pipe._pack_latents(x), timestep=t / 1000, guidance=None,
-                                   encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+            out = pipe.transformer(
+                hidden_states=pipe._pack_latents(x),
+                timestep=t / 1000,
+                guidance=None,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=ids,
+                return_dict=False,
+            )[0]
             outputs.append(pipe._unpack_latents_with_ids(out, ids))
     return torch.cat(outputs)
 
@@ -209,13 +257,15 @@ def test_flow_prediction_and_loss_equal_the_transformer_called_as_the_pipeline_c
     tokenizers, encoders = parts.load_text_encoders(model_dir, family, torch.float32)
     with torch.no_grad():
         encoded = parts.encode_conditioning(family, tokenizers, encoders, PROMPTS)
-    cond = parts.Conditioning(latent_mean=mean, latent_std=std, prompt_embeds=encoded["prompt_embeds"],
-                              text_mask=encoded.get("text_mask"))
+    cond = parts.Conditioning(
+        latent_mean=mean, latent_std=std, prompt_embeds=encoded["prompt_embeds"], text_mask=encoded.get("text_mask")
+    )
     draws = parts.draw([torch.Generator().manual_seed(s) for s in (3, 4)], (4, size, size), 1000)
     latent_scale = parts.vae_latent_scale(model_dir, family)
     with torch.no_grad():
-        prediction, target = parts.flow_prediction_and_target(pipe.transformer, scheduler, cond, draws, latent_scale,
-                                                              family)
+        prediction, target = parts.flow_prediction_and_target(
+            pipe.transformer, scheduler, cond, draws, latent_scale, family
+        )
         loss = parts.flow_loss(pipe.transformer, scheduler, cond, draws, latent_scale, family)
         # Independently: x0 and noise in the pipeline's own latent layout, sigmas from a fresh scheduler.
         z = mean + std * draws.latent_noise
@@ -239,8 +289,10 @@ def test_training_from_padded_caches_equals_training_through_the_encoders(arch, 
     cached, direct = new_run_dir(tmp_path, "cached"), new_run_dir(tmp_path, "direct")
     train_expert(make_run(tiny_model_dirs[arch], steps=2, cache=True), "count", cached)
     train_expert(make_run(tiny_model_dirs[arch], steps=2, cache=False), "count", direct)
-    losses = [[json.loads(line)["loss"] for line in (p.train_dir("count") / "loss.jsonl").read_text().splitlines()]
-              for p in (cached, direct)]
+    losses = [
+        [json.loads(line)["loss"] for line in (p.train_dir("count") / "loss.jsonl").read_text().splitlines()]
+        for p in (cached, direct)
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
     want, got = load_lora(direct.expert("count")), load_lora(cached.expert("count"))
     assert sorted(want.modules) == sorted(got.modules)
@@ -266,7 +318,8 @@ def test_expert_file_is_in_the_family_layout_and_diffusers_loads_exactly_its_upd
     family = get_family(arch)
     leaves = {name.split(".attn.")[-1].split(".attention.")[-1] for name in info.weights.modules}
     assert leaves == {target.removeprefix("attn.") for target in family.lora_targets} - (
-        {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} if arch == "z-image" else set())
+        {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} if arch == "z-image" else set()
+    )
     if arch == "flux2-klein":  # q, k, v of rank 4 each fused into one LoRA of rank 12, block-diagonal B
         assert raw[key].shape[0] == 12 and raw[key.replace("lora_A", "lora_B")].shape[1] == 12
         assert {m.rank for m in info.weights.modules.values()} == {4}  # read back as the three rank-4 LoRAs
@@ -274,8 +327,15 @@ def test_expert_file_is_in_the_family_layout_and_diffusers_loads_exactly_its_upd
 
     def draw():
         arguments = family.pipeline_arguments(None, 3.5, 1)
-        return pipe(prompt="two red cubes", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0), **arguments).images
+        return pipe(
+            prompt="two red cubes",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **arguments,
+        ).images
 
     before = draw()
     pipe.load_lora_weights(str(experts[arch]), adapter_name="expert")
@@ -301,8 +361,17 @@ def test_reduced_selma_run_of_the_tiny_recipe_writes_every_stage(arch, cli, tmp_
 
     out = tmp_path / "run"
     overrides = [item for o in small_tiny_run(train_steps=2) for item in ("--set", o)]
-    result = cli("run", f"tiny-{arch}", "--out", str(out), *overrides, "--set", "images.batch_size=2",
-                 "--set", "evaluate.merge_methods=[\"delta\", \"dare\"]")
+    result = cli(
+        "run",
+        f"tiny-{arch}",
+        "--out",
+        str(out),
+        *overrides,
+        "--set",
+        "images.batch_size=2",
+        "--set",
+        'evaluate.merge_methods=["delta", "dare"]',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     layout = LAYOUT_KEYS[arch][0]
     for skill in TINY_RUN_SKILLS:

@@ -67,9 +67,13 @@ def test_dpo_errors_are_the_flow_losss_per_sample_velocity_errors_and_the_refere
                 p.normal_(std=0.1)
         errors = dpo.per_sample_errors(adapted, scheduler, cond, draws, scale, family)
         for i in range(2):  # each sample alone through the flow loss
-            one = parts.Conditioning(cond.latent_mean[i:i + 1], cond.latent_std[i:i + 1], cond.prompt_embeds[i:i + 1],
-                                     None if cond.pooled is None else cond.pooled[i:i + 1])
-            alone = parts.Draws(draws.timesteps[i:i + 1], draws.noise[i:i + 1], draws.latent_noise[i:i + 1])
+            one = parts.Conditioning(
+                cond.latent_mean[i : i + 1],
+                cond.latent_std[i : i + 1],
+                cond.prompt_embeds[i : i + 1],
+                None if cond.pooled is None else cond.pooled[i : i + 1],
+            )
+            alone = parts.Draws(draws.timesteps[i : i + 1], draws.noise[i : i + 1], draws.latent_noise[i : i + 1])
             assert torch.allclose(errors[i], parts.flow_loss(adapted, scheduler, one, alone, scale, family), rtol=1e-5)
         with dpo.reference_model(adapted):
             reference = dpo.per_sample_errors(adapted, scheduler, cond, draws, scale, family)
@@ -79,8 +83,9 @@ def test_dpo_errors_are_the_flow_losss_per_sample_velocity_errors_and_the_refere
 
 
 @pytest.mark.parametrize("arch", DIT)
-def test_flow_dpo_first_step_loss_is_log2_and_resume_equals_an_uninterrupted_run(arch, tiny_model_dirs, tmp_path,
-                                                                                 brightness):
+def test_flow_dpo_first_step_loss_is_log2_and_resume_equals_an_uninterrupted_run(
+    arch, tiny_model_dirs, tmp_path, brightness
+):
     model = tiny_model_dirs[arch]
     source = RunPaths(tmp_path / "source")
     write_prompts(source.prompts("count"), "count", ["one red cube", "two blue balls"])
@@ -122,8 +127,12 @@ def dit_experts(tiny_model_dirs, tmp_path_factory):
         lora = load_lora(first)  # a second expert: the first one's update reversed and halved
         from selma_toolkit.lora import LoraModule, LoraWeights, save_lora
 
-        save_lora(LoraWeights({n: LoraModule(m.down, -0.5 * m.up, m.alpha) for n, m in lora.modules.items()},
-                              dict(lora.metadata)), second)
+        save_lora(
+            LoraWeights(
+                {n: LoraModule(m.down, -0.5 * m.up, m.alpha) for n, m in lora.modules.items()}, dict(lora.metadata)
+            ),
+            second,
+        )
         out[arch] = (paths, run, [("count", first), ("color", second)])
     return out
 
@@ -159,15 +168,18 @@ def test_moe_training_on_a_dit_family_changes_only_the_gate(arch, dit_experts):
 
     paths, run, experts = dit_experts[arch]
     shutil.copytree(paths.images("count"), paths.images("color"), dirs_exist_ok=True)
-    moe_run = RunRecipe.model_validate({
-        "name": "t", "base_model": run.base_model,
-        "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in ("count", "color")],
-        "images": {"resolution": 32, "guidance_scale": 3.5},
-        "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2},
-        "moe": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
-    })
+    moe_run = RunRecipe.model_validate(
+        {
+            "name": "t",
+            "base_model": run.base_model,
+            "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in ("count", "color")],
+            "images": {"resolution": 32, "guidance_scale": 3.5},
+            "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2},
+            "moe": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
+        }
+    )
     moe = read_moe(train_moe(moe_run, paths, experts))
-    for got, (_, path) in zip(moe.experts, experts):
+    for got, (_, path) in zip(moe.experts, experts, strict=True):
         want = load_lora(path)
         assert all(torch.equal(got.modules[n].up, m.up) for n, m in want.modules.items())
     assert all(name.startswith("transformer.") for name in moe.module_names())

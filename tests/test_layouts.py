@@ -28,20 +28,28 @@ from selma_toolkit.published import build_dit_layer_table, dit_layer_table, publ
 # One module per family with the names (and, for the tiny widths, arbitrary shapes) it has; the
 # file's metadata names the family.
 MODULES = {
-    "sd1": ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"],
+    "sd1": [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+    ],
     "sd2": ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"],
-    "sdxl": ["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_v",
-             "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"],
+    "sdxl": [
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_v",
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj",
+    ],
     "sd3": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.add_k_proj"],
     "flux": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_k"],
     "chroma": ["transformer.transformer_blocks.0.attn.to_add_out", "transformer.single_transformer_blocks.1.attn.to_v"],
     "qwen-image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.add_v_proj"],
     "z-image": ["transformer.layers.0.attention.to_q", "transformer.noise_refiner.1.attention.to_out.0"],
-    "flux2-klein": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_k",
-                    "transformer.transformer_blocks.0.attn.to_v", "transformer.transformer_blocks.0.attn.add_q_proj",
-                    "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
-                    "transformer.single_transformer_blocks.1.attn.to_out"],
+    "flux2-klein": [
+        "transformer.transformer_blocks.0.attn.to_q",
+        "transformer.transformer_blocks.0.attn.to_k",
+        "transformer.transformer_blocks.0.attn.to_v",
+        "transformer.transformer_blocks.0.attn.add_q_proj",
+        "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+        "transformer.single_transformer_blocks.1.attn.to_out",
+    ],
 }
 # The key of the first module of MODULES in each layout.
 FIRST_KEY = {
@@ -66,8 +74,10 @@ PAIRS = [(name, layout) for name in FAMILY_NAMES for layout in FAMILIES[name].la
 
 def small_lora(arch: str, *, rank: int = 2, alpha: float = 3.0, seed: int = 0) -> LoraWeights:
     generator = torch.Generator().manual_seed(seed)
-    modules = {name: LoraModule(torch.randn(rank, 8, generator=generator), torch.randn(12, rank, generator=generator), alpha)
-               for name in MODULES[arch]}  # one shape: FLUX.2's q, k and v are fused into one layer
+    modules = {
+        name: LoraModule(torch.randn(rank, 8, generator=generator), torch.randn(12, rank, generator=generator), alpha)
+        for name in MODULES[arch]
+    }  # one shape: FLUX.2's q, k and v are fused into one layer
     return LoraWeights(modules, {"selma.architecture": arch})
 
 
@@ -99,14 +109,16 @@ def test_each_family_writes_the_layout_it_names_and_info_names_it_back(arch, lay
 def test_a_layout_the_family_does_not_offer_is_refused_naming_its_layouts(arch, tmp_path):
     family = get_family(arch)
     refused = next(layout for layout in ("kohya", "peft", "ai-toolkit") if layout not in family.layouts)
-    with pytest.raises(LoraFormatError, match=re.escape(f"{family.title} LoRAs are written as "
-                                                        f"{' or '.join(family.layouts)}")):
+    with pytest.raises(
+        LoraFormatError, match=re.escape(f"{family.title} LoRAs are written as {' or '.join(family.layouts)}")
+    ):
         save_lora(small_lora(arch), tmp_path / "x.safetensors", format=refused)
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize(("arch", "layout"), [("sd3", "peft"), ("flux", "peft"), ("sdxl", "kohya"),
-                                              ("flux2-klein", "ai-toolkit")])
+@pytest.mark.parametrize(
+    ("arch", "layout"), [("sd3", "peft"), ("flux", "peft"), ("sdxl", "kohya"), ("flux2-klein", "ai-toolkit")]
+)
 def test_cli_convert_and_merge_print_the_layout_they_write_and_info_names_it(arch, layout, cli, tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_lora(small_lora(arch, seed=1), first, format="peft")
@@ -123,7 +135,9 @@ def test_cli_convert_and_merge_print_the_layout_they_write_and_info_names_it(arc
         assert re.search(rf"layout\s*│\s*{re.escape(layout)}\s*│", info.stdout), info.stdout
     if arch in ("sd3", "flux"):
         refused = cli("lora", "convert", str(first), str(tmp_path / "kohya.safetensors"), "--format", "kohya")
-        assert refused.returncode == 2 and "--format kohya: " in refused.stderr and "Use --format peft" in refused.stderr
+        assert (
+            refused.returncode == 2 and "--format kohya: " in refused.stderr and "Use --format peft" in refused.stderr
+        )
 
 
 # ------------------------------------------------------------------------------------- real size
@@ -148,8 +162,14 @@ def test_a_real_size_expert_on_every_targeted_module_fits_the_published_model(ar
     targeted = _targeted(arch)
     assert len(targeted) >= 16, arch
     generator = torch.Generator().manual_seed(0)
-    modules = {name: LoraModule(torch.randn(1, shape[1], generator=generator) * 0.01,
-                                torch.randn(shape[0], 1, generator=generator) * 0.01, 1.0) for name, shape in targeted.items()}
+    modules = {
+        name: LoraModule(
+            torch.randn(1, shape[1], generator=generator) * 0.01,
+            torch.randn(shape[0], 1, generator=generator) * 0.01,
+            1.0,
+        )
+        for name, shape in targeted.items()
+    }
     path = save_lora(LoraWeights(modules, {"selma.architecture": arch}), tmp_path / "real.safetensors")
     info = inspect_lora(path)
     assert info.layouts == [family.default_layout]

@@ -17,20 +17,38 @@ from selma_toolkit.lora.blocks import block_weight_of, module_groups, parse_bloc
 from selma_toolkit.lora.keys import ldm_to_diffusers_unet_path
 from selma_toolkit.published import published_layer_shapes
 
-FLUX_NAMES = ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.add_k_proj",
-              "transformer.single_transformer_blocks.0.attn.to_v", "transformer.single_transformer_blocks.2.proj_out",
-              "transformer.x_embedder"]
+FLUX_NAMES = [
+    "transformer.transformer_blocks.0.attn.to_q",
+    "transformer.transformer_blocks.1.attn.add_k_proj",
+    "transformer.single_transformer_blocks.0.attn.to_v",
+    "transformer.single_transformer_blocks.2.proj_out",
+    "transformer.x_embedder",
+]
 NAMES = {
     "flux": FLUX_NAMES,
-    "flux2-klein": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
-                    "transformer.single_transformer_blocks.1.attn.to_out", "transformer.context_embedder"],
-    "sd3": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.add_q_proj",
-            "transformer.context_embedder"],
-    "qwen-image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.to_add_out",
-                   "transformer.img_in"],
-    "z-image": ["transformer.layers.0.attention.to_q", "transformer.layers.1.attention.to_k",
-                "transformer.noise_refiner.0.attention.to_v", "transformer.context_refiner.0.attention.to_out.0",
-                "transformer.cap_embedder.1"],
+    "flux2-klein": [
+        "transformer.transformer_blocks.0.attn.to_q",
+        "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+        "transformer.single_transformer_blocks.1.attn.to_out",
+        "transformer.context_embedder",
+    ],
+    "sd3": [
+        "transformer.transformer_blocks.0.attn.to_q",
+        "transformer.transformer_blocks.1.attn.add_q_proj",
+        "transformer.context_embedder",
+    ],
+    "qwen-image": [
+        "transformer.transformer_blocks.0.attn.to_q",
+        "transformer.transformer_blocks.1.attn.to_add_out",
+        "transformer.img_in",
+    ],
+    "z-image": [
+        "transformer.layers.0.attention.to_q",
+        "transformer.layers.1.attention.to_k",
+        "transformer.noise_refiner.0.attention.to_v",
+        "transformer.context_refiner.0.attention.to_out.0",
+        "transformer.cap_embedder.1",
+    ],
 }
 # Per family: block weights as users write them, and g of each module of NAMES by hand.
 CASES = {
@@ -44,8 +62,14 @@ CASES = {
 
 def expert(names: list[str], seed: int, arch: str, rank: int = 2) -> LoraWeights:
     generator = torch.Generator().manual_seed(seed)
-    modules = {name: LoraModule(torch.randn(rank, 6, generator=generator, dtype=torch.float64),
-                                torch.randn(5, rank, generator=generator, dtype=torch.float64), 3.0) for name in names}
+    modules = {
+        name: LoraModule(
+            torch.randn(rank, 6, generator=generator, dtype=torch.float64),
+            torch.randn(5, rank, generator=generator, dtype=torch.float64),
+            3.0,
+        )
+        for name in names
+    }
     return LoraWeights(modules, {"selma.architecture": arch})
 
 
@@ -58,23 +82,37 @@ def test_dit_block_weights_scale_each_merged_modules_update_by_its_familys_group
     options = {"rank": 4} if method in ("svd", "ties", "dare") else {}
     plain = merge_experts(loras, method, density=0.6, seed=1, **options)
     weighted = merge_experts(loras, method, density=0.6, seed=1, block_weights=parse_block_weights(text), **options)
-    for name, g in zip(names, expected):
-        torch.testing.assert_close(weighted.modules[name].delta(torch.float64), g * plain.modules[name].delta(torch.float64),
-                                   rtol=1e-9, atol=1e-12, msg=f"{arch} {name}")
+    for name, g in zip(names, expected, strict=True):
+        torch.testing.assert_close(
+            weighted.modules[name].delta(torch.float64),
+            g * plain.modules[name].delta(torch.float64),
+            rtol=1e-9,
+            atol=1e-12,
+            msg=f"{arch} {name}",
+        )
 
 
 def test_block_groups_are_named_as_each_family_names_its_blocks():
     double = "transformer.transformer_blocks.3.attn.to_q"
     assert module_groups(double, get_family("flux")) == ("double.3", "double", "transformer", "unet")
     assert module_groups(double, get_family("chroma")) == ("double.3", "double", "transformer", "unet")
-    assert module_groups(double, get_family("qwen-image")) == ("transformer_blocks.3", "transformer_blocks", "transformer", "unet")
+    assert module_groups(double, get_family("qwen-image")) == (
+        "transformer_blocks.3",
+        "transformer_blocks",
+        "transformer",
+        "unet",
+    )
     fused = "transformer.single_transformer_blocks.7.attn.to_qkv_mlp_proj"
     assert module_groups(fused, get_family("flux2-klein")) == ("single.7", "single", "transformer", "unet")
     assert module_groups("transformer.context_refiner.1.attention.to_q", get_family("z-image"))[:2] == (
-        "context_refiner.1", "context_refiner")
+        "context_refiner.1",
+        "context_refiner",
+    )
     # An unknown family: every family's name for the block.
     assert set(module_groups(double)[:2]) == {"double.3", "transformer_blocks.3"}
-    with pytest.raises(LoraFormatError, match="block weight group 'doubles' is not a group; valid groups: .*double.N"):
+    with pytest.raises(
+        LoraFormatError, match=r"block weight group 'doubles' is not a group; valid groups: .*double\.N"
+    ):
         parse_block_weights("doubles=1")
 
 
@@ -83,16 +121,33 @@ def test_block_groups_are_named_as_each_family_names_its_blocks():
 
 def _attention_modules(arch: str) -> list[str]:
     targets = get_family(arch).lora_targets
-    return [name for name, shape in published_layer_shapes(get_family(arch)).items()
-            if len(shape) == 2 and any(name.endswith("." + t) for t in targets)]
+    return [
+        name
+        for name, shape in published_layer_shapes(get_family(arch)).items()
+        if len(shape) == 2 and any(name.endswith("." + t) for t in targets)
+    ]
 
 
 # The Inspire pack's SD 1.5 and SDXL vectors: the original (LDM) blocks an attention LoRA has, in order.
 LDM_BLOCKS = {
-    "sd1": ["input_blocks.1", "input_blocks.2", "input_blocks.4", "input_blocks.5", "input_blocks.7", "input_blocks.8",
-            "middle_block.1", *(f"output_blocks.{i}" for i in range(3, 12))],
-    "sdxl": ["input_blocks.4", "input_blocks.5", "input_blocks.7", "input_blocks.8", "middle_block.1",
-             *(f"output_blocks.{i}" for i in range(0, 6))],
+    "sd1": [
+        "input_blocks.1",
+        "input_blocks.2",
+        "input_blocks.4",
+        "input_blocks.5",
+        "input_blocks.7",
+        "input_blocks.8",
+        "middle_block.1",
+        *(f"output_blocks.{i}" for i in range(3, 12)),
+    ],
+    "sdxl": [
+        "input_blocks.4",
+        "input_blocks.5",
+        "input_blocks.7",
+        "input_blocks.8",
+        "middle_block.1",
+        *(f"output_blocks.{i}" for i in range(0, 6)),
+    ],
 }
 
 
@@ -106,14 +161,17 @@ def test_a_lora_block_weight_vector_weighs_the_unet_blocks_in_the_inspire_packs_
         # Independently: the block's attention modules, named in the original UNet and converted back.
         kind, index = block.split(".")
         ldm = f"{kind}.{index}.1" if kind != "middle_block" else "middle_block.1"
-        prefix = "unet." + ldm_to_diffusers_unet_path(f"{ldm}.transformer_blocks.0.attn1.to_q").rsplit(".transformer_blocks", 1)[0]
+        prefix = (
+            "unet."
+            + ldm_to_diffusers_unet_path(f"{ldm}.transformer_blocks.0.attn1.to_q").rsplit(".transformer_blocks", 1)[0]
+        )
         members = [name for name in names if name.startswith(prefix + ".")]
         assert members and all(weights[name] == vector[position] for name in members), block
     assert set(weights.values()) == set(vector[1:])  # every module is in a block: BASE weighs none
 
 
 def test_a_flux_vector_weighs_double_then_single_blocks_and_the_last_number_carries_on():
-    names = _attention_modules("flux") + ["transformer.x_embedder", "transformer.norm_out.linear"]
+    names = [*_attention_modules("flux"), "transformer.x_embedder", "transformer.norm_out.linear"]
     vector = [0.25] + [float(i) for i in range(19 + 38)]
     weights = block_weight_of(names, parse_block_weights("FLUX:" + ",".join(map(str, vector))), get_family("flux"))
     for name in names:
@@ -132,7 +190,7 @@ def test_a_flux_vector_weighs_double_then_single_blocks_and_the_last_number_carr
 @pytest.mark.parametrize("arch", ["sd3", "qwen-image", "z-image"])
 def test_a_vector_for_a_family_without_the_packs_convention_is_refused_naming_its_groups(arch):
     loras = [expert(NAMES[arch], seed, arch) for seed in (1, 2)]
-    with pytest.raises(LoraFormatError, match="no convention for .*; give GROUP=WEIGHT pairs of"):
+    with pytest.raises(LoraFormatError, match=r"no convention for .*; give GROUP=WEIGHT pairs of"):
         merge_experts(loras, "delta", block_weights=parse_block_weights("1,0,0.5"))
 
 
@@ -143,14 +201,23 @@ def test_selma_merge_block_weights_of_a_flux_merge(cli, tmp_path):
     files = []
     for seed in (1, 2):
         lora = expert(FLUX_NAMES, seed, "flux")
-        files.append(save_lora(LoraWeights({n: LoraModule(m.down.float(), m.up.float(), m.alpha) for n, m in lora.modules.items()},
-                                           lora.metadata), tmp_path / f"e{seed}.safetensors"))
+        files.append(
+            save_lora(
+                LoraWeights(
+                    {n: LoraModule(m.down.float(), m.up.float(), m.alpha) for n, m in lora.modules.items()},
+                    lora.metadata,
+                ),
+                tmp_path / f"e{seed}.safetensors",
+            )
+        )
     plain, weighted = tmp_path / "plain.safetensors", tmp_path / "weighted.safetensors"
     assert cli("merge", *map(str, files), "--out", str(plain), "--method", "delta").returncode == 0
-    result = cli("merge", *map(str, files), "--out", str(weighted), "--method", "delta", "--block-weights", "single=0,double.1=2")
+    result = cli(
+        "merge", *map(str, files), "--out", str(weighted), "--method", "delta", "--block-weights", "single=0,double.1=2"
+    )
     assert result.returncode == 0, result.stderr
     a, b = load_lora(plain), load_lora(weighted)
-    for name, g in zip(FLUX_NAMES, [1.0, 2.0, 0.0, 0.0, 1.0]):
+    for name, g in zip(FLUX_NAMES, [1.0, 2.0, 0.0, 0.0, 1.0], strict=True):
         assert torch.allclose(b.modules[name].delta(), g * a.modules[name].delta(), atol=1e-6), name
 
 
@@ -161,12 +228,24 @@ def test_load_experts_takes_a_flux_vector_on_a_diffusers_pipeline(method, tiny_m
     from selma_toolkit.adapters.diffusers import load_experts
 
     pipe = DiffusionPipeline.from_pretrained(tiny_model_dirs["flux"])
-    shapes = {f"transformer.{path}": layer.weight.shape for path, layer in pipe.transformer.named_modules()
-              if isinstance(layer, torch.nn.Linear) and path.endswith((".attn.to_q", ".attn.to_k"))}
+    shapes = {
+        f"transformer.{path}": layer.weight.shape
+        for path, layer in pipe.transformer.named_modules()
+        if isinstance(layer, torch.nn.Linear) and path.endswith((".attn.to_q", ".attn.to_k"))
+    }
     generator = torch.Generator().manual_seed(0)
-    loras = [LoraWeights({name: LoraModule(torch.randn(2, shape[1], generator=generator),
-                                           torch.randn(shape[0], 2, generator=generator), 2.0)
-                          for name, shape in shapes.items()}, {"selma.architecture": "flux"}) for _ in range(2)]
+    loras = [
+        LoraWeights(
+            {
+                name: LoraModule(
+                    torch.randn(2, shape[1], generator=generator), torch.randn(shape[0], 2, generator=generator), 2.0
+                )
+                for name, shape in shapes.items()
+            },
+            {"selma.architecture": "flux"},
+        )
+        for _ in range(2)
+    ]
     names = load_experts(pipe, loras, method=method, block_weights="0.5,3,0")  # BASE, double 0, single 0
     g = {"transformer_blocks": 3.0, "single_transformer_blocks": 0.0}
     for name in shapes:
@@ -187,5 +266,8 @@ def test_the_comfyui_merge_node_takes_the_dit_spellings():
     from selma_toolkit.lora import lora_from_state_dict
 
     a, b = lora_from_state_dict(plain), lora_from_state_dict(weighted)
-    for name, g in zip(FLUX_NAMES, [0.5, 2.0, 0.0, 0.0, 1.0]):  # double 0, double 1, single 0, single 2 (last: 0), BASE
-        assert torch.allclose(b.modules[name].delta(torch.float64), g * a.modules[name].delta(torch.float64), atol=1e-9), name
+    # double 0, double 1, single 0, single 2 (the vector's last: 0), BASE
+    for name, g in zip(FLUX_NAMES, [0.5, 2.0, 0.0, 0.0, 1.0], strict=True):
+        assert torch.allclose(
+            b.modules[name].delta(torch.float64), g * a.modules[name].delta(torch.float64), atol=1e-9
+        ), name

@@ -60,15 +60,28 @@ BlockWeights = Mapping[str, float]
 # Every family's block group names, the UNet's first (in / mid / out), then the DiT families'
 # (transformer_blocks, Flux-type double / single, Z-Image's layers and refiners).
 _BLOCK_GROUPS = tuple(dict.fromkeys(group for name in FAMILY_NAMES for group in FAMILIES[name].block_groups.values()))
-_UNET_GROUPS = tuple(dict.fromkeys(g for f in FAMILIES.values() if f.denoiser == "unet" for g in f.block_groups.values()))
+_UNET_GROUPS = tuple(
+    dict.fromkeys(g for f in FAMILIES.values() if f.denoiser == "unet" for g in f.block_groups.values())
+)
 _INDEXED = tuple(group for group in _BLOCK_GROUPS if group != "mid")
-_HEADS = ("te", "te1", "te2", "unet", *_UNET_GROUPS, "transformer",
-          *(group for group in _BLOCK_GROUPS if group not in _UNET_GROUPS))
-GROUP_NAMES: tuple[str, ...] = tuple(name for head in _HEADS for name in ((head, f"{head}.N") if head in _INDEXED else (head,)))
+_HEADS = (
+    "te",
+    "te1",
+    "te2",
+    "unet",
+    *_UNET_GROUPS,
+    "transformer",
+    *(group for group in _BLOCK_GROUPS if group not in _UNET_GROUPS),
+)
+GROUP_NAMES: tuple[str, ...] = tuple(
+    name for head in _HEADS for name in ((head, f"{head}.N") if head in _INDEXED else (head,))
+)
 EXAMPLE = "in=1,mid=0.5,out=1,te=0"
 DIT_EXAMPLE = "double=1,single.0=0.5"
-_GROUP = re.compile(rf"^(te|te1|te2|unet|transformer|{'|'.join(map(re.escape, _BLOCK_GROUPS))}"
-                    rf"|({'|'.join(map(re.escape, _INDEXED))})\.(0|[1-9][0-9]*))$")
+_GROUP = re.compile(
+    rf"^(te|te1|te2|unet|transformer|{'|'.join(map(re.escape, _BLOCK_GROUPS))}"
+    rf"|({'|'.join(map(re.escape, _INDEXED))})\.(0|[1-9][0-9]*))$"
+)
 _VECTOR_KEY = re.compile(r"^lbw\.(0|[1-9][0-9]*)$")
 _BLOCK = re.compile(r"^(unet|transformer)\.([A-Za-z_]+)\.(\d+)\.")
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
@@ -105,8 +118,9 @@ def module_block_weight(module_name: str, block_weights: BlockWeights | None, fa
     return 1.0
 
 
-def block_weight_of(module_names: Iterable[str], block_weights: BlockWeights | None,
-                    family: Family | None = None) -> dict[str, float]:
+def block_weight_of(
+    module_names: Iterable[str], block_weights: BlockWeights | None, family: Family | None = None
+) -> dict[str, float]:
     """g for each module of a LoRA or merge (checked ``block_weights``: groups or an ``lbw.*`` vector)."""
     names = list(module_names)
     if not block_weights:
@@ -175,7 +189,9 @@ def parse_block_weights(text: str | None) -> dict[str, float] | None:
         try:
             number = float(value)
         except ValueError:
-            raise LoraFormatError(f"block weights {text!r}: {value!r} (for {group}) is not a number; e.g. {EXAMPLE}") from None
+            raise LoraFormatError(
+                f"block weights {text!r}: {value!r} (for {group}) is not a number; e.g. {EXAMPLE}"
+            ) from None
         if group in weights:
             raise LoraFormatError(f"block weights {text!r}: group {group!r} is given twice; give each group once")
         weights[group] = number
@@ -189,12 +205,14 @@ def _parse_vector(text: str) -> dict[str, float]:
     if bad:
         raise LoraFormatError(
             f"block weights {text!r}: {bad[0]!r} is not a number; a LoRA Block Weight vector is numbers separated by "
-            f"commas, BASE first (e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1), or give GROUP=WEIGHT pairs, e.g. {EXAMPLE}")
+            f"commas, BASE first (e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1), or give GROUP=WEIGHT pairs, e.g. {EXAMPLE}"
+        )
     return check_block_weights({f"lbw.{i}": float(value) for i, value in enumerate(values)})
 
 
-def check_block_weights(block_weights: BlockWeights | None, module_names: Iterable[str] | None = None,
-                        family: Family | None = None) -> dict[str, float] | None:
+def check_block_weights(
+    block_weights: BlockWeights | None, module_names: Iterable[str] | None = None, family: Family | None = None
+) -> dict[str, float] | None:
     """``block_weights`` checked (group names or a whole ``lbw.*`` vector, finite numbers) and copied
     as {group: float}; None for none. Raises :class:`LoraFormatError` naming an unknown group and
     listing the valid ones (and, given ``module_names``, the groups those modules are in), or a
@@ -204,18 +222,23 @@ def check_block_weights(block_weights: BlockWeights | None, module_names: Iterab
     names = list(module_names) if module_names is not None else None
     vector = [key for key in block_weights if isinstance(key, str) and _VECTOR_KEY.match(key)]
     if vector and (len(vector) != len(block_weights) or set(vector) != {f"lbw.{i}" for i in range(len(vector))}):
-        raise LoraFormatError(f"block weights {dict(block_weights)}: a LoRA Block Weight vector (lbw.0, lbw.1, ...) "
-                              "is given whole and alone; give either the vector or GROUP=WEIGHT pairs")
+        raise LoraFormatError(
+            f"block weights {dict(block_weights)}: a LoRA Block Weight vector (lbw.0, lbw.1, ...) "
+            "is given whole and alone; give either the vector or GROUP=WEIGHT pairs"
+        )
     if vector and names is not None:
         _check_vector_family(names, family)
     checked: dict[str, float] = {}
     for group, value in block_weights.items():
         if not isinstance(group, str) or not (_GROUP.match(group) or group in vector):
-            present = sorted({g for name in names for g in module_groups(name, family)}, key=_group_order) if names else None
+            present = (
+                sorted({g for name in names for g in module_groups(name, family)}, key=_group_order) if names else None
+            )
             adapted = f"; the experts' modules are in {', '.join(present)}" if present else ""
             raise LoraFormatError(
                 f"block weight group {group!r} is not a group; valid groups: {', '.join(GROUP_NAMES)} "
-                f"(N: a diffusers block index, e.g. in.0 for down_blocks.0, double.3 for transformer_blocks.3){adapted}. "
+                f"(N: a diffusers block index, e.g. in.0 for down_blocks.0, double.3 for transformer_blocks.3)"
+                f"{adapted}. "
                 f"E.g. {EXAMPLE} or {DIT_EXAMPLE}"
             )
         try:
@@ -235,7 +258,8 @@ def _check_vector_family(module_names: list[str], family: Family | None) -> None
         groups = sorted({g for name in module_names for g in module_groups(name, family)}, key=_group_order)
         raise LoraFormatError(
             f"block weights: the Inspire pack's LoRA Block Weight vectors have no convention for {who} (only the "
-            f"UNet families and Flux-type double / single blocks); give GROUP=WEIGHT pairs of {', '.join(groups)}")
+            f"UNet families and Flux-type double / single blocks); give GROUP=WEIGHT pairs of {', '.join(groups)}"
+        )
 
 
 def unused_groups(block_weights: BlockWeights, module_names: Iterable[str], family: Family | None = None) -> list[str]:

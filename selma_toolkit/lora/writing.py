@@ -78,24 +78,35 @@ def _layout_for(weights: LoraWeights, format: str | None, family: Family) -> str
     if format is None:
         return family.default_layout
     if format not in WRITE_FORMATS:
-        raise LoraFormatError(what=f"is not a LoRA layout; expected one of {', '.join(WRITE_FORMATS)}",
-                              where=Option("format"), found=format, remedies=[Remedy.unset("format", note="the family's own")])
+        raise LoraFormatError(
+            what=f"is not a LoRA layout; expected one of {', '.join(WRITE_FORMATS)}",
+            where=Option("format"),
+            found=format,
+            remedies=[Remedy.unset("format", note="the family's own")],
+        )
     if format not in family.layouts:
         raise LoraFormatError(
             what=f"{family.title} LoRAs are written as {' or '.join(family.layouts)} (the layouts both diffusers "
-            f"and ComfyUI read for {family.title}), not {format}", where=Option("format"), found=format,
-            remedies=[Remedy.set("format", family.default_layout), Remedy.unset("format", note="the family's default")])
+            f"and ComfyUI read for {family.title}), not {format}",
+            where=Option("format"),
+            found=format,
+            remedies=[Remedy.set("format", family.default_layout), Remedy.unset("format", note="the family's default")],
+        )
     return format
 
 
-def lora_to_state_dict(weights: LoraWeights, format: LoraLayout | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def lora_to_state_dict(
+    weights: LoraWeights, format: LoraLayout | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``weights`` in a file layout (None: the family's default; see the module docstring):
     (tensors, layout-specific metadata entries)."""
     _, tensors, extra, _ = _layout(weights, format)
     return tensors, extra
 
 
-def _layout(weights: LoraWeights, format: str | None) -> tuple[LoraWeights, dict[str, torch.Tensor], dict[str, str], str]:
+def _layout(
+    weights: LoraWeights, format: str | None
+) -> tuple[LoraWeights, dict[str, torch.Tensor], dict[str, str], str]:
     """(``weights`` as the file holds them: scales folded where the layout needs it, the tensors,
     the layout's metadata entries, the layout); the family is guessed once (it reads every module name)."""
     if not weights.modules:
@@ -133,14 +144,21 @@ def _ai_toolkit_tensors(weights: LoraWeights, family: Family) -> dict[str, torch
     if others:
         raise LoraFormatError(
             what=f"ai-toolkit's layout holds the {family.denoiser} only; this LoRA also adapts {others[0]}",
-            where=Option("format"), found="ai-toolkit", remedies=[Remedy.set("format", "peft")])
+            where=Option("format"),
+            found="ai-toolkit",
+            remedies=[Remedy.set("format", "peft")],
+        )
     modules = {name.split(".", 1)[1]: (m.down, m.up) for name, m in weights.modules.items()}
     if family.native_names == "bfl-flux2":
         try:
             modules = fuse_flux2(modules)
         except ValueError as exc:
-            raise LoraFormatError(what=f"cannot be written in FLUX.2's BFL names: {exc}", where=Option("format"), found="ai-toolkit",
-                                  remedies=[Remedy.set("format", "peft")]) from None
+            raise LoraFormatError(
+                what=f"cannot be written in FLUX.2's BFL names: {exc}",
+                where=Option("format"),
+                found="ai-toolkit",
+                remedies=[Remedy.set("format", "peft")],
+            ) from None
     tensors: dict[str, torch.Tensor] = {}
     for path, (down, up) in modules.items():
         tensors[f"{AI_TOOLKIT_PREFIX}{path}.lora_A.weight"] = down
@@ -152,7 +170,9 @@ def _fold_scale(module: LoraModule) -> LoraModule:
     """The same update with alpha = r: B <- (alpha / r) B (unchanged when the scale is 1)."""
     if module.scale == 1.0:
         return module
-    return LoraModule(down=module.down, up=(module.up.float() * module.scale).to(module.up.dtype), alpha=float(module.rank))
+    return LoraModule(
+        down=module.down, up=(module.up.float() * module.scale).to(module.up.dtype), alpha=float(module.rank)
+    )
 
 
 def _kohya_modules(weights: LoraWeights) -> dict[str, tuple[LoraModule, bool]]:
@@ -182,7 +202,9 @@ def _kohya_modules(weights: LoraWeights) -> dict[str, tuple[LoraModule, bool]]:
                     m = LoraModule(down=m.down, up=up, alpha=common)
                     changed += 1
                 out[name] = (m, True)
-            logger.info("%s: %d modules rescaled to the common alpha %s for diffusers' kohya reader", component, changed, common)
+            logger.info(
+                "%s: %d modules rescaled to the common alpha %s for diffusers' kohya reader", component, changed, common
+            )
     return {name: out[name] for name in weights.modules}
 
 

@@ -86,8 +86,9 @@ def _text_pipeline(family: Family, tokenizers: list, encoders: list):
     as they do at inference (the other components are None, so nothing else is built)."""
     import diffusers
 
-    return getattr(diffusers, family.pipeline_class)(scheduler=None, vae=None, transformer=None,
-                                                      text_encoder=encoders[0], tokenizer=tokenizers[0])
+    return getattr(diffusers, family.pipeline_class)(
+        scheduler=None, vae=None, transformer=None, text_encoder=encoders[0], tokenizer=tokenizers[0]
+    )
 
 
 def padded(tensors: list[torch.Tensor]) -> TextEncoding:
@@ -104,9 +105,10 @@ def _encode_clip_t5(family: Family, tokenizers: list, encoders: list, texts: lis
     import torch.nn.functional as F
 
     clip_states, pooled, t5_states = [], [], None
-    for spec, tokenizer, encoder in zip(family.text_encoders, tokenizers, encoders):
-        ids = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+    for spec, tokenizer, encoder in zip(family.text_encoders, tokenizers, encoders, strict=True):
+        ids = tokenizer(
+            texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         if spec.kind == "t5":
             t5_states = encoder(ids)[0]
         elif family.conditioning == "packed":
@@ -124,8 +126,9 @@ def _encode_clip_t5(family: Family, tokenizers: list, encoders: list, texts: lis
 
 def _encode_chroma(family: Family, tokenizers: list, encoders: list, texts: list[str], device) -> TextEncoding:
     pipe = _text_pipeline(family, tokenizers, encoders)
-    embeds, mask = pipe._get_t5_prompt_embeds(texts, max_sequence_length=family.text_encoders[0].max_length,
-                                              device=device, dtype=encoders[0].dtype)
+    embeds, mask = pipe._get_t5_prompt_embeds(
+        texts, max_sequence_length=family.text_encoders[0].max_length, device=device, dtype=encoders[0].dtype
+    )
     return {"prompt_embeds": embeds, "text_mask": mask.long()}
 
 
@@ -145,8 +148,9 @@ def _encode_z_image(family: Family, tokenizers: list, encoders: list, texts: lis
 def _encode_flux2(family: Family, tokenizers: list, encoders: list, texts: list[str], device) -> TextEncoding:
     from diffusers import Flux2KleinPipeline
 
-    embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(encoders[0], tokenizers[0], list(texts), device=device,
-                                                          max_sequence_length=family.text_encoders[0].max_length)
+    embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        encoders[0], tokenizers[0], list(texts), device=device, max_sequence_length=family.text_encoders[0].max_length
+    )
     return {"prompt_embeds": embeds}
 
 
@@ -161,12 +165,21 @@ def _unpack_2x2(packed: torch.Tensor, n: int, channels: int, height: int, width:
 
 def _guidance(transformer, n: int, guidance: float, device) -> torch.Tensor | None:
     """The guidance embedding's input [n] for a transformer that has one (FLUX.1-dev), else None."""
-    return torch.full((n,), float(guidance), device=device) if getattr(transformer.config, "guidance_embeds", False) else None
+    return (
+        torch.full((n,), float(guidance), device=device)
+        if getattr(transformer.config, "guidance_embeds", False)
+        else None
+    )
 
 
 def _predict_mmdit(transformer, noisy, timesteps, cond: Conditioning, guidance: float) -> torch.Tensor:
-    return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.prompt_embeds,
-                       pooled_projections=cond.pooled, return_dict=False)[0]
+    return transformer(
+        hidden_states=noisy,
+        timestep=timesteps,
+        encoder_hidden_states=cond.prompt_embeds,
+        pooled_projections=cond.pooled,
+        return_dict=False,
+    )[0]
 
 
 def _predict_flux_type(transformer, noisy, timesteps, cond: Conditioning, guidance: float) -> torch.Tensor:
@@ -185,9 +198,15 @@ def _predict_flux_type(transformer, noisy, timesteps, cond: Conditioning, guidan
     if cond.text_mask is not None:
         image_tokens = torch.ones(n, packed.shape[1], device=noisy.device, dtype=torch.bool)
         extra["attention_mask"] = torch.cat([cond.text_mask.to(noisy.device, noisy.dtype), image_tokens], dim=1)
-    out = transformer(hidden_states=packed, timestep=timesteps / 1000, encoder_hidden_states=embeds,
-                      txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-                      img_ids=image_ids, return_dict=False, **extra)[0]
+    out = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        encoder_hidden_states=embeds,
+        txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+        img_ids=image_ids,
+        return_dict=False,
+        **extra,
+    )[0]
     return _unpack_2x2(out, n, channels, height, width)
 
 
@@ -201,9 +220,15 @@ def _predict_qwen_image(transformer, noisy, timesteps, cond: Conditioning, guida
     mask = cond.text_mask
     if mask is not None and bool(mask.all()):
         mask = None
-    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=_guidance(transformer, n, guidance, noisy.device),
-                      encoder_hidden_states=cond.prompt_embeds, encoder_hidden_states_mask=mask,
-                      img_shapes=[[(1, height // 2, width // 2)]] * n, return_dict=False)[0]
+    out = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        guidance=_guidance(transformer, n, guidance, noisy.device),
+        encoder_hidden_states=cond.prompt_embeds,
+        encoder_hidden_states_mask=mask,
+        img_shapes=[[(1, height // 2, width // 2)]] * n,
+        return_dict=False,
+    )[0]
     return _unpack_2x2(out, n, channels, height, width)
 
 
@@ -224,10 +249,15 @@ def _predict_flux2(transformer, noisy, timesteps, cond: Conditioning, guidance: 
     patches = Pipe._patchify_latents(noisy)
     image_ids = Pipe._prepare_latent_ids(patches).to(noisy.device)
     text_ids = Pipe._prepare_text_ids(cond.prompt_embeds).to(noisy.device)
-    out = transformer(hidden_states=Pipe._pack_latents(patches), timestep=timesteps / 1000,
-                      guidance=_guidance(transformer, noisy.shape[0], guidance, noisy.device),
-                      encoder_hidden_states=cond.prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
-                      return_dict=False)[0]
+    out = transformer(
+        hidden_states=Pipe._pack_latents(patches),
+        timestep=timesteps / 1000,
+        guidance=_guidance(transformer, noisy.shape[0], guidance, noisy.device),
+        encoder_hidden_states=cond.prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
     unpacked = Pipe._unpack_latents_with_ids(out, image_ids, patches.shape[2], patches.shape[3])
     return Pipe._unpatchify_latents(unpacked)
 
