@@ -351,6 +351,38 @@ def test_expert_file_is_in_the_family_layout_and_diffusers_loads_exactly_its_upd
     assert np.array_equal(draw(), before)
 
 
+@pytest.mark.comfyui
+def test_comfyui_0364_loads_every_key_of_a_qwen_image_expert(experts, tiny_model_dirs):
+    """ComfyUI's own key map (comfy/lora.py: a Qwen-Image model ComfyUI detects from the tiny
+    transformer's state dict) patches every module of the ai-toolkit-layout expert, key by key."""
+    from support_comfyui import comfyui_install, run_in_comfyui
+
+    install = comfyui_install()
+    if install is None:
+        pytest.skip("COMFYUI_PATH is not set")
+    comfyui, python = install
+    config = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in get_family("qwen-image").tiny.denoiser.items()}
+    answer = run_in_comfyui(python, comfyui, "qwen-image-key-check", str(experts["qwen-image"]), json.dumps(config))
+    assert answer["model"] == "QwenImage" and answer["unloaded"] == []
+    assert answer["patched"] == len(inspect_lora(experts["qwen-image"]).weights.modules) == answer["keys"] // 2
+
+
+@pytest.mark.comfyui
+def test_comfyui_maps_every_key_of_a_chroma_expert_as_for_flux(experts, pipes):
+    """ComfyUI's Chroma model is a Flux model: its key map takes transformer.<diffusers path> through
+    flux_to_diffusers (comfy/utils.py), which names every module of the expert."""
+    from test_families_dit import comfy_key_map_builders
+
+    config = pipes["chroma"].transformer.config
+    key_map = comfy_key_map_builders()["flux_to_diffusers"](
+        {"depth": config.num_layers, "depth_single_blocks": config.num_single_layers, "hidden_size": 32},
+        output_prefix="diffusion_model.")
+    comfy_names = {"transformer." + key[: -len(".weight")] for key in key_map if key.endswith(".weight")}
+    written = {key.rsplit(".lora_", 1)[0] for key in load_file(experts["chroma"])}
+    assert written <= comfy_names, sorted(written - comfy_names)
+
+
 # ------------------------------------------------------------------------------------- selma run
 
 
