@@ -429,7 +429,7 @@ COMFY_CLIP_COMPONENTS: Mapping[str, str] = MappingProxyType({
 
 
 def get_family(name: str) -> Family:
-    """The family named ``name`` ("sd1", "sd2", "sdxl", "sd3", "flux"); ValueError naming the known ones."""
+    """The family named ``name`` (sd1, sd2, ... flux2-klein: ``FAMILY_NAMES``); ValueError naming the known ones."""
     try:
         return FAMILIES[name]
     except KeyError:
@@ -437,7 +437,7 @@ def get_family(name: str) -> Family:
 
 
 def family_titles() -> str:
-    """The families for a message: "SD 1.x, SD 2.x, SDXL, SD 3 or Flux"."""
+    """The families for a message: "SD 1.x, SD 2.x, SDXL, SD 3, Flux, ... or FLUX.2 [klein]"."""
     titles = [FAMILIES[name].title for name in FAMILY_NAMES]
     return ", ".join(titles[:-1]) + " or " + titles[-1]
 

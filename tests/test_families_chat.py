@@ -418,3 +418,28 @@ def test_reduced_selma_run_of_the_tiny_recipe_writes_every_stage(arch, cli, tmp_
     scores = json.loads((out / "eval" / "scores.json").read_text())
     assert {f"merged:{m}" for m in ("selma", "delta", "dare")} <= set(scores["variants"])
     assert (out / "report" / "index.html").is_file()
+
+
+# The real run recipes: what the common LoRA trainers default to for each model (the recipes' comments).
+REAL_RECIPES = {
+    "flux-selma": ("flux", "black-forest-labs/FLUX.1-dev", 28, 3.5),
+    "qwen-image-selma": ("qwen-image", "Qwen/Qwen-Image", 50, 4.0),
+    "z-image-selma": ("z-image", "Tongyi-MAI/Z-Image", 50, 4.0),
+    "flux2-klein-selma": ("flux2-klein", "black-forest-labs/FLUX.2-klein-base-4B", 50, 4.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_RECIPES))
+def test_real_run_recipes_hold_the_common_trainers_defaults_for_their_model(name):
+    from selma_toolkit.recipe import load_run_recipe
+
+    arch, model, steps, guidance = REAL_RECIPES[name]
+    run = load_run_recipe(name)
+    family = get_family(arch)
+    assert run.base_model == model and family.published_model == model
+    assert (run.images.steps, run.images.guidance_scale, run.images.resolution) == (steps, guidance, 1024)
+    assert run.images.resolution % 16 == 0  # VAE x8 and 2x2 patches
+    assert (run.train.rank, run.train.alpha, run.train.learning_rate) == (16, 16, 1e-4)
+    assert run.train.mixed_precision == "bf16" and run.train.target_modules is None  # the family's default targets
+    assert run.train.lora_format is None  # the family's default layout
+    assert len(run.skills) == 5 and run.merge.method == "selma"
