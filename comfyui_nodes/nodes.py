@@ -34,6 +34,7 @@ from selma_toolkit.errors import HubError, LoraFormatError, Option
 from selma_toolkit.expert_fit import LayerMisfit, layer_misfits, shown_lines
 from selma_toolkit.io import sha256_file
 from selma_toolkit.lora import (
+    WRITE_FORMATS,
     LoraWeights,
     guess_architecture,
     load_lora,
@@ -263,7 +264,7 @@ class SelmaMergeExperts:
             )
         record = MergeRecord.read(merged).with_files([expert.sha256 for expert in experts])
         record.write_to(merged)
-        tensors, _ = lora_to_state_dict(merged, "kohya")
+        tensors, _ = lora_to_state_dict(merged)  # the family's default layout (lora/writing.py)
         ranks = sorted(merged.ranks())
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
         base_model = metadata_value(merged, "base_model")
@@ -467,11 +468,11 @@ class SelmaSaveLora:
                                                  "the experts' metadata are written too) or any LORA_MODEL."}),
                 "filename_prefix": ("STRING", {"default": "selma/merged",
                                                "tooltip": "Path under the loras folder; a counter is appended."}),
-                "format": (["kohya", "peft"], {
-                    "default": "kohya",
-                    "tooltip": "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers (SD 3 / Flux "
-                               "LoRAs: diffusers' transformer.* names, which both load for those models); peft: the "
-                               "layout diffusers' save_lora_weights writes (ComfyUI skips its UNet attention keys)."}),
+                "format": (["default", *WRITE_FORMATS], {
+                    "default": "default",
+                    "tooltip": "default: the layout ComfyUI's LoraLoader and diffusers both read for the LoRA's family "
+                               "(kohya for SD 1.x / 2.x / XL, peft for SD 3 / Flux / Chroma, ai-toolkit for Qwen-Image "
+                               "/ Z-Image / FLUX.2); kohya, peft or ai-toolkit where the family has that layout."}),
             }
         }
 
@@ -483,7 +484,7 @@ class SelmaSaveLora:
         path = Path(folder) / f"{name}_{counter:05}_.safetensors"
         with node_errors():
             weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
-            save_lora(weights, path, format=format)
+            save_lora(weights, path, format=None if format == "default" else format)
         relative = str(Path(subfolder) / path.name) if subfolder else path.name
         logger.info("SELMA Save LoRA: wrote %s (%d modules)", path, len(weights.modules))
         return {"ui": {"text": [f"saved loras/{relative}"]}}

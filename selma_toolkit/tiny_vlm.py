@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from selma_toolkit.tiny import _WORDS, _learn_merges, tiny_t5_tokenizer
+from selma_toolkit.tiny_text import _WORDS, _learn_merges, tiny_t5_tokenizer
 
 IMAGE_SIZE = 32
 # Words the judges' prompts use, kept whole by every tiny tokenizer.
@@ -79,7 +79,7 @@ def _word_pieces(marker: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Symbols and BPE merges for words spelled with a word-start ``marker`` ("▁" for the
     SentencePiece-style Gemma / Llama tokenizers, "Ġ" for Qwen's byte-level one), each word whole."""
     words = list(dict.fromkeys(_WORDS + list(_PROMPT_WORDS)))
-    merges = _learn_merges([marker + w for w in words] + words, end_of_word="")
+    merges = _learn_merges([marker + w for w in words] + words, word_end="")
     symbols = [marker, *_CHARACTERS]
     return list(dict.fromkeys(symbols + [a + b for a, b in merges])), merges
 
