@@ -112,7 +112,7 @@ def test_a_full_fine_tune_gives_its_best_rank_n_approximation_with_the_energy_it
             parameter.add_(0.05 * parameter.std().nan_to_num(0.01) * torch.randn_like(parameter))
     unet.save_pretrained(model / "unet")
     with pytest.raises(
-        ModelError, match=r"Is .*sd1.* the model .*finetuned.* was trained from\? For a full fine-tune, give --rank N"
+        ModelError, match=r"\(is .*sd1 the model .*finetuned was trained from\?\)\. Set rank to a value of your choice "
     ):
         extract_lora(model, tiny_model_dirs["sd1"])
     extraction = extract_lora(model, tiny_model_dirs["sd1"], rank=4)
@@ -140,7 +140,10 @@ def test_a_wrong_base_is_refused_naming_both_models(fused, tmp_path):
         extract_lora(model, other)
     message = str(info.value)
     assert str(model) in message and str(other) in message
-    assert f"Is {other} the model {model} was trained from? For a full fine-tune, give --rank N" in message
+    assert (
+        f"(is {other} the model {model} was trained from?). Set rank to a value of your choice (for a full "
+        "fine-tune: its best rank-N approximation)"
+    ) in message
 
 
 def test_identical_models_and_copies_in_another_dtype_are_refused(fused, tmp_path):
@@ -165,8 +168,8 @@ def test_pickle_only_weights_are_refused_unless_opted_in_and_then_read_with_the_
     UNet2DConditionModel.from_pretrained(model / "unet").save_pretrained(pickled / "unet", safe_serialization=False)
     with pytest.raises(
         ModelError,
-        match=r"the fine-tuned model .*pickled.*: unet/ holds its weights only in pickle files "
-        r"\(diffusion_pytorch_model\.bin\).*allow_pickle=True \(--allow-pickle\)",
+        match=r"the fine-tuned model .*pickled.*: unet/: holds its weights only in pickle files "
+        r"\(diffusion_pytorch_model\.bin\).*Set allow_pickle to True \(to read pickles with torch's weights-only",
     ):
         extract_lora(pickled, base)
     extraction = extract_lora(pickled, base, allow_pickle=True, components=["unet"])
@@ -275,3 +278,13 @@ def test_cli_extracts_prints_the_ranks_and_merges_with_an_expert_of_another_rank
     assert refused.returncode == 2 and "needs equal ranks" in refused.stderr and "Use --method delta" in refused.stderr
     same = cli("lora", "extract", "--model", str(base), "--base", str(base), "--out", str(tmp_path / "x.safetensors"))
     assert same.returncode == 2 and "identical weights" in same.stderr and "Traceback" not in same.stderr
+    pickled = tmp_path / "pickled"  # the option as the command line spells it
+    shutil.copytree(base, pickled)
+    (pickled / "text_encoder" / "model.safetensors").rename(pickled / "text_encoder" / "pytorch_model.bin")
+    refused = cli(
+        "lora", "extract", "--model", str(pickled), "--base", str(base), "--out", str(tmp_path / "p.safetensors")
+    )
+    assert (
+        refused.returncode == 2
+        and "Use --allow-pickle (to read pickles with torch's weights-only loader)" in refused.stderr
+    )

@@ -123,14 +123,14 @@ def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from
 
     with pytest.raises(HubError) as info:  # nothing extracted yet: the node downloads nothing
         SelmaHubExpert().pull("tiny-pinned", 1.0, "", olah.endpoint)
-    assert "Run `selma hub pull tiny-pinned` once in a terminal" in str(info.value)
+    assert "inside a graph. Run `selma hub pull tiny-pinned` (once, in a terminal: it downloads both" in str(info.value)
     assert str(info.value).startswith("SELMA Hub Expert: tiny-pinned:") and not list(loras.iterdir())
 
     pull_extraction(load_catalog()["tiny-pinned"], endpoint=olah.endpoint)  # what `selma hub pull` does
     (experts,) = SelmaHubExpert().pull("tiny-pinned", 0.5, "", olah.endpoint)
     assert [(e.name, e.weight) for e in experts] == [("tiny-pinned.safetensors", 0.5)]
     assert set(experts[0].lora.modules) == set(lora.modules)
-    with pytest.raises(HubError, match="Run `selma hub pull tiny-never-pulled` once in a terminal"):
+    with pytest.raises(HubError, match=r"Run `selma hub pull tiny-never-pulled` \(once, in a terminal"):
         SelmaHubExpert().pull("tiny-never-pulled", 1.0, "", olah.endpoint)
 
     pipe = build_tiny_pipeline("sd1")  # the base: the pinned revisions resolve from the cache, no request
@@ -149,17 +149,42 @@ def test_lora_extract_takes_hub_ids_and_records_revisions_commits_and_file_hashe
     olah, lora, model_commit = hub
     env = {"HF_ENDPOINT": olah.endpoint, "HF_HOME": str(tmp_path / "hf")}
     out = tmp_path / "x.safetensors"
-    result = _cli("lora", "extract", "--model", MODEL, "--base", BASE, "--revision", model_commit, "--components", "unet",
-                  "--out", str(out), env=env)
+    result = _cli(
+        "lora",
+        "extract",
+        "--model",
+        MODEL,
+        "--base",
+        BASE,
+        "--revision",
+        model_commit,
+        "--components",
+        "unet",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{MODEL}@{model_commit} ({model_commit[:10]})" in result.stdout
     record = json.loads(load_lora(out).metadata["selma.extract"])
     base_commit = head(olah.mirrors / "models" / BASE)
-    assert (record["model"]["ref"], record["model"]["revision"], record["model"]["commit"]) == (MODEL, model_commit, model_commit)
+    assert (record["model"]["ref"], record["model"]["revision"], record["model"]["commit"]) == (
+        MODEL,
+        model_commit,
+        model_commit,
+    )
     assert (record["base"]["revision"], record["base"]["commit"]) == ("main", base_commit)
     # The files' sha256 are the Hub's (the cache names each downloaded file by it).
-    blob = (tmp_path / "hf" / "hub" / "models--alice--tiny-sd1" / "snapshots" / base_commit / "unet"
-            / "diffusion_pytorch_model.safetensors")
+    blob = (
+        tmp_path
+        / "hf"
+        / "hub"
+        / "models--alice--tiny-sd1"
+        / "snapshots"
+        / base_commit
+        / "unet"
+        / "diffusion_pytorch_model.safetensors"
+    )
     from selma_toolkit.io import sha256_file
 
     assert record["base"]["files"] == {"unet/diffusion_pytorch_model.safetensors": sha256_file(blob)}
@@ -172,7 +197,7 @@ def test_extract_entries_are_checked_naming_the_file_entry_and_key(tmp_path):
         "extract.components ['vae']: expected a list of model parts of sd1: unet, text_encoder": (
             'extract = { model = "a/b", base = "c/d", components = ["vae"] }'
         ),
-        "repo id 'nobody' is not valid": 'extract = { model = "nobody", base = "c/d" }',
+        "repo id 'nobody': not a valid repo id": 'extract = { model = "nobody", base = "c/d" }',
         "expected a table with model and base": 'extract = { model = "a/b" }',
         "found unknown key(s) ['repo']": 'repo = "a/b"\nextract = { model = "a/b", base = "c/d" }',
     }

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console
+from selma_toolkit.cli.app import FORMAT_HELP, SelmaTyper, app, console
 from selma_toolkit.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------ lora
 
-lora_app = typer.Typer(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).", no_args_is_help=True)
+lora_app = SelmaTyper(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).",
+                      no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 ComponentOption = Annotated[
     Optional[str],
@@ -63,21 +64,20 @@ def lora_info(
 def lora_convert(
     source: Annotated[Path, typer.Argument(help="The LoRA .safetensors file to read (any layout).")],
     out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
-    format_: Annotated[str, typer.Option("--format", help="kohya (read by diffusers and ComfyUI) or peft (diffusers).")] = "kohya",
+    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
     component: ComponentOption = None,
     drop_bias_diffs: DropBiasDiffsOption = False,
 ) -> None:
-    """Convert a LoRA file to the kohya layout (default; diffusers and ComfyUI load it) or peft."""
-    from selma_toolkit.lora import WRITE_FORMATS, load_lora, save_lora
+    """Convert a LoRA file to its family's default layout (the one diffusers and ComfyUI both load), or --format."""
+    from selma_toolkit.lora import load_lora, save_lora
+    from selma_toolkit.lora.files import resolve_layout
 
-    if format_ not in WRITE_FORMATS:
-        raise InputError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
     if out.resolve() == source.resolve():
         raise InputError(f"{out}: the output would overwrite the input; choose another file name")
     weights = load_lora(source, component=component, drop_bias_diffs=drop_bias_diffs)
-    save_lora(weights, out, format=format_)  # type: ignore[arg-type]
-    console.print(f"wrote {len(weights.modules)} modules in the {format_} layout to {escape(str(out))}", highlight=False)
-
+    layout = resolve_layout(weights, format_)
+    save_lora(weights, out, format=layout)  # type: ignore[arg-type]
+    console.print(f"wrote {len(weights.modules)} modules in the {layout} layout to {escape(str(out))}", highlight=False)
 
 
 ModelRef = "a diffusers folder, a single-file .safetensors checkpoint, or a Hub repo id (owner/name[:FILE])"
@@ -105,7 +105,7 @@ def lora_extract(
     components: ExtractParts = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit of a Hub --model.")] = None,
     base_revision: Annotated[str | None, typer.Option("--base-revision", help="The same for a Hub --base.")] = None,
-    format_: Annotated[str, typer.Option("--format", help="kohya (diffusers, ComfyUI) or peft (diffusers).")] = "kohya",
+    format_: Annotated[str | None, typer.Option("--format", help=FORMAT_HELP)] = None,
     allow_pickle: AllowPickle = False,
     report: Annotated[Path | None, typer.Option("--report", help="Also write each layer's figures here.")] = None,
 ) -> None:
@@ -116,22 +116,21 @@ def lora_extract(
     from selma_toolkit.cli.app import run_with_progress
     from selma_toolkit.hub.extraction import extract_models
     from selma_toolkit.io import atomic_write_text, check_output_file
-    from selma_toolkit.lora import WRITE_FORMATS
     from selma_toolkit.lora.extract import save_extraction
+    from selma_toolkit.lora.files import resolve_layout
 
-    if format_ not in WRITE_FORMATS:
-        raise InputError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
     check_output_file(out)
     parts = [part.strip() for part in components.split(",") if part.strip()] if components else None
     extraction = run_with_progress(lambda on_stage, progress: extract_models(
         model, base, revision=revision, base_revision=base_revision, rank=rank, components=parts,
         allow_pickle=allow_pickle, progress=progress))
-    save_extraction(extraction, out, format=format_)
+    layout = resolve_layout(extraction.weights, format_)
+    save_extraction(extraction, out, format=layout)
     print_extraction(extraction)
     if report is not None:
         layers = [asdict(layer) for layer in extraction.layers]
         atomic_write_text(report, json.dumps({"summary": extraction.summary(), "layers": layers}, indent=1) + "\n")
-    console.print(f"wrote {len(extraction.weights.modules)} modules ({format_} layout) to {escape(str(out))}",
+    console.print(f"wrote {len(extraction.weights.modules)} modules in the {layout} layout to {escape(str(out))}",
                   highlight=False)
 
 

@@ -22,13 +22,22 @@ import shutil
 from pathlib import Path
 
 from selma_toolkit.architectures import COMPONENTS
-from selma_toolkit.errors import HubError, ModelError
+from selma_toolkit.errors import HubError, ModelError, Option, Remedy
 from selma_toolkit.hub.catalog import CatalogEntry
 from selma_toolkit.hub.connection import hub_errors
 from selma_toolkit.hub.names import REPO_ID, check_repo_id, check_repo_path
 from selma_toolkit.io import atomic_open, atomic_write_text
-from selma_toolkit.lora.model_weights import variant_file
+from selma_toolkit.lora.extract import (
+    EXTRACTION_VERSION,
+    Extraction,
+    Source,
+    extract_lora,
+    extraction_metadata,
+    save_extraction,
+)
+from selma_toolkit.lora.model_weights import PICKLE_OPT_IN, variant_file
 from selma_toolkit.lora.safetensors_file import PICKLE_SUFFIXES
+from selma_toolkit.tiny import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +101,10 @@ def files_to_fetch(names: list[str], components: set[str], *, allow_pickle: bool
             pickles = [n for n in files if n.lower().endswith(PICKLE_SUFFIXES)]
             if pickles and not allow_pickle:
                 raise ModelError(
-                    f"{label}: {component}/ holds its weights only in pickle files ({', '.join(pickles[:3])}), and "
-                    "loading a pickle can run arbitrary code. Opt in with allow_pickle=True (--allow-pickle) to read "
-                    "them with torch's weights-only loader"
+                    what=f"holds its weights only in pickle files ({', '.join(pickles[:3])}), and loading a pickle "
+                    "can run arbitrary code",
+                    where=(label, f"{component}/"),
+                    remedies=[PICKLE_OPT_IN],
                 )
             weights = pickles
         fp16 = [n for n in weights if variant_file(n) and ".fp16" in n]
@@ -151,11 +161,9 @@ def extract_models(
     endpoint: str | None = None,
     token: str | bool | None = None,
     progress=None,
-):
+) -> Extraction:
     """``selma_toolkit.lora.extract.extract_lora`` for references that may be Hub ids: each is
     downloaded (only the model parts both have) and recorded with its revision and commit."""
-    from selma_toolkit.lora.extract import Source, extract_lora
-
     wanted = set(components) if components else None
     listings = {
         ref: hub_listing(ref.partition(":")[0], rev, endpoint, token) if is_hub_model(ref) else None
@@ -169,7 +177,12 @@ def extract_models(
     for ref, rev in ((model, revision), (base, base_revision)):
         if listings[ref] is None:
             if rev:
-                raise ModelError(f"{ref}: a revision ({rev}) applies to Hub models only; this is a local path")
+                raise ModelError(
+                    what="applies to Hub models only",
+                    where=(ref, Option("revision")),
+                    found=rev,
+                    remedies=[Remedy.unset("revision")],
+                )
             paths.append(Path(ref).expanduser())
             sources.append(Source(ref))
             continue
@@ -195,8 +208,6 @@ def extract_models(
 
 def extraction_cache() -> Path:
     """Where catalog extractions are kept: ``$SELMA_CACHE/extractions`` (default ~/.cache/selma)."""
-    from selma_toolkit.tiny import cache_dir
-
     return cache_dir() / "extractions"
 
 
@@ -226,8 +237,6 @@ def pull_extraction(
     (never with ``cached_only``: then a missing extraction is an error giving the command that
     makes it). ``revision`` overrides the entry's model revision; ``to`` copies the file into a
     folder as ``<name>.safetensors``."""
-    from selma_toolkit.lora.extract import EXTRACTION_VERSION, extraction_metadata, save_extraction
-
     spec = entry.extract
     assert spec is not None, f"{entry.name} is not an extract entry"
     model_revision = revision or spec.model_revision
@@ -235,10 +244,16 @@ def pull_extraction(
         path = cached_extraction(entry, model_revision)
         if path is None:
             raise HubError(
-                f"{entry.name}: this catalog entry is extracted from two full models ({spec.model} minus {spec.base}, "
-                f"several GB each), which is not done inside a graph. Run `selma hub pull {entry.name}` once in a "
-                f"terminal (it downloads both, extracts the LoRA and keeps it in {extraction_cache()}), "
-                "then run this again"
+                what=f"this catalog entry is extracted from two full models ({spec.model} minus {spec.base}, several "
+                "GB each), which is not done inside a graph",
+                where=entry.name,
+                remedies=[
+                    Remedy.run(
+                        f"selma hub pull {entry.name}",
+                        note=f"once, in a terminal: it downloads both, "
+                        f"extracts the LoRA and keeps it in {extraction_cache()}; then run this again",
+                    )
+                ],
             )
     else:
         commits = {
@@ -293,8 +308,6 @@ def pull_extraction(
 def cached_extraction(entry: CatalogEntry, model_revision: str | None = None) -> Path | None:
     """The newest cached extraction of ``entry`` with its current settings (and its pinned
     revisions, when the entry or ``model_revision`` pins them), or None; reads no network."""
-    from selma_toolkit.lora.extract import EXTRACTION_VERSION
-
     spec = entry.extract
     assert spec is not None
     wanted = {**_settings(entry), "version": EXTRACTION_VERSION}

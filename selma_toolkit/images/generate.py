@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
-from selma_toolkit.errors import DatasetError, ModelError
+from selma_toolkit.errors import DatasetError, ModelError, Remedy
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from selma_toolkit.models import default_dtype, detect_family, load_pipeline, pipeline_family, resolve_model
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe, write_resolved_recipe
+from selma_toolkit.recipe import write_resolved_recipe
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +182,7 @@ def _model_revision(run: RunRecipe) -> str | None:
 
 
 def _check_model(run: RunRecipe) -> None:
-    """Fail before any work on a model that is not SD 1.x / 2.x / XL or cannot be loaded safely."""
-    from selma_toolkit.architectures import get_family
-    from selma_toolkit.models import detect_architecture, resolve_model
-
+    """Fail before any work on a model that cannot be loaded safely; warn about a negative prompt it ignores."""
     source = resolve_model(run.image_model)
     if source.endswith(".safetensors"):
         if run.images.single_file_config is None:
@@ -191,16 +190,14 @@ def _check_model(run: RunRecipe) -> None:
                              "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
                              "architecture, so that no config is fetched at run time")
         return
-    family = get_family(detect_architecture(run.image_model, revision=_model_revision(run)))
+    family = detect_family(run.image_model, revision=_model_revision(run))
     if run.images.negative_prompt and not family.negative_prompt:
-        log.warning("images.negative_prompt is set, but %s pipelines use guidance_scale as their embedded guidance and "
-                    "ignore a negative prompt (it acts only with true_cfg_scale > 1); the images are drawn without it",
-                    family.title)
+        log.warning("images.negative_prompt is set, but %s pipelines take no negative prompt for their guidance "
+                    "(Flux's guidance_scale is an embedded guidance; FLUX.2 [klein] has no negative prompt); the images "
+                    "are drawn without it", family.title)
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):
-    from selma_toolkit.models import load_pipeline
-
     settings = run.images
     pipe = load_pipeline(
         run.image_model,
@@ -226,13 +223,12 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe) -> tuple[list[Any
 
     settings = run.images
     generators = [torch.Generator("cpu").manual_seed(image_seed(settings.seed, p.id)) for p in batch]
-    # None (not "") when unset: SDXL then uses zero negative embeddings, as it does by default.
-    negative = [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
+    # The family names the guidance argument and whether a negative prompt goes with it.
+    guidance = pipeline_family(pipe).pipeline_arguments(settings.negative_prompt, settings.guidance_scale, len(batch))
     output = pipe(
         prompt=[p.prompt for p in batch],
-        negative_prompt=negative,
+        **guidance,
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
         height=settings.resolution,
         width=settings.resolution,
         generator=generators,
@@ -247,8 +243,6 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe) -> tuple[list[Any
 
 def _settings_record(run: RunRecipe, device: str) -> dict[str, Any]:
     """Every setting that changes the pixels; images drawn with other values must not be mixed in."""
-    from selma_toolkit.models import default_dtype
-
     settings = run.images
     return {
         "model": run.image_model,
@@ -276,8 +270,10 @@ def _check_settings(folder: Path, recorded: dict[str, Any]) -> None:
     changed = {k: (previous.get(k), v) for k, v in recorded.items() if previous.get(k) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise DatasetError(f"{folder}: holds images drawn with other settings ({shown}); resuming would mix them. "
-                           "Restore those settings, choose another --out, or delete the folder to start over")
+        raise DatasetError(what=f"holds images drawn with other settings ({shown}); resuming would mix them",
+                           where=str(folder), remedies=[Remedy.do("restore those settings"),
+                                                        Remedy.change("out", "folder"),
+                                                        Remedy.do("delete the folder to start over")])
 
 
 def _prepare_folder(folder: Path, recorded: dict[str, Any]) -> None:

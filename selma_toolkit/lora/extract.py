@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from selma_toolkit.architectures import COMPONENTS
-from selma_toolkit.errors import ModelError
+from selma_toolkit.errors import ModelError, Option, Remedy
+from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.files import full_rank_module, save_lora
 from selma_toolkit.lora.metadata import lora_metadata
@@ -189,8 +190,9 @@ def extract_lora(
     return extraction
 
 
-def save_extraction(extraction: Extraction, path: str | Path, format: str = "kohya") -> Path:
-    """Write the extracted LoRA with ``save_lora`` (kohya layout by default, ``peft`` on request)."""
+def save_extraction(extraction: Extraction, path: str | Path, format: str | None = None) -> Path:
+    """Write the extracted LoRA with ``save_lora``: in the family's default layout, which diffusers
+    and ComfyUI both load (kohya for SD 1.x / 2.x / XL), or ``format``."""
     return save_lora(extraction.weights, path, format=format)  # type: ignore[arg-type]
 
 
@@ -232,7 +234,12 @@ def _rank_setting(rank: str | int) -> int | None:
     except (TypeError, ValueError):
         value = 0
     if value < 1 or str(rank).strip() != str(value):
-        raise ModelError(f"rank {rank!r}: expected 'auto' (read from each layer's spectrum) or a positive integer")
+        raise ModelError(
+            what="not a rank",
+            where=Option("rank"),
+            found=rank,
+            expected="'auto' (read from each layer's spectrum) or a positive integer",
+        )
     return value
 
 
@@ -241,7 +248,12 @@ def _components(components: Sequence[str] | None) -> set[str] | None:
         return None
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown or not components:
-        raise ModelError(f"components {list(components)}: expected some of {', '.join(COMPONENTS)}")
+        raise ModelError(
+            what="not model parts",
+            where=Option("components"),
+            found=list(components),
+            expected=f"some of {', '.join(COMPONENTS)}",
+        )
     return set(components)
 
 
@@ -310,12 +322,13 @@ def _raise_not_a_lora(
 ) -> None:
     worst = max(offending, key=lambda r: r.relative)
     elsewhere = f"the other layers' ranks are at most {low_rank}" if low_rank else "no layer has a low rank"
+    median = statistics.median(r.relative for r in offending)
     raise ModelError(
-        f"{model} differs from {base} by full-rank changes of {statistics.median(r.relative for r in offending):.2g} "
-        f"of the weights (median) in {len(offending)} of the {len(changed)} changed layers seen (e.g. {worst.name}: "
-        f"full rank {worst.width}, |D|/|W| = {worst.relative:.2g}), and {elsewhere}: no LoRA makes such a difference. "
-        f"Is {base} the model {model} was trained from? For a full fine-tune, give --rank N (rank=N) for its best "
-        "rank-N approximation"
+        what=f"{model} differs from {base} by full-rank changes of {median:.2g} of the weights (median) in "
+        f"{len(offending)} of the {len(changed)} changed layers seen (e.g. {worst.name}: full rank {worst.width}, "
+        f"|D|/|W| = {worst.relative:.2g}), and {elsewhere}: no LoRA makes such a difference (is {base} the model "
+        f"{model} was trained from?)",
+        remedies=[Remedy.set("rank", None, note="for a full fine-tune: its best rank-N approximation")],
     )
 
 
@@ -370,8 +383,6 @@ class _Hashes:
         self._thread.start()
 
     def _run(self, files: list[Path]) -> None:
-        from selma_toolkit.io import sha256_file
-
         for file in files:
             blob = file.resolve()
             self._digests[file] = (

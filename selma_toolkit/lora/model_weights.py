@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from selma_toolkit.architectures import COMPONENTS, FAMILIES, family_of_pipeline
-from selma_toolkit.errors import ModelError
+from selma_toolkit.errors import ModelError, Remedy
 from selma_toolkit.lora.core import canonical_module_name
 from selma_toolkit.lora.ldm_names import layers_per_block, map_single_file_key, other_layout, single_file_family
 from selma_toolkit.lora.safetensors_file import PICKLE_SUFFIXES, read_tensor, safetensors_header
@@ -40,6 +40,7 @@ _EMBEDDINGS = {
 }
 _STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, transformers' pickles
 _VARIANT = re.compile(r"\.(fp16|bf16)(?:-\d+-of-\d+)?\.(safetensors|bin)$|\.index\.(fp16|bf16)\.json$")
+PICKLE_OPT_IN = Remedy.set("allow_pickle", True, note="to read pickles with torch's weights-only loader")
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
@@ -174,9 +175,10 @@ def _weight_files(folder: Path, label: str, allow_pickle: bool) -> list[Path]:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
             if pickles:
                 raise ModelError(
-                    f"{label}: {folder.name}/ holds its weights only in pickle files ({', '.join(pickles[:3])}), and "
-                    "loading a pickle can run arbitrary code. Use the model's .safetensors files, or opt in with "
-                    "allow_pickle=True (--allow-pickle) to read them with torch's weights-only loader"
+                    what=f"holds its weights only in pickle files ({', '.join(pickles[:3])}), and loading a pickle "
+                    "can run arbitrary code",
+                    where=(label, f"{folder.name}/"),
+                    remedies=[PICKLE_OPT_IN],
                 )
             break
         for variant in ("", ".fp16", ".bf16"):
@@ -208,9 +210,10 @@ def _open_single_file(file: Path, label: str, wanted: set[str] | None, allow_pic
     handles: dict[Path, Any] = {}
     if file.suffix.lower() != ".safetensors" and not allow_pickle:
         raise ModelError(
-            f"{label}: {file.name} is a {file.suffix} file, a Python pickle, and loading one can run arbitrary code. "
-            "Use a .safetensors checkpoint or the diffusers folder, or opt in with allow_pickle=True (--allow-pickle) "
-            "to read it with torch's weights-only loader"
+            what=f"a {file.suffix} file is a Python pickle, and loading one can run arbitrary code; give a "
+            ".safetensors checkpoint or the diffusers folder",
+            where=(label, file.name),
+            remedies=[PICKLE_OPT_IN],
         )
     entries = list(_tensor_entries(file, headers, handles))
     keys = [entry[0] for entry in entries]

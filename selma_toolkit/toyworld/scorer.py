@@ -29,7 +29,7 @@ from selma_toolkit.toyworld.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES,
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 # A pixel farther than this (RGB Euclidean) from every palette colour belongs to no object.
 MAX_COLOR_DISTANCE = 110.0
