@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from selma_toolkit.config.merge_methods import MergeMethod, SvdMode, method_spec
+from selma_toolkit.config.merge_methods import MergeMethod, MethodSpec, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
@@ -24,7 +24,8 @@ from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.merging.checks import (
     check_compatible, check_options, check_ranks, check_shapes, expert_weights, warn_missing,
 )
-from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module
+from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module, uses_low_rank_svd
+from selma_toolkit.lora.merging.lowrank import low_rank_formula
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 from selma_toolkit.lora.merging.threads import intra_op_threads, needs_threads
 from selma_toolkit.lora.metadata import guess_architecture
@@ -68,7 +69,10 @@ def merge_experts(
     logged and changes nothing.
 
     ``rank`` (the re-factoring methods: svd, ties, dare) defaults to the largest rank among the
-    experts of each module and is capped by the layer's size. Modules that some experts lack count
+    experts of each module and is capped by the layer's size. ``svd_mode="exact"`` (the default)
+    takes the exact truncated SVD: for ``svd`` from the experts' stacked factors, without any dense
+    update (lowrank.py; seconds for a full model), for ties / dare of each dense update;
+    ``"randomized"`` uses torch.svd_lowrank with ``seed`` on the dense updates. Modules that some experts lack count
     as zero updates for them (a warning lists them). Experts whose shapes differ raise
     :class:`LoraFormatError`. ``names`` label the experts in messages and in the merged metadata.
 
@@ -96,8 +100,7 @@ def merge_experts(
                        ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
     options = MergeOptions(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
                            block_weights=block_weights)
-    merged: dict[str, LoraModule] = {}
-    available_threads = torch.get_num_threads()
+    modules: list[ModuleInputs] = []
     for module_name in module_names:
         parts = [
             Part(index, effective_weights[index], expert.modules[module_name])
@@ -106,13 +109,27 @@ def merge_experts(
         ]
         check_shapes(module_name, parts, names)
         check_ranks(spec, module_name, parts, names)
-        with intra_op_threads(available_threads if needs_threads(spec, parts) else 1):
-            inputs = ModuleInputs(module_name, parts, names, options, module_block_weight(module_name, block_weights))
-            merged[module_name] = merge_module(spec, inputs)
+        block_weight = module_block_weight(module_name, block_weights)
+        modules.append(ModuleInputs(module_name, parts, names, options, block_weight))
+    merged = _merge_modules(spec, modules, options)
     infos = [expert_info(name, expert, architecture=arch) for name, expert, arch in zip(names, experts, architectures)]
     record = MergeRecord.new(method, effective_weights, infos, rank=rank, density=density, seed=seed,
                              svd_mode=svd_mode, block_weights=block_weights)
     return LoraWeights(modules=merged, metadata=record.metadata())
+
+
+def _merge_modules(spec: MethodSpec, modules: Sequence[ModuleInputs], options: MergeOptions) -> dict[str, LoraModule]:
+    """Every module merged with ``spec``'s formula: module by module, or, for the exact SVD from the
+    stacked factors, all modules at once (batched by shape: lowrank.py)."""
+    if uses_low_rank_svd(spec, options.svd_mode):
+        with intra_op_threads(1):
+            return low_rank_formula(spec)(modules, options.rank)
+    merged: dict[str, LoraModule] = {}
+    available_threads = torch.get_num_threads()
+    for inputs in modules:
+        with intra_op_threads(available_threads if needs_threads(spec, inputs.parts, options.svd_mode) else 1):
+            merged[inputs.name] = merge_module(spec, inputs)
+    return merged
 
 
 def merge_files(

@@ -1,0 +1,126 @@
+"""The exact truncated SVD of a weighted sum of LoRA updates, from the experts' factors alone.
+
+``svd`` re-factors D = sum_t w_t B'_t @ A_t [out, in] to a rank. Its SVD needs no dense D: with
+the stacked factors B~ = [w_1 B'_1 ... w_T B'_T] [out, R] and A~ = [A_1; ...; A_T] [R, in]
+(R = sum_t r_t; conv factors flattened), D = B~ @ A~; thin factorizations B~ = Q_B R_B and
+A~^T = Q_A R_A (Q's with orthonormal columns) and the SVD of the small core R_B @ R_A^T = U S V^T
+give D = (Q_B U) S (Q_A V)^T, an SVD of D. Truncated to the rank r, the merged factors are those
+the dense SVD gives (B_m = U_r S_r, A_m = Vh_r) up to the signs and order of singular vectors of
+equal singular values: tests compare the products.
+
+How it is computed: the only work on the long sides is the Gram matrices G_B = B~^T B~ and
+G_A = A~ A~^T [R, R] (matrix products, several times faster than Householder QR on such tall, thin
+matrices), and the Q's are never formed. R_A is a square root of G_A (R_A^T R_A = G_A: the
+transposed Cholesky factor, which is the R of a QR up to signs; G_A's symmetric root where G_A is
+singular), and R_B^T R_B = G_B is all the core needs: its C^T C = R_A G_B R_A^T = V S^2 V^T, and
+
+    Q_B U S = D Q_A V = B~ (R_A^T V),    (Q_A V)^T = S^-2 (V^T R_A G_B) A~,
+
+neither of which inverts anything but the kept singular values. Everything is float64, so the
+Gram's squared condition number costs nothing that matters: a singular value below the Grams'
+rounding (eps * R * |G_A| |G_B|, about 1e-8 of |B~| |A~|, where the dense float32 SVD resolves
+about 1e-7) is dropped (its factors are 0).
+
+Modules whose experts have the same ranks and layer shape are computed together (batched: a
+model's LoRA has a few dozen such groups for hundreds of modules), which is what makes an exact
+`svd` merge cost about what the `selma` rule does (bench/merge_svd.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from selma_toolkit.config.merge_methods import MethodSpec
+from selma_toolkit.lora.core import LoraModule
+from selma_toolkit.lora.merging.formulas import ModuleInputs, dense_shape, output_dtype
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def low_rank_formula(spec: MethodSpec) -> Callable[[Sequence[ModuleInputs], int | None], dict[str, LoraModule]]:
+    """The function of this module that the method table's ``low_rank`` names."""
+    return globals()[spec.low_rank]
+
+
+def svd_from_factors(modules: Sequence[ModuleInputs], rank: int | None) -> dict[str, LoraModule]:
+    """``svd`` (exact) of every module: name -> merged module of scale 1 shaped like the experts'
+    (conv: A_m [r, in, kh, kw], B_m [out, r, 1, 1]), times its block weight g (B_m <- g B_m).
+    ``rank`` (None: the module's largest expert rank) is capped by the layer's size; D has rank
+    <= R, and a rank above that pads the factors with zeros, so the file has the rank asked for."""
+    groups: dict[tuple, list[ModuleInputs]] = {}
+    for inputs in modules:
+        shapes = tuple((p.index, tuple(p.module.down.shape), tuple(p.module.up.shape)) for p in inputs.parts)
+        groups.setdefault(shapes, []).append(inputs)
+    merged: dict[str, LoraModule] = {}
+    for group in groups.values():
+        parts = group[0].parts
+        merged.update(_group_svd(group, min(rank or max(p.module.rank for p in parts), *dense_shape(parts))))
+    return {inputs.name: merged[inputs.name] for inputs in modules}
+
+
+def _stacked(group: Sequence[ModuleInputs]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B~ [N, out, R] (each expert's columns times w_t alpha_t / r_t) and A~ [N, R, in], float64,
+    each expert's factors copied once into their place."""
+    first = group[0].parts
+    out, inputs_flat = dense_shape(first)
+    total = sum(p.module.rank for p in first)
+    stacked_up = torch.empty((len(group), out, total), dtype=torch.float64)
+    stacked_down = torch.empty((len(group), total, inputs_flat), dtype=torch.float64)
+    start = 0
+    for position, part in enumerate(first):
+        end = start + part.module.rank
+        modules = [inputs.parts[position].module for inputs in group]
+        for i, module in enumerate(modules):
+            stacked_up[i, :, start:end] = module.up.flatten(1)
+            stacked_down[i, start:end] = module.down.flatten(1)
+        coefficients = torch.tensor([part.weight * module.scale for module in modules], dtype=torch.float64)
+        stacked_up[:, :, start:end] *= coefficients[:, None, None]
+        start = end
+    return stacked_up, stacked_down
+
+
+def _gram_roots(grams: torch.Tensor) -> torch.Tensor:
+    """R [N, k, k] with R^T R = G for each Gram matrix G: Cholesky's L^T, or G's symmetric root where
+    G is singular (experts with the same A, more rows than the layer has inputs), which Cholesky refuses."""
+    lower, info = torch.linalg.cholesky_ex(grams)
+    roots = lower.mT.clone()
+    singular = info.nonzero().flatten()
+    if len(singular):
+        eigenvalues, vectors = torch.linalg.eigh(grams[singular])
+        roots[singular] = (vectors * eigenvalues.clamp(min=0).sqrt()[:, None, :]) @ vectors.mT
+    return roots
+
+
+def _group_svd(group: Sequence[ModuleInputs], rank: int) -> dict[str, LoraModule]:
+    """The truncated SVD of N modules of one shape, batched (see the module docstring)."""
+    stacked_up, stacked_down = _stacked(group)
+    gram_up, gram_down = stacked_up.mT @ stacked_up, stacked_down @ stacked_down.mT  # G_B, G_A [N, R, R]
+    root_down = _gram_roots(gram_down)  # R_A
+    squares, right = torch.linalg.eigh(root_down @ gram_up @ root_down.mT)  # S^2 and V, ascending
+    kept = min(rank, squares.shape[1])
+    squares, right = squares[:, -kept:].flip(1), right[:, :, -kept:].flip(2)
+    noise = _EPS64 * gram_up.shape[1] * torch.linalg.matrix_norm(gram_up) * torch.linalg.matrix_norm(gram_down)
+    resolved = squares > noise[:, None]
+    left = (root_down.mT @ right) * resolved[:, None, :]  # R_A^T V_r, 0 for what the Grams do not resolve
+    up = stacked_up @ left  # B~ R_A^T V_r = U_r S_r [N, out, kept]
+    down = ((left.mT @ gram_up) / squares.where(resolved, 1.0)[:, :, None]) @ stacked_down  # Vh_r [N, kept, in]
+    if rank > kept:  # D's rank is at most R: zero factors up to the rank asked for
+        up = torch.nn.functional.pad(up, (0, rank - kept))
+        down = torch.nn.functional.pad(down, (0, 0, 0, rank - kept))
+    block_weights = torch.tensor([inputs.block_weight for inputs in group], dtype=torch.float64)
+    if bool((block_weights != 1.0).any()):
+        up = up * block_weights[:, None, None]
+    like, dtype = group[0].parts[0].module, output_dtype(group[0].parts)
+    down_shape = (rank, *like.down.shape[1:])
+    up_shape = (like.up.shape[0], rank, *([1, 1] if like.is_conv else []))
+    # Each module gets tensors of its own (safetensors refuses to write tensors that share memory).
+    return {
+        inputs.name: LoraModule(
+            down=down[i].reshape(down_shape).to(dtype, copy=True),
+            up=up[i].reshape(up_shape).to(dtype, copy=True),
+            alpha=float(rank),
+        )
+        for i, inputs in enumerate(group)
+    }
