@@ -10,7 +10,7 @@ equal singular values: tests compare the products.
 
 How it is computed: the only work on the long sides is the Gram matrices G_B = B~^T B~ and
 G_A = A~ A~^T [R, R] (matrix products, several times faster than Householder QR on such tall, thin
-matrices), and the Q's are never formed. R_A is a square root of G_A (R_A^T R_A = G_A: the
+matrices) and the two products that give the factors, and the Q's are never formed. R_A is a square root of G_A (R_A^T R_A = G_A: the
 transposed Cholesky factor, which is the R of a QR up to signs; G_A's symmetric root where G_A is
 singular), and R_B^T R_B = G_B is all the core needs: its C^T C = R_A G_B R_A^T = V S^2 V^T, and
 
@@ -60,25 +60,28 @@ def svd_from_factors(modules: Sequence[ModuleInputs], rank: int | None) -> dict[
     return {inputs.name: merged[inputs.name] for inputs in modules}
 
 
-def _stacked(group: Sequence[ModuleInputs]) -> tuple[torch.Tensor, torch.Tensor]:
-    """B~ [N, out, R] (each expert's columns times w_t alpha_t / r_t) and A~ [N, R, in], float64,
-    each expert's factors copied once into their place."""
-    first = group[0].parts
-    out, inputs_flat = dense_shape(first)
-    total = sum(p.module.rank for p in first)
-    stacked_up = torch.empty((len(group), out, total), dtype=torch.float64)
-    stacked_down = torch.empty((len(group), total, inputs_flat), dtype=torch.float64)
-    start = 0
-    for position, part in enumerate(first):
-        end = start + part.module.rank
+def _factors(group: Sequence[ModuleInputs]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For each expert position t, w_t B'_t [N, out, r_t] (B'_t = alpha_t / r_t B_t) and A_t [N, r_t, in], float64.
+
+    B~ and A~ are these blocks side by side and stacked; they are never assembled: every product below
+    is taken block by block, so each factor is converted once and copied nowhere else."""
+    ups, downs = [], []
+    for position, part in enumerate(group[0].parts):
         modules = [inputs.parts[position].module for inputs in group]
-        for i, module in enumerate(modules):
-            stacked_up[i, :, start:end] = module.up.flatten(1)
-            stacked_down[i, start:end] = module.down.flatten(1)
         coefficients = torch.tensor([part.weight * module.scale for module in modules], dtype=torch.float64)
-        stacked_up[:, :, start:end] *= coefficients[:, None, None]
-        start = end
-    return stacked_up, stacked_down
+        ups.append(torch.stack([module.up.flatten(1) for module in modules]).double().mul_(coefficients[:, None, None]))
+        downs.append(torch.stack([module.down.flatten(1) for module in modules]).double())
+    return ups, downs
+
+
+def _gram(blocks: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """The Gram matrix [N, R, R] of the blocks side by side: X^T X for X = [X_1 ... X_T] (``transposed``:
+    X X^T for X = [X_1; ...; X_T]); block (j, i) is block (i, j) transposed, so only i <= j are computed."""
+    grid: list[list[torch.Tensor]] = [[] for _ in blocks]
+    for i, first in enumerate(blocks):
+        for j, second in enumerate(blocks):
+            grid[i].append(grid[j][i].mT if j < i else first @ second.mT if transposed else first.mT @ second)
+    return torch.cat([torch.cat(row, dim=2) for row in grid], dim=1)
 
 
 def _gram_roots(grams: torch.Tensor) -> torch.Tensor:
@@ -95,8 +98,9 @@ def _gram_roots(grams: torch.Tensor) -> torch.Tensor:
 
 def _group_svd(group: Sequence[ModuleInputs], rank: int) -> dict[str, LoraModule]:
     """The truncated SVD of N modules of one shape, batched (see the module docstring)."""
-    stacked_up, stacked_down = _stacked(group)
-    gram_up, gram_down = stacked_up.mT @ stacked_up, stacked_down @ stacked_down.mT  # G_B, G_A [N, R, R]
+    ups, downs = _factors(group)
+    ranks = [block.shape[2] for block in ups]
+    gram_up, gram_down = _gram(ups, transposed=False), _gram(downs, transposed=True)  # G_B, G_A [N, R, R]
     root_down = _gram_roots(gram_down)  # R_A
     squares, right = torch.linalg.eigh(root_down @ gram_up @ root_down.mT)  # S^2 and V, ascending
     kept = min(rank, squares.shape[1])
@@ -104,8 +108,10 @@ def _group_svd(group: Sequence[ModuleInputs], rank: int) -> dict[str, LoraModule
     noise = _EPS64 * gram_up.shape[1] * torch.linalg.matrix_norm(gram_up) * torch.linalg.matrix_norm(gram_down)
     resolved = squares > noise[:, None]
     left = (root_down.mT @ right) * resolved[:, None, :]  # R_A^T V_r, 0 for what the Grams do not resolve
-    up = stacked_up @ left  # B~ R_A^T V_r = U_r S_r [N, out, kept]
-    down = ((left.mT @ gram_up) / squares.where(resolved, 1.0)[:, :, None]) @ stacked_down  # Vh_r [N, kept, in]
+    mixing = (left.mT @ gram_up) / squares.where(resolved, 1.0)[:, :, None]  # S_r^-2 V_r^T R_A G_B [N, kept, R]
+    # U_r S_r = B~ R_A^T V_r [N, out, kept] and Vh_r = mixing A~ [N, kept, in], block by block.
+    up = sum(block @ part for block, part in zip(ups, left.split(ranks, dim=1), strict=True))
+    down = sum(part @ block for block, part in zip(downs, mixing.split(ranks, dim=2), strict=True))
     if rank > kept:  # D's rank is at most R: zero factors up to the rank asked for
         up = torch.nn.functional.pad(up, (0, rank - kept))
         down = torch.nn.functional.pad(down, (0, 0, 0, rank - kept))
@@ -113,14 +119,13 @@ def _group_svd(group: Sequence[ModuleInputs], rank: int) -> dict[str, LoraModule
     if bool((block_weights != 1.0).any()):
         up = up * block_weights[:, None, None]
     like, dtype = group[0].parts[0].module, output_dtype(group[0].parts)
+    down, up = down.to(dtype), up.to(dtype)
     down_shape = (rank, *like.down.shape[1:])
     up_shape = (like.up.shape[0], rank, *([1, 1] if like.is_conv else []))
     # Each module gets tensors of its own (safetensors refuses to write tensors that share memory).
     return {
         inputs.name: LoraModule(
-            down=down[i].reshape(down_shape).to(dtype, copy=True),
-            up=up[i].reshape(up_shape).to(dtype, copy=True),
-            alpha=float(rank),
+            down=down[i].reshape(down_shape).clone(), up=up[i].reshape(up_shape).clone(), alpha=float(rank)
         )
         for i, inputs in enumerate(group)
     }
