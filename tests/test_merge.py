@@ -205,6 +205,32 @@ def test_svd_from_float16_experts_matches_the_dense_float64_svd_to_float16_preci
         assert error < 2e-3, (name, error)  # the result's own float16 rounding
 
 
+def test_svd_from_float32_experts_is_exact_to_float32_and_a_near_cancelling_merge_too(monkeypatch):
+    from selma_toolkit.lora.merging import lowrank
+
+    precisions = []
+    truncated_svd = lowrank._truncated_svd
+    monkeypatch.setattr(lowrank, "_truncated_svd", lambda group, rank, dtype: precisions.append(dtype) or
+                        truncated_svd(group, rank, dtype))
+    experts = [random_expert(40, 16, 16.0, SD_SIZED, dtype=torch.float32), random_expert(41, 16, 8.0, SD_SIZED, dtype=torch.float32)]
+    merged = merge_experts(experts, "svd", [0.6, 0.4], rank=8)
+    assert set(precisions) == {torch.float32}  # float32 Grams resolve every kept singular value here
+    for name, module in merged.modules.items():
+        expected = dense_svd_reference(experts, [0.6, 0.4], name, 8)
+        assert np.abs(update(module) - expected).max() < 1e-5 * np.abs(expected).max(), name
+    # An expert minus a copy of itself with B changed by 1e-4: D is 1e-4 of the factors' scale, below what
+    # float32 Grams resolve (every singular value would be dropped): the modules are computed in float64.
+    generator = torch.Generator().manual_seed(42)
+    near = LoraWeights({name: LoraModule(m.down.clone(), m.up * (1 + 1e-4 * torch.randn(m.up.shape, generator=generator)),
+                                         m.alpha) for name, m in experts[0].modules.items()})
+    precisions.clear()
+    cancelled = merge_experts([experts[0], near], "svd", [1.0, -1.0], rank=8)
+    assert torch.float64 in precisions
+    for name, module in cancelled.modules.items():
+        expected = dense_svd_reference([experts[0], near], [1.0, -1.0], name, 8)
+        assert np.abs(update(module) - expected).max() < 1e-5 * np.abs(expected).max(), name
+
+
 def ties_reference(updates: list[np.ndarray], weights: list[float], density: float) -> np.ndarray:
     """TIES written out in numpy: trim, elect sign on the weighted sum, weighted disjoint mean."""
     trimmed = []
