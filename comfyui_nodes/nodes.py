@@ -20,7 +20,7 @@ from typing import Any
 
 from selma_toolkit.config import merge_methods as merging  # the method table: list, rules, texts
 from selma_toolkit.errors import HubError, LoraFormatError, Option, Remedy
-from selma_toolkit.lora import lora_from_state_dict, save_lora
+from selma_toolkit.lora import WRITE_FORMATS, lora_from_state_dict, save_lora
 
 from . import fit, stacks
 from .spec import Input, NodeSpec, Output, Result
@@ -253,7 +253,7 @@ def save(lora: dict, filename_prefix: str, format: str, model: Any = None, clip:
         weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, str(loras))
         path = Path(folder) / f"{name}_{counter:05}_.safetensors"
-        save_lora(weights, path, format=format)
+        save_lora(weights, path, format=None if format == "default" else format)  # type: ignore[arg-type]
     relative = path.relative_to(loras).as_posix()
     stacks.remember_saved(lora, filename_prefix, format, relative)
     logger.info("SELMA Save LoRA: wrote %s (%d modules)", path, len(weights.modules))
@@ -425,7 +425,7 @@ NODES: list[NodeSpec] = [
     NodeSpec(
         "SelmaSaveLora",
         "SELMA Save LoRA",
-        "Saves the LoRA into the loras folder (kohya layout: LoraLoader and diffusers read it; or peft), with the "
+        "Saves the LoRA into the loras folder (in its family's layout: LoraLoader and diffusers read it), with the "
         "merge record (experts, sha256, weights, method) in its metadata; given model and clip, only if it fits them.",
         inputs=(
             Input(
@@ -443,11 +443,11 @@ NODES: list[NodeSpec] = [
             Input(
                 "format",
                 "COMBO",
-                "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers (SD 3 / Flux "
-                "LoRAs: diffusers' transformer.* names, which both load for those models); peft: the layout "
-                "diffusers' save_lora_weights writes (ComfyUI skips its UNet attention keys).",
-                default="kohya",
-                choices=("kohya", "peft"),
+                "default: the layout ComfyUI's LoraLoader and diffusers both read for the LoRA's family "
+                "(kohya for SD 1.x / 2.x / XL, peft for SD 3 / Flux / Chroma, ai-toolkit for Qwen-Image "
+                "/ Z-Image / FLUX.2); kohya, peft or ai-toolkit where the family has that layout.",
+                default="default",
+                choices=("default", *WRITE_FORMATS),
             ),
             Input(
                 "model",

@@ -241,7 +241,7 @@ def merge(
     block_weights: str = "",
     svd_mode: str = "exact",
 ) -> tuple[LoraStateDict, str]:
-    """The experts merged by selma_toolkit.lora.merge_experts: (LORA_MODEL in the kohya layout with the
+    """The experts merged by selma_toolkit.lora.merge_experts: (LORA_MODEL in the family's default layout with the
     merge record, each expert's sha256 included, in its metadata; a one-line summary)."""
     merged = merge_experts(
         [e.lora for e in experts],
@@ -257,7 +257,7 @@ def merge(
     )
     record = MergeRecord.read(merged).with_files([e.sha256 for e in experts])
     record.write_to(merged)
-    tensors, _ = lora_to_state_dict(merged, "kohya")
+    tensors, _ = lora_to_state_dict(merged)  # the family's default layout (lora/writing.py)
     ranks = sorted(merged.ranks())
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     base_model = metadata_value(merged, "base_model")

@@ -53,13 +53,13 @@ def resolve_model(spec: str) -> str:
 
 
 def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> str:
-    """The family name (sd1 / sd2 / sdxl / sd3 / flux) from a denoiser config and the pipeline class when known:
+    """The family name (sd1, sd2, ... flux2-klein) from a denoiser config and the pipeline class when known:
     the rules live in the family records (``architectures.family_of_pipeline``)."""
     return family_of_pipeline(pipeline_class, unet_config).name
 
 
 def detect_architecture(spec: str, revision: str | None = None) -> str:
-    """The family name of a model (sd1 / sd2 / sdxl / sd3 / flux), as metadata and messages write it."""
+    """The family name of a model (sd1, sd2, ... flux2-klein), as metadata and messages write it."""
     return detect_family(spec, revision).name
 
 
@@ -94,6 +94,12 @@ def detect_family(spec: str, revision: str | None = None) -> Family:
         raise ModelError(f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
                          f"expected {family_titles()}")
     return family
+
+
+def pipeline_family(pipe: Any) -> Family:
+    """The family of a loaded diffusers pipeline (its class and its denoiser's config)."""
+    denoiser = next((getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None), None)
+    return family_of_pipeline(type(pipe).__name__, dict(getattr(denoiser, "config", {}) or {}))
 
 
 def _denoiser(spec: str, index: dict[str, Any]) -> str:
@@ -156,7 +162,7 @@ def load_pipeline(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
 ):
-    """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL, SD 3, Flux) with diffusers.
+    """Load a text-to-image pipeline of one of the families (SD 1.x ... FLUX.2 [klein]) with diffusers.
 
     ``scheduler`` names a diffusers scheduler class built from the model's own scheduler config.
     ``safety_checker`` is off by default: for dataset generation it silently blacks out images.

@@ -37,12 +37,14 @@ from typing import Literal
 
 from selma_toolkit.config.recipes import RunRecipe, merge_methods
 from selma_toolkit.errors import DatasetError, Remedy, SelmaError
+from selma_toolkit.evaluate.benchmark_run import evaluate_benchmark
 from selma_toolkit.evaluate.checkpoints import current_selection
 from selma_toolkit.io import check_output_folder, folder_lock
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import write_resolved_recipe
 from selma_toolkit.run_checks import check_recipe_change, resolve_external_experts
 from selma_toolkit.stages import ProgressCallback, RunContext, Stage, StageState, load_stages
+from selma_toolkit.stages.benchmark import benchmark_variants
 from selma_toolkit.stages.evaluate import EvaluateStage, evaluates
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,26 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool, progress: 
     if missing:
         raise DatasetError(what=f"no expert yet for {', '.join(missing)}", where=str(paths.root),
                            remedies=[Remedy.run("selma run RECIPE"), Remedy.run("selma train RECIPE --skill NAME")])
+    _redo_stale(ctx)
+    EvaluateStage().run(ctx, "", progress or _unshown)
+    return paths.report
+
+
+def benchmark_run(run: RunRecipe, paths: RunPaths, name: str, *, use_best: bool = True,
+                  progress: ProgressCallback | None = None) -> dict:
+    """`selma evaluate RUN --benchmark NAME`: redo the merges that are out of date (where their experts
+    exist), then run benchmark ``name`` on base and the merges (or ``evaluate.benchmark_variants``);
+    return benchmark.json's document (selma_toolkit.evaluate.benchmark_run)."""
+    with folder_lock(paths.root, "selma evaluate"):
+        ctx = RunContext(run, paths, use_best, resolve_external_experts(run))
+        _redo_stale(ctx)
+        report = progress or _unshown
+        return evaluate_benchmark(run, paths, name, benchmark_variants(ctx),
+                                  progress=lambda done, total: report(f"{name} images", done, total))
+
+
+def _redo_stale(ctx: RunContext) -> None:
+    """Redo the stages that only combine other outputs (the merges) where out of date and their inputs exist."""
     for stage in load_stages():
         if not stage.redone_before_evaluation:
             continue
@@ -154,8 +176,6 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool, progress: 
                 log.info("%s %s: out of date; redoing it from %s", stage.name, target, ", ".join(
                     path.name for path in stage.inputs(ctx, target)))
                 stage.run(ctx, target, _unshown)
-    EvaluateStage().run(ctx, "", progress or _unshown)
-    return paths.report
 
 
 def _unshown(label: str, done: int, total: int | None) -> None:

@@ -394,7 +394,7 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
     elif kind == "unknown_architecture":
         model.mkdir()
         (model / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}))
-        expected = "none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3 or Flux"
+        expected = r"none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3, Flux, .* or FLUX.2 \[klein\]"
     elif kind in ("ckpt", "bin"):
         model = tmp_path / f"model.{kind}"
         model.write_bytes(b"\x80\x04not really a pickle")

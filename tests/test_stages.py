@@ -24,7 +24,7 @@ from selma_toolkit.stages import RunContext, Stage, StageState, load_stages
 
 def test_listing_the_stages_imports_no_stage():
     code = (
-        "import sys; from selma_toolkit.config.registries import STAGES; assert len(STAGES) == 9; "
+        "import sys; from selma_toolkit.config.registries import STAGES; assert len(STAGES) == 10; "
         "loaded = [m for m in sys.modules if m.startswith('selma_toolkit.stages')]; assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -32,7 +32,9 @@ def test_listing_the_stages_imports_no_stage():
 
 def test_each_stage_reads_only_what_the_stages_before_it_write(tmp_path):
     run = load_run_recipe(
-        "tiny-demo", ["joint=true", "dpo.enabled=true", "moe.enabled=true", "evaluate.select_checkpoints=true"]
+        "tiny-demo",
+        ["joint=true", "dpo.enabled=true", "moe.enabled=true", "evaluate.select_checkpoints=true",
+         "evaluate.benchmark='dsg-1k'"],
     )
     ctx = RunContext(run, RunPaths(tmp_path / "run"))
     written: list[Path] = []

@@ -184,3 +184,9 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# `selma lora convert` and `selma merge --format`; no torch import for --help (the layouts are lora/writing.py's WRITE_FORMATS).
+FORMAT_HELP = ("The file layout: kohya, peft or ai-toolkit. Default: the family's, which diffusers and ComfyUI both "
+               "load (kohya for SD 1.x / 2.x / XL; peft, transformer.*.lora_A/B, for SD 3, Flux, Chroma; "
+               "ai-toolkit, diffusion_model.*.lora_A/B, for Qwen-Image, Z-Image, FLUX.2 [klein]).")

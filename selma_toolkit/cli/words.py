@@ -12,7 +12,7 @@ from selma_toolkit.errors import SelmaError, Words
 # Library names whose flag is not --<name with dashes>.
 _FLAGS = {"overrides": "--set", "filename": "--file", "expert_files": "--expert"}
 # Options no command has as a flag: the environment variable that sets them.
-_ENVIRONMENT = {"endpoint": "HF_ENDPOINT"}
+_ENVIRONMENT = {"endpoint": "HF_ENDPOINT", "benchmark_url": "SELMA_BENCHMARK_URL"}
 
 
 class CliWords(Words):

@@ -55,6 +55,7 @@ STAGES: tuple[str, ...] = (
     "selma_toolkit.stages.dpo:DPOMergeStage",  # the DPO experts merged
     "selma_toolkit.stages.moe:MoEStage",  # the MoE-LoRA gate over the merged experts ([moe])
     "selma_toolkit.stages.evaluate:EvaluateStage",  # every variant scored, the report
+    "selma_toolkit.stages.benchmark:BenchmarkStage",  # [evaluate] benchmark: a published benchmark
 )
 
 

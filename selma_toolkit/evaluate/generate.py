@@ -42,7 +42,7 @@ from selma_toolkit.evaluate.scorers import build_scorers
 from selma_toolkit.evaluate.scoring import EvalItem, score_variants, variant_folder
 from selma_toolkit.images import image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
-from selma_toolkit.models import load_pipeline
+from selma_toolkit.models import load_pipeline, pipeline_family
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.prompts.filters import normalized
 
@@ -112,11 +112,13 @@ def draw_eval_images(
     *,
     device: str | None = None,
     progress: ProgressCallback | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, dict[str, list[EvalItem]]]:
     """Draw the missing images of every job (one pipeline for all); return
     ``{variant: {skill: [EvalItem]}}`` for score_variants, prompts in id order, seeds inner.
-    Two jobs of one variant must not share a skill."""
-    seeds = run.evaluate.seeds
+    Two jobs of one variant must not share a skill. ``seeds``: the evaluation seeds (default
+    ``evaluate.seeds``; a benchmark's protocol names its own)."""
+    seeds = list(run.evaluate.seeds if seeds is None else seeds)
     settings = generation_settings(run)
     missing: list[tuple[EvalJob, list[tuple[str, PromptRecord, int]]]] = []
     for job in jobs:
@@ -169,6 +171,7 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
     images = run.images
     pipe = load_pipeline(run.base_model, revision=run.revision, device=device, dtype=images.dtype,
                          scheduler=images.scheduler)
+    family = pipeline_family(pipe)  # names the guidance argument and whether a negative prompt goes with it
     done = 0
     for job, todo in missing:
         moe = job.lora is not None and is_moe_file(job.lora)
@@ -189,9 +192,8 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
                 batch = todo[start:start + images.batch_size]
                 output = pipe(
                     prompt=[prompt.prompt for _, prompt, _ in batch],
-                    negative_prompt=[images.negative_prompt] * len(batch) if images.negative_prompt else None,
+                    **family.pipeline_arguments(images.negative_prompt, images.guidance_scale, len(batch)),
                     num_inference_steps=images.steps,
-                    guidance_scale=images.guidance_scale,
                     height=images.resolution,
                     width=images.resolution,
                     generator=[torch.Generator("cpu").manual_seed(image_seed(seed, prompt.id)) for _, prompt, seed in batch],

@@ -1,7 +1,8 @@
 """Scorers: images + prompts -> one number per image.
 
-Every scorer's model comes from the recipe's ``[evaluate]`` section; ``tiny:clip`` and ``tiny:vqa``
-name the embedded tiny random models (selma_toolkit.tiny), on which every code path here runs.
+Every scorer's model comes from the recipe's ``[evaluate]`` section; ``tiny:clip``, ``tiny:vqa`` and
+the tiny VQA judges (``tiny:blip2``, ``tiny:paligemma``, ``tiny:llava``) name the embedded tiny random
+models (selma_toolkit.tiny, selma_toolkit.tiny_vlm), on which every code path here runs.
 
 | name | model (recipe field) | score per image |
 | --- | --- | --- |
@@ -9,7 +10,7 @@ name the embedded tiny random models (selma_toolkit.tiny), on which every code p
 | ``pickscore`` | ``pickscore_model`` (+ ``pickscore_processor``) | ``logit_scale.exp() * cos`` (the PickScore authors' code) |
 | ``hps`` | ``hps_model`` (+ ``hps_clip_config``) | ``100 * cos`` (HPS v2 reports cos as a percentage) |
 | ``imagereward`` | ``imagereward_model`` (extra ``[eval]``) | the ImageReward package's ``score`` |
-| ``vqascore`` | ``vqa_model`` | ``100 * P(yes)`` for "does this figure show <prompt>?" (selma_toolkit.evaluate.vqa) |
+| ``vqascore`` | ``vqa_model`` | ``100 * P(yes)`` for "does this figure show <prompt>?" (evaluate/vqa.py, evaluate/vlm.py) |
 | ``questions`` | ``vqa_model`` + ``questions`` | ``100 *`` share of the prompt's questions answered correctly, DSG rule |
 | ``toyworld`` | none (segmentation) | ``100 *`` share of DSG-style questions right on a shapes-world image (selma_toolkit.toyworld) |
 
@@ -52,6 +53,9 @@ class Scorer(Protocol):
         """One score per image (None where the scorer does not apply, e.g. a prompt without questions)."""
         ...
 
+    # A scorer may also have ``score_by_id(images, prompt_ids)``, which score_variants then calls instead:
+    # a benchmark's questions scorer, whose prompts are told apart by id (two TIFA items share a caption).
+
 
 def resolve_scorer_model(spec: str, field: str) -> str:
     """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use); other references unchanged."""
@@ -73,7 +77,8 @@ def load_pretrained(cls: Any, spec: str, field: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"evaluate.{field} = {spec!r}: could not load it with {cls.__name__} ({exc}). Expected a local folder or "
-            "Hub id with safetensors weights (pickled .bin weights are not loaded), or tiny:clip / tiny:vqa."
+            "Hub id with safetensors weights (pickled .bin weights are not loaded), or one of the tiny models "
+            f"{', '.join(tiny.TINY_PREFIX + name for name in tiny.SCORER_MODELS)}."
         ) from None
 
 

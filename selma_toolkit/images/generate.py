@@ -40,7 +40,7 @@ from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError, ModelError, Remedy
 from selma_toolkit.images import shard
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
-from selma_toolkit.models import default_dtype, detect_family, load_pipeline, resolve_model
+from selma_toolkit.models import default_dtype, detect_family, load_pipeline, pipeline_family, resolve_model
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import write_resolved_recipe
 
@@ -182,7 +182,7 @@ def _model_revision(run: RunRecipe) -> str | None:
 
 
 def _check_model(run: RunRecipe) -> None:
-    """Fail before any work on a model that is not SD 1.x / 2.x / XL or cannot be loaded safely."""
+    """Fail before any work on a model that cannot be loaded safely; warn about a negative prompt it ignores."""
     source = resolve_model(run.image_model)
     if source.endswith(".safetensors"):
         if run.images.single_file_config is None:
@@ -192,9 +192,9 @@ def _check_model(run: RunRecipe) -> None:
         return
     family = detect_family(run.image_model, revision=_model_revision(run))
     if run.images.negative_prompt and not family.negative_prompt:
-        log.warning("images.negative_prompt is set, but %s pipelines use guidance_scale as their embedded guidance and "
-                    "ignore a negative prompt (it acts only with true_cfg_scale > 1); the images are drawn without it",
-                    family.title)
+        log.warning("images.negative_prompt is set, but %s pipelines take no negative prompt for their guidance "
+                    "(Flux's guidance_scale is an embedded guidance; FLUX.2 [klein] has no negative prompt); the images "
+                    "are drawn without it", family.title)
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):
@@ -223,13 +223,12 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe) -> tuple[list[Any
 
     settings = run.images
     generators = [torch.Generator("cpu").manual_seed(image_seed(settings.seed, p.id)) for p in batch]
-    # None (not "") when unset: SDXL then uses zero negative embeddings, as it does by default.
-    negative = [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
+    # The family names the guidance argument and whether a negative prompt goes with it.
+    guidance = pipeline_family(pipe).pipeline_arguments(settings.negative_prompt, settings.guidance_scale, len(batch))
     output = pipe(
         prompt=[p.prompt for p in batch],
-        negative_prompt=negative,
+        **guidance,
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
         height=settings.resolution,
         width=settings.resolution,
         generator=generators,

@@ -39,7 +39,7 @@ from selma_toolkit.config.merge_methods import method_spec
 from selma_toolkit.errors import LoraFormatError, Remedy
 from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.core import LoraWeights
-from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
+from selma_toolkit.lora.files import WRITE_FORMATS, inspect_lora, load_lora, save_lora
 from selma_toolkit.lora.merging.api import merge_experts, merge_files
 from selma_toolkit.lora.merging.formulas import apply_block_weights
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
@@ -68,7 +68,7 @@ def add_to_merge(
     weights: Sequence[float] | None = None,
     expert_files: Sequence[str | os.PathLike[str]] = (),
     new_sources: Sequence[str | None] | None = None,
-    format: Literal["kohya", "peft"] | None = None,
+    format: Literal["kohya", "peft", "ai-toolkit"] | None = None,
     locate: Locate | None = None,
 ) -> AddedMerge:
     """Add the experts ``new`` to the merged LoRA file ``merged``; write the merge of the old
@@ -103,7 +103,8 @@ def add_to_merge(
         if digest in listed:
             raise LoraFormatError(f"{path}: is already one of the experts of {merged} (same sha256); adding it again "
                                   "would count it twice")
-    format = format or ("peft" if "peft" in info.layouts and "kohya" not in info.layouts else "kohya")
+    written = [layout for layout in info.layouts if layout in WRITE_FORMATS]
+    format = format or (written[0] if len(written) == 1 else None)  # None: the family's default
     found, looked = _find_experts(merged, old, expert_files, locate)
     missing = [(entry, places) for entry, path, places in zip(old, found, looked) if path is None]
     if not missing:

@@ -14,7 +14,8 @@ Per skill (``train_dpo_expert(run, skill, paths)``):
    ``loss = -log sigmoid(-beta/2 * ((e_w - r_w) - (e_l - r_l)))`` with e = ||target - pred_theta||^2
    (mean over the latent's elements) for the model with the LoRA and r the same for the reference,
    the base without it (the LoRA layers disabled, peft's ``enable_adapters(False)``); target =
-   eps (or v for v-prediction models). UNet families only.
+   eps (or v for v-prediction models), and for the flow-matching families (SD 3, Flux and the other
+   DiT families) the velocity noise - x0 at the pair's shared sigma, as their denoising loss.
 3. The DPO experts of all skills are merged with merge.method (the paper: "experts merged by
    averaging"): ``train_dpo(run, paths)``, the run's variant ``dpo``.
 
@@ -35,9 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from selma_toolkit.architectures import Family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import read_prompts
-from selma_toolkit.errors import DatasetError, RecipeError
+from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.scorers import build_scorer
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
 from selma_toolkit.lora import save_lora
@@ -175,11 +177,13 @@ def dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, 
     return -F.logsigmoid(inside).mean()
 
 
-def per_sample_errors(unet, noise_scheduler, cond: parts.Conditioning, draws: parts.Draws,
-                      latent_scale: tuple[float, float]) -> torch.Tensor:
-    """[n] mean squared error per sample of the UNet's prediction against the scheduler's target
-    (epsilon or v): ``diffusion_loss`` (train/model.py) before its batch mean."""
-    prediction, target = parts.unet_prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale)
+def per_sample_errors(denoiser, noise_scheduler, cond: parts.Conditioning, draws: parts.Draws,
+                      latent_scale: parts.LatentScale | tuple[float, float], family: Family | None = None,
+                      guidance: float = 3.5) -> torch.Tensor:
+    """[n] mean squared error per sample of the denoiser's prediction against its target (epsilon
+    or v; the flow families' velocity noise - x0): ``diffusion_loss`` (train/model.py) before its
+    batch mean. ``guidance``: FLUX.1-dev's guidance embedding, as in its denoising loss."""
+    prediction, target = parts.prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance)
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
@@ -231,9 +235,6 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     trained_run = with_train(run, settings)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
     family = detect_family(str(model_dir))
-    if family.loss_target == "flow" or family.conditioning != "unet":
-        raise RecipeError(f"dpo.enabled: the DPO variant is implemented for the UNet families (SD 1.x / 2.x / XL), "
-                          f"not {family.title}; set dpo.enabled = false")
     run.skill(skill)
     out = dpo_paths(paths)
     pairs = preference_pairs(run, skill, paths, progress=(lambda d, t: progress(TrainEvent("cache", d, t)))
@@ -265,7 +266,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
     noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    latent_scale = parts.vae_latent_scale(model_dir, family)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         model = models[family.denoiser]
@@ -273,9 +274,10 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         cond = source(chosen + [count + k for k in chosen])  # winners, then their losers
         draws = pair_draws([sample_generator(settings.seed, step, s) for s in slots],
                            tuple(cond.latent_mean.shape[1:]), num_timesteps)
+        guidance = run.images.guidance_scale
         with torch.no_grad(), reference_model(model):  # first: re-enabling restores requires_grad
-            reference = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale)
-        errors = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale)
+            reference = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale, family, guidance)
+        errors = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale, family, guidance)
         n = len(slots)
         return dpo_loss(errors[:n], errors[n:], reference[:n], reference[n:], run.dpo.beta)
 

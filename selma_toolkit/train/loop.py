@@ -92,7 +92,7 @@ def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, f
         shown = functools.partial(_show_cache_progress, progress)
 
     def make_latent_encoder():
-        return caches.latent_encoder(samples, parts.load_vae(model_dir).to(device), resolution)
+        return caches.latent_encoder(samples, parts.load_vae(model_dir, family).to(device), resolution, family)
 
     with accelerator.main_process_first():
         spec = caches.latent_cache_spec(model_dir, resolution, digests)
@@ -148,7 +148,7 @@ def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.Condi
     an expert, the mixture baseline and the MoE gate train on."""
     noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    latent_scale = parts.vae_latent_scale(model_dir, family)
     count = len(source.samples)
 
     def loss(denoiser, step: int, slots: list[int]) -> torch.Tensor:
@@ -199,7 +199,7 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
                                             progress)
     trained, tokenizers, text_encoders = build_models(settings, model_dir, family, device, weight_dtype,
                                                       cache_text=text_cache is not None)
-    vae = parts.load_vae(model_dir).to(device) if latent_cache is None else None
+    vae = parts.load_vae(model_dir, family).to(device) if latent_cache is None else None
     names = parts.text_encoder_names(family)
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
                                     tokenizers=tokenizers, text_encoders=text_encoders, family=family)

@@ -18,7 +18,8 @@ import torch
 
 from selma_toolkit.config.merge_methods import MergeMethod, MethodSpec, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
-from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight, unused_groups
+from selma_toolkit.architectures import FAMILIES
+from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.merging.checks import (
@@ -56,9 +57,11 @@ def merge_experts(
     Weights w_t default to uniform 1/T; ``normalize=True`` divides the given weights by their sum
     (ComfyUI's "normalise weights").
 
-    Block weights (``block_weights``, e.g. {"in": 1, "mid": 0.5, "out": 1, "te": 0}; groups in
-    :mod:`selma_toolkit.lora.blocks`): after the method's formula, each merged module's B is
-    multiplied by the weight g of its most specific listed group (1 where none is listed),
+    Block weights (``block_weights``, e.g. {"in": 1, "mid": 0.5, "out": 1, "te": 0}, {"double": 1,
+    "single.3": 0}, or a LoRA Block Weight vector as ``parse_block_weights`` reads it; groups in
+    :mod:`selma_toolkit.lora.blocks`, named as the experts' family names its blocks): after the
+    method's formula, each merged module's B is multiplied by the weight g of its most specific
+    listed group (1 where none is listed),
 
         B_m <- g * B_m [out, r_m] (conv [out, r_m, 1, 1]), A_m unchanged, so dW_m = g * B_m @ A_m,
 
@@ -94,8 +97,11 @@ def merge_experts(
     check_compatible(experts, names, architectures)
     module_names = list(dict.fromkeys(name for expert in experts for name in expert.modules))
     warn_missing(experts, names, module_names)
-    block_weights = check_block_weights(block_weights, module_names)
-    if block_weights and (unused := unused_groups(block_weights, module_names)):
+    known = {arch for arch in architectures if arch is not None}
+    family = FAMILIES[known.pop()] if len(known) == 1 else None  # whose names the block groups are
+    block_weights = check_block_weights(block_weights, module_names, family)
+    module_weights = block_weight_of(module_names, block_weights, family)
+    if block_weights and (unused := unused_groups(block_weights, module_names, family)):
         logger.warning("block weights for %s change nothing: no module of the experts is in %s",
                        ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
     options = MergeOptions(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
@@ -109,8 +115,7 @@ def merge_experts(
         ]
         check_shapes(module_name, parts, names)
         check_ranks(spec, module_name, parts, names)
-        block_weight = module_block_weight(module_name, block_weights)
-        modules.append(ModuleInputs(module_name, parts, names, options, block_weight))
+        modules.append(ModuleInputs(module_name, parts, names, options, module_weights[module_name]))
     merged = _merge_modules(spec, modules, options)
     infos = [expert_info(name, expert, architecture=arch) for name, expert, arch in zip(names, experts, architectures)]
     record = MergeRecord.new(method, effective_weights, infos, rank=rank, density=density, seed=seed,
@@ -139,7 +144,7 @@ def merge_files(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     *,
-    format: Literal["kohya", "peft"] = "kohya",
+    format: Literal["kohya", "peft", "ai-toolkit"] | None = None,
     density: float = 0.5,
     seed: int = 0,
     normalize: bool = False,
@@ -153,7 +158,8 @@ def merge_files(
     :func:`merge_experts` for the methods and ``block_weights``). The merge record in the output's
     metadata lists each input by file name, sha256 and ``source``: where to find it again for an
     incremental merge (lora/incremental.py), the given ``sources[i]`` (a catalog name or Hub repo
-    id the user typed), else the file's path relative to the output's folder.
+    id the user typed), else the file's path relative to the output's folder. ``format``: the
+    output's layout (lora/writing.py), None for the experts' family's default.
     """
     paths = [Path(p) for p in paths]
     if sources is not None and len(sources) != len(paths):
