@@ -9,6 +9,13 @@ run with the toolkit they were shipped with, and without putting the clone's roo
 
 Importing the pack needs only torch and safetensors: no diffusers, peft or transformers, and no
 network access (ComfyUI imports every pack at start-up).
+
+The nodes are declared once (``nodes.py``). ComfyUI's loader registers a pack's
+``NODE_CLASS_MAPPINGS`` when it has them and only otherwise calls its ``comfy_entrypoint``, so
+the pack exports exactly one of the two: the V3 nodes (``v3.py``, through the pinned
+``comfy_api.v0_0_2``) on a ComfyUI that has that API version, the classic classes (``v1.py``)
+on any other. ``WEB_DIRECTORY`` holds the small web extension that shows a node's text output
+(a merge's summary, the saved file) on the node.
 """
 
 from __future__ import annotations
@@ -44,8 +51,24 @@ def _import_bundled_toolkit() -> None:
         raise
 
 
+def comfy_api_version() -> str | None:
+    """"v0_0_2" when the running ComfyUI has that pinned V3 API version, else None (an older
+    ComfyUI, or no ComfyUI at all: tests, CI)."""
+    try:
+        importlib.import_module("comfy_api.v0_0_2")
+    except ImportError:
+        return None
+    return "v0_0_2"
+
+
 _import_bundled_toolkit()
+WEB_DIRECTORY = str(Path(__file__).resolve().parent / "web")  # absolute: ComfyUI joins it to the root's folder
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402 - needs the toolkit imported first
+if comfy_api_version() is not None:
+    from .v3 import comfy_entrypoint  # the toolkit must be imported first
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
+else:
+    from .v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # the toolkit must be imported first
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

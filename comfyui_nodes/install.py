@@ -4,8 +4,8 @@ toolkit with pip.
 The pack is copied, not linked to this Python environment: ComfyUI usually runs in its own
 environment (with its own torch build), and the copy is the same folder a ``git clone`` gives,
 ``custom_nodes/selma-toolkit/`` with the two packages, the one-line ``__init__.py`` ComfyUI loads,
-``requirements.txt`` for ComfyUI-Manager and the UI-format example workflow in
-``example_workflows/`` (ComfyUI's template browser lists it). Re-running it updates a folder it
+``requirements.txt`` for ComfyUI-Manager and the UI-format example workflows in
+``example_workflows/`` (ComfyUI's template browser lists every ``.json`` there). Re-running it updates a folder it
 wrote (a marker file tells), and never touches one it did not write, such as a git clone. The copy
 gets the modes of the user's umask (not mkdtemp's 0700), so another user's ComfyUI can read it; a
 ComfyUI checkout that ComfyUI does not use as its base folder (``--base-directory`` elsewhere) is
@@ -28,18 +28,17 @@ PACK_FOLDER = "selma-toolkit"
 MARKER = ".selma-comfyui-install"
 # The file ComfyUI imports: the same as the repository root's __init__.py (a test keeps them equal).
 ROOT_INIT = '''"""ComfyUI loads this file when the repository is cloned into ComfyUI/custom_nodes/: the SELMA node pack
-(comfyui_nodes/), with selma_toolkit/ beside it. See docs/comfyui.md."""
+(comfyui_nodes/), with selma_toolkit/ beside it. It exports what the pack exports for the running ComfyUI:
+comfy_entrypoint (V3 nodes) or NODE_CLASS_MAPPINGS (classic nodes), and WEB_DIRECTORY. See docs/comfyui.md."""
 
 # Only as a package: pytest, run in a clone whose folder name is not a Python name (selma-toolkit),
 # imports this file on its own while collecting, where a relative import cannot work.
 if __package__:
-    from .comfyui_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    from .comfyui_nodes import *  # noqa: F403 - exactly the names in the pack's __all__
+    from .comfyui_nodes import __all__  # noqa: F401
 '''
 # The repository's requirements.txt, without torch (it would replace the user's CUDA build).
 REQUIREMENTS = ["safetensors>=0.4", "huggingface_hub>=0.34"]
-UI_WORKFLOW = "selma-merge-experts.json"
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
@@ -77,8 +76,7 @@ def install_node_pack(comfyui_dir: str | os.PathLike[str], folder_name: str = PA
                 shutil.copytree(shipped_dir(name), shipped / name, ignore=_IGNORE)
         pack = Path(__file__).resolve().parent
         shutil.copytree(pack, staging / "comfyui_nodes", ignore=_IGNORE)
-        (staging / "example_workflows").mkdir()
-        shutil.copy2(pack / "workflows" / UI_WORKFLOW, staging / "example_workflows" / UI_WORKFLOW)
+        shutil.copytree(shipped_dir("example_workflows"), staging / "example_workflows", ignore=_IGNORE)
         (staging / "__init__.py").write_text(ROOT_INIT)
         (staging / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
         (staging / MARKER).write_text(f"selma-toolkit {selma_toolkit.__version__}\n")

@@ -12,7 +12,8 @@ from typing import Any
 
 from selma_toolkit.errors import Remedy, SelmaError, Words
 
-# Library option -> the node input that sets it (SELMA Merge Experts, SELMA Hub Expert, SELMA Save LoRA).
+# Library option -> the node input that sets it (the merge settings of SELMA LoRA Loader, Merge Experts and Merge
+# LoRA Stack; SELMA Hub Expert; SELMA Save LoRA).
 INPUTS = {
     "method": "method",
     "rank": "rank",
@@ -27,6 +28,9 @@ INPUTS = {
     "catalog": "catalog",
     "format": "format",
     "filename_prefix": "filename_prefix",
+    "svd_mode": "svd_mode",
+    "model": "model",
+    "clip": "clip",
 }
 # What an input holds when its option is left unset, and what that value means.
 UNSET_VALUES = {"rank": ("0", "the experts' largest rank")}

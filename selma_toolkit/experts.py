@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selma_toolkit.errors import SelmaError
-from selma_toolkit.hub import resolve_expert
+from selma_toolkit.hub import cached_file, load_catalog, resolve_expert
+from selma_toolkit.hub.extraction import cached_extraction
 from selma_toolkit.lora.incremental import is_file_source
 
 
@@ -42,6 +43,34 @@ def resolve_expert_file(ref: str | Path, **hub_options) -> ExpertFile:
     text = str(ref)
     local = Path(text).expanduser().is_file()
     return ExpertFile(text, Path(resolve_expert(ref, **hub_options)), None if local else text)
+
+
+@dataclass(frozen=True)
+class CachedExpert:
+    """A catalog entry whose file an earlier pull left in the local Hugging Face cache (or, for an
+    ``extract`` entry, in the extraction cache)."""
+
+    name: str
+    path: Path
+    sha256: str | None  # the catalog's, to check the file against when it is used
+
+
+def cached_catalog_experts(catalog: str | Path | Sequence[str | Path] | None = None) -> dict[str, CachedExpert]:
+    """The catalog's experts that can be used without the network (pulled before), by name.
+
+    What a front end offers beside local files (the ComfyUI nodes' expert lists): only the local
+    cache is looked at, so listing costs no download and works offline. The catalog is
+    ``hub.load_catalog``'s (the shipped one, SELMA_CATALOG, ``catalog``); a kind of catalog entry
+    that names its file differently is added here, where every front end sees it."""
+    cached = {}
+    for name, entry in load_catalog(catalog).items():
+        if entry.kind == "extract":  # made by `selma hub pull NAME`, kept in the extraction cache
+            path = cached_extraction(entry)
+        else:
+            path = cached_file(entry.repo, entry.file, entry.revision)
+        if path is not None:
+            cached[name] = CachedExpert(name, path, entry.sha256)
+    return cached
 
 
 def resolve_expert_files(refs: Sequence[str | Path], **hub_options) -> list[ExpertFile]:

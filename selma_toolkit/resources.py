@@ -1,4 +1,4 @@
-"""Where the shipped recipes/ and hub/ folders are.
+"""Where the shipped recipes/, hub/ and example_workflows/ folders are.
 
 In a wheel they are package data under ``selma_toolkit/_shipped/``; in a source checkout
 (editable install, tests) they are the top-level folders of the repository.
@@ -12,7 +12,8 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def shipped_dir(name: str) -> Path:
-    """Path of a shipped top-level folder: ``"recipes"`` or ``"hub"``."""
+    """Path of a shipped top-level folder: ``"recipes"``, ``"hub"`` or ``"example_workflows"`` (the ComfyUI
+    templates)."""
     for candidate in (_PACKAGE / "_shipped" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate

@@ -30,6 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# The node-pack tests' fixtures (a FAKE loras folder, meta-device models, FAKE comfy modules): tests/support_nodes.py.
+from support_nodes import loras, models, sd15_comfy  # noqa: E402, F401
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     # OMP_NUM_THREADS above is read when torch loads; this also covers a torch imported earlier.

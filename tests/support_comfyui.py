@@ -352,13 +352,14 @@ sys.path.insert(0, {tests!r})
 from support_comfyui import FakeFolderPaths
 sys.modules["folder_paths"] = FakeFolderPaths({loras!r})
 nodes = module.NODE_CLASS_MAPPINGS
-experts = None
+experts = ()
 for name in ("a.safetensors", "b.safetensors"):
-    (experts,) = nodes["SelmaExpertLoader"]().load(name, 1.0, experts)
-result = nodes["SelmaMergeExperts"]().merge(experts, "selma", 0, True)
-nodes["SelmaSaveLora"]().save(result["result"][0], "merged", "kohya")
+    (experts,) = nodes["SelmaExpertLoader"]().run(lora_name=name, weight=1.0, experts=experts)
+result = nodes["SelmaMergeExperts"]().run(experts=experts, method="selma", rank=0, normalize_weights=True)
+nodes["SelmaSaveLora"]().run(lora=result["result"][0], filename_prefix="merged", format="kohya")
 print(json.dumps({{"nodes": sorted(nodes), "names": sorted(module.NODE_DISPLAY_NAME_MAPPINGS.values()),
-                  "toolkit": selma_toolkit.__file__, "summary": result["result"][1]}}))
+                  "exports": sorted(module.__all__), "entrypoint": hasattr(module, "comfy_entrypoint"),
+                  "web": module.WEB_DIRECTORY, "toolkit": selma_toolkit.__file__, "summary": result["result"][1]}}))
 """
 
 
@@ -466,9 +467,9 @@ def _key_check(lora_file: str, arch: str) -> dict:
     lora = load_file(lora_file)
     patches = comfy.lora.load_lora(lora, key_map)
     # What SELMA Apply LoRA finds with the same real key map and patches (ComfyUI's own LoRAAdapter objects).
-    from comfyui_nodes.nodes import _weight_shapes, comfy_lora_fit
+    from comfyui_nodes.fit import comfy_lora_fit, weight_shapes
 
-    unmatched, misfits = comfy_lora_fit(lora, key_map, patches, {**_weight_shapes(model), **_weight_shapes(clip)})
+    unmatched, misfits = comfy_lora_fit(lora, key_map, patches, {**weight_shapes(model), **weight_shapes(clip)})
     return {"model": type(model.model_config).__name__, "patched": len(patches), "keys": len(lora), "unloaded": unloaded,
             "unfit": unmatched[:5] + [misfit.describe("the model") for misfit in misfits[:5]]}
 

@@ -9,12 +9,10 @@ nodes inside a real ComfyUI.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
 import stat
-import sys
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,29 +20,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_file
-from support_comfyui import (
-    FakeFolderPaths,
-    fake_comfy,
-    free_port,
-    full_size_expert,
-    full_size_models,
-    load_pack_like_comfyui,
-    write_two_small_experts,
-)
+from support_comfyui import free_port, full_size_expert, load_pack_like_comfyui, write_two_small_experts
 from support_lora import COMFY_CLIP_LAYERS, comfyui_accepted_keys, diffusers_to_ldm
 
-import comfyui_nodes
-from comfyui_nodes.install import REQUIREMENTS, ROOT_INIT, base_directory_note, install_node_pack
-from comfyui_nodes.nodes import (
-    NODE_CLASS_MAPPINGS,
-    NODE_DISPLAY_NAME_MAPPINGS,
+from support_nodes import (
     SelmaApplyLora,
     SelmaExpertLoader,
     SelmaHubExpert,
+    SelmaLoraLoader,
     SelmaMergeExperts,
+    SelmaMergeLoraStack,
     SelmaSaveLora,
-    check_lora_fits,
+    apply,
+    load,
+    merge,
+    pull,
+    save,
+    sha256,
+    stack,
 )
+
+from comfyui_nodes.fit import check_lora_fits
+from comfyui_nodes.install import REQUIREMENTS, ROOT_INIT, base_directory_note, install_node_pack
+from comfyui_nodes.nodes import NODES
+from comfyui_nodes.v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
 from selma_toolkit.lora import (
     LoraModule,
@@ -57,69 +56,45 @@ from selma_toolkit.lora import (
     save_lora,
 )
 
-WORKFLOWS = Path(comfyui_nodes.__file__).parent / "workflows"
-
-
-@pytest.fixture
-def loras(tmp_path, monkeypatch) -> Path:
-    """An empty loras folder, served by the FAKE folder_paths module."""
-    folder = tmp_path / "models" / "loras"
-    folder.mkdir(parents=True)
-    monkeypatch.setitem(sys.modules, "folder_paths", FakeFolderPaths(folder))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def models():
-    """Full-size SD 1.5 and SDXL UNets and CLIPs on the meta device (names and shapes only)."""
-    return {arch: full_size_models(arch) for arch in ("sd1", "sdxl")}
-
-
-def stack(*names_and_weights):
-    """Chain SELMA Expert Loader nodes as a graph does; return the final stack."""
-    experts = None
-    for name, weight in names_and_weights:
-        (experts,) = SelmaExpertLoader().load(name, weight, experts)
-    return experts
-
-
-def merge(experts, method="selma", rank=0, normalize=True, **options):
-    out = SelmaMergeExperts().merge(experts, method, rank, normalize, **options)
-    return out["result"]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ------------------------------------------------------------------------------ definitions
 
 
 def test_every_node_declares_inputs_outputs_and_a_function_that_takes_them(loras):
-    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS) == {spec.node_id for spec in NODES}
     for name, node in NODE_CLASS_MAPPINGS.items():
+        spec = node.SPEC
         inputs = node.INPUT_TYPES()
         assert set(inputs) <= {"required", "optional"} and inputs["required"], name
+        # The classic class lists the spec's inputs, required ones first, each in the spec's order.
+        assert [*inputs["required"], *inputs.get("optional", {})] == [
+            *(i.name for i in spec.inputs if not i.optional), *(i.name for i in spec.inputs if i.optional)]
         for section in inputs.values():
-            for input_name, spec in section.items():
-                kind, options = spec
+            for input_name, (kind, options) in section.items():
                 assert isinstance(kind, (str, list)) and isinstance(options, dict), (name, input_name)
-                if kind == "FLOAT" or kind == "INT":
+                if kind in ("FLOAT", "INT"):
                     assert options["min"] <= options["default"] <= options["max"], (name, input_name)
+                if isinstance(kind, list) and "default" in options:
+                    assert options["default"] in kind, (name, input_name)
         assert isinstance(node.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in node.RETURN_TYPES)
-        if hasattr(node, "RETURN_NAMES"):
-            assert len(node.RETURN_NAMES) == len(node.RETURN_TYPES)
-        assert len(getattr(node, "OUTPUT_TOOLTIPS", node.RETURN_TYPES)) == len(node.RETURN_TYPES)
-        assert node.CATEGORY == "SELMA" and node.DESCRIPTION
+        assert len(node.RETURN_NAMES) == len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
+        assert node.CATEGORY == "SELMA" and node.DESCRIPTION and node.FUNCTION == "run"
         assert node.RETURN_TYPES or node.OUTPUT_NODE, f"{name} has no output and is no output node"
-        # ComfyUI calls FUNCTION with every input as a keyword: required ones always, optional ones when given.
-        parameters = inspect.signature(getattr(node(), node.FUNCTION)).parameters
-        assert set(parameters) == set(inputs["required"]) | set(inputs.get("optional", {})), name
-        for input_name in inputs.get("optional", {}):
-            assert parameters[input_name].default is not inspect.Parameter.empty, (name, input_name)
+        # ComfyUI calls the function with every input as a keyword: required ones always, optional ones when given.
+        parameters = inspect.signature(spec.run).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        for item in spec.inputs:
+            assert item.name in parameters or takes_any, (name, item.name)
+            if item.optional and item.name in parameters:
+                assert parameters[item.name].default is not inspect.Parameter.empty, (name, item.name)
+        named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        assert named <= {i.name for i in spec.inputs}, (name, named - {i.name for i in spec.inputs})
     assert SelmaMergeExperts.RETURN_TYPES[0] == SelmaApplyLora.INPUT_TYPES()["required"]["lora"][0] == "LORA_MODEL"
+    assert SelmaApplyLora.RETURN_TYPES == ("MODEL", "CLIP", "LORA_MODEL") == SelmaLoraLoader.RETURN_TYPES[:3]
     assert SelmaExpertLoader.RETURN_TYPES == SelmaHubExpert.RETURN_TYPES == (SelmaMergeExperts.INPUT_TYPES()["required"]["experts"][0],)
     assert SelmaMergeExperts.INPUT_TYPES()["required"]["method"][0] == ["selma", "delta", "svd", "ties", "dare"]
+    assert SelmaMergeExperts.INPUT_TYPES()["optional"]["svd_mode"][0] == ["exact", "randomized"]
+    assert SelmaMergeLoraStack.RETURN_TYPES[0] == SelmaLoraLoader.INPUT_TYPES()["optional"]["lora_stack"][0] == "LORA_STACK"
+    assert SelmaSaveLora.OUTPUT_NODE and SelmaSaveLora.RETURN_TYPES == ("STRING",)
 
 
 def test_every_node_input_has_a_tooltip(loras):
@@ -208,7 +183,7 @@ def test_merge_node_keeps_the_experts_architecture_base_model_and_provenance(lor
     record = json.loads(lora.metadata["selma.merge"])
     assert [(e["skill"], e["base_model"], e["architecture"], e["recipe_sha256"]) for e in record["experts"]] == [
         ("skill0", "tiny:sd1", "sd1", "0" * 64), ("skill1", "tiny:sd1", "sd1", "1" * 64)]
-    SelmaSaveLora().save(lora, "merged", "kohya")
+    save(lora, "merged", "kohya")
     saved = inspect_lora(loras / "merged_00001_.safetensors")
     assert saved.architecture == "sd1" and saved.file_metadata["ss_base_model_version"] == "sd_v1"
     assert saved.file_metadata["selma.base_model"] == "tiny:sd1"
@@ -258,8 +233,8 @@ def test_merge_node_unknown_block_group_is_a_node_error_listing_the_valid_groups
 def test_is_changed_follows_the_file_bytes_even_when_size_and_mtime_stay(loras):
     path = loras / "expert.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}, path)
-    first = SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=1.0)
-    assert first == sha256(path) and SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=0.5) == first
+    first = SelmaExpertLoader.IS_CHANGED(lora_name="expert.safetensors", weight=1.0)
+    assert first == sha256(path) and SelmaExpertLoader.IS_CHANGED(lora_name="expert.safetensors", weight=0.5) == first
     stat = path.stat()
     save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 4)}, loras / "other.safetensors")
     with open(path, "r+b") as handle:  # rewritten in place: same file, same size, mtime put back
@@ -267,9 +242,9 @@ def test_is_changed_follows_the_file_bytes_even_when_size_and_mtime_stay(loras):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     now = path.stat()
     assert (now.st_ino, now.st_size, now.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    second = SelmaExpertLoader.IS_CHANGED("expert.safetensors", weight=1.0)
+    second = SelmaExpertLoader.IS_CHANGED(lora_name="expert.safetensors", weight=1.0)
     assert second == sha256(path) != first
-    assert SelmaExpertLoader.IS_CHANGED("gone.safetensors", weight=1.0) == ""
+    assert SelmaExpertLoader.IS_CHANGED(lora_name="gone.safetensors", weight=1.0) == ""
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -277,7 +252,7 @@ def test_is_changed_follows_the_file_bytes_even_when_size_and_mtime_stay(loras):
 
 def test_missing_lora_file_error_names_the_file_and_the_loras_folder(loras):
     with pytest.raises(LoraFormatError, match=r"'gone\.safetensors': no such file in the loras folder") as info:
-        SelmaExpertLoader().load("gone.safetensors", 1.0)
+        load("gone.safetensors")
     assert str(loras) in str(info.value) and "SELMA Hub Expert" in str(info.value)
 
 
@@ -296,20 +271,20 @@ def test_pickle_experts_are_refused_without_unpickling(loras, tmp_path, suffix):
     marker = tmp_path / "unpickled"
     torch.save({"lora_unet_x.lora_down.weight": _Payload(marker)}, loras / f"expert{suffix}")
     with pytest.raises(LoraFormatError, match="pickle") as info:
-        SelmaExpertLoader().load(f"expert{suffix}", 1.0)
+        load(f"expert{suffix}")
     assert "arbitrary code" in str(info.value) and ".safetensors" in str(info.value)
     assert not marker.exists()
     # A pickle renamed to .safetensors is refused too.
     (loras / "renamed.safetensors").write_bytes((loras / f"expert{suffix}").read_bytes())
     with pytest.raises(LoraFormatError, match="pickle"):
-        SelmaExpertLoader().load("renamed.safetensors", 1.0)
+        load("renamed.safetensors")
     assert not marker.exists()
 
 
 def test_non_lora_safetensors_error_says_it_is_not_a_lora(loras):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, loras / "checkpoint.safetensors")
     with pytest.raises(LoraFormatError, match=r"checkpoint\.safetensors: not a LoRA"):
-        SelmaExpertLoader().load("checkpoint.safetensors", 1.0)
+        load("checkpoint.safetensors")
 
 
 def test_experts_of_different_architectures_are_not_merged(loras, models):
@@ -358,16 +333,6 @@ def test_apply_refuses_a_lora_matching_no_key_or_made_for_another_architecture(m
         check_lora_fits(sdxl, "Flux", matched=1)
 
 
-@pytest.fixture
-def sd15_comfy(models, monkeypatch):
-    """The FAKE comfy modules over the full-size SD 1.5 UNet and CLIP-L: (MODEL, CLIP, load_lora_for_models calls)."""
-    unet, text = models["sd1"]
-    modules, model, clip, calls = fake_comfy(unet, text, "SD15")
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return model, clip, calls
-
-
 def test_apply_refuses_an_expert_of_another_width_naming_keys_and_shapes(sd15_comfy):
     from selma_toolkit.tiny import build_tiny_pipeline
 
@@ -376,7 +341,7 @@ def test_apply_refuses_an_expert_of_another_width_naming_keys_and_shapes(sd15_co
     expert = full_size_expert("sd1", seed=0, rank=2, models=(tiny.unet, {"text_encoder": tiny.text_encoder}))
     lora, _ = lora_to_state_dict(expert)
     with pytest.raises(LoraFormatError, match="the LoRA does not fit this SD15 model") as info:
-        SelmaApplyLora().apply(model, clip, lora, 1.0, 1.0)
+        apply(model, clip, lora)
     message = str(info.value)
     layers = [k.removesuffix(".lora_down.weight") for k in lora if k.endswith(".lora_down.weight")]
     # tiny:sd1's first up block has attentions; SD 1.5's (UpBlock2D) has none: those keys load nowhere
@@ -393,19 +358,19 @@ def test_apply_refuses_an_expert_of_another_width_naming_keys_and_shapes(sd15_co
     text_layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert text_layer in patched
     with pytest.raises(LoraFormatError, match=rf"{text_layer}: adapts a layer of shape \[32, 32\], this model's is \[768, 768\]"):
-        SelmaApplyLora().apply(model, clip, {k: v for k, v in lora.items() if k.startswith(text_layer)}, 1.0, 1.0)
+        apply(model, clip, {k: v for k, v in lora.items() if k.startswith(text_layer)})
     assert calls == []  # refused before load_lora_for_models patched anything
 
 
 def test_apply_patches_a_fitting_lora_and_refuses_one_with_a_key_that_loads_nowhere(sd15_comfy, models):
     model, clip, calls = sd15_comfy
     lora, _ = lora_to_state_dict(full_size_expert("sd1", seed=1, rank=2, models=models["sd1"]))
-    assert SelmaApplyLora().apply(model, clip, lora, 0.8, 0.5) == ("patched MODEL", "patched CLIP")
+    assert apply(model, clip, lora, 0.8, 0.5) == ("patched MODEL", "patched CLIP", lora)
     assert [(c[2], c[3], c[4]) for c in calls] == [(lora, 0.8, 0.5)]
     extra = {**lora, "lora_unet_down_blocks_0_no_such_layer.lora_down.weight": torch.zeros(2, 320),
              "lora_unet_down_blocks_0_no_such_layer.lora_up.weight": torch.zeros(320, 2)}
     with pytest.raises(LoraFormatError, match=f"2 of its {len(extra)} tensors load onto no layer of the model or its CLIP") as info:
-        SelmaApplyLora().apply(model, clip, extra, 1.0, 1.0)
+        apply(model, clip, extra)
     assert "lora_unet_down_blocks_0_no_such_layer.lora_down.weight: no such layer in this model or its CLIP" in str(info.value)
     assert "another shape" not in str(info.value) and len(calls) == 1
 
@@ -418,10 +383,17 @@ def test_save_node_writes_the_merge_with_its_record_into_the_loras_folder(loras,
         save_lora(full_size_expert("sd1", seed=seed, rank=2, models=models["sd1"]), loras / f"e{seed}.safetensors")
     experts = stack(("e0.safetensors", 1.0), ("e1.safetensors", 3.0))
     lora, _ = merge(experts)
-    first = SelmaSaveLora().save(lora, "selma/merged", "kohya")
-    second = SelmaSaveLora().save(lora, "selma/merged", "peft")
-    assert first["ui"]["text"] == ["saved loras/selma/merged_00001_.safetensors"]
+    first = save(lora, "selma/merged", "kohya")
+    second = save(lora, "selma/merged", "peft")
+    # The node shows the file it wrote and outputs its name under the loras folder (as LoraLoader lists it).
+    assert first == {"ui": {"text": ["saved loras/selma/merged_00001_.safetensors"]}, "result": ("selma/merged_00001_.safetensors",)}
     assert second["ui"]["text"] == ["saved loras/selma/merged_00002_.safetensors"]
+    # The same merge again (a re-queue after a change elsewhere): not written twice, the node shows the file.
+    assert save(lora, "selma/merged", "kohya") == {"ui": {"text": ["already saved as loras/selma/merged_00001_.safetensors"]},
+                                                   "result": ("selma/merged_00001_.safetensors",)}
+    other, _ = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 1.0)))
+    assert save(other, "selma/merged", "kohya")["result"] == ("selma/merged_00003_.safetensors",)
+    assert len(list((loras / "selma").iterdir())) == 3
     for name in ("merged_00001_", "merged_00002_"):
         saved = load_lora(loras / "selma" / f"{name}.safetensors")
         expected = [e.lora for e in experts]
@@ -449,12 +421,12 @@ def test_hub_expert_node_pulls_a_repo_file_into_the_loras_folder_and_stacks_it(l
                        f'base_model = "runwayml/stable-diffusion-v1-5"\narchitecture = "sd1"\nsha256 = "{sha256(expert)}"\n')
     hub.start()
     try:
-        (experts,) = SelmaHubExpert().pull("alice/countbench-sd15", 0.5, "", hub.endpoint)
+        experts = pull("alice/countbench-sd15", 0.5, "", hub.endpoint)
         (loras / "countbench.safetensors").unlink()
-        (experts,) = SelmaHubExpert().pull("my-count", 2.0, "", hub.endpoint, experts, catalog=str(catalog))
+        experts = pull("my-count", 2.0, "", hub.endpoint, experts, catalog=str(catalog))
         with pytest.raises(SelmaError, match="the ref input: empty; expected a Hub repo id owner/name or a name from "
                                              "your catalog: my-count"):
-            SelmaHubExpert().pull("  ", 1.0, "", hub.endpoint, catalog=str(catalog))
+            pull("  ", 1.0, "", hub.endpoint, catalog=str(catalog))
     finally:
         hub.stop()
     assert (loras / "countbench.safetensors").read_bytes() == expert.read_bytes()
@@ -471,10 +443,10 @@ def test_hub_expert_node_suggests_only_names_that_resolve(loras, monkeypatch):
                                             for spec in section.values())]
     assert "countbench" not in " ".join(texts) and "SELMA_CATALOG" in SelmaHubExpert.DESCRIPTION
     with pytest.raises(HubError, match="SELMA Hub Expert: the ref input: empty; expected a Hub repo id") as info:
-        SelmaHubExpert().pull("", 1.0, "", "")
+        pull("", 1.0, "", "")
     assert f"a name from your catalog: {', '.join(shipped)}" in str(info.value) and "countbench" not in str(info.value)
     with pytest.raises(HubError, match="no catalog entry of that name") as info:
-        SelmaHubExpert().pull("countbench", 1.0, "", "")
+        pull("countbench", 1.0, "", "")
     assert f"catalog names: {', '.join(shipped)}" in str(info.value)
     assert "in the catalog input (besides the files in SELMA_CATALOG)" in str(info.value)
     assert "--" not in str(info.value)
@@ -486,7 +458,7 @@ def test_hub_expert_node_names_an_unreachable_endpoint(loras):
     dead = f"http://127.0.0.1:{free_port()}"  # a closed port: the connection is refused at once
     started = time.monotonic()
     with pytest.raises(HubError) as info:
-        SelmaHubExpert().pull("alice/countbench-sd15", 1.0, "", dead)
+        pull("alice/countbench-sd15", 1.0, "", dead)
     assert time.monotonic() - started < 10
     message = str(info.value)
     assert message.startswith(f"SELMA Hub Expert: alice/countbench-sd15@main: cannot reach the Hub at {dead} (")
@@ -504,6 +476,9 @@ def test_git_clone_pack_loads_and_merges_without_diffusers_peft_transformers_or_
     assert loaded["names"] == sorted(NODE_DISPLAY_NAME_MAPPINGS.values())
     assert Path(loaded["toolkit"]).resolve() == (repo_root / "selma_toolkit" / "__init__.py").resolve()
     assert "selma merge of 2 experts" in loaded["summary"] and (tmp_path / "merged_00001_.safetensors").is_file()
+    # No comfy_api here: the classic classes only (ComfyUI registers NODE_CLASS_MAPPINGS and ignores the rest).
+    assert loaded["exports"] == ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+    assert not loaded["entrypoint"] and (Path(loaded["web"]) / "selma.js").is_file()
 
 
 def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cli, repo_root, tmp_path):
@@ -513,7 +488,8 @@ def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cl
     assert result.returncode == 0, result.stderr
     pack = comfyui / "custom_nodes" / "selma-toolkit"
     assert (pack / "__init__.py").read_text() == ROOT_INIT
-    assert (pack / "example_workflows" / "selma-merge-experts.json").is_file()
+    assert sorted(p.name for p in (pack / "example_workflows").iterdir()) == sorted(
+        p.name for p in (repo_root / "example_workflows").glob("*.json"))
     assert (pack / "selma_toolkit" / "_shipped" / "hub" / "catalog.toml").is_file()
     assert not list(pack.rglob("__pycache__"))
     loras = tmp_path / "loras"
@@ -600,8 +576,13 @@ def test_pyproject_carries_the_comfy_registry_fields(repo_root):
 
 CORE_NODES = {  # the core ComfyUI nodes the examples use: their inputs, and their outputs' types
     "CheckpointLoaderSimple": ({"ckpt_name"}, ("MODEL", "CLIP", "VAE")),
+    "UNETLoader": ({"unet_name", "weight_dtype"}, ("MODEL",)),
+    "DualCLIPLoader": ({"clip_name1", "clip_name2", "type", "device"}, ("CLIP",)),
+    "VAELoader": ({"vae_name"}, ("VAE",)),
     "CLIPTextEncode": ({"text", "clip"}, ("CONDITIONING",)),
+    "FluxGuidance": ({"conditioning", "guidance"}, ("CONDITIONING",)),
     "EmptyLatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
+    "EmptySD3LatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
     "KSampler": ({"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"}, ("LATENT",)),
     "VAEDecode": ({"samples", "vae"}, ("IMAGE",)),
     "SaveImage": ({"images", "filename_prefix"}, ()),
@@ -619,23 +600,40 @@ def node_io(class_type: str) -> tuple[dict, tuple]:
     return dict.fromkeys(names), outputs
 
 
-def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras):
-    api = json.loads((WORKFLOWS / "selma-merge-experts.api.json").read_text())
-    ui = json.loads((WORKFLOWS / "selma-merge-experts.json").read_text())
-    kinds = [node["class_type"] for node in api.values()]
-    assert kinds.count("SelmaExpertLoader") == 3 and {"SelmaMergeExperts", "SelmaApplyLora", "KSampler", "SaveImage"} <= set(kinds)
+def test_templates_are_at_the_pack_root_one_per_use_and_their_api_copies_elsewhere(repo_root):
+    from support_templates import API_FOLDER, GRAPHS, UI_FOLDER
+
+    # ComfyUI lists every .json of these folders at a pack's root as a template: only the UI graphs are there.
+    listed = [p for name in ("example_workflows", "example", "examples", "workflow", "workflows")
+              for p in (repo_root / name).glob("*.json")]
+    assert sorted(p.name for p in listed) == sorted(f"{name}.json" for name in GRAPHS)
+    assert UI_FOLDER == repo_root / "example_workflows" and API_FOLDER.parent == repo_root / "comfyui_nodes"
+    for name, graph in GRAPHS.items():  # the API copies are the definitions, as support_templates.py wrote them
+        assert json.loads((API_FOLDER / f"{name}.api.json").read_text()) == graph(), name
+    kinds = {name: [n["class_type"] for n in graph().values()] for name, graph in GRAPHS.items()}
+    assert kinds["selma-merge-experts"].count("SelmaExpertLoader") == 3 and "SelmaApplyLora" in kinds["selma-merge-experts"]
+    assert all("SelmaLoraLoader" in kinds[name] for name in ("selma-model-by-name", "selma-sdxl", "selma-flux"))
+    assert "UNETLoader" in kinds["selma-flux"] and "sd_xl_base_1.0.safetensors" in json.dumps(GRAPHS["selma-sdxl"]())
+
+
+@pytest.mark.parametrize("name", ["selma-merge-experts", "selma-model-by-name", "selma-sdxl", "selma-flux"])
+def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras, name):
+    from support_templates import API_FOLDER, TITLE, UI_FOLDER
+
+    api = json.loads((API_FOLDER / f"{name}.api.json").read_text())
+    ui = json.loads((UI_FOLDER / f"{name}.json").read_text())
     api_links = set()
     for node_id, node in api.items():
         inputs, _ = node_io(node["class_type"])
         assert set(node["inputs"]) <= set(inputs), (node_id, set(node["inputs"]) - set(inputs))
         if node["class_type"] in NODE_CLASS_MAPPINGS:
             assert set(NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"]), node_id
-        for name, value in node["inputs"].items():
+        for input_name, value in node["inputs"].items():
             if isinstance(value, list):
                 source, slot = value
                 produced = node_io(api[source]["class_type"])[1][slot]
-                assert inputs[name] in (None, produced), (node_id, name, produced)
-                api_links.add((int(source), slot, int(node_id), name))
+                assert inputs[input_name] in (None, produced), (node_id, input_name, produced)
+                api_links.add((int(source), slot, int(node_id), input_name))
     # The UI format: same nodes and links, and our nodes' widget values in INPUT_TYPES order.
     by_id = {node["id"]: node for node in ui["nodes"]}
     assert {str(i): n["type"] for i, n in by_id.items()} == {i: n["class_type"] for i, n in api.items()}
@@ -649,3 +647,9 @@ def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras):
         if node["class_type"] in NODE_CLASS_MAPPINGS:
             order = [n for n in node_io(node["class_type"])[0] if not isinstance(node["inputs"].get(n), list) and n in node["inputs"]]
             assert by_id[int(node_id)]["widgets_values"] == [node["inputs"][n] for n in order], node_id
+    # Laid out without overlaps, as saved (the browser test checks the boxes the frontend draws).
+    boxes = {i: (n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for i, n in by_id.items()}
+    overlapping = [(a, b) for a in boxes for b in boxes if a < b and boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]
+                   and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+    assert overlapping == []

@@ -107,8 +107,10 @@ def test_pull_extracts_once_from_the_fp16_unet_only_and_serves_the_second_pull_f
 def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from_cache(hub, tmp_path, monkeypatch):
     from support_comfyui import FakeFolderPaths
 
-    from comfyui_nodes.nodes import SelmaHubExpert
+    from support_nodes import pull as hub_expert_node
+
     from selma_toolkit.adapters.diffusers import load_experts
+    from selma_toolkit.experts import cached_catalog_experts
     from selma_toolkit.hub.extraction import pull_extraction
 
     olah, lora, model_commit = hub
@@ -122,16 +124,20 @@ def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from
     monkeypatch.setitem(sys.modules, "folder_paths", FakeFolderPaths(loras))
 
     with pytest.raises(HubError) as info:  # nothing extracted yet: the node downloads nothing
-        SelmaHubExpert().pull("tiny-pinned", 1.0, "", olah.endpoint)
+        hub_expert_node("tiny-pinned", 1.0, "", olah.endpoint)
     assert "inside a graph. Run `selma hub pull tiny-pinned` (once, in a terminal: it downloads both" in str(info.value)
     assert str(info.value).startswith("SELMA Hub Expert: tiny-pinned:") and not list(loras.iterdir())
 
+    assert "tiny-pinned" not in cached_catalog_experts()  # what the LoRA Loader's lists offer
     pull_extraction(load_catalog()["tiny-pinned"], endpoint=olah.endpoint)  # what `selma hub pull` does
-    (experts,) = SelmaHubExpert().pull("tiny-pinned", 0.5, "", olah.endpoint)
+    offered = cached_catalog_experts()
+    assert "tiny-pinned" in offered and "tiny-never-pulled" not in offered
+    assert offered["tiny-pinned"].path.read_bytes() == next((tmp_path / "cache" / "extractions").rglob("*.safetensors")).read_bytes()
+    experts = hub_expert_node("tiny-pinned", 0.5, "", olah.endpoint)
     assert [(e.name, e.weight) for e in experts] == [("tiny-pinned.safetensors", 0.5)]
     assert set(experts[0].lora.modules) == set(lora.modules)
     with pytest.raises(HubError, match=r"Run `selma hub pull tiny-never-pulled` \(once, in a terminal"):
-        SelmaHubExpert().pull("tiny-never-pulled", 1.0, "", olah.endpoint)
+        hub_expert_node("tiny-never-pulled", 1.0, "", olah.endpoint)
 
     pipe = build_tiny_pipeline("sd1")  # the base: the pinned revisions resolve from the cache, no request
     names = load_experts(pipe, ["tiny-pinned"], fuse=True)

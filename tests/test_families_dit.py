@@ -608,7 +608,7 @@ def test_fit_check_lists_the_transformer_and_t5_layers_and_refuses_the_other_fam
 
 
 def test_comfyui_node_fit_check_names_flux_and_sd3_models():
-    from comfyui_nodes.nodes import check_lora_fits
+    from comfyui_nodes.fit import check_lora_fits
 
     from selma_toolkit.errors import LoraFormatError
 

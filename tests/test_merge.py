@@ -122,6 +122,115 @@ def test_randomized_svd_recovers_a_low_rank_sum_and_is_reproducible():
         assert torch.equal(module.down, again.modules[name].down)
 
 
+# ------------------------------------------------------------- svd from the stacked factors
+
+
+SD_SIZED = {  # SD 1.5 layer shapes: attention projections, a cross-attention key, a 3x3 conv (flattened 2880)
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768),
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0": (640, 640),
+    "unet.down_blocks.0.resnets.0.conv1": (320, 320, 3, 3),
+}
+
+
+def dense_svd_reference(experts, weights, name, rank):
+    """The best rank-r approximation of sum_t w_t dW_t, each dW_t from A, B and alpha in float64 numpy."""
+    return best_rank_approximation(sum(w * update(e.modules[name]) for w, e in zip(weights, experts)), rank)
+
+
+def test_svd_from_the_factors_gives_the_product_of_the_dense_svd_at_sd_sizes():
+    experts = [random_expert(30, 16, 8.0, SD_SIZED), random_expert(31, 16, 16.0, SD_SIZED)]
+    weights = [0.6, -0.4]  # a negative weight: the merge of a difference
+    for name, shape in SD_SIZED.items():
+        u, s, vh = np.linalg.svd(sum(w * update(e.modules[name]) for w, e in zip(weights, experts)), full_matrices=False)
+        for rank in (8, 20, 40):  # below R = 32, between the experts' rank and R, above R (zero-padded)
+            module = merge_experts(experts, "svd", weights, rank=rank).modules[name]
+            assert module.rank == rank and module.down.shape[1:] == shape[1:] and module.up.shape[0] == shape[0]
+            expected = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            np.testing.assert_allclose(update(module), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+            # The dense SVD's convention: A_m has orthonormal rows (as many as the sum has directions).
+            down = module.down.reshape(rank, -1).numpy()[: min(rank, 32)]
+            np.testing.assert_allclose(down @ down.T, np.eye(len(down)), atol=1e-9)
+
+
+def test_svd_from_the_factors_never_forms_a_dense_update(monkeypatch):
+    from selma_toolkit.lora.merging import formulas
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense update was formed")
+
+    monkeypatch.setattr(LoraModule, "delta", refuse)
+    monkeypatch.setattr(formulas, "svd_update", refuse)
+    monkeypatch.setattr(formulas, "factor", refuse)
+    experts = [random_expert(32, 4, 4.0, SD_SIZED), random_expert(33, 4, 2.0, SD_SIZED)]
+    merged = merge_experts(experts, "svd", [0.5, 0.5], rank=4)
+    assert set(merged.modules) == set(SD_SIZED)
+    with pytest.raises(AssertionError, match="a dense update was formed"):  # the randomized SVD needs it
+        merge_experts(experts, "svd", [0.5, 0.5], rank=4, svd_mode="randomized")
+
+
+def test_svd_from_the_factors_handles_degenerate_stacks_exactly():
+    shapes = {"unet.conv_out": (4, 320, 3, 3), "unet.mid_block.attentions.0.proj_in": (64, 16)}
+    twin = random_expert(34, 12, 12.0, shapes)
+    same_a = LoraWeights({name: LoraModule(m.down.clone(), m.up.flip(0).clone(), 3.0) for name, m in twin.modules.items()})
+    # conv_out: out = 4 < R = 24 (G_B singular); proj_in: in = 16 < R, and both experts share A (G_A singular).
+    experts, weights = [twin, same_a], [0.7, 0.3]
+    merged = merge_experts(experts, "svd", weights, rank=6)
+    for name in shapes:
+        expected = dense_svd_reference(experts, weights, name, 6)
+        np.testing.assert_allclose(update(merged.modules[name]), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    # An expert minus itself: D = 0 exactly, and so is the merge (no noise direction is kept).
+    cancelled = merge_experts([twin, twin], "svd", [1.0, -1.0], rank=4)
+    assert all(not module.up.any() for module in cancelled.modules.values())
+
+
+def test_svd_from_the_factors_merges_modules_some_experts_lack_and_each_their_own_block_weight():
+    first = random_expert(35, 3, 3.0, SD_SIZED)
+    second = random_expert(36, 5, 2.5, dict(list(SD_SIZED.items())[:2]))  # lacks two modules: zero updates there
+    merged = merge_experts([first, second], "svd", [0.5, 0.5], rank=4, block_weights={"in": 2.0, "in.1": 0.0})
+    gains = dict(zip(SD_SIZED, (2.0, 2.0, 0.0, 2.0)))
+    for name, gain in gains.items():
+        present = [e for e in (first, second) if name in e.modules]
+        expected = gain * dense_svd_reference(present, [0.5] * len(present), name, 4)
+        np.testing.assert_allclose(update(merged.modules[name]), expected, rtol=0, atol=1e-10 * max(np.abs(expected).max(), 1))
+
+
+def test_svd_from_float16_experts_matches_the_dense_float64_svd_to_float16_precision():
+    experts = [random_expert(37, 16, 16.0, SD_SIZED, dtype=torch.float16), random_expert(38, 16, 8.0, SD_SIZED, dtype=torch.float16)]
+    merged = merge_experts(experts, "svd", rank=8)
+    for name, module in merged.modules.items():
+        assert module.down.dtype == module.up.dtype == torch.float16
+        expected = dense_svd_reference(experts, [0.5, 0.5], name, 8)
+        error = np.abs(update(module) - expected).max() / np.abs(expected).max()
+        assert error < 2e-3, (name, error)  # the result's own float16 rounding
+
+
+def test_svd_from_float32_experts_is_exact_to_float32_and_a_near_cancelling_merge_too(monkeypatch):
+    from selma_toolkit.lora.merging import lowrank
+
+    precisions = []
+    truncated_svd = lowrank._truncated_svd
+    monkeypatch.setattr(lowrank, "_truncated_svd", lambda group, rank, dtype: precisions.append(dtype) or
+                        truncated_svd(group, rank, dtype))
+    experts = [random_expert(40, 16, 16.0, SD_SIZED, dtype=torch.float32), random_expert(41, 16, 8.0, SD_SIZED, dtype=torch.float32)]
+    merged = merge_experts(experts, "svd", [0.6, 0.4], rank=8)
+    assert set(precisions) == {torch.float32}  # float32 Grams resolve every kept singular value here
+    for name, module in merged.modules.items():
+        expected = dense_svd_reference(experts, [0.6, 0.4], name, 8)
+        assert np.abs(update(module) - expected).max() < 1e-5 * np.abs(expected).max(), name
+    # An expert minus a copy of itself with B changed by 1e-4: D is 1e-4 of the factors' scale, below what
+    # float32 Grams resolve (every singular value would be dropped): the modules are computed in float64.
+    generator = torch.Generator().manual_seed(42)
+    near = LoraWeights({name: LoraModule(m.down.clone(), m.up * (1 + 1e-4 * torch.randn(m.up.shape, generator=generator)),
+                                         m.alpha) for name, m in experts[0].modules.items()})
+    precisions.clear()
+    cancelled = merge_experts([experts[0], near], "svd", [1.0, -1.0], rank=8)
+    assert torch.float64 in precisions
+    for name, module in cancelled.modules.items():
+        expected = dense_svd_reference([experts[0], near], [1.0, -1.0], name, 8)
+        assert np.abs(update(module) - expected).max() < 1e-5 * np.abs(expected).max(), name
+
+
 def ties_reference(updates: list[np.ndarray], weights: list[float], density: float) -> np.ndarray:
     """TIES written out in numpy: trim, elect sign on the weighted sum, weighted disjoint mean."""
     trimmed = []
@@ -432,3 +541,23 @@ def test_cli_merge_bad_input_prints_the_reason_without_traceback(tmp_path, cli):
     assert result.returncode == 2
     assert "--method delta" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_merge_svd_mode_picks_the_randomized_svd_for_ties_and_records_it(tmp_path, cli):
+    from selma_toolkit.lora import load_lora
+
+    experts = [random_expert(48, 3, 3.0, dtype=torch.float32), random_expert(49, 3, 1.0, dtype=torch.float32)]
+    paths = save_experts(tmp_path, experts, ["coco", "whoops"])
+    out = tmp_path / "ties.safetensors"
+    common = ("--method", "ties", "--rank", "3", "--density", "1", "--seed", "5")
+    result = cli("merge", *map(str, paths), "--out", str(out), *common, "--svd-mode", "randomized")
+    assert result.returncode == 0, result.stderr
+    record = merge_record(load_lora(out))
+    assert (record["svd_mode"], record["seed"], record["rank"]) == ("randomized", 5, 3)
+    exact = cli("merge", *map(str, paths), "--out", str(tmp_path / "exact.safetensors"), *common)
+    assert exact.returncode == 0 and merge_record(load_lora(tmp_path / "exact.safetensors"))["svd_mode"] == "exact"
+    for name in LINEAR:  # rank + oversampling covers these small layers whole: the randomized SVD is exact here
+        np.testing.assert_allclose(update(load_lora(out).modules[name]),
+                                   update(load_lora(tmp_path / "exact.safetensors").modules[name]), rtol=1e-3, atol=1e-4)
+    refused = cli("merge", *map(str, paths), "--out", str(tmp_path / "x.safetensors"), "--svd-mode", "fast")
+    assert refused.returncode == 2 and "--svd-mode 'fast': expected exact or randomized" in refused.stderr

@@ -257,12 +257,12 @@ def test_load_experts_takes_a_flux_vector_on_a_diffusers_pipeline(method, tiny_m
 
 
 def test_the_comfyui_merge_node_takes_the_dit_spellings():
-    from comfyui_nodes.nodes import Expert, SelmaMergeExperts
+    from comfyui_nodes.nodes import Expert, merge_expert_stack
 
     loras = [expert(FLUX_NAMES, seed, "flux") for seed in (1, 2)]
     stack = tuple(Expert(f"e{i}", 0.5, "0" * 64, lora) for i, lora in enumerate(loras))
-    plain = SelmaMergeExperts().merge(stack, "delta", 0, False)["result"][0]
-    weighted = SelmaMergeExperts().merge(stack, "delta", 0, False, block_weights="1,0.5,2,0")["result"][0]
+    plain = merge_expert_stack(stack, "delta", 0, False).values[0]
+    weighted = merge_expert_stack(stack, "delta", 0, False, block_weights="1,0.5,2,0").values[0]
     from selma_toolkit.lora import lora_from_state_dict
 
     a, b = lora_from_state_dict(plain), lora_from_state_dict(weighted)

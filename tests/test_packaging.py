@@ -1,4 +1,5 @@
-"""A non-editable install (a wheel) ships every recipe and the hub templates as package data."""
+"""A non-editable install (a wheel) ships every recipe, the hub templates and the ComfyUI templates as package
+data, and the node pack's web extension."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ def wheel(tmp_path_factory, repo_root):
     return next(out.glob("selma_toolkit-*.whl"))
 
 
-def test_wheel_contains_every_shipped_recipe_and_hub_file(wheel, repo_root):
+def test_wheel_contains_every_shipped_recipe_hub_file_and_comfyui_template(wheel, repo_root):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("recipes", "hub"):
+    for folder in ("recipes", "hub", "example_workflows"):
         for path in (repo_root / folder).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:
                 assert f"selma_toolkit/_shipped/{path.relative_to(repo_root).as_posix()}" in names
-    assert "comfyui_nodes/__init__.py" in names
+    assert {"comfyui_nodes/__init__.py", "comfyui_nodes/web/selma.js", "comfyui_nodes/workflows_api/selma-flux.api.json"} <= names
 
 
 def test_installed_wheel_finds_recipes_outside_the_source_tree(wheel, tmp_path):

@@ -264,6 +264,7 @@ def merge(
     format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
     density: Annotated[Optional[float], typer.Option(help=merging.density_help())] = None,
     seed: Annotated[Optional[int], typer.Option(help=merging.seed_help())] = None,
+    svd_mode: Annotated[Optional[str], typer.Option("--svd-mode", help=merging.svd_mode_help())] = None,
     normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
     add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
@@ -289,8 +290,9 @@ def merge(
             raise InputError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
         if experts:
             raise InputError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
-        fixed = [name for name, value in (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed),
-                                          ("--block-weights", block_weights)) if value is not None] + (["--normalize"] if normalize else [])
+        given = (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed), ("--svd-mode", svd_mode),
+                 ("--block-weights", block_weights))
+        fixed = [name for name, value in given if value is not None] + (["--normalize"] if normalize else [])
         if fixed:
             raise InputError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
                              "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
@@ -311,12 +313,15 @@ def merge(
     method = method or "selma"
     if method not in MERGE_METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(MERGE_METHODS)}")
+    if svd_mode not in (None, *merging.SVD_MODES):
+        raise InputError(f"--svd-mode {svd_mode!r}: expected {merging.listing(merging.SVD_MODES)}")
     check_output_file(out)  # before reading any expert: a folder or read-only place in the way fails now
     files = resolve_expert_files(experts)
     merged = merge_files(
         [e.path for e in files], out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
         format=format_, density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
-        normalize=normalize, sources=[e.source for e in files], block_weights=parse_block_weights(block_weights),
+        normalize=normalize, svd_mode=svd_mode or "exact", sources=[e.source for e in files],  # type: ignore[arg-type]
+        block_weights=parse_block_weights(block_weights),
     )
     _print_merge(merged, out, f"merged {len(files)} experts")
 

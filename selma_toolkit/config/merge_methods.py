@@ -31,6 +31,10 @@ class MethodSpec:
     returns one dense update D [out, in] (conv: [out, in*kh*kw]) that the merge re-factors to an
     output rank by truncated SVD (``rank``, default the experts' largest; ``svd_mode`` and, when
     randomized, ``seed``).
+    ``low_rank``: for a dense method whose update is a weighted sum of the experts' own low-rank
+    updates, the formula in formulas.py that takes its exact truncated SVD from the stacked factors,
+    without forming the dense update (used for ``svd_mode="exact"``); empty: the dense update is
+    formed and factored.
     ``nonlinear``: why the merge cannot be extended from its own factors; empty for a linear method,
     one where merging [the merged LoRA, new experts] with weights [c, w_new] equals the merge of old
     and new experts with weights [c * w_old, w_new] exactly (what ``selma merge --add`` relies on).
@@ -48,6 +52,7 @@ class MethodSpec:
     density: str = ""  # what ``density`` means for it; empty: not used
     seed: str = ""  # what ``seed`` means for it (besides a randomized SVD's); empty: not used
     positive_weights: str = ""  # why it needs weights > 0; empty: any finite weights
+    low_rank: str = ""  # exact SVD straight from the stacked factors (formulas.py); empty: from the dense update
 
     @property
     def linear(self) -> bool:
@@ -65,7 +70,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                kept_rank="the experts' rank", equal_ranks="averages the A and B factors"),
     MethodSpec("delta", "merge_delta", "factors", "the exact weighted sum of the updates, rank = sum of ranks",
                kept_rank="every expert (rank = sum of ranks)"),
-    MethodSpec("svd", "svd_update", "dense", "the weighted sum re-factored to the output rank by truncated SVD", nonlinear=_SVD),
+    MethodSpec("svd", "svd_update", "dense", "the weighted sum re-factored to the output rank by truncated SVD", nonlinear=_SVD,
+               low_rank="svd_from_factors"),
     MethodSpec("ties", "ties_update", "dense", "sign consensus of the trimmed updates, re-factored like svd",
                nonlinear=f"{_SVD}, with sign elections", density="share of largest entries kept",
                positive_weights="elects signs on weighted updates"),
@@ -137,6 +143,17 @@ def method_help() -> str:
 
 def rank_help() -> str:
     return f"Output rank for {listing(FACTORED_METHODS, 'and')} (default: the experts' largest)."
+
+
+def svd_mode_text() -> str:
+    """What each SVD mode does, for the CLI's and the nodes' help."""
+    return (f"exact: the exact truncated SVD (svd: from the experts' factors, no dense update; "
+            f"{listing([n for n in FACTORED_METHODS if not METHODS[n].low_rank], 'and')}: of each dense update); "
+            "randomized: torch.svd_lowrank of the dense update with the seed, approximate, faster for large layers")
+
+
+def svd_mode_help() -> str:
+    return f"How {listing(FACTORED_METHODS, 'and')} re-factor to the rank: {svd_mode_text()} (default exact)."
 
 
 def density_help() -> str:

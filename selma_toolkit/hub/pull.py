@@ -118,6 +118,14 @@ def pull_file(
     return target
 
 
+def cached_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
+    """The file as an earlier pull left it in the local Hugging Face cache, or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None  # None or a "known missing" marker
+
+
 def _looks_like_local_path(text: str) -> bool:
     return (
         text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1

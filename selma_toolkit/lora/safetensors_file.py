@@ -7,8 +7,9 @@ offsets tile the data exactly before any tensor is returned.
 
 A file is mapped once, copy-on-write, and its tensors are views into the mapping (little-endian
 hosts; elsewhere safetensors' own reader), as safetensors' ``load_file`` does; the sha256 a merge
-records is computed from the same mapped bytes (:func:`read_safetensors_with_sha256`) instead of
-reading the file a second time.
+records is computed from the same mapped bytes (:func:`read_safetensors_with_sha256`, or later,
+on another thread, :func:`read_safetensors_hashing_later`) instead of reading the file a second
+time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,19 +45,24 @@ _TORCH_DTYPES = {
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and ``__metadata__`` of a safetensors file, after checking its header against its
     size, so that a broken file gets a message that says what is wrong with it."""
-    tensors, metadata, _ = _read(Path(path), with_sha256=False)
+    tensors, metadata, _ = read_safetensors_hashing_later(path)
     return tensors, metadata
 
 
 def read_safetensors_with_sha256(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """As :func:`read_safetensors`, plus the hex sha256 of the file's bytes, hashed from the buffer
     the tensors are read from (equal to ``selma_toolkit.io.sha256_file(path)``, one read instead of two)."""
-    tensors, metadata, digest = _read(Path(path), with_sha256=True)
-    assert digest is not None
-    return tensors, metadata, digest
+    tensors, metadata, sha256 = read_safetensors_hashing_later(path)
+    return tensors, metadata, sha256()
 
 
-def _read(path: Path, *, with_sha256: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+def read_safetensors_hashing_later(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[], str]]:
+    """As :func:`read_safetensors_with_sha256`, with the sha256 as a function that hashes the same mapped
+    bytes when called: another thread can hash while this one uses the tensors (hashlib releases the
+    GIL on large buffers), as ``merge_files`` does while the merge runs."""
+    path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFormatError(
             f"{path}: {path.suffix} files are Python pickles and loading one can run arbitrary code, so "
@@ -66,13 +73,13 @@ def _read(path: Path, *, with_sha256: bool) -> tuple[dict[str, torch.Tensor], di
         raise LoraFormatError(f"{path}: no such file; expected a LoRA .safetensors file")
     header, metadata, header_size = _check_header(path)
     if sys.byteorder != "little":  # safetensors stores little-endian values and byte-swaps for such hosts
-        return _read_with_safetensors(path), metadata, _sha256_of_file(path) if with_sha256 else None
+        return _read_with_safetensors(path), metadata, lambda: sha256_file(path)
     try:
         data = _map_whole(path)
     except (OSError, RuntimeError) as exc:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    digest = hashlib.sha256(memoryview(data.numpy())).hexdigest() if with_sha256 else None
-    return _tensors_from_buffer(path, data, header, 8 + header_size), metadata, digest
+    return (_tensors_from_buffer(path, data, header, 8 + header_size), metadata,
+            lambda: hashlib.sha256(memoryview(data.numpy())).hexdigest())
 
 
 def _map_whole(path: Path) -> torch.Tensor:
@@ -124,10 +131,6 @@ def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _sha256_of_file(path: Path) -> str:
-    return sha256_file(path)
 
 
 def _check_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:

@@ -1,6 +1,8 @@
 """Merging LoRA experts into one LoRA, one concern per module:
 
 * ``formulas.py``: every formula, once, for one module (shapes in the docstrings).
+* ``lowrank.py``: ``svd``'s exact truncated SVD from the experts' stacked factors, never forming
+  a dense update, batched over the modules of one shape.
 * ``checks.py``: weights, options, experts that fit together.
 * ``threads.py``: torch's intra-op threads during a merge.
 * ``record.py``: :class:`~.record.MergeRecord`, the ``selma.merge`` metadata of a merged LoRA.

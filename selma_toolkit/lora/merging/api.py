@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from selma_toolkit.config.merge_methods import MergeMethod, SvdMode, method_spec
+from selma_toolkit.config.merge_methods import MergeMethod, MethodSpec, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.architectures import FAMILIES
 from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights, unused_groups
@@ -25,11 +25,12 @@ from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.merging.checks import (
     check_compatible, check_options, check_ranks, check_shapes, expert_weights, warn_missing,
 )
-from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module
+from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module, uses_low_rank_svd
+from selma_toolkit.lora.merging.lowrank import low_rank_formula
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 from selma_toolkit.lora.merging.threads import intra_op_threads, needs_threads
 from selma_toolkit.lora.metadata import guess_architecture
-from selma_toolkit.lora.safetensors_file import read_safetensors_with_sha256
+from selma_toolkit.lora.safetensors_file import read_safetensors_hashing_later
 
 logger = logging.getLogger("selma_toolkit.lora.merge")  # the merge's one logger name, as before the split
 
@@ -71,7 +72,10 @@ def merge_experts(
     logged and changes nothing.
 
     ``rank`` (the re-factoring methods: svd, ties, dare) defaults to the largest rank among the
-    experts of each module and is capped by the layer's size. Modules that some experts lack count
+    experts of each module and is capped by the layer's size. ``svd_mode="exact"`` (the default)
+    takes the exact truncated SVD: for ``svd`` from the experts' stacked factors, without any dense
+    update (lowrank.py; seconds for a full model), for ties / dare of each dense update;
+    ``"randomized"`` uses torch.svd_lowrank with ``seed`` on the dense updates. Modules that some experts lack count
     as zero updates for them (a warning lists them). Experts whose shapes differ raise
     :class:`LoraFormatError`. ``names`` label the experts in messages and in the merged metadata.
 
@@ -102,8 +106,7 @@ def merge_experts(
                        ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
     options = MergeOptions(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
                            block_weights=block_weights)
-    merged: dict[str, LoraModule] = {}
-    available_threads = torch.get_num_threads()
+    modules: list[ModuleInputs] = []
     for module_name in module_names:
         parts = [
             Part(index, effective_weights[index], expert.modules[module_name])
@@ -112,13 +115,26 @@ def merge_experts(
         ]
         check_shapes(module_name, parts, names)
         check_ranks(spec, module_name, parts, names)
-        with intra_op_threads(available_threads if needs_threads(spec, parts) else 1):
-            inputs = ModuleInputs(module_name, parts, names, options, module_weights[module_name])
-            merged[module_name] = merge_module(spec, inputs)
+        modules.append(ModuleInputs(module_name, parts, names, options, module_weights[module_name]))
+    merged = _merge_modules(spec, modules, options)
     infos = [expert_info(name, expert, architecture=arch) for name, expert, arch in zip(names, experts, architectures)]
     record = MergeRecord.new(method, effective_weights, infos, rank=rank, density=density, seed=seed,
                              svd_mode=svd_mode, block_weights=block_weights)
     return LoraWeights(modules=merged, metadata=record.metadata())
+
+
+def _merge_modules(spec: MethodSpec, modules: Sequence[ModuleInputs], options: MergeOptions) -> dict[str, LoraModule]:
+    """Every module merged with ``spec``'s formula: module by module, or, for the exact SVD from the
+    stacked factors, all modules at once (batched by shape: lowrank.py)."""
+    if uses_low_rank_svd(spec, options.svd_mode):
+        with intra_op_threads(1):
+            return low_rank_formula(spec)(modules, options.rank)
+    merged: dict[str, LoraModule] = {}
+    available_threads = torch.get_num_threads()
+    for inputs in modules:
+        with intra_op_threads(available_threads if needs_threads(spec, inputs.parts, options.svd_mode) else 1):
+            merged[inputs.name] = merge_module(spec, inputs)
+    return merged
 
 
 def merge_files(
@@ -150,16 +166,20 @@ def merge_files(
         raise ValueError(f"sources: {len(sources)} sources for {len(paths)} files")
     # Each file is read once: its tensors are views into the bytes its sha256 is computed from
     # (profiled in bench/merge.py: hashing a second read of every input cost as much as the merge).
-    # Reading and hashing release the GIL, so files are read two at a time.
-    with intra_op_threads(1), ThreadPoolExecutor(max_workers=2) as pool:  # see intra_op_threads
-        read = list(pool.map(read_safetensors_with_sha256, paths))
-        experts = [lora_from_state_dict(tensors, metadata, source=str(path)) for path, (tensors, metadata, _) in zip(paths, read)]
-    digests = [digest for _, _, digest in read]
-    del read
-    merged = merge_experts(
-        experts, method, weights, rank, density=density, seed=seed, names=distinct_labels(paths),
-        normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
-    )
+    # The hashes are taken on two other threads while this one merges (hashlib releases the GIL), so
+    # on two cores the merge takes little more wall time than reading and writing the files.
+    with ThreadPoolExecutor(max_workers=2) as hasher:
+        with intra_op_threads(1):  # see intra_op_threads
+            read = [read_safetensors_hashing_later(path) for path in paths]
+        hashing = [hasher.submit(sha256) for _, _, sha256 in read]
+        experts = [lora_from_state_dict(tensors, metadata, source=str(path))
+                   for path, (tensors, metadata, _) in zip(paths, read)]
+        del read
+        merged = merge_experts(
+            experts, method, weights, rank, density=density, seed=seed, names=distinct_labels(paths),
+            normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
+        )
+        digests = [future.result() for future in hashing]
     given = sources or [None] * len(paths)
     record = MergeRecord.read(merged).with_files(digests, [file_source(p, Path(out), s) for p, s in zip(paths, given)])
     record.write_to(merged)

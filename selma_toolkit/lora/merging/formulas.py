@@ -9,7 +9,9 @@ multiplies the merged B after the formula: B_m <- g * B_m, A_m unchanged.
 
 A formula takes one module's :class:`ModuleInputs`; ``"factors"`` formulas return the merged
 :class:`LoraModule`, ``"dense"`` ones the dense update D [out, in] that :func:`factor` re-factors
-(the kind is in methods.py's table, which names each function here).
+(the kind is in methods.py's table, which names each function here). ``svd``'s D is a weighted sum
+of the experts' own updates: with the exact SVD, every module is re-factored from the stacked
+factors instead, without forming D (``lowrank.py``, the table's ``low_rank``).
 
 Memory: besides the inputs and the (low-rank) output, at most one module's dense update and a few
 accumulators of its shape are alive at any moment.
@@ -68,6 +70,12 @@ class ModuleInputs:
     block_weight: float = 1.0
 
 
+def uses_low_rank_svd(spec: MethodSpec, svd_mode: str) -> bool:
+    """Whether a merge re-factors from the stacked factors (lowrank.py) instead of dense updates: the
+    method names a ``low_rank`` formula and the SVD is the exact one."""
+    return bool(spec.low_rank) and svd_mode == "exact"
+
+
 def merge_module(spec: MethodSpec, inputs: ModuleInputs) -> LoraModule:
     """One module merged with ``spec``'s formula; g = 1 leaves it untouched, bit for bit."""
     formula = globals()[spec.formula]
@@ -85,7 +93,7 @@ def _compute_dtype(parts: Sequence[Part]) -> torch.dtype:
     return torch.float64 if any(p.module.down.dtype == torch.float64 for p in parts) else torch.float32
 
 
-def _output_dtype(parts: Sequence[Part]) -> torch.dtype:
+def output_dtype(parts: Sequence[Part]) -> torch.dtype:
     dtype = parts[0].module.down.dtype
     for part in parts:
         dtype = torch.promote_types(torch.promote_types(dtype, part.module.down.dtype), part.module.up.dtype)
@@ -112,7 +120,7 @@ def merge_selma(inputs: ModuleInputs) -> LoraModule:
         up.add_(p.module.up, alpha=p.weight * p.module.scale)
     if block_weight != 1.0:
         up.mul_(block_weight)  # B_m <- g * B_m, in the compute dtype, before the one rounding to the output's
-    out_dtype = _output_dtype(parts)
+    out_dtype = output_dtype(parts)
     return LoraModule(down=down.to(out_dtype), up=up.to(out_dtype), alpha=float(ranks.pop()))
 
 
@@ -124,7 +132,7 @@ def merge_delta(inputs: ModuleInputs) -> LoraModule:
     # Stacking is exact in the inputs' own dtype; only B is scaled (one rounding, as any cast):
     # g * cat_t(w_t B'_t) = cat_t((g w_t s_t) B_t), the coefficient taken in float64 first.
     # Each B is scaled straight into its columns of the output: one pass over it, not a scaled copy and a cat.
-    out_dtype = _output_dtype(parts)
+    out_dtype = output_dtype(parts)
     down = torch.cat([p.module.down.to(out_dtype) for p in parts], dim=0)
     first = parts[0].module.up
     up = torch.empty((first.shape[0], down.shape[0], *first.shape[2:]), dtype=out_dtype, device=first.device)
@@ -232,7 +240,7 @@ def factor(update: torch.Tensor, rank: int, inputs: ModuleInputs) -> LoraModule:
     like = parts[0].module
     if like.is_conv:
         down, up = down.reshape(rank, *like.down.shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
-    out_dtype = _output_dtype(parts)
+    out_dtype = output_dtype(parts)
     return LoraModule(down=down.contiguous().to(out_dtype), up=up.contiguous().to(out_dtype), alpha=float(rank))
 
 

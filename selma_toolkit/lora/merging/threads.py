@@ -9,14 +9,17 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from selma_toolkit.config.merge_methods import MethodSpec
-from selma_toolkit.lora.merging.formulas import Part, dense_shape
+from selma_toolkit.lora.merging.formulas import Part, dense_shape, uses_low_rank_svd
 
 THREADED_SVD_ENTRIES = 512 * 512  # dense updates from this size on are factored with every torch thread
 
 
-def needs_threads(spec: MethodSpec, parts: Sequence[Part]) -> bool:
-    """Whether a module's merge is worth torch's intra-op threads: only an SVD of a large update."""
-    return spec.dense and math.prod(dense_shape(parts)) >= THREADED_SVD_ENTRIES
+def needs_threads(spec: MethodSpec, parts: Sequence[Part], svd_mode: str) -> bool:
+    """Whether a module's merge is worth torch's intra-op threads: only an SVD of a large dense update
+    (not the SVD from the stacked factors, whose matrices are [R, R] and thin)."""
+    if not spec.dense or uses_low_rank_svd(spec, svd_mode):
+        return False
+    return math.prod(dense_shape(parts)) >= THREADED_SVD_ENTRIES
 
 
 @contextlib.contextmanager
