@@ -120,9 +120,17 @@ def toyworld_study(
     seed: Annotated[Optional[list[int]], typer.Option(
         help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
     kind: Annotated[Optional[list[str]], typer.Option(
-        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, lowcfg, highcfg, teacher, "
-             "and the Table 4 baselines dpo, moe ([dpo] / [moe] settings). "
-             "Default: all but teacher, and teacher too when --teacher is given.")] = None,
+        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, bon4, bon8 (best of N by "
+             "images.judge), lowcfg, highcfg, teacher, round2 (drawn with round 1's merge), and the Table 4 baselines "
+             "dpo, moe ([dpo] / [moe] settings). Default: selma, gt, filtered, keyq, lowcfg, highcfg, and teacher "
+             "when --teacher is given.")] = None,
+    merge_kind: Annotated[Optional[list[str]], typer.Option(
+        help="Kinds whose experts are also merged and trained as one mixture LoRA (repeatable; default: selma).")] = None,
+    prompt_set: Annotated[str, typer.Option(
+        help="Where variants are scored: heldout (the measurement) or dev (a development prompt stream, neither "
+             "trained on nor held out, for sizing a study).")] = "heldout",
+    guidance: Annotated[Optional[list[float]], typer.Option(
+        help="Other guidance scales to draw the base at, variants base-cfg<g> (repeatable; default: 1).")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes).")] = None,
     high_guidance: Annotated[float, typer.Option(min=1, help="Guidance of the 'highcfg' kind's images.")] = 8.0,
@@ -134,16 +142,19 @@ def toyworld_study(
     set_: SetOption = None,
 ) -> None:
     """SELMA on a toy base, scored exactly: base, experts on self-generated / ground-truth / filtered /
-    other-guidance / teacher images, the mixture LoRA and the merges, per seed; then study.md, study.json
-    and study.png."""
+    judged / other-guidance / teacher / second-round images, the mixture LoRA and the merges, per seed;
+    then study.md, study.json and study.png."""
     from selma_toolkit.recipe import load_run_recipe
-    from selma_toolkit.toyworld.study import KINDS, StudyOptions, run_study
+    from selma_toolkit.toyworld.study import DEFAULT_KINDS, StudyOptions, run_study
 
+    if prompt_set not in ("heldout", "dev"):
+        raise InputError(f"--prompt-set {prompt_set!r}: expected heldout or dev")
     set_threads(threads)
     run = load_run_recipe(recipe, set_ or [])
-    kinds = kind or [k for k in KINDS if k != "teacher" or teacher]
-    options = StudyOptions(kinds=tuple(kinds), filter_min_score=filter_min_score, filter_candidates=filter_candidates,
-                           high_guidance=high_guidance, teacher=teacher)
+    kinds = kind or [*DEFAULT_KINDS, *(["teacher"] if teacher else [])]
+    options = StudyOptions(kinds=tuple(kinds), merge_kinds=tuple(merge_kind or ("selma",)), prompt_set=prompt_set,  # type: ignore[arg-type]
+                           guidances=tuple(guidance or (1.0,)), filter_min_score=filter_min_score,
+                           filter_candidates=filter_candidates, high_guidance=high_guidance, teacher=teacher)
     summary = run_with_progress(lambda on_stage, progress: run_study(run, out, options, seeds=seed, progress=progress))
     console.print(f"study summary: {escape(str(summary))}", highlight=False, soft_wrap=True)
     console.print(f"per-seed reports: {escape(str(out))}/seed-*/report/index.html", highlight=False, soft_wrap=True)
