@@ -318,6 +318,12 @@ SCORERS: dict[str, str] = {
     "toyworld": "selma_toolkit.toyworld.scorer:build_toyworld_scorer",
 }
 SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
+# The [evaluate] field that names each scorer's model (a scorer without a model, toyworld, has none):
+# where the images stage's judge_model goes when that scorer is the judge (images/best_of.py).
+SCORER_MODEL_FIELDS: dict[str, str] = {
+    "clipscore": "clip_model", "pickscore": "pickscore_model", "hps": "hps_model", "imagereward": "imagereward_model",
+    "vqascore": "vqa_model", "questions": "vqa_model",
+}
 
 
 def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:
