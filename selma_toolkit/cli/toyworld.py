@@ -171,3 +171,48 @@ def toyworld_export(
 
     target = export_base(run_dir, snapshot_path(run_dir, step), to)
     console.print(f"wrote {escape(str(target))}", highlight=False)
+
+
+@toyworld_app.command("judge-train")
+def toyworld_judge_train(
+    out: Annotated[Path, typer.Option(help="Training folder (checkpoint, log); rerun to resume.")],
+    seed: Annotated[int, typer.Option(help="The run is a pure function of the settings and this seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Renders per step (each with its caption and 3 hard negatives).")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant after warm-up).")] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    noise: Annotated[float, typer.Option(help="Largest pixel-noise std of the degraded renders.")] = 0.1,
+    blur: Annotated[float, typer.Option(help="Share of renders blurred (3x3 box).")] = 0.5,
+    exclude_recipe: Annotated[Optional[str], typer.Option(
+        help="A study recipe whose held-out and development prompts the judge must never see (e.g. toy-study-3).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Train toy:judge, a small CLIP of the shapes world, on renders with hard-negative captions."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selma_toolkit.toyworld.judge import JudgeSettings, train_judge
+
+    set_threads(threads)
+    settings = JudgeSettings(seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                             warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, noise=noise, blur=blur,
+                             exclude_recipe=exclude_recipe)
+    columns = (TextColumn("judge"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("judge", total=steps, loss=0.0)
+        train_judge(out, settings, progress=lambda done, total, loss: bar.update(task, completed=done, loss=loss))
+    console.print(f"export it with `selma toyworld judge-export {escape(str(out))}`", highlight=False, soft_wrap=True)
+
+
+@toyworld_app.command("judge-export")
+def toyworld_judge_export(
+    run_dir: Annotated[Path, typer.Argument(help="A judge training folder.")],
+    to: Annotated[Optional[Path], typer.Option(help="Folder to write (replaced whole); default: the shipped "
+                                                    "selma_toolkit/toyworld/judge (toy:judge).")] = None,
+) -> None:
+    """Write a trained judge as a transformers CLIP folder (fp16 safetensors, processor, provenance)."""
+    from selma_toolkit.toyworld.judge import JUDGE_DIR, export_judge
+
+    target = export_judge(run_dir, to or JUDGE_DIR)
+    console.print(f"wrote {escape(str(target))}", highlight=False)

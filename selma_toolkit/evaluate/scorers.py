@@ -51,9 +51,16 @@ class Scorer(Protocol):
 
 
 def resolve_scorer_model(spec: str, field: str) -> str:
-    """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use); other references unchanged."""
+    """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use) and for ``toy:judge``
+    (the shapes world's shipped judge, package data); other references unchanged."""
     from selma_toolkit import tiny
+    from selma_toolkit.toyworld.judge import JUDGE_SPEC, judge_dir
 
+    if spec == JUDGE_SPEC:
+        try:
+            return str(judge_dir())
+        except ValueError as exc:
+            raise ModelError(f"evaluate.{field} = {spec!r}: {exc}") from None
     if tiny.is_tiny_spec(spec):
         try:
             return str(tiny.ensure_tiny_scorer_model(spec))
