@@ -88,7 +88,8 @@ def test_exported_judge_loads_in_the_clipscore_scorer_and_records_its_rebuild(tm
     train_judge(tmp_path / "run", JudgeSettings(**TINY))
     target = export_judge(tmp_path / "run", tmp_path / "judge")
     record = json.loads((target / "toyworld-judge.json").read_text())
-    assert record["step"] == 4 and record["rebuild"][0].startswith("selma toyworld judge-train --out OUT --seed 0 --steps 4")
+    assert record["step"] == 4
+    assert record["rebuild"][0].startswith("selma toyworld judge-train --out OUT --seed 0 --steps 4")
     assert set(record["caption_beats_hard_negative"]) == set(NEGATIVE_KINDS)
     assert {v.dtype for v in load_file(str(target / "model.safetensors")).values()} == {torch.float16}
     scorer = build_scorer("clipscore", EvaluateSettings(clip_model=str(target)))

@@ -80,7 +80,8 @@ class JudgeSettings(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
+                                 for e in exc.errors())
             raise RecipeError(f"judge settings: {problems}") from None
 
 

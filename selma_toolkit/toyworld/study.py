@@ -58,9 +58,18 @@ from selma_toolkit.recipe import RunRecipe, write_resolved_recipe
 from selma_toolkit.toyworld.study_data import (
     copy_prompts,
     dev_prompts,
+    image_scores,
+    judge_agreement,
     mean_score,
     write_filtered,
     write_ground_truth,
+)
+from selma_toolkit.toyworld.study_variants import (
+    DPO_EXPERT,
+    fused_model,
+    merge_experts,
+    table4_baselines,
+    train_experts,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +94,7 @@ DEFAULT_KINDS = ("selma", "gt", "filtered", "keyq", "lowcfg", "highcfg")
 # of their own, trained from the "selma" run folder's prompts and experts (train/dpo.py,
 # train/moe.py: under seed-<s>/selma/dpo/ and seed-<s>/selma/moe/).
 BASELINE_KINDS: dict[str, tuple[str, str]] = {
-    "dpo": ("dpo-expert", ("Diffusion-DPO on pairs of the base's own images, the one dpo.scorer prefers winning "
+    "dpo": (DPO_EXPERT, ("Diffusion-DPO on pairs of the base's own images, the one dpo.scorer prefers winning "
                            "(paper Table 4); merged as variant dpo")),
     "moe": ("moe", "the SELMA experts kept apart under a learned gate (MoE-LoRA, paper Table 4): variant moe"),
 }
@@ -185,7 +194,8 @@ class StudyOptions:
         if unknown:
             raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(ALL_KINDS)}")
         if "teacher" in self.kinds and not self.teacher:
-            raise RecipeError("study kind 'teacher' needs a teacher base model (--teacher toy:shapes, a folder or a Hub id)")
+            raise RecipeError("study kind 'teacher' needs a teacher base model (--teacher toy:shapes, a folder or a "
+                              "Hub id)")
         if self.filter_candidates < 1 or self.high_guidance < 1 or any(g < 1 for g in self.guidances):
             raise RecipeError("filter_candidates, high_guidance and every guidance must be at least 1")
         needs_selma = [kind for kind in (*self.kinds, *self.merge_kinds)
@@ -199,14 +209,6 @@ class StudyOptions:
 
 
 # ------------------------------------------------------------------------------------ a replicate
-
-
-def _train(run: RunRecipe, paths: RunPaths, names: list[str], label: str, progress: Progress) -> None:
-    from selma_toolkit.train import train_expert
-
-    for name in names:
-        if not paths.expert(name).is_file():
-            train_expert(run, name, paths, progress=lambda e, n=name: progress(f"{label} {n}", e.done, e.total))
 
 
 def _with_images(run: RunRecipe, **update: object) -> RunRecipe:
@@ -223,76 +225,6 @@ def _image_runs(run: RunRecipe, options: StudyOptions) -> dict[str, RunRecipe]:
     if options.teacher:
         recipes["teacher"] = _with_images(run, model=options.teacher)
     return {kind: recipe for kind, recipe in recipes.items() if kind in options.kinds}
-
-
-def _merge(run: RunRecipe, paths: RunPaths, skills: list[str], methods: list[str]) -> None:
-    from selma_toolkit.lora.merge import merge_files
-
-    for method in methods:
-        if not paths.merged(method).is_file():
-            merge_files([paths.expert(s) for s in skills], paths.merged(method), method, run.merge.weights,  # type: ignore[arg-type]
-                        run.merge.rank, format=run.train.lora_format, density=run.merge.density, seed=run.merge.seed)
-
-
-def fused_model(run: RunRecipe, lora: Path, folder: Path) -> Path:
-    """The base model with ``lora`` folded into its weights, saved as a diffusers folder (float32,
-    safetensors) at ``folder``: the model a second round draws its images with. Written once
-    (into a partial folder, then renamed), so a rerun reuses it."""
-    import shutil
-
-    import torch
-
-    from selma_toolkit.adapters.diffusers import load_experts
-    from selma_toolkit.models import load_pipeline
-
-    if (folder / "model_index.json").is_file():
-        return folder
-    pipe = load_pipeline(run.base_model, revision=run.revision, device="cpu", dtype="float32")
-    load_experts(pipe, [lora], method="selma", fuse=True, adapter_name="round1")
-    pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay (diffusers' fuse-then-save recipe)
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.to(torch.float32).save_pretrained(partial, safe_serialization=True)
-    partial.rename(folder)
-    return folder
-
-
-def _table4_baselines(run: RunRecipe, selma: RunPaths, skills: list[str], kinds: tuple[str, ...],
-                      progress: Progress) -> dict[str, tuple[Path | None, list[str]]]:
-    """Train the ``dpo`` / ``moe`` kinds from the SELMA run folder; their evaluation variants."""
-    variants: dict[str, tuple[Path | None, list[str]]] = {}
-    if "dpo" in kinds:
-        from selma_toolkit.train.dpo import (
-            dpo_is_current,
-            dpo_merge_is_current,
-            dpo_merged,
-            dpo_paths,
-            merge_dpo,
-            preference_pairs,
-            train_dpo_expert,
-        )
-
-        trained = []
-        for skill in skills:
-            if not dpo_is_current(run, selma, skill)[0]:
-                if not preference_pairs(run, skill, selma):  # every pair a tie: left out, as a filter that keeps nothing
-                    log.warning("%s: every DPO preference pair is a tie; no DPO expert (raise dpo.pairs_per_prompt)", skill)
-                    continue
-                train_dpo_expert(run, skill, selma, progress=lambda e, s=skill: progress(f"dpo {s}", e.done, e.total))
-            trained.append(skill)
-        variants.update({f"{BASELINE_KINDS['dpo'][0]}:{s}": (dpo_paths(selma).expert(s), [s]) for s in trained})
-        if trained == skills:  # the variant "dpo" is the merge of every skill's DPO expert
-            if not dpo_merge_is_current(run, selma):
-                merge_dpo(run, selma)
-            variants["dpo"] = (dpo_merged(run, selma), skills)
-    if "moe" in kinds:
-        from selma_toolkit.train.moe import moe_file, moe_is_current, train_moe
-
-        experts = [(s, selma.expert(s)) for s in skills]
-        if not moe_is_current(run, selma, experts)[0]:
-            train_moe(run, selma, experts, progress=lambda e: progress("moe gate", e.done, e.total))
-        variants["moe"] = (moe_file(selma), skills)
-    return variants
 
 
 def _datasets(run: RunRecipe, root: Path, roots: dict[str, RunPaths], options: StudyOptions,
@@ -328,7 +260,11 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
                   progress: Progress | None = None) -> dict[str, object]:
     """Every stage of one replicate (see the module docstring); returns its record (also written
     to ``seed-<s>/replicate.json``) with the data sizes and the path of its scores.json."""
-    from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
+    from selma_toolkit.evaluate.generate import (
+        EvalJob,
+        draw_eval_images,
+        heldout_prompts,
+    )
     from selma_toolkit.evaluate.report import write_report
     from selma_toolkit.evaluate.scoring import score_variants, variant_folder
     from selma_toolkit.images import generate_images
@@ -353,8 +289,8 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     data = _datasets(run, root, roots, options, report)
     methods = list(dict.fromkeys([run.merge.method, *run.evaluate.merge_methods]))
     if "selma" in options.kinds:
-        _train(run, selma, skills, "train selma", report)
-        _merge(run, selma, skills, methods)
+        train_experts(run, selma, skills, "train selma", report)
+        merge_experts(run, selma, skills, methods)
     if "round2" in options.kinds:  # round 2 draws with round 1's merged SELMA experts fused into the base
         model = fused_model(run, selma.merged(run.merge.method), roots["round2"].root / "round1-model")
         for skill in skills:
@@ -364,20 +300,29 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
 
     # A filter may keep no image of a skill: that expert is left out (write_filtered warns).
     trained = {kind: [s for s in skills if (roots[kind].images(s) / METADATA).is_file()] for kind in data_kinds}
-    image_scores = {kind: {skill: mean_score(roots[kind].images(skill)) for skill in trained[kind]} for kind in data_kinds}
+    item_scores = {kind: {skill: image_scores(roots[kind].images(skill)) for skill in trained[kind]}
+                   for kind in data_kinds}
+    agreement = {}
+    if run.images.judge and "selma" in options.kinds:  # the judge against the exact scorer on the base's own images
+        from selma_toolkit.images.best_of import load_judge
+
+        agreement = {skill: judge_agreement(selma.images(skill), load_judge(run.images)) for skill in skills}
     for kind in data_kinds:
-        _train(run, roots[kind], trained[kind], f"train {kind}", report)
+        train_experts(run, roots[kind], trained[kind], f"train {kind}", report)
     for kind in options.merge_kinds:
         if trained[kind] == skills:
-            _train(run, roots[kind], [JOINT] if run.joint else [], f"train {kind}", report)
-            _merge(run, roots[kind], skills, methods)
+            train_experts(run, roots[kind], [JOINT] if run.joint else [], f"train {kind}", report)
+            merge_experts(run, roots[kind], skills, methods)
 
     eval_dir = root / "eval"
-    prompts = dev_prompts(run, selma, root / "dev-prompts") if options.prompt_set == "dev" else heldout_prompts(run, selma)
+    if options.prompt_set == "dev":
+        prompts = dev_prompts(run, selma, root / "dev-prompts")
+    else:
+        prompts = heldout_prompts(run, selma)
     variants: dict[str, tuple[Path | None, list[str]]] = {"base": (None, skills)}
     for kind in data_kinds:
         variants.update({f"{EXPERT_PREFIX[kind]}:{s}": (roots[kind].expert(s), [s]) for s in trained[kind]})
-    variants.update(_table4_baselines(run, selma, skills, options.kinds, report))
+    variants.update(table4_baselines(run, selma, skills, options.kinds, report))
     for kind in options.merge_kinds:
         if trained[kind] == skills:
             if run.joint:
@@ -394,9 +339,14 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     score_variants(items, [ToyWorldScorer()], eval_dir, bootstrap_samples=run.evaluate.bootstrap_samples,
                    batch_size=run.evaluate.batch_size)
     write_report(eval_dir, root / "report", title=f"Shapes-world study: {run.name}, seed {seed}",
-                 prompts_per_skill=run.evaluate.report_prompts_per_skill, human_eval_pairs=run.evaluate.human_eval_pairs or None)
-    record = {"seed": seed, "base_model": run.base_model, "train_images": data, "train_image_scores": image_scores,
-              "options": asdict(options), "prompt_set": options.prompt_set,
+                 prompts_per_skill=run.evaluate.report_prompts_per_skill,
+                 human_eval_pairs=run.evaluate.human_eval_pairs or None)
+    record = {"seed": seed, "base_model": run.base_model, "train_images": data,
+              "train_image_scores": {kind: {s: mean_score(v) for s, v in per.items()}
+                                     for kind, per in item_scores.items()},
+              "train_item_scores": item_scores,
+              "options": asdict(options), "prompt_set": options.prompt_set, "judge_agreement": agreement,
+              "guidance": run.images.guidance_scale,
               "filter_min_score": options.filter_min_score, "filter_candidates": options.filter_candidates,
               "scores": str((eval_dir / "scores.json").relative_to(out)), "merge_methods": methods}
     atomic_write_text(root / "replicate.json", json.dumps(record, indent=1) + "\n")

@@ -10,7 +10,12 @@ import logging
 import random
 from pathlib import Path
 
-from selma_toolkit.dataset import METADATA, PromptRecord, read_image_dataset, read_prompts
+from selma_toolkit.dataset import (
+    METADATA,
+    PromptRecord,
+    read_image_dataset,
+    read_prompts,
+)
 from selma_toolkit.images import image_name, image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text
 from selma_toolkit.paths import RunPaths
@@ -106,19 +111,22 @@ def copy_prompts(source: RunPaths, target: RunPaths, skill: str) -> None:
         atomic_write_bytes(target.prompts(skill), source.prompts(skill).read_bytes())
 
 
-def mean_score(folder: Path) -> float:
-    """Mean toyworld score of an image dataset's images on their own captions."""
+def image_scores(folder: Path) -> dict[int, float]:
+    """The toyworld score of every image of a dataset on its own caption, by prompt id."""
     from PIL import Image
 
     from selma_toolkit.toyworld.scorer import score_image
 
-    values = []
+    scores = {}
     for record in read_image_dataset(folder):
         with Image.open(record.path) as image:
-            values.append(score_image(image.convert("RGB"), record.text) or 0.0)
-    return round(sum(values) / max(1, len(values)), 2)
+            scores[int(record.extra["prompt_id"])] = score_image(image.convert("RGB"), record.text) or 0.0
+    return scores
 
 
+def mean_score(scores: dict[int, float]) -> float:
+    """The mean of image_scores (how faithful a dataset's images are), rounded to 0.01."""
+    return round(sum(scores.values()) / max(1, len(scores)), 2)
 
 
 # ------------------------------------------------------------------------------ the development stream
@@ -171,3 +179,46 @@ def dev_prompts(run: RunRecipe, paths: RunPaths, folder: Path) -> dict[str, list
                                         + "\n" for r in records))
         chosen[skill.name] = records
     return chosen
+
+
+# ------------------------------------------------------------------------------ the judge against the scorer
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
+    """ROC AUC of ``scores`` for the ``positive`` labels: the chance that a random positive scores
+    above a random negative (ties count half), from average ranks (the Mann-Whitney U statistic;
+    written here because scikit-learn and scipy are not dependencies). None without both classes."""
+    import numpy as np
+
+    values = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):  # average ranks of ties
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def judge_agreement(folder: Path, judge) -> dict[str, object]:
+    """How well ``judge`` (a scorer) tells the images of a dataset that answer every question right
+    (exact toyworld score 100) from the others: its ROC AUC, with the counts; the per-image judge
+    and exact scores are kept so that seeds can be pooled."""
+    from PIL import Image
+
+    from selma_toolkit.toyworld.scorer import score_image
+
+    images, captions, exact = [], [], []
+    for record in read_image_dataset(folder):
+        with Image.open(record.path) as image:
+            images.append(image.convert("RGB"))
+        captions.append(record.text)
+        exact.append(score_image(images[-1], record.text) or 0.0)
+    judged = [float(v) if v is not None else float("-inf") for v in judge.score(images, captions)]
+    right = [value == 100.0 for value in exact]
+    return {"auc": roc_auc(judged, right), "images": len(images), "all_right": sum(right),
+            "judge_scores": [round(v, 4) for v in judged], "exact_scores": exact}
