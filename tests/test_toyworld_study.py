@@ -192,6 +192,15 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     assert "tiny" in teacher_rows
     assert any(row["target"].startswith("base on toy-count clearly worse at guidance 1") for row in summary["targets"])
     assert summary_path.read_text().startswith("# Shapes-world study") and (tmp_path / "study.png").stat().st_size > 0
+    # The rule's table: every kind's training margin over the SELMA images of the same prompts;
+    # ground truth's margin is 100 minus the SELMA images' mean score.
+    margins = summary["training_margins"]
+    assert set(margins) == set(kinds) - {"selma"}
+    selma_mean = sum(summary["train_image_scores"]["selma"].values()) / 3
+    gt_mean = sum(m["mean"] for m in margins["gt"].values()) / 3
+    assert gt_mean == pytest.approx(100.0 - selma_mean, abs=0.02)
+    assert {row["kind"] for row in summary["rule_check"]} == set(margins)
+    assert (tmp_path / "study-rule.png").stat().st_size > 0
     # A rerun finds everything done and changes nothing.
     before = (replicate / "eval" / "scores.json").read_bytes()
     run_study(run, tmp_path, options)
@@ -256,6 +265,19 @@ def test_unknown_toy_base_is_a_clear_error():
 
     with pytest.raises(ModelError, match="toy:circles: unknown toy base; the shipped ones are toy:shapes, toy:shapes-web"):
         resolve_model("toy:circles")
+
+
+def test_seeds_then_items_interval_covers_the_spread_between_replicates():
+    from selma_toolkit.toyworld.study_stats import seed_item_bootstrap
+
+    # Three replicates whose items agree within each: pooled items would give a narrow interval,
+    # resampling the replicates gives every mean from 0 (seeds 0, 0, 0) to 3 (seed 2 thrice).
+    mean, low, high = seed_item_bootstrap({0: [0.0] * 50, 1: [0.0] * 50, 2: [3.0] * 50})
+    assert mean == pytest.approx(1.0) and low == pytest.approx(0.0) and high == pytest.approx(3.0)
+    # One replicate: the items bootstrap of its mean.
+    values = [float(v) for v in range(20)]
+    mean, low, high = seed_item_bootstrap({0: values})
+    assert mean == pytest.approx(9.5) and 6.0 < low < 9.5 < high < 13.0
 
 
 def test_findings_say_when_self_generated_data_does_not_help_and_what_does():

@@ -36,6 +36,7 @@ from selma_toolkit.toyworld.study_stats import (
     more_markdown,
     pooled_agreement,
     rule_check,
+    rule_figure,
     training_margins,
 )
 
@@ -369,10 +370,11 @@ def bar_chart(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_study_report(out: Path, run) -> Path:
-    """Write study.json, study.md and study.png from the finished replicates; return study.md."""
+    """Write study.json, study.md, study.png and study-rule.png from the finished replicates; return study.md."""
     summary = summarise(out, [s.name for s in run.skills])
     atomic_write_text(out / "study.json", json.dumps(summary, indent=1) + "\n")
     bar_chart(summary, out / "study.png")
+    rule_figure(summary, out / "study-rule.png")
     path = out / "study.md"
     atomic_write_text(path, markdown(summary, f"Shapes-world study: {run.name}"))
     log.info("study summary: %s", path)

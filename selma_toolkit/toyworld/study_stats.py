@@ -176,3 +176,57 @@ def more_markdown(summary: dict[str, Any]) -> list[str]:
         lines += ["", "## The base at each guidance", "", "| guidance | " + " | ".join(skills) + " |", *head]
         lines += [f"| {g:g} | " + " | ".join(_cell(stats.get(s)) for s in skills) + " |" for g, stats in curve]
     return lines
+
+
+def rule_figure(summary: dict[str, Any], path) -> bool:
+    """study-rule.png: left, every expert kind's gain over the base per skill (seeds-then-items
+    interval); right, each data kind's training margin against its expert's gain, per skill (the
+    rule: a gain needs a margin above 0). False (nothing written) when there are no margins."""
+    rows = [row for row in summary.get("rule_check", []) if row["gain"] is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selma_toolkit.io import atomic_open
+    from selma_toolkit.toyworld.study import EXPERT_PREFIX
+
+    skills = summary["skills"]
+    gains = summary.get("gains_seeds_items", {})
+    experts = [EXPERT_PREFIX[k] for k in EXPERT_PREFIX if EXPERT_PREFIX[k] in gains]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    width = 0.8 / max(1, len(skills))
+    for s, skill in enumerate(skills):
+        xs, means, errors = [], [], [[], []]
+        for k, kind in enumerate(experts):
+            stats = gains[kind].get(skill)
+            if stats is not None:
+                xs.append(k + (s - (len(skills) - 1) / 2) * width)
+                means.append(stats["mean"])
+                errors[0].append(stats["mean"] - stats["low"])
+                errors[1].append(stats["high"] - stats["mean"])
+        left.bar(xs, means, width, yerr=errors, capsize=2, label=skill)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_xticks(range(len(experts)), [e.removesuffix("-expert") or "selma" for e in experts], rotation=30)
+    left.set_ylabel("gain over the base (toyworld points)")
+    left.set_title("experts on their own skill, 95% interval (seeds, then items)", fontsize=9)
+    left.legend(fontsize=7)
+    markers = dict(zip(skills, "osD^v"))
+    for row in rows:
+        margin, gain = row["margin"], row["gain"]
+        right.errorbar(margin["mean"], gain["mean"], xerr=[[margin["mean"] - margin["low"]], [margin["high"] - margin["mean"]]],
+                       yerr=[[gain["mean"] - gain["low"]], [gain["high"] - gain["mean"]]], fmt=markers.get(row["skill"], "o"),
+                       capsize=2, color="tab:green" if row["helped"] else "tab:gray")
+        right.annotate(row["kind"], (margin["mean"], gain["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlabel("training margin: training images minus the base at inference (toyworld points)")
+    right.set_ylabel("expert's gain (toyworld points)")
+    right.set_title("the rule: a gain needs a margin above 0 (green: gain interval above 0)", fontsize=9)
+    figure.tight_layout()
+    with atomic_open(path) as handle:
+        figure.savefig(handle, format="png")
+    plt.close(figure)
+    return True
