@@ -235,7 +235,7 @@ def test_development_prompts_are_neither_train_nor_heldout_and_are_what_a_dev_st
     assert not (replicate / "selma" / "experts").exists()
 
 
-def test_wheel_ships_both_toy_bases_and_finds_them_outside_the_source_tree(tmp_path, repo_root):
+def test_wheel_ships_both_toy_bases_and_the_judge_and_finds_them_outside_the_source_tree(tmp_path, repo_root):
     import subprocess
     import sys
     import zipfile
@@ -257,6 +257,14 @@ def test_wheel_ships_both_toy_bases_and_finds_them_outside_the_source_tree(tmp_p
                                 env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / name)
+    # toy:judge ships the same way and the clipscore scorer's model resolver finds it there.
+    assert {"selma_toolkit/toyworld/judge/model.safetensors", "selma_toolkit/toyworld/judge/toyworld-judge.json",
+            "selma_toolkit/toyworld/judge/tokenizer.json"} <= set(wheel.namelist())
+    code = "from selma_toolkit.evaluate.scorers import resolve_scorer_model; print(resolve_scorer_model('toy:judge', 'x'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / "judge")
 
 
 def test_unknown_toy_base_is_a_clear_error():
