@@ -12,16 +12,22 @@ Each architecture is built from its published config with weights initialised di
 * adapters: one denoising step (UNet forward, CFG batch of 2) with ``--experts`` LoRA experts as
   runtime adapters (diffusers ``set_adapters``, weights 1/T) vs the merged LoRA (SELMA: A and B
   averaged) as one adapter, fused into the weights (``fuse_lora``), and fused with the adapter
-  layers removed (``unload_lora``), against the base UNet measured before any adapter was added.
+  layers removed (``unload_lora``), against the base UNet measured before any adapter was added;
+* the VQA judge (``--judge``, bench/gpu_judge.py): a real-size PaliGemma-3B (the DSG judge of the
+  shipped recipes) built from its config with random weights in bfloat16, answering ``--judge-questions``
+  yes/no questions about each of ``--judge-images`` 512 px images, ``--judge-batch`` (image, question)
+  pairs per forward pass, through the toolkit's answerer: questions/s and images/s, so that one run
+  measures generation and judging on the same GPU.
 
 Prints one table, then as its last line ``gpu_fused_overhead ratio=R goal=<=1.01``: R is the
 fused-and-unloaded merged LoRA's denoising-step time over the base's (the merged LoRA's "no
 extra inference cost"). Needs CUDA and exits 2 with a message without it. ``--smoke`` runs every
 code path on the tiny models on the CPU in seconds (numbers meaningless; used by the tests).
 
-    python bench/gpu.py [--archs sd15,sd2,sdxl] [--steps 20] [--repeats 3] [--smoke]
+    python bench/gpu.py [--archs sd15,sd2,sdxl] [--steps 20] [--repeats 3] [--judge paligemma-3b-448] [--smoke]
 
-Budget: under 5 minutes on one recent CUDA GPU (H100/H200/A100 class) with the defaults.
+Budget: under 5 minutes on one recent CUDA GPU (H100/H200/A100 class) with the defaults, measured before the
+judge was added; the judge (about 3 billion parameters, 128 questions) is not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import statistics
 import sys
 import time
 from typing import Any, Callable
+
+from gpu_judge import JUDGES, bench_judge
 
 GOAL = 1.01
 NATIVE = {"sd15": 512, "sd2": 768, "sdxl": 1024}
@@ -295,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch", type=int, default=2, help="training micro-batch")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (the paper's 128)")
     parser.add_argument("--experts", type=int, default=5, help="LoRA experts as runtime adapters (the paper's 5)")
+    parser.add_argument("--judge", default="paligemma-3b-448", choices=[*JUDGES, "none"],
+                        help="the VQA judge measured after the architectures (none: skip it)")
+    parser.add_argument("--judge-images", type=int, default=16, help="images the judge answers questions about")
+    parser.add_argument("--judge-questions", type=int, default=8, help="yes/no questions per image (DSG-1k has ~8)")
+    parser.add_argument("--judge-batch", type=int, default=32, help="(image, question) pairs per judge forward pass")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code, numbers mean nothing")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -324,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         arch_rows, overhead = run_arch(arch, args, device, dtype)
         rows.extend(arch_rows)
         overheads.append(overhead)
+    if args.judge != "none":
+        try:
+            rows.extend(bench_judge(args.judge, args, device, torch.float32 if args.smoke else torch.bfloat16, timed))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append((f"judge {args.judge}", "out of GPU memory"))
     width = max(len(label) for label, _ in rows)
     print(f"{'measurement'.ljust(width)}  value")
     for label, value in rows:

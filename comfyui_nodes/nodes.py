@@ -13,28 +13,28 @@ Data between the nodes:
   ComfyUI maps completely). The merge node returns a :class:`LoraStateDict`, a dict that also
   carries the merge's metadata, so that SELMA Save LoRA can write it into the file.
 
-Errors are :class:`selma_toolkit.errors.SelmaError` subclasses whose message names the file or
-input, what was found and what to do; ComfyUI shows that message on the failing node. The library's
-messages are shared with the ``selma`` CLI and name its flags (``--method delta``); each node runs
-inside :func:`node_errors`, which words them as the node's inputs (``set method to delta``).
+Errors are :class:`selma_toolkit.errors.SelmaError` subclasses whose fields name the file or
+option, what was found and what to do; ComfyUI shows the error's message on the failing node. Each
+node runs inside :func:`~.words.node_errors`, which words the options as the nodes' inputs ("set the
+method input to delta"; ``words.py``), where the ``selma`` CLI words them as flags.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selma_toolkit.architectures import family_of_comfy_model
-from selma_toolkit.errors import HubError, LoraFormatError, SelmaError
+from selma_toolkit.config import merge_methods as merging  # the method table: list, rules, texts
+from selma_toolkit.errors import HubError, LoraFormatError, Option
 from selma_toolkit.expert_fit import LayerMisfit, layer_misfits, shown_lines
 from selma_toolkit.io import sha256_file
 from selma_toolkit.lora import (
+    WRITE_FORMATS,
     LoraWeights,
     guess_architecture,
     load_lora,
@@ -45,52 +45,14 @@ from selma_toolkit.lora import (
 )
 from selma_toolkit.lora.blocks import parse_block_weights
 from selma_toolkit.lora.merge import MergeRecord, merge_experts
-from selma_toolkit.lora.merging import methods as merging  # the method table: list, rules, texts
+
+from .words import node_errors
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "SELMA"
 EXPERTS = "SELMA_EXPERTS"
 LORA_MODEL = "LORA_MODEL"  # ComfyUI's type name (comfy_api.latest.io.LoraModel), produced by its LoRA trainer
-
-# CLI wording in the library's messages -> the nodes' inputs, in order; the last rule turns any other
-# flag into the input's name, so no node error tells a ComfyUI user to type a command-line option.
-_NODE_WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
-    (re.compile(r"--method (\w+) --rank R\b"), r"--method \1 (with a rank; 0: the experts' largest)"),
-    (re.compile(r"\b([Uu])se --method (\w+)"), lambda m: ("S" if m.group(1) == "U" else "s") + "et method to " + m.group(2)),
-    (re.compile(r"\bor --method (\w+)"), r"or to \1"),
-    (re.compile(r"\bDrop --rank\b"), "Set rank to 0"),
-    (re.compile(r" \(or with --file FILE\)"), ""),
-    (re.compile(r"with --catalog FILE"), "in a catalog file named in the 'catalog' input or in SELMA_CATALOG"),
-    (re.compile(r"given with --revision"), "given in 'revision'"),
-    (re.compile(r"check the network or HF_ENDPOINT"), "check the network and the 'endpoint' input (empty: HF_ENDPOINT)"),
-    # Options no node has: the file is converted outside ComfyUI with `selma lora convert`.
-    (re.compile(r"pass drop_bias_diffs=True \(--drop-bias-diffs\) to drop them"),
-     "convert the file with `selma lora convert` and its drop-bias-diffs option to drop them"),
-    (re.compile(r"say which model part it is for \(component='unet', or --component unet\)"),
-     "convert the file with `selma lora convert` and its component option naming the model part (e.g. unet)"),
-    (re.compile(r"--([a-z][a-z0-9-]*)"), lambda m: "'" + m.group(1).replace("-", "_") + "'"),
-)
-
-
-def node_words(message: str) -> str:
-    """A library error message as a node shows it: CLI flags replaced by the node's input names."""
-    for pattern, replacement in _NODE_WORDS:
-        message = pattern.sub(replacement, message)
-    return message
-
-
-@contextlib.contextmanager
-def node_errors() -> Iterator[None]:
-    """Re-raise a SelmaError from the library with its message in the node's words (same class)."""
-    try:
-        yield
-    except SelmaError as error:
-        worded = node_words(str(error))
-        if worded == str(error):
-            raise
-        raise type(error)(worded) from error
-
 
 @dataclass(frozen=True)
 class Expert:
@@ -225,15 +187,13 @@ class SelmaHubExpert:
         from selma_toolkit.experts import resolve_expert_file
 
         catalog_file = catalog.strip() or None
-        with node_errors():
+        with node_errors("SELMA Hub Expert"):
             if not ref.strip():
-                raise HubError(f"SELMA Hub Expert: 'ref' is empty; give a Hub repo id owner/name or {_catalog_names(catalog_file)}")
+                raise HubError(what="empty", where=Option("ref"),
+                               expected=f"a Hub repo id owner/name or {_catalog_names(catalog_file)}")
             loras = folder_paths.get_folder_paths("loras")[0]
-            try:
-                path = resolve_expert_file(ref.strip(), to=loras, revision=revision.strip() or None,
-                                           endpoint=endpoint.strip() or None, catalog=catalog_file).path
-            except HubError as error:
-                raise HubError(f"SELMA Hub Expert: {error}") from error
+            path = resolve_expert_file(ref.strip(), to=loras, revision=revision.strip() or None,
+                                       endpoint=endpoint.strip() or None, catalog=catalog_file).path
             return _stack_with(experts, Path(path).name, str(path), weight)
 
 
@@ -304,7 +264,7 @@ class SelmaMergeExperts:
             )
         record = MergeRecord.read(merged).with_files([expert.sha256 for expert in experts])
         record.write_to(merged)
-        tensors, _ = lora_to_state_dict(merged, "kohya")
+        tensors, _ = lora_to_state_dict(merged)  # the family's default layout (lora/writing.py)
         ranks = sorted(merged.ranks())
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
         base_model = metadata_value(merged, "base_model")
@@ -508,11 +468,11 @@ class SelmaSaveLora:
                                                  "the experts' metadata are written too) or any LORA_MODEL."}),
                 "filename_prefix": ("STRING", {"default": "selma/merged",
                                                "tooltip": "Path under the loras folder; a counter is appended."}),
-                "format": (["kohya", "peft"], {
-                    "default": "kohya",
-                    "tooltip": "kohya: read by ComfyUI's LoraLoader, A1111-style tools and diffusers (SD 3 / Flux "
-                               "LoRAs: diffusers' transformer.* names, which both load for those models); peft: the "
-                               "layout diffusers' save_lora_weights writes (ComfyUI skips its UNet attention keys)."}),
+                "format": (["default", *WRITE_FORMATS], {
+                    "default": "default",
+                    "tooltip": "default: the layout ComfyUI's LoraLoader and diffusers both read for the LoRA's family "
+                               "(kohya for SD 1.x / 2.x / XL, peft for SD 3 / Flux / Chroma, ai-toolkit for Qwen-Image "
+                               "/ Z-Image / FLUX.2); kohya, peft or ai-toolkit where the family has that layout."}),
             }
         }
 
@@ -524,7 +484,7 @@ class SelmaSaveLora:
         path = Path(folder) / f"{name}_{counter:05}_.safetensors"
         with node_errors():
             weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
-            save_lora(weights, path, format=format)
+            save_lora(weights, path, format=None if format == "default" else format)
         relative = str(Path(subfolder) / path.name) if subfolder else path.name
         logger.info("SELMA Save LoRA: wrote %s (%d modules)", path, len(weights.modules))
         return {"ui": {"text": [f"saved loras/{relative}"]}}

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.io import atomic_write_text
+from selma_toolkit.errors import RecipeError
+from selma_toolkit.evaluate.scorers import build_scorers
+from selma_toolkit.evaluate.scoring import EvalItem, score_variants
+from selma_toolkit.evaluate.stats import bootstrap_interval
+from selma_toolkit.images import generate_images, image_seed
+from selma_toolkit.io import atomic_write_text, read_jsonl
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.recipe import RunRecipe
 
@@ -83,11 +88,6 @@ def _prompts(run: RunRecipe, out: Path, per_skill: int) -> RunPaths:
 def check_base(run: RunRecipe, out: str | Path, *, prompts_per_skill: int = 16, guidances: list[float] | None = None,
                best_of: list[int] | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Draw, score and compare (see the module docstring); returns the check.json document."""
-    from selma_toolkit.errors import RecipeError
-    from selma_toolkit.evaluate.scorers import build_scorers
-    from selma_toolkit.evaluate.scoring import EvalItem, score_variants
-    from selma_toolkit.images import generate_images, image_seed
-    from selma_toolkit.io import read_jsonl
 
     if prompts_per_skill < 2:
         raise RecipeError(f"check-base: --prompts-per-skill {prompts_per_skill}: at least 2 prompts per skill are needed")
@@ -119,7 +119,6 @@ def check_base(run: RunRecipe, out: str | Path, *, prompts_per_skill: int = 16, 
 def compare(document: dict[str, Any], settings: list[Setting], metric: str, skills: list[str]) -> dict[str, Any]:
     """Every setting's mean metric and its paired difference from ``inference``, per skill and
     over all skills, and the verdict."""
-    from selma_toolkit.evaluate.stats import bootstrap_interval
 
     scores: dict[str, dict[tuple[str, Any], float]] = {}
     for item in document["items"]:
@@ -127,7 +126,6 @@ def compare(document: dict[str, Any], settings: list[Setting], metric: str, skil
         if value is not None:
             scores.setdefault(item["variant"], {})[(item["skill"], item["prompt_id"])] = float(value)
     if INFERENCE not in scores:
-        from selma_toolkit.errors import RecipeError
 
         raise RecipeError(f"check-base: the metric {metric!r} scored none of the images (a question-file scorer "
                           "scores only its own prompts); put a scorer that reads the prompt first in evaluate.scorers")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from selma_toolkit.errors import LoraFormatError, ModelError
 from selma_toolkit.lora.core import COMPONENTS, LoraModule, LoraWeights, canonical_module_name
+from selma_toolkit.lora.metadata import target_names
+from selma_toolkit.models import hub_model_error, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ def base_layer_shapes(spec: str, revision: str | None = None) -> dict[str, tuple
     (or SD 3 / Flux transformer) and text encoders (CLIP, T5), built from the configs on the meta device; None for a single-file checkpoint
     (its configs come with the weights)."""
     import torch
-
-    from selma_toolkit.models import resolve_model
 
     source = resolve_model(spec)
     if source.lower().endswith(".safetensors"):
@@ -66,7 +66,6 @@ def _config_file(source: str, name: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(source, name, revision=revision))
     except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-        from selma_toolkit.models import hub_model_error
 
         raise hub_model_error(f"{source}: could not read {name} from the Hub", exc) from None
 
@@ -154,8 +153,6 @@ def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: 
     ``text_targets`` in the text encoders, empty when the run does not train them), or None.
     A difference is no error (the merge counts a missing module as a zero update) but is worth a
     warning: the merged LoRA then adapts those layers with only some experts' share."""
-    from selma_toolkit.lora.metadata import target_names
-
     found = target_names(lora)
     text_components = [c for c in found if c != denoiser] or ["text_encoder"]
     trained = {denoiser: sorted(set(unet_targets))} | {c: sorted(set(text_targets)) for c in text_components if text_targets}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selma_toolkit.errors import SelmaError
+from selma_toolkit.hub import resolve_expert
 from selma_toolkit.lora.incremental import is_file_source
 
 
@@ -37,8 +38,6 @@ class ExpertFile:
 def resolve_expert_file(ref: str | Path, **hub_options) -> ExpertFile:
     """``ref`` as a local file: as it is when it is one, else from the catalog / Hub
     (``hub_options``: catalog, revision, to, filename, endpoint, token; see ``hub.resolve_expert``)."""
-    from selma_toolkit.hub import resolve_expert
-
     text = str(ref)
     local = Path(text).expanduser().is_file()
     return ExpertFile(text, Path(resolve_expert(ref, **hub_options)), None if local else text)

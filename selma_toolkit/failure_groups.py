@@ -26,10 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from selma_toolkit.errors import InputError
+from selma_toolkit.errors import InputError, Option
+from selma_toolkit.evaluate.scorers import SCORER_NAMES, build_scorer
+from selma_toolkit.evaluate.vqa import dsg_score
+from selma_toolkit.toyworld.scorer import answer_questions, caption_questions, question_kinds, segment
+from selma_toolkit.toyworld.world import CaptionError, parse_caption
 
 if TYPE_CHECKING:
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 # Question kinds (the toyworld scorer's, and question_kind's) -> the name of the skill they propose.
 KIND_SKILLS = {"count": "count", "color": "color", "relation": "spatial", "spatial": "spatial", "entity": "objects",
@@ -85,8 +89,6 @@ class FailureGroup:
 def first_failures(questions: Sequence[Any], answers: dict[str, str], kinds: dict[str, str]) -> ImageVerdict:
     """An image's verdict from its questions (parents first), the answers given and each question's
     kind: the DSG score, and the kinds and texts of the questions answered wrong whose parents were right."""
-    from selma_toolkit.evaluate.vqa import dsg_score
-
     score, correct = dsg_score(questions, answers)
     failed, wrong = [], []
     for question in questions:
@@ -209,19 +211,14 @@ class _ToyWorldJudge:
     model_id = "toyworld-segmentation/1"
 
     def check(self, prompt: str) -> str | None:
-        from selma_toolkit.toyworld.world import CaptionError, parse_caption
-
         try:
             parse_caption(prompt)
         except CaptionError as exc:
             return (f"the toyworld scorer reads only shapes-world captions ({exc}); see docs/toyworld.md for the "
-                    "grammar, or choose another --scorer")
+                    "grammar, or choose another scorer")
         return None
 
     def judge(self, images: Sequence[Any], prompts: Sequence[str]) -> list[ImageVerdict]:
-        from selma_toolkit.toyworld.scorer import answer_questions, caption_questions, question_kinds, segment
-        from selma_toolkit.toyworld.world import parse_caption
-
         verdicts = []
         for image, prompt in zip(images, prompts, strict=True):
             scene = parse_caption(prompt)
@@ -271,10 +268,9 @@ class _ScoreJudge:
 
 def check_scorer(scorer: str) -> None:
     """An InputError unless ``scorer`` is one of the evaluation scorers (selma_toolkit/evaluate/scorers.py)."""
-    from selma_toolkit.evaluate.scorers import SCORER_NAMES
-
     if scorer not in SCORER_NAMES:
-        raise InputError(f"--scorer {scorer!r}: unknown scorer; expected one of {', '.join(SCORER_NAMES)}")
+        raise InputError(what="unknown scorer", where=Option("scorer"), found=scorer,
+                         expected=f"one of {', '.join(SCORER_NAMES)}")
 
 
 def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:
@@ -283,9 +279,8 @@ def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:
     check_scorer(scorer)
     if scorer == "toyworld":
         return _ToyWorldJudge()
-    from selma_toolkit.evaluate.scorers import build_scorer
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     settings = settings or EvaluateSettings(scorers=[scorer])
     built = build_scorer(scorer, settings)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from selma_toolkit.errors import DatasetError, DiskFullError, FolderLockedError, OutputError
+from selma_toolkit.errors import DatasetError, DiskFullError, FolderLockedError, Option, OutputError, Remedy
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,10 @@ def disk_full_error(path: Path, exc: OSError, kept: str = "nothing was written o
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    error = DiskFullError(f"{path}: {exc.strerror or 'no space left on device'} while writing it ({free} in "
-                          f"{path.parent}); {kept}. Free some space or write elsewhere (--out), "
-                          "then run the command again")
+    error = DiskFullError(what=f"{exc.strerror or 'no space left on device'} while writing it ({free} in "
+                          f"{path.parent}); {kept}", where=str(path),
+                          remedies=[Remedy.do("free some space, then run the command again"),
+                                    Remedy.change("out", "folder")])
     error.errno, error.strerror = exc.errno, exc.strerror
     return error
 
@@ -198,24 +199,26 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+def check_output_folder(path: str | os.PathLike[str], option: str = "out") -> Path:
     """Check, without creating anything, that ``path`` is or can become a folder this process can
-    write; raise :class:`OutputError` naming the path, what is in the way and what to do."""
+    write; raise :class:`OutputError` naming the path (the value of ``option``), what is in the way
+    and what to do."""
     path = Path(path)
     if _file_in_the_way(path) == path:
-        raise OutputError(f"{path}: {option} is an existing file, expected a folder (or a path that does not exist "
-                          f"yet); choose another {option} or move the file away")
+        raise OutputError(what="an existing file", where=Option(option), found=path,
+                          expected="a folder (or a path that does not exist yet)",
+                          remedies=[Remedy.change(option, "folder"), Remedy.do("move the file away")])
     _check_creatable(path, path, option)
     return path
 
 
-def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike[str], option: str = "out") -> Path:
     """Check, without creating anything, that a file can be written at ``path`` (atomically, beside
     it); raise :class:`OutputError` when ``path`` is a folder or its folder cannot be made or written."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path}: {option} is an existing folder, expected a file name such as "
-                          f"{path / 'merged.safetensors'}")
+        raise OutputError(what="an existing folder", where=Option(option), found=path,
+                          expected=f"a file name such as {path / 'merged.safetensors'}")
     _check_creatable(path.parent, path, option)
     return path
 
@@ -223,13 +226,15 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Pa
 def _check_creatable(folder: Path, target: Path, option: str) -> None:
     blocker = _file_in_the_way(folder)
     if blocker is not None:
-        raise OutputError(f"{target}: cannot be created because {blocker} is a file, not a folder; choose another {option}")
+        raise OutputError(what=f"cannot be created because {blocker} is a file, not a folder", where=str(target),
+                          remedies=[Remedy.change(option, "path")])
     nearest = _nearest_existing(folder)
     # os.access also answers "no" on a read-only file system, for root too (root ignores mode bits).
     if not os.access(nearest, os.W_OK | os.X_OK):
         where = "" if nearest == target else f" (its nearest existing folder {nearest})"
-        raise OutputError(f"{target}: cannot write here{where}: permission denied or a read-only file system; "
-                          f"choose a folder you can write with {option}, or change its permissions")
+        raise OutputError(what=f"cannot write here{where}: permission denied or a read-only file system",
+                          where=str(target), remedies=[Remedy.change(option, "folder you can write"),
+                                                       Remedy.do("change its permissions")])
 
 
 # ------------------------------------------------------------------------------ folder lock
@@ -266,8 +271,8 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot write in this run folder ({exc.strerror}); choose a folder you can "
-                          "write with --out") from None
+        raise OutputError(what=f"cannot write in this run folder ({exc.strerror})", where=str(folder),
+                          remedies=[Remedy.change("out", "folder you can write")]) from None
     try:
         locked = False
         try:
@@ -277,9 +282,11 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
             locked = True
         except BlockingIOError:
             raise FolderLockedError(
-                f"{folder}: this run folder is in use by another process ({_describe(_read_record(fd))}); two runs "
-                "on one folder would write the same files. Wait for it to finish or stop it, then run again, or "
-                "use another --out (the lock ends with that process, even if it is killed)"
+                what=f"this run folder is in use by another process ({_describe(_read_record(fd))}); two runs on one "
+                "folder would write the same files", where=str(folder), remedies=[
+                    Remedy.do("wait for it to finish or stop it, then run again (the lock ends with that process, "
+                              "even if it is killed)"),
+                    Remedy.change("out", "folder")],
             ) from None
         except OSError as exc:  # a file system without locks (some network or FUSE mounts), or Windows
             log.warning("%s: cannot lock this folder (%s); nothing stops a second run on it", folder, exc.strerror)

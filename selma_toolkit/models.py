@@ -12,19 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.architectures import DENOISERS, family_of_pipeline, family_titles
+from selma_toolkit.architectures import DENOISERS, Family, family_of_pipeline, family_titles
+from selma_toolkit.config.registries import MODEL_SOURCES, import_object
 from selma_toolkit.errors import ModelDownloadError, ModelError, SelmaError
-from selma_toolkit.lazy import import_object
 
-Architecture = str  # a family name of selma_toolkit.architectures: "sd1", "sd2", "sdxl", "sd3", "flux"
 UNSAFE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-# Model sources named by a prefix: each is "module:function" turning the reference into a local
-# diffusers folder (ValueError when it cannot), imported on use so that this module imports no
-# model builder. tiny: the embedded random models; toy: the shipped shapes-world bases.
-MODEL_SOURCES: dict[str, str] = {
-    "tiny:": "selma_toolkit.tiny:ensure_tiny_model",
-    "toy:": "selma_toolkit.toyworld.model:toy_base_dir",
-}
 
 
 def resolve_model(spec: str) -> str:
@@ -60,15 +52,20 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> Architecture:
-    """The family name (sd1 / sd2 / sdxl / sd3 / flux) from a denoiser config and the pipeline class when known:
+def architecture_from_config(unet_config: dict[str, Any], pipeline_class: str = "") -> str:
+    """The family name (sd1, sd2, ... flux2-klein) from a denoiser config and the pipeline class when known:
     the rules live in the family records (``architectures.family_of_pipeline``)."""
     return family_of_pipeline(pipeline_class, unet_config).name
 
 
-def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
+def detect_architecture(spec: str, revision: str | None = None) -> str:
+    """The family name of a model (sd1, sd2, ... flux2-klein), as metadata and messages write it."""
+    return detect_family(spec, revision).name
+
+
+def detect_family(spec: str, revision: str | None = None) -> Family:
     """Read model_index.json and the denoiser's config.json (unet/ or transformer/, local or from
-    the Hub) and name the architecture."""
+    the Hub): the model's family record (selma_toolkit.architectures), which the stages pass down."""
     path = Path(resolve_model(spec))
     if path.is_dir():
         try:
@@ -96,7 +93,13 @@ def detect_architecture(spec: str, revision: str | None = None) -> Architecture:
     if family.denoiser != denoiser:  # a transformer no family's rule claims (another DiT model)
         raise ModelError(f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
                          f"expected {family_titles()}")
-    return family.name
+    return family
+
+
+def pipeline_family(pipe: Any) -> Family:
+    """The family of a loaded diffusers pipeline (its class and its denoiser's config)."""
+    denoiser = next((getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None), None)
+    return family_of_pipeline(type(pipe).__name__, dict(getattr(denoiser, "config", {}) or {}))
 
 
 def _denoiser(spec: str, index: dict[str, Any]) -> str:
@@ -159,7 +162,7 @@ def load_pipeline(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
 ):
-    """Load a text-to-image pipeline (SD 1.x, SD 2.x, SDXL, SD 3, Flux) with diffusers.
+    """Load a text-to-image pipeline of one of the families (SD 1.x ... FLUX.2 [klein]) with diffusers.
 
     ``scheduler`` names a diffusers scheduler class built from the model's own scheduler config.
     ``safety_checker`` is off by default: for dataset generation it silently blacks out images.

@@ -9,6 +9,7 @@ runs/<name>/
   experts/<skill>.safetensors     stage 3 output (joint.safetensors for the mixture baseline)
   merged/<method>.safetensors     stage 4
   eval/                           evaluation images and scores.json
+  eval/checkpoints/selection.json the best checkpoint of each skill
   report/index.html               the report
 ```
 """
@@ -56,6 +57,11 @@ class RunPaths:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def selection(self) -> Path:
+        """The checkpoint selection (evaluate/checkpoints.py): the best checkpoint of each skill."""
+        return self.eval_dir / "checkpoints" / "selection.json"
 
     @property
     def report(self) -> Path:

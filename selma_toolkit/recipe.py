@@ -1,18 +1,12 @@
 """Recipes: TOML files -> validated objects.
 
-Two kinds of recipe:
+The recipe classes and every stage's section are defined in :mod:`selma_toolkit.config`
+(``config/recipes.py``: ``SkillRecipe``, ``RunRecipe``); this module reads them from TOML files and
+shipped names, and is their public import path (``from selma_toolkit.recipe import RunRecipe``).
 
-* a **skill recipe** (``recipes/skills/*.toml``) says how to make one skill's prompts: description,
-  instruction for the LLM, seed prompts, counts, de-duplication threshold, LLM settings, or a
-  grammar for the offline source;
-* a **run recipe** (``recipes/runs/*.toml``) says what to do with them: base model, which skills,
-  and the settings of every stage (images, training, merging, evaluation).
-
-Every default is the paper's number (method.md). Unknown keys are errors, with the closest valid
-key suggested. ``--set a.b=value`` overrides are parsed as TOML values, then validated like the
-file. ``resolved_toml`` / ``recipe_hash`` give the fully resolved recipe that each run writes
-next to its outputs. Each stage's section is defined next to the stage's code (settings.py names
-the modules); this module puts them together.
+Unknown keys are errors, with the closest valid key suggested. ``--set a.b=value`` overrides are
+parsed as TOML values, then validated like the file. ``resolved_toml`` / ``recipe_hash`` give the
+fully resolved recipe that each run writes next to its outputs.
 """
 
 from __future__ import annotations
@@ -22,152 +16,33 @@ import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import tomli_w
-from pydantic import (
-    BaseModel,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ValidationError
 
-from selma_toolkit.errors import RecipeError
-from selma_toolkit.evaluate.settings import EvaluateSettings, ScorerName  # noqa: F401 - part of this module's API
-from selma_toolkit.images.settings import ImageSettings
-from selma_toolkit.lora.merging.settings import MergeSettings
-from selma_toolkit.prompts.settings import (
-    GrammarSettings,
-    LLMSettings,
-    PromptSourceName,
-)
+from selma_toolkit.config.base import NAME_PATTERN, PLACEHOLDER, Fraction, Name, PositiveInt, StrictModel
+from selma_toolkit.config.evaluate import EvaluateSettings, ScorerName
+from selma_toolkit.config.images import ImageSettings
+from selma_toolkit.config.merge import MergeSettings
+from selma_toolkit.config.prompts import GrammarSettings, LLMSettings, PromptSourceName
+from selma_toolkit.config.recipes import RunRecipe, SkillRecipe
+from selma_toolkit.config.train import UNET_TARGET_MODULES, DPOSettings, MoESettings, TrainSettings
+from selma_toolkit.errors import DatasetError, Fields, Option, RecipeError, Remedy
+from selma_toolkit.io import atomic_write_text
+from selma_toolkit.paths import RunPaths
 from selma_toolkit.resources import shipped_run, shipped_skill
-from selma_toolkit.settings import (  # noqa: F401
-    NAME_PATTERN,
-    PLACEHOLDER,
-    Fraction,
-    Name,
-    PositiveInt,
-    StrictModel,
-)
-from selma_toolkit.train.settings import (  # noqa: F401
-    UNET_TARGET_MODULES,
-    DPOSettings,
-    MoESettings,
-    TrainSettings,
-)
 
-# --------------------------------------------------------------------------------------------
-# Skill recipes (stage 1)
-# --------------------------------------------------------------------------------------------
-
-
-class SkillRecipe(StrictModel):
-    """One skill: how the LLM (or the grammar) is asked for prompts, and how many are kept.
-
-    Request convention (the authors' code): ``instruction`` with ``{n}`` (= prompts_per_request)
-    and ``{max_words}`` filled in, followed by ``examples_per_request`` prompts sampled from the
-    pool as a numbered list ``1. ...``; the answer is parsed as a numbered list continuing after
-    them (numbered or bulleted lines; prose around them is ignored). A candidate is kept when it
-    is non-empty, has at most ``max_words`` words, is no exact duplicate and its ROUGE-L F against
-    every pool prompt is at most ``similarity_threshold``. See selma_toolkit/prompts/.
-    """
-
-    name: Name
-    description: str = ""
-    source: PromptSourceName = "llm"
-    instruction: str = ""
-    seeds: Annotated[list[str], Field(min_length=3)]
-    num_prompts: PositiveInt = 1000
-    similarity_threshold: Fraction = 0.8
-    max_words: PositiveInt = 30
-    examples_per_request: PositiveInt = 3
-    prompts_per_request: PositiveInt = 20
-    seed: int = 0
-    license: str | None = None
-    llm: LLMSettings = LLMSettings()
-    grammar: GrammarSettings | None = None
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds_not_blank(cls, seeds: list[str]) -> list[str]:
-        if any(not s.strip() for s in seeds):
-            raise ValueError("seed prompts must not be empty")
-        return seeds
-
-    @model_validator(mode="after")
-    def _source_has_what_it_needs(self) -> "SkillRecipe":
-        if self.source == "llm" and not self.instruction.strip():
-            raise ValueError("instruction: must not be empty for source = 'llm' (it is what the LLM is asked)")
-        if self.source == "grammar" and self.grammar is None:
-            raise ValueError("grammar: source = 'grammar' needs a [grammar] table with templates and words")
-        return self
-
-    @model_validator(mode="after")
-    def _placeholders_filled_in(self) -> "SkillRecipe":
-        # `selma skill new` (skill_new.py) marks text the user must write with PLACEHOLDER.
-        texts = {"description": self.description, "instruction": self.instruction,
-                 **{f"seeds[{i}]": seed for i, seed in enumerate(self.seeds)}}
-        unfilled = [field for field, text in texts.items() if PLACEHOLDER in text]
-        if unfilled:
-            raise ValueError(f"{', '.join(unfilled)}: still hold{'s' if len(unfilled) == 1 else ''} the {PLACEHOLDER}...> "
-                             "text that `selma skill new` wrote; replace it with the skill's own text")
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# Run recipes (stages 2-4 and evaluation)
-# --------------------------------------------------------------------------------------------
-
-
-class RunRecipe(StrictModel):
-    """A whole SELMA run: base model, skills, and every stage's settings."""
-
-    name: Name
-    # A Hub id, a local diffusers folder, or "tiny:sd1" / "tiny:sd2" / "tiny:sdxl" / "tiny:sd3" / "tiny:flux" (embedded).
-    base_model: str
-    revision: str | None = None
-    skills: list[SkillRecipe] = []
-    # Existing experts to merge in: catalog names, Hub repo ids or local files.
-    experts: list[str] = []
-    # Also train one LoRA on the mixture of all skill datasets (the paper's baseline).
-    joint: bool = False
-    output_dir: str | None = None
-    license: str = "creativeml-openrail-m"
-    images: ImageSettings = ImageSettings()
-    train: TrainSettings = TrainSettings()
-    merge: MergeSettings = MergeSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
-    moe: MoESettings = MoESettings()
-    dpo: DPOSettings = DPOSettings()
-
-    @model_validator(mode="after")
-    def _skills_unique(self) -> "RunRecipe":
-        names = [s.name for s in self.skills]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"skills: each skill may appear once, found {duplicates} more than once")
-        if not self.skills and not self.experts:
-            raise ValueError("skills: a run needs at least one skill (or one expert in experts)")
-        if self.dpo.scorer == "judge" and self.images.judge is None:
-            raise ValueError("dpo.scorer = \"judge\" picks DPO's pairs with images.judge, which is not set; set "
-                             "images.judge (and images.judge_model) or choose a scorer for dpo.scorer")
-        return self
-
-    def skill(self, name: str) -> SkillRecipe:
-        """The skill called ``name``, or a RecipeError listing the run's skills."""
-        for skill in self.skills:
-            if skill.name == name:
-                return skill
-        raise RecipeError(f"run {self.name!r} has no skill {name!r}; its skills are {[s.name for s in self.skills]}")
-
-    @property
-    def image_model(self) -> str:
-        """The model that draws the training images (the base model unless weak-to-strong)."""
-        return self.images.model or self.base_model
-
+# The recipe classes and sections, importable from here as from selma_toolkit.config.
+__all__ = [
+    "NAME_PATTERN", "PLACEHOLDER", "UNET_TARGET_MODULES", "DPOSettings", "EvaluateSettings", "Fraction",
+    "GrammarSettings", "ImageSettings", "LLMSettings", "MergeSettings", "MoESettings", "Name", "PositiveInt",
+    "PromptSourceName", "RunRecipe", "ScorerName", "SkillRecipe", "StrictModel", "TrainSettings", "apply_overrides",
+    "changed_fields", "load_recipe", "load_run_folder", "load_run_recipe", "load_skill_recipe", "parse_override",
+    "read_toml", "recipe_hash", "resolved_toml", "skill_recipe_from_dict", "write_resolved_recipe",
+]
 
 # --------------------------------------------------------------------------------------------
 # Loading, overrides, errors
@@ -215,11 +90,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.steps=100"`` -> (["train", "steps"], 100). The value is read as a TOML value
     (numbers, booleans, strings, arrays); anything that is not valid TOML is taken as a string."""
     if "=" not in text:
-        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        raise RecipeError(what="", where=Option("overrides"), found=text, expected="KEY=VALUE, e.g. train.steps=100")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise RecipeError(f"--set {text!r}: empty key")
+        raise RecipeError(what="empty key", where=Option("overrides"), found=text)
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -235,7 +110,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a table")
+                raise RecipeError(what=f"{part!r} is a value, not a table", where=Option("overrides"), found=text)
             node = child
         node[parts[-1]] = value
     return data
@@ -255,40 +130,83 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError) -> RecipeError:
-    lines = []
+# pydantic's wording of the common type and range errors -> what a recipe expects ("expected an integer").
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string (in quotes)", "list_type": "a list [...]", "dict_type": "a table", "model_type": "a table",
+}
+_EXPECTED_RANGE = {"greater_than_equal": ("ge", "{} or more"), "greater_than": ("gt", "more than {}"),
+                   "less_than_equal": ("le", "{} or less"), "less_than": ("lt", "less than {}")}
+
+
+def _problem(model: type[BaseModel], item: Any) -> str:
+    """One validation error of pydantic's, without its field path: what was expected."""
+    loc, kind, ctx = tuple(item["loc"]), item["type"], item.get("ctx", {})
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return "unknown key" + hint
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
+        # say so, rather than show the regular expression.
+        return ("expected lower-case letters, digits, '-' and '_', starting with a letter or digit (it names folders "
+                "and files, so no '/', '.' or spaces), e.g. 'shape-count'")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}"
+    if kind in _EXPECTED_RANGE and _EXPECTED_RANGE[kind][0] in ctx:
+        bound, text = _EXPECTED_RANGE[kind]
+        return "expected " + text.format(ctx[bound])
+    if kind == "literal_error":
+        return "expected " + item["msg"].removeprefix("Input should be ")
+    return item["msg"].removeprefix("Value error, ")
+
+
+def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError,
+                             overrides: dict[tuple[str, ...], str]) -> RecipeError:
+    """One RecipeError for every problem pydantic found, a line each naming the field, or the ``overrides``
+    entry (key path -> the ``--set`` text) that set it; one line only when an override is the one problem."""
+    lines: list[str | Fields] = []
     for item in error.errors():
         loc = tuple(item["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            parent = _model_at(model, loc[:-1])
-            valid = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
-            lines.append(f"  {path}: unknown key{hint}")
-        elif item["type"] == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NAME_PATTERN:
-            # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
-            # say so, rather than show the regular expression.
-            lines.append(f"  {path}: expected lower-case letters, digits, '-' and '_', starting with a letter or digit "
-                         f"(it names folders and files, so no '/', '.' or spaces), e.g. 'shape-count' (found {item.get('input')!r})")
-        else:
-            found = item.get("input")
-            shown = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"  {path}: {message}{shown}")
-    return RecipeError(f"{source}: invalid recipe\n" + "\n".join(lines))
+        keys = tuple(str(p) for p in loc if not isinstance(p, int))
+        override = next((text for key, text in overrides.items() if keys[:len(key)] == key), None)
+        problem = _problem(model, item)
+        if override is not None:
+            lines.append(Fields(problem, (Option("overrides"),), override))
+            continue
+        found = item.get("input")
+        shown = "" if isinstance(found, (dict, list)) or item["type"] == "extra_forbidden" else f" (found {found!r})"
+        lines.append(f"{path}: {problem}{shown}")
+    if all(isinstance(line, Fields) for line in lines):  # only overrides are wrong, not the file
+        if len(lines) == 1:
+            return RecipeError(what=lines[0].what, where=lines[0].where, found=lines[0].found)  # type: ignore[union-attr]
+        return RecipeError(what="invalid values", where=Option("overrides"), details=lines)
+    return RecipeError(what="invalid recipe", where=source, details=lines)
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+def _override_paths(overrides: list[str], skip: int = 0) -> dict[tuple[str, ...], str]:
+    """Each override's key path (its first ``skip`` parts left out) -> its text, for naming it in errors."""
+    return {tuple(parse_override(text)[0][skip:]): text for text in overrides}
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], source: str,
+              overrides: dict[tuple[str, ...], str] | None = None) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation_error(source, model, exc) from None
+        raise _format_validation_error(source, model, exc, overrides or {}) from None
 
 
-def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>") -> SkillRecipe:
-    """Validate raw skill-recipe data; errors name ``source`` and the field path."""
-    return _validate(SkillRecipe, data, source)
+def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>", overrides: list[str] | None = None,
+                           skip: int = 0) -> SkillRecipe:
+    """Validate raw skill-recipe data; errors name ``source`` and the field path, or the entry of
+    ``overrides`` (already applied to ``data``; their key paths after the first ``skip`` parts) that set it."""
+    return _validate(SkillRecipe, data, source, _override_paths(overrides or [], skip))
 
 
 def _resolve_recipe_path(ref: str, base: Path | None, kind: str) -> Path:
@@ -311,7 +229,7 @@ def load_skill_recipe(ref: str | Path, overrides: list[str] | None = None) -> Sk
     """Load a skill recipe from a path or a shipped name (``"countbench"``)."""
     path = _resolve_recipe_path(str(ref), None, "skill")
     data = apply_overrides(read_toml(path), overrides or [])
-    return skill_recipe_from_dict(data, str(path))
+    return skill_recipe_from_dict(data, str(path), overrides)
 
 
 def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunRecipe:
@@ -324,11 +242,12 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
     """
     path = _resolve_recipe_path(str(ref), None, "run")
     data = read_toml(path)
-    run_overrides, skill_overrides = [], {}
+    run_overrides: list[str] = []
+    skill_overrides: dict[str, list[str]] = {}
     for text in overrides or []:
         parts, _ = parse_override(text)
         if parts[0] == "skills" and len(parts) >= 3:
-            skill_overrides.setdefault(parts[1], []).append(text.split(".", 2)[2])
+            skill_overrides.setdefault(parts[1], []).append(text)
         else:
             run_overrides.append(text)
     data = apply_overrides(data, run_overrides)
@@ -348,14 +267,15 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
             skill_data, source = dict(entry), f"{path} (skills[{index}])"
         else:
             raise RecipeError(f"{path}: skills[{index}]: expected a path or a table, found {entry!r}")
-        name = skill_data.get("name")
-        apply_overrides(skill_data, skill_overrides.pop(name, []))
-        skills.append(skill_recipe_from_dict(skill_data, source))
+        own = skill_overrides.pop(skill_data.get("name"), [])  # type: ignore[arg-type]
+        apply_overrides(skill_data, [text.split(".", 2)[2] for text in own])
+        skills.append(skill_recipe_from_dict(skill_data, source, own, skip=2))
     if skill_overrides:
         known = [s.name for s in skills]
-        raise RecipeError(f"--set skills.{next(iter(skill_overrides))}...: no such skill in this run; its skills are {known}")
+        raise RecipeError(what=f"no such skill in this run; its skills are {known}", where=Option("overrides"),
+                          found=next(iter(skill_overrides.values()))[0])
     data["skills"] = skills
-    return _validate(RunRecipe, data, str(path))
+    return _validate(RunRecipe, data, str(path), _override_paths(run_overrides))
 
 
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -366,6 +286,16 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
+    """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
+    paths = RunPaths(Path(folder))
+    if not paths.recipe.is_file():
+        raise DatasetError(what="not a run folder (no recipe.toml)", where=str(folder),
+                           expected="a folder written by `selma run`",
+                           remedies=[Remedy.run("selma run RECIPE --out FOLDER", note="to give the recipe")])
+    return load_run_recipe(paths.recipe), paths
 
 
 def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> SkillRecipe | RunRecipe:
@@ -400,10 +330,28 @@ def recipe_hash(recipe: SkillRecipe | RunRecipe) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def changed_fields(old: BaseModel, new: BaseModel, prefix: str, skip: Collection[str] = frozenset()) -> list[str]:
+    """``"<prefix><key>: old -> new"`` for every field (nested tables flattened) of two recipe
+    sections that differs, but the keys in ``skip``; what the run checks name (stages/)."""
+    # context "hash": an unset train.target_modules compares as the list that was the default (config/train.py),
+    # so run folders recorded before the default became per-family continue.
+    dump: dict[str, Any] = {"mode": "json", "context": {"hash": True}}
+    before, after = _flat(old.model_dump(**dump), prefix), _flat(new.model_dump(**dump), prefix)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
+
+
 def write_resolved_recipe(recipe: SkillRecipe | RunRecipe, folder: str | Path) -> Path:
     """Write ``recipe.toml`` (fully resolved) and ``recipe.sha256`` into ``folder``; return the TOML path."""
-    from selma_toolkit.io import atomic_write_text
-
     folder = Path(folder)
     path = folder / "recipe.toml"
     atomic_write_text(path, resolved_toml(recipe))

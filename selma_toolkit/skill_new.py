@@ -18,16 +18,12 @@ from typing import Any
 
 import tomli_w
 
-from selma_toolkit.errors import RecipeError
-from selma_toolkit.recipe import (
-    NAME_PATTERN,
-    PLACEHOLDER,
-    LLMSettings,
-    SkillRecipe,
-    apply_overrides,
-    load_skill_recipe,
-    skill_recipe_from_dict,
-)
+from selma_toolkit.config.base import NAME_PATTERN, PLACEHOLDER
+from selma_toolkit.config.prompts import LLMSettings
+from selma_toolkit.config.recipes import SkillRecipe
+from selma_toolkit.errors import Option, RecipeError, Remedy
+from selma_toolkit.io import atomic_write_text
+from selma_toolkit.recipe import apply_overrides, load_skill_recipe, skill_recipe_from_dict
 
 # An instruction in the form of the authors' (method.md), for the author to finish.
 GENERIC_INSTRUCTION = f"""Please create {{n}} more diverse image descriptions. Here are several rules for creating the image descriptions:
@@ -86,9 +82,10 @@ def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, f
                           "letter or digit (at most 64 characters), e.g. 'shape-count'")
     out = Path(out)
     if out.exists() and not force:
-        raise RecipeError(f"{out}: already exists; choose another --out, or pass --force to replace it")
+        raise RecipeError(what="already exists", where=str(out),
+                          remedies=[Remedy.change("out", "file"), Remedy.set("force", True, note="to replace it")])
     if source not in (None, "llm", "grammar"):
-        raise RecipeError(f"--source {source!r}: expected llm or grammar")
+        raise RecipeError(what="", where=Option("source"), found=source, expected="llm or grammar")
     data = _start_from(name, from_skill)
     data["source"] = source or data.get("source", "llm")
     if data["source"] == "grammar" and not data.get("grammar"):
@@ -96,12 +93,11 @@ def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, f
     if data["source"] == "llm" and not data.get("instruction", "").strip():
         data["instruction"] = GENERIC_INSTRUCTION
     data = apply_overrides(data, overrides or [])
-    wanted = skill_recipe_from_dict(_filled(data), f"new skill {name!r} (with --set {overrides or []})")
+    wanted = skill_recipe_from_dict(_filled(data), f"new skill {name!r}", overrides)
     text = recipe_text(data, from_skill)
     unfilled = check_new_skill(text, str(out))
     if skill_recipe_from_dict(_filled(tomllib.loads(text)), str(out)) != wanted:  # the writer dropped a value
         raise RuntimeError(f"skill_new: the written recipe differs from the values given:\n{text}")
-    from selma_toolkit.io import atomic_write_text
 
     atomic_write_text(out, text)
     return NewSkill(out, name, data["source"], unfilled)

@@ -49,7 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from selma_toolkit.errors import DatasetError, InputError, OutputError, RecipeError
+from selma_toolkit.config.base import NAME_PATTERN
+from selma_toolkit.config.evaluate import EvaluateSettings
+from selma_toolkit.config.prompts import LLMSettings
+from selma_toolkit.config.recipes import SkillRecipe
+from selma_toolkit.errors import DatasetError, Fields, InputError, Option, OutputError, RecipeError, Remedy
 from selma_toolkit.failure_groups import (
     FailureGroup,
     ImageVerdict,
@@ -60,8 +64,18 @@ from selma_toolkit.failure_groups import (
     judge_for,
     tfidf_embeddings,
 )
-from selma_toolkit.io import JsonlAppender, atomic_write_bytes, atomic_write_text, folder_lock, read_jsonl
-from selma_toolkit.recipe import EvaluateSettings, LLMSettings, SkillRecipe, skill_recipe_from_dict
+from selma_toolkit.io import (
+    JsonlAppender,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_folder,
+    folder_lock,
+    read_jsonl,
+)
+from selma_toolkit.models import detect_architecture, load_pipeline
+from selma_toolkit.recipe import apply_overrides, skill_recipe_from_dict
+from selma_toolkit.skill_new import GENERIC_INSTRUCTION, recipe_text
+from selma_toolkit.toyworld.world import COLORS, RELATIONS, SHAPES, parse_caption
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +159,13 @@ def evaluate_settings(scorer: str, overrides: Sequence[str] = ()) -> EvaluateSet
     """The ``[evaluate]`` settings for ``scorer`` with ``key=value`` overrides (``clip_model=tiny:clip``)."""
     from pydantic import ValidationError
 
-    from selma_toolkit.recipe import apply_overrides
-
     check_scorer(scorer)
     try:
         return EvaluateSettings.model_validate(apply_overrides({"scorers": [scorer]}, list(overrides)))
     except ValidationError as exc:
         found = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise RecipeError(f"--set {list(overrides)}: not valid [evaluate] settings for scorer {scorer!r}: {found}") from None
+        raise RecipeError(what=f"not valid [evaluate] settings for scorer {scorer!r}: {found}",
+                          where=Option("overrides"), found=list(overrides)) from None
 
 
 # ---------------------------------------------------------------------------------- the entry
@@ -186,29 +199,32 @@ def propose_skills(
     counts images. Raises DatasetError (prompt file), InputError (scorer, settings), OutputError
     (``out``), ModelError (base model).
     """
-    from selma_toolkit.models import detect_architecture
-
     prompts_file, out = Path(prompts_file), Path(out)
     prompts = read_prompt_file(prompts_file)
     check_scorer(scorer)
     if source not in (None, "llm", "grammar"):
-        raise InputError(f"--source {source!r}: expected llm or grammar")
+        raise InputError(what="", where=Option("source"), found=source, expected="llm or grammar")
     if source == "grammar" and scorer != "toyworld":
-        raise InputError(f"--source grammar: a grammar can be derived only from shapes-world captions (--scorer "
-                         f"toyworld); with --scorer {scorer} the recipes ask an LLM (--source llm)")
+        raise InputError(what=f"a grammar can be derived only from shapes-world captions (the toyworld scorer), not "
+                         f"with the {scorer} scorer", where=Option("source"), found=source,
+                         remedies=[Remedy.set("source", "llm", note="the recipes ask an LLM"),
+                                   Remedy.set("scorer", "toyworld")])
     judge = judge_for(scorer, evaluate)
     for line, prompt in prompts:
         problem = judge.check(prompt)
         if problem:
             raise DatasetError(f"{prompts_file}:{line}: {prompt!r}: {problem}")
-    bad = [f"--{name} {value}: expected {wanted}" for name, value, ok, wanted in [
-        ("images-per-prompt", draw.images_per_prompt, draw.images_per_prompt >= 1, "1 or more"),
-        ("steps", draw.steps, draw.steps >= 1, "1 or more"), ("batch-size", draw.batch_size, draw.batch_size >= 1, "1 or more"),
-        ("min-prompts", min_prompts, min_prompts >= 3, "3 or more (a skill recipe needs three seed prompts)"),
-        ("min-failure-rate", min_failure_rate, 0 <= min_failure_rate <= 1, "a share from 0 to 1"),
-        ("max-skills", max_skills, max_skills >= 1, "1 or more")] if not ok]
+    bad = [Fields("", (Option(name),), value, wanted) for name, value, ok, wanted in [
+        ("images_per_prompt", draw.images_per_prompt, draw.images_per_prompt >= 1, "1 or more"),
+        ("steps", draw.steps, draw.steps >= 1, "1 or more"),
+        ("batch_size", draw.batch_size, draw.batch_size >= 1, "1 or more"),
+        ("min_prompts", min_prompts, min_prompts >= 3, "3 or more (a skill recipe needs three seed prompts)"),
+        ("min_failure_rate", min_failure_rate, 0 <= min_failure_rate <= 1, "a share from 0 to 1"),
+        ("max_skills", max_skills, max_skills >= 1, "1 or more")] if not ok]
+    if len(bad) == 1:
+        raise InputError(what="", where=bad[0].where, found=bad[0].found, expected=bad[0].expected)
     if bad:
-        raise InputError("; ".join(bad))
+        raise InputError(what="invalid values", details=bad)
     record = {"base_model": base_model, "prompts": [p for _, p in prompts], "scorer": scorer,
               "scorer_model": judge.model_id, **vars(draw)}
     _check_out(out, record, force)
@@ -233,26 +249,27 @@ def propose_skills(
 
 
 def _check_out(out: Path, record: dict[str, Any], force: bool) -> None:
-    from selma_toolkit.io import check_output_folder
-
     check_output_folder(out)
     if not out.is_dir() or not any(p.name != ".selma.lock" for p in out.iterdir()):
         return
     settings = out / SETTINGS_FILE
     if not settings.is_file():
-        raise OutputError(f"{out}: --out exists and holds files that `selma skill propose` did not write; choose an "
-                          "empty or new folder")
+        raise OutputError(what="exists and holds files that `selma skill propose` did not write", where=Option("out"),
+                          found=out, remedies=[Remedy.change("out", "folder", note="an empty or new one")])
     try:
         previous = json.loads(settings.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        raise OutputError(f"{settings}: not valid JSON; choose another --out or delete the folder") from None
+        raise OutputError(what="not valid JSON", where=str(settings),
+                          remedies=[Remedy.change("out", "folder"), Remedy.do("delete the folder")]) from None
     changed = [k for k in record if previous.get(k) != record[k]]
     if changed:
-        raise OutputError(f"{out}: holds a proposal drawn with other inputs ({', '.join(changed)} differ); choose another "
-                          "--out, or delete the folder to start over")
+        raise OutputError(what=f"holds a proposal drawn with other inputs ({', '.join(changed)} differ)",
+                          where=str(out),
+                          remedies=[Remedy.change("out", "folder"), Remedy.do("delete the folder to start over")])
     if (out / REPORT).is_file() and not force:
-        raise OutputError(f"{out}: already holds a finished proposal ({out / REPORT}); choose another --out, or pass "
-                          "--force to group its images again and rewrite its recipes")
+        raise OutputError(what=f"already holds a finished proposal ({out / REPORT})", where=str(out), remedies=[
+            Remedy.change("out", "folder"),
+            Remedy.set("force", True, note="to group its images again and rewrite its recipes")])
 
 
 def image_seed(seed: int, prompt: str, index: int) -> int:
@@ -284,8 +301,6 @@ def _draw_and_judge(prompts: list[tuple[int, str]], base_model: str, out: Path, 
         progress(count, len(items))
     if pending:
         import torch
-
-        from selma_toolkit.models import load_pipeline
 
         pipe = load_pipeline(base_model, dtype=draw.dtype)
         size = {} if draw.resolution is None else {"height": draw.resolution, "width": draw.resolution}
@@ -338,8 +353,6 @@ def _embeddings(judge: Any, results: Sequence[PromptResult], out: Path) -> Any:
 def toy_template(prompt: str) -> str:
     """A grammar template that keeps a shapes-world caption's structure and frees its colours and
     shapes: ``two red circles and a square`` -> ``two {color} {shape1}s and a {shape2}``."""
-    from selma_toolkit.toyworld.world import RELATIONS, parse_caption
-
     scene = parse_caption(prompt)
     colors = iter(["{color}", "{color2}", "{color3}", "{color4}"])
     phrases = []
@@ -362,8 +375,6 @@ def _grammar_capacity(templates: Sequence[str], words: dict[str, list[str]]) -> 
 
 def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, source: str,
                  num_prompts: int | None) -> tuple[dict[str, Any], str]:
-    from selma_toolkit.skill_new import GENERIC_INSTRUCTION
-
     seeds = [r.prompt for r in group.prompts][:20]
     what = (f"{group.key} questions fail first in {group.failure_rate:.0%} of the images asking them" if group.failure_rate
             is not None else f"a cluster of failing prompts sharing {', '.join(group.words) or 'no words'}")
@@ -372,8 +383,6 @@ def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, s
                                            f"({scorer} scorer: {what})."}
     note = ""
     if source == "grammar":
-        from selma_toolkit.toyworld.world import COLORS, SHAPES
-
         templates = list(dict.fromkeys(toy_template(p) for p in seeds))
         grammar_words = {"color": list(COLORS), "shape": list(SHAPES)}
         capacity = _grammar_capacity(templates, grammar_words)
@@ -400,9 +409,6 @@ def _recipe_data(group: FailureGroup, name: str, base_model: str, scorer: str, s
 
 def _write_recipes(groups: Sequence[FailureGroup], out: Path, base_model: str, scorer: str, source: str, prefix: str,
                    num_prompts: int | None) -> list[ProposedSkill]:
-    from selma_toolkit.recipe import NAME_PATTERN
-    from selma_toolkit.skill_new import recipe_text
-
     folder = out / "skills"
     for stale in folder.glob("*.toml") if folder.is_dir() else []:
         stale.unlink()  # from an earlier grouping of this folder (--force)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,36 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Tiny sd1 / sd2 / sdxl / sd3 / flux models in the diffusers folder layout, built once per session."""
-    from selma_toolkit.tiny import ARCHITECTURES, create_tiny_model
+class TinyModels(Mapping):
+    """Tiny models of every family in the diffusers folder layout, each built the first time a test
+    asks for it (a session that tests one family builds one)."""
 
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: create_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+    def __init__(self, root: Path):
+        from selma_toolkit.tiny import ARCHITECTURES
+
+        self.root, self.names, self.built = root, ARCHITECTURES, {}
+
+    def __getitem__(self, arch: str) -> Path:
+        if arch not in self.names:
+            raise KeyError(arch)
+        if arch not in self.built:
+            from selma_toolkit.tiny import create_tiny_model
+
+            self.built[arch] = create_tiny_model(self.root / arch, arch)
+        return self.built[arch]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> TinyModels:
+    """Tiny models of every family (sd1 ... flux2-klein) in the diffusers folder layout, each built
+    once per session on first use."""
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")

@@ -473,7 +473,39 @@ def _key_check(lora_file: str, arch: str) -> dict:
             "unfit": unmatched[:5] + [misfit.describe("the model") for misfit in misfits[:5]]}
 
 
+def _qwen_image_key_check(lora_file: str, config: str) -> dict:
+    """Map a LoRA file with ComfyUI's own key map of a Qwen-Image model that ComfyUI detects from the
+    state dict of a diffusers QwenImageTransformer2DModel built from ``config`` (JSON keyword
+    arguments): how many modules it patches and which keys it leaves unloaded."""
+    import logging
+
+    import diffusers
+    from safetensors.torch import load_file
+
+    _import_comfy()
+    import comfy.lora
+    import comfy.model_detection
+
+    state = diffusers.QwenImageTransformer2DModel(**json.loads(config)).state_dict()
+    model_config = comfy.model_detection.model_config_from_unet(state, "")
+    model = model_config.get_model(state, "", device="cpu")
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    unloaded: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            match = re.match(r"lora key not loaded: (.+)", record.getMessage())
+            if match:
+                unloaded.append(match.group(1))
+
+    logging.getLogger().addHandler(Collect())
+    lora = load_file(lora_file)
+    patches = comfy.lora.load_lora(lora, key_map)
+    return {"model": type(model_config).__name__, "patched": len(patches), "keys": len(lora), "unloaded": unloaded}
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    answer = {"build-checkpoint": _build_checkpoint, "key-check": _key_check}[command](*arguments)
+    answer = {"build-checkpoint": _build_checkpoint, "key-check": _key_check,
+              "qwen-image-key-check": _qwen_image_key_check}[command](*arguments)
     print(json.dumps(answer))

@@ -40,11 +40,12 @@ def test_every_family_record_is_consistent():
 
 
 def test_unknown_family_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl, sd3, flux"):
+    with pytest.raises(ValueError, match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl, sd3, flux, chroma, "
+                                         r"qwen-image, z-image, flux2-klein"):
         get_family("sd3x")
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("arch", FAMILY_NAMES)
 def test_each_tiny_model_is_recognised_as_its_family_from_its_files(arch, tiny_model_dirs):
     folder = tiny_model_dirs[arch]
     index = json.loads((folder / "model_index.json").read_text())
@@ -70,6 +71,11 @@ def test_each_tiny_model_is_recognised_as_its_family_from_its_files(arch, tiny_m
         ({"modelspec.architecture": "stable-diffusion-3-medium/lora"}, "sd3"),
         ({"modelspec.architecture": "stable-diffusion-3.5-large/lora"}, "sd3"),
         ({"ss_base_model_version": "sd3"}, "sd3"),
+        ({"selma.architecture": "qwen-image"}, "qwen-image"),
+        ({"modelspec.architecture": "flux-2-klein-4b/lora"}, "flux2-klein"),
+        ({"ss_base_model_version": "flux2_klein"}, "flux2-klein"),
+        ({"modelspec.architecture": "z-image/lora"}, "z-image"),
+        ({"ss_base_model_version": "chroma"}, "chroma"),
         ({"modelspec.architecture": "hunyuan-dit/lora"}, None),
         ({}, None),
     ],
@@ -86,6 +92,10 @@ def test_comfyui_model_classes_map_to_families():
     assert family_of_comfy_model("Flux").name == "flux"
     assert family_of_comfy_model("FluxSchnell").name == "flux"
     assert family_of_comfy_model("SD3").name == "sd3"
+    assert family_of_comfy_model("Chroma").name == "chroma"
+    assert family_of_comfy_model("QwenImage").name == "qwen-image"
+    assert family_of_comfy_model("Lumina2").name == "z-image"  # ComfyUI's Z-Image model class
+    assert family_of_comfy_model("Flux2").name == "flux2-klein"
     assert family_of_comfy_model("HunyuanDiT") is None
 
 
@@ -102,14 +112,16 @@ def test_kohya_text_encoder_names_round_trip_through_the_registry_prefixes(arch)
     # lora_te1_ must be tried before lora_te_ (its prefix): longest first
     prefixes = [prefix for prefix, _ in KOHYA_TEXT_PREFIXES]
     assert prefixes == sorted(prefixes, key=len, reverse=True)
-    # t5xxl is SD 3's third text encoder and Flux's second: no single component, so not in the table
-    assert set(COMFY_CLIP_COMPONENTS) == {"clip_l", "clip_h", "clip_g"}
+    # t5xxl is SD 3's third text encoder, Flux's second and Chroma's first: no single component, so
+    # not in the table; Qwen-Image's and Z-Image / FLUX.2 [klein]'s language models are their only encoder.
+    assert set(COMFY_CLIP_COMPONENTS) == {"clip_l", "clip_h", "clip_g", "qwen25_7b", "qwen3_4b"}
 
 
 def test_no_module_outside_the_registry_compares_family_names():
     """Family facts live in architectures.py: elsewhere a family name may appear in prose, a
     default argument or a help text, but not in a comparison, a membership test or a mapping."""
-    rule = re.compile(r"""(==|!=|\bin\s*[\(\[\{])\s*["'](sd1|sd2|sdxl|sd3|flux)["']|["'](sd1|sd2|sdxl|sd3|flux)["']\s*:""")
+    names = "|".join(re.escape(name) for name in FAMILY_NAMES)
+    rule = re.compile(rf"""(==|!=|\bin\s*[\(\[\{{])\s*["']({names})["']|["']({names})["']\s*:""")
     offenders = []
     for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "comfyui_nodes").rglob("*.py")]:
         if path.name == "architectures.py":

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from selma_toolkit.config.recipes import merge_methods
 from selma_toolkit.recipe import load_run_recipe
-from selma_toolkit.run import merge_methods
 
 TOY_SKILLS = ["toy-count", "toy-color", "toy-spatial"]
 

@@ -60,8 +60,10 @@ def test_reference_model_is_the_base_without_the_lora_and_gradients_come_back(ti
     from selma_toolkit.train import model as parts
 
     model_dir = tiny_model_dirs["sd1"]
-    base = parts.load_denoiser(model_dir, "sd1", torch.float32)
-    unet = parts.load_denoiser(model_dir, "sd1", torch.float32)
+    from selma_toolkit.architectures import get_family
+
+    base = parts.load_denoiser(model_dir, get_family("sd1"), torch.float32)
+    unet = parts.load_denoiser(model_dir, get_family("sd1"), torch.float32)
     parts.add_lora(unet, "unet", TrainSettings(rank=2))
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -108,9 +110,7 @@ class Brightness:
 
 @pytest.fixture
 def brightness(monkeypatch):
-    from selma_toolkit.evaluate import scorers
-
-    monkeypatch.setattr(scorers, "build_scorer", lambda name, settings, device=None: Brightness())
+    monkeypatch.setattr(dpo, "build_scorer", lambda name, settings, device=None: Brightness())
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
 
 def test_judge_picks_the_pairs_with_the_images_judge_model_not_the_evaluation_one(tiny_model_dirs, tmp_path):
     from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.evaluate.settings import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     paths = RunPaths(tmp_path / "run")
     write_prompts(paths.prompts("count"), "count", ["one red cube", "two blue balls"])
@@ -160,15 +160,13 @@ def test_judge_picks_the_pairs_with_the_images_judge_model_not_the_evaluation_on
 
 
 def test_all_ties_is_a_clear_error(tiny_model_dirs, pair_run, monkeypatch):
-    from selma_toolkit.evaluate import scorers
-
     class Flat(Brightness):
         name = "flat"
 
         def score(self, images, prompts):
             return [50.0] * len(images)
 
-    monkeypatch.setattr(scorers, "build_scorer", lambda name, settings, device=None: Flat())
+    monkeypatch.setattr(dpo, "build_scorer", lambda name, settings, device=None: Flat())
     with pytest.raises(DatasetError, match="every preference pair of count is a tie"):
         dpo.train_dpo_expert(tiny_run(tiny_model_dirs["sd1"]), "count", pair_run)
 

@@ -1,5 +1,6 @@
 """bench/gpu.py can only measure on a CUDA machine: here its clean refusal without CUDA is checked,
-and its --smoke mode runs every measurement's code on the tiny SDXL model on the CPU."""
+and its --smoke mode runs every measurement's code on the tiny SDXL model and the tiny PaliGemma
+judge on the CPU."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def test_gpu_bench_smoke_runs_every_measurement_on_the_tiny_sdxl(repo_root):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     for row in ("generation 64px", "with cache", "without cache", "runtime adapters", "merged fused, unloaded",
-                "runtime adapters / merged (fused, unloaded)"):
+                "runtime adapters / merged (fused, unloaded)", "judge tiny:paligemma: 16 images x 8 questions"):
         assert any(row in line for line in lines), row
+    assert re.fullmatch(r"gpu_fused_overhead ratio=\d+\.\d+ goal=<=1\.01", lines[-1])
+
+
+def test_gpu_bench_smoke_measures_the_judge_in_images_and_questions_per_second(repo_root):
+    result = run_bench(repo_root, "--smoke", "--archs", "sd15", "--experts", "2", "--judge-images", "3",
+                       "--judge-questions", "2", "--judge-batch", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    [judge] = [line for line in lines if "judge tiny:paligemma: 3 images x 2 questions, batch 4" in line]
+    questions, images = re.search(r"(\d+\.\d) questions/s \((\d+\.\d+) images/s\)", judge).groups()
+    assert float(questions) == pytest.approx(2 * float(images), rel=0.02)  # two questions per image
     assert re.fullmatch(r"gpu_fused_overhead ratio=\d+\.\d+ goal=<=1\.01", lines[-1])

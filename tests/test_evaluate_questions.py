@@ -90,6 +90,36 @@ def test_dsg_rule_counts_children_of_a_failed_parent_as_wrong():
     assert correct == {"1": False, "2": True, "3": False, "4": False} and score == 25.0
 
 
+def test_a_published_benchmarks_flaws_are_read_as_its_code_reads_them():
+    from selma_toolkit.evaluate.questions import questions_from_records
+
+    rows = [{"item_id": "a_1", "text": "a cube", "proposition_id": 1, "question": "q1", "dependency": "2"},
+            {"item_id": "a_1", "text": "a cube", "proposition_id": 2, "question": "q2", "dependency": "1"},
+            {"item_id": "b_1", "text": "a ball", "proposition_id": 1, "question": "q1", "dependency": "0"},
+            {"item_id": "b_1", "text": "a ball", "proposition_id": 2, "question": "q2", "dependency": "1, air"}]
+    with pytest.raises(DatasetError, match="form a cycle"):
+        questions_from_records(rows, "f.csv", "item_id")
+    published = questions_from_records(rows, "f.csv", "item_id", as_published=True)
+    # The cycle is kept in file order (DSG's rule then reads each parent's own answer); the item with a
+    # word among its parents has none.
+    assert [(q.id, q.parents) for q in published.items["a_1"][1]] == [("1", ("2",)), ("2", ("1",))]
+    assert [(q.id, q.parents) for q in published.items["b_1"][1]] == [("1", ()), ("2", ())]
+
+
+def test_dsg_rule_as_dsg_and_dpg_benchmark_code_apply_it():
+    chain = [Question("1", "is there a cube?"), Question("2", "is the cube red?", ("1",)),
+             Question("3", "is the red cube shiny?", ("2",))]
+    answers = {"1": "no", "2": "yes", "3": "yes"}
+    # This toolkit's rule (and DPG-Bench's code): a failure runs down the chain.
+    assert dsg_score(chain, answers) == (0.0, {"1": False, "2": False, "3": False})
+    # DSG-1k's released code: a parent passes on its own answer, so the grandchild keeps its yes.
+    assert dsg_score(chain, answers, transitive=False) == (100 / 3, {"1": False, "2": False, "3": True})
+    # DPG-Bench's code walks its file in order: a parent not reached yet passes on its own answer.
+    child_first = [chain[1], chain[0], chain[2]]
+    assert dsg_score(child_first, answers)[1] == {"2": False, "1": False, "3": False}
+    assert dsg_score(child_first, {"1": "yes", "2": "no", "3": "yes"})[1] == {"2": False, "1": True, "3": False}
+
+
 def test_question_scorer_applies_the_dsg_rule_to_the_vqa_models_answers(tmp_path):
     path = write_csv(tmp_path / "dsg.csv", DSG_ROWS)
     scorer = build_scorer("questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:vqa"))

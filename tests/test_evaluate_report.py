@@ -205,3 +205,79 @@ def test_report_states_each_variants_paired_change_over_the_base_with_its_verdic
     page = write_report(eval_dir, tmp_path / "report", note="Study numbers: docs/toyworld.md").read_text()
     assert "What this run showed" in page and "Study numbers: docs/toyworld.md" in page
     assert any(verdict in page for verdict in ("helps", "hurts", "not significant at this size"))
+
+
+def test_what_this_run_showed_lists_each_merge_first_then_each_expert_on_its_own_skill(tmp_path, eval_dir):
+    from selma_toolkit.evaluate.report import headline_gains, ordered_gains
+
+    document = read_scores(eval_dir / "scores.json")
+    rows = [(r["variant"], r["skill"]) for r in ordered_gains(document, samples=200)]
+    kinds = ["merge" if v.startswith("merged:") else "own" if v == f"expert:{s}" else "other" for v, s in rows]
+    assert kinds == sorted(kinds, key=["merge", "own", "other"].index) and set(kinds) == {"merge", "own", "other"}
+    own_skills = [skill for (_, skill), kind in zip(rows, kinds, strict=True) if kind == "own"]
+    assert own_skills[::2] == list(document["skills"])  # in the skills' order, two metrics each
+    assert [(r["variant"], r["skill"]) for r in headline_gains(document, samples=200)] == [
+        row for row, kind in zip(rows, kinds, strict=True) if kind != "other"]
+    page = write_report(eval_dir, tmp_path / "report").read_text()
+    table = page.split("What this run showed", 1)[1].split("<h2>", 1)[0]
+    shown = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td>", table)
+    assert shown == rows
+
+
+def test_a_tie_for_the_best_mean_marks_no_cell_and_a_unique_best_is_marked(tmp_path, eval_dir):
+    from selma_toolkit.evaluate.report import _table
+
+    means = {("a", "m"): 2.0, ("b", "m"): 2.0, ("c", "m"): 1.0, ("a", "k"): 1.0, ("b", "k"): 3.0, ("c", "k"): 1.0}
+    stats = {key: {"mean": mean, "low": mean - 1, "high": mean + 1, "n": 4} for key, mean in means.items()}
+    rows = _table(["a", "b", "c"], ["m", "k"], lambda row, column: stats[(row, column)], "variant").split("<tr>")[2:]
+    marked = [[cell.startswith(' class="best"') for cell in row.split("<td")[2:]] for row in rows]
+    assert marked == [[False, False], [False, True], [False, False]]
+
+
+def test_report_images_show_their_scores_and_charts_fit_the_page_column(tmp_path, eval_dir):
+    from PIL import Image
+
+    from selma_toolkit.evaluate.report import COLUMN_INCHES
+
+    document = read_scores(eval_dir / "scores.json")
+    # Many variants (as a run with DPO, MoE and several merge methods): the chart would be wider than the page.
+    extra = [f"merged:m{k}" for k in range(8)]
+    wide = dict(document, variants=[*document["variants"], *extra],
+                aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
+                items=[*document["items"], *[dict(i, variant=v) for v in extra for i in document["items"]
+                                             if i["variant"] == "merged:selma"]])
+    index = write_report(wide, tmp_path / "report", eval_dir=eval_dir)
+    for metric in document["scorers"]:
+        width, _ = Image.open(index.parent / "plots" / f"{metric}.png").size
+        assert width <= COLUMN_INCHES * 100  # the legend included: drawn inside the figure
+    page = index.read_text()
+    assert "figure img{max-width:100%" in page
+    labels = {m: info["label"] for m, info in document["scorers"].items()}
+    first = next(i for i in document["items"] if i["variant"] == "base")
+    score = " · ".join(f"{labels[m]} {value:.2f}" for m, value in first["scores"].items())
+    assert f"<div class='score'>{score}</div>" in page
+
+
+def test_report_names_the_selected_checkpoint_of_each_expert_from_the_selection(tmp_path, eval_dir):
+    from selma_toolkit.evaluate.generate import _lora_notes
+    from selma_toolkit.paths import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    chosen = paths.train_dir("color") / "checkpoints" / "step-4" / "color.safetensors"
+    paths.selection.parent.mkdir(parents=True)
+    paths.selection.write_text(json.dumps({"format": "selma-checkpoint-selection/1", "skills": {"color": {
+        "metric": "clipscore", "best_step": 4, "expert": chosen.relative_to(paths.root).as_posix(), "sha256": "0" * 64,
+        "checkpoints": [{"step": 2, "mean": 20.5}, {"step": 4, "mean": 21.25}]}}}))
+    variants = {"base": None, "expert:color": chosen, "expert:count": paths.expert("count"),
+                "merged:selma": paths.merged("selma")}
+    notes = _lora_notes(paths, variants)
+    assert notes == {
+        "expert:color": "the checkpoint of step 4 (skills/color/train/checkpoints/step-4/color.safetensors), the best "
+                        "by clipscore on the held-out prompts (step 2: 20.5, step 4: 21.25)",
+        "expert:count": "experts/count.safetensors (the final expert)",
+        "merged:selma": "merged/selma.safetensors",
+    }
+    page = write_report(eval_dir, tmp_path / "report", loras=notes).read_text()
+    shown = page.split("What this run showed", 1)[1].split("<table>", 1)[0]
+    assert ("<b>expert:color</b>: the checkpoint of step 4 (skills/color/train/checkpoints/step-4/color.safetensors)"
+            in shown)

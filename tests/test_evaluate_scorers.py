@@ -165,7 +165,7 @@ def test_recipe_rejects_unknown_scorers_and_questions_without_a_file():
     from selma_toolkit.errors import RecipeError
     from selma_toolkit.recipe import load_run_recipe
 
-    with pytest.raises(RecipeError, match=r"evaluate.scorers.0: .*'clipscore'.*(found 'dsg')"):
+    with pytest.raises(RecipeError, match=r"overrides \"evaluate\.scorers=\['dsg'\]\": expected .*'clipscore'"):
         load_run_recipe("tiny-demo", ["evaluate.scorers=['dsg']"])
     with pytest.raises(RecipeError, match="'questions' needs evaluate.questions"):
         load_run_recipe("tiny-demo", ["evaluate.scorers=['questions']"])

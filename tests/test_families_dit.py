@@ -145,12 +145,12 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
     folder = write_dataset(tmp_path / "images", 2)
     samples = [TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])]
     root = tmp_path / "cache"
-    names = parts.text_encoder_names(arch)
+    names = parts.text_encoder_names(family)
     latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 32, image_digests(samples)), root, 2,
                                   lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 32))
 
     def caption_encoder():
-        tokenizers, encoders = parts.load_text_encoders(model_dir, arch, torch.float32)
+        tokenizers, encoders = parts.load_text_encoders(model_dir, family, torch.float32)
         return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=family)
 
     spec = caches.text_cache_spec(model_dir, names, torch.float32, samples)
@@ -204,7 +204,7 @@ def test_flow_loss_equals_the_mse_computed_with_the_pipelines_own_helpers(arch, 
 
     family = get_family(arch)
     pipe = pipes[arch]
-    scheduler = parts.load_noise_scheduler(tiny_model_dirs[arch], arch)
+    scheduler = parts.load_noise_scheduler(tiny_model_dirs[arch], family)
     generator = torch.Generator().manual_seed(1)
     n, channels, size = 2, 4, 16
     mean, std = torch.randn(n, channels, size, size, generator=generator), torch.rand(n, channels, size, size, generator=generator)
@@ -287,7 +287,7 @@ def test_a_negative_prompt_for_flux_is_reported_as_ignored(tiny_model_dirs, capl
 
     with caplog.at_level("WARNING", logger="selma_toolkit.images.generate"):
         _check_model(run("flux", "blurry"))
-        assert "Flux pipelines use guidance_scale as their embedded guidance" in caplog.text
+        assert "Flux pipelines take no negative prompt for their guidance" in caplog.text
         caplog.clear()
         _check_model(run("sd3", "blurry"))  # SD 3's classifier-free guidance uses it
         _check_model(run("flux", ""))
@@ -436,13 +436,18 @@ def test_kohya_bfl_onetrainer_and_ai_toolkit_flux_files_are_read_as_diffusers_mo
         "transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.norm1_context.linear"]
     ai_toolkit = {f"transformer.{path}.lora_{ab}.weight": torch.ones(2, 8) if ab == "A" else torch.ones(8, 2)
                   for path in ("transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
-                               "single_transformer_blocks.1.proj_out", "transformer_blocks.0.ff.net.2")
+                               "single_transformer_blocks.1.proj_out", "transformer_blocks.0.ff.net.2",
+                               "transformer_blocks.0.norm1.linear")  # norm1.linear: Flux's, not Chroma's
                   for ab in "AB"}
     assert module_from_key("lycoris_single_transformer_blocks_2_attn_to_k") == (
         "transformer.single_transformer_blocks.2.attn.to_k", "kohya")  # SimpleTuner's LyCORIS-LoRA spelling
     read = lora_from_state_dict(ai_toolkit)
     assert sorted(read.modules) == sorted(k[: -len(".lora_A.weight")] for k in ai_toolkit if ".lora_A." in k)
     assert guess_architecture(read) == "flux"
+    # Without the per-block modulation Chroma lacks, the same names are Chroma's too: the metadata decides.
+    attention = LoraWeights({n: m for n, m in read.modules.items() if "norm1" not in n})
+    assert guess_architecture(attention) is None
+    assert guess_architecture(LoraWeights(attention.modules, {"ss_base_model_version": "flux1"})) == "flux"
 
 
 def test_kohya_flux_files_split_as_diffusers_own_converter_splits_them():
@@ -508,8 +513,12 @@ def test_the_architecture_guess_tells_flux_sd3_and_the_unet_families_apart(exper
         module = LoraModule(torch.zeros(4, in_features), torch.zeros(out_features or in_features, 4), 4.0)
         return LoraWeights({name: module}, dict(metadata))
 
-    # Real widths of the double-stream attention both families share: Flux 3072, SD 3 1536 / 3.5 large 2432.
-    assert guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072)) == "flux"
+    # Real widths of the double-stream attention: SD 3 1536 / 3.5 large 2432; 3072 is the width of Flux,
+    # Chroma, Qwen-Image and FLUX.2 alike, told apart by their other modules or the metadata.
+    assert guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072)) is None
+    assert guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072, ss_base_model_version="flux1")) == "flux"
+    assert guess_architecture(one("transformer.transformer_blocks.0.norm1.linear", 3072, 18432)) == "flux"
+    assert guess_architecture(one("transformer.transformer_blocks.40.attn.add_q_proj", 3072)) == "qwen-image"  # 60 blocks
     assert guess_architecture(one("transformer.transformer_blocks.0.attn.to_q", 1536)) == "sd3"
     assert guess_architecture(one("transformer.transformer_blocks.0.attn.to_k", 2432)) == "sd3"
     assert guess_architecture(one("transformer.time_text_embed.text_embedder.linear_1", 2048, 1536)) == "sd3"
@@ -603,8 +612,8 @@ def test_comfyui_node_fit_check_names_flux_and_sd3_models():
 
     from selma_toolkit.errors import LoraFormatError
 
-    flux_lora = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
-                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    flux_lora = {"transformer.single_transformer_blocks.0.norm.linear.lora_A.weight": torch.zeros(4, 32),
+                 "transformer.single_transformer_blocks.0.norm.linear.lora_B.weight": torch.zeros(96, 4)}
     check_lora_fits(flux_lora, "Flux", matched=1)
     check_lora_fits(flux_lora, "FluxSchnell", matched=1)
     with pytest.raises(LoraFormatError, match="the LoRA is for flux but the MODEL is SD3 \\(sd3\\)"):
@@ -613,12 +622,9 @@ def test_comfyui_node_fit_check_names_flux_and_sd3_models():
         check_lora_fits(flux_lora, "SDXL", matched=1)
 
 
-@pytest.mark.comfyui
-@pytest.mark.parametrize("arch", DIT)
-def test_comfyui_key_map_names_every_key_of_the_written_files(arch, experts, pipes):
-    """ComfyUI's own diffusers -> BFL / MMDiT maps (comfy/utils.py flux_to_diffusers /
-    mmdit_to_diffusers; comfy/lora.py maps ``transformer.<key>`` through them) know every module
-    the expert file names. Read from COMFYUI_PATH's source (its pure dict builders only)."""
+def comfy_key_map_builders() -> dict:
+    """ComfyUI's pure diffusers -> BFL / MMDiT key-map builders, executed from COMFYUI_PATH's
+    comfy/utils.py source (skips the test without it)."""
     root = os.environ.get("COMFYUI_PATH")
     if not root:
         pytest.skip("COMFYUI_PATH is not set")
@@ -629,6 +635,16 @@ def test_comfyui_key_map_names_every_key_of_the_written_files(arch, experts, pip
              or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted for t in n.targets))]
     namespace: dict = {"torch": torch}
     exec(compile(ast.Module(body=nodes, type_ignores=[]), "comfy/utils.py", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("arch", DIT)
+def test_comfyui_key_map_names_every_key_of_the_written_files(arch, experts, pipes):
+    """ComfyUI's own diffusers -> BFL / MMDiT maps (comfy/utils.py flux_to_diffusers /
+    mmdit_to_diffusers; comfy/lora.py maps ``transformer.<key>`` through them) know every module
+    the expert file names. Read from COMFYUI_PATH's source (its pure dict builders only)."""
+    namespace = comfy_key_map_builders()
     config = pipes[arch].transformer.config
     if arch == "flux":
         key_map = namespace["flux_to_diffusers"]({"depth": config.num_layers, "depth_single_blocks": config.num_single_layers,

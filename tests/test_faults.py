@@ -130,14 +130,17 @@ def test_a_skill_or_run_name_that_would_leave_its_folder_is_refused_naming_file_
     files, args, named, field, found = RECIPE_NAMES[case]
     before = prepare(tmp_path, files)
     result = run_cli(*args, cwd=tmp_path)
-    source = tmp_path / named if named else repo_root / "recipes" / "runs" / "tiny-demo.toml"
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-2:] == [f"error: {source}: invalid recipe", f"  {field}: {NAME_HELP} (found {found!r})"]
+    if named:
+        assert result.stderr.strip().splitlines()[-2:] == [f"error: {tmp_path / named}: invalid recipe",
+                                                           f"  {field}: {NAME_HELP} (found {found!r})"]
+    else:  # set by --set: the override is named, not the shipped recipe it changes
+        assert one_error_line(result) == f"error: --set {field}={found}: {NAME_HELP}"
     assert files_under(tmp_path) == before and not (tmp_path.parent / "r").exists()
 
 
-DOTDOT = ("refusing file name {name!r}: expected a relative path inside the repo without '..' (such a name, from a "
-          "command line, a catalog or a server, could write outside the target folder)")
+DOTDOT = ("refusing file name {name!r}: from a command line, a catalog or a server, it could write outside the target "
+          "folder; expected a relative path inside the repo without '..'")
 CATALOG_ENTRY = 'repo = "alice/x"\nfile = "{file}"\nskill = "s"\nbase_model = "tiny:sd1"\narchitecture = "sd1"\n'
 
 NAMES = {
@@ -191,26 +194,30 @@ def test_a_file_name_with_dotdot_listed_by_a_hostile_server_is_refused_and_nothi
 # ------------------------------------------------------------------------------ repo ids, catalogs
 
 REPO_ID_FORM = "expected owner/name (letters, digits, '-', '_', '.'), e.g. my-user/countbench-sd2"
+CATALOG_HINT = "Give a catalog file with your own entries with --catalog."
 
 REFERENCES = {
     # case: (files, selma arguments, expected message after "error: ")
     "push_repo_id_without_owner": ({"e.safetensors": ""}, ["hub", "push", "e.safetensors", "alice"],
-                                   f"repo id 'alice' is not valid: {REPO_ID_FORM}"),
+                                   f"repo id 'alice': not a valid repo id; {REPO_ID_FORM}"),
     "push_repo_id_with_a_space": ({"e.safetensors": ""}, ["hub", "push", "e.safetensors", "al ice/x"],
-                                  f"repo id 'al ice/x' is not valid: {REPO_ID_FORM}"),
+                                  f"repo id 'al ice/x': not a valid repo id; {REPO_ID_FORM}"),
     "push_repo_id_with_double_dash": ({"e.safetensors": ""}, ["hub", "push", "e.safetensors", "alice/x--y"],
-                                      "repo id 'alice/x--y' is not valid: Cannot have -- or .. in repo_id: 'alice/x--y'."),
+                                      "repo id 'alice/x--y': not a valid repo id (Cannot have -- or .. in repo_id: "
+                                      f"'alice/x--y'.); {REPO_ID_FORM}"),
     "pull_repo_id_ending_in_git": ({}, ["hub", "pull", "alice/x.git", "--to", "loras"],
-                                   "repo id 'alice/x.git' is not valid: Repo_id cannot end by '.git': 'alice/x.git'."),
+                                   "repo id 'alice/x.git': not a valid repo id (Repo_id cannot end by '.git': "
+                                   f"'alice/x.git'.); {REPO_ID_FORM}"),
     "merge_expert_repo_id_with_dotdot": ({"a.safetensors": ""}, ["merge", "alice/x..y", "a.safetensors", "--out", "m.safetensors"],
-                                         "repo id 'alice/x..y' is not valid: Cannot have -- or .. in repo_id: 'alice/x..y'."),
+                                         "repo id 'alice/x..y': not a valid repo id (Cannot have -- or .. in repo_id: "
+                                         f"'alice/x..y'.); {REPO_ID_FORM}"),
     "pull_unknown_catalog_name": ({}, ["hub", "pull", "no-such-expert", "--to", "loras"],
-                                  "'no-such-expert': no such file, and no catalog entry of that name (the catalog is empty; "
-                                  "add your own entries with --catalog FILE); a Hub repo is written owner/name"),
+                                  "'no-such-expert': no such file, and no catalog entry of that name (the catalog is "
+                                  f"empty); a Hub repo is written owner/name. {CATALOG_HINT}"),
     "merge_unknown_catalog_name": ({"a.safetensors": "", "c.toml": "[mine]\n" + CATALOG_ENTRY.format(file="x.safetensors")},
                                    ["merge", "no-such-expert", "a.safetensors", "--out", "m.safetensors"],
-                                   "'no-such-expert': no such file, and no catalog entry of that name (catalog names: mine; "
-                                   "add your own entries with --catalog FILE); a Hub repo is written owner/name"),
+                                   "'no-such-expert': no such file, and no catalog entry of that name (catalog names: "
+                                   f"mine); a Hub repo is written owner/name. {CATALOG_HINT}"),
     "catalog_file_missing": ({}, ["hub", "list", "--catalog", "nope.toml"], "nope.toml: catalog file not found"),
     "catalog_file_syntax_error": ({"c.toml": '[ok\nrepo = "a/b"\n'}, ["hub", "list", "--catalog", "c.toml"],
                                   "c.toml: TOML syntax error: Expected ']' at the end of a table declaration (at line 1, column 4)"),
@@ -231,7 +238,7 @@ def test_bad_repo_ids_and_unknown_catalog_names_are_refused_in_one_line_with_exi
 
 @pytest.mark.parametrize(("expert", "expected"), [
     ("no-such-expert", "'no-such-expert': no such file, and no catalog entry of that name"),
-    ("alice/x--y", "repo id 'alice/x--y' is not valid: Cannot have -- or .. in repo_id"),
+    ("alice/x--y", "repo id 'alice/x--y': not a valid repo id (Cannot have -- or .. in repo_id"),
 ], ids=["unknown_catalog_name", "bad_repo_id"])
 def test_a_run_recipe_listing_an_unknown_expert_is_refused_before_the_run_folder_is_made(tmp_path, expert, expected):
     (tmp_path / "run.toml").write_text(f'name = "r"\nbase_model = "tiny:sd1"\nskills = ["count-grammar"]\nexperts = ["{expert}"]\n')
@@ -320,11 +327,11 @@ def test_an_unreachable_hub_is_one_line_naming_the_endpoint_and_exit_code_1_for_
     env = {"HF_ENDPOINT": dead, "HF_TOKEN": HUB_TOKEN}
     pulled = one_error_line(run_cli("hub", "pull", "alice/x", "--to", "loras", cwd=tmp_path, env=env), exit_code=1)
     assert pulled.startswith(f"error: alice/x@main: cannot reach the Hub at {dead} (") and pulled.endswith(
-        "); check the network or HF_ENDPOINT"), pulled
+        "). Check the network or check the Hub endpoint in HF_ENDPOINT."), pulled
     write_lora(tmp_path / "e.safetensors")
     pushed = one_error_line(run_cli("hub", "push", "e.safetensors", "alice/x", cwd=tmp_path, env=env), exit_code=1)
     assert pushed.startswith(f"error: push to alice/x: cannot reach the Hub at {dead} (") and pushed.endswith(
-        "); check the network or HF_ENDPOINT"), pushed
+        "). Check the network or check the Hub endpoint in HF_ENDPOINT."), pushed
     assert files_under(tmp_path) == [tmp_path / "e.safetensors"]
 
 
@@ -336,8 +343,19 @@ def test_experts_of_different_families_given_to_merge_are_refused_naming_both(tm
     write_lora(tmp_path / "sdxl.safetensors", "sdxl", "tiny:sdxl")
     line = one_error_line(run_cli("merge", "sd1.safetensors", "sdxl.safetensors", "--out", "m.safetensors", cwd=tmp_path))
     assert line.startswith("error: sd1.safetensors is a LoRA for sd1 but sdxl.safetensors is one for sdxl (module unet."), line
-    assert line.endswith("); experts for different base architectures cannot be merged")
+    assert line.endswith("); experts for different base architectures cannot be merged. Merge only experts trained for "
+                         "one base model.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd1.safetensors", "sdxl.safetensors"]
+
+
+def test_experts_of_one_name_in_two_folders_are_told_apart_by_their_paths(tmp_path):
+    for folder, family in (("flux-run", "sd1"), ("sd3-run", "sdxl")):
+        (tmp_path / folder / "experts").mkdir(parents=True)
+        write_lora(tmp_path / folder / "experts" / "count-grammar.safetensors", family, f"tiny:{family}")
+    line = one_error_line(run_cli("merge", "flux-run/experts/count-grammar.safetensors",
+                                  "sd3-run/experts/count-grammar.safetensors", "--out", "m.safetensors", cwd=tmp_path))
+    assert line.startswith("error: flux-run/experts/count-grammar.safetensors is a LoRA for sd1 but "
+                           "sd3-run/experts/count-grammar.safetensors is one for sdxl (module unet."), line
 
 
 def read_only_selma(folder: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -374,5 +392,5 @@ def test_an_output_in_a_read_only_folder_is_refused_naming_the_folder_before_any
     before = [p for p in files_under(tmp_path)]
     line = one_error_line(read_only_selma(read_only, *args, cwd=tmp_path))
     assert line == (f"error: {target.relative_to(tmp_path)}: cannot write here (its nearest existing folder ro): permission "
-                    f"denied or a read-only file system; choose a folder you can write with --out, or change its permissions")
+                    "denied or a read-only file system. Choose another --out or change its permissions.")
     assert files_under(tmp_path) == sorted([*before, read_only])

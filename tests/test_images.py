@@ -250,7 +250,7 @@ def test_resume_with_other_settings_is_refused(tiny_sd1, tmp_path):
     run, paths, _ = make_run(tmp_path, tiny_sd1, 2)
     generate_images(run, SKILL, paths)
     changed = load_run_recipe(write_recipe(tmp_path, tiny_sd1, steps=3))
-    with pytest.raises(DatasetError, match=r"other settings \(steps: 2 -> 3\).*another --out"):
+    with pytest.raises(DatasetError, match=r"other settings \(steps: 2 -> 3\).*choose another folder \(out\)"):
         generate_images(changed, SKILL, paths)
 
 
@@ -394,7 +394,7 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
     elif kind == "unknown_architecture":
         model.mkdir()
         (model / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}))
-        expected = "none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3 or Flux"
+        expected = r"none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3, Flux, .* or FLUX.2 \[klein\]"
     elif kind in ("ckpt", "bin"):
         model = tmp_path / f"model.{kind}"
         model.write_bytes(b"\x80\x04not really a pickle")
@@ -410,10 +410,10 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("images.steps=0", r"images\.steps: Input should be greater than or equal to 1"),
-    ("images.resolution=30", r"images\.resolution: must be a multiple of 8"),
+    ("images.steps=0", r"overrides 'images\.steps=0': expected 1 or more"),
+    ("images.resolution=30", r"overrides 'images\.resolution=30': must be a multiple of 8"),
     ("images.guidance_scale=-1", r"images\.guidance_scale"),
-    ("images.stpes=3", r"images\.stpes: unknown key; did you mean 'steps'"),
+    ("images.stpes=3", r"overrides 'images\.stpes=3': unknown key; did you mean 'steps'"),
 ])
 def test_out_of_range_image_settings_are_recipe_errors(override, message, tmp_path):
     with pytest.raises(RecipeError, match=message):

@@ -51,7 +51,7 @@ def test_best_of_n_keeps_the_judges_best_candidate_and_records_every_score(tiny_
     from PIL import Image
 
     from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.evaluate.settings import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     run, paths, texts = make_run(tmp_path, tiny_sd1, 3, **JUDGED)
     stats = generate_images(run, SKILL, paths)

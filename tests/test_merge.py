@@ -288,7 +288,7 @@ def test_selma_with_unequal_ranks_names_the_experts_and_suggests_delta_or_svd():
         merge_experts(experts, names=["count.safetensors", "coco.safetensors"])
     message = str(error.value)
     assert "count.safetensors: rank 2" in message and "coco.safetensors: rank 4" in message
-    assert "--method delta" in message and "--method svd" in message
+    assert "Set method to delta" in message and "set method to svd and rank to a value of your choice" in message
 
 
 def test_experts_of_different_shapes_raise_naming_both_files_and_a_module():
@@ -328,7 +328,7 @@ def test_different_base_models_of_the_same_shapes_only_warn(caplog):
     [
         ({"weights": [0.5]}, "1 weight(s) for 2 expert(s)"),
         ({"method": "ties", "weights": [0.5, -0.5]}, "weights > 0"),
-        ({"method": "selma", "rank": 8}, "Drop --rank"),
+        ({"method": "selma", "rank": 8}, "Leave rank unset or set method to svd."),
         ({"method": "dare", "density": 0.0}, "density 0.0"),
         ({"method": "average"}, "expected one of selma, delta, svd, ties, dare"),
         ({"weights": [1.0, -1.0], "normalize": True}, "sum to 0"),

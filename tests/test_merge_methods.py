@@ -1,4 +1,4 @@
-"""The merge method table (selma_toolkit.lora.merging.methods): the one list every other place reads."""
+"""The merge method table (selma_toolkit.config.merge_methods): the one list every other place reads."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import typing
 import pytest
 import torch
 
-from selma_toolkit.lora import LoraModule, LoraWeights, merge_experts
-from selma_toolkit.lora.merging import formulas
-from selma_toolkit.lora.merging.methods import (
+from selma_toolkit.config.merge_methods import (
     FACTORED_METHODS,
     LINEAR_METHODS,
     MERGE_METHODS,
@@ -21,6 +19,8 @@ from selma_toolkit.lora.merging.methods import (
     MergeMethod,
     method_help,
 )
+from selma_toolkit.lora import LoraModule, LoraWeights, merge_experts
+from selma_toolkit.lora.merging import formulas
 
 
 def expert(seed: int, rank: int = 2) -> LoraWeights:
@@ -31,7 +31,7 @@ def expert(seed: int, rank: int = 2) -> LoraWeights:
 
 
 def test_the_table_imports_without_torch_so_recipes_and_the_cli_start_fast():
-    code = ("import sys, selma_toolkit.lora.merging.methods, selma_toolkit.recipe, selma_toolkit.cli; "
+    code = ("import sys, selma_toolkit.config.merge_methods, selma_toolkit.recipe, selma_toolkit.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -20,8 +20,8 @@ from selma_toolkit.io import sha256_file
 from selma_toolkit.lora import LoraModule, LoraWeights, add_to_merge, load_lora, lora_metadata, merge_files, save_lora
 from selma_toolkit.lora.merge import merge_record
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import load_run_recipe
-from selma_toolkit.run import load_run_folder, run_pipeline
+from selma_toolkit.recipe import load_run_folder, load_run_recipe
+from selma_toolkit.run import run_pipeline
 
 HUB_REPO = "selma-tests/color-grammar-tiny"
 NEW, OLD = "shape-count", ("count-grammar", "color-grammar")

@@ -8,6 +8,7 @@ import tomllib
 
 import pytest
 
+from selma_toolkit.cli.words import cli_message
 from selma_toolkit.errors import RecipeError
 from selma_toolkit.recipe import PLACEHOLDER, load_skill_recipe
 from selma_toolkit.skill_new import new_skill_recipe
@@ -69,11 +70,13 @@ def test_bad_names_existing_files_and_unknown_keys_are_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match="skill name 'Shape Count': expected lower-case letters"):
         new_skill_recipe("Shape Count", tmp_path / "x.toml")
     (tmp_path / "taken.toml").write_text("keep me")
-    with pytest.raises(RecipeError, match="taken.toml: already exists; .*--force"):
+    with pytest.raises(RecipeError, match=r"taken\.toml: already exists") as refused:
         new_skill_recipe("taken", tmp_path / "taken.toml")
+    assert cli_message(refused.value).endswith("Choose another --out or use --force (to replace it).")
     assert (tmp_path / "taken.toml").read_text() == "keep me"
-    with pytest.raises(RecipeError, match="num_promts: unknown key; did you mean 'num_prompts'"):
+    with pytest.raises(RecipeError, match="num_promts=5': unknown key; did you mean 'num_prompts'") as refused:
         new_skill_recipe("typo", tmp_path / "typo.toml", overrides=["num_promts=5"])
+    assert cli_message(refused.value) == "--set num_promts=5: unknown key; did you mean 'num_prompts'?"
     assert not (tmp_path / "typo.toml").exists()
 
 

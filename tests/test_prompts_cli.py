@@ -104,7 +104,7 @@ def test_recipe_accepts_exactly_the_registered_prompt_sources():
     """The recipe's source names are the registry's: a source added to PROMPT_SOURCES is accepted."""
     from typing import get_args
 
-    from selma_toolkit.prompts.sources import PROMPT_SOURCES
+    from selma_toolkit.config.registries import PROMPT_SOURCES
     from selma_toolkit.recipe import PromptSourceName
 
     assert set(get_args(PromptSourceName)) == set(PROMPT_SOURCES)

@@ -178,6 +178,6 @@ def test_recipe_with_fewer_than_three_seeds_or_no_instruction_is_a_recipe_error(
 def test_a_prompt_file_of_another_skill_is_refused(scripted_llm, tmp_path):
     out = tmp_path / "p.jsonl"
     out.write_text('{"id": 0, "skill": "coco", "prompt": "a cat", "split": "train", "request": 0}\n')
-    with pytest.raises(DatasetError, match=r"belongs to skill 'coco', not 'scripted'.*--out"):
+    with pytest.raises(DatasetError, match=r"belongs to skill 'coco', not 'scripted'. Choose another folder \(out\)"):
         generate_prompts(skill(scripted_llm), out, cache_dir=tmp_path / "c")
     assert scripted_llm.requests == []

@@ -102,3 +102,36 @@ def test_human_eval_page_records_choices_and_exports_answers_that_tally(browser,
     assert (tally.variant, tally.baseline) == ("merged:selma", "base")
     assert (tally.win, tally.tie, tally.lose) == (1, 1, len(pairs) - 2)
     assert errors == []
+
+
+def test_charts_fit_the_page_column_in_a_1400_px_window_and_scale_down_in_a_narrow_one(browser, tmp_path):
+    """A run with many variants (merges, baselines) draws wide charts; each must fit its column, the
+    legend included (the chart once was 1840 px wide and its legend was cut off in a 1400 px window)."""
+    from selma_toolkit.evaluate import read_scores
+
+    eval_dir = scored_eval_dir(tmp_path)
+    document = read_scores(eval_dir / "scores.json")
+    extra = [f"merged:m{k}" for k in range(8)]
+    wide = dict(document, variants=[*document["variants"], *extra],
+                aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
+                items=[*document["items"], *[dict(i, variant=v) for v in extra for i in document["items"]
+                                             if i["variant"] == "merged:selma"]])
+    index = write_report(wide, tmp_path / "report", eval_dir=eval_dir)
+    for width, scaled in ((1400, False), (800, True)):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        page = context.new_page()
+        page.goto(index.as_uri(), wait_until="load")
+        charts = page.evaluate("""() => {
+            const body = document.body.getBoundingClientRect(), style = getComputedStyle(document.body);
+            const right = body.right - parseFloat(style.paddingRight);
+            return Array.from(document.querySelectorAll('figure img')).map(img => {
+                const box = img.getBoundingClientRect();
+                return {left: box.left, right: box.right, width: box.width, natural: img.naturalWidth, column: right};
+            });
+        }""")
+        assert len(charts) == len(document["scorers"])
+        for chart in charts:
+            assert chart["natural"] > 0 and chart["right"] <= chart["column"] + 0.5, (width, chart)
+            assert (chart["width"] < chart["natural"]) == scaled, (width, chart)  # whole at 1400 px, scaled at 800
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        context.close()

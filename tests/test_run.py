@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from selma_toolkit.cli.words import cli_message
 from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import load_run_recipe, write_resolved_recipe
+from selma_toolkit.recipe import load_run_folder, load_run_recipe, write_resolved_recipe
 from selma_toolkit.run import (
     check_recipe_change,
-    load_run_folder,
     run_pipeline,
     run_status,
 )
@@ -46,7 +46,7 @@ def test_changed_image_settings_are_refused_once_images_exist(recorded):
     message = str(refused.value)
     assert str(recorded.root) in message and "images exist for color-grammar" in message
     assert "images.steps: 10 -> 12" in message and "images.guidance_scale: 7.5 -> 5.0" in message
-    assert "--out" in message
+    assert "choose another --out" in cli_message(refused.value)
 
 
 def test_changed_skill_recipe_is_refused_once_its_prompts_exist(recorded):

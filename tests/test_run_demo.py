@@ -22,7 +22,9 @@ from conftest import run_cli
 from PIL import Image
 
 from selma_toolkit.dataset import read_prompts
-from selma_toolkit.run import load_run_folder, merge_inputs, run_pipeline
+from selma_toolkit.recipe import load_run_folder
+from selma_toolkit.run import run_pipeline
+from selma_toolkit.stages import merge_inputs
 
 SKILLS = ("count-grammar", "spatial-grammar", "color-grammar")
 SMALL_DEMO = [

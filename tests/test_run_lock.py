@@ -203,3 +203,39 @@ def test_rerun_after_a_killed_holder_takes_the_lock_over_with_a_log_line_and_ski
     assert not re.search(r"^run  ", third.stderr, re.M)  # every stage was complete: skipped, none redone
     assert re.search(r"^skip evaluate", third.stderr, re.M)
     assert (two_runs["root"] / LOCK_NAME).read_text() == ""
+
+
+# ------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_says_the_run_was_interrupted_and_that_the_same_command_resumes(tmp_path):
+    """A real SIGINT (what Ctrl-C sends) to `selma run` once its first image exists: exit code 130, one
+    line naming the run folder and the command to run again, the lock released; that command finishes
+    the run, skipping the stages that were complete."""
+    root = tmp_path / "run"
+    command = [sys.executable, "-m", "selma_toolkit", *run_args(root)]
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the run is given the default disposition, as in a terminal.
+    started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **WIDE},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not list(root.glob("skills/*/images/*.png")) and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.poll() is None, "the run ended before it could be interrupted"
+        started.send_signal(signal.SIGINT)
+        _, stderr = started.communicate(timeout=300)
+    finally:
+        if started.poll() is None:
+            started.kill()
+            started.wait(timeout=30)
+    assert started.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert line == (f"interrupted: what finished is kept in {root}; run the same command again to resume: "
+                    f"selma {' '.join(run_args(root))}")
+    assert (root / LOCK_NAME).read_text() == ""
+    again = run_cli(*run_args(root), env=WIDE, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"^skip prompts count-grammar", again.stderr, re.M)  # finished before the interrupt: kept
+    assert "report:" in again.stdout

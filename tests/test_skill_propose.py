@@ -14,6 +14,7 @@ import tomllib
 import pytest
 from conftest import run_cli
 
+from selma_toolkit.cli.words import cli_message
 from selma_toolkit.errors import DatasetError, InputError, ModelError, OutputError, RecipeError
 from selma_toolkit.failure_groups import (
     ImageVerdict,
@@ -307,9 +308,12 @@ def test_bad_prompt_files_are_refused_naming_the_file_and_line_before_any_work(t
 
 def test_bad_numbers_are_refused_naming_the_option(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n")
-    with pytest.raises(InputError, match=r"--images-per-prompt 0: expected 1 or more; --min-prompts 2: expected 3 or more"):
+    with pytest.raises(InputError) as refused:
         propose_skills(tmp_path / "p.txt", "toy:shapes", tmp_path / "out", min_prompts=2,
                        draw=DrawSettings(images_per_prompt=0))
+    assert cli_message(refused.value) == (
+        "invalid values\n  --images-per-prompt 0: expected 1 or more\n"
+        "  --min-prompts 2: expected 3 or more (a skill recipe needs three seed prompts)")
 
 
 def test_bad_options_and_outputs_are_refused(tmp_path):
@@ -318,7 +322,7 @@ def test_bad_options_and_outputs_are_refused(tmp_path):
         propose_skills(tmp_path / "missing.txt", "toy:shapes", tmp_path / "out")
     with pytest.raises(InputError, match="unknown scorer; expected one of"):
         propose_skills(tmp_path / "p.txt", "toy:shapes", tmp_path / "out", scorer="dsg")
-    with pytest.raises(InputError, match="--source grammar"):
+    with pytest.raises(InputError, match="source 'grammar': a grammar can be derived only from shapes-world captions"):
         propose_skills(tmp_path / "p.txt", "tiny:sd1", tmp_path / "out", scorer="vqascore", source="grammar")
     with pytest.raises(RecipeError, match="clip_modle"):
         evaluate_settings("clipscore", ["clip_modle=tiny:clip"])

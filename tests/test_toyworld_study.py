@@ -131,7 +131,8 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     from selma_toolkit.lora import load_lora, metadata_value
     from selma_toolkit.recipe import load_run_recipe
     from selma_toolkit.toyworld.scorer import score_image
-    from selma_toolkit.toyworld.study import EXPERT_PREFIX, KINDS, StudyOptions, run_study
+    from selma_toolkit.toyworld.study import StudyOptions, run_study
+    from selma_toolkit.toyworld.study_kinds import EXPERT_PREFIX, KINDS
 
     run = load_run_recipe("toy-study", [
         "skills.toy-count.num_prompts=4", "skills.toy-color.num_prompts=4", "skills.toy-spatial.num_prompts=4",

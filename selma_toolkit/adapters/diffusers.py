@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from selma_toolkit.lora import LoraWeights, merge_experts
+from selma_toolkit.experts import resolve_expert_file
+from selma_toolkit.lora import LoraModule, LoraWeights, load_lora, lora_to_state_dict, merge_experts, metadata_value
 from selma_toolkit.lora.blocks import parse_block_weights
 from selma_toolkit.lora.merge import MERGE_METHODS, apply_block_weights, expert_weights
 
@@ -32,11 +33,8 @@ def read_expert(expert: ExpertRef, position: int = 0) -> tuple[str, LoraWeights]
     References become files in one place, ``selma_toolkit.experts``: local files as they are,
     catalog names and Hub repo ids downloaded.
     """
-    from selma_toolkit.lora import load_lora, metadata_value
-
     if isinstance(expert, LoraWeights):
         return metadata_value(expert, "skill") or f"expert {position + 1}", expert
-    from selma_toolkit.experts import resolve_expert_file
 
     path = resolve_expert_file(expert).path
     return path.name, load_lora(path)
@@ -102,8 +100,6 @@ def _diffusers_tensors(lora: LoraWeights) -> dict[str, Any]:
     tensors alone say everything: diffusers reads a dict's alphas only from file metadata, and its
     kohya reader rejects text-encoder LoRAs without out_proj ("Could not automatically infer state
     dict type", diffusers 0.42)."""
-    from selma_toolkit.lora import LoraModule, lora_to_state_dict
-
     folded = {
         name: module if module.scale == 1.0 else LoraModule(down=module.down, up=module.up * module.scale, alpha=float(module.rank))
         for name, module in lora.modules.items()

@@ -11,7 +11,8 @@ with each expert's A_t [r_t, in], B_t [out, r_t], scale_t = alpha_t / r_t exactl
   normalised, all experts active"): g = softmax(W_l x + b_l) per token, W_l [T, in] per layer;
 * ``"prompt"``: one gate per prompt, g = softmax(W p + b), W [T, D], p = the mean over tokens of
   the denoiser's text conditioning ``encoder_hidden_states`` [n, L, D] (what every family passes
-  the denoiser, cached or not), the same g in every layer.
+  the denoiser, cached or not; over the prompt's own tokens where the family passes a text mask, and
+  per prompt for Z-Image's list of prompts), the same g in every layer.
 
 The gates start at zero (g = 1/T: the experts' outputs averaged, the update of the ``delta``
 merge). Only the gate is trained (selma_toolkit/train/moe.py); the file holds the experts as they
@@ -40,7 +41,8 @@ import torch
 from torch import nn
 
 from selma_toolkit.errors import LoraFormatError
-from selma_toolkit.lora import LoraModule, LoraWeights
+from selma_toolkit.io import atomic_write_bytes
+from selma_toolkit.lora import LoraModule, LoraWeights, read_safetensors
 
 MOE_FORMAT = "selma-moe/1"
 MOE_KEY = "selma.moe"
@@ -122,8 +124,19 @@ class PromptGate(nn.Module):
             self.linear.bias.copy_(bias)
         self.current: torch.Tensor | None = None  # [n, T] for the running denoiser call
 
-    def set_from(self, encoder_hidden_states: torch.Tensor) -> None:
-        pooled = encoder_hidden_states.float().mean(dim=1)
+    def set_from(self, encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor],
+                 mask: torch.Tensor | None = None) -> None:
+        """g from the text conditioning: [n, L, D] (mean over the tokens ``mask`` [n, L] keeps, all
+        without one), or one [L_i, D] per prompt (Z-Image's transformer takes a list)."""
+        if isinstance(encoder_hidden_states, torch.Tensor):
+            states = encoder_hidden_states.float()
+            if mask is None:
+                pooled = states.mean(dim=1)
+            else:
+                weights = mask.to(states.device, torch.float32)[..., None]
+                pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        else:
+            pooled = torch.stack([state.float().mean(dim=0) for state in encoder_hidden_states])
         self.current = torch.softmax(self.linear.float()(pooled), dim=-1)
 
 
@@ -202,10 +215,18 @@ class AttachedMoE:
         self.layers, self.originals = {}, {}
 
 
-def _encoder_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if kwargs.get("encoder_hidden_states") is not None:
-        return kwargs["encoder_hidden_states"]
-    return args[2] if len(args) > 2 and isinstance(args[2], torch.Tensor) else None  # unet(sample, t, ehs)
+def _encoder_hidden_states(args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor | None]:
+    """(the denoiser call's text conditioning, the mask of its text tokens or None): the keyword
+    ``encoder_hidden_states`` with Qwen-Image's ``encoder_hidden_states_mask`` or the text part of
+    Chroma's ``attention_mask``; or the third positional argument (``unet(sample, t, ehs)``, Z-Image's
+    ``transformer(latents, t, captions)`` with one tensor per prompt)."""
+    states = kwargs.get("encoder_hidden_states")
+    if states is None:
+        states = args[2] if len(args) > 2 and isinstance(args[2], (torch.Tensor, list)) else None
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if mask is None and kwargs.get("attention_mask") is not None and isinstance(states, torch.Tensor):
+        mask = kwargs["attention_mask"][:, : states.shape[1]]
+    return states, mask
 
 
 def attach_moe(denoiser: nn.Module, moe: MoELora, *, trainable: bool = False) -> AttachedMoE:
@@ -221,9 +242,9 @@ def attach_moe(denoiser: nn.Module, moe: MoELora, *, trainable: bool = False) ->
         denoiser.selma_moe_gate = prompt_gate  # a submodule: its parameters train, checkpoint and move with the model
 
         def pre_hook(module, args, kwargs):
-            states = _encoder_hidden_states(args, kwargs)
+            states, mask = _encoder_hidden_states(args, kwargs)
             if states is not None:
-                prompt_gate.set_from(states)
+                prompt_gate.set_from(states, mask)
 
         hook = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
     layers, originals = {}, {}
@@ -277,8 +298,6 @@ def save_moe(moe: MoELora, path: str | os.PathLike[str]) -> Path:
     """Write the MoE-LoRA as one safetensors file, atomically."""
     from safetensors.torch import save
 
-    from selma_toolkit.io import atomic_write_bytes
-
     tensors, metadata = moe_tensors(moe)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
     return Path(path)
@@ -303,8 +322,6 @@ def is_moe_file(path: str | os.PathLike[str]) -> bool:
 
 def read_moe(path: str | os.PathLike[str]) -> MoELora:
     """A MoE-LoRA file back into memory; refuses other files by name."""
-    from selma_toolkit.lora import read_safetensors
-
     tensors, metadata = read_safetensors(path)
     raw = metadata.get(MOE_KEY)
     if not raw:

@@ -1,9 +1,10 @@
 """The `selma` command line: parses arguments, loads recipes, calls one library function.
 
 No logic lives here beyond argument handling and printing. Heavy imports (torch, diffusers) happen
-inside the commands, so `selma --help` starts fast. A SelmaError prints its message as one line
-and exits with its ``exit_code`` (2: bad input, 1: a runtime failure; selma_toolkit/errors.py),
-without a traceback unless --verbose; anything else is a bug and keeps its traceback.
+inside the commands, so `selma --help` starts fast. A SelmaError prints its message in the CLI's
+words (``words.py``: options as flags) and exits with its ``exit_code`` (2: bad input, 1: a
+runtime failure; selma_toolkit/errors.py), without a traceback unless --verbose; anything else is
+a bug and keeps its traceback.
 
 ``app.py`` holds the typer app and shared helpers; each other module registers one area's
 commands on it when imported (below).
@@ -19,6 +20,7 @@ from rich.markup import escape
 # Importing a module registers its commands; this order is the order of `selma --help`.
 from selma_toolkit.cli import recipes, tiny, stages, hub, runs, check, skill, lora, comfyui, toyworld  # noqa: F401, I001
 from selma_toolkit.cli.app import app, err_console
+from selma_toolkit.cli.words import cli_message
 from selma_toolkit.errors import SelmaError
 
 __all__ = ["app", "main"]
@@ -31,5 +33,5 @@ def main() -> None:
     except SelmaError as exc:
         # The traceback goes to the debug log: shown with --verbose (for a bug report), hidden otherwise.
         logging.getLogger(__name__).debug("where this error was raised:", exc_info=exc)
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(cli_message(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console, err_console
+from selma_toolkit.cli.app import SelmaTyper, app, console, err_console
 
-comfyui_app = typer.Typer(help="The SELMA node pack for ComfyUI.", no_args_is_help=True)
+comfyui_app = SelmaTyper(help="The SELMA node pack for ComfyUI.", no_args_is_help=True)
 app.add_typer(comfyui_app, name="comfyui")
 
 

@@ -9,12 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console
+from selma_toolkit.cli.app import SelmaTyper, app, console
 
 
 # ------------------------------------------------------------------------------------------- hub
 
-hub_app = typer.Typer(help="Share and fetch experts on the Hugging Face Hub (push, pull, catalog).", no_args_is_help=True)
+hub_app = SelmaTyper(help="Share and fetch experts on the Hugging Face Hub (push, pull, catalog).",
+                     no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 CatalogOption = Annotated[
     Optional[list[Path]],

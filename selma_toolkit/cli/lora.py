@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import app, console
+from selma_toolkit.cli.app import FORMAT_HELP, SelmaTyper, app, console
 from selma_toolkit.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------ lora
 
-lora_app = typer.Typer(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).", no_args_is_help=True)
+lora_app = SelmaTyper(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).",
+                      no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 ComponentOption = Annotated[
     Optional[str],
@@ -63,17 +64,17 @@ def lora_info(
 def lora_convert(
     source: Annotated[Path, typer.Argument(help="The LoRA .safetensors file to read (any layout).")],
     out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
-    format_: Annotated[str, typer.Option("--format", help="kohya (read by diffusers and ComfyUI) or peft (diffusers).")] = "kohya",
+    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
     component: ComponentOption = None,
     drop_bias_diffs: DropBiasDiffsOption = False,
 ) -> None:
-    """Convert a LoRA file to the kohya layout (default; diffusers and ComfyUI load it) or peft."""
-    from selma_toolkit.lora import WRITE_FORMATS, load_lora, save_lora
+    """Convert a LoRA file to its family's default layout (the one diffusers and ComfyUI both load), or --format."""
+    from selma_toolkit.lora import load_lora, save_lora
+    from selma_toolkit.lora.files import resolve_layout
 
-    if format_ not in WRITE_FORMATS:
-        raise InputError(f"--format {format_!r}: expected one of {', '.join(WRITE_FORMATS)}")
     if out.resolve() == source.resolve():
         raise InputError(f"{out}: the output would overwrite the input; choose another file name")
     weights = load_lora(source, component=component, drop_bias_diffs=drop_bias_diffs)
-    save_lora(weights, out, format=format_)  # type: ignore[arg-type]
-    console.print(f"wrote {len(weights.modules)} modules in the {format_} layout to {escape(str(out))}", highlight=False)
+    layout = resolve_layout(weights, format_)
+    save_lora(weights, out, format=layout)  # type: ignore[arg-type]
+    console.print(f"wrote {len(weights.modules)} modules in the {layout} layout to {escape(str(out))}", highlight=False)

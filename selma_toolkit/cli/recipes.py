@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from selma_toolkit.cli.app import SetOption, app, console
+from selma_toolkit.cli.app import SelmaTyper, SetOption, app, console
 
 
-recipe_app = typer.Typer(help="Validate and show recipes.", no_args_is_help=True)
+recipe_app = SelmaTyper(help="Validate and show recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import SetOption, app, console, run_with_progress, stage_line
+from selma_toolkit.cli.app import SetOption, app, console, err_console, run_with_progress, stage_line
+from selma_toolkit.config.benchmarks import BENCHMARK_NAMES
 from selma_toolkit.errors import InputError
 
 
@@ -35,12 +38,16 @@ def evaluate(
         help="With RUN: also compare RUN's merged LoRA with this one from before the new skill was added (a previous "
              "run folder, or a merged LoRA file / catalog name / repo id) on the new and the old skills' prompts.")] = None,
     method: Annotated[Optional[str], typer.Option(help="With --before: the merge method to compare (default: the run's).")] = None,
+    benchmark: Annotated[Optional[str], typer.Option(
+        help=f"With RUN: run a published benchmark ({', '.join(BENCHMARK_NAMES)}) on base and the merges instead of "
+             "the held-out prompts; its prompts and questions are downloaded on first use at a pinned commit.")] = None,
 ) -> None:
     """Evaluate a run folder, pick its best checkpoints, tally human answers, or write a report.
 
     RUN: draw every variant on the held-out prompts, score them, write the report (RUN --checkpoints:
-    score every saved checkpoint and record the best). --tally: win/tie/lose of human-evaluation
-    answers. --report: the HTML report of an evaluation folder holding scores.json.
+    score every saved checkpoint and record the best; RUN --benchmark NAME: a published benchmark,
+    e.g. dsg-1k, judged by its VQA model). --tally: win/tie/lose of human-evaluation answers.
+    --report: the HTML report of an evaluation folder holding scores.json.
     """
     if not tally and report is None and run_dir is None:
         raise InputError("selma evaluate: give a run folder RUN, --tally ANSWERS.json (human-evaluation answers) "
@@ -50,7 +57,12 @@ def evaluate(
     if (before or method) and (run_dir is None or checkpoints):
         raise InputError("selma evaluate: --before (and --method) compare a run folder's merge with an earlier one, "
                          "e.g. selma evaluate runs/new-skill --before runs/old-skills")
-    if run_dir is not None:
+    if benchmark is not None and (run_dir is None or checkpoints or before):
+        raise InputError("selma evaluate: --benchmark runs a published benchmark on a run folder's variants, "
+                         "e.g. selma evaluate runs/demo --benchmark dsg-1k")
+    if benchmark is not None:
+        _run_benchmark(run_dir, benchmark, final_experts)
+    elif run_dir is not None:
         _evaluate_run_folder(run_dir, checkpoints, final_experts)
     if before is not None:
         _compare_before_after(run_dir, before, method)
@@ -83,13 +95,41 @@ def evaluate(
 def _run_recipe(run, paths, use_best: bool) -> None:
     from selma_toolkit.run import run_pipeline
 
-    result = run_with_progress(lambda on_stage, progress: run_pipeline(
-        run, paths, use_best=use_best, on_stage=on_stage, progress=progress))
+    try:
+        result = run_with_progress(lambda on_stage, progress: run_pipeline(
+            run, paths, use_best=use_best, on_stage=on_stage, progress=progress))
+    except KeyboardInterrupt:
+        # Every stage keeps what it finished (atomic writes, resumable files) and the folder's lock
+        # is released, so the same command goes on from there.
+        command = shlex.join(["selma", *sys.argv[1:]])
+        err_console.print(f"interrupted: what finished is kept in {escape(str(paths.root))}; run the same command "
+                          f"again to resume: {escape(command)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"run folder: {escape(str(result.root))}", highlight=False, soft_wrap=True)
     for method, path in result.merged.items():
         console.print(f"merged LoRA ({method}): {escape(str(path))}", highlight=False, soft_wrap=True)
     if result.report is not None:
+        _print_verdicts(paths)
         console.print(f"report: {escape(str(result.report))}", highlight=False, soft_wrap=True)
+
+
+def _print_verdicts(paths) -> None:
+    """Whether each merge (and each expert on its own skill) beat the base: the report's paired changes."""
+    from selma_toolkit.evaluate.report import gain_line, headline_gains
+    from selma_toolkit.evaluate.scoring import read_scores
+
+    document = read_scores(paths.eval_dir / "scores.json")
+    if "base" not in document["variants"]:
+        return
+    rows = headline_gains(document)
+    if not rows:
+        console.print("no verdict: each skill needs two or more held-out prompts and seeds shared with the base "
+                      "(evaluate.prompts_per_skill, evaluate.seeds)", highlight=False, soft_wrap=True)
+        return
+    labels = {metric: info["label"] for metric, info in document["scorers"].items()}
+    console.print(escape("change vs base on the same prompts and seeds [95% interval], verdict:"), highlight=False)
+    for row in rows:
+        console.print(f"  {escape(gain_line(row, labels))}", highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -140,7 +180,8 @@ def status(
     final_experts: Annotated[bool, typer.Option("--final-experts", help="As `selma run --final-experts` would merge.")] = False,
 ) -> None:
     """Show what a run folder holds: each stage per skill, done or not, with counts."""
-    from selma_toolkit.run import load_run_folder, run_status
+    from selma_toolkit.recipe import load_run_folder
+    from selma_toolkit.run import run_status
 
     run, paths = load_run_folder(run_dir)
     states = run_status(run, paths, use_best=not final_experts)
@@ -153,7 +194,8 @@ def status(
 
 
 def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) -> None:
-    from selma_toolkit.run import evaluate_run, load_run_folder
+    from selma_toolkit.recipe import load_run_folder
+    from selma_toolkit.run import evaluate_run
 
     run, paths = load_run_folder(run_dir)
     if checkpoints:
@@ -169,17 +211,44 @@ def _evaluate_run_folder(run_dir: Path, checkpoints: bool, final_experts: bool) 
             table.add_row(escape(skill), f"{choice.metric} {means}", str(choice.step), escape(str(choice.expert)))
         console.print(table)
         return
-    index = run_with_progress(lambda on_stage, progress: evaluate_run(
-        run, paths, use_best=not final_experts, progress=lambda done, total: progress("evaluation images", done, total)))
+    index = run_with_progress(lambda on_stage, progress: evaluate_run(run, paths, use_best=not final_experts, progress=progress))
     console.print(f"scores: {escape(str(paths.eval_dir / 'scores.json'))}", highlight=False, soft_wrap=True)
+    _print_verdicts(paths)
     console.print(f"report: {escape(str(index))}", highlight=False, soft_wrap=True)
+
+
+def _run_benchmark(run_dir: Path, name: str, final_experts: bool) -> None:
+    from selma_toolkit.evaluate.benchmark_run import BENCHMARK_RECORD, benchmark_dir
+    from selma_toolkit.evaluate.benchmarks import get_benchmark
+    from selma_toolkit.recipe import load_run_folder
+    from selma_toolkit.run import benchmark_run
+
+    get_benchmark(name)  # an unknown name is refused before the run folder is read
+    run, paths = load_run_folder(run_dir)
+    record = run_with_progress(lambda on_stage, progress: benchmark_run(
+        run, paths, name, use_best=not final_experts, progress=progress))
+    console.print(f"{escape(record['title'])}: {record['prompts']['used']} of {record['prompts']['total']} prompts, "
+                  f"seeds {record['seeds']}, judge {escape(record['judge']['model'])}", highlight=False, soft_wrap=True)
+    for variant, result in record["results"].items():
+        overall = result["overall"]
+        sources = ", ".join(f"{source} {stats['mean']:.1f}" for source, stats in result["sources"].items() if stats)
+        line = "no score" if overall is None else (
+            f"{overall['mean']:.2f} [{overall['low']:.2f}, {overall['high']:.2f}] over {overall['n']} prompts")
+        console.print(f"  {escape(variant)}: {line}" + (f"; {escape(sources)}" if len(result["sources"]) > 1 else ""),
+                      highlight=False, soft_wrap=True)
+    console.print(escape(record["comparability"]), highlight=False, soft_wrap=True)
+    console.print(f"licence: {escape(record['licence'])}; cite: {escape(record['citation'])}", highlight=False,
+                  soft_wrap=True)
+    folder = benchmark_dir(paths, name)
+    console.print(f"benchmark: {escape(str(folder / BENCHMARK_RECORD))}", highlight=False, soft_wrap=True)
+    console.print(f"report: {escape(str(folder / 'report' / 'index.html'))}", highlight=False, soft_wrap=True)
 
 
 def _compare_before_after(run_dir: Path, before: str, method: str | None) -> None:
     from rich.table import Table
 
     from selma_toolkit.evaluate.before_after import compare_before_after, verdict_line
-    from selma_toolkit.run import load_run_folder
+    from selma_toolkit.recipe import load_run_folder
 
     run, paths = load_run_folder(run_dir)
     result = run_with_progress(lambda on_stage, progress: compare_before_after(

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import SetOption, app, console, run_with_progress
+from selma_toolkit.cli.app import SelmaTyper, app, console, run_with_progress
 
 # Teaching one more skill (docs/tutorial-new-skill.md): `selma skill new` (selma_toolkit/skill_new.py)
 # and `selma evaluate RUN --before PREVIOUS` (selma_toolkit/evaluate/before_after.py); `selma merge
 # --add/--to` is in the merge section.
 
-skill_app = typer.Typer(help="Write new skill recipes: by hand (new), or proposed by a model's failures (propose).",
+skill_app = SelmaTyper(help="Write new skill recipes: by hand (new), or proposed by a model's failures (propose).",
                          no_args_is_help=True)
 app.add_typer(skill_app, name="skill")
 
@@ -26,7 +26,9 @@ def skill_new(
     source: Annotated[Optional[str], typer.Option(help="llm (an OpenAI-compatible endpoint) or grammar (offline); default: --from's, else llm.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="The recipe file to write (default: NAME.toml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    set_: SetOption = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Set a skill field, e.g. --set num_prompts=200 or --set llm.model=gpt-4o-mini "
+                      "(repeatable).")] = None,
 ) -> None:
     """Write a new skill recipe, every field explained in a comment, and validate it."""
     from selma_toolkit.skill_new import new_skill_recipe
@@ -69,7 +71,8 @@ def skill_propose(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Group a finished folder's images again and rewrite its recipes.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="A scorer setting of [evaluate], e.g. --set clip_model=tiny:clip or --set questions=FILE.")] = None,
+        "--set", help="A scorer setting of a run recipe's evaluate section, e.g. --set clip_model=tiny:clip or "
+                     "--set questions=FILE (repeatable).")] = None,
 ) -> None:
     """Draw the base model's images for your prompts, score them, and propose one skill recipe per group of
     prompts that fail the same way (its seed prompts are those prompts). List a recipe in a run recipe's skills."""

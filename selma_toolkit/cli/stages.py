@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import SetOption, app, console, err_console, quiet_loading_bars
+from selma_toolkit.cli.app import FORMAT_HELP, SetOption, app, console, err_console, quiet_loading_bars
+from selma_toolkit.config import merge_methods as merging  # the merge method table (no torch): --method help
 from selma_toolkit.errors import InputError
-from selma_toolkit.lora.merging import methods as merging  # the merge method table (no torch): --method help
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -226,8 +226,8 @@ def train(
 
 def _train_moe(run, paths, show):
     """The MoE-LoRA gate over the experts `selma run` would merge (best checkpoints where selected)."""
-    from selma_toolkit.run import merge_inputs
     from selma_toolkit.run_checks import resolve_external_experts
+    from selma_toolkit.stages import merge_inputs
     from selma_toolkit.train.moe import train_moe
 
     experts = merge_inputs(run, paths, resolve_external_experts(run))
@@ -261,7 +261,7 @@ def merge(
     method: Annotated[Optional[str], typer.Option(help=merging.method_help())] = None,
     weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
     rank: Annotated[Optional[int], typer.Option(help=merging.rank_help())] = None,
-    format_: Annotated[Optional[str], typer.Option("--format", help="kohya (read by diffusers and ComfyUI; the default) or peft.")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
     density: Annotated[Optional[float], typer.Option(help=merging.density_help())] = None,
     seed: Annotated[Optional[int], typer.Option(help=merging.seed_help())] = None,
     normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
@@ -282,8 +282,6 @@ def merge(
     from selma_toolkit.lora.blocks import parse_block_weights
     from selma_toolkit.lora.merge import MERGE_METHODS, merge_files
 
-    if format_ not in (None, "kohya", "peft"):
-        raise InputError(f"--format {format_!r}: expected kohya or peft")
     if to is not None or add:
         from selma_toolkit.lora.incremental import add_to_merge
 
@@ -317,7 +315,7 @@ def merge(
     files = resolve_expert_files(experts)
     merged = merge_files(
         [e.path for e in files], out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
-        format=format_ or "kohya", density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
+        format=format_, density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
         normalize=normalize, sources=[e.source for e in files], block_weights=parse_block_weights(block_weights),
     )
     _print_merge(merged, out, f"merged {len(files)} experts")
@@ -326,6 +324,7 @@ def merge(
 def _print_merge(merged, out: Path, title: str) -> None:
     from rich.table import Table
 
+    from selma_toolkit.lora import inspect_lora
     from selma_toolkit.lora.merge import merge_record
 
     record = merge_record(merged) or {}
@@ -333,10 +332,10 @@ def _print_merge(merged, out: Path, title: str) -> None:
     for info, weight in zip(record.get("experts", []), record.get("weights", [])):
         inputs.add_row(escape(info["name"]), escape(info.get("skill") or "-"), f"{weight:.6g}", info["sha256"][:12])
     console.print(inputs)
-    summary = Table("modules", "ranks", "method", "file size", "file")
+    summary = Table("modules", "ranks", "method", "layout", "file size", "file")
     ranks = sorted(merged.ranks())
     summary.add_row(
         str(len(merged.modules)), ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
-        record.get("method", "?"), _file_size(out.stat().st_size), escape(str(out)),
+        record.get("method", "?"), ", ".join(inspect_lora(out).layouts), _file_size(out.stat().st_size), escape(str(out)),
     )
     console.print(summary)

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from selma_toolkit.architectures import FAMILY_NAMES
-from selma_toolkit.cli.app import app, console
+from selma_toolkit.cli.app import SelmaTyper, app, console
 from selma_toolkit.errors import InputError
 
-tiny_app = typer.Typer(help="The embedded tiny models (no download needed).", no_args_is_help=True)
+tiny_app = SelmaTyper(help="The embedded tiny models (no download needed).", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
 
 

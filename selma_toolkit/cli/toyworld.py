@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from selma_toolkit.cli.app import SetOption, app, console, err_console, run_with_progress, set_threads
+from selma_toolkit.cli.app import SelmaTyper, SetOption, app, console, err_console, run_with_progress, set_threads
 from selma_toolkit.errors import InputError
 
 
 # -------------------------------------------------------------------------------------- toyworld
 # The shapes world (selma_toolkit/toyworld): ground-truth renders, the toy base model `toy:shapes`, the study.
 
-toyworld_app = typer.Typer(help="The shapes world: exact faithfulness scores, the toy base model, the SELMA study.",
+toyworld_app = SelmaTyper(help="The shapes world: exact faithfulness scores, the toy base model, the SELMA study.",
                            no_args_is_help=True)
 app.add_typer(toyworld_app, name="toyworld")
 
@@ -145,7 +145,8 @@ def toyworld_study(
     judged / other-guidance / teacher / second-round images, the mixture LoRA and the merges, per seed;
     then study.md, study.json and study.png."""
     from selma_toolkit.recipe import load_run_recipe
-    from selma_toolkit.toyworld.study import DEFAULT_KINDS, StudyOptions, run_study
+    from selma_toolkit.toyworld.study import StudyOptions, run_study
+    from selma_toolkit.toyworld.study_kinds import DEFAULT_KINDS
 
     if prompt_set not in ("heldout", "dev"):
         raise InputError(f"--prompt-set {prompt_set!r}: expected heldout or dev")

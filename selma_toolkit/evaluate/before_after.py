@@ -26,10 +26,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.errors import DatasetError, LoraFormatError, RecipeError, Remedy
+from selma_toolkit.evaluate.report import write_report
+from selma_toolkit.evaluate.scorers import build_scorers
+from selma_toolkit.evaluate.scoring import score_variants, variant_folder
 from selma_toolkit.evaluate.stats import Interval, bootstrap_interval
+from selma_toolkit.io import atomic_write_text, sha256_file
+from selma_toolkit.models import detect_architecture
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
+from selma_toolkit.recipe import load_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +81,6 @@ def compare_before_after(
     """Draw, score and compare the merged LoRA before (``before``) and after (RUN's merge with
     ``method``, default merge.method) on the new and the old skills' held-out prompts."""
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images, heldout_prompts
-    from selma_toolkit.evaluate.report import write_report
-    from selma_toolkit.evaluate.scorers import build_scorers
-    from selma_toolkit.evaluate.scoring import score_variants, variant_folder
-    from selma_toolkit.io import atomic_write_text, sha256_file
 
     method = method or run.merge.method
     after = paths.merged(method)
@@ -125,7 +127,6 @@ def compare_before_after(
 def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRecipe, RunPaths] | None]:
     """The before LoRA file and, when it belongs to a run folder, that run's recipe and paths."""
     from selma_toolkit.experts import resolve_expert_file
-    from selma_toolkit.run import load_run_folder
 
     folder = Path(before).expanduser()
     if folder.is_dir():
@@ -133,8 +134,10 @@ def _resolve_before(before: str | Path, method: str) -> tuple[Path, tuple[RunRec
         file = before_paths.merged(method)
         if not file.is_file():
             made = sorted(p.stem for p in (folder / "merged").glob("*.safetensors"))
-            raise DatasetError(f"{folder}: no merged/{method}.safetensors (merges there: {made or 'none'}); compare the "
-                               f"same method, e.g. --method {made[0] if made else 'selma'}")
+            raise DatasetError(what=f"no merged/{method}.safetensors (merges there: {made or 'none'})",
+                               where=str(folder),
+                               remedies=[Remedy.set("method", made[0] if made else "selma",
+                                                    note="compare a method both runs merged with")])
         return file, (before_run, before_paths)
     file = resolve_expert_file(before).path
     root = file.resolve().parent.parent
@@ -147,7 +150,6 @@ def _check_before(run: RunRecipe, before_file: Path, previous: tuple[RunRecipe, 
     """Refuse a before LoRA for another base model; return the skills it was merged from."""
     from selma_toolkit.lora import guess_architecture, load_lora
     from selma_toolkit.lora.merge import merge_record
-    from selma_toolkit.models import detect_architecture
 
     if previous is not None and (previous[0].base_model, previous[0].revision) != (run.base_model, run.revision):
         raise RecipeError(f"{previous[1].root}: was run on base_model {previous[0].base_model!r}, RUN on "

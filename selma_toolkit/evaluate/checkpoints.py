@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import DatasetError, TrainingError
+from selma_toolkit.config.evaluate import EvaluateSettings
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.errors import DatasetError, Remedy, TrainingError
 from selma_toolkit.evaluate.generate import (
     EvalJob,
     ProgressCallback,
@@ -34,10 +36,10 @@ from selma_toolkit.evaluate.generate import (
     generation_settings,
     heldout_prompts,
 )
-from selma_toolkit.evaluate.scoring import variant_folder
+from selma_toolkit.evaluate.scorers import build_scorer
+from selma_toolkit.evaluate.scoring import score_variants, variant_folder
 from selma_toolkit.io import atomic_write_text, sha256_file
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import EvaluateSettings, RunRecipe
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def _checkpoint_files(paths: RunPaths, skill: str) -> list[tuple[int, Path]]:
 
 
 def _signature(run: RunRecipe, checkpoints: Sequence[tuple[int, Path]], prompts) -> dict[str, Any]:
-    from selma_toolkit.evaluate.scorers import build_scorer
-
     metric = selection_metric(run.evaluate)
     scorer = build_scorer(metric, run.evaluate)
     return {
@@ -90,14 +90,15 @@ def _signature(run: RunRecipe, checkpoints: Sequence[tuple[int, Path]], prompts)
 
 def read_selection(paths: RunPaths) -> dict[str, Any]:
     """The ``skills`` table of selection.json (empty when no selection was made)."""
-    path = selection_folder(paths) / "selection.json"
+    path = paths.selection
     if not path.is_file():
         return {}
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg}); delete it and run "
-                           "`selma evaluate RUN --checkpoints` again") from None
+        raise DatasetError(what=f"not valid JSON ({exc.msg})", where=str(path),
+                           remedies=[Remedy.do("delete it"), Remedy.run("selma evaluate RUN --checkpoints",
+                                                                         note="after deleting it")]) from None
     if document.get("format") != SELECTION_FORMAT:
         raise DatasetError(f"{path}: expected format {SELECTION_FORMAT!r}, found {document.get('format')!r}")
     return document["skills"]
@@ -140,9 +141,6 @@ def select_checkpoints(
     """Score every checkpoint expert of each skill (default: all of the run's) on its held-out
     prompts, record the best in selection.json and return the choices. A current selection of a
     skill is reused as it is."""
-    from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.evaluate.scoring import score_variants
-
     settings = run.evaluate
     metric = selection_metric(settings)
     scorer = build_scorer(metric, settings)
@@ -159,8 +157,10 @@ def select_checkpoints(
         run.skill(skill)
         found = _checkpoint_files(paths, skill)
         if not found:
-            raise TrainingError(f"{paths.train_dir(skill) / 'checkpoints'}: no checkpoint of skill {skill!r} to select "
-                                "from; train it first (`selma train RECIPE --skill ...` or `selma run`)")
+            raise TrainingError(what=f"no checkpoint of skill {skill!r} to select from",
+                                where=str(paths.train_dir(skill) / "checkpoints"),
+                                remedies=[Remedy.run(f"selma train RECIPE --skill {skill}"),
+                                          Remedy.run("selma run RECIPE")])
         signature = _signature(run, found, prompts[skill])
         entry = recorded.get(skill)
         if entry is not None and entry.get("signature") == signature:
@@ -190,7 +190,7 @@ def select_checkpoints(
         choices[skill] = _choice(paths, skill, recorded[skill])
         log.info("%s: best checkpoint step %d (%s %.4g)", skill, best["step"], metric, best["mean"])
     if todo:
-        atomic_write_text(selection_folder(paths) / "selection.json", json.dumps(
+        atomic_write_text(paths.selection, json.dumps(
             {"format": SELECTION_FORMAT, "skills": recorded}, indent=1, ensure_ascii=False) + "\n")
     return {skill: choices[skill] for skill in names}
 

@@ -34,13 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError
-from selma_toolkit.evaluate.scoring import EvalItem, variant_folder
+from selma_toolkit.evaluate.report import write_report
+from selma_toolkit.evaluate.scorers import build_scorers
+from selma_toolkit.evaluate.scoring import EvalItem, score_variants, variant_folder
+from selma_toolkit.images import image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
+from selma_toolkit.models import load_pipeline, pipeline_family
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.prompts.filters import normalized
-from selma_toolkit.recipe import RunRecipe
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +112,13 @@ def draw_eval_images(
     *,
     device: str | None = None,
     progress: ProgressCallback | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, dict[str, list[EvalItem]]]:
     """Draw the missing images of every job (one pipeline for all); return
     ``{variant: {skill: [EvalItem]}}`` for score_variants, prompts in id order, seeds inner.
-    Two jobs of one variant must not share a skill."""
-    seeds = run.evaluate.seeds
+    Two jobs of one variant must not share a skill. ``seeds``: the evaluation seeds (default
+    ``evaluate.seeds``; a benchmark's protocol names its own)."""
+    seeds = list(run.evaluate.seeds if seeds is None else seeds)
     settings = generation_settings(run)
     missing: list[tuple[EvalJob, list[tuple[str, PromptRecord, int]]]] = []
     for job in jobs:
@@ -161,12 +167,11 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
 
     from selma_toolkit.adapters.diffusers import load_experts
     from selma_toolkit.adapters.moe import is_moe_file, load_moe, unload_moe
-    from selma_toolkit.images import image_seed
-    from selma_toolkit.models import load_pipeline
 
     images = run.images
     pipe = load_pipeline(run.base_model, revision=run.revision, device=device, dtype=images.dtype,
                          scheduler=images.scheduler)
+    family = pipeline_family(pipe)  # names the guidance argument and whether a negative prompt goes with it
     done = 0
     for job, todo in missing:
         moe = job.lora is not None and is_moe_file(job.lora)
@@ -187,9 +192,8 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
                 batch = todo[start:start + images.batch_size]
                 output = pipe(
                     prompt=[prompt.prompt for _, prompt, _ in batch],
-                    negative_prompt=[images.negative_prompt] * len(batch) if images.negative_prompt else None,
+                    **family.pipeline_arguments(images.negative_prompt, images.guidance_scale, len(batch)),
                     num_inference_steps=images.steps,
-                    guidance_scale=images.guidance_scale,
                     height=images.resolution,
                     width=images.resolution,
                     generator=[torch.Generator("cpu").manual_seed(image_seed(seed, prompt.id)) for _, prompt, seed in batch],
@@ -217,8 +221,6 @@ def evaluation_signature(run: RunRecipe, variants: Mapping[str, Path | None],
                          prompts: Mapping[str, Sequence[PromptRecord]]) -> dict[str, Any]:
     """What a finished evaluation depends on: each variant's LoRA (sha256), the prompts, seeds,
     scorers and generation settings. Equal signatures: the scores and report are up to date."""
-    from selma_toolkit.evaluate.scorers import build_scorers
-
     return {
         "variants": {variant: lora_digest(lora) for variant, lora in sorted(variants.items())},
         "prompts": {skill: [[p.id, p.prompt] for p in records] for skill, records in prompts.items()},
@@ -242,6 +244,33 @@ def evaluation_is_current(run: RunRecipe, paths: RunPaths, variants: Mapping[str
         return False
 
 
+def _lora_notes(paths: RunPaths, variants: Mapping[str, Path | None]) -> dict[str, str]:
+    """What each variant's LoRA file is, for the report: its path in the run folder, and for an expert
+    that is a selected checkpoint, its step and why it was chosen (from the checkpoint selection)."""
+    selection: dict[str, Any] = {}
+    try:
+        if paths.selection.is_file():
+            selection = json.loads(paths.selection.read_text(encoding="utf-8"))["skills"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        selection = {}  # a damaged selection is refused where it is used; the report only leaves the note out
+    notes = {}
+    for variant, lora in variants.items():
+        if lora is None:
+            continue
+        shown = lora.relative_to(paths.root).as_posix() if lora.is_relative_to(paths.root) else str(lora)
+        entry = selection.get(variant.removeprefix("expert:")) if variant.startswith("expert:") else None
+        if entry and entry.get("expert") == shown:
+            means = ", ".join(f"step {c['step']}: " + ("-" if c.get("mean") is None else f"{c['mean']:.4g}")
+                              for c in entry.get("checkpoints", []))
+            notes[variant] = (f"the checkpoint of step {entry['best_step']} ({shown}), the best by "
+                              f"{entry['metric']} on the held-out prompts ({means})")
+        elif variant.startswith("expert:") and lora == paths.expert(variant.removeprefix("expert:")):
+            notes[variant] = f"{shown} (the final expert)"
+        else:
+            notes[variant] = shown
+    return notes
+
+
 def evaluate_variants(
     run: RunRecipe,
     paths: RunPaths,
@@ -251,10 +280,6 @@ def evaluate_variants(
 ) -> Path:
     """Draw (or reuse) every variant's images on the held-out prompts, score them (scores.json,
     scores.csv, summary.csv in ``paths.eval_dir``) and write the report; return its index.html."""
-    from selma_toolkit.evaluate.report import write_report
-    from selma_toolkit.evaluate.scorers import build_scorers
-    from selma_toolkit.evaluate.scoring import score_variants
-
     settings = run.evaluate
     scorers = build_scorers(settings)  # checks every scorer setting before anything is drawn
     prompts = heldout_prompts(run, paths)
@@ -265,7 +290,8 @@ def evaluate_variants(
                    batch_size=settings.batch_size)
     index = write_report(paths.eval_dir, paths.report.parent, title=f"SELMA evaluation: {run.name}",
                          prompts_per_skill=settings.report_prompts_per_skill,
-                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note)
+                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note,
+                         loras=_lora_notes(paths, variants))
     atomic_write_text(paths.eval_dir / EVALUATION_RECORD,
                       json.dumps(evaluation_signature(run, variants, prompts), indent=1, ensure_ascii=False) + "\n")
     return index

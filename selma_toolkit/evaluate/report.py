@@ -9,6 +9,7 @@ report/
   images/<variant>/<skill>/<index>-seed<seed>.<ext>   copies of every image the pages show
 ```
 Every path in the pages is relative and points inside the folder, so it can be zipped and moved.
+The charts are drawn at the page column's width (and scale down with a narrower window).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.human_eval import build_pairs, write_human_eval_page
 from selma_toolkit.evaluate.scoring import read_scores, variant_folder, variant_sort_key
+from selma_toolkit.evaluate.stats import bootstrap_interval
 from selma_toolkit.io import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding
 th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#eef7ee}
 .note{color:#555;font-size:.9rem}.ci{color:#777;font-size:.8rem}
 .grid td,.grid th{vertical-align:top;text-align:center}.grid img{width:160px;height:auto;display:block;margin:auto}
-.prompt{max-width:260px;text-align:left!important;font-size:.9rem}
+.prompt{max-width:260px;text-align:left!important;font-size:.9rem}.score{font-size:.75rem;color:#555}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;display:block}.scroll{overflow-x:auto}
 #image-check{padding:.5rem;margin:1rem 0;display:none}#image-check.broken{display:block;background:#fdd}
 """
 
@@ -54,6 +57,10 @@ window.addEventListener('load', function () {
 """
 
 
+# The page column: body max-width 1200 px less 2 x 1rem padding, in inches at the charts' 100 dpi.
+COLUMN_INCHES = 11.68
+
+
 def _fmt(value: float) -> str:
     return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
 
@@ -67,17 +74,18 @@ def _cell(stats: Mapping[str, Any] | None, best: bool = False) -> str:
 
 
 def _table(rows: Sequence[str], columns: Sequence[str], lookup, header: str) -> str:
-    """A table of mean [interval] cells; the highest mean in each column is marked."""
-    out = [f"<table><tr><th>{html.escape(header)}</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
-    best = {}
+    """A table of mean [interval] cells; the highest mean in each column is marked when no other row has it."""
+    out = [f"<div class='scroll'><table><tr><th>{html.escape(header)}</th>"
+           + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    best: dict[str, str | None] = {}
     for column in columns:
-        means = [lookup(row, column)["mean"] for row in rows if lookup(row, column) is not None]
-        best[column] = max(means) if means else None
+        means = {row: lookup(row, column)["mean"] for row in rows if lookup(row, column) is not None}
+        top = [row for row, mean in means.items() if mean == max(means.values())] if means else []
+        best[column] = top[0] if len(top) == 1 and len(rows) > 1 else None  # a tie marks no cell
     for row in rows:
-        cells = "".join(_cell(lookup(row, c), lookup(row, c) is not None and lookup(row, c)["mean"] == best[c] and len(rows) > 1)
-                        for c in columns)
+        cells = "".join(_cell(lookup(row, c), best[c] == row) for c in columns)
         out.append(f"<tr><td>{html.escape(row)}</td>{cells}</tr>")
-    return "\n".join(out) + "</table>"
+    return "\n".join(out) + "</table></div>"
 
 
 def _plot(document: Mapping[str, Any], metric: str, path: Path) -> None:
@@ -88,7 +96,10 @@ def _plot(document: Mapping[str, Any], metric: str, path: Path) -> None:
 
     variants, skills = document["variants"], document["skills"]
     groups = ["all prompts", *skills]
-    figure = Figure(figsize=(max(7.0, 0.4 * len(groups) * max(1, len(variants)) + 4), 4.0), dpi=100)
+    # At most the page column's width (the browser scales it down further in a narrower window); the
+    # constrained layout keeps the legend inside that width, where tight_layout let it stick out.
+    width_inches = min(COLUMN_INCHES, max(7.0, 0.4 * len(groups) * max(1, len(variants)) + 4))
+    figure = Figure(figsize=(width_inches, 4.0), dpi=100, layout="constrained")
     axes = figure.subplots()
     width = 0.8 / max(1, len(variants))
     for position, variant in enumerate(variants):
@@ -102,8 +113,7 @@ def _plot(document: Mapping[str, Any], metric: str, path: Path) -> None:
     axes.set_xlim(-0.5, len(groups) - 0.5)  # keep every group in place when a metric has no values for some
     axes.set_ylabel(document["scorers"][metric]["label"])
     axes.set_title(f"{document['scorers'][metric]['label']} (mean, 95% bootstrap interval)")
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
+    figure.legend(fontsize="small", loc="outside right upper")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as handle:
         figure.savefig(handle, format="png")
@@ -134,7 +144,8 @@ def _grids(document: Mapping[str, Any], eval_dir: Path, out_dir: Path, prompts_p
         if not indices:
             continue
         shown = [v for v in variants if any((v, skill, n) in by_key for n in indices)]
-        rows = ["<table class='grid'><tr><th>prompt</th>" + "".join(f"<th>{html.escape(v)}</th>" for v in shown) + "</tr>"]
+        rows = ["<div class='scroll'><table class='grid'><tr><th>prompt</th>"
+                + "".join(f"<th>{html.escape(v)}</th>" for v in shown) + "</tr>"]
         for index in indices:
             prompt = next(by_key[(v, skill, index)]["prompt"] for v in shown if (v, skill, index) in by_key)
             cells = []
@@ -145,10 +156,13 @@ def _grids(document: Mapping[str, Any], eval_dir: Path, out_dir: Path, prompts_p
                     continue
                 src = copy_image(item, eval_dir, out_dir)
                 title = ", ".join(f"{k} {_fmt(v)}" for k, v in item["scores"].items() if v is not None)
+                scores = " · ".join(f"{document['scorers'][k]['label']} {'-' if v is None else _fmt(v)}"
+                                    for k, v in item["scores"].items() if k in document["scorers"])
                 cells.append(f"<td><img src='{html.escape(src)}' alt='{html.escape(variant)}' "
-                             f"title='{html.escape(title)}' loading='eager'></td>")
+                             f"title='{html.escape(title)}' loading='eager'>"
+                             f"<div class='score'>{html.escape(scores)}</div></td>")
             rows.append(f"<tr><td class='prompt'>{html.escape(prompt)}</td>{''.join(cells)}</tr>")
-        sections.append(f"<h3>{html.escape(skill)}</h3>" + "\n".join(rows) + "</table>")
+        sections.append(f"<h3>{html.escape(skill)}</h3>" + "\n".join(rows) + "</table></div>")
     return "\n".join(sections)
 
 
@@ -156,8 +170,6 @@ def paired_gains(document: Mapping[str, Any], baseline: str = "base", samples: i
     """Per variant, skill and metric: the mean paired change over ``baseline`` on the items both
     scored for the same (skill, prompt id, seed), its 95% bootstrap interval and a verdict:
     "helps" (interval above 0), "hurts" (below 0) or "not significant at this size"."""
-    from selma_toolkit.evaluate.stats import bootstrap_interval
-
     by_key: dict[tuple, dict[str, Mapping[str, Any]]] = {}
     for item in document["items"]:
         by_key.setdefault((item["skill"], item["prompt_id"], item["seed"]), {})[item["variant"]] = item["scores"]
@@ -178,8 +190,35 @@ def paired_gains(document: Mapping[str, Any], baseline: str = "base", samples: i
     return rows
 
 
+def ordered_gains(document: Mapping[str, Any], samples: int = 2000) -> list[dict[str, Any]]:
+    """:func:`paired_gains` in the order a reader asks about them: each merge on every skill first, then
+    each expert on its own skill, then the rest (experts on other skills, the other baselines)."""
+    skills = list(document["skills"])
+
+    def rank(row: Mapping[str, Any]) -> int:
+        if row["variant"].startswith("merged:"):
+            return 0
+        return 1 if row["variant"] == f"expert:{row['skill']}" else 2
+
+    rows = paired_gains(document, samples=samples)
+    return sorted(rows, key=lambda row: (rank(row), skills.index(row["skill"]) if rank(row) == 1 else 0))
+
+
+def headline_gains(document: Mapping[str, Any], samples: int = 2000) -> list[dict[str, Any]]:
+    """The rows of :func:`ordered_gains` that answer "did it help?": the merges, and each expert on its own skill."""
+    return [row for row in ordered_gains(document, samples) if row["variant"].startswith("merged:")
+            or row["variant"] == f"expert:{row['skill']}"]
+
+
+def gain_line(row: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """One paired change as a line of text: ``merged:selma on count, CLIPScore: +1.2 [+0.3, +2.1] helps``."""
+    change = row["change"]
+    return (f"{row['variant']} on {row['skill']}, {labels[row['metric']]}: {change.mean:+.3g} "
+            f"[{change.low:+.3g}, {change.high:+.3g}] {row['verdict']}")
+
+
 def _paired_section(document: Mapping[str, Any]) -> str:
-    rows = paired_gains(document)
+    rows = ordered_gains(document)
     if not rows:
         return "<p class='note'>No variant shares prompts and seeds with the base, so no paired change is shown.</p>"
     labels = {m: info["label"] for m, info in document["scorers"].items()}
@@ -189,9 +228,18 @@ def _paired_section(document: Mapping[str, Any]) -> str:
         f"<td>{r['change'].n}</td><td>{html.escape(r['verdict'])}</td></tr>" for r in rows)
     return ("<p class='note'>Each variant minus the base on the same prompts and seeds (the same initial noise), "
             "with its 95% bootstrap interval: <i>helps</i> when the interval lies above 0, <i>hurts</i> when below, "
-            "else <i>not significant at this size</i> (more prompts or seeds would tell).</p>"
-            "<table><tr><th>variant</th><th>skill</th><th>metric</th><th>change vs base</th><th>n</th><th>verdict</th></tr>"
-            f"{body}</table>")
+            "else <i>not significant at this size</i> (more prompts or seeds would tell). The merges come first, "
+            "then each expert on its own skill, then the rest.</p>"
+            "<div class='scroll'><table><tr><th>variant</th><th>skill</th><th>metric</th><th>change vs base</th>"
+            f"<th>n</th><th>verdict</th></tr>{body}</table></div>")
+
+
+def _lora_list(loras: Mapping[str, str], variants: Sequence[str]) -> str:
+    shown = [v for v in variants if v in loras]
+    if not shown:
+        return ""
+    items = "".join(f"<li><b>{html.escape(v)}</b>: {html.escape(loras[v])}</li>" for v in shown)
+    return f"<p class='note'>The LoRAs evaluated:</p><ul class='note loras'>{items}</ul>"
 
 
 def write_report(
@@ -205,13 +253,16 @@ def write_report(
     max_pairs: int = 200,
     seed: int = 0,
     note: str = "",
+    loras: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the report folder from scores.json (a path, its folder, or the loaded document).
 
     ``eval_dir``: where relative image paths in the scores start (default: the folder of
     scores.json). ``human_eval_pairs``: [variant, baseline] pairs for the human-evaluation page;
     None = the first merged variant against base. ``note``: a paragraph of plain text shown under
-    "What this run showed" (the recipe's ``evaluate.report_note``). Returns the path of index.html.
+    "What this run showed" (the recipe's ``evaluate.report_note``). ``loras``: what each variant's
+    LoRA is (``{"expert:count": "checkpoint step 4 (...)"}``), listed there too. Returns the path of
+    index.html.
     """
     if isinstance(scores, Mapping):
         document = scores
@@ -257,8 +308,10 @@ def write_report(
 <h1>{html.escape(title)}</h1>
 <div id="image-check"></div>
 <p class="note">{n_images} images, {len(document['variants'])} variants, {len(document['skills'])} skills.
-Cells show the mean and its 95% bootstrap interval over images; the best mean per column is marked.</p>
+Cells show the mean and its 95% bootstrap interval over images; the best mean per column is marked (no cell
+when several share it).</p>
 <h2>What this run showed</h2>
+{_lora_list(loras or {}, document["variants"])}
 {_paired_section(document) if "base" in document["variants"] else ""}
 {f"<p>{html.escape(note)}</p>" if note else ""}
 <h2>Summary</h2>

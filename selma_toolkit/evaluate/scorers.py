@@ -1,7 +1,8 @@
 """Scorers: images + prompts -> one number per image.
 
-Every scorer's model comes from the recipe's ``[evaluate]`` section; ``tiny:clip`` and ``tiny:vqa``
-name the embedded tiny random models (selma_toolkit.tiny), on which every code path here runs.
+Every scorer's model comes from the recipe's ``[evaluate]`` section; ``tiny:clip``, ``tiny:vqa`` and
+the tiny VQA judges (``tiny:blip2``, ``tiny:paligemma``, ``tiny:llava``) name the embedded tiny random
+models (selma_toolkit.tiny, selma_toolkit.tiny_vlm), on which every code path here runs.
 
 | name | model (recipe field) | score per image |
 | --- | --- | --- |
@@ -9,7 +10,7 @@ name the embedded tiny random models (selma_toolkit.tiny), on which every code p
 | ``pickscore`` | ``pickscore_model`` (+ ``pickscore_processor``) | ``logit_scale.exp() * cos`` (the PickScore authors' code) |
 | ``hps`` | ``hps_model`` (+ ``hps_clip_config``) | ``100 * cos`` (HPS v2 reports cos as a percentage) |
 | ``imagereward`` | ``imagereward_model`` (extra ``[eval]``) | the ImageReward package's ``score`` |
-| ``vqascore`` | ``vqa_model`` | ``100 * P(yes)`` for "does this figure show <prompt>?" (selma_toolkit.evaluate.vqa) |
+| ``vqascore`` | ``vqa_model`` | ``100 * P(yes)`` for "does this figure show <prompt>?" (evaluate/vqa.py, evaluate/vlm.py) |
 | ``questions`` | ``vqa_model`` + ``questions`` | ``100 *`` share of the prompt's questions answered correctly, DSG rule |
 | ``toyworld`` | none (segmentation) | ``100 *`` share of DSG-style questions right on a shapes-world image (selma_toolkit.toyworld) |
 
@@ -26,14 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from selma_toolkit import tiny
+from selma_toolkit.config.registries import SCORER_NAMES, SCORERS, SHIPPED_SCORER_MODELS, import_object
 from selma_toolkit.errors import ModelError
-from selma_toolkit.lazy import import_object
+from selma_toolkit.evaluate.openclip import clip_state_dict_from_open_clip
+from selma_toolkit.io import sha256_file
 from selma_toolkit.models import default_device
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +53,16 @@ class Scorer(Protocol):
         """One score per image (None where the scorer does not apply, e.g. a prompt without questions)."""
         ...
 
+    # A scorer may also have ``score_by_id(images, prompt_ids)``, which score_variants then calls instead:
+    # a benchmark's questions scorer, whose prompts are told apart by id (two TIFA items share a caption).
+
 
 def resolve_scorer_model(spec: str, field: str) -> str:
     """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use) and for ``toy:judge``
     (the shapes world's shipped judge, package data); other references unchanged."""
-    from selma_toolkit import tiny
-    from selma_toolkit.toyworld.judge import JUDGE_SPEC, judge_dir
-
-    if spec == JUDGE_SPEC:
+    if spec in SHIPPED_SCORER_MODELS:
         try:
-            return str(judge_dir())
+            return str(import_object(SHIPPED_SCORER_MODELS[spec])())
         except ValueError as exc:
             raise ModelError(f"evaluate.{field} = {spec!r}: {exc}") from None
     if tiny.is_tiny_spec(spec):
@@ -79,7 +83,8 @@ def load_pretrained(cls: Any, spec: str, field: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"evaluate.{field} = {spec!r}: could not load it with {cls.__name__} ({exc}). Expected a local folder or "
-            "Hub id with safetensors weights (pickled .bin weights are not loaded), or tiny:clip / tiny:vqa."
+            "Hub id with safetensors weights (pickled .bin weights are not loaded), or one of the tiny models "
+            f"{', '.join(tiny.TINY_PREFIX + name for name in tiny.SCORER_MODELS)}."
         ) from None
 
 
@@ -104,8 +109,6 @@ def require_pickle_opt_in(spec: str, field: str, allow: bool, sha256: str | None
 def pinned_pickle(spec: str, field: str, allow: bool, sha256: str | None) -> Path:
     """The local path of a pickled checkpoint (``owner/repo:file.pt`` on the Hub, or a local file),
     returned only after the opt-in check and if the file's sha256 equals the pinned one."""
-    from selma_toolkit.io import sha256_file
-
     require_pickle_opt_in(spec, field, allow, sha256)
     prefix = field.removesuffix("_model")
     path = _fetch_file(spec, field)
@@ -219,8 +222,6 @@ def _hps_pickle_loader(settings: "EvaluateSettings"):
         import torch
         from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
-        from selma_toolkit.evaluate.openclip import clip_state_dict_from_open_clip
-
         path = pinned_pickle(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -283,20 +284,20 @@ def _sibling(spec: str, filename: str) -> str:
     return f"{spec.partition(':')[0]}:{filename}"
 
 
-def _build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ClipSimilarityScorer(
         "clipscore", "CLIPScore", settings.clip_model, "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
         "clipscore", _clip_loader(settings.clip_model, "clip_model", None, "clip_model"), device, settings.batch_size)
 
 
-def _build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ClipSimilarityScorer(
         "pickscore", "PickScore", settings.pickscore_model, "PickScore human-preference model: logit_scale * cos.",
         "logit_scale", _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor,
                                     "pickscore_processor"), device, settings.batch_size)
 
 
-def _build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
     if settings.hps_model.endswith((".pt", ".pth", ".bin")):
         # Refuse now (before images are generated) if the opt-in or the pin is missing.
         require_pickle_opt_in(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
@@ -307,30 +308,8 @@ def _build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
                                 "percent", load, device, settings.batch_size)
 
 
-def _build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
     return ImageRewardScorer(settings, device)
-
-
-# The scorer registry: name -> its factory ``(settings, device) -> Scorer`` as "module:function",
-# imported when a recipe asks for the scorer (lazy.import_object), so this module imports none of
-# their modules (the VQA models, the shapes world). Adding a scorer is a class with the Scorer
-# protocol, a factory next to it and one entry here (evaluate.scorers accepts every name listed).
-SCORERS: dict[str, str] = {
-    "clipscore": f"{__name__}:_build_clipscore",
-    "pickscore": f"{__name__}:_build_pickscore",
-    "hps": f"{__name__}:_build_hps",
-    "imagereward": f"{__name__}:_build_imagereward",
-    "vqascore": "selma_toolkit.evaluate.vqa:build_vqascore",
-    "questions": "selma_toolkit.evaluate.vqa:build_question_scorer",
-    "toyworld": "selma_toolkit.toyworld.scorer:build_toyworld_scorer",
-}
-SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
-# The [evaluate] field that names each scorer's model (a scorer without a model, toyworld, has none):
-# where the images stage's judge_model goes when that scorer is the judge (images/best_of.py).
-SCORER_MODEL_FIELDS: dict[str, str] = {
-    "clipscore": "clip_model", "pickscore": "pickscore_model", "hps": "hps_model", "imagereward": "imagereward_model",
-    "vqascore": "vqa_model", "questions": "vqa_model",
-}
 
 
 def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:

@@ -130,7 +130,7 @@ def score_variants(
                 for row in batch:
                     with Image.open(row["path"]) as opened:
                         images.append(opened.convert("RGB"))
-                values = scorer.score(images, [row["prompt"] for row in batch])
+                values = _score(scorer, images, batch)
                 if len(values) != len(batch):
                     raise ValueError(f"scorer {scorer.name!r} returned {len(values)} scores for {len(batch)} images")
                 for row, value in zip(batch, values):
@@ -143,6 +143,15 @@ def score_variants(
     atomic_write_text(out_dir / SCORES_JSON, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
     _write_csvs(document, out_dir)
     return document
+
+
+def _score(scorer: "Scorer", images: list[Any], batch: list[dict[str, Any]]) -> list[float | None]:
+    """``scorer.score`` on a batch; a scorer that tells images apart by prompt id (``score_by_id``: a
+    benchmark whose prompt texts are not unique) gets the ids instead."""
+    by_id = getattr(scorer, "score_by_id", None)
+    if by_id is not None:
+        return by_id(images, [row["prompt_id"] for row in batch])
+    return scorer.score(images, [row["prompt"] for row in batch])
 
 
 def _key_fields(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,63 +1,106 @@
 """Question-based faithfulness: a VQA model answers questions about each image.
 
-The answerer ranks a question's candidate answers by their likelihood under a generative BLIP VQA
-model (``BlipForQuestionAnswering``; BLIP's own "rank" inference): for each candidate, the
-decoder's log-probability of ``[answer tokens] [SEP]`` after its start token, given the question
-encoded against the image. Yes/no questions are a two-way choice, so the tiny random model and a
-real one go through the same code.
+Two kinds of VQA model answer, chosen from the model's config on first use (``vqa_answerer``):
+
+* BLIP's VQA model (``BlipForQuestionAnswering``, e.g. ``Salesforce/blip-vqa-base``): a question's
+  candidate answers ranked by their likelihood under its answer decoder (BLIP's own "rank"
+  inference): for each candidate, the decoder's log-probability of ``[answer tokens] [SEP]`` after
+  its start token, given the question encoded against the image (``BlipAnswerer``);
+* any image-text-to-text model of transformers (BLIP-2, InstructBLIP, PaliGemma, LLaVA,
+  Qwen2.5-VL, ...): the likelihood of each candidate answer under the model's own prompt or chat
+  template (selma_toolkit.evaluate.vlm).
+
+Yes/no questions are a two-way choice, so the tiny random models and real ones go through the same code.
 
 * ``questions`` (DSG / TIFA style): per image, 100 x the share of its prompt's questions answered
   correctly. DSG's dependency rule: a question whose parent was answered wrongly counts as wrong
   whatever the model says about it (``dsg_score``).
-* ``vqascore``: 100 x P(yes) (normalised over yes/no) for ``Does this figure show "<prompt>"?
-  Please answer yes or no.`` (VQAScore's question), for prompts without a question file.
+* ``vqascore``: 100 x P(yes) for ``Does this figure show "<prompt>"? Please answer yes or no.``
+  (VQAScore's question), for prompts without a question file. An image-text-to-text model gives
+  P(yes) as VQAScore defines it (the probability of the answer "yes", spelt "yes" or "Yes"); BLIP's
+  VQA model's yes and no are normalised over the two (its answer decoder spreads mass over every
+  answer string).
+
+Every image's questions are answered together, batched over images and questions.
 
 Scores depend on the VQA model: the paper's DSG used mPLUG-large and TIFA BLIP-2, so numbers are
-comparable only between runs that used the same ``vqa_model``; the report says so.
+comparable only between runs that used the same ``vqa_model``; the report says so (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from selma_toolkit.evaluate.questions import Question, QuestionSet
-from selma_toolkit.evaluate.scorers import load_pretrained
+from selma_toolkit.errors import ModelError
+from selma_toolkit.evaluate.questions import Question, QuestionSet, read_questions
+from selma_toolkit.evaluate.scorers import load_pretrained, resolve_scorer_model
+from selma_toolkit.evaluate.vlm import Ask, VlmAnswerer
 from selma_toolkit.models import default_device
+from selma_toolkit.tiny import TINY_VLMS, is_tiny_spec
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 COMPARABILITY_NOTE = ("Scores from a VQA model are comparable only between runs that used the same VQA model "
                       "(the paper used mPLUG-large for DSG and BLIP-2 for TIFA).")
 
 
-def dsg_score(questions: Sequence[Question], answers: Mapping[str, str]) -> tuple[float, dict[str, bool]]:
+def dsg_score(
+    questions: Sequence[Question], answers: Mapping[str, str], *, transitive: bool = True
+) -> tuple[float, dict[str, bool]]:
     """100 x the share of ``questions`` answered correctly, with DSG's dependency rule.
 
-    ``questions`` must list parents before children (QuestionSet does); ``answers`` maps every
-    question id to the model's answer. A question counts as correct only if its answer equals the
-    expected one *and* every parent counts as correct: DSG does not ask a child whose parent got
-    "no", and scores it as wrong, which gives the same number.
+    ``answers`` maps every question id to the model's answer. A question counts as correct only if
+    its answer equals the expected one *and* its parents pass: DSG does not ask a child whose parent
+    got "no", and scores it as wrong, which gives the same number. ``transitive`` (this toolkit's
+    rule, and DPG-Bench's code): a parent passes if it counts as correct, so a failure runs down a
+    chain; ``questions`` list parents before children (QuestionSet does), else a parent not yet
+    reached passes on its own answer (DPG-Bench's code, which walks its file in order). Not
+    ``transitive`` (DSG-1k's released code): a parent passes on its own answer alone.
     """
+    own = {question.id: answers[question.id] == question.answer for question in questions}
     correct: dict[str, bool] = {}
     for question in questions:
-        parents_ok = all(correct[parent] for parent in question.parents)
-        correct[question.id] = parents_ok and answers[question.id] == question.answer
+        passes = correct.get if transitive else own.get
+        correct[question.id] = own[question.id] and all(passes(p, own.get(p, True)) for p in question.parents)
     if not correct:
         raise ValueError("dsg_score needs at least one question")
     return 100.0 * sum(correct.values()) / len(correct), correct
 
 
+class Answerer(Protocol):
+    """What the scorers need from a VQA model."""
+
+    yes_no_normalised: bool  # whether VQAScore's P(yes) is normalised over yes and no (BLIP VQA)
+
+    def answer_logprobs(self, asks: Sequence[Ask]) -> list[list[float]]:
+        """For each ask, the log-probability of each of its choices."""
+        ...
+
+
+@functools.lru_cache(maxsize=2)
+def load_blip_vqa(model_id: str, device: str) -> tuple[Any, Any]:
+    """A BLIP VQA model and its processor on ``device``, loaded once per process and device."""
+    from transformers import AutoProcessor, BlipForQuestionAnswering
+
+    model = load_pretrained(BlipForQuestionAnswering, model_id, "vqa_model")
+    processor = load_pretrained(AutoProcessor, model_id, "vqa_model", weights=False)
+    return model.to(device).eval(), processor
+
+
 class BlipAnswerer:
     """Log-likelihoods of candidate answers under a ``BlipForQuestionAnswering`` model."""
+
+    yes_no_normalised = True
 
     def __init__(self, model_id: str, device: str | None = None):
         self.model_id = model_id
@@ -66,16 +109,27 @@ class BlipAnswerer:
         self._processor: Any = None
 
     def _ensure_loaded(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoProcessor, BlipForQuestionAnswering
+        if self._model is None:
+            self.device = self.device or default_device()
+            self._model, self._processor = load_blip_vqa(self.model_id, self.device)
 
-        self.device = self.device or default_device()
-        model = load_pretrained(BlipForQuestionAnswering, self.model_id, "vqa_model")
-        self._processor = load_pretrained(AutoProcessor, self.model_id, "vqa_model", weights=False)
-        self._model = model.to(self.device).eval()
+    def answer_logprobs(self, asks: Sequence[Ask]) -> list[list[float]]:
+        """For each ask, the log-probability of each of its choices; the questions about one image
+        (consecutive asks with the same image) are encoded together."""
+        results: list[list[float]] = []
+        start = 0
+        while start < len(asks):
+            end = start + 1
+            while end < len(asks) and asks[end].image is asks[start].image:
+                end += 1
+            group = asks[start:end]
+            results += self.choice_logprobs(group[0].image, [a.question for a in group], [a.choices for a in group])
+            start = end
+        return results
 
-    def choice_logprobs(self, image: "Image", questions: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+    def choice_logprobs(
+        self, image: Image, questions: Sequence[str], choices: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
         """For one image: for each question, the log-probability of each of its candidate answers."""
         import torch
 
@@ -123,23 +177,68 @@ def _check_lengths(images: Sequence[Any], prompts: Sequence[str], name: str) -> 
         raise ValueError(f"{name}: {len(images)} images but {len(prompts)} prompts")
 
 
+def is_blip_vqa(model_id: str) -> bool:
+    """Whether ``model_id`` is a BLIP VQA model (else an image-text-to-text model), from its config."""
+    if is_tiny_spec(model_id):
+        return model_id.removeprefix("tiny:") not in TINY_VLMS
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_scorer_model(model_id, "vqa_model"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(what=f"could not read the config of {model_id} ({exc})", where="vqa_model", found=model_id,
+                         expected="a local folder or Hub id of a BLIP VQA or image-text-to-text model") from None
+    return "BlipForQuestionAnswering" in (getattr(config, "architectures", None) or [])
+
+
+class VqaAnswerer:
+    """The answerer of ``model_id``: BLIP's VQA model or an image-text-to-text model, chosen and loaded
+    on the first question, so that building a scorer stays cheap."""
+
+    def __init__(self, model_id: str, device: str | None = None, dtype: str = "auto", batch_size: int = 16):
+        self.model_id, self.device, self.dtype, self.batch_size = model_id, device, dtype, batch_size
+        self._backend: Answerer | None = None
+
+    @property
+    def backend(self) -> Answerer:
+        if self._backend is None:
+            self._backend = (BlipAnswerer(self.model_id, self.device) if is_blip_vqa(self.model_id)
+                             else VlmAnswerer(self.model_id, self.device, self.dtype, self.batch_size))
+        return self._backend
+
+    @property
+    def yes_no_normalised(self) -> bool:
+        return self.backend.yes_no_normalised
+
+    def answer_logprobs(self, asks: Sequence[Ask]) -> list[list[float]]:
+        return self.backend.answer_logprobs(asks)
+
+
+def model_key(settings: EvaluateSettings) -> str:
+    """What the scores depend on besides the images: the VQA model, and its dtype where set."""
+    return settings.vqa_model if settings.vqa_dtype == "auto" else f"{settings.vqa_model}|{settings.vqa_dtype}"
+
+
 class VqaScoreScorer:
-    """100 x P(yes | image, 'does this figure show "<prompt>"?'), normalised over yes and no."""
+    """100 x P(yes | image, 'does this figure show "<prompt>"?')."""
 
     name, label = "vqascore", "VQAScore"
 
-    def __init__(self, model_id: str, device: str | None = None):
-        self.model_id = model_id
-        self.description = f"100 x P(yes) that the image shows the prompt, answered by {model_id}. {COMPARABILITY_NOTE}"
-        self.answerer = BlipAnswerer(model_id, device)
+    def __init__(self, answerer: VqaAnswerer, cache_key: str):
+        self.model_id = answerer.model_id
+        self.cache_key = cache_key
+        self.description = (f"100 x P(yes) that the image shows the prompt, answered by {self.model_id}. "
+                            f"{COMPARABILITY_NOTE}")
+        self.answerer = answerer
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         _check_lengths(images, prompts, self.name)
-        scores: list[float | None] = []
-        for image, prompt in zip(images, prompts):
-            [[yes, no]] = self.answerer.choice_logprobs(image, [VQASCORE_TEMPLATE.format(prompt=prompt)], [("yes", "no")])
-            scores.append(100.0 / (1.0 + math.exp(no - yes)))
-        return scores
+        asks = [Ask(image, VQASCORE_TEMPLATE.format(prompt=prompt), ("yes", "no"))
+                for image, prompt in zip(images, prompts, strict=True)]
+        rows = self.answerer.answer_logprobs(asks) if asks else []
+        if self.answerer.yes_no_normalised:
+            return [100.0 / (1.0 + math.exp(no - yes)) for yes, no in rows]
+        return [100.0 * math.exp(yes) for yes, _ in rows]
 
 
 class QuestionScorer:
@@ -147,43 +246,58 @@ class QuestionScorer:
 
     name, label = "questions", "Question faithfulness"
 
-    def __init__(self, questions: QuestionSet, model_id: str, device: str | None = None):
+    def __init__(self, questions: QuestionSet, answerer: VqaAnswerer, model_key: str, *, transitive: bool = True):
         self.questions = questions
-        self.model_id = model_id
+        self.transitive = transitive  # dsg_score's rule
+        self.model_id = answerer.model_id
         # Cached scores (score_variants) depend on the questions too: a changed file is scored again.
-        canonical = json.dumps({p: [dataclasses.astuple(q) for q in qs] for p, qs in questions.by_prompt.items()}, sort_keys=True)
-        self.cache_key = f"{model_id}|questions:{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}"
-        self.description = (f"100 x share of the prompt's questions ({questions.source}) answered correctly by {model_id}, "
-                            f"DSG dependency rule. {COMPARABILITY_NOTE}")
-        self.answerer = BlipAnswerer(model_id, device)
+        canonical = json.dumps({p: [dataclasses.astuple(q) for q in qs] for p, qs in questions.by_prompt.items()},
+                               sort_keys=True)
+        self.cache_key = f"{model_key}|questions:{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}" + (
+            "" if transitive else "|parents-by-own-answer")
+        self.description = (f"100 x share of the prompt's questions ({questions.source}) answered correctly by "
+                            f"{self.model_id}, DSG dependency rule. {COMPARABILITY_NOTE}")
+        self.answerer = answerer
 
-    def answers(self, image: "Image", questions: Sequence[Question]) -> dict[str, str]:
+    def answers(self, image: Image, questions: Sequence[Question]) -> dict[str, str]:
         """The model's chosen answer to each question (the most likely of its choices)."""
-        logprobs = self.answerer.choice_logprobs(image, [q.text for q in questions], [q.choices for q in questions])
-        return {q.id: q.choices[max(range(len(q.choices)), key=row.__getitem__)] for q, row in zip(questions, logprobs)}
+        return self.answer_many([image], [questions])[0]
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def answer_many(self, images: Sequence[Image], questions: Sequence[Sequence[Question]]) -> list[dict[str, str]]:
+        """``answers`` for many images at once (one batch of asks over every image's questions)."""
+        asks = [Ask(image, q.text, q.choices) for image, qs in zip(images, questions, strict=True) for q in qs]
+        rows = iter(self.answerer.answer_logprobs(asks) if asks else [])
+        return [{q.id: q.choices[max(range(len(q.choices)), key=row.__getitem__)]
+                 for q, row in zip(qs, rows, strict=False)} for qs in questions]
+
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         _check_lengths(images, prompts, self.name)
-        scores: list[float | None] = []
-        for image, prompt in zip(images, prompts):
-            questions = self.questions.for_prompt(prompt)
-            scores.append(None if questions is None else dsg_score(questions, self.answers(image, questions))[0])
+        asked = [(i, self.questions.for_prompt(p)) for i, p in enumerate(prompts)]
+        asked = [(i, qs) for i, qs in asked if qs is not None]
+        answers = self.answer_many([images[i] for i, _ in asked], [qs for _, qs in asked])
+        scores: list[float | None] = [None] * len(images)
+        for (i, qs), given in zip(asked, answers, strict=True):
+            scores[i] = dsg_score(qs, given, transitive=self.transitive)[0]
         return scores
 
 
 # ------------------------------------------------------------------------- registry factories
 
 
-def build_vqascore(settings: "EvaluateSettings", device: str | None = None) -> VqaScoreScorer:
-    """The ``vqascore`` scorer of the registry (evaluate/scorers.py ``SCORERS``)."""
-    return VqaScoreScorer(settings.vqa_model, device)
+def vqa_answerer(settings: EvaluateSettings, device: str | None = None) -> VqaAnswerer:
+    """The answerer of ``settings.vqa_model`` (its model loads on the first question, once per process)."""
+    return VqaAnswerer(settings.vqa_model, device, settings.vqa_dtype, settings.batch_size)
 
 
-def build_question_scorer(settings: "EvaluateSettings", device: str | None = None) -> QuestionScorer:
+def build_vqascore(settings: EvaluateSettings, device: str | None = None) -> VqaScoreScorer:
+    """The ``vqascore`` scorer of the registry (config/registries.py ``SCORERS``); its model is
+    ``vqa_model``, ``batch_size`` (image, question) pairs per forward pass."""
+    return VqaScoreScorer(vqa_answerer(settings, device), model_key(settings))
+
+
+def build_question_scorer(settings: EvaluateSettings, device: str | None = None) -> QuestionScorer:
     """The ``questions`` scorer of the registry: the recipe's question file, answered by vqa_model."""
-    from selma_toolkit.errors import ModelError
-    from selma_toolkit.evaluate.questions import read_questions
-
     if not settings.questions:
         raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
-    return QuestionScorer(read_questions(settings.questions, settings.questions_split), settings.vqa_model, device)
+    return QuestionScorer(read_questions(settings.questions, settings.questions_split), vqa_answerer(settings, device),
+                          model_key(settings))

@@ -21,8 +21,11 @@ from typing import Any
 from selma_toolkit import __version__
 from selma_toolkit.architectures import FAMILIES, family_from_metadata
 from selma_toolkit.errors import DatasetError, HubError, RecipeError
+from selma_toolkit.hub.names import REPO_ID, check_safetensors_name
+from selma_toolkit.io import read_jsonl
 from selma_toolkit.lora.merging.record import metadata_record
 from selma_toolkit.paths import RunPaths
+from selma_toolkit.resources import shipped_dir, shipped_skill
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,8 @@ def lora_facts(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _read_recipe(path: Path):
-    from selma_toolkit.recipe import RunRecipe, load_recipe
+    from selma_toolkit.config.recipes import RunRecipe
+    from selma_toolkit.recipe import load_recipe
 
     try:
         recipe = load_recipe(path)
@@ -125,8 +129,6 @@ def _read_recipe(path: Path):
 
 
 def _count_lines(path: Path) -> int | None:
-    from selma_toolkit.io import read_jsonl
-
     if not path.is_file():
         return None
     try:
@@ -171,8 +173,6 @@ def sample_grid(images: list[Path], columns: int = 4, cell: int = 256) -> bytes:
 
 def plan_upload(path: Path, repo_id: str) -> UploadPlan:
     """Everything one push uploads, README.md included. ``path``: a ``.safetensors`` file, or a run folder."""
-    from selma_toolkit.hub.names import check_safetensors_name
-
     if path.is_file():
         check_safetensors_name(path.name, str(path))
         run = RunPaths(path.parent.parent) if path.parent.name in ("experts", "merged") else None
@@ -237,15 +237,15 @@ def render_model_card(
     """README.md text: YAML metadata via ModelCardData, body from the ``hub/model_card.md`` template."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from selma_toolkit.hub.names import REPO_ID
-    from selma_toolkit.recipe import RunRecipe, load_skill_recipe
-    from selma_toolkit.resources import shipped_dir, shipped_skill
+    from selma_toolkit.config.recipes import RunRecipe
+    from selma_toolkit.recipe import load_skill_recipe
 
     first = next(iter(loras.values()))
     base_model = (recipe.base_model if recipe else None) or first["base_model"]
     architecture = next((f["architecture"] for f in loras.values() if f["architecture"]), None)
     if architecture is None and base_model and base_model.startswith("tiny:"):
         architecture = base_model.removeprefix("tiny:").split(":")[0]  # tiny:<family>[:<seed>]
+    family = FAMILIES.get(architecture or "")  # None: a base model of no known family
     lora_skills = list(dict.fromkeys(s for f in loras.values() for s in f["skills"]))
     recipe_skills = {s.name: s for s in recipe.skills} if recipe else {}
     skill_names = lora_skills or list(recipe_skills)
@@ -266,7 +266,7 @@ def render_model_card(
             counts = {"prompts": _count_lines(run.prompts(name)), "images": _count_lines(run.images(name) / "metadata.jsonl")}
         skills.append({"name": name, "recipe": skill, "description": description, **counts})
 
-    family_tag = FAMILIES[architecture].hub_tag if architecture in FAMILIES else "stable-diffusion"
+    family_tag = family.hub_tag if family else "stable-diffusion"
     tags = ["lora", "text-to-image", family_tag, "selma", *skill_names]
     card_data = ModelCardData(
         # The Hub links base_model only to a repo id; a local folder or tiny: model is named in the body instead.
@@ -293,8 +293,7 @@ def render_model_card(
         or next((load_skill_recipe(s["name"]).seeds[0] for s in skills if shipped_skill(s["name"])), "a photo of two apples on a table"),
         recipe=recipe,
         # train.target_modules unset: the family's default layers (architectures.py), as training used them.
-        lora_targets=recipe.train.denoiser_targets(FAMILIES[architecture].lora_targets if architecture in FAMILIES
-                                                   else FAMILIES["sd1"].lora_targets) if recipe else [],
+        lora_targets=recipe.train.denoiser_targets((family or FAMILIES["sd1"]).lora_targets) if recipe else [],
         has_recipe_file=recipe is not None,
         score_rows=_score_rows(scores)[:MAX_SCORE_ROWS] if scores is not None else [],
         images=images or [],

@@ -18,11 +18,11 @@ from selma_toolkit.hub.names import (
     check_repo_path,
     check_safetensors_name,
 )
+from selma_toolkit.resources import shipped_dir
 
 CATALOG_ENV = "SELMA_CATALOG"
 _CATALOG_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-Architecture = str  # a family name of selma_toolkit.architectures
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class CatalogEntry:
     file: str
     skill: str
     base_model: str
-    architecture: Architecture
+    architecture: str  # a family name (architectures.FAMILY_NAMES), as the catalog file writes it
     sha256: str | None = None
     revision: str | None = None
     source: str = ""
@@ -91,8 +91,6 @@ def load_catalog(extra: str | Path | Sequence[str | Path] | None = None) -> dict
     """The shipped catalog (``hub/catalog.toml``), then the files in the ``SELMA_CATALOG``
     environment variable (separated like PATH; so every command and the diffusers / ComfyUI layers
     see them), then ``extra``; a later entry replaces an earlier one of the same name."""
-    from selma_toolkit.resources import shipped_dir
-
     files: list[str | Path] = [shipped_dir("hub") / "catalog.toml"]
     files += [f for f in os.environ.get(CATALOG_ENV, "").split(os.pathsep) if f]
     if isinstance(extra, (str, Path)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from selma_toolkit.errors import HubError
+from selma_toolkit.errors import HubError, Remedy
 from selma_toolkit.hub.names import LOGIN_HINT
 
 
@@ -31,12 +31,14 @@ def hub_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
     except RepositoryNotFoundError:
         raise HubError(f"{what}: repository not found (or private: {LOGIN_HINT})") from None
     except RevisionNotFoundError:
-        raise HubError(f"{what}: revision not found; check the branch, tag or commit given with --revision") from None
+        raise HubError(what="revision not found", where=what,
+                       remedies=[Remedy.check("revision", "branch, tag or commit")]) from None
     except RemoteEntryNotFoundError:
         raise HubError(f"{what}: the file is not in the repo at this revision") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         if isinstance(exc.__cause__, _transport_errors()):  # online, but the server did not answer
-            raise HubError(_unreachable(what, endpoint, exc.__cause__) + " (the file is not in the local Hugging Face cache either)") from None
+            raise _unreachable(what, endpoint, exc.__cause__,
+                               " (the file is not in the local Hugging Face cache either)") from None
         raise HubError(
             f"{what}: not in the local Hugging Face cache and the Hub cannot be reached (offline mode: "
             "HF_HUB_OFFLINE=1, or no network); pull it once while online"
@@ -47,14 +49,15 @@ def hub_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
         hint = f"; {LOGIN_HINT}" if status in (401, 403) else ""
         raise HubError(f"{what}: the Hub answered HTTP {status}{said}{hint}") from None
     except _transport_errors() as exc:
-        raise HubError(_unreachable(what, endpoint, exc)) from None
+        raise _unreachable(what, endpoint, exc) from None
 
 
-def _unreachable(what: str, endpoint: str | None, exc: BaseException) -> str:
+def _unreachable(what: str, endpoint: str | None, exc: BaseException, note: str = "") -> HubError:
     from huggingface_hub import constants
 
     where = endpoint or constants.ENDPOINT
-    return f"{what}: cannot reach the Hub at {where} ({type(exc).__name__}: {exc}); check the network or HF_ENDPOINT"
+    return HubError(what=f"cannot reach the Hub at {where} ({type(exc).__name__}: {exc}){note}", where=what,
+                    remedies=[Remedy.do("check the network"), Remedy.check("endpoint", "Hub endpoint")])
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

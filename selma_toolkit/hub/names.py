@@ -22,16 +22,14 @@ def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    problem = None
+    expected = "owner/name (letters, digits, '-', '_', '.'), e.g. my-user/countbench-sd2"
     if not REPO_ID.match(repo_id):
-        problem = "expected owner/name (letters, digits, '-', '_', '.'), e.g. my-user/countbench-sd2"
-    else:
-        try:  # the client's own rules on top of the shape (no '--' or '..', at most 96 characters)
-            validate_repo_id(repo_id)
-        except HFValidationError as exc:
-            problem = str(exc)
-    if problem:
-        raise HubInputError(f"repo id {repo_id!r} is not valid: {problem}")
+        raise HubInputError(what="not a valid repo id", where=f"repo id {repo_id!r}", expected=expected)
+    try:  # the client's own rules on top of the shape (no '--' or '..', at most 96 characters)
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubInputError(what=f"not a valid repo id ({exc})", where=f"repo id {repo_id!r}",
+                            expected=expected) from None
     return repo_id
 
 
@@ -42,8 +40,8 @@ def check_repo_path(name: str, source: str) -> str:
     absolute = name.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", name) is not None
     if not parts or absolute or "\\" in name or ".." in parts:
         raise HubInputError(
-            f"{source}: refusing file name {name!r}: expected a relative path inside the repo without '..' "
-            "(such a name, from a command line, a catalog or a server, could write outside the target folder)"
+            what=f"refusing file name {name!r}: from a command line, a catalog or a server, it could write outside the "
+            "target folder", where=source, expected="a relative path inside the repo without '..'"
         )
     return name
 
@@ -52,5 +50,6 @@ def check_safetensors_name(name: str, source: str) -> str:
     """Refuse anything but ``.safetensors``, naming why."""
     if not name.lower().endswith(".safetensors"):
         why = " (a pickle file: loading one can run arbitrary code)" if name.lower().endswith(PICKLE_SUFFIXES) else ""
-        raise HubInputError(f"{source}: {name!r} is not a .safetensors file{why}; selma-toolkit accepts LoRA experts only as .safetensors")
+        raise HubInputError(what=f"not a .safetensors file{why}", where=(source, repr(name)),
+                            expected="a .safetensors file (selma-toolkit accepts LoRA experts only as .safetensors)")
     return name

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from selma_toolkit.errors import HubError, HubInputError, LoraFormatError
+from selma_toolkit.errors import HubError, HubInputError, LoraFormatError, Remedy
 from selma_toolkit.hub.catalog import load_catalog
 from selma_toolkit.hub.connection import hub_errors
 from selma_toolkit.hub.names import (
@@ -51,8 +51,8 @@ def _choose_expert_file(repo_id: str, revision: str | None, endpoint: str | None
         raise HubError(f"{repo_id}@{revision or 'main'}: found {found}; selma-toolkit accepts LoRA experts only as .safetensors")
     shown = ", ".join(candidates[:10]) + (", ..." if len(candidates) > 10 else "")
     raise HubError(
-        f"{repo_id}@{revision or 'main'} holds {len(candidates)} .safetensors files ({shown}); "
-        f"name one as {repo_id}:FILE (or with --file FILE)"
+        what=f"holds {len(candidates)} .safetensors files ({shown})", where=f"{repo_id}@{revision or 'main'}",
+        remedies=[Remedy.do(f"name one as {repo_id}:FILE"), Remedy.give("filename")],
     )
 
 
@@ -158,8 +158,8 @@ def resolve_expert(
         if entry is None:
             known = f"catalog names: {', '.join(sorted(entries))}" if entries else "the catalog is empty"
             raise HubInputError(
-                f"{text!r}: no such file, and no catalog entry of that name ({known}; add your own entries "
-                "with --catalog FILE); a Hub repo is written owner/name"
+                what=f"no such file, and no catalog entry of that name ({known}); a Hub repo is written owner/name",
+                where=repr(text), remedies=[Remedy.give("catalog", noun="a catalog file with your own entries")],
             )
         log.info("catalog %s -> %s:%s", entry.name, entry.repo, entry.file)
         return pull_file(entry.repo, entry.file, revision=revision or entry.revision, sha256=entry.sha256,

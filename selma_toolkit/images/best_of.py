@@ -16,39 +16,29 @@ the caption that marks the example done) and copied into its ``metadata.jsonl`` 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selma_toolkit.config.registries import SCORER_MODEL_FIELDS
+from selma_toolkit.evaluate.scorers import build_scorer
+from selma_toolkit.images.naming import candidate_seed
 from selma_toolkit.io import atomic_write_text
 
 if TYPE_CHECKING:
+    from selma_toolkit.config.evaluate import EvaluateSettings
+    from selma_toolkit.config.images import ImageSettings
     from selma_toolkit.evaluate.scorers import Scorer
-    from selma_toolkit.evaluate.settings import EvaluateSettings
-    from selma_toolkit.images.settings import ImageSettings
 
 log = logging.getLogger(__name__)
-
-
-def candidate_seed(base_seed: int, prompt_id: int, candidate: int) -> int:
-    """The seed of candidate ``candidate`` of a prompt: candidate 0 is ``image_seed(base_seed,
-    prompt_id)`` (the plain stage's image); the others hash ``"<base_seed>:<prompt_id>:<k>"`` the same way."""
-    from selma_toolkit.images.generate import image_seed
-
-    if candidate == 0:
-        return image_seed(base_seed, prompt_id)
-    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{candidate}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def judge_settings(images: ImageSettings) -> EvaluateSettings:
     """The judge's scorer settings: the registry's defaults with the images section's judge model
     and batch size (nothing is read from [evaluate])."""
-    from selma_toolkit.evaluate.scorers import SCORER_MODEL_FIELDS
-    from selma_toolkit.evaluate.settings import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     fields: dict[str, Any] = {"scorers": [images.judge], "batch_size": images.judge_batch_size}
     if images.judge_model is not None:
@@ -58,8 +48,7 @@ def judge_settings(images: ImageSettings) -> EvaluateSettings:
 
 @functools.lru_cache(maxsize=4)
 def _cached_judge(settings_json: str, device: str | None) -> Scorer:
-    from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.evaluate.settings import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
     settings = EvaluateSettings.model_validate_json(settings_json)
     return build_scorer(settings.scorers[0], settings, device)

@@ -27,7 +27,6 @@ kill loses at most the batch in flight, and no row is ever duplicated or points 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -37,12 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
-from selma_toolkit.errors import DatasetError, ModelError
+from selma_toolkit.errors import DatasetError, ModelError, Remedy
 from selma_toolkit.images import best_of, shard
+from selma_toolkit.images.naming import image_name, image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from selma_toolkit.models import default_dtype, detect_family, load_pipeline, pipeline_family, resolve_model
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe, write_resolved_recipe
+from selma_toolkit.recipe import write_resolved_recipe
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +69,6 @@ class ImageStats:
     @property
     def images_per_second(self) -> float:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
-
-
-def image_seed(base_seed: int, prompt_id: int) -> int:
-    """The seed of prompt ``prompt_id``'s image: 31 bits of sha256("<base_seed>:<prompt_id>").
-
-    A hash rather than ``base_seed + prompt_id``, so runs with neighbouring base seeds share no noise.
-    """
-    digest = hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def image_name(prompt_id: int, image_format: str = "png") -> str:
-    """File name of a prompt's image in the dataset folder (``000017.png``); its caption is
-    ``image_name(id, "txt")`` (kohya's caption-file convention)."""
-    return f"{prompt_id:06d}.{image_format}"
 
 
 def check_image_inputs(run: RunRecipe, skill: str, paths: RunPaths) -> list[PromptRecord]:
@@ -187,10 +174,7 @@ def _model_revision(run: RunRecipe) -> str | None:
 
 
 def _check_model(run: RunRecipe) -> None:
-    """Fail before any work on a model that is not SD 1.x / 2.x / XL or cannot be loaded safely."""
-    from selma_toolkit.architectures import get_family
-    from selma_toolkit.models import detect_architecture, resolve_model
-
+    """Fail before any work on a model that cannot be loaded safely; warn about a negative prompt it ignores."""
     source = resolve_model(run.image_model)
     if source.endswith(".safetensors"):
         if run.images.single_file_config is None:
@@ -198,16 +182,14 @@ def _check_model(run: RunRecipe) -> None:
                              "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
                              "architecture, so that no config is fetched at run time")
         return
-    family = get_family(detect_architecture(run.image_model, revision=_model_revision(run)))
+    family = detect_family(run.image_model, revision=_model_revision(run))
     if run.images.negative_prompt and not family.negative_prompt:
-        log.warning("images.negative_prompt is set, but %s pipelines use guidance_scale as their embedded guidance and "
-                    "ignore a negative prompt (it acts only with true_cfg_scale > 1); the images are drawn without it",
-                    family.title)
+        log.warning("images.negative_prompt is set, but %s pipelines take no negative prompt for their guidance "
+                    "(Flux's guidance_scale is an embedded guidance; FLUX.2 [klein] has no negative prompt); the images "
+                    "are drawn without it", family.title)
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):
-    from selma_toolkit.models import load_pipeline
-
     settings = run.images
     pipe = load_pipeline(
         run.image_model,
@@ -236,13 +218,12 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe,
     settings = run.images
     seeds = seeds if seeds is not None else [image_seed(settings.seed, p.id) for p in batch]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    # None (not "") when unset: SDXL then uses zero negative embeddings, as it does by default.
-    negative = [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
+    # The family names the guidance argument and whether a negative prompt goes with it.
+    guidance = pipeline_family(pipe).pipeline_arguments(settings.negative_prompt, settings.guidance_scale, len(batch))
     output = pipe(
         prompt=[p.prompt for p in batch],
-        negative_prompt=negative,
+        **guidance,
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
         height=settings.resolution,
         width=settings.resolution,
         generator=generators,
@@ -257,8 +238,6 @@ def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe,
 
 def _settings_record(run: RunRecipe, device: str) -> dict[str, Any]:
     """Every setting that changes the pixels; images drawn with other values must not be mixed in."""
-    from selma_toolkit.models import default_dtype
-
     settings = run.images
     return {
         "model": run.image_model,
@@ -288,8 +267,10 @@ def _check_settings(folder: Path, recorded: dict[str, Any]) -> None:
     changed = {k: (previous.get(k), v) for k, v in recorded.items() if previous.get(k) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise DatasetError(f"{folder}: holds images drawn with other settings ({shown}); resuming would mix them. "
-                           "Restore those settings, choose another --out, or delete the folder to start over")
+        raise DatasetError(what=f"holds images drawn with other settings ({shown}); resuming would mix them",
+                           where=str(folder), remedies=[Remedy.do("restore those settings"),
+                                                        Remedy.change("out", "folder"),
+                                                        Remedy.do("delete the folder to start over")])
 
 
 def _prepare_folder(folder: Path, recorded: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ source). :func:`add_to_merge` reads it and
 2. when every expert is found, merges the old experts and the new ones from their files with the
    record's settings: the same computation, in the same order, as a from-scratch ``merge_files``;
 3. when some are missing, updates the merged file's own factors where that is exact, which it is
-   for the linear methods (``linear`` in lora/merging/methods.py's table; today selma and delta)
+   for the linear methods (``linear`` in config/merge_methods.py's table; today selma and delta)
    when the old experts keep their weights up to one factor c (uniform weights: c = T/(T+K)): ``selma`` (A' = c A_m + sum_new w_k A_k, B' likewise with each new
    expert's scale folded in) and ``delta`` (the new experts' factors stacked under the old ones,
    B_m rescaled by c). Both are merge_experts' own rules applied to [merged, new...] with weights
@@ -35,12 +35,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.config.merge_methods import method_spec
+from selma_toolkit.errors import LoraFormatError, Remedy
+from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.core import LoraWeights
-from selma_toolkit.lora.files import inspect_lora, load_lora, save_lora
+from selma_toolkit.lora.files import WRITE_FORMATS, inspect_lora, load_lora, save_lora
 from selma_toolkit.lora.merging.api import merge_experts, merge_files
 from selma_toolkit.lora.merging.formulas import apply_block_weights
-from selma_toolkit.lora.merging.methods import method_spec
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 
 # (merged file, a record entry) -> (where, file) pairs: more places to look for a listed expert.
@@ -67,7 +68,7 @@ def add_to_merge(
     weights: Sequence[float] | None = None,
     expert_files: Sequence[str | os.PathLike[str]] = (),
     new_sources: Sequence[str | None] | None = None,
-    format: Literal["kohya", "peft"] | None = None,
+    format: Literal["kohya", "peft", "ai-toolkit"] | None = None,
     locate: Locate | None = None,
 ) -> AddedMerge:
     """Add the experts ``new`` to the merged LoRA file ``merged``; write the merge of the old
@@ -89,12 +90,12 @@ def add_to_merge(
     record = MergeRecord.read(info.weights)
     if record is None:
         raise LoraFormatError(
-            f"{merged}: has no merge record (selma.merge metadata), so the experts it was made from are not known; "
-            "merge the experts from scratch: selma merge EXPERT... NEW.safetensors --out FILE")
+            what="has no merge record (selma.merge metadata), so the experts it was made from are not known",
+            where=str(merged), remedies=[Remedy.run("selma merge EXPERT... NEW.safetensors --out FILE",
+                                                    note="the experts merged from scratch")])
     old = record.experts
     total = len(old) + len(new_paths)
     weights = _weights_for(merged, record, weights, total)
-    from selma_toolkit.io import sha256_file
 
     listed = {entry.get("sha256") for entry in old}
     new_digests = [sha256_file(path) for path in new_paths]  # once: the exact update records them too
@@ -102,7 +103,8 @@ def add_to_merge(
         if digest in listed:
             raise LoraFormatError(f"{path}: is already one of the experts of {merged} (same sha256); adding it again "
                                   "would count it twice")
-    format = format or ("peft" if "peft" in info.layouts and "kohya" not in info.layouts else "kohya")
+    written = [layout for layout in info.layouts if layout in WRITE_FORMATS]
+    format = format or (written[0] if len(written) == 1 else None)  # None: the family's default
     found, looked = _find_experts(merged, old, expert_files, locate)
     missing = [(entry, places) for entry, path, places in zip(old, found, looked) if path is None]
     if not missing:
@@ -116,7 +118,7 @@ def add_to_merge(
         return AddedMerge(out, result, found, recomputed=True)
     scale = _common_scale(record.weights, weights[:len(old)])
     if not method_spec(record.method).linear or scale is None:
-        raise LoraFormatError(_missing_message(merged, record, missing))
+        raise _missing_error(merged, record, missing)
     result = _update_linear(merged, info.weights, record, new_paths, new_digests, new_sources, out, format, scale, weights)
     log.info("%s: %d listed expert(s) not found; updated the merged factors exactly (%s rule)",
              merged, len(missing), record.method)
@@ -135,8 +137,8 @@ def _weights_for(merged: Path, record: MergeRecord, weights: Sequence[float] | N
         return [1.0 / total] * total  # what merge_experts' default gives, value for value
     example = ",".join(f"{w:g}" for w in old) + "," + ",".join(["W"] * (total - len(old)))
     raise LoraFormatError(
-        f"{merged}: its {len(old)} experts were merged with weights {old}, not uniformly, so the weights of {total} "
-        f"experts cannot be inferred; give them with --weights (e.g. {example})")
+        what=f"its {len(old)} experts were merged with weights {old}, not uniformly, so the weights of {total} "
+        "experts cannot be inferred", where=str(merged), remedies=[Remedy.give("weights", example)])
 
 
 def _common_scale(old: Sequence[float], new: Sequence[float]) -> float | None:
@@ -181,8 +183,6 @@ def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path], locate:
 def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]],
                   locate: Locate | None) -> tuple[list[Path | None], list[list[str]]]:
     """Each listed expert's verified file (or None) and where it was looked for, in the record's order."""
-    from selma_toolkit.io import sha256_file
-
     digests: dict[Path, str] = {}
     given = [Path(p) for p in expert_files]
     found: list[Path | None] = []
@@ -207,12 +207,12 @@ def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str 
     return found, looked
 
 
-def _missing_message(merged: Path, record: MergeRecord, missing: Sequence[tuple[dict, list[str]]]) -> str:
+def _missing_error(merged: Path, record: MergeRecord, missing: Sequence[tuple[dict, list[str]]]) -> LoraFormatError:
     """Which experts were not found and where they were looked for; why the merge cannot do without them."""
     lines = []
     for entry, places in missing:
         label = f"{entry['name']} (skill {entry.get('skill') or '?'}, sha256 {(entry.get('sha256') or '?')[:12]})"
-        lines.append(f"  {label}; looked at: " + "; ".join(places))
+        lines.append(f"{label}; looked at: " + "; ".join(places))
     spec = method_spec(record.method)
     if not spec.linear:
         why = (f"the {record.method} merge is not linear in its experts ({spec.nonlinear}), so it can be extended "
@@ -220,9 +220,11 @@ def _missing_message(merged: Path, record: MergeRecord, missing: Sequence[tuple[
     else:
         why = ("the weights given for the old experts are not proportional to the ones they were merged with, so their "
                "updates must be reweighted one by one, which needs their files")
-    return (f"{merged}: {len(missing)} of its {len(record.experts)} experts were not found:\n" + "\n".join(lines)
-            + f"\n{why}. Give the missing files with --expert FILE (they are matched by sha256), or pull them "
-            "(`selma hub pull NAME`).")
+    return LoraFormatError(
+        what=f"{len(missing)} of its {len(record.experts)} experts were not found", where=str(merged),
+        details=[*lines, f"{why}."], remedies=[
+            Remedy.give("expert_files", noun="the missing files", note="they are matched by sha256"),
+            Remedy.run("selma hub pull NAME", note="to pull them")])
 
 
 # ------------------------------------------------------------------------------ exact updates

@@ -17,7 +17,11 @@ turns the module spelling into this package's canonical name (``unet.<diffusers 
 * ``kohya-ldm``: kohya with the original (LDM / sgm) UNet names, ``lora_unet_input_blocks_4_1_...``,
   as kohya's SDXL scripts write them (``lycoris_<path>``, SimpleTuner's spelling, reads as kohya);
 * ``comfyui``: what ComfyUI's own LoRA training and extraction save: ``diffusion_model.<LDM path>``
-  and ``text_encoders.clip_l.transformer.<path>`` with ``lora_up`` / ``lora_down`` / ``alpha``.
+  and ``text_encoders.clip_l.transformer.<path>`` with ``lora_up`` / ``lora_down`` / ``alpha``;
+* ``ai-toolkit``: ``diffusion_model.<diffusers path>.lora_A.weight`` / ``.lora_B.weight`` for the DiT
+  families (Qwen-Image, Z-Image), as ai-toolkit writes them; FLUX.2's, in BFL's names with fused
+  q/k/v, are first split into diffusers' modules by ``lora.dit``;
+* musubi-tuner's ``lora_unet_<diffusers path with _>`` for the DiT families reads as ``kohya``.
 
 LyCORIS LoHa / LoKr / OFT, DoRA, Tucker-decomposed LoCon and peft's LoRA biases have no low-rank
 form here: they are refused by name (:data:`REFUSED_FORMATS`). Names only: no tensor is touched.
@@ -29,7 +33,7 @@ import functools
 import re
 
 from selma_toolkit.architectures import COMFY_CLIP_COMPONENTS, COMPONENTS, KOHYA_TEXT_PREFIXES, Family
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.errors import LoraFormatError, Remedy
 from selma_toolkit.lora.core import canonical_module_name
 
 # (suffix, role), longest suffixes first. Roles: down (A), up (B), alpha, and full-weight
@@ -78,10 +82,15 @@ _COMPOUND_WORDS = (
     # original (LDM / sgm) UNet
     "input_blocks", "output_blocks", "middle_block", "in_layers", "out_layers", "emb_layers",
     "skip_connection", "time_embed", "label_emb",
-    # diffusers DiT transformers (SD3Transformer2DModel, FluxTransformer2DModel)
+    # diffusers DiT transformers (SD3Transformer2DModel, FluxTransformer2DModel, Chroma, Qwen-Image,
+    # Z-Image, FLUX.2)
     "single_transformer_blocks", "add_q_proj", "to_add_out", "ff_context", "norm1_context", "proj_mlp",
     "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder", "guidance_embedder", "text_embedder",
-    "norm_out", "pos_embed",
+    "norm_out", "pos_embed", "distilled_guidance_layer", "in_proj", "img_in", "txt_in", "txt_norm", "img_mod",
+    "txt_mod", "img_mlp", "txt_mlp", "noise_refiner", "context_refiner", "feed_forward", "adaLN_modulation",
+    "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2", "all_x_embedder", "all_final_layer",
+    "cap_embedder", "t_embedder", "to_qkv_mlp_proj", "linear_in", "linear_out", "time_guidance_embed",
+    "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
     # CLIP text encoders
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
     "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
@@ -92,9 +101,12 @@ _COMPOUNDS = sorted((tuple(word.split("_")) for word in _COMPOUND_WORDS), key=le
 _COMPOUNDS_BY_HEAD: dict[str, tuple[tuple[str, ...], ...]] = {
     head: tuple(compound for compound in _COMPOUNDS if compound[0] == head) for head in {c[0] for c in _COMPOUNDS}
 }
-# Top-level modules of diffusers' SD 3 / Flux transformers (none is a UNet module name).
+# Top-level modules of diffusers' DiT transformers (none is a top-level UNet module name).
 _DIT_HEADS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
-              "pos_embed", "norm_out")
+              "pos_embed", "norm_out", "proj_out", "distilled_guidance_layer", "img_in", "txt_in", "txt_norm", "layers",
+              "noise_refiner", "context_refiner", "all_x_embedder", "all_final_layer", "cap_embedder", "t_embedder",
+              "time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
+              "single_stream_modulation")
 _LDM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 _RESNET_LDM_TO_DIFFUSERS = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -230,7 +242,7 @@ def module_from_key(
         return canonical_module_name("transformer", decode_kohya_path(spelling[len("lora_transformer_"):])), "kohya"
     if spelling.startswith(("lora_unet_", "lycoris_")):
         path = decode_kohya_path(spelling.split("_", 2)[2] if spelling.startswith("lora_unet_") else spelling[len("lycoris_"):])
-        if spelling.startswith("lycoris_") and path.split(".")[0] in _DIT_HEADS:  # SimpleTuner's SD 3 / Flux files
+        if path.split(".")[0] in _DIT_HEADS:  # SimpleTuner's DiT files (lycoris_), musubi-tuner's (lora_unet_)
             return canonical_module_name("transformer", path), "kohya"
         if path.split(".")[0] in _LDM_HEADS:
             return canonical_module_name("unet", _ldm_path(path, spelling, ldm_layers_per_block)), "kohya-ldm"
@@ -239,7 +251,10 @@ def module_from_key(
         if spelling.startswith(prefix):
             return canonical_module_name(te_component, decode_kohya_path(spelling[len(prefix):])), "kohya"
     if spelling.startswith("diffusion_model."):
-        return canonical_module_name("unet", _ldm_path(spelling[len("diffusion_model."):], spelling, ldm_layers_per_block)), "comfyui"
+        path = spelling[len("diffusion_model."):]
+        if path.split(".")[0] in _DIT_HEADS:  # ai-toolkit's DiT files: diffusers' module paths
+            return canonical_module_name("transformer", path), "ai-toolkit"
+        return canonical_module_name("unet", _ldm_path(path, spelling, ldm_layers_per_block)), "comfyui"
     if spelling.startswith("text_encoders."):
         clip, _, rest = spelling[len("text_encoders."):].partition(".")
         if clip not in COMFY_CLIP_COMPONENTS or not rest.startswith("transformer."):
@@ -256,9 +271,9 @@ def module_from_key(
         found_component, path = "unet", spelling  # attention processors only ever existed in the UNet
     else:
         raise LoraFormatError(
-            f"key {spelling!r} has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
-            "peft.get_peft_model_state_dict(model) returns keys; say which model part it is for "
-            "(component='unet', or --component unet)"
+            what="has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
+            "peft.get_peft_model_state_dict(model) returns keys", where=f"key {spelling!r}",
+            remedies=[Remedy.set("component", "unet", note="the model part its keys are for")],
         )
     path = path.removeprefix("base_model.model.")
     layout = "peft"

@@ -1,14 +1,12 @@
 """Merging LoRA experts into one LoRA: the public import path of :mod:`selma_toolkit.lora.merging`.
 
-Every method, exactly, in that one package: the method table (``merging/methods.py``), the
-formulas (``merging/formulas.py``), the checks, the merge record (``merging/record.py``) and
-``merge_experts`` / ``merge_files`` (``merging/api.py``). This module only re-exports them.
+Every method, exactly, in that one package: the formulas (``merging/formulas.py``), the checks,
+the merge record (``merging/record.py``) and ``merge_experts`` / ``merge_files``
+(``merging/api.py``), with the method table (``selma_toolkit/config/merge_methods.py``). This
+module only re-exports them.
 """
 
-from selma_toolkit.lora.merging.api import merge_experts, merge_files
-from selma_toolkit.lora.merging.checks import expert_weights
-from selma_toolkit.lora.merging.formulas import apply_block_weights
-from selma_toolkit.lora.merging.methods import (
+from selma_toolkit.config.merge_methods import (
     DENSITY_METHODS,
     FACTORED_METHODS,
     LINEAR_METHODS,
@@ -20,6 +18,9 @@ from selma_toolkit.lora.merging.methods import (
     SvdMode,
     method_spec,
 )
+from selma_toolkit.lora.merging.api import merge_experts, merge_files
+from selma_toolkit.lora.merging.checks import expert_weights
+from selma_toolkit.lora.merging.formulas import apply_block_weights
 from selma_toolkit.lora.merging.record import (
     MERGE_METADATA_KEY,
     MergeRecord,

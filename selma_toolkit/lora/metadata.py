@@ -20,9 +20,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from selma_toolkit import __version__
 from selma_toolkit.architectures import DENOISERS, FAMILIES, FAMILY_NAMES, family_from_metadata
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.keys import peft_module_path
+from selma_toolkit.published import dit_families_with
 
 SELMA_PREFIX = "selma."
 SELMA_FIELDS = (
@@ -91,8 +93,6 @@ def metadata_value(weights: LoraWeights | Mapping[str, str], field: str) -> str 
 def file_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``__metadata__`` a file of ``weights`` gets: its own metadata and ``extra`` (plain field
     names such as ``base_model`` moved under ``selma.``), derived fields recomputed."""
-    from selma_toolkit import __version__
-
     merged: dict[str, str] = {key: as_metadata_string(value) for key, value in {**weights.metadata, **(extra or {})}.items()}
     for field in SELMA_FIELDS:
         if field in merged:
@@ -209,21 +209,21 @@ _TEXT_LAYER_INDEX = re.compile(r"^text_encoder\.text_model\.encoder\.layers\.(\d
 
 
 def guess_architecture(weights: LoraWeights) -> str | None:
-    """``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` from module names and shapes; the
-    file's metadata (``selma.architecture``, kohya ``ss_base_model_version``,
-    ``modelspec.architecture``) when the tensors do not tell; None when neither does or the
-    evidence conflicts.
+    """The family name (``"sd1"`` ... ``"flux2-klein"``) from module names and shapes; the file's
+    metadata (``selma.architecture``, kohya ``ss_base_model_version``, ``modelspec.architecture``)
+    when the tensors do not tell; None when neither does or the evidence conflicts.
 
     The denoiser's modules say which kind of family it is: ``unet.*`` (SD 1.x / 2.x / XL) or
-    ``transformer.*`` (SD 3 / Flux); clues of the other kind are ignored. Evidence (each clue read
-    from the family records of ``selma_toolkit.architectures``): a second text encoder, ``add_embedding``
-    or a second transformer block per attention (SDXL); the cross-attention width (768 / 1024 / 2048)
-    and text width (1024 / 1280); more than 12 text-encoder layers (SD 2's OpenCLIP-H); conv
-    ``proj_in`` (SD 1.x only; SD 2 and SDXL use Linear); single-stream blocks or the guidance
-    embedding (Flux); ``pos_embed`` or a third text encoder (SD 3); the transformer's attention width
-    (Flux 3072, SD 3 1536 / 2432) and pooled text width (Flux 768, SD 3 2048). SD 3 and Flux
-    double-stream blocks share their names: a LoRA of only those, at a width no real model has
-    (a tiny test model), is told by its metadata.
+    ``transformer.*`` (the DiT families); clues of the other kind are ignored. UNet evidence (each
+    clue read from the family records of ``selma_toolkit.architectures``): a second text encoder,
+    ``add_embedding`` or a second transformer block per attention (SDXL); the cross-attention width
+    (768 / 1024 / 2048) and text width (1024 / 1280); more than 12 text-encoder layers (SD 2's
+    OpenCLIP-H); conv ``proj_in`` (SD 1.x only; SD 2 and SDXL use Linear). DiT families
+    (:func:`_guess_dit`): the families whose real-size transformer has every module of the LoRA
+    (``selma_toolkit.published``), with its shape; then a module only one family has (Flux's
+    guidance embedding, SD 3's ``pos_embed``, Z-Image's refiners...) or a width only one has; then
+    the metadata. Flux, Chroma, Qwen-Image and FLUX.2 share their double-stream attention names
+    and width (3072): a LoRA of only those is told by its metadata.
     """
     found: set[str] = set()
     excluded: set[str] = set()
@@ -231,6 +231,8 @@ def guess_architecture(weights: LoraWeights) -> str | None:
         found.update(_evidence(name, module, excluded))
     denoisers = {name.split(".", 1)[0] for name in weights.modules} & set(DENOISERS)
     pool = {name for name, f in FAMILIES.items() if f.denoiser in denoisers} or set(FAMILIES)
+    if denoisers == {"transformer"}:
+        return _guess_dit(weights, pool, found & pool)
     found &= pool
     candidates = found - excluded
     if len(found) == 1 and candidates:
@@ -243,6 +245,29 @@ def guess_architecture(weights: LoraWeights) -> str | None:
     if said is None and len(pool) == 1:
         return next(iter(pool))
     return None
+
+
+def _guess_dit(weights: LoraWeights, pool: set[str], votes: set[str]) -> str | None:
+    """A transformer LoRA's family: among the DiT families with every model part it adapts, those
+    whose real-size transformer has each of its modules (``named``) and with their shapes
+    (``shaped``); one family by shapes, else by a unique module or width (``votes``), else the
+    metadata's when it is possible, else the one family the names allow."""
+    components = weights.components()
+    candidates = {name for name in pool if components <= set(FAMILIES[name].components)}
+    named, shaped = set(candidates), set(candidates)
+    for name, module in weights.modules.items():
+        component, _, path = name.partition(".")
+        if component != "transformer":
+            continue
+        named &= dit_families_with(path)
+        shaped &= dit_families_with(path, (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:])))
+    for group in (shaped, votes & (named or candidates)):
+        if len(group) == 1:
+            return next(iter(group))
+    said = _architecture_from_metadata(weights.metadata, set())
+    if said is not None and said in (shaped or named or candidates):
+        return said
+    return next(iter(named)) if len(named) == 1 else None
 
 
 def _evidence(name: str, module: LoraModule, excluded: set[str]) -> set[str]:

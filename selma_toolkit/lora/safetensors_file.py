@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.io import sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _DTYPE_SIZES = {
@@ -126,8 +127,6 @@ def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sha256_of_file(path: Path) -> str:
-    from selma_toolkit.io import sha256_file
-
     return sha256_file(path)
 
 

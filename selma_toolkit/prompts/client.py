@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from selma_toolkit.config.prompts import LLMSettings
 from selma_toolkit.errors import EndpointError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.recipe import LLMSettings
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import DatasetError, EndpointError, RecipeError
+from selma_toolkit.config.recipes import SkillRecipe
+from selma_toolkit.errors import DatasetError, EndpointError, RecipeError, Remedy
 from selma_toolkit.io import JsonlAppender, read_jsonl
 from selma_toolkit.prompts.filters import REASONS, PromptPool, normalized
 from selma_toolkit.prompts.sources import Batch, PromptSource, open_source
-from selma_toolkit.recipe import SkillRecipe
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def _read_existing(path: Path, skill: str) -> list[dict[str, Any]]:
     for index, record in enumerate(records):
         where = f"{path}: record {index + 1}"
         if record.get("skill") != skill:
-            raise DatasetError(f"{where} belongs to skill {record.get('skill')!r}, not {skill!r}; "
-                               "write this skill's prompts to another folder (--out)")
+            raise DatasetError(what=f"belongs to skill {record.get('skill')!r}, not {skill!r}", where=where,
+                               remedies=[Remedy.change("out", "folder", note="for this skill's prompts")])
         request = record.get("request")
         if record.get("id") != index or not isinstance(request, int) or request < last_request \
                 or record.get("split") not in SPLITS or not str(record.get("prompt", "")).strip():
@@ -224,9 +224,12 @@ def _run_requests(run: _Generation, source: PromptSource, progress: Callable[[Pr
                         pending[issued] = batch
                     issued += 1
                 if processed not in pending:
+                    limit = stop_reason.split(" ")[0]  # the recipe key, e.g. llm.max_requests
                     raise EndpointError(
-                        f"skill {run.skill.name!r}: stopped at {stop_reason} (a limit in the recipe). {run.kept_note()} "
-                        "after raising the limit (e.g. --set llm.max_requests=...); answers received are cached")
+                        what=f"stopped at {stop_reason} (a limit in the recipe); the {run.stats.kept}/"
+                        f"{run.stats.target} prompts kept so far are saved in {run.out} and the answers received are "
+                        "cached, so the same command continues", where=f"skill {run.skill.name!r}",
+                        remedies=[Remedy.give("overrides", f"{limit}=N", noun=f"a higher {limit}")])
                 item = pending.pop(processed)
                 try:
                     batch = item.result() if isinstance(item, Future) else item

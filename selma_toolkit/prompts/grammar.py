@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import re
 
-from selma_toolkit.recipe import GrammarSettings
+from selma_toolkit.config.prompts import GrammarSettings
 
 _SLOT = re.compile(r"\{(\w+)\}(s\b)?")
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")

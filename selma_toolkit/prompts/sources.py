@@ -5,23 +5,25 @@
 LLM answer, a grammar batch) or sends ``fetch`` to a thread pool (at most ``window`` in flight),
 and stops with ``exhausted(...)`` when too many answers in a row added nothing.
 
-Adding a source: a class with this protocol and one entry in :data:`PROMPT_SOURCES`; the recipe's
-``source`` field accepts every name listed there (``prompts/settings.py``'s ``PromptSourceName``).
+Adding a source: a class with this protocol and one entry in the registry
+(``config/registries.py``'s ``PROMPT_SOURCES``); the recipe's ``source`` field accepts every name
+listed there (``config/prompts.py``'s ``PromptSourceName``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from selma_toolkit.config.recipes import SkillRecipe
+from selma_toolkit.config.registries import PROMPT_SOURCES, import_object
 from selma_toolkit.errors import EndpointError, RecipeError
+from selma_toolkit.prompts.client import LLMClient
+from selma_toolkit.prompts.grammar import GrammarSource as GrammarBatches
 from selma_toolkit.prompts.parse import parse_answer, request_text
-
-if TYPE_CHECKING:
-    from selma_toolkit.recipe import SkillRecipe
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,7 @@ class PromptSource(Protocol):
 class LLMSource:
     """Requests to the recipe's OpenAI-compatible endpoint; answers from the cache when it has them."""
 
-    def __init__(self, skill: "SkillRecipe", cache_dir: Path | None):
-        from selma_toolkit.prompts.client import LLMClient
-
+    def __init__(self, skill: SkillRecipe, cache_dir: Path | None):
         self.skill = skill
         self.window = skill.llm.concurrency
         self.client = LLMClient(skill.llm, cache_dir)  # checks the API key now, before any request
@@ -102,12 +102,10 @@ class GrammarSource:
 
     window = 1
 
-    def __init__(self, skill: "SkillRecipe", cache_dir: Path | None = None):
-        from selma_toolkit.prompts.grammar import GrammarSource as Grammar
-
+    def __init__(self, skill: SkillRecipe, cache_dir: Path | None = None):
         assert skill.grammar is not None  # the recipe validator guarantees it for source = "grammar"
         self.skill = skill
-        self.grammar = Grammar(skill.grammar, skill.seed)
+        self.grammar = GrammarBatches(skill.grammar, skill.seed)
 
     def prepare(self, index: int, examples: list[str]) -> int:
         return index
@@ -128,17 +126,10 @@ class GrammarSource:
         pass
 
 
-# The registry: recipe ``source`` name -> the class that opens it with (skill, cache_dir).
-PROMPT_SOURCES: dict[str, Callable[["SkillRecipe", Path | None], PromptSource]] = {
-    "llm": LLMSource,
-    "grammar": GrammarSource,
-}
-
-
 @contextlib.contextmanager
-def open_source(skill: "SkillRecipe", cache_dir: Path | None) -> Iterator[PromptSource]:
-    """The skill's prompt source, opened for one run and closed after it."""
-    source = PROMPT_SOURCES[skill.source](skill, cache_dir)
+def open_source(skill: SkillRecipe, cache_dir: Path | None) -> Iterator[PromptSource]:
+    """The skill's prompt source (the registry's class for ``skill.source``), opened for one run and closed after it."""
+    source: PromptSource = import_object(PROMPT_SOURCES[skill.source])(skill, cache_dir)
     try:
         yield source
     finally:

@@ -37,10 +37,27 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import RecipeError, TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
+from selma_toolkit.paths import RunPaths
+from selma_toolkit.prompts import generate_prompts
+from selma_toolkit.prompts.filters import normalized
+from selma_toolkit.prompts.grammar import GrammarSource
+from selma_toolkit.recipe import load_run_recipe
+from selma_toolkit.toyworld.model import MAX_TOKENS, toy_tokenizer
+from selma_toolkit.toyworld.pretrain import (
+    caption_sources,
+    draw_batch,
+    flatten_optimizer,
+    restore_optimizer,
+    save_checkpoint,
+    step_generator,
+)
+from selma_toolkit.toyworld.study_data import dev_prompts
 from selma_toolkit.toyworld.world import (
     COLORS,
+    IMAGE_SIZE,
     RELATIONS,
     SHAPES,
     Group,
@@ -149,9 +166,6 @@ def hard_negative(scene: Scene, kind: str, rng: random.Random) -> Scene:
 def step_examples(grammars: list[Any], settings: JudgeSettings, step: int, excluded: set[str]):
     """Step ``step``'s captions, their renders ([n, 3, 32, 32] in [-1, 1]) and hard negatives
     (``[n][len(NEGATIVE_KINDS)]`` captions): a pure function of (seed, step)."""
-    from selma_toolkit.prompts.filters import normalized
-    from selma_toolkit.prompts.grammar import GrammarSource
-    from selma_toolkit.toyworld.pretrain import draw_batch
 
     rng = random.Random(f"toyworld-judge:{settings.seed}:{step}")
     captions: list[str] = []
@@ -171,7 +185,6 @@ def step_examples(grammars: list[Any], settings: JudgeSettings, step: int, exclu
 
 def _allowed_negative(scene: Scene, kind: str, rng: random.Random, excluded: set[str]) -> str:
     """A hard negative of ``kind`` that is not an excluded prompt (else another shape changed)."""
-    from selma_toolkit.prompts.filters import normalized
 
     text = scene_caption(hard_negative(scene, kind, rng))
     for _ in range(200):
@@ -203,8 +216,6 @@ def build_judge():
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from selma_toolkit.toyworld.model import MAX_TOKENS, toy_tokenizer
-    from selma_toolkit.toyworld.world import IMAGE_SIZE
 
     tokenizer = toy_tokenizer()
     vocab = len(tokenizer)
@@ -227,7 +238,6 @@ def contrastive_loss(model, input_ids, pixels, captions: list[str], negatives: l
     against every image."""
     import torch
 
-    from selma_toolkit.prompts.filters import normalized
 
     n = len(captions)
     texts = captions + [text for row in negatives for text in row]
@@ -252,12 +262,6 @@ def _tokens(tokenizer, texts: list[str]):
 
 def excluded_prompts(recipe: str | None, folder: Path) -> set[str]:
     """The held-out and development prompts (normalized) of a study recipe, written under ``folder``."""
-    from selma_toolkit.dataset import read_prompts
-    from selma_toolkit.paths import RunPaths
-    from selma_toolkit.prompts import generate_prompts
-    from selma_toolkit.prompts.filters import normalized
-    from selma_toolkit.recipe import load_run_recipe
-    from selma_toolkit.toyworld.study_data import dev_prompts
 
     if recipe is None:
         return set()
@@ -294,13 +298,6 @@ def train_judge(out: str | Path, settings: JudgeSettings, *,
     import torch
     from safetensors.torch import load_file
 
-    from selma_toolkit.toyworld.pretrain import (
-        caption_sources,
-        flatten_optimizer,
-        restore_optimizer,
-        save_checkpoint,
-        step_generator,
-    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +346,6 @@ def negative_accuracy(model, processor, settings: JudgeSettings, excluded: set[s
     whose caption the judge scores above its hard negative, per negative kind."""
     import torch
 
-    from selma_toolkit.toyworld.pretrain import caption_sources
 
     check = JudgeSettings(**{**settings.model_dump(), "seed": settings.seed + 10_000})
     wins = {kind: [] for kind in NEGATIVE_KINDS}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selma_toolkit.tiny import _learn_merges
+from selma_toolkit.toyworld.web_captions import web_words
 from selma_toolkit.toyworld.world import COLORS, IMAGE_SIZE, NUMBERS, RELATIONS, SHAPES
 
 TOY_SPEC = "toy:shapes"
@@ -51,12 +53,9 @@ def toy_tokenizer(captions: str = "explicit"):
     from transformers import CLIPTokenizer
 
     # The deterministic merge learner of the tiny models (same tie-breaking, same file every build).
-    from selma_toolkit.tiny import _learn_merges
 
     words = toy_words()
     if captions == "web":
-        from selma_toolkit.toyworld.web_captions import web_words
-
         words = list(dict.fromkeys(words + web_words()))
     alphabet = sorted(ByteLevel.alphabet())
     merges = _learn_merges(words)

@@ -37,10 +37,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import TrainingError
+from selma_toolkit.config.pretrain import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.config.prompts import GrammarSettings
+from selma_toolkit.errors import Option, Remedy, TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
-from selma_toolkit.toyworld.pretrain_settings import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.models import resolve_model
+from selma_toolkit.prompts.grammar import GrammarSource
+from selma_toolkit.recipe import load_skill_recipe
+from selma_toolkit.toyworld.model import NOISE_SCHEDULE, build_text_encoder, build_unet, build_vae, toy_tokenizer
+from selma_toolkit.toyworld.renderer import draw_objects, place_objects
 from selma_toolkit.toyworld.snapshots import evaluate_snapshot
+from selma_toolkit.toyworld.web_captions import web_caption
+from selma_toolkit.toyworld.world import COLORS, SHAPES, parse_caption
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +60,6 @@ Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 
 def caption_sources() -> list[Any]:
     """The grammars captions are drawn from: the three toy skills and single objects."""
-    from selma_toolkit.recipe import GrammarSettings, load_skill_recipe
-    from selma_toolkit.toyworld.world import COLORS, SHAPES
-
     grammars = [load_skill_recipe(name).grammar for name in SKILLS]
     grammars.append(GrammarSettings(templates=["a {color} {shape}", "a {shape}"],
                                     words={"color": list(COLORS), "shape": list(SHAPES)}))
@@ -64,8 +69,6 @@ def caption_sources() -> list[Any]:
 def batch_captions(grammars: list[Any], seed: int, stage: str, step: int, size: int) -> tuple[list[str], random.Random]:
     """The captions of one step (each from a grammar chosen uniformly) and the generator that
     continues to place their objects: a pure function of (seed, stage, step)."""
-    from selma_toolkit.prompts.grammar import GrammarSource
-
     rng = random.Random(f"toyworld-pretrain:{seed}:{stage}:{step}")
     captions = []
     for _ in range(size):
@@ -84,9 +87,6 @@ def draw_batch(captions: list[str], rng: random.Random):
     import numpy as np
     import torch
 
-    from selma_toolkit.toyworld.renderer import draw_objects, place_objects
-    from selma_toolkit.toyworld.world import parse_caption
-
     arrays, drawn = [], []
     for caption in captions:  # as render_caption does, keeping the placed objects
         scene = parse_caption(caption)
@@ -101,7 +101,6 @@ def training_texts(captions: list[str], drawn: list, settings: "PretrainSettings
     the drawn objects from a generator seeded by (seed, step) (the renders stay those of "explicit")."""
     if settings.captions == "explicit":
         return captions
-    from selma_toolkit.toyworld.web_captions import web_caption
 
     rng = random.Random(f"toyworld-pretrain:{settings.seed}:web:{step}")
     return [web_caption(objects, relation, rng).text for objects, relation in drawn]
@@ -169,11 +168,12 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
                if k not in RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise TrainingError(f"{out}: holds a pretraining run with other settings ({shown}); resume with the same settings "
-                            "or choose another --out")
+        raise TrainingError(what=f"holds a pretraining run with other settings ({shown})", where=str(out),
+                            remedies=[Remedy.do("resume with the same settings"), Remedy.change("out", "folder")])
     if record["step"] > settings.steps and record["stage"] == "unet":
-        raise TrainingError(f"{out}: already trained {record['step']} steps, more than --steps {settings.steps}; export a "
-                            f"snapshot from {out / 'snapshots'} instead")
+        raise TrainingError(what=f"already trained {record['step']} steps, more than asked",
+                            where=(str(out), Option("steps")), found=settings.steps,
+                            remedies=[Remedy.do(f"export a snapshot from {out / 'snapshots'} instead")])
     return record
 
 
@@ -182,8 +182,6 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
 
 def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress: Progress | None):
     import torch
-
-    from selma_toolkit.toyworld.model import build_vae
 
     torch.manual_seed(settings.seed)
     vae = build_vae()
@@ -232,8 +230,6 @@ def _copy_vae(spec: str, out: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from selma_toolkit.models import resolve_model
-
     source = Path(resolve_model(spec)) / "vae"
     if not (source / "config.json").is_file():
         raise TrainingError(f"vae_from = {spec!r}: {source} holds no diffusers VAE (config.json)")
@@ -273,8 +269,6 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file, save_file
-
-    from selma_toolkit.toyworld.model import NOISE_SCHEDULE, build_text_encoder, build_unet, toy_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

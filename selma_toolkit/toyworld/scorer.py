@@ -29,7 +29,7 @@ from selma_toolkit.toyworld.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES,
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from selma_toolkit.recipe import EvaluateSettings
+    from selma_toolkit.config.evaluate import EvaluateSettings
 
 # A pixel farther than this (RGB Euclidean) from every palette colour belongs to no object.
 MAX_COLOR_DISTANCE = 110.0
@@ -129,7 +129,6 @@ def key_questions_pass(image: "Image", caption: str, kind: str) -> bool | None:
 def segment(image: "Image") -> list[Segment]:
     """The objects in an image (see the module docstring for the method)."""
     import numpy as np
-
     from PIL import Image
 
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):  # e.g. an upscaled copy: box-averaging undoes an integer upscale exactly

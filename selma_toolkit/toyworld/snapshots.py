@@ -9,9 +9,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import TrainingError
+from selma_toolkit.config.pretrain import SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.dataset import read_prompts
+from selma_toolkit.errors import Remedy, TrainingError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.toyworld.pretrain_settings import SKILLS, STATE_FILE, PretrainSettings
+from selma_toolkit.prompts import generate_prompts
+from selma_toolkit.recipe import load_skill_recipe
+from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
+from selma_toolkit.toyworld.scorer import score_image
 
 
 def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
@@ -20,8 +25,6 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
-
-    from selma_toolkit.toyworld.model import build_pipeline, build_text_encoder, build_unet, toy_tokenizer
 
     tokenizer = toy_tokenizer(captions)
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
@@ -38,10 +41,6 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
 
 def eval_prompts(out: Path, per_skill: int) -> dict[str, list[str]]:
     """``per_skill`` held-out prompts of each toy skill (the shipped recipes' prompt streams)."""
-    from selma_toolkit.dataset import read_prompts
-    from selma_toolkit.prompts import generate_prompts
-    from selma_toolkit.recipe import load_skill_recipe
-
     prompts = {}
     for name in SKILLS:
         path = out / "prompts" / f"{name}.jsonl"
@@ -65,8 +64,6 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
 
 def evaluate_snapshot(snapshot: Path, vae_dir: Path, settings: PretrainSettings) -> dict[str, float]:
     """Mean toyworld score (0-100) per skill of a snapshot on held-out prompts."""
-    from selma_toolkit.toyworld.scorer import score_image
-
     pipe = load_snapshot(snapshot, vae_dir, settings.captions)
     scores = {}
     for skill, prompts in eval_prompts(snapshot.parent.parent, settings.eval_prompts).items():
@@ -126,7 +123,8 @@ def snapshot_path(out: str | Path, step: int | None = None) -> Path:
     folder = Path(out) / "snapshots"
     found = sorted(folder.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
     if not found:
-        raise TrainingError(f"{folder}: no snapshots; run `selma toyworld pretrain --out {out}` first")
+        raise TrainingError(what="no snapshots", where=str(folder),
+                            remedies=[Remedy.run(f"selma toyworld pretrain --out {out}")])
     if step is None:
         return found[-1]
     path = folder / f"step-{step}.safetensors"

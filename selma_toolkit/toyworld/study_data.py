@@ -10,16 +10,21 @@ import logging
 import random
 from pathlib import Path
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import (
     METADATA,
     PromptRecord,
     read_image_dataset,
     read_prompts,
 )
+from selma_toolkit.errors import RecipeError
 from selma_toolkit.images import image_name, image_seed
-from selma_toolkit.io import atomic_write_bytes, atomic_write_text
+from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
+from selma_toolkit.prompts.filters import normalized
+from selma_toolkit.prompts.grammar import GrammarSource
+from selma_toolkit.toyworld.renderer import render_caption
+from selma_toolkit.toyworld.scorer import key_questions_pass, score_image
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,6 @@ def write_dataset(folder: Path, examples: list[tuple[int, str, str, object]], ex
 def write_ground_truth(run: RunRecipe, skill: str, paths: RunPaths) -> int:
     """Ground-truth renders of ``skill``'s train prompts into ``paths.images(skill)``; each
     placement drawn from ``image_seed(images.seed, prompt id)``. Returns the number of images."""
-    from selma_toolkit.toyworld.renderer import render_caption
 
     folder = paths.images(skill)
     prompts = sorted(read_prompts(paths.prompts(skill), split="train"), key=lambda p: p.id)
@@ -66,7 +70,6 @@ def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_sco
     (that expert is left out of the replicate, with a warning, rather than stopping the study)."""
     from PIL import Image
 
-    from selma_toolkit.toyworld.scorer import key_questions_pass, score_image
 
     def passes(image, caption: str) -> bool:
         if key_question is not None:
@@ -115,7 +118,6 @@ def image_scores(folder: Path) -> dict[int, float]:
     """The toyworld score of every image of a dataset on its own caption, by prompt id."""
     from PIL import Image
 
-    from selma_toolkit.toyworld.scorer import score_image
 
     scores = {}
     for record in read_image_dataset(folder):
@@ -144,10 +146,6 @@ def dev_prompts(run: RunRecipe, paths: RunPaths, folder: Path) -> dict[str, list
     held-out prompts are looked at. Drawn from each skill's grammar with another seed, every prompt
     that is also in the skill's prompt file (train or held-out, ``paths.prompts``) or already drawn
     left out; written to ``folder/<skill>.jsonl`` (split ``dev``) and read back from there."""
-    from selma_toolkit.errors import RecipeError
-    from selma_toolkit.io import read_jsonl
-    from selma_toolkit.prompts.filters import normalized
-    from selma_toolkit.prompts.grammar import GrammarSource
 
     wanted = run.evaluate.prompts_per_skill
     chosen: dict[str, list[PromptRecord]] = {}
@@ -210,7 +208,6 @@ def judge_agreement(folder: Path, judge) -> dict[str, object]:
     and exact scores are kept so that seeds can be pooled."""
     from PIL import Image
 
-    from selma_toolkit.toyworld.scorer import score_image
 
     images, captions, exact = [], [], []
     for record in read_image_dataset(folder):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_toolkit.io import atomic_open, atomic_write_text
-from selma_toolkit.toyworld.study import ALL_KINDS, BASE_LOW_GUIDANCE
+from selma_toolkit.toyworld.study_kinds import ALL_KINDS, BASE_LOW_GUIDANCE
 from selma_toolkit.toyworld.study_stats import (
     base_guidance,
     hierarchical_gains,

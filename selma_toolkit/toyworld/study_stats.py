@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from selma_toolkit.io import atomic_open
+from selma_toolkit.toyworld.study_kinds import EXPERT_PREFIX
+
 RESAMPLES = 2000
 
 
@@ -105,7 +108,6 @@ def rule_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rule's prediction (help possible iff the margin's interval lies above 0) and the expert's
     measured gain (seeds-then-items interval); ``holds`` unless a kind predicted not to help gains
     (interval above 0)."""
-    from selma_toolkit.toyworld.study import EXPERT_PREFIX
 
     rows = []
     for kind, per_skill in summary.get("training_margins", {}).items():
@@ -190,8 +192,6 @@ def rule_figure(summary: dict[str, Any], path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from selma_toolkit.io import atomic_open
-    from selma_toolkit.toyworld.study import EXPERT_PREFIX
 
     skills = summary["skills"]
     gains = summary.get("gains_seeds_items", {})

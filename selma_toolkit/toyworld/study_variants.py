@@ -7,13 +7,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.models import load_pipeline
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
+from selma_toolkit.toyworld.study_kinds import DPO_EXPERT
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, "int | None"], None]
-DPO_EXPERT = "dpo-expert"  # the variant prefix of the DPO experts (study.BASELINE_KINDS)
 
 
 def train_experts(run: RunRecipe, paths: RunPaths, names: list[str], label: str, progress: Progress) -> None:
@@ -44,7 +45,6 @@ def fused_model(run: RunRecipe, lora: Path, folder: Path) -> Path:
     import torch
 
     from selma_toolkit.adapters.diffusers import load_experts
-    from selma_toolkit.models import load_pipeline
 
     if (folder / "model_index.json").is_file():
         return folder

@@ -25,7 +25,7 @@ import torch
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.train.data import TrainSample, prepare_image
 from selma_toolkit.architectures import Family
-from selma_toolkit.train.model import Conditioning, encode_images, encode_prompts, sdxl_time_ids
+from selma_toolkit.train.model import Conditioning, encode_conditioning, encode_images, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ CACHE_FORMAT = "1"
 SHARD_SIZE = 256
 ENCODE_BATCH = 8
 Encoder = Callable[[list[int]], dict[str, torch.Tensor]]
+PADDED = ("prompt_embeds", "text_mask")  # cached tensors whose rows may differ in length (dim 1)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def ensure_cache(spec: CacheSpec, root: Path, count: int, make_encoder: Callable
         if not shard.is_file():
             encode = encode or make_encoder()
             parts = [encode(indices[i:i + ENCODE_BATCH]) for i in range(0, len(indices), ENCODE_BATCH)]
-            tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
+            tensors = {name: cat_rows([p[name] for p in parts], name).contiguous() for name in parts[0]}
             atomic_write_bytes(shard, save(tensors, metadata={"key": spec.key, "start": str(start)}))
         if progress is not None:
             progress(indices[-1] + 1, count)
@@ -150,14 +151,24 @@ class CachedTensors:
             handle = self._shards[shard]
             for name in handle.keys():
                 picked.setdefault(name, []).append(handle.get_slice(name)[row:row + 1])
-        return {name: torch.cat(rows) for name, rows in picked.items()}
+        return {name: cat_rows(rows, name) for name, rows in picked.items()}
 
 
-def latent_encoder(samples: list[TrainSample], vae, resolution: int) -> Encoder:
+def cat_rows(rows: list[torch.Tensor], name: str) -> torch.Tensor:
+    """Rows of a cached tensor stacked along the batch. Prompt states and their mask may differ in
+    length (the prompts' own tokens, Qwen-Image and Z-Image): shorter ones are padded with zeros
+    (mask 0) to the longest, which the transformer reads through the mask as the unpadded prompt."""
+    if name in PADDED and len({row.shape[1] for row in rows}) > 1:
+        length = max(row.shape[1] for row in rows)
+        rows = [torch.nn.functional.pad(row, (0, 0) * (row.dim() - 2) + (0, length - row.shape[1])) for row in rows]
+    return torch.cat(rows)
+
+
+def latent_encoder(samples: list[TrainSample], vae, resolution: int, family: Family | None = None) -> Encoder:
     """indices -> {mean, std, original_size, crop_top_left} through the VAE."""
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         images = [prepare_image(samples[i].image, resolution) for i in indices]
-        mean, std = encode_images(vae, torch.stack([im.pixels for im in images]))
+        mean, std = encode_images(vae, torch.stack([im.pixels for im in images]), family)
         return {
             "mean": mean.cpu(), "std": std.cpu(),
             "original_size": torch.tensor([im.original_size for im in images]),
@@ -168,15 +179,12 @@ def latent_encoder(samples: list[TrainSample], vae, resolution: int) -> Encoder:
 
 def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *,
                     family: Family) -> Encoder:
-    """indices -> {prompt_embeds[, pooled]} through the frozen text encoders, stored as float32,
-    encoded as the family's pipeline does (``encode_prompts``)."""
+    """indices -> {prompt_embeds[, pooled][, text_mask]} through the frozen text encoders, stored as
+    float32 (the mask as int64), encoded as the family's pipeline does (``encode_conditioning``)."""
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled = encode_prompts(family, tokenizers, encoders, [samples[i].text for i in indices], device)
-        out = {"prompt_embeds": embeds.float().cpu()}
-        if pooled is not None:
-            out["pooled"] = pooled.float().cpu()
-        return out
+            encoded = encode_conditioning(family, tokenizers, encoders, [samples[i].text for i in indices], device)
+        return {name: (value.long() if name == "text_mask" else value.float()).cpu() for name, value in encoded.items()}
     return encode
 
 
@@ -189,7 +197,7 @@ class ConditionSource:
                  vae=None, tokenizers: list | None = None, text_encoders: list | None = None):
         self.samples, self.resolution, self.device, self.family = samples, resolution, device, family
         self.latents, self.texts = latents, texts
-        self.encode_latents = latent_encoder(samples, vae, resolution) if latents is None else None
+        self.encode_latents = latent_encoder(samples, vae, resolution, family) if latents is None else None
         self.tokenizers, self.text_encoders = tokenizers or [], text_encoders or []
         self.train_text = any(p.requires_grad for e in self.text_encoders for p in e.parameters())
 
@@ -197,11 +205,11 @@ class ConditionSource:
         image = self.latents.rows(indices) if self.latents is not None else self.encode_latents(indices)
         if self.texts is not None:
             text = self.texts.rows(indices)
-            embeds, pooled = text["prompt_embeds"], text.get("pooled")
         else:
             captions = [self.samples[i].text for i in indices]
             with torch.set_grad_enabled(self.train_text):
-                embeds, pooled = encode_prompts(self.family, self.tokenizers, self.text_encoders, captions, self.device)
+                text = encode_conditioning(self.family, self.tokenizers, self.text_encoders, captions, self.device)
+        embeds, pooled, mask = text["prompt_embeds"], text.get("pooled"), text.get("text_mask")
         time_ids = None
         if pooled is not None and self.family.pooled_and_time_ids:
             time_ids = sdxl_time_ids(image["original_size"], image["crop_top_left"], self.resolution).to(self.device)
@@ -210,4 +218,5 @@ class ConditionSource:
         return Conditioning(
             latent_mean=image["mean"].to(self.device), latent_std=image["std"].to(self.device),
             prompt_embeds=embeds.to(self.device), pooled=pooled, time_ids=time_ids,
+            text_mask=None if mask is None else mask.to(self.device),
         )

@@ -26,9 +26,9 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from selma_toolkit.errors import RecipeError, TrainingError
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.errors import RecipeError, Remedy, TrainingError
 from selma_toolkit.io import atomic_write_text
-from selma_toolkit.recipe import RunRecipe
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,11 @@ def check_resumable(checkpoint: Checkpoint, fingerprint: dict[str, Any], total_s
                for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
     if changed:
         raise RecipeError(
-            f"{checkpoint.path}: cannot resume, this checkpoint was trained with a different setup:\n  "
-            + "\n  ".join(changed)
-            + "\nResume with the recipe it was started with, or train from scratch into a new folder (--out) "
-            f"or after removing {checkpoint.path.parent.parent}."
+            what="cannot resume, this checkpoint was trained with a different setup:", where=str(checkpoint.path),
+            details=changed, remedies=[
+                Remedy.do("resume with the recipe it was started with"),
+                Remedy.change("out", "folder", note="to train from scratch"),
+                Remedy.do(f"train from scratch after removing {checkpoint.path.parent.parent}")],
         )
     if checkpoint.step > total_steps:
         raise RecipeError(

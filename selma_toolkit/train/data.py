@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import read_image_dataset
 from selma_toolkit.errors import DatasetError, RecipeError
 from selma_toolkit.io import sha256_file
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ Per skill (``train_dpo_expert(run, skill, paths)``):
    ``loss = -log sigmoid(-beta/2 * ((e_w - r_w) - (e_l - r_l)))`` with e = ||target - pred_theta||^2
    (mean over the latent's elements) for the model with the LoRA and r the same for the reference,
    the base without it (the LoRA layers disabled, peft's ``enable_adapters(False)``); target =
-   eps (or v for v-prediction models). UNet families only.
+   eps (or v for v-prediction models), and for the flow-matching families (SD 3, Flux and the other
+   DiT families) the velocity noise - x0 at the pair's shared sigma, as their denoising loss.
 3. The DPO experts of all skills are merged with merge.method (the paper: "experts merged by
    averaging"): ``train_dpo(run, paths)``, the run's variant ``dpo``.
 
@@ -35,15 +36,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selma_toolkit.architectures import get_family
-from selma_toolkit.errors import DatasetError, RecipeError
+from selma_toolkit.architectures import Family
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.dataset import read_prompts
+from selma_toolkit.errors import DatasetError
+from selma_toolkit.evaluate.scorers import build_scorer
+from selma_toolkit.images.best_of import judge_label, load_judge
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
-from selma_toolkit.models import detect_architecture
+from selma_toolkit.lora import save_lora
+from selma_toolkit.lora.merge import merge_files, metadata_record
+from selma_toolkit.models import detect_family
 from selma_toolkit.paths import RunPaths
-from selma_toolkit.recipe import RunRecipe
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
-from selma_toolkit.train.checkpoint import training_fingerprint
+from selma_toolkit.train.checkpoint import checkpoints, training_fingerprint
 from selma_toolkit.train.data import (
     TrainSample,
     dataset_fingerprint,
@@ -51,6 +57,7 @@ from selma_toolkit.train.data import (
     sample_generator,
     sample_index,
 )
+from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
 from selma_toolkit.train.steps import Progress, TrainEvent, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
@@ -78,7 +85,6 @@ def scorer_name(run: RunRecipe) -> str:
 
 def scorer_label(run: RunRecipe) -> str:
     """scorer_name, with the judge and its model for ``"judge"`` (``judge:clipscore(toy:judge)``)."""
-    from selma_toolkit.images.best_of import judge_label
 
     name = scorer_name(run)
     return f"judge:{judge_label(run.images)}" if name == "judge" else name
@@ -143,10 +149,7 @@ def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
                      progress: Callable[[int, int], None] | None = None) -> list[Pair]:
     """Draw (or reuse) the pair images of ``skill``'s train prompts, score them, pair them up (see
     the module docstring); writes ``pairs.jsonl`` and returns the pairs, prompts in id order."""
-    from selma_toolkit.dataset import read_prompts
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images
-    from selma_toolkit.evaluate.scorers import build_scorer
-    from selma_toolkit.images.best_of import load_judge
 
     out = dpo_paths(paths)
     prompts = sorted(read_prompts(paths.prompts(skill), split="train", repair_tail=True), key=lambda p: p.id)
@@ -186,11 +189,13 @@ def dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, 
     return -F.logsigmoid(inside).mean()
 
 
-def per_sample_errors(unet, noise_scheduler, cond: parts.Conditioning, draws: parts.Draws,
-                      latent_scale: tuple[float, float]) -> torch.Tensor:
-    """[n] mean squared error per sample of the UNet's prediction against the scheduler's target
-    (epsilon or v): ``diffusion_loss`` (train/model.py) before its batch mean."""
-    prediction, target = parts.unet_prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale)
+def per_sample_errors(denoiser, noise_scheduler, cond: parts.Conditioning, draws: parts.Draws,
+                      latent_scale: parts.LatentScale | tuple[float, float], family: Family | None = None,
+                      guidance: float = 3.5) -> torch.Tensor:
+    """[n] mean squared error per sample of the denoiser's prediction against its target (epsilon
+    or v; the flow families' velocity noise - x0): ``diffusion_loss`` (train/model.py) before its
+    batch mean. ``guidance``: FLUX.1-dev's guidance embedding, as in its denoising loss."""
+    prediction, target = parts.prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance)
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
@@ -227,8 +232,6 @@ def pair_draws(generators: list[torch.Generator], latent_shape: tuple[int, ...],
 
 def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, str]:
     """(done, detail) of one skill's DPO expert: its last checkpoint at dpo.steps and the file written."""
-    from selma_toolkit.train.checkpoint import checkpoints
-
     out = dpo_paths(paths)
     saved = checkpoints(out.train_dir(skill))
     step = saved[-1].step if saved else 0
@@ -239,18 +242,11 @@ def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, s
 def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
     """The DPO expert of ``skill`` (pairs, then Diffusion-DPO; see the module docstring), resumable;
     returns ``<run>/dpo/experts/<skill>.safetensors``."""
-    from selma_toolkit.lora import save_lora
-    from selma_toolkit.train.loop import build_caches, build_models, expert_metadata, make_accelerator
-
     settings = variant_settings(run.train, learning_rate=run.dpo.learning_rate, steps=run.dpo.steps,
                                 batch_size=run.dpo.batch_size, checkpoint_every=run.dpo.checkpoint_every)
     trained_run = with_train(run, settings)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
-    arch = detect_architecture(str(model_dir))
-    family = get_family(arch)
-    if family.loss_target == "flow" or family.conditioning != "unet":
-        raise RecipeError(f"dpo.enabled: the DPO variant is implemented for the UNet families (SD 1.x / 2.x / XL), "
-                          f"not {family.title}; set dpo.enabled = false")
+    family = detect_family(str(model_dir))
     run.skill(skill)
     out = dpo_paths(paths)
     pairs = preference_pairs(run, skill, paths, progress=(lambda d, t: progress(TrainEvent("cache", d, t)))
@@ -263,7 +259,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     resolution = settings.resolution or run.images.resolution
     train_dir, output = out.train_dir(skill), out.expert(skill)
     digests = image_digests(samples)
-    fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", arch, resolution,
+    fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", family.name, resolution,
                                           dataset_fingerprint(samples, digests)),
                    "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_label(run)}
     fingerprint = json.loads(json.dumps(fingerprint))
@@ -272,17 +268,17 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
+    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, family, train_dir, accelerator,
                                             weight_dtype, progress)
     from accelerate.utils import set_seed
 
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it
-    trained, _, _ = build_models(settings, model_dir, arch, device, weight_dtype, cache_text=True)
+    trained, _, _ = build_models(settings, model_dir, family, device, weight_dtype, cache_text=True)
     denoiser = trained[family.denoiser]
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
-    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
+    noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    latent_scale = parts.vae_latent_scale(model_dir, family)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         model = models[family.denoiser]
@@ -290,14 +286,15 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         cond = source(chosen + [count + k for k in chosen])  # winners, then their losers
         draws = pair_draws([sample_generator(settings.seed, step, s) for s in slots],
                            tuple(cond.latent_mean.shape[1:]), num_timesteps)
+        guidance = run.images.guidance_scale
         with torch.no_grad(), reference_model(model):  # first: re-enabling restores requires_grad
-            reference = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale)
-        errors = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale)
+            reference = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale, family, guidance)
+        errors = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale, family, guidance)
         n = len(slots)
         return dpo_loss(errors[:n], errors[n:], reference[:n], reference[n:], run.dpo.beta)
 
     def write_output(path: Path, steps: int) -> None:
-        metadata = expert_metadata(run, skill, arch, steps)
+        metadata = expert_metadata(run, skill, family, steps)
         metadata.update({"selma.training": "diffusion-dpo", "selma.dpo": json.dumps(
             {"beta": run.dpo.beta, "pairs": count, "scorer": scorer_label(run), "learning_rate": settings.learning_rate})})
         lora = parts.lora_weights({family.denoiser: accelerator.unwrap_model(denoiser)}, metadata)
@@ -316,8 +313,6 @@ def dpo_merged(run: RunRecipe, paths: RunPaths) -> Path:
 
 def merge_dpo(run: RunRecipe, paths: RunPaths) -> Path:
     """Merge every skill's DPO expert with the recipe's merge settings."""
-    from selma_toolkit.lora.merge import merge_files
-
     out = dpo_paths(paths)
     merge_files([out.expert(s.name) for s in run.skills], dpo_merged(run, paths), run.merge.method,  # type: ignore[arg-type]
                 run.merge.weights, run.merge.rank, format=run.train.lora_format, density=run.merge.density,
@@ -328,8 +323,6 @@ def merge_dpo(run: RunRecipe, paths: RunPaths) -> Path:
 def dpo_merge_is_current(run: RunRecipe, paths: RunPaths) -> bool:
     """The merged DPO file records exactly the current DPO experts (sha256)."""
     from safetensors import SafetensorError, safe_open
-
-    from selma_toolkit.lora.merge import metadata_record
 
     path = dpo_merged(run, paths)
     if not path.is_file():

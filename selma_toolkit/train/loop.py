@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 from selma_toolkit.errors import RecipeError
-from selma_toolkit.architectures import get_family
-from selma_toolkit.models import detect_architecture
+from selma_toolkit.architectures import Family
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.config.train import TrainSettings
+from selma_toolkit.lora import load_lora, lora_metadata, save_lora
+from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe, TrainSettings, recipe_hash
+from selma_toolkit.recipe import recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import check_resumable, checkpoints, training_fingerprint
@@ -38,13 +41,11 @@ from selma_toolkit.train.steps import Progress, TrainEvent, micro_batching, run_
 log = logging.getLogger(__name__)
 
 
-def expert_metadata(run: RunRecipe, skill: str, architecture: str, steps: int) -> dict[str, str]:
+def expert_metadata(run: RunRecipe, skill: str, family: Family, steps: int) -> dict[str, str]:
     """The ``__metadata__`` of an expert file; ``save_lora`` adds rank, alpha, targets, toolkit
     version and the kohya / ModelSpec fields from the tensors."""
-    from selma_toolkit.lora import lora_metadata
-
     return lora_metadata(
-        base_model=run.base_model, architecture=architecture, skill=skill,
+        base_model=run.base_model, architecture=family.name, skill=skill,
         skills=[s.name for s in run.skills] if skill == JOINT else None,
         recipe_sha256=recipe_hash(run), **{"selma.steps": steps},
     )
@@ -78,7 +79,7 @@ def _show_cache_progress(progress, done: int, total: int) -> None:
     progress(TrainEvent("cache", done, total))
 
 
-def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, arch: str, train_dir: Path, accelerator,
+def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, family: Family, train_dir: Path, accelerator,
                  weight_dtype: torch.dtype, progress: Progress | None):
     """(latent cache, text cache), built where missing by the main process first; each None when
     off (the text cache is off while the text encoders train: their outputs change every step)."""
@@ -91,19 +92,18 @@ def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, a
         shown = functools.partial(_show_cache_progress, progress)
 
     def make_latent_encoder():
-        return caches.latent_encoder(samples, parts.load_vae(model_dir).to(device), resolution)
+        return caches.latent_encoder(samples, parts.load_vae(model_dir, family).to(device), resolution, family)
 
     with accelerator.main_process_first():
         spec = caches.latent_cache_spec(model_dir, resolution, digests)
         latents = caches.CachedTensors(caches.ensure_cache(spec, root, len(samples), make_latent_encoder, shown))
     if run.train.train_text_encoder:
         return latents, None
-    names = parts.text_encoder_names(arch)
+    names = parts.text_encoder_names(family)
 
     def make_caption_encoder():
-        tokenizers, encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
-        return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device,
-                                      family=get_family(arch))
+        tokenizers, encoders = parts.load_text_encoders(model_dir, family, weight_dtype)
+        return caches.caption_encoder(samples, tokenizers, [e.to(device) for e in encoders], device, family=family)
 
     with accelerator.main_process_first():
         spec = caches.text_cache_spec(model_dir, names, weight_dtype, samples)
@@ -111,21 +111,21 @@ def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, a
     return latents, texts
 
 
-def build_models(settings: TrainSettings, model_dir: Path, arch: str, device, weight_dtype: torch.dtype, *, cache_text: bool):
+def build_models(settings: TrainSettings, model_dir: Path, family: Family, device, weight_dtype: torch.dtype, *,
+                 cache_text: bool):
     """({component: model with trainable LoRA}, tokenizers, text encoders): the frozen base in
     ``weight_dtype``, LoRA parameters in float32; text encoders only when their outputs are not
     cached. The denoiser is the family's (UNet, or the SD 3 / Flux transformer), its targets the
     recipe's ``train.target_modules`` or, unset, the family's default."""
-    family = get_family(arch)
-    denoiser = parts.load_denoiser(model_dir, arch, weight_dtype)
+    denoiser = parts.load_denoiser(model_dir, family, weight_dtype)
     parts.add_lora(denoiser, family.denoiser, settings, settings.denoiser_targets(family.lora_targets))
     trained = {family.denoiser: denoiser}
     tokenizers, text_encoders = [], []
     if not cache_text:
-        tokenizers, text_encoders = parts.load_text_encoders(model_dir, arch, weight_dtype)
+        tokenizers, text_encoders = parts.load_text_encoders(model_dir, family, weight_dtype)
         text_encoders = [e.to(device) for e in text_encoders]
         if settings.train_text_encoder:
-            for name, encoder in zip(parts.text_encoder_names(arch), text_encoders):
+            for name, encoder in zip(parts.text_encoder_names(family), text_encoders):
                 parts.add_lora(encoder, name, settings)
                 trained[name] = encoder
     for model in trained.values():
@@ -141,14 +141,14 @@ def build_models(settings: TrainSettings, model_dir: Path, arch: str, device, we
     return trained, tokenizers, text_encoders
 
 
-def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.ConditionSource, model_dir: Path, arch: str):
+def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.ConditionSource, model_dir: Path,
+                   family: Family):
     """``loss(denoiser, step, slots)``: the family's denoising loss (epsilon / v, or flow) on the
     samples at stream positions ``step * batch_size + slot``, with each slot's own noise draws; what
     an expert, the mixture baseline and the MoE gate train on."""
-    family = get_family(arch)
-    noise_scheduler = parts.load_noise_scheduler(model_dir, arch)
+    noise_scheduler = parts.load_noise_scheduler(model_dir, family)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    latent_scale = parts.vae_latent_scale(model_dir)
+    latent_scale = parts.vae_latent_scale(model_dir, family)
     count = len(source.samples)
 
     def loss(denoiser, step: int, slots: list[int]) -> torch.Tensor:
@@ -168,14 +168,11 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     mixture baseline), resuming from the latest checkpoint; return the expert file's path."""
     from accelerate.utils import set_seed
 
-    from selma_toolkit.lora import load_lora, save_lora
-
     settings = run.train
     train_dir = paths.train_dir(skill)
     samples = training_samples(run, skill, paths)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
-    arch = detect_architecture(str(model_dir))
-    family = get_family(arch)
+    family = detect_family(str(model_dir))
     if settings.train_text_encoder and family.conditioning != "unet":
         raise RecipeError(f"train.train_text_encoder = true: text-encoder LoRA is trained for SD 1.x / 2.x / XL only; "
                           f"{family.title} experts adapt the transformer. Set train.train_text_encoder = false")
@@ -183,7 +180,7 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     accelerator = make_accelerator(settings, train_dir)
     micro_batching(settings, accelerator.num_processes)  # a batch size that does not split fails before any work
     digests = image_digests(samples)
-    fingerprint = training_fingerprint(run, skill, arch, resolution, dataset_fingerprint(samples, digests))
+    fingerprint = training_fingerprint(run, skill, family.name, resolution, dataset_fingerprint(samples, digests))
     saved = checkpoints(train_dir)
     resume = saved[-1] if saved else None
     expert_name = f"{skill}.safetensors"
@@ -198,14 +195,15 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     set_seed(settings.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(run, samples, digests, model_dir, arch, train_dir, accelerator, weight_dtype, progress)
-    trained, tokenizers, text_encoders = build_models(settings, model_dir, arch, device, weight_dtype,
+    latent_cache, text_cache = build_caches(run, samples, digests, model_dir, family, train_dir, accelerator, weight_dtype,
+                                            progress)
+    trained, tokenizers, text_encoders = build_models(settings, model_dir, family, device, weight_dtype,
                                                       cache_text=text_cache is not None)
-    vae = parts.load_vae(model_dir).to(device) if latent_cache is None else None
-    names = parts.text_encoder_names(arch)
+    vae = parts.load_vae(model_dir, family).to(device) if latent_cache is None else None
+    names = parts.text_encoder_names(family)
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
                                     tokenizers=tokenizers, text_encoders=text_encoders, family=family)
-    loss = denoising_loss(run, settings, source, model_dir, arch)
+    loss = denoising_loss(run, settings, source, model_dir, family)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         # Trained text encoders run through their prepared (DDP) wrappers, so their gradients are all-reduced.
@@ -222,7 +220,7 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
 
     def write_expert(path: Path, steps: int) -> None:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
-        lora = parts.lora_weights(unwrapped, expert_metadata(run, skill, arch, steps))
+        lora = parts.lora_weights(unwrapped, expert_metadata(run, skill, family, steps))
         save_lora(lora, path, format=settings.lora_format)
 
     run_steps(accelerator=accelerator, settings=settings, models=trained, train_dir=train_dir, fingerprint=fingerprint,
@@ -230,3 +228,8 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
               progress=progress, loss_record=loss_record, tracker_run=f"selma-{run.name}-{skill}")
     log.info("%s: expert written to %s", skill, paths.expert(skill))
     return paths.expert(skill)
+
+
+def train_joint(run: RunRecipe, paths: RunPaths, *, progress: Progress | None = None) -> Path:
+    """Train one LoRA on the mixture of every skill's dataset (``experts/joint.safetensors``)."""
+    return train_expert(run, JOINT, paths, progress=progress)

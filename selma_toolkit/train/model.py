@@ -10,10 +10,12 @@ penultimate states side by side, zero-pads them to T5's width and appends T5's s
 sequence, with both CLIPs' pooled projections; Flux (``FluxPipeline.encode_prompt``) reads T5's
 states and CLIP-L's pooled output.
 
+The DiT families' conditioning and transformer calls (SD 3, Flux, Chroma, Qwen-Image, Z-Image,
+FLUX.2 [klein]) are one entry each in ``train/conditioning.py``.
+
 The loss is the family's (``Family.loss_target``): DDPM epsilon / v for the UNet families, and for
-SD 3 / Flux rectified flow as diffusers' train_dreambooth_lora_sd3.py / _flux.py: a sigma from the
-training scheduler's own sigmas, noisy = (1 - sigma) x0 + sigma noise, target = noise - x0 (Flux
-with packed 2x2 latents, position ids and, when its config has it, the guidance embedding).
+the DiT families rectified flow as diffusers' train_dreambooth_lora_<family>.py scripts: a sigma
+from the training scheduler's own sigmas, noisy = (1 - sigma) x0 + sigma noise, target = noise - x0.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family, get_family
+from selma_toolkit.architectures import COMPONENTS, DENOISERS, FAMILIES, Family
+from selma_toolkit.config.train import UNET_TARGET_MODULES, TrainSettings
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 from selma_toolkit.models import hub_model_error, resolve_model
-from selma_toolkit.recipe import UNET_TARGET_MODULES, TrainSettings
+from selma_toolkit.train.conditioning import (  # noqa: F401 - Conditioning and LatentScale are imported from here too
+    Conditioning,
+    LatentScale,
+    TextEncoding,
+    flow_model,
+    normalise_latents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,39 +72,40 @@ def local_model_dir(spec: str, revision: str | None = None) -> Path:
         raise hub_model_error(f"{spec}: could not download the model from the Hub", exc) from None
 
 
-def text_encoder_names(arch: str) -> list[str]:
+def text_encoder_names(family: Family) -> list[str]:
     """The text-encoder subfolders of a family (two for SDXL, one for SD 1.x / 2.x)."""
-    return list(get_family(arch).text_encoder_components)
+    return list(family.text_encoder_components)
 
 
-def load_denoiser(model_dir: Path, arch: str, dtype: torch.dtype):
+def load_denoiser(model_dir: Path, family: Family, dtype: torch.dtype):
     """The family's denoiser (UNet or transformer), frozen, of the diffusers class its record names."""
     import diffusers
 
-    family = get_family(arch)
     model_class = getattr(diffusers, family.denoiser_class)
     model = model_class.from_pretrained(model_dir, subfolder=family.denoiser, dtype=dtype, use_safetensors=True)
     model.requires_grad_(False)
     return model
 
 
-def load_vae(model_dir: Path):
-    # Float32 always: the SDXL VAE overflows in fp16, and with the cache it runs once per dataset.
-    from diffusers import AutoencoderKL
+def load_vae(model_dir: Path, family: Family | None = None):
+    """The VAE of the family's class (AutoencoderKL unless the record names another), frozen.
+    Float32 always: the SDXL VAE overflows in fp16, and with the cache it runs once per dataset."""
+    import diffusers
 
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32, use_safetensors=True)
+    vae_class = getattr(diffusers, family.vae_class if family is not None else "AutoencoderKL")
+    vae = vae_class.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32, use_safetensors=True)
     vae.requires_grad_(False).eval()
     return vae
 
 
-def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[list, list]:
+def load_text_encoders(model_dir: Path, family: Family, dtype: torch.dtype) -> tuple[list, list]:
     """(tokenizers, text encoders), frozen, one pair per text encoder of the family, each of the
     transformers class its record names."""
     import transformers
     from transformers import AutoTokenizer
 
     tokenizers, encoders = [], []
-    for spec in get_family(arch).text_encoders:
+    for spec in family.text_encoders:
         model_class = getattr(transformers, spec.model_class)
         tokenizers.append(AutoTokenizer.from_pretrained(model_dir, subfolder=spec.tokenizer))
         encoder = model_class.from_pretrained(model_dir, subfolder=spec.component, dtype=dtype, use_safetensors=True)
@@ -103,21 +113,36 @@ def load_text_encoders(model_dir: Path, arch: str, dtype: torch.dtype) -> tuple[
     return tokenizers, encoders
 
 
-def load_noise_scheduler(model_dir: Path, arch: str | None = None):
+def load_noise_scheduler(model_dir: Path, family: Family | None = None):
     """The training scheduler built from the model's own scheduler config, as in the diffusers
     scripts: DDPM (the model's betas and prediction type, epsilon or v_prediction) for the UNet
     families, FlowMatchEulerDiscreteScheduler (its sigmas, with the model's shift) for SD 3 / Flux."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if arch is not None and get_family(arch).loss_target == "flow":
+    if family is not None and family.loss_target == "flow":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
 
-def vae_latent_scale(model_dir: Path) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) from vae/config.json, read without loading the VAE."""
+def vae_latent_scale(model_dir: Path, family: Family | None = None) -> LatentScale:
+    """How the denoiser's latents come from the VAE's, read without loading the VAE (the family's
+    ``latents``): scaling / shift factor from vae/config.json; Qwen-Image's per-channel
+    latents_mean / latents_std; FLUX.2's batch-norm running statistics (from the VAE's weights),
+    per channel of its 2x2-patchified latents (``Flux2KleinPipeline._encode_vae_image``)."""
     config = json.loads((model_dir / "vae" / "config.json").read_text())
-    return float(config.get("scaling_factor", 0.18215)), float(config.get("shift_factor") or 0.0)
+    kind = family.latents if family is not None else "scaled"
+    if kind == "per-channel":
+        mean, std = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"])
+        return LatentScale(mean.view(-1, 1, 1), (1.0 / std).view(-1, 1, 1))
+    if kind == "batch-norm":
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir / "vae" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+            mean, var = handle.get_tensor("bn.running_mean").float(), handle.get_tensor("bn.running_var").float()
+        std = torch.sqrt(var + float(config.get("batch_norm_eps", 1e-4)))
+        return LatentScale(mean.view(-1, 2, 2), (1.0 / std).view(-1, 2, 2))
+    scale, shift = float(config.get("scaling_factor", 0.18215)), float(config.get("shift_factor") or 0.0)
+    return LatentScale(torch.tensor(shift), torch.tensor(scale))
 
 
 def _lora_config(settings: TrainSettings, targets: list[str]):
@@ -144,7 +169,7 @@ def add_lora(model, component: str, settings: TrainSettings, targets: list[str] 
         targets = settings.denoiser_targets(UNET_TARGET_MODULES) if denoiser else list(settings.text_encoder_target_modules)
     try:
         if denoiser:
-            model.add_adapter(_lora_config(settings, targets))
+            model.add_adapter(_lora_config(settings, _adaptable_targets(model, targets)))
         else:
             inject_adapter_in_model(_lora_config(settings, targets), model)
     except ValueError as exc:
@@ -153,6 +178,24 @@ def add_lora(model, component: str, settings: TrainSettings, targets: list[str] 
             f"train.{field} = {targets}: peft could not place LoRA layers in the {component} ({exc}); "
             f"linear layer names there include {linear[:20]}"
         ) from None
+
+
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding)
+
+
+def _adaptable_targets(model, targets: list[str]) -> list[str]:
+    """peft's target names, each matching a module path or its tail; a name that also matches a
+    container peft cannot adapt (FLUX.2's double blocks hold ``attn.to_out`` as a ModuleList, its
+    single blocks as a Linear) is replaced by the full paths of the layers it matches that peft can."""
+    modules = dict(model.named_modules())
+    resolved: list[str] = []
+    for target in targets:
+        matches = [path for path in modules if path == target or path.endswith("." + target)]
+        if all(isinstance(modules[path], _ADAPTABLE) for path in matches):
+            resolved.append(target)
+        else:
+            resolved.extend(path for path in matches if isinstance(modules[path], _ADAPTABLE))
+    return resolved
 
 
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
@@ -187,27 +230,15 @@ def lora_weights(models: dict[str, torch.nn.Module], metadata: dict[str, str]) -
 # ---------------------------------------------------------------------------------------- encoding
 
 
-@dataclass
-class Conditioning:
-    """What the UNet is conditioned on, for a batch of n samples.
-
-    latent_mean / latent_std [n, C, h, w]: the VAE's latent distribution (unscaled), sampled per
-    step as the diffusers scripts do; prompt_embeds [n, 77, D]; SDXL only: pooled [n, P] and
-    time_ids [n, 6] (original size, crop top-left, target size).
-    """
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-
-
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixels [n, 3, H, W] in [-1, 1] -> (mean, std) of the latent distribution, float32."""
-    distribution = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
-    return distribution.mean.float(), distribution.std.float()
+def encode_images(vae, pixels: torch.Tensor, family: Family | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [n, 3, H, W] in [-1, 1] -> (mean, std) of the latent distribution, float32, [n, C, h, w]
+    (Qwen-Image's video VAE encodes one frame: [n, 3, 1, H, W] in, the frame axis dropped)."""
+    frames = family is not None and family.latents == "per-channel"
+    pixels = pixels.to(vae.device, torch.float32)
+    distribution = vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
+    mean, std = distribution.mean.float(), distribution.std.float()
+    return (mean.squeeze(2), std.squeeze(2)) if frames else (mean, std)
 
 
 def encode_texts(
@@ -235,31 +266,21 @@ def encode_texts(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def encode_conditioning(family: Family, tokenizers: list, encoders: list, texts: list[str],
+                        device: torch.device | str = "cpu") -> TextEncoding:
+    """captions -> {prompt_embeds, pooled?, text_mask?} as the family's pipeline encodes them:
+    ``encode_texts`` for the UNet families, the family's entry of ``train/conditioning.py`` otherwise."""
+    if family.conditioning == "unet":
+        embeds, pooled = encode_texts(tokenizers, encoders, texts, device, hidden_layer=family.text_hidden_layer)
+        return {"prompt_embeds": embeds} | ({"pooled": pooled} if pooled is not None else {})
+    return flow_model(family).encode(family, tokenizers, encoders, texts, device)
+
+
 def encode_prompts(family: Family, tokenizers: list, encoders: list, texts: list[str],
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """captions -> (prompt_embeds, pooled or None) as the family's pipeline's ``encode_prompt``:
-    ``encode_texts`` for the UNet families; SD 3 [n, 77 + T5 length, T5 width] (the CLIPs'
-    penultimate states concatenated and zero-padded to T5's width, then T5's states) and pooled
-    [n, P_L + P_G]; Flux T5's last states [n, T5 length, T5 width] and CLIP-L's pooled output."""
-    if family.conditioning == "unet":
-        return encode_texts(tokenizers, encoders, texts, device, hidden_layer=family.text_hidden_layer)
-    clip_states, pooled, t5_states = [], [], None
-    for spec, tokenizer, encoder in zip(family.text_encoders, tokenizers, encoders):
-        ids = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        if spec.kind == "t5":
-            t5_states = encoder(ids)[0]
-        elif family.conditioning == "packed":
-            pooled.append(encoder(ids, output_hidden_states=False).pooler_output)
-        else:
-            output = encoder(ids, output_hidden_states=True)
-            pooled.append(output[0])  # CLIPTextModelWithProjection: text_embeds
-            clip_states.append(output.hidden_states[family.text_hidden_layer])
-    if family.conditioning == "packed":
-        return t5_states, pooled[0]
-    clip = torch.cat(clip_states, dim=-1)
-    clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5_states], dim=-2), torch.cat(pooled, dim=-1)
+    """captions -> (prompt_embeds, pooled or None): :func:`encode_conditioning` without the text mask."""
+    encoded = encode_conditioning(family, tokenizers, encoders, texts, device)
+    return encoded["prompt_embeds"], encoded.get("pooled")
 
 
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -314,26 +335,33 @@ def flow_sigmas(noise_scheduler, indices: torch.Tensor) -> tuple[torch.Tensor, t
     return noise_scheduler.timesteps[indices].float(), noise_scheduler.sigmas[indices].float()
 
 
-def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float],
+def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: LatentScale | tuple[float, float],
                    family: Family | None = None, guidance: float = 3.5) -> torch.Tensor:
-    """The standard denoising loss: MSE between the UNet's prediction on the noised latents and
-    the target (epsilon or v) of the model's scheduler, averaged over the batch. For SD 3 / Flux
-    (``family.loss_target`` "flow") the rectified-flow loss of :func:`flow_loss` (``guidance``: the
-    guidance embedding's value for a Flux transformer that has one)."""
-    if family is not None and family.loss_target == "flow":
-        return flow_loss(unet, noise_scheduler, cond, draws, latent_scale, family, guidance)
-    prediction, target = unet_prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale)
+    """The standard denoising loss: MSE between the denoiser's prediction on the noised latents and
+    the target (epsilon or v of the model's scheduler; the velocity noise - x0 for the families whose
+    ``loss_target`` is "flow", see :func:`flow_prediction_and_target`), averaged over the batch.
+    ``guidance``: the guidance embedding's value for a transformer that has one (FLUX.1-dev)."""
+    prediction, target = prediction_and_target(unet, noise_scheduler, cond, draws, latent_scale, family, guidance)
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
 
+def prediction_and_target(denoiser, noise_scheduler, cond: Conditioning, draws: Draws,
+                          latent_scale: LatentScale | tuple[float, float], family: Family | None = None,
+                          guidance: float = 3.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the denoiser's prediction, its target), each [n, C, h, w]: what ``diffusion_loss`` averages
+    and Diffusion-DPO compares per sample, for the family's loss."""
+    if family is not None and family.loss_target == "flow":
+        return flow_prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance)
+    return unet_prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale)
+
+
 def unet_prediction_and_target(unet, noise_scheduler, cond: Conditioning, draws: Draws,
-                               latent_scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                               latent_scale: LatentScale | tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(the UNet's prediction on the noised latents, the scheduler's target: epsilon or v), each
-    [n, C, h, w]: what ``diffusion_loss`` averages, and Diffusion-DPO compares per sample."""
+    [n, C, h, w]."""
     device = cond.prompt_embeds.device
-    scale, shift = latent_scale
     mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
-    latents = (mean + std * draws.latent_noise.to(device) - shift) * scale
+    latents = normalise_latents(mean + std * draws.latent_noise.to(device), latent_scale)
     noise, timesteps = draws.noise.to(device), draws.timesteps.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
@@ -344,44 +372,29 @@ def unet_prediction_and_target(unet, noise_scheduler, cond: Conditioning, draws:
     return prediction, target
 
 
-def flow_loss(transformer, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: tuple[float, float],
-              family: Family, guidance: float = 3.5) -> torch.Tensor:
-    """MSE between the transformer's velocity prediction on (1 - sigma) x0 + sigma noise and
-    noise - x0, sigma = the training scheduler's sigma at the drawn index (``draws.timesteps``).
-
-    SD 3: ``transformer(noisy, timestep, encoder_hidden_states, pooled_projections)``. Flux: the
-    latents packed into 2x2 patches (``FluxPipeline._pack_latents``), image ids of the latent grid,
-    zero text ids, timestep / 1000, guidance [n] when ``config.guidance_embeds``; the prediction
-    unpacked before the loss (as train_dreambooth_lora_flux.py)."""
+def flow_prediction_and_target(transformer, noise_scheduler, cond: Conditioning, draws: Draws,
+                               latent_scale: LatentScale | tuple[float, float], family: Family,
+                               guidance: float = 3.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the transformer's velocity prediction on (1 - sigma) x0 + sigma noise, the target noise - x0),
+    sigma = the training scheduler's sigma at the drawn index (``draws.timesteps``); the transformer
+    called as the family's entry of ``train/conditioning.py`` calls it, in its weights' dtype."""
     device = cond.prompt_embeds.device
-    scale, shift = latent_scale
     mean, std = cond.latent_mean.to(device), cond.latent_std.to(device)
-    latents = (mean + std * draws.latent_noise.to(device) - shift) * scale
+    latents = normalise_latents(mean + std * draws.latent_noise.to(device), latent_scale)
     timesteps, sigmas = flow_sigmas(noise_scheduler, draws.timesteps)
     timesteps, sigmas = timesteps.to(device), sigmas.to(device)
     noisy, target = flow_noisy_and_target(latents, draws.noise.to(device), sigmas)
     dtype = next(transformer.parameters()).dtype
-    embeds, pooled = cond.prompt_embeds.to(dtype), cond.pooled.to(device, dtype)
-    if family.conditioning == "packed":
-        from diffusers import FluxPipeline
+    typed = Conditioning(cond.latent_mean, cond.latent_std, cond.prompt_embeds.to(device, dtype),
+                         None if cond.pooled is None else cond.pooled.to(device, dtype), cond.time_ids,
+                         None if cond.text_mask is None else cond.text_mask.to(device))
+    prediction = flow_model(family).predict(transformer, noisy.to(dtype), timesteps, typed, guidance)
+    return prediction, target
 
-        n, channels, height, width = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy.to(dtype), n, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, device, dtype)
-        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
-        config = transformer.config
-        guidance_input = torch.full((n,), float(guidance), device=device) if config.guidance_embeds else None
-        packed_prediction = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance_input,
-                                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                        img_ids=image_ids, return_dict=False)[0]
-        prediction = _unpack_flux(packed_prediction, n, channels, height, width)
-    else:
-        prediction = transformer(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=embeds,
-                                 pooled_projections=pooled, return_dict=False)[0]
+
+def flow_loss(transformer, noise_scheduler, cond: Conditioning, draws: Draws,
+              latent_scale: LatentScale | tuple[float, float], family: Family, guidance: float = 3.5) -> torch.Tensor:
+    """MSE between the transformer's velocity prediction and noise - x0 (:func:`flow_prediction_and_target`)."""
+    prediction, target = flow_prediction_and_target(transformer, noise_scheduler, cond, draws, latent_scale, family,
+                                                    guidance)
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-
-
-def _unpack_flux(packed: torch.Tensor, n: int, channels: int, height: int, width: int) -> torch.Tensor:
-    """[n, (h/2)(w/2), 4C] -> [n, C, h, w]: the inverse of ``FluxPipeline._pack_latents``."""
-    packed = packed.view(n, height // 2, width // 2, channels, 2, 2)
-    return packed.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, height, width)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from selma_toolkit.architectures import get_family
+from selma_toolkit.adapters.moe import MoELora, attach_moe, check_experts, moe_record, save_moe, zero_gate
+from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.io import sha256_file
-from selma_toolkit.models import detect_architecture
+from selma_toolkit.lora import load_lora, metadata_value
+from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
-from selma_toolkit.recipe import RunRecipe, recipe_hash
+from selma_toolkit.recipe import recipe_hash
 from selma_toolkit.train import cache as caches
 from selma_toolkit.train import model as parts
 from selma_toolkit.train.checkpoint import training_fingerprint
@@ -31,6 +33,7 @@ from selma_toolkit.train.data import (
     image_digests,
     training_samples,
 )
+from selma_toolkit.train.loop import build_caches, denoising_loss, make_accelerator
 from selma_toolkit.train.steps import Progress, finished, run_steps, variant_settings, with_train
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,6 @@ def moe_train_dir(paths: RunPaths) -> Path:
 def moe_is_current(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]]) -> tuple[bool, str]:
     """(done, detail): the MoE file exists, holds exactly these experts (sha256), the recipe's gate
     and moe.steps of training."""
-    from selma_toolkit.adapters.moe import moe_record
-
     path = moe_file(paths)
     if not path.is_file():
         return False, "not trained yet"
@@ -72,16 +73,6 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
               progress: Progress | None = None) -> Path:
     """Train the gate of a MoE-LoRA over ``experts`` ((name, file), in order) on the mixture of the
     run's skills; return the MoE-LoRA file (see the module docstring)."""
-    from selma_toolkit.adapters.moe import (
-        MoELora,
-        attach_moe,
-        check_experts,
-        save_moe,
-        zero_gate,
-    )
-    from selma_toolkit.lora import load_lora, metadata_value
-    from selma_toolkit.train.loop import build_caches, denoising_loss, make_accelerator
-
     settings = variant_settings(run.train, learning_rate=run.moe.learning_rate, steps=run.moe.steps,
                                 batch_size=run.moe.batch_size, checkpoint_every=run.moe.checkpoint_every)
     trained_run = with_train(run, settings)
@@ -93,35 +84,34 @@ def train_moe(run: RunRecipe, paths: RunPaths, experts: list[tuple[str, Path]], 
              "metadata": dict(lora.metadata)} for (name, path), lora, digest in zip(experts, loras, digests_of_experts)]
     samples = training_samples(run, JOINT, paths)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
-    arch = detect_architecture(str(model_dir))
-    family = get_family(arch)
+    family = detect_family(str(model_dir))
     resolution = settings.resolution or run.images.resolution
     train_dir, output = moe_train_dir(paths), moe_file(paths)
     digests = image_digests(samples)
-    fingerprint = {**training_fingerprint(trained_run, MOE, arch, resolution, dataset_fingerprint(samples, digests)),
+    fingerprint = {**training_fingerprint(trained_run, MOE, family.name, resolution, dataset_fingerprint(samples, digests)),
                    "moe.gate": run.moe.gate, "moe.experts": digests_of_experts}
     accelerator = make_accelerator(settings, train_dir)
     if finished(train_dir, fingerprint, settings.steps, OUTPUT_NAME, output):
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, arch, train_dir, accelerator,
+    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, family, train_dir, accelerator,
                                             weight_dtype, progress)
     text_width = int(text_cache.rows([0])["prompt_embeds"].shape[-1])
-    denoiser = parts.load_denoiser(model_dir, arch, weight_dtype)
+    denoiser = parts.load_denoiser(model_dir, family, weight_dtype)
     moe = MoELora(loras, run.moe.gate, zero_gate(loras, run.moe.gate, text_width), info)
     attached = attach_moe(denoiser, moe, trainable=True)
     denoiser.train()
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, family=family)
-    loss = denoising_loss(trained_run, settings, source, model_dir, arch)  # an expert's loss, through the gated layers
+    loss = denoising_loss(trained_run, settings, source, model_dir, family)  # an expert's loss, through the gated layers
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
         return loss(models[family.denoiser], step, slots)
 
     def write_output(path: Path, steps: int) -> None:
-        record = {"steps": steps, "base_model": run.base_model, "architecture": arch, "recipe_sha256": recipe_hash(run),
+        record = {"steps": steps, "base_model": run.base_model, "architecture": family.name, "recipe_sha256": recipe_hash(run),
                   "trained_on": [s.name for s in run.skills], "learning_rate": settings.learning_rate}
         save_moe(MoELora(loras, run.moe.gate, attached.gate_tensors(), info, record), path)
 

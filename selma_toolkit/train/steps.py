@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 import torch
 
+from selma_toolkit.config.recipes import RunRecipe
+from selma_toolkit.config.train import TrainSettings
 from selma_toolkit.errors import RecipeError
 from selma_toolkit.io import atomic_write_bytes
-from selma_toolkit.recipe import RunRecipe, TrainSettings
 from selma_toolkit.train.checkpoint import check_resumable, checkpoints, save_checkpoint
 from selma_toolkit.train.logs import LossLog
 from selma_toolkit.train.model import trainable_parameters

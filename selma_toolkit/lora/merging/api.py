@@ -16,15 +16,16 @@ from typing import Literal
 
 import torch
 
+from selma_toolkit.config.merge_methods import MergeMethod, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
-from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight, unused_groups
+from selma_toolkit.architectures import FAMILIES
+from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.merging.checks import (
     check_compatible, check_options, check_ranks, check_shapes, expert_weights, warn_missing,
 )
 from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module
-from selma_toolkit.lora.merging.methods import MergeMethod, SvdMode, method_spec
 from selma_toolkit.lora.merging.record import MergeRecord, expert_info, file_source
 from selma_toolkit.lora.merging.threads import intra_op_threads, needs_threads
 from selma_toolkit.lora.metadata import guess_architecture
@@ -48,16 +49,18 @@ def merge_experts(
 ) -> LoraWeights:
     """Merge T LoRA experts into one LoRA, module by module.
 
-    ``method``: a name in :data:`~selma_toolkit.lora.merging.methods.METHODS` (selma, delta, svd,
+    ``method``: a name in :data:`~selma_toolkit.config.merge_methods.METHODS` (selma, delta, svd,
     ties, dare); each method's formula, with shapes, is the docstring of its function in
     :mod:`selma_toolkit.lora.merging.formulas`. Convention: expert t's scale alpha_t / r_t is folded
     into its B first; the merged LoRA has scale 1 (alpha = its rank), so its update is B_m @ A_m.
     Weights w_t default to uniform 1/T; ``normalize=True`` divides the given weights by their sum
     (ComfyUI's "normalise weights").
 
-    Block weights (``block_weights``, e.g. {"in": 1, "mid": 0.5, "out": 1, "te": 0}; groups in
-    :mod:`selma_toolkit.lora.blocks`): after the method's formula, each merged module's B is
-    multiplied by the weight g of its most specific listed group (1 where none is listed),
+    Block weights (``block_weights``, e.g. {"in": 1, "mid": 0.5, "out": 1, "te": 0}, {"double": 1,
+    "single.3": 0}, or a LoRA Block Weight vector as ``parse_block_weights`` reads it; groups in
+    :mod:`selma_toolkit.lora.blocks`, named as the experts' family names its blocks): after the
+    method's formula, each merged module's B is multiplied by the weight g of its most specific
+    listed group (1 where none is listed),
 
         B_m <- g * B_m [out, r_m] (conv [out, r_m, 1, 1]), A_m unchanged, so dW_m = g * B_m @ A_m,
 
@@ -90,8 +93,11 @@ def merge_experts(
     check_compatible(experts, names, architectures)
     module_names = list(dict.fromkeys(name for expert in experts for name in expert.modules))
     warn_missing(experts, names, module_names)
-    block_weights = check_block_weights(block_weights, module_names)
-    if block_weights and (unused := unused_groups(block_weights, module_names)):
+    known = {arch for arch in architectures if arch is not None}
+    family = FAMILIES[known.pop()] if len(known) == 1 else None  # whose names the block groups are
+    block_weights = check_block_weights(block_weights, module_names, family)
+    module_weights = block_weight_of(module_names, block_weights, family)
+    if block_weights and (unused := unused_groups(block_weights, module_names, family)):
         logger.warning("block weights for %s change nothing: no module of the experts is in %s",
                        ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
     options = MergeOptions(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
@@ -107,7 +113,7 @@ def merge_experts(
         check_shapes(module_name, parts, names)
         check_ranks(spec, module_name, parts, names)
         with intra_op_threads(available_threads if needs_threads(spec, parts) else 1):
-            inputs = ModuleInputs(module_name, parts, names, options, module_block_weight(module_name, block_weights))
+            inputs = ModuleInputs(module_name, parts, names, options, module_weights[module_name])
             merged[module_name] = merge_module(spec, inputs)
     infos = [expert_info(name, expert, architecture=arch) for name, expert, arch in zip(names, experts, architectures)]
     record = MergeRecord.new(method, effective_weights, infos, rank=rank, density=density, seed=seed,
@@ -122,7 +128,7 @@ def merge_files(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     *,
-    format: Literal["kohya", "peft"] = "kohya",
+    format: Literal["kohya", "peft", "ai-toolkit"] | None = None,
     density: float = 0.5,
     seed: int = 0,
     normalize: bool = False,
@@ -136,7 +142,8 @@ def merge_files(
     :func:`merge_experts` for the methods and ``block_weights``). The merge record in the output's
     metadata lists each input by file name, sha256 and ``source``: where to find it again for an
     incremental merge (lora/incremental.py), the given ``sources[i]`` (a catalog name or Hub repo
-    id the user typed), else the file's path relative to the output's folder.
+    id the user typed), else the file's path relative to the output's folder. ``format``: the
+    output's layout (lora/writing.py), None for the experts' family's default.
     """
     paths = [Path(p) for p in paths]
     if sources is not None and len(sources) != len(paths):
@@ -150,7 +157,7 @@ def merge_files(
     digests = [digest for _, _, digest in read]
     del read
     merged = merge_experts(
-        experts, method, weights, rank, density=density, seed=seed, names=[path.name for path in paths],
+        experts, method, weights, rank, density=density, seed=seed, names=distinct_labels(paths),
         normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
     )
     given = sources or [None] * len(paths)
@@ -159,3 +166,16 @@ def merge_files(
     with intra_op_threads(1):  # so does writing
         save_lora(merged, out, format=format)
     return merged
+
+
+def distinct_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """A label per path that tells it from the others: its file name where the names differ, else the
+    shortest tail of its path no other path ends with (``a/count.safetensors``, ``b/count.safetensors``),
+    the whole path for a file listed twice."""
+    parts = [Path(os.path.abspath(path)).parts for path in paths]
+    labels = []
+    for index, own in enumerate(parts):
+        others = [other for i, other in enumerate(parts) if i != index]
+        length = next((n for n in range(1, len(own)) if all(other[-n:] != own[-n:] for other in others)), len(own))
+        labels.append(str(Path(*own[-length:])) if length < len(own) else str(paths[index]))
+    return labels

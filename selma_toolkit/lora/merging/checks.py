@@ -6,10 +6,10 @@ import logging
 import math
 from collections.abc import Sequence
 
-from selma_toolkit.errors import LoraFormatError
+from selma_toolkit.config.merge_methods import FACTORED_METHODS, METHODS, MethodSpec, SVD_MODES, listing, method_spec
+from selma_toolkit.errors import LoraFormatError, Option, Remedy
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.merging.formulas import Part
-from selma_toolkit.lora.merging.methods import FACTORED_METHODS, METHODS, SVD_MODES, MethodSpec, listing, method_spec
 from selma_toolkit.lora.metadata import metadata_value
 
 logger = logging.getLogger("selma_toolkit.lora.merge")  # the merge's one logger name, as before the split
@@ -38,8 +38,9 @@ def expert_weights(
     spec = METHODS.get(method)
     if spec is not None and spec.positive_weights and any(w <= 0 for w in values):
         raise LoraFormatError(
-            f"weights: {values}: method {method} {spec.positive_weights} and needs weights > 0; "
-            "use delta or svd for negative or zero weights"
+            what=f"method {method} {spec.positive_weights} and needs weights > 0", where="weights", found=values,
+            remedies=[Remedy.set("method", "delta"),
+                      Remedy.set("method", "svd", note="they take negative or zero weights")],
         )
     return values
 
@@ -50,15 +51,16 @@ def check_options(method: str, rank: int | None, density: float, svd_mode: str) 
     spec = method_spec(method)
     if rank is not None and not spec.dense:
         raise LoraFormatError(
-            f"rank {rank}: only {listing(FACTORED_METHODS, 'and')} choose an output rank; {method} keeps {spec.kept_rank}. "
-            "Drop --rank or use --method svd"
+            what=f"only {listing(FACTORED_METHODS, 'and')} choose an output rank; {method} keeps {spec.kept_rank}",
+            where=Option("rank"), found=rank, remedies=[Remedy.unset("rank"), Remedy.set("method", "svd")],
         )
     if rank is not None and rank < 1:
-        raise LoraFormatError(f"rank {rank}: expected a positive integer")
+        raise LoraFormatError(what="", where=Option("rank"), found=rank, expected="a positive integer")
     if spec.density and not 0.0 < density <= 1.0:
-        raise LoraFormatError(f"density {density}: expected a share in (0, 1] of the entries to keep")
+        raise LoraFormatError(what="", where=Option("density"), found=density,
+                              expected="a share in (0, 1] of the entries to keep")
     if svd_mode not in SVD_MODES:
-        raise LoraFormatError(f"svd_mode {svd_mode!r}: expected 'exact' or 'randomized'")
+        raise LoraFormatError(what="", where=Option("svd_mode"), found=svd_mode, expected="'exact' or 'randomized'")
 
 
 def check_compatible(experts: Sequence[LoraWeights], names: Sequence[str], architectures: Sequence[str | None]) -> None:
@@ -68,9 +70,9 @@ def check_compatible(experts: Sequence[LoraWeights], names: Sequence[str], archi
         first, first_architecture = known[0]
         if architecture != first_architecture:
             raise LoraFormatError(
-                f"{names[first]} is a LoRA for {first_architecture} but {names[index]} is one for {architecture} "
+                what=f"{names[first]} is a LoRA for {first_architecture} but {names[index]} is one for {architecture} "
                 f"(module {_module_telling_apart(experts[first], experts[index])}); experts for different base "
-                "architectures cannot be merged"
+                "architectures cannot be merged", remedies=[Remedy.do("merge only experts trained for one base model")],
             )
     base_models = {names[i]: base for i, expert in enumerate(experts) if (base := metadata_value(expert, "base_model"))}
     if len(set(base_models.values())) > 1:
@@ -112,8 +114,11 @@ def check_ranks(spec: MethodSpec, module_name: str, parts: Sequence[Part], names
     if spec.equal_ranks and len({p.module.rank for p in parts}) > 1:
         listed = ", ".join(f"{names[p.index]}: rank {p.module.rank}" for p in parts)
         raise LoraFormatError(
-            f"module {module_name}: method {spec.name} {spec.equal_ranks} and needs equal ranks, found {listed}. "
-            "Use --method delta (the exact weighted sum of updates, rank = sum of ranks) or --method svd --rank R"
+            what=f"method {spec.name} {spec.equal_ranks} and needs equal ranks", where=f"module {module_name}",
+            found=listed, remedies=[
+                Remedy.set("method", "delta", note="the exact weighted sum of updates, rank = sum of ranks"),
+                Remedy.set("method", "svd", also={"rank": None}),
+            ],
         )
 
 

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from selma_toolkit.lora.blocks import BlockWeights, check_block_weights, module_block_weight
+from selma_toolkit.config.merge_methods import MethodSpec
+from selma_toolkit.architectures import get_family
+from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights
+from selma_toolkit.lora.metadata import guess_architecture
 from selma_toolkit.lora.core import LoraModule, LoraWeights
-from selma_toolkit.lora.merging.methods import MethodSpec
 
 _RANDOMIZED_OVERSAMPLE = 10
 _RANDOMIZED_ITERATIONS = 4
@@ -244,12 +246,15 @@ def apply_block_weights(lora: LoraWeights, block_weights: BlockWeights | None) -
     dtype. Modules with g = 1 are kept as they are. For what has no merge formula of its own:
     runtime adapters (each expert scaled, then combined by set_adapters) and new experts added to a
     block-weighted merge through its factors."""
-    checked = check_block_weights(block_weights, lora.modules)
-    if not checked:
+    if not block_weights:
         return lora
+    architecture = guess_architecture(lora)
+    family = get_family(architecture) if architecture is not None else None
+    checked = check_block_weights(block_weights, lora.modules, family)
+    weights = block_weight_of(lora.modules, checked, family)
     modules = {}
     for name, module in lora.modules.items():
-        g = module_block_weight(name, checked)
+        g = weights[name]
         if g != 1.0:
             compute = torch.float64 if module.up.dtype == torch.float64 else torch.float32
             module = LoraModule(down=module.down, up=(module.up.to(compute) * g).to(module.up.dtype), alpha=module.alpha)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from selma_toolkit.config.merge_methods import recorded_settings
 from selma_toolkit.lora.core import LoraWeights
-from selma_toolkit.lora.merging.methods import recorded_settings
 from selma_toolkit.lora.metadata import SELMA_PREFIX, guess_architecture, metadata_value
 
 # Metadata key of the merged file: a JSON string with everything needed to recompute the merge.

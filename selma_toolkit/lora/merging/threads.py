@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from selma_toolkit.config.merge_methods import MethodSpec
 from selma_toolkit.lora.merging.formulas import Part, dense_shape
-from selma_toolkit.lora.merging.methods import MethodSpec
 
 THREADED_SVD_ENTRIES = 512 * 512  # dense updates from this size on are factored with every torch thread
 

@@ -3,14 +3,14 @@
 Adding a merge method touches two files: its formula in :mod:`~selma_toolkit.lora.merging.formulas`
 (a function of one module's inputs, shapes and formula in its docstring) and one
 :class:`MethodSpec` in :data:`METHODS` below, which names that function. Everything else reads
-this table: the recipe's ``merge.method`` (``recipe.py``'s ``MergeMethod``), the diffusers
+this table: the recipe's ``merge.method`` (``MergeMethod``, read by ``config/merge.py``), the diffusers
 adapter's methods, ``selma merge``'s ``--method`` / ``--rank`` / ``--density`` / ``--seed`` checks
 and help, the ComfyUI node's method list and tooltips, which settings a merge record holds (and so
-``run.py``'s check that a merged file is current), and whether ``selma merge --add`` can extend a
+the merge stage's check that a merged file is current), and whether ``selma merge --add`` can extend a
 merge from its own factors (``incremental.py``).
 
-No torch here: ``recipe.py`` and the CLI read this table at startup. Formulas are named, and
-looked up in ``formulas.py`` when a merge runs.
+Pure data (it imports only ``errors``), in the config package because the recipe and the CLI read
+it at startup, without torch. Formulas are named, and looked up in ``formulas.py`` when a merge runs.
 """
 
 from __future__ import annotations

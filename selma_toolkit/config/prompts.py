@@ -1,4 +1,5 @@
-"""Stage 1's settings: the LLM endpoint and the offline grammar of a skill recipe."""
+"""Stage 1's settings: the LLM endpoint and the offline grammar of a skill recipe, and the names of
+the prompt sources (the registry's, ``registries.PROMPT_SOURCES``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from selma_toolkit.prompts.sources import PROMPT_SOURCES
-from selma_toolkit.settings import Fraction, PositiveInt, StrictModel
+from selma_toolkit.config.base import Fraction, PositiveInt, StrictModel
+from selma_toolkit.config.registries import PROMPT_SOURCES
 
 PromptSourceName = Literal[tuple(PROMPT_SOURCES)]  # type: ignore[valid-type]  # the registry's names
 

@@ -1,8 +1,8 @@
 """The settings of a shapes-world pretraining run (`selma toyworld pretrain`), validated like
 every recipe section (pydantic), and the names its run folder uses.
 
-Its own module so that pretrain.py (the loop) and snapshots.py (scoring and exporting its
-snapshots) both read it without importing each other.
+In the config package with the other settings: ``toyworld/pretrain.py`` (the loop) and
+``toyworld/snapshots.py`` (scoring and exporting its snapshots) both read it.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from selma_toolkit.evaluate.scorers import SCORER_MODEL_FIELDS
-from selma_toolkit.evaluate.settings import ScorerName
-from selma_toolkit.settings import PositiveInt, StrictModel
+from selma_toolkit.config.base import PositiveInt, StrictModel
+from selma_toolkit.config.evaluate import ScorerName
+from selma_toolkit.config.registries import SCORER_MODEL_FIELDS
 
 # Scorers that cannot judge any prompt on its own (they need a question file of the prompts).
 NOT_JUDGES = {"questions": "it answers the questions of a question file, which the skills' prompts do not have"}

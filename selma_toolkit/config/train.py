@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SerializationInfo, field_serializer, field_validator, model_validator
 
-from selma_toolkit.evaluate.settings import ScorerName
-from selma_toolkit.settings import PositiveInt, StrictModel
+from selma_toolkit.config.base import PositiveInt, StrictModel
+from selma_toolkit.config.evaluate import ScorerName
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the SD 1.x / 2.x / XL default (architectures.py)
 
@@ -41,7 +41,9 @@ class TrainSettings(StrictModel):
     # None: the image resolution.
     resolution: PositiveInt | None = None
     seed: int = 0
-    lora_format: Literal["kohya", "peft"] = "kohya"
+    # The expert files' layout (lora/writing.py): None, the family's default (kohya for SD 1.x / 2.x
+    # / XL, peft for SD 3 / Flux / Chroma, ai-toolkit for Qwen-Image / Z-Image / FLUX.2 [klein]).
+    lora_format: Literal["kohya", "peft", "ai-toolkit"] | None = None
     # accelerate trackers to log loss and lr to (besides loss.jsonl / loss.png).
     trackers: list[Literal["tensorboard", "wandb"]] = []
 
@@ -74,6 +76,14 @@ class TrainSettings(StrictModel):
     def denoiser_targets(self, family_targets: tuple[str, ...] | list[str]) -> list[str]:
         """The denoiser's peft target modules: ``target_modules``, or the family's default when unset."""
         return list(self.target_modules if self.target_modules is not None else family_targets)
+
+    @field_serializer("lora_format")
+    def _hash_unset_format_as_before(self, value: str | None, info: SerializationInfo) -> str | None:
+        # Hashes see an unset value as "kohya", the default before it became per-family (the
+        # files of the SD families are the same), so recipe hashes stay as they were.
+        if value is None and (info.context or {}).get("hash"):
+            return "kohya"
+        return value
 
     @field_serializer("target_modules")
     def _hash_unset_targets_as_before(self, value: list[str] | None, info: SerializationInfo) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""Stage 4's settings (a run recipe's [merge]); the methods are the table's (methods.py)."""
+"""Stage 4's settings (a run recipe's [merge]); the methods are the table's (merge_methods.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from selma_toolkit.lora.merging.methods import MergeMethod
-from selma_toolkit.settings import PositiveInt, StrictModel
+from selma_toolkit.config.base import PositiveInt, StrictModel
+from selma_toolkit.config.merge_methods import MergeMethod
 
 
 class MergeSettings(StrictModel):

@@ -1,8 +1,7 @@
 """What every recipe section is built from: a strict pydantic model (unknown keys are errors) and
-the shared field types. Each stage's settings live next to the stage's code
-(``prompts/settings.py``, ``images/settings.py``, ``train/settings.py``,
-``lora/merging/settings.py``, ``evaluate/settings.py``); ``recipe.py`` puts them together into the
-skill and run recipes and loads them from TOML."""
+the shared field types. Each stage's section is a module of this package (``prompts.py``,
+``images.py``, ``train.py``, ``merge.py``, ``evaluate.py``); ``recipes.py`` puts them together into
+the skill and run recipes, and ``selma_toolkit/recipe.py`` loads them from TOML."""
 
 from __future__ import annotations
 
