@@ -49,7 +49,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from selma_toolkit.toyworld.study import KINDS
+    from selma_toolkit.toyworld.study_kinds import KINDS
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

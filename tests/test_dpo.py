@@ -87,13 +87,13 @@ def write_prompts(path: Path, skill: str, texts: list[str]) -> None:
                             for i, t in enumerate(texts)))
 
 
-def tiny_run(model: Path, **dpo_settings) -> RunRecipe:
+def tiny_run(model: Path, images: dict | None = None, clip_model: str = "tiny:clip", **dpo_settings) -> RunRecipe:
     return RunRecipe.model_validate({
         "name": "t", "base_model": str(model),
         "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
-        "images": {"resolution": 32, "steps": 2, "batch_size": 4},
+        "images": {"resolution": 32, "steps": 2, "batch_size": 4, **(images or {})},
         "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2},
-        "evaluate": {"scorers": ["clipscore"], "clip_model": "tiny:clip"},
+        "evaluate": {"scorers": ["clipscore"], "clip_model": clip_model},
         "dpo": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "beta": 500.0, "pairs_per_prompt": 2,
                 **dpo_settings},
     })
@@ -137,6 +137,26 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
     assert len(scored) == 3 * 4  # every image scored once; a second call reuses the scores
     dpo.preference_pairs(run, "count", pair_run)
     assert len((dpo.dpo_paths(pair_run).skill_dir("count") / "scores.jsonl").read_text().splitlines()) == 12
+
+
+def test_judge_picks_the_pairs_with_the_images_judge_model_not_the_evaluation_one(tiny_model_dirs, tmp_path):
+    from selma_toolkit.evaluate.scorers import build_scorer
+    from selma_toolkit.config.evaluate import EvaluateSettings
+
+    paths = RunPaths(tmp_path / "run")
+    write_prompts(paths.prompts("count"), "count", ["one red cube", "two blue balls"])
+    # The evaluation's CLIP does not exist: only the images section's judge may be loaded.
+    run = tiny_run(tiny_model_dirs["sd1"], images={"judge": "clipscore", "judge_model": "tiny:clip"},
+                   clip_model="no-such/clip", scorer="judge", pairs_per_prompt=1)
+    pairs = dpo.preference_pairs(run, "count", paths)
+    rows = [json.loads(line) for line in (dpo.dpo_paths(paths).skill_dir("count") / "scores.jsonl").read_text().splitlines()]
+    assert {(row["scorer"], row["model"]) for row in rows} == {("clipscore", "tiny:clip")}
+    judge = build_scorer("clipscore", EvaluateSettings(clip_model="tiny:clip"))
+    for pair in pairs:
+        with Image.open(pair.winner) as w, Image.open(pair.loser) as l:
+            winner, loser = judge.score([w.convert("RGB"), l.convert("RGB")], [pair.text] * 2)
+        assert winner > loser
+    assert dpo.scorer_label(run) == "judge:clipscore(tiny:clip)"
 
 
 def test_all_ties_is_a_clear_error(tiny_model_dirs, pair_run, monkeypatch):

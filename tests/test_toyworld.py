@@ -167,7 +167,7 @@ def test_study_summary_gains_and_retention_match_a_direct_computation(tmp_path):
 def test_filtered_dataset_keeps_per_prompt_the_first_candidate_that_reaches_the_score(tmp_path):
     from selma_toolkit.dataset import read_image_dataset
     from selma_toolkit.paths import RunPaths
-    from selma_toolkit.toyworld.study import _write_dataset, write_filtered
+    from selma_toolkit.toyworld.study_data import write_dataset, write_filtered
 
     first, second, target = RunPaths(tmp_path / "selma"), RunPaths(tmp_path / "candidates-1"), RunPaths(tmp_path / "filtered")
     captions = ["two red circles", "a blue square and a green triangle", "a white diamond above a purple circle", "a red square"]
@@ -176,7 +176,7 @@ def test_filtered_dataset_keeps_per_prompt_the_first_candidate_that_reaches_the_
     right = {(first, 0), (second, 0), (second, 1), (first, 2)}
     for source in (first, second):
         examples = [(i, "toy-count", c, render_caption(c, i) if (source, i) in right else blank) for i, c in enumerate(captions)]
-        _write_dataset(source.images("toy-count"), examples, {})
+        write_dataset(source.images("toy-count"), examples, {})
     assert write_filtered([first, second], "toy-count", target, 100.0) == (3, 4)
     kept = {record.extra["prompt_id"]: record for record in read_image_dataset(target.images("toy-count"))}
     assert sorted(kept) == [0, 1, 2]

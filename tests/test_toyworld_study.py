@@ -131,14 +131,18 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     from selma_toolkit.lora import load_lora, metadata_value
     from selma_toolkit.recipe import load_run_recipe
     from selma_toolkit.toyworld.scorer import score_image
-    from selma_toolkit.toyworld.study import EXPERT_PREFIX, KINDS, StudyOptions, run_study
+    from selma_toolkit.toyworld.study import StudyOptions, run_study
+    from selma_toolkit.toyworld.study_kinds import EXPERT_PREFIX, KINDS
 
     run = load_run_recipe("toy-study", [
         "skills.toy-count.num_prompts=4", "skills.toy-color.num_prompts=4", "skills.toy-spatial.num_prompts=4",
         "images.steps=3", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
         "evaluate.prompts_per_skill=2", "evaluate.seeds=[5]", "evaluate.report_prompts_per_skill=1",
+        "images.judge=clipscore", "images.judge_model=tiny:clip",
     ])
-    options = StudyOptions(kinds=tuple(KINDS), filter_min_score=0.0, filter_candidates=2, teacher="tiny:sd1")
+    kinds = tuple(kind for kind in KINDS if kind != "bon8")  # bon8 is bon4 with more candidates
+    options = StudyOptions(kinds=kinds, merge_kinds=("selma", "bon4"), guidances=(1.0, 16.0),
+                           filter_min_score=0.0, filter_candidates=2, teacher="tiny:sd1")
     summary_path = run_study(run, tmp_path, options)
     replicate = tmp_path / "seed-5"
     scores = json.loads((replicate / "eval" / "scores.json").read_text())
@@ -147,12 +151,13 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     # 3-step images may pass, and then that expert is left out (recorded as 0 images), not the study.
     record = json.loads((replicate / "replicate.json").read_text())
     keyq = [s for s in skills if record["train_images"]["keyq"][s] > 0]
-    prefixes = list(EXPERT_PREFIX.values())
-    expected = {"base", "base-cfg1", "joint", "merged:selma", "merged:delta"} | {
-        f"{prefix}:{s}" for prefix in prefixes for s in skills if prefix != "keyq-expert" or s in keyq}
+    prefixes = [EXPERT_PREFIX[kind] for kind in kinds]
+    on_all = {"base", "base-cfg1", "base-cfg16", "joint", "merged:selma", "merged:delta", "bon4-joint",
+              "bon4-merged:selma", "bon4-merged:delta"}
+    expected = on_all | {f"{prefix}:{s}" for prefix in prefixes for s in skills if prefix != "keyq-expert" or s in keyq}
     assert set(scores["variants"]) == expected
     # Experts on their own skill, everything else on all three: 2 prompts x 1 seed each.
-    assert len(scores["items"]) == 2 * (5 * 3 + (len(prefixes) - 1) * 3 + len(keyq))
+    assert len(scores["items"]) == 2 * (len(on_all) * 3 + (len(prefixes) - 1) * 3 + len(keyq))
     assert all(item["scores"]["toyworld"] is not None for item in scores["items"])
     assert (replicate / "report" / "index.html").is_file()
     merged = load_lora(replicate / "selma" / "merged" / "selma.safetensors")
@@ -165,25 +170,73 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
 
         with Image.open(path) as image:
             assert score_image(image.convert("RGB"), path.with_suffix(".txt").read_text()) == 100.0
+    # Best of 4 / 8 by the judge: every candidate scored, the kept one the judge's best.
+    for kind, n in (("bon4", 4),):
+        rows = [json.loads(line) for line in
+                (replicate / kind / "skills" / "toy-color" / "images" / "metadata.jsonl").read_text().splitlines()]
+        assert [len(row["candidates"]) for row in rows] == [n] * 4
+        assert all(row["judge"] == "clipscore(tiny:clip)" for row in rows)
+        assert all(row["candidates"][row["chosen"]]["score"] == max(c["score"] for c in row["candidates"]) for row in rows)
+    # Round 2 draws with round 1's merged SELMA experts fused into the base.
+    round2 = json.loads((replicate / "round2" / "skills" / "toy-count" / "images" / "metadata.jsonl")
+                        .read_text().splitlines()[0])
+    assert round2["model"].endswith("round1-model")
     summary = json.loads((tmp_path / "study.json").read_text())
     assert summary["seeds"] == [5] and set(summary["kinds"]) == {
-        "base", "base-cfg1", *(p for p in prefixes if p != "keyq-expert" or keyq), "joint", "merged:selma", "merged:delta"}
+        *on_all, *(p for p in prefixes if p != "keyq-expert" or keyq)}
     # The mechanism table: every kind's training images scored; ground truth is perfect.
     assert summary["train_image_scores"]["gt"] == {s: 100.0 for s in skills}
-    assert set(summary["train_image_scores"]) == set(KINDS)
+    assert set(summary["train_image_scores"]) == set(kinds)
     assert set(summary["train_image_scores"]["keyq"]) == set(keyq)
     # The teacher kind's images come from the teacher model, the guidance kinds' at their guidance.
     teacher_rows = (replicate / "teacher" / "skills" / "toy-count" / "images" / "metadata.jsonl").read_text()
     assert "tiny" in teacher_rows
     assert any(row["target"].startswith("base on toy-count clearly worse at guidance 1") for row in summary["targets"])
     assert summary_path.read_text().startswith("# Shapes-world study") and (tmp_path / "study.png").stat().st_size > 0
+    # The rule's table: every kind's training margin over the SELMA images of the same prompts;
+    # ground truth's margin is 100 minus the SELMA images' mean score.
+    margins = summary["training_margins"]
+    assert set(margins) == set(kinds) - {"selma"}
+    selma_mean = sum(summary["train_image_scores"]["selma"].values()) / 3
+    gt_mean = sum(m["mean"] for m in margins["gt"].values()) / 3
+    assert gt_mean == pytest.approx(100.0 - selma_mean, abs=0.02)
+    assert {row["kind"] for row in summary["rule_check"]} == set(margins)
+    assert (tmp_path / "study-rule.png").stat().st_size > 0
     # A rerun finds everything done and changes nothing.
     before = (replicate / "eval" / "scores.json").read_bytes()
     run_study(run, tmp_path, options)
     assert (replicate / "eval" / "scores.json").read_bytes() == before
 
 
-def test_wheel_ships_both_toy_bases_and_finds_them_outside_the_source_tree(tmp_path, repo_root):
+def test_development_prompts_are_neither_train_nor_heldout_and_are_what_a_dev_study_scores(tmp_path):
+    from selma_toolkit.dataset import read_prompts
+    from selma_toolkit.recipe import load_run_recipe
+    from selma_toolkit.toyworld.study import StudyOptions, run_study
+    from selma_toolkit.toyworld.study_data import DEV_ID_START
+
+    run = load_run_recipe("toy-study", [
+        "skills.toy-count.num_prompts=30", "skills.toy-color.num_prompts=3", "skills.toy-spatial.num_prompts=3",
+        "images.steps=2", "train.steps=1", "train.batch_size=2", "train.checkpoint_every=1",
+        "evaluate.prompts_per_skill=20", "evaluate.seeds=[0]", "evaluate.report_prompts_per_skill=0",
+    ])
+    run_study(run, tmp_path, StudyOptions(kinds=("gt",), merge_kinds=(), prompt_set="dev"))
+    replicate = tmp_path / "seed-0"
+    for skill in ("toy-count", "toy-color", "toy-spatial"):
+        stream = read_prompts(replicate / "selma" / "skills" / skill / "prompts.jsonl")
+        dev = read_prompts(replicate / "dev-prompts" / f"{skill}.jsonl")
+        assert len(dev) == 20 and {p.split for p in dev} == {"dev"}
+        texts = [p.prompt for p in dev]
+        assert len(set(texts)) == 20 and not set(texts) & {p.prompt for p in stream}
+        assert [p.id for p in dev] == list(range(DEV_ID_START, DEV_ID_START + 20))
+    items = json.loads((replicate / "eval" / "scores.json").read_text())["items"]
+    assert {item["variant"] for item in items} == {"base", "base-cfg1", "gt-expert:toy-count", "gt-expert:toy-color",
+                                                   "gt-expert:toy-spatial"}
+    assert all(item["prompt_id"] >= DEV_ID_START for item in items)
+    # No SELMA images or experts are made when the kind selma is not asked for.
+    assert not (replicate / "selma" / "experts").exists()
+
+
+def test_wheel_ships_both_toy_bases_and_the_judge_and_finds_them_outside_the_source_tree(tmp_path, repo_root):
     import subprocess
     import sys
     import zipfile
@@ -205,6 +258,14 @@ def test_wheel_ships_both_toy_bases_and_finds_them_outside_the_source_tree(tmp_p
                                 env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / name)
+    # toy:judge ships the same way and the clipscore scorer's model resolver finds it there.
+    assert {"selma_toolkit/toyworld/judge/model.safetensors", "selma_toolkit/toyworld/judge/toyworld-judge.json",
+            "selma_toolkit/toyworld/judge/tokenizer.json"} <= set(wheel.namelist())
+    code = "from selma_toolkit.evaluate.scorers import resolve_scorer_model; print(resolve_scorer_model('toy:judge', 'x'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / "judge")
 
 
 def test_unknown_toy_base_is_a_clear_error():
@@ -213,6 +274,19 @@ def test_unknown_toy_base_is_a_clear_error():
 
     with pytest.raises(ModelError, match="toy:circles: unknown toy base; the shipped ones are toy:shapes, toy:shapes-web"):
         resolve_model("toy:circles")
+
+
+def test_seeds_then_items_interval_covers_the_spread_between_replicates():
+    from selma_toolkit.toyworld.study_stats import seed_item_bootstrap
+
+    # Three replicates whose items agree within each: pooled items would give a narrow interval,
+    # resampling the replicates gives every mean from 0 (seeds 0, 0, 0) to 3 (seed 2 thrice).
+    mean, low, high = seed_item_bootstrap({0: [0.0] * 50, 1: [0.0] * 50, 2: [3.0] * 50})
+    assert mean == pytest.approx(1.0) and low == pytest.approx(0.0) and high == pytest.approx(3.0)
+    # One replicate: the items bootstrap of its mean.
+    values = [float(v) for v in range(20)]
+    mean, low, high = seed_item_bootstrap({0: values})
+    assert mean == pytest.approx(9.5) and 6.0 < low < 9.5 < high < 13.0
 
 
 def test_findings_say_when_self_generated_data_does_not_help_and_what_does():

@@ -120,9 +120,17 @@ def toyworld_study(
     seed: Annotated[Optional[list[int]], typer.Option(
         help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
     kind: Annotated[Optional[list[str]], typer.Option(
-        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, lowcfg, highcfg, teacher, "
-             "and the Table 4 baselines dpo, moe ([dpo] / [moe] settings). "
-             "Default: all but teacher, and teacher too when --teacher is given.")] = None,
+        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, bon4, bon8 (best of N by "
+             "images.judge), lowcfg, highcfg, teacher, round2 (drawn with round 1's merge), and the Table 4 baselines "
+             "dpo, moe ([dpo] / [moe] settings). Default: selma, gt, filtered, keyq, lowcfg, highcfg, and teacher "
+             "when --teacher is given.")] = None,
+    merge_kind: Annotated[Optional[list[str]], typer.Option(
+        help="Kinds whose experts are also merged and trained as one mixture LoRA (repeatable; default: selma).")] = None,
+    prompt_set: Annotated[str, typer.Option(
+        help="Where variants are scored: heldout (the measurement) or dev (a development prompt stream, neither "
+             "trained on nor held out, for sizing a study).")] = "heldout",
+    guidance: Annotated[Optional[list[float]], typer.Option(
+        help="Other guidance scales to draw the base at, variants base-cfg<g> (repeatable; default: 1).")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes).")] = None,
     high_guidance: Annotated[float, typer.Option(min=1, help="Guidance of the 'highcfg' kind's images.")] = 8.0,
@@ -134,16 +142,20 @@ def toyworld_study(
     set_: SetOption = None,
 ) -> None:
     """SELMA on a toy base, scored exactly: base, experts on self-generated / ground-truth / filtered /
-    other-guidance / teacher images, the mixture LoRA and the merges, per seed; then study.md, study.json
-    and study.png."""
+    judged / other-guidance / teacher / second-round images, the mixture LoRA and the merges, per seed;
+    then study.md, study.json and study.png."""
     from selma_toolkit.recipe import load_run_recipe
-    from selma_toolkit.toyworld.study import KINDS, StudyOptions, run_study
+    from selma_toolkit.toyworld.study import StudyOptions, run_study
+    from selma_toolkit.toyworld.study_kinds import DEFAULT_KINDS
 
+    if prompt_set not in ("heldout", "dev"):
+        raise InputError(f"--prompt-set {prompt_set!r}: expected heldout or dev")
     set_threads(threads)
     run = load_run_recipe(recipe, set_ or [])
-    kinds = kind or [k for k in KINDS if k != "teacher" or teacher]
-    options = StudyOptions(kinds=tuple(kinds), filter_min_score=filter_min_score, filter_candidates=filter_candidates,
-                           high_guidance=high_guidance, teacher=teacher)
+    kinds = kind or [*DEFAULT_KINDS, *(["teacher"] if teacher else [])]
+    options = StudyOptions(kinds=tuple(kinds), merge_kinds=tuple(merge_kind or ("selma",)), prompt_set=prompt_set,  # type: ignore[arg-type]
+                           guidances=tuple(guidance or (1.0,)), filter_min_score=filter_min_score,
+                           filter_candidates=filter_candidates, high_guidance=high_guidance, teacher=teacher)
     summary = run_with_progress(lambda on_stage, progress: run_study(run, out, options, seeds=seed, progress=progress))
     console.print(f"study summary: {escape(str(summary))}", highlight=False, soft_wrap=True)
     console.print(f"per-seed reports: {escape(str(out))}/seed-*/report/index.html", highlight=False, soft_wrap=True)
@@ -159,4 +171,49 @@ def toyworld_export(
     from selma_toolkit.toyworld.snapshots import export_base, snapshot_path
 
     target = export_base(run_dir, snapshot_path(run_dir, step), to)
+    console.print(f"wrote {escape(str(target))}", highlight=False)
+
+
+@toyworld_app.command("judge-train")
+def toyworld_judge_train(
+    out: Annotated[Path, typer.Option(help="Training folder (checkpoint, log); rerun to resume.")],
+    seed: Annotated[int, typer.Option(help="The run is a pure function of the settings and this seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Renders per step (each with its caption and 3 hard negatives).")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant after warm-up).")] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    noise: Annotated[float, typer.Option(help="Largest pixel-noise std of the degraded renders.")] = 0.1,
+    blur: Annotated[float, typer.Option(help="Share of renders blurred (3x3 box).")] = 0.5,
+    exclude_recipe: Annotated[Optional[str], typer.Option(
+        help="A study recipe whose held-out and development prompts the judge must never see (e.g. toy-study-3).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Train toy:judge, a small CLIP of the shapes world, on renders with hard-negative captions."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selma_toolkit.toyworld.judge import JudgeSettings, train_judge
+
+    set_threads(threads)
+    settings = JudgeSettings(seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                             warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, noise=noise, blur=blur,
+                             exclude_recipe=exclude_recipe)
+    columns = (TextColumn("judge"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("judge", total=steps, loss=0.0)
+        train_judge(out, settings, progress=lambda done, total, loss: bar.update(task, completed=done, loss=loss))
+    console.print(f"export it with `selma toyworld judge-export {escape(str(out))}`", highlight=False, soft_wrap=True)
+
+
+@toyworld_app.command("judge-export")
+def toyworld_judge_export(
+    run_dir: Annotated[Path, typer.Argument(help="A judge training folder.")],
+    to: Annotated[Optional[Path], typer.Option(help="Folder to write (replaced whole); default: the shipped "
+                                                    "selma_toolkit/toyworld/judge (toy:judge).")] = None,
+) -> None:
+    """Write a trained judge as a transformers CLIP folder (fp16 safetensors, processor, provenance)."""
+    from selma_toolkit.toyworld.judge import JUDGE_DIR, export_judge
+
+    target = export_judge(run_dir, to or JUDGE_DIR)
     console.print(f"wrote {escape(str(target))}", highlight=False)

@@ -116,6 +116,9 @@ class RunRecipe(StrictModel):
             raise ValueError(f"skills: each skill may appear once, found {duplicates} more than once")
         if not self.skills and not self.experts:
             raise ValueError("skills: a run needs at least one skill (or one expert in experts)")
+        if self.dpo.scorer == "judge" and self.images.judge is None:
+            raise ValueError("dpo.scorer = \"judge\" picks DPO's pairs with images.judge, which is not set; set "
+                             "images.judge (and images.judge_model) or choose a scorer for dpo.scorer")
         return self
 
     def skill(self, name: str) -> SkillRecipe:

@@ -32,6 +32,23 @@ SCORERS: dict[str, str] = {
     "toyworld": "selma_toolkit.toyworld.scorer:build_toyworld_scorer",
 }
 SCORER_NAMES: tuple[str, ...] = tuple(SCORERS)
+# The [evaluate] field that names each scorer's model (a scorer without a model, toyworld, has none):
+# where the images stage's judge_model goes when that scorer is the judge (images/best_of.py).
+SCORER_MODEL_FIELDS: dict[str, str] = {
+    "clipscore": "clip_model",
+    "pickscore": "pickscore_model",
+    "hps": "hps_model",
+    "imagereward": "imagereward_model",
+    "vqascore": "vqa_model",
+    "questions": "vqa_model",
+}
+
+# Scorer models shipped with the package, by reference -> a function returning its local folder
+# (ValueError when it is missing): what an [evaluate] / [images] model field may name besides a Hub id,
+# a folder or a tiny: model.
+SHIPPED_SCORER_MODELS: dict[str, str] = {
+    "toy:judge": "selma_toolkit.toyworld.judge:judge_dir",  # the shapes world's judge (docs/toyworld.md)
+}
 
 PROMPT_SOURCES: dict[str, str] = {
     "llm": "selma_toolkit.prompts.sources:LLMSource",

@@ -121,8 +121,10 @@ class DPOSettings(StrictModel):
     # Diffusion-DPO's beta (Wallace et al. 2023 use 5000 for SD 1.5, with the per-pixel mean error).
     beta: Annotated[float, Field(gt=0)] = 5000.0
     pairs_per_prompt: PositiveInt = 1
-    # The scorer that picks the winner; None = the first of evaluate.scorers.
-    scorer: ScorerName | None = None
+    # The scorer that picks the winner; None = the first of evaluate.scorers; "judge" = the images
+    # stage's judge (images.judge with its images.judge_model), so that the evaluation's metric need
+    # not be what chooses the training data.
+    scorer: ScorerName | Literal["judge"] | None = None
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
     steps: PositiveInt = 5000
     # None: train.batch_size (pairs per step) / train.checkpoint_every.

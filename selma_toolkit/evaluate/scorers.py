@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from selma_toolkit import tiny
-from selma_toolkit.config.registries import SCORER_NAMES, SCORERS, import_object
+from selma_toolkit.config.registries import SCORER_NAMES, SCORERS, SHIPPED_SCORER_MODELS, import_object
 from selma_toolkit.errors import ModelError
 from selma_toolkit.evaluate.openclip import clip_state_dict_from_open_clip
 from selma_toolkit.io import sha256_file
@@ -58,7 +58,13 @@ class Scorer(Protocol):
 
 
 def resolve_scorer_model(spec: str, field: str) -> str:
-    """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use); other references unchanged."""
+    """A local folder for ``tiny:clip`` / ``tiny:vqa`` (built on first use) and for ``toy:judge``
+    (the shapes world's shipped judge, package data); other references unchanged."""
+    if spec in SHIPPED_SCORER_MODELS:
+        try:
+            return str(import_object(SHIPPED_SCORER_MODELS[spec])())
+        except ValueError as exc:
+            raise ModelError(f"evaluate.{field} = {spec!r}: {exc}") from None
     if tiny.is_tiny_spec(spec):
         try:
             return str(tiny.ensure_tiny_scorer_model(spec))

@@ -6,7 +6,9 @@ Layout of ``RunPaths.images(skill)``::
     000017.png                image of prompt id 17 (or .jpg)
     000017.txt                its caption, for kohya-style tools
     metadata.jsonl            {"file_name", "text", "prompt_id", "skill", "seed", "model", "steps",
-                               "guidance", "resolution", "negative_prompt"} per image
+                               "guidance", "resolution", "negative_prompt"} per image (best-of-N
+                               also "judge", "chosen" and every candidate's "seed" and "score")
+    000017.judge.json         best-of-N only (``images.candidates`` > 1, best_of.py): the candidates' scores
     .selma-generation.json    the settings the images were drawn with (a resume must match them)
 
 Reproducibility: the seed of an image is :func:`image_seed` of the base seed and the prompt id,
@@ -25,7 +27,6 @@ kill loses at most the batch in flight, and no row is ever duplicated or points 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -38,7 +39,8 @@ from typing import Any
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import METADATA, PromptRecord, read_prompts
 from selma_toolkit.errors import DatasetError, ModelError, Remedy
-from selma_toolkit.images import shard
+from selma_toolkit.images import best_of, shard
+from selma_toolkit.images.naming import image_name, image_seed
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from selma_toolkit.models import default_dtype, detect_family, load_pipeline, pipeline_family, resolve_model
 from selma_toolkit.paths import RunPaths
@@ -67,21 +69,6 @@ class ImageStats:
     @property
     def images_per_second(self) -> float:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
-
-
-def image_seed(base_seed: int, prompt_id: int) -> int:
-    """The seed of prompt ``prompt_id``'s image: 31 bits of sha256("<base_seed>:<prompt_id>").
-
-    A hash rather than ``base_seed + prompt_id``, so runs with neighbouring base seeds share no noise.
-    """
-    digest = hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def image_name(prompt_id: int, image_format: str = "png") -> str:
-    """File name of a prompt's image in the dataset folder (``000017.png``); its caption is
-    ``image_name(id, "txt")`` (kohya's caption-file convention)."""
-    return f"{prompt_id:06d}.{image_format}"
 
 
 def check_image_inputs(run: RunRecipe, skill: str, paths: RunPaths) -> list[PromptRecord]:
@@ -125,7 +112,7 @@ def generate_images(
     state.wait_for_everyone()
 
     batches = shard.batches_for_process(prompts, settings.batch_size, state.process_index, state.num_processes)
-    pending = [(batch, {p.id for p in batch if not _is_done(folder, p, settings.image_format)}) for batch in batches]
+    pending = [(batch, {p.id for p in batch if not _is_done(folder, p, settings)}) for batch in batches]
     pending = [(batch, missing) for batch, missing in pending if missing]
     total = sum(len(missing) for _, missing in pending)
     skipped = sum(len(batch) for batch in batches) - total
@@ -133,18 +120,23 @@ def generate_images(
              state.num_processes, total, skipped)
     generated, blacked_out, done = 0, [], 0
     pipe = _load_generation_pipeline(run, device) if pending else None
+    judge = best_of.load_judge(settings, device) if pending and settings.candidates > 1 else None
     started = time.perf_counter()  # after loading: the rate counts drawing only
     if progress:
         progress(0, total)
     for batch, missing in pending:
-        images, flagged = _draw(pipe, batch, run)
-        for prompt, image, is_flagged in zip(batch, images, flagged):
+        if judge is None:
+            images, flagged = _draw(pipe, batch, run)
+            records: list[dict | None] = [None] * len(batch)
+        else:
+            images, flagged, records = best_of.draw_best(pipe, batch, run, judge, _draw)
+        for prompt, image, is_flagged, record in zip(batch, images, flagged, records):
             if prompt.id not in missing:
                 continue  # already on disk: the batch was redrawn only to keep its members fixed
             if is_flagged:
                 blacked_out.append(prompt.id)
                 continue
-            _write_example(folder, prompt, image, settings.image_format)
+            _write_example(folder, prompt, image, settings.image_format, record)
             generated += 1
         done += len(missing)
         if progress:
@@ -217,12 +209,15 @@ def _load_generation_pipeline(run: RunRecipe, device: str):
     return pipe
 
 
-def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe) -> tuple[list[Any], list[bool]]:
-    """One pipeline call for a batch: its PIL images and, per image, whether it was blacked out."""
+def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe,
+          seeds: Sequence[int] | None = None) -> tuple[list[Any], list[bool]]:
+    """One pipeline call for a batch: its PIL images and, per image, whether it was blacked out.
+    ``seeds``: one per prompt (best-of-N's candidates); default ``image_seed(images.seed, prompt id)``."""
     import torch
 
     settings = run.images
-    generators = [torch.Generator("cpu").manual_seed(image_seed(settings.seed, p.id)) for p in batch]
+    seeds = seeds if seeds is not None else [image_seed(settings.seed, p.id) for p in batch]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     # The family names the guidance argument and whether a negative prompt goes with it.
     guidance = pipeline_family(pipe).pipeline_arguments(settings.negative_prompt, settings.guidance_scale, len(batch))
     output = pipe(
@@ -255,6 +250,8 @@ def _settings_record(run: RunRecipe, device: str) -> dict[str, Any]:
         "scheduler": settings.scheduler,
         "dtype": str(default_dtype(device, settings.dtype)).removeprefix("torch."),
         "image_format": settings.image_format,
+        # Only for best-of-N, so that folders drawn before these settings existed still resume.
+        **({"candidates": settings.candidates, "judge": best_of.judge_label(settings)} if settings.candidates > 1 else {}),
     }
 
 
@@ -300,17 +297,21 @@ def _has_caption(folder: Path, prompt: PromptRecord) -> bool:
     return caption.is_file() and caption.read_text(encoding="utf-8") == prompt.prompt
 
 
-def _is_done(folder: Path, prompt: PromptRecord, image_format: str) -> bool:
-    return _has_caption(folder, prompt) and _decodes(folder / image_name(prompt.id, image_format))
+def _is_done(folder: Path, prompt: PromptRecord, settings) -> bool:
+    name = image_name(prompt.id, settings.image_format)
+    return (_has_caption(folder, prompt) and _decodes(folder / name)
+            and (settings.candidates == 1 or best_of.read_record(folder, name) is not None))
 
 
-def _write_example(folder: Path, prompt: PromptRecord, image, image_format: str) -> None:
+def _write_example(folder: Path, prompt: PromptRecord, image, image_format: str, record: dict | None = None) -> None:
     buffer = io.BytesIO()
     if image_format == "png":
         image.save(buffer, format="PNG")
     else:
         image.save(buffer, format="JPEG", quality=95)
     atomic_write_bytes(folder / image_name(prompt.id, image_format), buffer.getvalue())
+    if record is not None:
+        best_of.write_record(folder, image_name(prompt.id, image_format), record)
     # The caption last: it marks the example as finished (a kill before it means "redraw").
     atomic_write_text(folder / image_name(prompt.id, "txt"), prompt.prompt)
 
@@ -336,6 +337,10 @@ def _write_metadata(folder: Path, prompts: Sequence[PromptRecord], run: RunRecip
             "resolution": settings.resolution,
             "negative_prompt": settings.negative_prompt,
         }
+        record = best_of.read_record(folder, name) if settings.candidates > 1 else None
+        if record is not None:
+            row.update(seed=record["candidates"][record["chosen"]]["seed"], judge=record["judge"],
+                       chosen=record["chosen"], candidates=record["candidates"])
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(folder / METADATA, "".join(lines))
     known = {image_name(p.id, settings.image_format) for p in prompts}

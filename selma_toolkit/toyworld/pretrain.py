@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.config.pretrain import PretrainSettings, RESUMABLE, SKILLS, STATE_FILE
+from selma_toolkit.config.pretrain import RESUMABLE, SKILLS, STATE_FILE, PretrainSettings
 from selma_toolkit.config.prompts import GrammarSettings
 from selma_toolkit.errors import Option, Remedy, TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
@@ -119,14 +119,14 @@ def step_generator(seed: int, stage: str, step: int):
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _flatten_optimizer(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def flatten_optimizer(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """AdamW state as safetensors tensors plus JSON (its param groups), so no pickle is written."""
     state = optimizer.state_dict()
     tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items() for key, value in entry.items()}
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _restore_optimizer(optimizer, tensors: dict[str, Any], extra: dict[str, Any]) -> None:
+def restore_optimizer(optimizer, tensors: dict[str, Any], extra: dict[str, Any]) -> None:
     entries: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
@@ -134,7 +134,7 @@ def _restore_optimizer(optimizer, tensors: dict[str, Any], extra: dict[str, Any]
     optimizer.load_state_dict({"state": entries, "param_groups": extra["param_groups"]})
 
 
-def _save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+def save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
     """Write ``checkpoint/`` as a whole: into a partial folder, then renamed over the old one."""
     from safetensors.torch import save_file
 
@@ -156,7 +156,7 @@ def _save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[st
 
 def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
     if not (out / "checkpoint").exists() and (out / ".checkpoint.old" / STATE_FILE).is_file():
-        # Killed between the two renames of _save_checkpoint: the previous checkpoint is complete.
+        # Killed between the two renames of save_checkpoint: the previous checkpoint is complete.
         (out / ".checkpoint.old").rename(out / "checkpoint")
     path = out / "checkpoint" / STATE_FILE
     if not path.is_file():
@@ -191,7 +191,7 @@ def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress
         from safetensors.torch import load_file
 
         vae.load_state_dict(load_file(str(out / "checkpoint" / "vae.safetensors")))
-        _restore_optimizer(optimizer, load_file(str(out / "checkpoint" / "optimizer.safetensors")), record["optimizer"])
+        restore_optimizer(optimizer, load_file(str(out / "checkpoint" / "optimizer.safetensors")), record["optimizer"])
         start = record["step"]
         log.info("VAE: resuming at step %d", start)
     with JsonlAppender(out / "log.jsonl") as logger:
@@ -209,8 +209,8 @@ def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress
             if progress:
                 progress("vae", step + 1, settings.vae_steps, mse.item())
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.vae_steps:
-                tensors, extra = _flatten_optimizer(optimizer)
-                _save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": settings.model_dump(), "optimizer": extra},
+                tensors, extra = flatten_optimizer(optimizer)
+                save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": settings.model_dump(), "optimizer": extra},
                                  {"vae": vae.state_dict(), "optimizer": tensors})
     # Latent scale: 1 / std of the latent means over fresh renders (SD chose 0.18215 the same way).
     with torch.no_grad():
@@ -298,7 +298,7 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
         folder = out / "checkpoint"
         unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
         text_encoder.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
-        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), record["optimizer"])
+        restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), record["optimizer"])
         ema_tensors = load_file(str(folder / "ema.safetensors"))
         ema.load_state_dict({**record["ema"], "shadow_params": [ema_tensors[str(i)] for i in range(len(ema_tensors))]})
         schedule.load_state_dict(record["schedule"])
@@ -343,10 +343,10 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 snapshot = snapshots / f"step-{done}.safetensors"
                 save_file({k: v.half() for k, v in _snapshot_parts(unet, text_encoder, ema).items()}, str(snapshot))
-                tensors, extra = _flatten_optimizer(optimizer)
+                tensors, extra = flatten_optimizer(optimizer)
                 ema_state = ema.state_dict()
                 shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
-                _save_checkpoint(out, {"stage": "unet", "step": done, "settings": settings.model_dump(), "optimizer": extra,
+                save_checkpoint(out, {"stage": "unet", "step": done, "settings": settings.model_dump(), "optimizer": extra,
                                        "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads(),
                                        "threads_history": threads},
                                  {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),

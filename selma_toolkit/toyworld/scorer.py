@@ -129,7 +129,6 @@ def key_questions_pass(image: "Image", caption: str, kind: str) -> bool | None:
 def segment(image: "Image") -> list[Segment]:
     """The objects in an image (see the module docstring for the method)."""
     import numpy as np
-
     from PIL import Image
 
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):  # e.g. an upscaled copy: box-averaging undoes an integer upscale exactly

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.config.pretrain import PretrainSettings, SKILLS, STATE_FILE
+from selma_toolkit.config.pretrain import SKILLS, STATE_FILE, PretrainSettings
 from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import Remedy, TrainingError
 from selma_toolkit.io import atomic_write_text

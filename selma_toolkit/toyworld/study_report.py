@@ -30,6 +30,15 @@ from typing import Any
 
 from selma_toolkit.io import atomic_open, atomic_write_text
 from selma_toolkit.toyworld.study_kinds import ALL_KINDS, BASE_LOW_GUIDANCE
+from selma_toolkit.toyworld.study_stats import (
+    base_guidance,
+    hierarchical_gains,
+    more_markdown,
+    pooled_agreement,
+    rule_check,
+    rule_figure,
+    training_margins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +112,8 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
     """Every number of the study from the replicates in ``out`` (see the module docstring)."""
     seeds, cells = collect_items(out)
     kinds = list(dict.fromkeys(kind for kind, _ in cells))
-    order = ["base", BASE_LOW_GUIDANCE, *EXPERT_KINDS, "joint"]
+    guided = sorted((k for k in kinds if k.startswith("base-cfg")), key=lambda k: base_guidance(k, None) or 0.0)
+    order = ["base", *guided, *EXPERT_KINDS, "joint"]
     kinds = [k for k in order if k in kinds] + sorted(k for k in kinds if k not in order)
 
     def aligned(*pairs: tuple[str, str]) -> list[list[float]] | None:
@@ -164,13 +174,20 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
             diff, low, high = _bootstrap(pair, _diff)
             versus_gt[skill] = {"mean": diff, "low": low, "high": high}
     records = _replicates(out, seeds)
+    prompt_sets = sorted({str(r.get("prompt_set", "heldout")) for r in records.values()})
+    guidances = {r.get("guidance") for r in records.values()}
     summary = {"format": STUDY_FORMAT, "metric": METRIC, "seeds": seeds, "skills": skills, "kinds": kinds,
                "base_models": sorted({str(r.get("base_model")) for r in records.values()}),
+               "prompt_set": "+".join(prompt_sets), "guidance": guidances.pop() if len(guidances) == 1 else None,
+               "gains_seeds_items": hierarchical_gains(cells, kinds, skills),
+               "judge_agreement": pooled_agreement(records, skills),
                "scores": scores, "gains": gains, "retention": retention, "merged_vs_joint": versus_joint,
                "table4_vs_merged": table4,
                "selma_vs_gt": versus_gt,
                "train_images": {seed: r["train_images"] for seed, r in records.items()},
-               "train_image_scores": _train_image_scores(records, skills)}
+               "train_image_scores": _train_image_scores(records, skills),
+               "training_margins": training_margins(records, skills)}
+    summary["rule_check"] = rule_check(summary)
     summary["targets"] = targets(summary)
     summary["findings"] = findings(summary)
     return summary
@@ -276,10 +293,12 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     """study.md: scores, gains, retention, targets, data sizes."""
     skills = summary["skills"]
     bases = ", ".join(summary.get("base_models", [])) or "?"
+    where = {"heldout": "held-out prompts", "dev": "development prompts (neither trained on nor held out)"}.get(
+        summary.get("prompt_set", "heldout"), summary.get("prompt_set"))
     lines = [f"# {title}", "", f"Base model: {bases}. Metric: toyworld score (0-100, share of DSG-style questions right). Seeds: "
              f"{', '.join(map(str, summary['seeds']))}; n = (seed, prompt) items per cell. Brackets: 95% bootstrap interval.",
              "", "## Findings", "", *(f"* {line}" for line in findings(summary)),
-             "", "## Scores on held-out prompts (experts on their own skill)", "",
+             "", f"## Scores on {where} (experts on their own skill)", "",
              "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
     for kind in summary["kinds"]:
         lines.append(f"| {kind} | " + " | ".join(_cell(summary["scores"].get(kind, {}).get(s)) for s in skills) + " |")
@@ -288,10 +307,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         cells = [", ".join(f"{v:.1f}" for v in summary["scores"].get(kind, {}).get(s, {}).get("per_seed", {}).values()) or "–"
                  for s in skills]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "## Gain over the base (paired)", "", "| variant | " + " | ".join(skills) + " |",
-              "|---" * (len(skills) + 1) + "|"]
+    lines += ["", "## Gain over the base (paired; bootstrap over (seed, prompt) items)", "",
+              "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
     for kind, per_skill in summary["gains"].items():
         lines.append(f"| {kind} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
+    lines += more_markdown(summary)
     if summary["retention"]:
         lines += ["", "## Share of the SELMA expert's gain kept by the merge", "", "| merge | " + " | ".join(skills) + " |",
                   "|---" * (len(skills) + 1) + "|"]
@@ -350,10 +370,11 @@ def bar_chart(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_study_report(out: Path, run) -> Path:
-    """Write study.json, study.md and study.png from the finished replicates; return study.md."""
+    """Write study.json, study.md, study.png and study-rule.png from the finished replicates; return study.md."""
     summary = summarise(out, [s.name for s in run.skills])
     atomic_write_text(out / "study.json", json.dumps(summary, indent=1) + "\n")
     bar_chart(summary, out / "study.png")
+    rule_figure(summary, out / "study-rule.png")
     path = out / "study.md"
     atomic_write_text(path, markdown(summary, f"Shapes-world study: {run.name}"))
     log.info("study summary: %s", path)

@@ -41,6 +41,7 @@ from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.dataset import read_prompts
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.scorers import build_scorer
+from selma_toolkit.images.best_of import judge_label, load_judge
 from selma_toolkit.io import JsonlAppender, atomic_write_text, read_jsonl, sha256_file
 from selma_toolkit.lora import save_lora
 from selma_toolkit.lora.merge import merge_files, metadata_record
@@ -78,7 +79,15 @@ def pair_seeds(run: RunRecipe) -> list[int]:
 
 
 def scorer_name(run: RunRecipe) -> str:
+    """The scorer that picks each pair's winner: dpo.scorer, else the first of evaluate.scorers."""
     return run.dpo.scorer or run.evaluate.scorers[0]
+
+
+def scorer_label(run: RunRecipe) -> str:
+    """scorer_name, with the judge and its model for ``"judge"`` (``judge:clipscore(toy:judge)``)."""
+
+    name = scorer_name(run)
+    return f"judge:{judge_label(run.images)}" if name == "judge" else name
 
 
 # ---------------------------------------------------------------------------------------- pairs
@@ -110,15 +119,17 @@ def pair_up(prompt_id: int, text: str, images: Sequence[Path], scores: Sequence[
 
 
 def _score_images(path: Path, scorer, items: list[tuple[Path, str]], batch_size: int) -> dict[Path, float | None]:
-    """Every image's score, from ``scores.jsonl`` where it holds this scorer's score of these bytes."""
+    """Every image's score, from ``scores.jsonl`` where it holds this scorer's score (with this
+    model: the judge and the evaluation may both be clipscore, with other models) of these bytes."""
     from PIL import Image
 
-    known: dict[tuple[str, str], float | None] = {}
+    model = getattr(scorer, "cache_key", scorer.model_id)
+    known: dict[tuple[str, str, str | None], float | None] = {}
     if path.is_file():
         for row in read_jsonl(path, repair_tail=True):
-            known[(row["sha256"], row["scorer"])] = row["score"]
+            known[(row["sha256"], row["scorer"], row.get("model"))] = row["score"]
     digests = {image: sha256_file(image) for image, _ in items}
-    todo = [(image, text) for image, text in items if (digests[image], scorer.name) not in known]
+    todo = [(image, text) for image, text in items if (digests[image], scorer.name, model) not in known]
     with JsonlAppender(path) as appender:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -128,9 +139,10 @@ def _score_images(path: Path, scorer, items: list[tuple[Path, str]], batch_size:
                     opened.append(handle.convert("RGB"))
             for (image, _), value in zip(batch, scorer.score(opened, [text for _, text in batch])):
                 value = None if value is None else float(value)
-                known[(digests[image], scorer.name)] = value
-                appender.append({"image": image.name, "sha256": digests[image], "scorer": scorer.name, "score": value})
-    return {image: known[(digests[image], scorer.name)] for image, _ in items}
+                known[(digests[image], scorer.name, model)] = value
+                appender.append({"image": image.name, "sha256": digests[image], "scorer": scorer.name, "model": model,
+                                 "score": value})
+    return {image: known[(digests[image], scorer.name, model)] for image, _ in items}
 
 
 def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
@@ -147,7 +159,7 @@ def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
     drawing = run.model_copy(update={"evaluate": run.evaluate.model_copy(update={"seeds": seeds})})
     job = EvalJob(PAIR_VARIANT, out.root / PAIR_IMAGES, None, {skill: prompts})
     items = draw_eval_images(drawing, [job], progress=progress)[PAIR_VARIANT][skill]
-    scorer = build_scorer(scorer_name(run), run.evaluate)
+    scorer = load_judge(run.images) if scorer_name(run) == "judge" else build_scorer(scorer_name(run), run.evaluate)
     scores = _score_images(out.skill_dir(skill) / "scores.jsonl", scorer,
                            [(Path(item.image), item.prompt) for item in items], run.evaluate.batch_size)
     pairs: list[Pair] = []
@@ -249,7 +261,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     digests = image_digests(samples)
     fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", family.name, resolution,
                                           dataset_fingerprint(samples, digests)),
-                   "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_name(run)}
+                   "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_label(run)}
     fingerprint = json.loads(json.dumps(fingerprint))
     accelerator = make_accelerator(settings, train_dir)
     if finished(train_dir, fingerprint, settings.steps, f"{skill}.safetensors", output):
@@ -284,7 +296,7 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
     def write_output(path: Path, steps: int) -> None:
         metadata = expert_metadata(run, skill, family, steps)
         metadata.update({"selma.training": "diffusion-dpo", "selma.dpo": json.dumps(
-            {"beta": run.dpo.beta, "pairs": count, "scorer": scorer_name(run), "learning_rate": settings.learning_rate})})
+            {"beta": run.dpo.beta, "pairs": count, "scorer": scorer_label(run), "learning_rate": settings.learning_rate})})
         lora = parts.lora_weights({family.denoiser: accelerator.unwrap_model(denoiser)}, metadata)
         save_lora(lora, path, format=settings.lora_format)
 
