@@ -36,7 +36,8 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gpu_judge import JUDGES, bench_judge
 
@@ -63,51 +64,107 @@ def real_size_pipeline(arch: str, device: str, dtype: Any):
     tokenizer = tiny_tokenizer()  # the real vocabulary is not on this machine; ids stay < the real vocab size
 
     def text_config(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
-                              bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=hidden,
+            bos_token_id=len(tokenizer) - 2,
+            eos_token_id=len(tokenizer) - 1,
+            pad_token_id=len(tokenizer) - 1,
+        )
 
     sdxl = arch == "sdxl"
-    vae_config = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                      sample_size=NATIVE[arch], scaling_factor=0.13025 if sdxl else 0.18215)
+    vae_config = dict(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=NATIVE[arch],
+        scaling_factor=0.13025 if sdxl else 0.18215,
+    )
     with torch.device(device):
         vae = AutoencoderKL(**vae_config)
         if arch == "sd15":
             unet = UNet2DConditionModel(
-                sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+                sample_size=64,
+                block_out_channels=(320, 640, 1280, 1280),
+                layers_per_block=2,
+                cross_attention_dim=768,
+                attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            )
             text_encoder = CLIPTextModel(text_config(768, 12, 12, "quick_gelu"))
         elif arch == "sd2":
             unet = UNet2DConditionModel(
-                sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
-                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                sample_size=96,
+                block_out_channels=(320, 640, 1280, 1280),
+                layers_per_block=2,
+                cross_attention_dim=1024,
+                attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            )
             text_encoder = CLIPTextModel(text_config(1024, 23, 16, "gelu"))
         else:
             unet = UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-                attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+                sample_size=128,
+                block_out_channels=(320, 640, 1280),
+                layers_per_block=2,
+                cross_attention_dim=2048,
+                attention_head_dim=(5, 10, 20),
+                use_linear_projection=True,
+                transformer_layers_per_block=(1, 2, 10),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
             text_encoder = CLIPTextModel(text_config(768, 12, 12, "quick_gelu"))
             text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, 32, 20, "gelu"))
-    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, num_train_timesteps=1000)
+    schedule = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, num_train_timesteps=1000
+    )
     if arch == "sd15":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=PNDMScheduler(**schedule, skip_prk_steps=True), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(**schedule, skip_prk_steps=True),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     elif arch == "sd2":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction"),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     else:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet,
-                                         scheduler=EulerDiscreteScheduler(**schedule))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**schedule),
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -147,8 +204,15 @@ def bench_generation(pipe, size: int, steps: int, device: str, repeats: int, war
     import torch
 
     def run() -> None:
-        pipe("a red cube left of a blue ball", num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-             generator=torch.Generator(device).manual_seed(0), output_type="pil")
+        pipe(
+            "a red cube left of a blue ball",
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            height=size,
+            width=size,
+            generator=torch.Generator(device).manual_seed(0),
+            output_type="pil",
+        )
 
     return 1.0 / timed(run, device, repeats, warmup)
 
@@ -167,7 +231,9 @@ def _conditions(pipe, batch: int, size: int, device: str):
     return encoded[0], None
 
 
-def bench_training(pipe, size: int, batch: int, rank: int, cached: bool, device: str, repeats: int, warmup: int) -> float:
+def bench_training(
+    pipe, size: int, batch: int, rank: int, cached: bool, device: str, repeats: int, warmup: int
+) -> float:
     """LoRA training steps per second (micro-batch ``batch``), with or without the latent/text cache."""
     import torch
     from diffusers import DDPMScheduler
@@ -175,7 +241,9 @@ def bench_training(pipe, size: int, batch: int, rank: int, cached: bool, device:
 
     unet, vae = pipe.unet, pipe.vae
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS), "bench_lora")
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS), "bench_lora"
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # fp32 LoRA weights under fp16 autocast, as diffusers' training scripts
@@ -200,7 +268,9 @@ def bench_training(pipe, size: int, batch: int, rank: int, cached: bool, device:
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        target = (
+            scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        )
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.float16, enabled=cuda):
             prediction = unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
@@ -216,7 +286,9 @@ def bench_training(pipe, size: int, batch: int, rank: int, cached: bool, device:
         vae.to(pipe.unet.dtype)
 
 
-def bench_adapters(pipe, size: int, experts: int, rank: int, device: str, repeats: int, warmup: int) -> dict[str, float]:
+def bench_adapters(
+    pipe, size: int, experts: int, rank: int, device: str, repeats: int, warmup: int
+) -> dict[str, float]:
     """Seconds per denoising step (UNet forward, CFG batch 2): base, T runtime adapters, the merged
     LoRA as one adapter, fused, and fused with the adapter layers removed. Leaves the UNet fused."""
     import torch
@@ -237,7 +309,9 @@ def bench_adapters(pipe, size: int, experts: int, rank: int, device: str, repeat
     names = [f"expert{i}" for i in range(experts)]
     for name in names:
         # Gaussian A and zero B in peft; the values do not change the time, only the shapes do.
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS), name)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS), name
+        )
     unet.set_adapters(names, weights=[1.0 / experts] * experts)
     times["runtime adapters"] = timed(step, device, repeats, warmup)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), "merged")
@@ -275,18 +349,42 @@ def run_arch(arch: str, args, device: str, dtype: Any) -> tuple[list[tuple[str, 
             torch.cuda.empty_cache()
             rows.append((label, "out of GPU memory"))
 
-    guarded(f"{arch}: generation {size}px, {args.steps} steps", "images/s",
-            bench_generation, pipe, size, args.steps, device, args.repeats, args.warmup)
+    guarded(
+        f"{arch}: generation {size}px, {args.steps} steps",
+        "images/s",
+        bench_generation,
+        pipe,
+        size,
+        args.steps,
+        device,
+        args.repeats,
+        args.warmup,
+    )
     for cached in (True, False):
-        guarded(f"{arch}: training, batch {args.train_batch}, rank {rank}, {'with' if cached else 'without'} cache",
-                "steps/s", bench_training, pipe, size, args.train_batch, rank, cached, device, args.repeats, args.warmup)
+        guarded(
+            f"{arch}: training, batch {args.train_batch}, rank {rank}, {'with' if cached else 'without'} cache",
+            "steps/s",
+            bench_training,
+            pipe,
+            size,
+            args.train_batch,
+            rank,
+            cached,
+            device,
+            args.repeats,
+            args.warmup,
+        )
     # A denoising step is short: 10x the repeats, so that a 1% difference stands out of the noise.
     step_repeats = args.repeats if args.smoke else 10 * args.repeats
     times = bench_adapters(pipe, size, args.experts, rank, device, step_repeats, args.warmup)
     for name, seconds in times.items():
         rows.append((f"{arch}: denoising step, {name}", f"{1000 * seconds:.1f} ms"))
-    rows.append((f"{arch}: runtime adapters / merged (fused, unloaded)",
-                 f"{times['runtime adapters'] / times['merged fused, unloaded']:.2f}x"))
+    rows.append(
+        (
+            f"{arch}: runtime adapters / merged (fused, unloaded)",
+            f"{times['runtime adapters'] / times['merged fused, unloaded']:.2f}x",
+        )
+    )
     rows.append((f"{arch}: merged fused (unloaded) / base", f"{times['merged fused, unloaded'] / times['base']:.4f}"))
     rows.append((f"{arch}: merged fused (adapter layers kept) / base", f"{times['merged fused'] / times['base']:.4f}"))
     del pipe
@@ -303,12 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch", type=int, default=2, help="training micro-batch")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (the paper's 128)")
     parser.add_argument("--experts", type=int, default=5, help="LoRA experts as runtime adapters (the paper's 5)")
-    parser.add_argument("--judge", default="paligemma-3b-448", choices=[*JUDGES, "none"],
-                        help="the VQA judge measured after the architectures (none: skip it)")
+    parser.add_argument(
+        "--judge",
+        default="paligemma-3b-448",
+        choices=[*JUDGES, "none"],
+        help="the VQA judge measured after the architectures (none: skip it)",
+    )
     parser.add_argument("--judge-images", type=int, default=16, help="images the judge answers questions about")
     parser.add_argument("--judge-questions", type=int, default=8, help="yes/no questions per image (DSG-1k has ~8)")
     parser.add_argument("--judge-batch", type=int, default=32, help="(image, question) pairs per judge forward pass")
-    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code, numbers mean nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny models on the CPU: checks the code, numbers mean nothing"
+    )
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in archs if a not in NATIVE]
@@ -321,9 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = "cpu", torch.float32
         args.steps, args.repeats, args.warmup = min(args.steps, 2), 1, 0
     elif not torch.cuda.is_available():
-        print("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine): it measures "
-              "real-size SD 1.5 / SD 2 / SDXL models in fp16. Run it on a CUDA machine, or use --smoke to check "
-              "the code on the CPU with the tiny models.", file=sys.stderr)
+        print(
+            "bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine): it measures "
+            "real-size SD 1.5 / SD 2 / SDXL models in fp16. Run it on a CUDA machine, or use --smoke to check "
+            "the code on the CPU with the tiny models.",
+            file=sys.stderr,
+        )
         return 2
     else:
         device, dtype = "cuda", torch.float16
@@ -347,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measurement'.ljust(width)}  value")
     for label, value in rows:
         print(f"{label.ljust(width)}  {value}")
-    print(f"total {time.perf_counter() - start:.0f} s{' (smoke: tiny models on the CPU, numbers mean nothing)' if args.smoke else ''}")
+    print(
+        f"total {time.perf_counter() - start:.0f} s{' (smoke: tiny models on the CPU, numbers mean nothing)' if args.smoke else ''}"
+    )
     print(f"gpu_fused_overhead ratio={max(overheads):.4f} goal=<={GOAL}")
     return 0
 

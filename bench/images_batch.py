@@ -33,19 +33,26 @@ SKILL = "bench"
 def images_per_second(root: Path, model: str, count: int, batch_size: int, resolution: int, steps: int) -> float:
     """Draw ``count`` images into a fresh run folder under ``root``; the stage's drawing rate."""
     recipe = root / f"batch{batch_size}.toml"
-    recipe.write_text(tomli_w.dumps({
-        "name": "bench",
-        "base_model": model,
-        "skills": [{"name": SKILL, "instruction": "x", "seeds": ["a", "b", "c"]}],
-        "images": {"steps": steps, "resolution": resolution, "batch_size": batch_size},
-    }))
+    recipe.write_text(
+        tomli_w.dumps(
+            {
+                "name": "bench",
+                "base_model": model,
+                "skills": [{"name": SKILL, "instruction": "x", "seeds": ["a", "b", "c"]}],
+                "images": {"steps": steps, "resolution": resolution, "batch_size": batch_size},
+            }
+        )
+    )
     paths = RunPaths(root / f"run-batch{batch_size}")
     prompt_file = paths.prompts(SKILL)
     prompt_file.parent.mkdir(parents=True)
-    prompt_file.write_text("".join(
-        json.dumps({"id": i, "skill": SKILL, "prompt": f"{i % 5 + 1} red cubes next to a blue ball, view {i}"}) + "\n"
-        for i in range(count)
-    ))
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"id": i, "skill": SKILL, "prompt": f"{i % 5 + 1} red cubes next to a blue ball, view {i}"})
+            + "\n"
+            for i in range(count)
+        )
+    )
     stats = generate_images(load_run_recipe(recipe), SKILL, paths)
     if stats.generated != count:
         raise SystemExit(f"broken: drew {stats.generated} of {count} images")
@@ -72,11 +79,17 @@ def main() -> None:
             for batch_size in (1, 8):
                 folder = root / f"round{round_index}-batch{batch_size}"
                 folder.mkdir()
-                rates[batch_size] = images_per_second(folder, args.model, args.images, batch_size, args.resolution, args.steps)
+                rates[batch_size] = images_per_second(
+                    folder, args.model, args.images, batch_size, args.resolution, args.steps
+                )
             ratios.append(rates[8] / rates[1])
-            print(f"round {round_index + 1}: batch 1 {rates[1]:.2f} images/s, batch 8 {rates[8]:.2f} images/s, "
-                  f"ratio {ratios[-1]:.2f}", file=sys.stderr)
+            print(
+                f"round {round_index + 1}: batch 1 {rates[1]:.2f} images/s, batch 8 {rates[8]:.2f} images/s, "
+                f"ratio {ratios[-1]:.2f}",
+                file=sys.stderr,
+            )
     print(f"images_batch ratio={statistics.median(ratios):.2f} goal=>={GOAL}")
+
 
 if __name__ == "__main__":
     main()

@@ -43,13 +43,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="selma-kill-resume-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        tally = kill_and_resume(workdir, args.seed, args.points, small_tiny_run(train_steps=args.train_steps),
-                                say=lambda line: print(line, flush=True))
+        tally = kill_and_resume(
+            workdir,
+            args.seed,
+            args.points,
+            small_tiny_run(train_steps=args.train_steps),
+            say=lambda line: print(line, flush=True),
+        )
     for problem in tally.problems:
         print(f"  {problem}")
-    print(f"{args.points} points (seed {args.seed}): {tally.kills} kills landed, {tally.finished_before_kill} runs ended "
-          f"first; {tally.folders} run folders checked; lost {tally.lost}, duplicated {tally.duplicated}, extra "
-          f"{tally.extra}, damaged {tally.damaged}; {time.monotonic() - began:.0f} s")
+    print(
+        f"{args.points} points (seed {args.seed}): {tally.kills} kills landed, {tally.finished_before_kill} runs ended "
+        f"first; {tally.folders} run folders checked; lost {tally.lost}, duplicated {tally.duplicated}, extra "
+        f"{tally.extra}, damaged {tally.damaged}; {time.monotonic() - began:.0f} s"
+    )
     print(f"kill_resume ratio={tally.total} goal===0")
     return 0 if tally.total == 0 else 1
 

@@ -33,13 +33,27 @@ EXPERTS = 5
 RANK = 128
 # diffusers' UNet2DConditionModel config of runwayml/stable-diffusion-v1-5 (unet/config.json).
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280, 1280],
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
 }
-ATTENTION_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+ATTENTION_LAYERS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
 
 
 def attention_shapes() -> dict[str, tuple[int, int]]:
@@ -49,7 +63,11 @@ def attention_shapes() -> dict[str, tuple[int, int]]:
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15_UNET)
-    return {f"unet.{name}": tuple(module.weight.shape) for name, module in unet.named_modules() if name.endswith(ATTENTION_LAYERS)}
+    return {
+        f"unet.{name}": tuple(module.weight.shape)
+        for name, module in unet.named_modules()
+        if name.endswith(ATTENTION_LAYERS)
+    }
 
 
 def write_experts(folder: Path) -> list[Path]:
@@ -63,11 +81,20 @@ def write_experts(folder: Path) -> list[Path]:
     for index in range(EXPERTS):
         generator = torch.Generator().manual_seed(index)
         modules = {
-            name: LoraModule(down=(torch.randn(RANK, inp, generator=generator) * 0.01).half(),
-                             up=(torch.randn(out, RANK, generator=generator) * 0.01).half(), alpha=float(RANK // (index + 1)))
+            name: LoraModule(
+                down=(torch.randn(RANK, inp, generator=generator) * 0.01).half(),
+                up=(torch.randn(out, RANK, generator=generator) * 0.01).half(),
+                alpha=float(RANK // (index + 1)),
+            )
             for name, (out, inp) in shapes.items()
         }
-        paths.append(save_lora(LoraWeights(modules), folder / f"expert{index}.safetensors", metadata={"skill": f"skill{index}", "base_model": "runwayml/stable-diffusion-v1-5"}))
+        paths.append(
+            save_lora(
+                LoraWeights(modules),
+                folder / f"expert{index}.safetensors",
+                metadata={"skill": f"skill{index}", "base_model": "runwayml/stable-diffusion-v1-5"},
+            )
+        )
     return paths
 
 
@@ -130,7 +157,9 @@ def in_fresh_process(job, *args):
 
 def bench_merge(paths: list[Path], folder: Path, repeats: int) -> float:
     input_mib = sum(p.stat().st_size for p in paths) / 2**20
-    print(f"(a) {EXPERTS} experts, rank {RANK}, {len(attention_shapes())} SD 1.5 attention modules each, float16, {input_mib:.0f} MiB in all")
+    print(
+        f"(a) {EXPERTS} experts, rank {RANK}, {len(attention_shapes())} SD 1.5 attention modules each, float16, {input_mib:.0f} MiB in all"
+    )
     ratios = []
     for method in ("selma", "delta"):
         out = folder / f"merged-{method}.safetensors"
@@ -151,7 +180,10 @@ def bench_merge(paths: list[Path], folder: Path, repeats: int) -> float:
             f"peak RSS {rss['merge']:.0f} MiB (read + write only: {rss['io']:.0f} MiB)"
         )
         stages = in_fresh_process(breakdown_job, paths, out, method)
-        print("           stage by stage (CPU s): " + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in stages.items()))
+        print(
+            "           stage by stage (CPU s): "
+            + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in stages.items())
+        )
     return max(ratios)
 
 
@@ -178,7 +210,10 @@ def unet_step_job(paths: list[Path], latent: int, repeats: int) -> dict[str, tup
     pipe = StableDiffusionPipeline(**{**build_tiny_pipeline("sd1").components, "unet": unet})
     # Adapter names must not contain one another: diffusers filters its missing-key report by substring.
     settings = {
-        "runtime": (load_experts(pipe, paths, method="runtime", adapter_name="expert"), [1.0 / len(paths)] * len(paths)),
+        "runtime": (
+            load_experts(pipe, paths, method="runtime", adapter_name="expert"),
+            [1.0 / len(paths)] * len(paths),
+        ),
         "merged": (load_experts(pipe, paths, method="selma", adapter_name="selma"), None),
         "base": ([], None),  # no adapter: what the LoRA layers cost on top
     }
@@ -197,7 +232,10 @@ def unet_step_job(paths: list[Path], latent: int, repeats: int) -> dict[str, tup
                 unet(latents, 500, encoder_hidden_states=text)
                 if step:  # the first round warms up
                     timings[label].append((time.process_time() - cpu, time.perf_counter() - wall))
-    return {label: (statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs)) for label, runs in timings.items()}
+    return {
+        label: (statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs))
+        for label, runs in timings.items()
+    }
 
 
 def bench_unet(paths: list[Path], latent: int, repeats: int) -> None:

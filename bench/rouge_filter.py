@@ -30,27 +30,245 @@ from selma_toolkit.prompts.rouge import RougeFilter
 THRESHOLD = 0.8
 GOAL = 50
 
-SUBJECTS = """dog cat horse cow sheep goat rabbit fox bear deer owl eagle parrot duck swan penguin
-turtle frog lizard snake elephant giraffe zebra lion tiger monkey panda koala kangaroo whale dolphin
-woman man girl boy child baby chef doctor farmer painter musician dancer soldier student teacher
-police officer firefighter pilot sailor astronaut robot knight wizard clown car bicycle motorcycle
-bus train truck boat airplane kite balloon lamp chair table sofa bed clock vase teapot cup mug
-bottle guitar piano violin drum umbrella backpack suitcase hat shoe sock glove scarf""".split()
-ADJECTIVES = """red green blue yellow purple orange pink brown black white gray golden silver
-wooden metal glass plastic stone paper leather woolen tiny small big huge tall short old young
-ancient modern shiny rusty dusty wet dry fluffy furry striped spotted checkered broken new
-happy sad sleepy angry curious""".split()
-VERBS = """sitting standing lying sleeping running jumping walking flying swimming eating
-drinking reading writing painting playing holding carrying pushing pulling watching chasing
-climbing riding hiding dancing singing cooking""".split()
-PLACES = """kitchen garden park beach forest desert mountain river lake street city square market
-library classroom office bedroom bathroom living room attic basement rooftop bridge tunnel
-harbor farm field meadow snowfield jungle cave castle temple museum station airport stadium""".split()
-RELATIONS = ["next to", "on top of", "under", "behind", "in front of", "to the left of", "to the right of",
-             "beside", "above", "below", "inside", "near"]
+SUBJECTS = [
+    "dog",
+    "cat",
+    "horse",
+    "cow",
+    "sheep",
+    "goat",
+    "rabbit",
+    "fox",
+    "bear",
+    "deer",
+    "owl",
+    "eagle",
+    "parrot",
+    "duck",
+    "swan",
+    "penguin",
+    "turtle",
+    "frog",
+    "lizard",
+    "snake",
+    "elephant",
+    "giraffe",
+    "zebra",
+    "lion",
+    "tiger",
+    "monkey",
+    "panda",
+    "koala",
+    "kangaroo",
+    "whale",
+    "dolphin",
+    "woman",
+    "man",
+    "girl",
+    "boy",
+    "child",
+    "baby",
+    "chef",
+    "doctor",
+    "farmer",
+    "painter",
+    "musician",
+    "dancer",
+    "soldier",
+    "student",
+    "teacher",
+    "police",
+    "officer",
+    "firefighter",
+    "pilot",
+    "sailor",
+    "astronaut",
+    "robot",
+    "knight",
+    "wizard",
+    "clown",
+    "car",
+    "bicycle",
+    "motorcycle",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "airplane",
+    "kite",
+    "balloon",
+    "lamp",
+    "chair",
+    "table",
+    "sofa",
+    "bed",
+    "clock",
+    "vase",
+    "teapot",
+    "cup",
+    "mug",
+    "bottle",
+    "guitar",
+    "piano",
+    "violin",
+    "drum",
+    "umbrella",
+    "backpack",
+    "suitcase",
+    "hat",
+    "shoe",
+    "sock",
+    "glove",
+    "scarf",
+]
+ADJECTIVES = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "gray",
+    "golden",
+    "silver",
+    "wooden",
+    "metal",
+    "glass",
+    "plastic",
+    "stone",
+    "paper",
+    "leather",
+    "woolen",
+    "tiny",
+    "small",
+    "big",
+    "huge",
+    "tall",
+    "short",
+    "old",
+    "young",
+    "ancient",
+    "modern",
+    "shiny",
+    "rusty",
+    "dusty",
+    "wet",
+    "dry",
+    "fluffy",
+    "furry",
+    "striped",
+    "spotted",
+    "checkered",
+    "broken",
+    "new",
+    "happy",
+    "sad",
+    "sleepy",
+    "angry",
+    "curious",
+]
+VERBS = [
+    "sitting",
+    "standing",
+    "lying",
+    "sleeping",
+    "running",
+    "jumping",
+    "walking",
+    "flying",
+    "swimming",
+    "eating",
+    "drinking",
+    "reading",
+    "writing",
+    "painting",
+    "playing",
+    "holding",
+    "carrying",
+    "pushing",
+    "pulling",
+    "watching",
+    "chasing",
+    "climbing",
+    "riding",
+    "hiding",
+    "dancing",
+    "singing",
+    "cooking",
+]
+PLACES = [
+    "kitchen",
+    "garden",
+    "park",
+    "beach",
+    "forest",
+    "desert",
+    "mountain",
+    "river",
+    "lake",
+    "street",
+    "city",
+    "square",
+    "market",
+    "library",
+    "classroom",
+    "office",
+    "bedroom",
+    "bathroom",
+    "living",
+    "room",
+    "attic",
+    "basement",
+    "rooftop",
+    "bridge",
+    "tunnel",
+    "harbor",
+    "farm",
+    "field",
+    "meadow",
+    "snowfield",
+    "jungle",
+    "cave",
+    "castle",
+    "temple",
+    "museum",
+    "station",
+    "airport",
+    "stadium",
+]
+RELATIONS = [
+    "next to",
+    "on top of",
+    "under",
+    "behind",
+    "in front of",
+    "to the left of",
+    "to the right of",
+    "beside",
+    "above",
+    "below",
+    "inside",
+    "near",
+]
 COUNTS = ["two", "three", "four", "five", "a pair of", "several", "many"]
-STYLES = ["oil painting", "watercolor", "pencil sketch", "photograph", "3d render", "pixel art",
-          "anime style", "studio lighting", "cinematic", "hyperrealistic", "low poly", "ukiyo-e"]
+STYLES = [
+    "oil painting",
+    "watercolor",
+    "pencil sketch",
+    "photograph",
+    "3d render",
+    "pixel art",
+    "anime style",
+    "studio lighting",
+    "cinematic",
+    "hyperrealistic",
+    "low poly",
+    "ukiyo-e",
+]
 PATTERNS = [
     "A {adj} {subj} {verb} in the {place}.",
     "{Count} {adj} {subj}s {verb} {rel} a {adj2} {subj2}.",
@@ -69,10 +287,18 @@ PATTERNS = [
 
 def _fill(pattern: str, rng: random.Random) -> str:
     values = {
-        "adj": rng.choice(ADJECTIVES), "adj2": rng.choice(ADJECTIVES), "subj": rng.choice(SUBJECTS),
-        "subj2": rng.choice(SUBJECTS), "subj3": rng.choice(SUBJECTS), "verb": rng.choice(VERBS),
-        "place": rng.choice(PLACES), "rel": rng.choice(RELATIONS), "count": rng.choice(COUNTS),
-        "count2": rng.choice(COUNTS), "style": rng.choice(STYLES), "style2": rng.choice(STYLES),
+        "adj": rng.choice(ADJECTIVES),
+        "adj2": rng.choice(ADJECTIVES),
+        "subj": rng.choice(SUBJECTS),
+        "subj2": rng.choice(SUBJECTS),
+        "subj3": rng.choice(SUBJECTS),
+        "verb": rng.choice(VERBS),
+        "place": rng.choice(PLACES),
+        "rel": rng.choice(RELATIONS),
+        "count": rng.choice(COUNTS),
+        "count2": rng.choice(COUNTS),
+        "style": rng.choice(STYLES),
+        "style2": rng.choice(STYLES),
     }
     values["Count"] = values["count"].capitalize()
     text = pattern.format(**values)
@@ -154,12 +380,16 @@ def main() -> int:
     plain_all = plain_seconds * pairs_all / pairs_prefix
     print(f"stream: {len(corpus)} prompts, {kept} kept, {len(corpus) - kept} rejected, {pairs_all:,} pairs")
     print(f"ours: {ours_seconds:.2f} s for the whole stream")
-    print(f"plain rouge-score loop: {plain_seconds:.1f} s for the first {prefix} prompts ({pairs_prefix:,} pairs); "
-          f"extrapolated by pair count to the whole stream: {plain_all:.0f} s")
+    print(
+        f"plain rouge-score loop: {plain_seconds:.1f} s for the first {prefix} prompts ({pairs_prefix:,} pairs); "
+        f"extrapolated by pair count to the whole stream: {plain_all:.0f} s"
+    )
     if mismatches:
         first = mismatches[0]
-        print(f"BROKEN: {len(mismatches)} decisions differ on the prefix, first at #{first}: "
-              f"ours {ours[first]} vs rouge-score {plain[first]} for {corpus[first]!r}")
+        print(
+            f"BROKEN: {len(mismatches)} decisions differ on the prefix, first at #{first}: "
+            f"ours {ours[first]} vs rouge-score {plain[first]} for {corpus[first]!r}"
+        )
         return 1
     print(f"decisions and maximum scores identical on the {prefix} prompts both ran")
     print(f"rouge_filter ratio={plain_all / ours_seconds:.1f} goal=>={GOAL}")

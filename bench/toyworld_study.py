@@ -28,11 +28,17 @@ def replicate_seconds(out: Path, kinds: tuple[str, ...], args) -> float:
     from selma_toolkit.recipe import load_run_recipe
     from selma_toolkit.toyworld.study import StudyOptions, run_replicate
 
-    run = load_run_recipe("toy-study-web", [
-        *(f"skills.{s}.num_prompts={args.prompts}" for s in ("toy-count", "toy-color", "toy-spatial")),
-        f"train.steps={args.train_steps}", f"train.checkpoint_every={args.train_steps}",
-        f"evaluate.prompts_per_skill={args.eval_prompts}", "evaluate.seeds=[0]", "evaluate.report_prompts_per_skill=1",
-    ])
+    run = load_run_recipe(
+        "toy-study-web",
+        [
+            *(f"skills.{s}.num_prompts={args.prompts}" for s in ("toy-count", "toy-color", "toy-spatial")),
+            f"train.steps={args.train_steps}",
+            f"train.checkpoint_every={args.train_steps}",
+            f"evaluate.prompts_per_skill={args.eval_prompts}",
+            "evaluate.seeds=[0]",
+            "evaluate.report_prompts_per_skill=1",
+        ],
+    )
     options = StudyOptions(kinds=kinds, filter_min_score=0.0, filter_candidates=2, teacher="toy:shapes")
     began = time.perf_counter()
     run_replicate(run, out, 0, options)

@@ -25,6 +25,7 @@ CLIP conditioning), not on a real FLUX.1 (there the transformer dominates; bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -51,19 +52,48 @@ def build_sd15_sized_model(folder: Path) -> None:
     tokenizer = tiny_tokenizer()
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)  # SD 1.5 defaults
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower, full vocabulary size
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos,
-    ))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1, set_alpha_to_one=False, num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(  # CLIP ViT-L/14 text tower, full vocabulary size
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        num_train_timesteps=1000,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -91,24 +121,51 @@ def run_phase(args: argparse.Namespace) -> None:
     from selma_toolkit.recipe import RunRecipe
     from selma_toolkit.train import train_expert
 
-    run = RunRecipe.model_validate({
-        "name": "bench", "base_model": args.model_dir,
-        "skills": [{"name": SKILL, "instruction": "x", "seeds": ["a", "b", "c"]}],
-        "images": {"resolution": args.resolution, **({"guidance_scale": 3.5} if args.flux else {})},
-        "train": {"rank": 8 if args.flux else 128, "batch_size": args.batch, "steps": 1 if args.phase == "build" else args.steps,
-                  "checkpoint_every": 10_000, "cache": args.phase != "direct", "mixed_precision": "no"},
-    })
+    run = RunRecipe.model_validate(
+        {
+            "name": "bench",
+            "base_model": args.model_dir,
+            "skills": [{"name": SKILL, "instruction": "x", "seeds": ["a", "b", "c"]}],
+            "images": {"resolution": args.resolution, **({"guidance_scale": 3.5} if args.flux else {})},
+            "train": {
+                "rank": 8 if args.flux else 128,
+                "batch_size": args.batch,
+                "steps": 1 if args.phase == "build" else args.steps,
+                "checkpoint_every": 10_000,
+                "cache": args.phase != "direct",
+                "mixed_precision": "no",
+            },
+        }
+    )
     torch.set_num_threads(1)
     marks: list[float] = []  # CPU time at the end of each step: differences are whole steps after the first
-    train_expert(run, SKILL, RunPaths(Path(args.run_dir)),
-                 progress=lambda event: marks.append(time.process_time()) if event.kind == "step" else None)
+    train_expert(
+        run,
+        SKILL,
+        RunPaths(Path(args.run_dir)),
+        progress=lambda event: marks.append(time.process_time()) if event.kind == "step" else None,
+    )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"seconds": [b - a for a, b in zip(marks, marks[1:])], "peak_rss_mib": peak_mib}))
+    print(json.dumps({"seconds": [b - a for a, b in itertools.pairwise(marks)], "peak_rss_mib": peak_mib}))
 
 
 def child(phase: str, run_dir: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--phase", phase, "--run-dir", str(run_dir), "--model-dir", str(args.model_dir),
-               "--resolution", str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps)]
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--run-dir",
+        str(run_dir),
+        "--model-dir",
+        str(args.model_dir),
+        "--resolution",
+        str(args.resolution),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
     command += ["--flux"] if args.flux else []
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode != 0:
@@ -120,17 +177,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 256 px (32x32 latents): small enough for minutes on a CPU, large enough that the UNet's
     # compute, not reading its weights, dominates a step, as it does at 512 px on a GPU.
-    parser.add_argument("--flux", action="store_true", help="measure the tiny Flux model instead (defaults 32 px, batch 4, 6 steps)")
+    parser.add_argument(
+        "--flux", action="store_true", help="measure the tiny Flux model instead (defaults 32 px, batch 4, 6 steps)"
+    )
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--steps", type=int, help="optimizer steps per run; the first is warm-up (default 5; --flux 6)")
-    parser.add_argument("--model-dir", help="where the SD 1.5-sized model is (built there if missing; default: a temp folder)")
+    parser.add_argument(
+        "--model-dir", help="where the SD 1.5-sized model is (built there if missing; default: a temp folder)"
+    )
     parser.add_argument("--phase", choices=["build", "cached", "direct"], help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = (32, 4, 6) if args.flux else (256, 2, 5)
-    args.resolution, args.batch, args.steps = (given or default for given, default in
-                                               zip((args.resolution, args.batch, args.steps), defaults))
+    args.resolution, args.batch, args.steps = (
+        given or default for given, default in zip((args.resolution, args.batch, args.steps), defaults)
+    )
     if args.phase:
         return run_phase(args)
     if args.steps < 3:
@@ -156,8 +218,10 @@ def main() -> None:
         direct = child("direct", direct_run, args)
     per_step = {name: statistics.median(result["seconds"]) for name, result in (("cached", cached), ("direct", direct))}
     for name, key, result in (("with cache", "cached", cached), ("without cache", "direct", direct)):
-        print(f"{name:>14}: {per_step[key]:.4f} CPU s/step (median of {len(result['seconds'])}; "
-              f"all {[round(x, 2) for x in result['seconds']]}), peak RSS {result['peak_rss_mib']:.0f} MiB")
+        print(
+            f"{name:>14}: {per_step[key]:.4f} CPU s/step (median of {len(result['seconds'])}; "
+            f"all {[round(x, 2) for x in result['seconds']]}), peak RSS {result['peak_rss_mib']:.0f} MiB"
+        )
     less = "less" if cached["peak_rss_mib"] < direct["peak_rss_mib"] else "NOT less"
     print(f"the cached run needs {less} memory: {cached['peak_rss_mib']:.0f} vs {direct['peak_rss_mib']:.0f} MiB")
     name = "train_cache_flux" if args.flux else "train_cache"

@@ -35,7 +35,9 @@ def _import_bundled_toolkit() -> None:
     if loaded is not None:
         location = Path(loaded.__file__).resolve().parent if getattr(loaded, "__file__", None) else None
         if location != sibling and (sibling / "__init__.py").is_file():
-            logger.warning("SELMA nodes: using selma_toolkit from %s, not the copy beside the node pack (%s)", location, sibling)
+            logger.warning(
+                "SELMA nodes: using selma_toolkit from %s, not the copy beside the node pack (%s)", location, sibling
+            )
         return
     if not (sibling / "__init__.py").is_file():
         return  # not bundled: the ordinary import below finds an installed toolkit or names what is missing
@@ -52,7 +54,7 @@ def _import_bundled_toolkit() -> None:
 
 
 def comfy_api_version() -> str | None:
-    """"v0_0_2" when the running ComfyUI has that pinned V3 API version, else None (an older
+    """ "v0_0_2" when the running ComfyUI has that pinned V3 API version, else None (an older
     ComfyUI, or no ComfyUI at all: tests, CI)."""
     try:
         importlib.import_module("comfy_api.v0_0_2")

@@ -253,7 +253,7 @@ def save(lora: dict, filename_prefix: str, format: str, model: Any = None, clip:
         if saved is not None:
             return Result((saved,), ui={"text": [f"already saved as loras/{saved}"]})
         weights = lora_from_state_dict(lora, getattr(lora, "metadata", None), source="SELMA Save LoRA input")
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, str(loras))
+        folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, str(loras))
         path = Path(folder) / f"{name}_{counter:05}_.safetensors"
         save_lora(weights, path, format=None if format == "default" else format)  # type: ignore[arg-type]
     relative = path.relative_to(loras).as_posix()

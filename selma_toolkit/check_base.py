@@ -59,19 +59,39 @@ def check_settings(run: RunRecipe, guidances: list[float] | None, best_of: list[
     images = run.images
     guidance = images.guidance_scale
     plain = {"candidates": 1}
-    settings = [Setting(INFERENCE, f"the base at inference: one image per prompt at guidance {guidance:g}",
-                        {**plain, "guidance_scale": guidance})]
+    settings = [
+        Setting(
+            INFERENCE,
+            f"the base at inference: one image per prompt at guidance {guidance:g}",
+            {**plain, "guidance_scale": guidance},
+        )
+    ]
     if images.candidates > 1:
-        settings.append(Setting(RECIPE, f"the recipe's training images: best of {images.candidates} by "
-                                f"{images.judge} at guidance {guidance:g}", {}))
+        settings.append(
+            Setting(
+                RECIPE,
+                f"the recipe's training images: best of {images.candidates} by {images.judge} at guidance {guidance:g}",
+                {},
+            )
+        )
     if guidances is None:
         guidances = sorted({1.0, guidance / 2, guidance * 2, guidance * 4} - {guidance})
-    settings += [Setting(f"guidance-{g:g}", f"one image per prompt at guidance {g:g}", {**plain, "guidance_scale": g})
-                 for g in guidances if g != guidance]
+    settings += [
+        Setting(f"guidance-{g:g}", f"one image per prompt at guidance {g:g}", {**plain, "guidance_scale": g})
+        for g in guidances
+        if g != guidance
+    ]
     if images.judge is not None:
         best_of = best_of if best_of is not None else [4, 8]
-        settings += [Setting(f"best-of-{n}", f"best of {n} by the recipe's judge ({images.judge}) at guidance {guidance:g}",
-                             {"candidates": n}) for n in best_of if n > 1 and n != images.candidates]
+        settings += [
+            Setting(
+                f"best-of-{n}",
+                f"best of {n} by the recipe's judge ({images.judge}) at guidance {guidance:g}",
+                {"candidates": n},
+            )
+            for n in best_of
+            if n > 1 and n != images.candidates
+        ]
     return settings
 
 
@@ -85,12 +105,21 @@ def _prompts(run: RunRecipe, out: Path, per_skill: int) -> RunPaths:
     return paths
 
 
-def check_base(run: RunRecipe, out: str | Path, *, prompts_per_skill: int = 16, guidances: list[float] | None = None,
-               best_of: list[int] | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def check_base(
+    run: RunRecipe,
+    out: str | Path,
+    *,
+    prompts_per_skill: int = 16,
+    guidances: list[float] | None = None,
+    best_of: list[int] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Draw, score and compare (see the module docstring); returns the check.json document."""
 
     if prompts_per_skill < 2:
-        raise RecipeError(f"check-base: --prompts-per-skill {prompts_per_skill}: at least 2 prompts per skill are needed")
+        raise RecipeError(
+            f"check-base: --prompts-per-skill {prompts_per_skill}: at least 2 prompts per skill are needed"
+        )
     out = Path(out)
     scorers = build_scorers(run.evaluate)  # checks every scorer setting before anything is drawn
     metric = run.evaluate.selection_metric or run.evaluate.scorers[0]
@@ -103,12 +132,22 @@ def check_base(run: RunRecipe, out: str | Path, *, prompts_per_skill: int = 16, 
         for skill in run.skills:
             paths.prompts(skill.name).parent.mkdir(parents=True, exist_ok=True)
             paths.prompts(skill.name).write_bytes(prompts.prompts(skill.name).read_bytes())
-            generate_images(setting_run, skill.name, paths,
-                            progress=(lambda d, t, n=setting.name, s=skill.name: progress(f"{n} {s}", d, t)) if progress else None)
+            generate_images(
+                setting_run,
+                skill.name,
+                paths,
+                progress=(lambda d, t, n=setting.name, s=skill.name: progress(f"{n} {s}", d, t)) if progress else None,
+            )
             rows = read_jsonl(paths.images(skill.name) / "metadata.jsonl")
             variants.setdefault(setting.name, {})[skill.name] = [
-                EvalItem(paths.images(skill.name) / row["file_name"], row["text"], image_seed(run.images.seed, row["prompt_id"]),
-                         row["prompt_id"]) for row in rows]
+                EvalItem(
+                    paths.images(skill.name) / row["file_name"],
+                    row["text"],
+                    image_seed(run.images.seed, row["prompt_id"]),
+                    row["prompt_id"],
+                )
+                for row in rows
+            ]
     document = score_variants(variants, scorers, out / "scores", batch_size=run.evaluate.batch_size)
     result = compare(document, settings, metric, [s.name for s in run.skills])
     atomic_write_text(out / "check.json", json.dumps(result, indent=1) + "\n")
@@ -126,27 +165,38 @@ def compare(document: dict[str, Any], settings: list[Setting], metric: str, skil
         if value is not None:
             scores.setdefault(item["variant"], {})[(item["skill"], item["prompt_id"])] = float(value)
     if INFERENCE not in scores:
-
-        raise RecipeError(f"check-base: the metric {metric!r} scored none of the images (a question-file scorer "
-                          "scores only its own prompts); put a scorer that reads the prompt first in evaluate.scorers")
+        raise RecipeError(
+            f"check-base: the metric {metric!r} scored none of the images (a question-file scorer "
+            "scores only its own prompts); put a scorer that reads the prompt first in evaluate.scorers"
+        )
     base = scores[INFERENCE]
     rows = []
     for setting in settings:
         values = scores.get(setting.name, {})
         keys = sorted(set(values) & set(base))
-        row: dict[str, Any] = {"setting": setting.name, "description": setting.description, "images": setting.images,
-                               "mean": bootstrap_interval([values[k] for k in keys]).as_dict() if keys else None}
+        row: dict[str, Any] = {
+            "setting": setting.name,
+            "description": setting.description,
+            "images": setting.images,
+            "mean": bootstrap_interval([values[k] for k in keys]).as_dict() if keys else None,
+        }
         if setting.name != INFERENCE and keys:
             row["margin"] = bootstrap_interval([values[k] - base[k] for k in keys]).as_dict()
             row["margin_per_skill"] = {
                 skill: bootstrap_interval([values[k] - base[k] for k in keys if k[0] == skill]).as_dict()
-                for skill in skills if any(k[0] == skill for k in keys)}
+                for skill in skills
+                if any(k[0] == skill for k in keys)
+            }
         rows.append(row)
-    clearing = sorted((r for r in rows if r.get("margin") and r["margin"]["low"] > 0), key=lambda r: -r["margin"]["mean"])
+    clearing = sorted(
+        (r for r in rows if r.get("margin") and r["margin"]["low"] > 0), key=lambda r: -r["margin"]["mean"]
+    )
     recipe_row = next((r for r in rows if r["setting"] == RECIPE), None)
     if recipe_row is None:
-        verdict = ("no: the recipe's training images are the base's own output at inference (one image per prompt at "
-                   "the inference guidance), so they are exactly as faithful as what the base already does")
+        verdict = (
+            "no: the recipe's training images are the base's own output at inference (one image per prompt at "
+            "the inference guidance), so they are exactly as faithful as what the base already does"
+        )
     elif recipe_row["margin"]["low"] > 0:
         verdict = f"yes: the recipe's training images are more faithful than the base at inference ({_signed(recipe_row['margin'])})"
     else:
@@ -155,11 +205,19 @@ def compare(document: dict[str, Any], settings: list[Setting], metric: str, skil
         suggestion = "; ".join(f"{r['setting']} ({_signed(r['margin'])})" for r in clearing)
         advice = f"settings whose images are more faithful than inference: {suggestion}"
     else:
-        advice = ("no setting tried makes the training images more faithful than inference: self-generated data "
-                  "would teach the base nothing it does not already do")
-    return {"format": "selma-check-base/1", "metric": metric, "settings": rows, "verdict": verdict, "advice": advice,
-            "passes": recipe_row is not None and recipe_row["margin"]["low"] > 0,
-            "clearing": [r["setting"] for r in clearing]}
+        advice = (
+            "no setting tried makes the training images more faithful than inference: self-generated data "
+            "would teach the base nothing it does not already do"
+        )
+    return {
+        "format": "selma-check-base/1",
+        "metric": metric,
+        "settings": rows,
+        "verdict": verdict,
+        "advice": advice,
+        "passes": recipe_row is not None and recipe_row["margin"]["low"] > 0,
+        "clearing": [r["setting"] for r in clearing],
+    }
 
 
 def _signed(stats: dict[str, Any]) -> str:
@@ -168,10 +226,18 @@ def _signed(stats: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any], run: RunRecipe) -> str:
     """check.md: the verdict, the advice, and every setting's scores."""
-    lines = [f"# Base check: {run.name} ({run.base_model})", "", f"**{result['verdict']}**", "", result["advice"], "",
-             f"Metric: {result['metric']}; margin: paired difference from the base at inference, 95% bootstrap "
-             "interval.",
-             "", "| setting | what | mean | margin over inference |", "|---|---|---|---|"]
+    lines = [
+        f"# Base check: {run.name} ({run.base_model})",
+        "",
+        f"**{result['verdict']}**",
+        "",
+        result["advice"],
+        "",
+        f"Metric: {result['metric']}; margin: paired difference from the base at inference, 95% bootstrap interval.",
+        "",
+        "| setting | what | mean | margin over inference |",
+        "|---|---|---|---|",
+    ]
     for row in result["settings"]:
         mean = "–" if row["mean"] is None else f"{row['mean']['mean']:.2f}"
         margin = _signed(row["margin"]) if row.get("margin") else "–"

@@ -42,7 +42,9 @@ def read_prompts(path: str | Path, split: str | None = None, *, repair_tail: boo
     records, seen = [], set()
     for line, raw in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
         if not isinstance(raw.get("id"), int) or not isinstance(raw.get("prompt"), str) or not raw["prompt"].strip():
-            raise DatasetError(f"{path}: record {line}: expected an integer 'id' and a non-empty 'prompt', found {raw!r}")
+            raise DatasetError(
+                f"{path}: record {line}: expected an integer 'id' and a non-empty 'prompt', found {raw!r}"
+            )
         if raw["id"] in seen:
             raise DatasetError(f"{path}: record {line}: id {raw['id']} appears twice")
         seen.add(raw["id"])
@@ -74,8 +76,10 @@ def read_image_dataset(folder: str | Path, *, check_files: bool = True) -> list[
     folder = Path(folder)
     metadata = folder / METADATA
     if not metadata.is_file():
-        raise DatasetError(f"{folder}: no {METADATA}; expected an image dataset written by `selma images` "
-                           "(the Hugging Face imagefolder layout)")
+        raise DatasetError(
+            f"{folder}: no {METADATA}; expected an image dataset written by `selma images` "
+            "(the Hugging Face imagefolder layout)"
+        )
     records, missing = [], []
     for line, row in enumerate(read_jsonl(metadata), start=1):
         name, text = row.get("file_name"), row.get("text")
@@ -86,11 +90,15 @@ def read_image_dataset(folder: str | Path, *, check_files: bool = True) -> list[
             raise DatasetError(f"{metadata}:{line}: file_name {name!r} points outside {folder}")
         if check_files and not path.is_file():
             missing.append(name)
-        records.append(ImageRecord(path=path, text=text, extra={k: v for k, v in row.items() if k not in {"file_name", "text"}}))
+        records.append(
+            ImageRecord(path=path, text=text, extra={k: v for k, v in row.items() if k not in {"file_name", "text"}})
+        )
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise DatasetError(f"{folder}: {len(missing)} image(s) listed in {METADATA} are missing: {shown}; "
-                           "rerun `selma images` to regenerate them")
+        raise DatasetError(
+            f"{folder}: {len(missing)} image(s) listed in {METADATA} are missing: {shown}; "
+            "rerun `selma images` to regenerate them"
+        )
     if not records:
         raise DatasetError(f"{metadata}: the dataset is empty")
     return records

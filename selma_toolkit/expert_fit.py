@@ -65,8 +65,7 @@ def _config_file(source: str, name: str, revision: str | None) -> Path:
 
     try:
         return Path(hf_hub_download(source, name, revision=revision))
-    except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
-
+    except Exception as exc:
         raise hub_model_error(f"{source}: could not read {name} from the Hub", exc) from None
 
 
@@ -109,20 +108,26 @@ def shapes_fit(adapted: Sequence[int], layer: Sequence[int], *, flatten: bool = 
     ``flatten`` equal [out, in*kh*kw] (a Linear LoRA on a 1x1 conv, as ComfyUI applies it)."""
     if not flatten:
         return tuple(adapted) == tuple(layer)
-    return (len(adapted) > 0 and len(layer) > 0 and adapted[0] == layer[0]
-            and math.prod(adapted[1:]) == math.prod(layer[1:]))
+    return (
+        len(adapted) > 0
+        and len(layer) > 0
+        and adapted[0] == layer[0]
+        and math.prod(adapted[1:]) == math.prod(layer[1:])
+    )
 
 
-def layer_misfits(adapted: Mapping[str, Sequence[int]], layers: Mapping[str, Sequence[int] | None], *,
-                  flatten: bool = False) -> list[LayerMisfit]:
+def layer_misfits(
+    adapted: Mapping[str, Sequence[int]], layers: Mapping[str, Sequence[int] | None], *, flatten: bool = False
+) -> list[LayerMisfit]:
     """Every entry of ``adapted`` (name -> adapted shape) whose layer in ``layers`` is missing (absent
     or None) or has a shape that the update does not fit (:func:`shapes_fit`), in ``adapted``'s order."""
     misfits = []
     for name, shape in adapted.items():
         layer = layers.get(name)
         if layer is None or not shapes_fit(shape, layer, flatten=flatten):
-            misfits.append(LayerMisfit(name, tuple(int(d) for d in shape),
-                                       None if layer is None else tuple(int(d) for d in layer)))
+            misfits.append(
+                LayerMisfit(name, tuple(int(d) for d in shape), None if layer is None else tuple(int(d) for d in layer))
+            )
     return misfits
 
 
@@ -143,11 +148,13 @@ def check_expert_fits(lora: LoraWeights, layers: dict[str, tuple[int, ...]], *, 
             f"{source}: does not fit base_model {base_model!r}: {len(misfits)} of its {len(lora.modules)} modules "
             f"do not match the model's layers:\n{shown_lines([m.describe() for m in misfits])}\nIt was trained for "
             "another model (another size of the same architecture, e.g. SD 1.5 vs a smaller SD 1.x model); list only "
-            "experts trained for this base model")
+            "experts trained for this base model"
+        )
 
 
-def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: list[str], *,
-                      denoiser: str = "unet") -> str | None:
+def target_difference(
+    lora: LoraWeights, unet_targets: list[str], text_targets: list[str], *, denoiser: str = "unet"
+) -> str | None:
     """How the layers ``lora`` adapts differ from the ones a run trains (``unet_targets`` in the
     ``denoiser``, the family's unet or transformer; and
     ``text_targets`` in the text encoders, empty when the run does not train them), or None.
@@ -155,5 +162,7 @@ def target_difference(lora: LoraWeights, unet_targets: list[str], text_targets: 
     warning: the merged LoRA then adapts those layers with only some experts' share."""
     found = target_names(lora)
     text_components = [c for c in found if c != denoiser] or ["text_encoder"]
-    trained = {denoiser: sorted(set(unet_targets))} | {c: sorted(set(text_targets)) for c in text_components if text_targets}
+    trained = {denoiser: sorted(set(unet_targets))} | {
+        c: sorted(set(text_targets)) for c in text_components if text_targets
+    }
     return None if found == trained else f"it adapts {found}, the run trains {trained}"

@@ -36,9 +36,42 @@ if TYPE_CHECKING:
     from selma_toolkit.config.evaluate import EvaluateSettings
 
 # Question kinds (the toyworld scorer's, and question_kind's) -> the name of the skill they propose.
-KIND_SKILLS = {"count": "count", "color": "color", "relation": "spatial", "spatial": "spatial", "entity": "objects",
-               "objects": "objects", "text": "text", "attributes": "attributes"}
-_STOP = frozenset("a an the of and or in on at to with by for from is are its it this that some one".split())
+KIND_SKILLS = {
+    "count": "count",
+    "color": "color",
+    "relation": "spatial",
+    "spatial": "spatial",
+    "entity": "objects",
+    "objects": "objects",
+    "text": "text",
+    "attributes": "attributes",
+}
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "and",
+        "or",
+        "in",
+        "on",
+        "at",
+        "to",
+        "with",
+        "by",
+        "for",
+        "from",
+        "is",
+        "are",
+        "its",
+        "it",
+        "this",
+        "that",
+        "some",
+        "one",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +132,9 @@ def first_failures(questions: Sequence[Any], answers: dict[str, str], kinds: dic
     return ImageVerdict(score, asked, tuple(dict.fromkeys(failed)), tuple(wrong))
 
 
-def group_by_kind(results: Sequence[PromptResult], threshold: float, *, min_prompts: int = 3,
-                  min_failure_rate: float = 0.25) -> list[FailureGroup]:
+def group_by_kind(
+    results: Sequence[PromptResult], threshold: float, *, min_prompts: int = 3, min_failure_rate: float = 0.25
+) -> list[FailureGroup]:
     """Group the failing prompts (mean score below ``threshold``) by the kinds they fail (module
     docstring); every kind that failed anywhere is returned, ``proposed`` or with its ``reason``."""
     asked, failed = Counter(), Counter()
@@ -110,17 +144,22 @@ def group_by_kind(results: Sequence[PromptResult], threshold: float, *, min_prom
             failed.update(set(verdict.failed))
     groups = []
     for kind in sorted(failed, key=lambda k: (-failed[k] / asked[k], k)):
-        members = sorted((r for r in results if r.score < threshold and kind in r.failed_kinds()),
-                         key=lambda r: (-r.failed_share()[kind], r.score, r.line))
+        members = sorted(
+            (r for r in results if r.score < threshold and kind in r.failed_kinds()),
+            key=lambda r: (-r.failed_share()[kind], r.score, r.line),
+        )
         rate = failed[kind] / asked[kind]
         reasons = []
         if len(members) < min_prompts:
-            reasons.append(f"{len(members)} failing prompt(s) fail it in half their images or more; at least "
-                           f"{min_prompts} are needed")
+            reasons.append(
+                f"{len(members)} failing prompt(s) fail it in half their images or more; at least "
+                f"{min_prompts} are needed"
+            )
         if rate < min_failure_rate:
             reasons.append(f"its failure rate is below the minimum {min_failure_rate:.0%}")
-        groups.append(FailureGroup(kind, KIND_SKILLS.get(kind, kind), tuple(members), rate, not reasons,
-                                   "; ".join(reasons)))
+        groups.append(
+            FailureGroup(kind, KIND_SKILLS.get(kind, kind), tuple(members), rate, not reasons, "; ".join(reasons))
+        )
     return groups
 
 
@@ -141,8 +180,9 @@ def tfidf_embeddings(texts: Sequence[str]) -> tuple[Any, list[str]]:
     return vectors / np.where(norms > 0, norms, 1), vocabulary
 
 
-def group_by_embedding(results: Sequence[PromptResult], embeddings: Any, threshold: float, *, min_prompts: int = 3,
-                       max_skills: int = 3) -> list[FailureGroup]:
+def group_by_embedding(
+    results: Sequence[PromptResult], embeddings: Any, threshold: float, *, min_prompts: int = 3, max_skills: int = 3
+) -> list[FailureGroup]:
     """Cluster the failing prompts (mean score below ``threshold``) on ``embeddings`` (one row per
     result, any text embedding) by spherical k-means; clusters of ``min_prompts`` or more are proposed."""
     import numpy as np
@@ -150,8 +190,19 @@ def group_by_embedding(results: Sequence[PromptResult], embeddings: Any, thresho
     failing = [i for i, r in enumerate(results) if r.score < threshold]
     k = min(max_skills, len(failing) // min_prompts)
     if k < 1:
-        return [FailureGroup("cluster-1", "cluster", tuple(results[i] for i in failing), proposed=False,
-                             reason=f"{len(failing)} failing prompt(s); at least {min_prompts} are needed")] if failing else []
+        return (
+            [
+                FailureGroup(
+                    "cluster-1",
+                    "cluster",
+                    tuple(results[i] for i in failing),
+                    proposed=False,
+                    reason=f"{len(failing)} failing prompt(s); at least {min_prompts} are needed",
+                )
+            ]
+            if failing
+            else []
+        )
     vectors = np.asarray(embeddings, dtype=np.float64)[failing]
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     centres = [0]  # farthest-point start: each next centre is least like the chosen ones
@@ -164,7 +215,9 @@ def group_by_embedding(results: Sequence[PromptResult], embeddings: Any, thresho
         if np.array_equal(new, assignment):
             break
         assignment = new
-        means = np.stack([vectors[assignment == c].sum(axis=0) if (assignment == c).any() else means[c] for c in range(k)])
+        means = np.stack(
+            [vectors[assignment == c].sum(axis=0) if (assignment == c).any() else means[c] for c in range(k)]
+        )
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     words, vocabulary = tfidf_embeddings([results[i].prompt for i in failing])
     groups = []
@@ -176,15 +229,26 @@ def group_by_embedding(results: Sequence[PromptResult], embeddings: Any, thresho
         weight = words[rows].sum(axis=0)
         top = tuple(vocabulary[i] for i in np.argsort(-weight, kind="stable")[:2] if weight[i] > 0)
         ok = len(members) >= min_prompts
-        groups.append(FailureGroup(f"cluster-{len(groups) + 1}", "-".join(top) or "cluster", members, None, ok,
-                                   "" if ok else f"{len(members)} prompt(s) in this cluster; at least {min_prompts} are needed",
-                                   top))
+        groups.append(
+            FailureGroup(
+                f"cluster-{len(groups) + 1}",
+                "-".join(top) or "cluster",
+                members,
+                None,
+                ok,
+                "" if ok else f"{len(members)} prompt(s) in this cluster; at least {min_prompts} are needed",
+                top,
+            )
+        )
     return sorted(groups, key=lambda g: (not g.proposed, -len(g.prompts), g.key))
 
 
 _QUESTION_KIND_RULES = (
     ("count", r"\b(how many|exactly|number of|zero|two|three|four|five|six|seven|eight|nine|ten|\d+)\b"),
-    ("spatial", r"\b(left|right|above|below|under|beneath|behind|in front of|next to|beside|on top of|near|between|inside)\b"),
+    (
+        "spatial",
+        r"\b(left|right|above|below|under|beneath|behind|in front of|next to|beside|on top of|near|between|inside)\b",
+    ),
     ("color", r"\b(red|green|blue|yellow|purple|violet|white|black|orange|pink|brown|gr[ae]y|colou?r(ed)?)\b"),
     ("text", r"\b(say|says|written|text|word|words|letters|reads?)\b"),
     ("objects", r"^(is|are) there\b"),
@@ -214,16 +278,19 @@ class _ToyWorldJudge:
         try:
             parse_caption(prompt)
         except CaptionError as exc:
-            return (f"the toyworld scorer reads only shapes-world captions ({exc}); see docs/toyworld.md for the "
-                    "grammar, or choose another scorer")
+            return (
+                f"the toyworld scorer reads only shapes-world captions ({exc}); see docs/toyworld.md for the "
+                "grammar, or choose another scorer"
+            )
         return None
 
     def judge(self, images: Sequence[Any], prompts: Sequence[str]) -> list[ImageVerdict]:
         verdicts = []
         for image, prompt in zip(images, prompts, strict=True):
             scene = parse_caption(prompt)
-            verdicts.append(first_failures(caption_questions(scene), answer_questions(scene, segment(image)),
-                                           question_kinds(scene)))
+            verdicts.append(
+                first_failures(caption_questions(scene), answer_questions(scene, segment(image)), question_kinds(scene))
+            )
         return verdicts
 
 
@@ -245,8 +312,11 @@ class _QuestionJudge:
         verdicts = []
         for image, prompt in zip(images, prompts, strict=True):
             questions = self.scorer.questions.for_prompt(prompt)
-            verdicts.append(first_failures(questions, self.scorer.answers(image, questions),
-                                           {q.id: question_kind(q.text) for q in questions}))
+            verdicts.append(
+                first_failures(
+                    questions, self.scorer.answers(image, questions), {q.id: question_kind(q.text) for q in questions}
+                )
+            )
         return verdicts
 
 
@@ -269,11 +339,12 @@ class _ScoreJudge:
 def check_scorer(scorer: str) -> None:
     """An InputError unless ``scorer`` is one of the evaluation scorers (selma_toolkit/evaluate/scorers.py)."""
     if scorer not in SCORER_NAMES:
-        raise InputError(what="unknown scorer", where=Option("scorer"), found=scorer,
-                         expected=f"one of {', '.join(SCORER_NAMES)}")
+        raise InputError(
+            what="unknown scorer", where=Option("scorer"), found=scorer, expected=f"one of {', '.join(SCORER_NAMES)}"
+        )
 
 
-def judge_for(scorer: str, settings: "EvaluateSettings | None" = None) -> Any:
+def judge_for(scorer: str, settings: EvaluateSettings | None = None) -> Any:
     """The judge of scorer ``scorer`` (its models from ``settings``): ``check(prompt)`` gives why a prompt
     cannot be scored (or None), ``judge(images, prompts)`` an :class:`ImageVerdict` per image."""
     check_scorer(scorer)

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -80,10 +81,11 @@ def disk_full_error(path: Path, exc: OSError, kept: str = "nothing was written o
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    error = DiskFullError(what=f"{exc.strerror or 'no space left on device'} while writing it ({free} in "
-                          f"{path.parent}); {kept}", where=str(path),
-                          remedies=[Remedy.do("free some space, then run the command again"),
-                                    Remedy.change("out", "folder")])
+    error = DiskFullError(
+        what=f"{exc.strerror or 'no space left on device'} while writing it ({free} in {path.parent}); {kept}",
+        where=str(path),
+        remedies=[Remedy.do("free some space, then run the command again"), Remedy.change("out", "folder")],
+    )
     error.errno, error.strerror = exc.errno, exc.strerror
     return error
 
@@ -148,7 +150,9 @@ def read_jsonl(path: str | os.PathLike[str], *, repair_tail: bool = False) -> li
             is_torn_tail = number == len(lines) and not raw.endswith("\n")
             if repair_tail and is_torn_tail:
                 break
-            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg}); expected one JSON object a line") from None
+            raise DatasetError(
+                f"{path}:{number}: not valid JSON ({exc.msg}); expected one JSON object a line"
+            ) from None
         if not isinstance(record, dict):
             raise DatasetError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
         records.append(record)
@@ -170,7 +174,7 @@ class JsonlAppender:
             raw = self.path.read_bytes()
             if raw and not raw.endswith(b"\n"):
                 atomic_write_bytes(self.path, raw[: raw.rfind(b"\n") + 1])
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open until close(), as a file object is
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as a line and fsync it (a full disk: :class:`DiskFullError`; the
@@ -187,7 +191,7 @@ class JsonlAppender:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,9 +222,13 @@ def check_output_folder(path: str | os.PathLike[str], option: str = "out") -> Pa
     and what to do."""
     path = Path(path)
     if _file_in_the_way(path) == path:
-        raise OutputError(what="an existing file", where=Option(option), found=path,
-                          expected="a folder (or a path that does not exist yet)",
-                          remedies=[Remedy.change(option, "folder"), Remedy.do("move the file away")])
+        raise OutputError(
+            what="an existing file",
+            where=Option(option),
+            found=path,
+            expected="a folder (or a path that does not exist yet)",
+            remedies=[Remedy.change(option, "folder"), Remedy.do("move the file away")],
+        )
     _check_creatable(path, path, option)
     return path
 
@@ -230,8 +238,12 @@ def check_output_file(path: str | os.PathLike[str], option: str = "out") -> Path
     it); raise :class:`OutputError` when ``path`` is a folder or its folder cannot be made or written."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(what="an existing folder", where=Option(option), found=path,
-                          expected=f"a file name such as {path / 'merged.safetensors'}")
+        raise OutputError(
+            what="an existing folder",
+            where=Option(option),
+            found=path,
+            expected=f"a file name such as {path / 'merged.safetensors'}",
+        )
     _check_creatable(path.parent, path, option)
     return path
 
@@ -239,15 +251,20 @@ def check_output_file(path: str | os.PathLike[str], option: str = "out") -> Path
 def _check_creatable(folder: Path, target: Path, option: str) -> None:
     blocker = _file_in_the_way(folder)
     if blocker is not None:
-        raise OutputError(what=f"cannot be created because {blocker} is a file, not a folder", where=str(target),
-                          remedies=[Remedy.change(option, "path")])
+        raise OutputError(
+            what=f"cannot be created because {blocker} is a file, not a folder",
+            where=str(target),
+            remedies=[Remedy.change(option, "path")],
+        )
     nearest = _nearest_existing(folder)
     # os.access also answers "no" on a read-only file system, for root too (root ignores mode bits).
     if not os.access(nearest, os.W_OK | os.X_OK):
         where = "" if nearest == target else f" (its nearest existing folder {nearest})"
-        raise OutputError(what=f"cannot write here{where}: permission denied or a read-only file system",
-                          where=str(target), remedies=[Remedy.change(option, "folder you can write"),
-                                                       Remedy.do("change its permissions")])
+        raise OutputError(
+            what=f"cannot write here{where}: permission denied or a read-only file system",
+            where=str(target),
+            remedies=[Remedy.change(option, "folder you can write"), Remedy.do("change its permissions")],
+        )
 
 
 # ------------------------------------------------------------------------------ folder lock
@@ -271,7 +288,7 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
     holder that was killed, and is logged as taken over.
     """
     import socket
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
         import fcntl
@@ -284,8 +301,11 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise OutputError(what=f"cannot write in this run folder ({exc.strerror})", where=str(folder),
-                          remedies=[Remedy.change("out", "folder you can write")]) from None
+        raise OutputError(
+            what=f"cannot write in this run folder ({exc.strerror})",
+            where=str(folder),
+            remedies=[Remedy.change("out", "folder you can write")],
+        ) from None
     try:
         locked = False
         try:
@@ -296,19 +316,32 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
         except BlockingIOError:
             raise FolderLockedError(
                 what=f"this run folder is in use by another process ({_describe(_read_record(fd))}); two runs on one "
-                "folder would write the same files", where=str(folder), remedies=[
-                    Remedy.do("wait for it to finish or stop it, then run again (the lock ends with that process, "
-                              "even if it is killed)"),
-                    Remedy.change("out", "folder")],
+                "folder would write the same files",
+                where=str(folder),
+                remedies=[
+                    Remedy.do(
+                        "wait for it to finish or stop it, then run again (the lock ends with that process, "
+                        "even if it is killed)"
+                    ),
+                    Remedy.change("out", "folder"),
+                ],
             ) from None
         except OSError as exc:  # a file system without locks (some network or FUSE mounts), or Windows
             log.warning("%s: cannot lock this folder (%s); nothing stops a second run on it", folder, exc.strerror)
         previous = _read_record(fd)
         if previous is not None and locked:
-            log.warning("%s: taking over the lock left by a process that ended without releasing it (%s), "
-                        "killed or crashed; its partial outputs are resumed", folder, _describe(previous))
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            log.warning(
+                "%s: taking over the lock left by a process that ended without releasing it (%s), "
+                "killed or crashed; its partial outputs are resumed",
+                folder,
+                _describe(previous),
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
@@ -338,5 +371,7 @@ def _describe(record: dict[str, Any] | None) -> str:
         return "holder still starting: pid not written yet"
     if "unreadable" in record:
         return f"holder record unreadable: {record['unreadable']!r}"
-    return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, `{record.get('command', '?')}` "
-            f"started {record.get('started', '?')}")
+    return (
+        f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, `{record.get('command', '?')}` "
+        f"started {record.get('started', '?')}"
+    )

@@ -74,25 +74,31 @@ def detect_family(spec: str, revision: str | None = None) -> Family:
             config_path = path / denoiser / "config.json"
             unet_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         except json.JSONDecodeError as exc:
-            raise ModelError(f"{spec}: model_index.json or its denoiser's config.json is not valid JSON ({exc}); "
-                             "expected a diffusers model folder") from None
+            raise ModelError(
+                f"{spec}: model_index.json or its denoiser's config.json is not valid JSON ({exc}); "
+                "expected a diffusers model folder"
+            ) from None
     else:
         from huggingface_hub import hf_hub_download
 
         try:
             index = json.loads(Path(hf_hub_download(spec, "model_index.json", revision=revision)).read_text())
-        except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+        except Exception as exc:
             raise hub_model_error(f"{spec}: could not read model_index.json from the Hub", exc) from None
         denoiser = _denoiser(spec, index)
         try:
-            unet_config = json.loads(Path(hf_hub_download(spec, f"{denoiser}/config.json", revision=revision)).read_text())
-        except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+            unet_config = json.loads(
+                Path(hf_hub_download(spec, f"{denoiser}/config.json", revision=revision)).read_text()
+            )
+        except Exception as exc:
             raise hub_model_error(f"{spec}: could not read {denoiser}/config.json from the Hub", exc) from None
     pipeline_class = index.get("_class_name", "")
     family = family_of_pipeline(pipeline_class, unet_config)
     if family.denoiser != denoiser:  # a transformer no family's rule claims (another DiT model)
-        raise ModelError(f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
-                         f"expected {family_titles()}")
+        raise ModelError(
+            f"{spec}: pipeline {pipeline_class!r} with a {denoiser} is none of the supported families; "
+            f"expected {family_titles()}"
+        )
     return family
 
 
@@ -107,8 +113,9 @@ def _denoiser(spec: str, index: dict[str, Any]) -> str:
     for name in DENOISERS:
         if name in index:
             return name
-    raise ModelError(f"{spec}: pipeline {index.get('_class_name', '')!r} has no UNet or transformer; "
-                     f"expected {family_titles()}")
+    raise ModelError(
+        f"{spec}: pipeline {index.get('_class_name', '')!r} has no UNet or transformer; expected {family_titles()}"
+    )
 
 
 def hub_model_error(message: str, exc: BaseException) -> SelmaError:
@@ -127,8 +134,10 @@ def hub_model_error(message: str, exc: BaseException) -> SelmaError:
     # LocalEntryNotFoundError (not found in the cache, the Hub unreachable) is an EntryNotFoundError
     # too, and GatedRepoError a RepositoryNotFoundError: both are tested first.
     if isinstance(exc, (LocalEntryNotFoundError, GatedRepoError)):
-        return ModelDownloadError(f"{message} ({exc}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE, or log in "
-                                  "(`hf auth login`) for a gated or private model, then run the command again")
+        return ModelDownloadError(
+            f"{message} ({exc}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE, or log in "
+            "(`hf auth login`) for a gated or private model, then run the command again"
+        )
     if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError, HFValidationError)):
         return ModelError(f"{message} ({exc}); check the repo id and revision")
     return ModelDownloadError(f"{message} ({type(exc).__name__}: {exc}); run the command again once the Hub answers")
@@ -188,18 +197,29 @@ def load_pipeline(
                 )
             config_dir = Path(resolve_model(config))
             if not config_dir.is_dir():
-                raise ModelError(f"config {config!r}: expected a local diffusers folder (with model_index.json), so that "
-                                 "no config is fetched at run time")
+                raise ModelError(
+                    f"config {config!r}: expected a local diffusers folder (with model_index.json), so that "
+                    "no config is fetched at run time"
+                )
             # DiffusionPipeline itself has no from_single_file: the concrete class named by the config does.
             class_name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
             pipeline_class = getattr(diffusers, class_name, None)
             if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
-                raise ModelError(f"config {config!r}: pipeline {class_name!r} cannot load single-file checkpoints; "
-                                 f"expected an {family_titles()} diffusers folder")
-            pipe = pipeline_class.from_single_file(source, config=str(config_dir), dtype=torch_dtype,
-                                                   local_files_only=True, **_accepted(str(config_dir), extra))
+                raise ModelError(
+                    f"config {config!r}: pipeline {class_name!r} cannot load single-file checkpoints; "
+                    f"expected an {family_titles()} diffusers folder"
+                )
+            pipe = pipeline_class.from_single_file(
+                source,
+                config=str(config_dir),
+                dtype=torch_dtype,
+                local_files_only=True,
+                **_accepted(str(config_dir), extra),
+            )
         else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **_accepted(source, extra))
+            pipe = diffusers.DiffusionPipeline.from_pretrained(
+                source, revision=revision, dtype=torch_dtype, **_accepted(source, extra)
+            )
     except ModelError:
         raise
     except OSError as exc:
@@ -207,7 +227,9 @@ def load_pipeline(
     if scheduler:
         scheduler_class = getattr(diffusers, scheduler, None)
         if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-            raise ModelError(f"scheduler {scheduler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')")
+            raise ModelError(
+                f"scheduler {scheduler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')"
+            )
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if attention_slicing:
@@ -216,8 +238,10 @@ def load_pipeline(
         pipe.vae.enable_tiling()
     if cpu_offload:
         if not str(device).startswith("cuda"):
-            raise ModelError(f"cpu_offload: model CPU offload moves parts to a CUDA device on demand; the device here is "
-                             f"{device!r}. Set images.cpu_offload = false on a machine without CUDA")
+            raise ModelError(
+                f"cpu_offload: model CPU offload moves parts to a CUDA device on demand; the device here is "
+                f"{device!r}. Set images.cpu_offload = false on a machine without CUDA"
+            )
         pipe.enable_model_cpu_offload(device=device)
         return pipe
     return pipe.to(device)

@@ -27,7 +27,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def for_recipe(cls, recipe, out: str | Path | None = None) -> "RunPaths":
+    def for_recipe(cls, recipe, out: str | Path | None = None) -> RunPaths:
         """``out`` if given, else the recipe's output_dir, else runs/<name>."""
         return cls(Path(out or recipe.output_dir or Path("runs") / recipe.name))
 

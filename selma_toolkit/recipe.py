@@ -37,11 +37,37 @@ from selma_toolkit.resources import shipped_run, shipped_skill
 
 # The recipe classes and sections, importable from here as from selma_toolkit.config.
 __all__ = [
-    "NAME_PATTERN", "PLACEHOLDER", "UNET_TARGET_MODULES", "DPOSettings", "EvaluateSettings", "Fraction",
-    "GrammarSettings", "ImageSettings", "LLMSettings", "MergeSettings", "MoESettings", "Name", "PositiveInt",
-    "PromptSourceName", "RunRecipe", "ScorerName", "SkillRecipe", "StrictModel", "TrainSettings", "apply_overrides",
-    "changed_fields", "load_recipe", "load_run_folder", "load_run_recipe", "load_skill_recipe", "parse_override",
-    "read_toml", "recipe_hash", "resolved_toml", "skill_recipe_from_dict", "write_resolved_recipe",
+    "NAME_PATTERN",
+    "PLACEHOLDER",
+    "UNET_TARGET_MODULES",
+    "DPOSettings",
+    "EvaluateSettings",
+    "Fraction",
+    "GrammarSettings",
+    "ImageSettings",
+    "LLMSettings",
+    "MergeSettings",
+    "MoESettings",
+    "Name",
+    "PositiveInt",
+    "PromptSourceName",
+    "RunRecipe",
+    "ScorerName",
+    "SkillRecipe",
+    "StrictModel",
+    "TrainSettings",
+    "apply_overrides",
+    "changed_fields",
+    "load_recipe",
+    "load_run_folder",
+    "load_run_recipe",
+    "load_skill_recipe",
+    "parse_override",
+    "read_toml",
+    "recipe_hash",
+    "resolved_toml",
+    "skill_recipe_from_dict",
+    "write_resolved_recipe",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -65,8 +91,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: {_toml_error_position(str(exc), text)}") from None
     if not data:
         what = "the file is empty" if not text.strip() else "the file holds only comments and blank lines"
-        raise RecipeError(f"{path}: {what}; expected a TOML recipe (see `selma recipe show tiny-demo` for a run "
-                          "recipe, `selma skill new NAME` for a skill recipe)")
+        raise RecipeError(
+            f"{path}: {what}; expected a TOML recipe (see `selma recipe show tiny-demo` for a run "
+            "recipe, `selma skill new NAME` for a skill recipe)"
+        )
     return data
 
 
@@ -81,8 +109,10 @@ def _toml_error_position(message: str, text: str) -> str:
     found = re.fullmatch(r"(?s)(.*) \(at end of document\)", message)
     if found:
         lines = text.split("\n")
-        return (f"line {len(lines)}, column {len(lines[-1]) + 1}: TOML syntax error: {found.group(1)} at the end of "
-                "the file (an unclosed [ array, { table or quoted string?)")
+        return (
+            f"line {len(lines)}, column {len(lines[-1]) + 1}: TOML syntax error: {found.group(1)} at the end of "
+            "the file (an unclosed [ array, { table or quoted string?)"
+        )
     return f"TOML syntax error: {message}"
 
 
@@ -132,13 +162,24 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
 
 # pydantic's wording of the common type and range errors -> what a recipe expects ("expected an integer").
 _EXPECTED = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number",
-    "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "a string (in quotes)", "list_type": "a list [...]", "dict_type": "a table", "model_type": "a table",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string (in quotes)",
+    "list_type": "a list [...]",
+    "dict_type": "a table",
+    "model_type": "a table",
 }
-_EXPECTED_RANGE = {"greater_than_equal": ("ge", "{} or more"), "greater_than": ("gt", "more than {}"),
-                   "less_than_equal": ("le", "{} or less"), "less_than": ("lt", "less than {}")}
+_EXPECTED_RANGE = {
+    "greater_than_equal": ("ge", "{} or more"),
+    "greater_than": ("gt", "more than {}"),
+    "less_than_equal": ("le", "{} or less"),
+    "less_than": ("lt", "less than {}"),
+}
 
 
 def _problem(model: type[BaseModel], item: Any) -> str:
@@ -153,8 +194,10 @@ def _problem(model: type[BaseModel], item: Any) -> str:
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
         # A name becomes a folder or file name in the run (skills/<name>/, experts/<name>.safetensors):
         # say so, rather than show the regular expression.
-        return ("expected lower-case letters, digits, '-' and '_', starting with a letter or digit (it names folders "
-                "and files, so no '/', '.' or spaces), e.g. 'shape-count'")
+        return (
+            "expected lower-case letters, digits, '-' and '_', starting with a letter or digit (it names folders "
+            "and files, so no '/', '.' or spaces), e.g. 'shape-count'"
+        )
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}"
     if kind in _EXPECTED_RANGE and _EXPECTED_RANGE[kind][0] in ctx:
@@ -165,8 +208,9 @@ def _problem(model: type[BaseModel], item: Any) -> str:
     return item["msg"].removeprefix("Value error, ")
 
 
-def _format_validation_error(source: str, model: type[BaseModel], error: ValidationError,
-                             overrides: dict[tuple[str, ...], str]) -> RecipeError:
+def _format_validation_error(
+    source: str, model: type[BaseModel], error: ValidationError, overrides: dict[tuple[str, ...], str]
+) -> RecipeError:
     """One RecipeError for every problem pydantic found, a line each naming the field, or the ``overrides``
     entry (key path -> the ``--set`` text) that set it; one line only when an override is the one problem."""
     lines: list[str | Fields] = []
@@ -174,7 +218,7 @@ def _format_validation_error(source: str, model: type[BaseModel], error: Validat
         loc = tuple(item["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
         keys = tuple(str(p) for p in loc if not isinstance(p, int))
-        override = next((text for key, text in overrides.items() if keys[:len(key)] == key), None)
+        override = next((text for key, text in overrides.items() if keys[: len(key)] == key), None)
         problem = _problem(model, item)
         if override is not None:
             lines.append(Fields(problem, (Option("overrides"),), override))
@@ -194,16 +238,18 @@ def _override_paths(overrides: list[str], skip: int = 0) -> dict[tuple[str, ...]
     return {tuple(parse_override(text)[0][skip:]): text for text in overrides}
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], source: str,
-              overrides: dict[tuple[str, ...], str] | None = None) -> Any:
+def _validate(
+    model: type[BaseModel], data: dict[str, Any], source: str, overrides: dict[tuple[str, ...], str] | None = None
+) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _format_validation_error(source, model, exc, overrides or {}) from None
 
 
-def skill_recipe_from_dict(data: dict[str, Any], source: str = "<skill>", overrides: list[str] | None = None,
-                           skip: int = 0) -> SkillRecipe:
+def skill_recipe_from_dict(
+    data: dict[str, Any], source: str = "<skill>", overrides: list[str] | None = None, skip: int = 0
+) -> SkillRecipe:
     """Validate raw skill-recipe data; errors name ``source`` and the field path, or the entry of
     ``overrides`` (already applied to ``data``; their key paths after the first ``skip`` parts) that set it."""
     return _validate(SkillRecipe, data, source, _override_paths(overrides or [], skip))
@@ -262,7 +308,10 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
         elif isinstance(entry, dict) and "recipe" in entry:
             # { recipe = "countbench", num_prompts = 24 }: a skill file with some values replaced.
             skill_path = _resolve_recipe_path(str(entry["recipe"]), path.parent, "skill")
-            skill_data, source = _deep_merge(read_toml(skill_path), {k: v for k, v in entry.items() if k != "recipe"}), str(skill_path)
+            skill_data, source = (
+                _deep_merge(read_toml(skill_path), {k: v for k, v in entry.items() if k != "recipe"}),
+                str(skill_path),
+            )
         elif isinstance(entry, dict):
             skill_data, source = dict(entry), f"{path} (skills[{index}])"
         else:
@@ -272,8 +321,11 @@ def load_run_recipe(ref: str | Path, overrides: list[str] | None = None) -> RunR
         skills.append(skill_recipe_from_dict(skill_data, source, own, skip=2))
     if skill_overrides:
         known = [s.name for s in skills]
-        raise RecipeError(what=f"no such skill in this run; its skills are {known}", where=Option("overrides"),
-                          found=next(iter(skill_overrides.values()))[0])
+        raise RecipeError(
+            what=f"no such skill in this run; its skills are {known}",
+            where=Option("overrides"),
+            found=next(iter(skill_overrides.values()))[0],
+        )
     data["skills"] = skills
     return _validate(RunRecipe, data, str(path), _override_paths(run_overrides))
 
@@ -292,9 +344,12 @@ def load_run_folder(folder: str | Path) -> tuple[RunRecipe, RunPaths]:
     """The recipe recorded in a run folder (``recipe.toml``) and the folder's paths."""
     paths = RunPaths(Path(folder))
     if not paths.recipe.is_file():
-        raise DatasetError(what="not a run folder (no recipe.toml)", where=str(folder),
-                           expected="a folder written by `selma run`",
-                           remedies=[Remedy.run("selma run RECIPE --out FOLDER", note="to give the recipe")])
+        raise DatasetError(
+            what="not a run folder (no recipe.toml)",
+            where=str(folder),
+            expected="a folder written by `selma run`",
+            remedies=[Remedy.run("selma run RECIPE --out FOLDER", note="to give the recipe")],
+        )
     return load_run_recipe(paths.recipe), paths
 
 
@@ -326,7 +381,9 @@ def resolved_toml(recipe: SkillRecipe | RunRecipe) -> str:
 
 def recipe_hash(recipe: SkillRecipe | RunRecipe) -> str:
     """sha256 of the resolved recipe's canonical JSON: equal recipes, equal hashes."""
-    canonical = json.dumps(recipe.model_dump(mode="json", context={"hash": True}), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        recipe.model_dump(mode="json", context={"hash": True}), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -346,8 +403,11 @@ def changed_fields(old: BaseModel, new: BaseModel, prefix: str, skip: Collection
     # so run folders recorded before the default became per-family continue.
     dump: dict[str, Any] = {"mode": "json", "context": {"hash": True}}
     before, after = _flat(old.model_dump(**dump), prefix), _flat(new.model_dump(**dump), prefix)
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
-            if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)]
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if key.removeprefix(prefix) not in skip and before.get(key) != after.get(key)
+    ]
 
 
 def write_resolved_recipe(recipe: SkillRecipe | RunRecipe, folder: str | Path) -> Path:

@@ -106,8 +106,12 @@ def run_pipeline(
         write_resolved_recipe(run, paths.root)
         for stage in stages:
             _run_stage(stage, ctx, notify, report)
-    return RunResult(paths.root, ctx.experts, {m: paths.merged(m) for m in merge_methods(run)},
-                     paths.report if evaluates(run) else None)
+    return RunResult(
+        paths.root,
+        ctx.experts,
+        {m: paths.merged(m) for m in merge_methods(run)},
+        paths.report if evaluates(run) else None,
+    )
 
 
 def _run_stage(stage: Stage, ctx: RunContext, notify: StageCallback, report: ProgressCallback) -> None:
@@ -125,19 +129,25 @@ def _run_stage(stage: Stage, ctx: RunContext, notify: StageCallback, report: Pro
         notify(stage.state(ctx, target), "done")
 
 
-def evaluate_run(run: RunRecipe, paths: RunPaths, *, use_best: bool = True,
-                 progress: ProgressCallback | None = None) -> Path:
+def evaluate_run(
+    run: RunRecipe, paths: RunPaths, *, use_best: bool = True, progress: ProgressCallback | None = None
+) -> Path:
     """`selma evaluate RUN`: redo the merges that are missing or out of date, then evaluate every
     variant on the held-out prompts and write the report; return its index.html."""
     if not evaluates(run):
-        raise DatasetError(f"run {run.name!r}: nothing to evaluate (it needs skills with held-out prompts; "
-                           f"evaluate.prompts_per_skill = {run.evaluate.prompts_per_skill})")
+        raise DatasetError(
+            f"run {run.name!r}: nothing to evaluate (it needs skills with held-out prompts; "
+            f"evaluate.prompts_per_skill = {run.evaluate.prompts_per_skill})"
+        )
     if use_best and run.evaluate.select_checkpoints:
         unselected = [s.name for s in run.skills if current_selection(run, paths, s.name) is None]
         if unselected:
-            log.warning("no current checkpoint selection for %s: their final experts are evaluated; run "
-                        "`selma evaluate %s --checkpoints` first to evaluate the best checkpoints",
-                        ", ".join(unselected), paths.root)
+            log.warning(
+                "no current checkpoint selection for %s: their final experts are evaluated; run "
+                "`selma evaluate %s --checkpoints` first to evaluate the best checkpoints",
+                ", ".join(unselected),
+                paths.root,
+            )
     with folder_lock(paths.root, "selma evaluate"):  # not beside a `selma run` writing this folder
         return _evaluate_locked(run, paths, use_best, progress)
 
@@ -146,15 +156,19 @@ def _evaluate_locked(run: RunRecipe, paths: RunPaths, use_best: bool, progress: 
     ctx = RunContext(run, paths, use_best, resolve_external_experts(run))
     missing = [name for name, path in ctx.experts if not path.is_file()]
     if missing:
-        raise DatasetError(what=f"no expert yet for {', '.join(missing)}", where=str(paths.root),
-                           remedies=[Remedy.run("selma run RECIPE"), Remedy.run("selma train RECIPE --skill NAME")])
+        raise DatasetError(
+            what=f"no expert yet for {', '.join(missing)}",
+            where=str(paths.root),
+            remedies=[Remedy.run("selma run RECIPE"), Remedy.run("selma train RECIPE --skill NAME")],
+        )
     _redo_stale(ctx)
     EvaluateStage().run(ctx, "", progress or _unshown)
     return paths.report
 
 
-def benchmark_run(run: RunRecipe, paths: RunPaths, name: str, *, use_best: bool = True,
-                  progress: ProgressCallback | None = None) -> dict:
+def benchmark_run(
+    run: RunRecipe, paths: RunPaths, name: str, *, use_best: bool = True, progress: ProgressCallback | None = None
+) -> dict:
     """`selma evaluate RUN --benchmark NAME`: redo the merges that are out of date (where their experts
     exist), then run benchmark ``name`` on base and the merges (or ``evaluate.benchmark_variants``);
     return benchmark.json's document (selma_toolkit.evaluate.benchmark_run)."""
@@ -162,8 +176,13 @@ def benchmark_run(run: RunRecipe, paths: RunPaths, name: str, *, use_best: bool 
         ctx = RunContext(run, paths, use_best, resolve_external_experts(run))
         _redo_stale(ctx)
         report = progress or _unshown
-        return evaluate_benchmark(run, paths, name, benchmark_variants(ctx),
-                                  progress=lambda done, total: report(f"{name} images", done, total))
+        return evaluate_benchmark(
+            run,
+            paths,
+            name,
+            benchmark_variants(ctx),
+            progress=lambda done, total: report(f"{name} images", done, total),
+        )
 
 
 def _redo_stale(ctx: RunContext) -> None:
@@ -173,8 +192,12 @@ def _redo_stale(ctx: RunContext) -> None:
             continue
         for target in stage.targets(ctx):
             if all(path.is_file() for path in stage.inputs(ctx, target)) and not stage.state(ctx, target).done:
-                log.info("%s %s: out of date; redoing it from %s", stage.name, target, ", ".join(
-                    path.name for path in stage.inputs(ctx, target)))
+                log.info(
+                    "%s %s: out of date; redoing it from %s",
+                    stage.name,
+                    target,
+                    ", ".join(path.name for path in stage.inputs(ctx, target)),
+                )
                 stage.run(ctx, target, _unshown)
 
 

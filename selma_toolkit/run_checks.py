@@ -44,9 +44,14 @@ def check_recipe_change(run: RunRecipe, paths: RunPaths) -> None:
     if problems:
         raise RecipeError(
             what=f"this run folder was made with a different recipe ({paths.recipe}); continuing would mix results "
-            "made with the old and the new settings:", where=str(paths.root), details=problems,
-            remedies=[Remedy.do("restore those values"), Remedy.change("out", "run folder"),
-                      Remedy.do("delete the outputs named to redo those stages")],
+            "made with the old and the new settings:",
+            where=str(paths.root),
+            details=problems,
+            remedies=[
+                Remedy.do("restore those values"),
+                Remedy.change("out", "run folder"),
+                Remedy.do("delete the outputs named to redo those stages"),
+            ],
         )
 
 
@@ -79,15 +84,18 @@ def resolve_external_experts(run: RunRecipe, *, check_fit: bool = True) -> list[
         if family is not None:  # check_fit
             found = guess_architecture(lora)
             if found is not None and found != family.name:
-                raise LoraFormatError(f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
-                                      f"is {family.name}; list only experts trained for this base model")
+                raise LoraFormatError(
+                    f"experts: {ref!r} ({path}) is a LoRA for {found}, but base_model {run.base_model!r} "
+                    f"is {family.name}; list only experts trained for this base model"
+                )
             _check_layers(run, ref, path, lora, layers, family)
             needs_equal = [m for m in merge_methods(run) if METHODS[m].equal_ranks]  # the method table's rank rule
             if needs_equal and run.skills and lora.ranks() != {run.train.rank}:
                 raise LoraFormatError(
                     f"experts: {ref!r} ({path}) has rank {sorted(lora.ranks())}, but the run trains rank {run.train.rank}; "
                     f"the {needs_equal[0]} merge {METHODS[needs_equal[0]].equal_ranks} and needs equal ranks: set train.rank to match, or use "
-                    "merge.method = 'delta' (exact sum of updates, any ranks)")
+                    "merge.method = 'delta' (exact sum of updates, any ranks)"
+                )
         experts.append(ExternalExpert(ref, name, path))
     return experts
 
@@ -98,10 +106,16 @@ def _check_layers(run: RunRecipe, ref: str, path: Path, lora, layers: dict | Non
 
     if layers is not None:
         check_expert_fits(lora, layers, source=f"experts: {ref!r} ({path})", base_model=run.base_model)
-    difference = target_difference(lora, run.train.denoiser_targets(family.lora_targets),
-                                   run.train.text_encoder_target_modules if run.train.train_text_encoder else [],
-                                   denoiser=family.denoiser)
+    difference = target_difference(
+        lora,
+        run.train.denoiser_targets(family.lora_targets),
+        run.train.text_encoder_target_modules if run.train.train_text_encoder else [],
+        denoiser=family.denoiser,
+    )
     if run.skills and difference:
         log.warning(
             "experts: %r adapts other layers than the run's experts (%s); the merge counts a missing layer as a zero "
-            "update, so those layers get only some experts' share", ref, difference)
+            "update, so those layers get only some experts' share",
+            ref,
+            difference,
+        )

@@ -46,7 +46,7 @@ STARTER_GRAMMAR = {
 _LLM_COMMENTS = {
     "api": '"completions" (the paper\'s gpt-3.5-turbo-instruct is a completions model) or "chat"',
     "base_url": "any OpenAI-compatible endpoint: OpenAI, or a local vLLM / llama.cpp / Ollama server "
-                '(e.g. "http://127.0.0.1:8000/v1")',
+    '(e.g. "http://127.0.0.1:8000/v1")',
     "model": "the model name the endpoint knows",
     "api_key_env": "the environment variable holding the API key (the key itself never goes into a recipe)",
     "api_key_required": "unset: a key is required unless base_url is on this machine",
@@ -69,8 +69,15 @@ class NewSkill:
     unfilled: list[str]
 
 
-def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, from_skill: str | None = None,
-                     overrides: list[str] | None = None, force: bool = False) -> NewSkill:
+def new_skill_recipe(
+    name: str,
+    out: str | Path,
+    *,
+    source: str | None = None,
+    from_skill: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> NewSkill:
     """Write the skill recipe ``name`` to ``out`` (a commented TOML file) and validate it.
 
     ``from_skill`` (a shipped skill name or a file) supplies every value but the name; ``source``
@@ -78,12 +85,17 @@ def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, f
     style ``key=value`` strings applied last. Returns the fields still marked ``<fill in``.
     """
     if not re.match(NAME_PATTERN, name) or len(name) > 64:
-        raise RecipeError(f"skill name {name!r}: expected lower-case letters, digits, '-' and '_', starting with a "
-                          "letter or digit (at most 64 characters), e.g. 'shape-count'")
+        raise RecipeError(
+            f"skill name {name!r}: expected lower-case letters, digits, '-' and '_', starting with a "
+            "letter or digit (at most 64 characters), e.g. 'shape-count'"
+        )
     out = Path(out)
     if out.exists() and not force:
-        raise RecipeError(what="already exists", where=str(out),
-                          remedies=[Remedy.change("out", "file"), Remedy.set("force", True, note="to replace it")])
+        raise RecipeError(
+            what="already exists",
+            where=str(out),
+            remedies=[Remedy.change("out", "file"), Remedy.set("force", True, note="to replace it")],
+        )
     if source not in (None, "llm", "grammar"):
         raise RecipeError(what="", where=Option("source"), found=source, expected="llm or grammar")
     data = _start_from(name, from_skill)
@@ -105,8 +117,13 @@ def new_skill_recipe(name: str, out: str | Path, *, source: str | None = None, f
 
 def _start_from(name: str, from_skill: str | None) -> dict[str, Any]:
     if from_skill is None:
-        return {"name": name, "description": f"{PLACEHOLDER}: what this skill teaches, in one line>",
-                "seeds": [f"{PLACEHOLDER}: example prompt {i} of the skill, as its users would write it>" for i in (1, 2, 3)]}
+        return {
+            "name": name,
+            "description": f"{PLACEHOLDER}: what this skill teaches, in one line>",
+            "seeds": [
+                f"{PLACEHOLDER}: example prompt {i} of the skill, as its users would write it>" for i in (1, 2, 3)
+            ],
+        }
     data = load_skill_recipe(from_skill).model_dump(mode="json", exclude_none=True)
     return {**data, "name": name}
 
@@ -143,7 +160,7 @@ def _value(value: Any) -> str:
         items = [_value(v) for v in value]
         inline = "[" + ", ".join(items) + "]"
         return inline if len(inline) <= 90 else "[\n" + "".join(f"    {item},\n" for item in items) + "]"
-    return tomli_w.dumps({"v": value}, multiline_strings=True)[len("v = "):].rstrip("\n")
+    return tomli_w.dumps({"v": value}, multiline_strings=True)[len("v = ") :].rstrip("\n")
 
 
 def _field(key: str, value: Any, comment: str | None = None) -> str:
@@ -153,41 +170,75 @@ def _field(key: str, value: Any, comment: str | None = None) -> str:
 
 def recipe_text(data: dict[str, Any], from_skill: str | None = None, *, command: str = "selma skill new") -> str:
     """The commented TOML of a skill recipe (``data``: SkillRecipe fields); ``command`` names its writer."""
+
     def get(key: str) -> Any:
         return data.get(key, SkillRecipe.model_fields[key].default)
 
     origin = f", starting from {from_skill!r}" if from_skill else ""
     # A recipe with nothing left to write (e.g. proposed by `selma skill propose`) is not told to fill anything in.
     fill = "Replace every <fill in: ...> text, then" if PLACEHOLDER in repr(data) else "Review every value, then"
-    head = (f"# Skill recipe {data['name']!r}, written by `{command}`{origin}. Every field is explained\n"
-            f"# above it; the numbers are the SELMA paper's unless noted. {fill}\n"
-            "# check the file with `selma recipe validate FILE` and list it in a run recipe: skills = [\"FILE\"].\n\n")
+    head = (
+        f"# Skill recipe {data['name']!r}, written by `{command}`{origin}. Every field is explained\n"
+        f"# above it; the numbers are the SELMA paper's unless noted. {fill}\n"
+        '# check the file with `selma recipe validate FILE` and list it in a run recipe: skills = ["FILE"].\n\n'
+    )
     parts = [
         head,
-        _field("name", data["name"], "The skill's name: it names the expert (experts/<name>.safetensors) and its folder in a run."),
-        _field("description", get("description"), "One line for people: what the skill teaches the model (shown in model cards)."),
-        _field("source", data["source"], 'Where the prompts come from: "llm" (any OpenAI-compatible endpoint, [llm] below) or\n'
-                                          '"grammar" (offline, from the templates and word lists in [grammar]; no API key).'),
+        _field(
+            "name",
+            data["name"],
+            "The skill's name: it names the expert (experts/<name>.safetensors) and its folder in a run.",
+        ),
+        _field(
+            "description",
+            get("description"),
+            "One line for people: what the skill teaches the model (shown in model cards).",
+        ),
+        _field(
+            "source",
+            data["source"],
+            'Where the prompts come from: "llm" (any OpenAI-compatible endpoint, [llm] below) or\n'
+            '"grammar" (offline, from the templates and word lists in [grammar]; no API key).',
+        ),
     ]
     if data.get("instruction") or data["source"] == "llm":
-        parts.append(_field("instruction", data.get("instruction", ""),
-                            "What the LLM is asked (source = \"llm\"): {n} becomes prompts_per_request and {max_words}\n"
-                            "max_words; the request then shows examples_per_request prompts drawn from the seeds and the\n"
-                            "prompts kept so far as a numbered list, which the LLM continues (the authors' request form)."))
+        parts.append(
+            _field(
+                "instruction",
+                data.get("instruction", ""),
+                'What the LLM is asked (source = "llm"): {n} becomes prompts_per_request and {max_words}\n'
+                "max_words; the request then shows examples_per_request prompts drawn from the seeds and the\n"
+                "prompts kept so far as a numbered list, which the LLM continues (the authors' request form).",
+            )
+        )
     parts += [
-        _field("seeds", list(data["seeds"]), "Three or more example prompts in the style the skill needs, as its users would write\n"
-                                              "them. The LLM sees them as examples; every new prompt is de-duplicated against them."),
+        _field(
+            "seeds",
+            list(data["seeds"]),
+            "Three or more example prompts in the style the skill needs, as its users would write\n"
+            "them. The LLM sees them as examples; every new prompt is de-duplicated against them.",
+        ),
         _field("num_prompts", get("num_prompts"), "Prompts kept, one training image each (the paper: 1000 per skill)."),
-        _field("similarity_threshold", get("similarity_threshold"),
-               "A new prompt is dropped when its ROUGE-L F against a kept prompt is above this (the paper: 0.8)."),
-        _field("max_words", get("max_words"), "Longest prompt kept, in words (the authors: 30; 50 for paragraph captions)."),
+        _field(
+            "similarity_threshold",
+            get("similarity_threshold"),
+            "A new prompt is dropped when its ROUGE-L F against a kept prompt is above this (the paper: 0.8).",
+        ),
+        _field(
+            "max_words", get("max_words"), "Longest prompt kept, in words (the authors: 30; 50 for paragraph captions)."
+        ),
         _field("examples_per_request", get("examples_per_request"), "Examples shown per request (the paper: 3)."),
-        _field("prompts_per_request", get("prompts_per_request"), "New prompts asked for per request (the authors: 20)."),
+        _field(
+            "prompts_per_request", get("prompts_per_request"), "New prompts asked for per request (the authors: 20)."
+        ),
         _field("seed", get("seed"), "Seed of the example draws and of the grammar: the same seed, the same requests."),
     ]
     license_comment = "The license of the prompts, written into model cards."
-    parts.append(_field("license", data["license"], license_comment) if data.get("license")
-                 else f"# {license_comment}\n# license = \"cc-by-4.0\"\n")
+    parts.append(
+        _field("license", data["license"], license_comment)
+        if data.get("license")
+        else f'# {license_comment}\n# license = "cc-by-4.0"\n'
+    )
     if data["source"] == "llm" or data.get("llm", {}) != LLMSettings().model_dump(mode="json", exclude_none=True):
         parts.append("\n" + _llm_table(data.get("llm", {})))
     if data.get("grammar"):
@@ -196,7 +247,7 @@ def recipe_text(data: dict[str, Any], from_skill: str | None = None, *, command:
 
 
 def _llm_table(values: dict[str, Any]) -> str:
-    lines = ["# The LLM endpoint and its sampling settings (used when source = \"llm\").\n[llm]\n"]
+    lines = ['# The LLM endpoint and its sampling settings (used when source = "llm").\n[llm]\n']
     for key, field in LLMSettings.model_fields.items():
         value = values.get(key, field.default)
         comment = _LLM_COMMENTS.get(key)
@@ -209,12 +260,19 @@ def _llm_table(values: dict[str, Any]) -> str:
 
 
 def _grammar_table(grammar: dict[str, Any], *, starter: bool) -> str:
-    note = ("A starter grammar that runs as it is: replace the templates and word lists with your skill's.\n"
-            if starter else "")
-    lines = [f"# {line}\n" for line in (
-        note + "Offline prompts (source = \"grammar\"): each prompt fills one template; {slot} takes a word from the\n"
-               "list of that name, {object1} and {object2} both from \"object\" (different words), \"{object}s\" is a plural."
-    ).splitlines()]
+    note = (
+        "A starter grammar that runs as it is: replace the templates and word lists with your skill's.\n"
+        if starter
+        else ""
+    )
+    lines = [
+        f"# {line}\n"
+        for line in (
+            note
+            + 'Offline prompts (source = "grammar"): each prompt fills one template; {slot} takes a word from the\n'
+            'list of that name, {object1} and {object2} both from "object" (different words), "{object}s" is a plural.'
+        ).splitlines()
+    ]
     lines += ["[grammar]\n", _field("templates", list(grammar["templates"])), "\n[grammar.words]\n"]
     lines += [_field(key, list(words)) for key, words in grammar["words"].items()]
     return "".join(lines)

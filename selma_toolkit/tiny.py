@@ -53,6 +53,7 @@ TINY_PREFIX = "tiny:"
 # Bump when a config below changes, so cached copies are rebuilt.
 TINY_VERSION = 1
 
+
 def _vae(family):
     """The family's tiny VAE: for AutoencoderKL the shared small layout with the family's
     ``TinyConfig.vae`` settings over it, for another class (Qwen-Image's, FLUX.2's) those settings
@@ -64,10 +65,15 @@ def _vae(family):
     if family.vae_class == "AutoencoderKL":
         # Two blocks: the VAE downsamples by 2 (a real one by 8); the pipelines read the factor from it.
         settings = {
-            "block_out_channels": (32, 64), "in_channels": 3, "out_channels": 3,
+            "block_out_channels": (32, 64),
+            "in_channels": 3,
+            "out_channels": 3,
             "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
             "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            "latent_channels": 4, "norm_num_groups": 16, "sample_size": 64, **settings,
+            "latent_channels": 4,
+            "norm_num_groups": 16,
+            "sample_size": 64,
+            **settings,
         }
     vae = getattr(diffusers, family.vae_class)(**settings)
     with torch.no_grad():
@@ -121,8 +127,12 @@ def build_tiny_pipeline(arch: str = "sd1", seed: int = 0):
             denoiser.get_parameter(name).normal_()
     scheduler = getattr(diffusers, family.tiny.scheduler_class)(**family.tiny.scheduler)
     torch.manual_seed(seed + 1)
-    parts: dict[str, Any] = {family.denoiser: denoiser, "vae": _vae(family), "scheduler": scheduler,
-                             **_text_parts(family, seed)}
+    parts: dict[str, Any] = {
+        family.denoiser: denoiser,
+        "vae": _vae(family),
+        "scheduler": scheduler,
+        **_text_parts(family, seed),
+    }
     pipeline_class = getattr(diffusers, family.pipeline_class)
     accepted = inspect.signature(pipeline_class.__init__).parameters
     if "safety_checker" in accepted:
@@ -169,7 +179,7 @@ def is_tiny_spec(spec: str) -> bool:
 def ensure_tiny_model(spec: str) -> Path:
     """Path of the tiny model named by ``"tiny:<arch>"`` (optionally ``"tiny:<arch>:<seed>"``),
     built into the cache on first use."""
-    parts = spec[len(TINY_PREFIX):].split(":")
+    parts = spec[len(TINY_PREFIX) :].split(":")
     arch = parts[0]
     if arch not in ARCHITECTURES or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
         raise ValueError(f"{spec!r}: expected tiny:<arch>[:<seed>] with arch one of {', '.join(ARCHITECTURES)}")
@@ -210,8 +220,15 @@ def build_tiny_clip(seed: int = 0):
     tokenizer = tiny_tokenizer()
     vocab_size = len(tokenizer)
     text = clip_config(vocab_size, 32, 16, "quick_gelu").to_dict()
-    vision = dict(image_size=_SCORER_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")
+    vision = dict(
+        image_size=_SCORER_IMAGE_SIZE,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act="quick_gelu",
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     # The PIL image processor: the default one needs torchvision, which this project does not install.
@@ -227,12 +244,26 @@ def build_tiny_vqa(seed: int = 0):
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     tokenizer = tiny_wordpiece_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
-                pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
-                bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
-    vision = dict(image_size=_SCORER_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+    )
+    vision = dict(
+        image_size=_SCORER_IMAGE_SIZE,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
     torch.manual_seed(seed)
     model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     size = _SCORER_IMAGE_SIZE
@@ -244,7 +275,7 @@ def ensure_tiny_scorer_model(spec: str) -> Path:
     """Folder of the tiny scorer model named ``"tiny:clip"``, ``"tiny:vqa"`` or a tiny VQA judge
     (``TINY_VLMS``), written on first use with ``save_pretrained`` (model + processor), so scorers
     load it like any Hub model."""
-    kind = spec[len(TINY_PREFIX):] if is_tiny_spec(spec) else ""
+    kind = spec[len(TINY_PREFIX) :] if is_tiny_spec(spec) else ""
     if kind not in SCORER_MODELS:
         raise ValueError(f"{spec!r}: expected one of {', '.join(TINY_PREFIX + k for k in SCORER_MODELS)}")
     path = cache_dir() / "tiny" / f"{kind}-seed0-v{TINY_VERSION}"

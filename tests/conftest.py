@@ -91,7 +91,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: str | Path | Non
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "selma_toolkit", *args],
-        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -117,9 +121,15 @@ TINY_RUN_SKILLS = ("count-grammar", "spatial-grammar", "color-grammar")
 def small_tiny_run(train_steps: int = 2) -> list[str]:
     """--set overrides that make the tiny-demo recipe a seconds-long `selma run` (every stage, 2 prompts a skill)."""
     return [
-        "images.resolution=32", "images.steps=2", "images.batch_size=4",
-        f"train.steps={train_steps}", "train.checkpoint_every=2", "train.batch_size=2",
+        "images.resolution=32",
+        "images.steps=2",
+        "images.batch_size=4",
+        f"train.steps={train_steps}",
+        "train.checkpoint_every=2",
+        "train.batch_size=2",
         *[f"skills.{skill}.num_prompts=2" for skill in TINY_RUN_SKILLS],
-        "evaluate.prompts_per_skill=1", "evaluate.bootstrap_samples=100", "evaluate.select_checkpoints=false",
+        "evaluate.prompts_per_skill=1",
+        "evaluate.bootstrap_samples=100",
+        "evaluate.select_checkpoints=false",
         "evaluate.report_prompts_per_skill=1",
     ]

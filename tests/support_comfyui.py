@@ -78,8 +78,18 @@ class FakeLoRAAdapter:
         self.weights = weights
 
 
-_COMFY_CLIP_NAMES = {"text_encoder": ("clip_l", ("lora_te_", "lora_te1_")), "text_encoder_2": ("clip_g", ("lora_te2_",))}
-_COMFY_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+_COMFY_CLIP_NAMES = {
+    "text_encoder": ("clip_l", ("lora_te_", "lora_te1_")),
+    "text_encoder_2": ("clip_g", ("lora_te2_",)),
+}
+_COMFY_CLIP_LAYERS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 def fake_comfy(unet, text_encoders: dict, config_name: str):
@@ -157,7 +167,16 @@ def fake_comfy(unet, text_encoders: dict, config_name: str):
 # ------------------------------------------------------------------------------ expert builders
 
 
-SD15_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+SD15_ATTENTION = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
 CLIP_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
 
@@ -173,8 +192,16 @@ def full_size_models(arch: str):
     return meta_unet(arch), text
 
 
-def full_size_expert(arch: str, *, seed: int, rank: int = 4, unet_layers=SD15_ATTENTION, text_layers=CLIP_ATTENTION,
-                     scale: float = 0.05, models=None):
+def full_size_expert(
+    arch: str,
+    *,
+    seed: int,
+    rank: int = 4,
+    unet_layers=SD15_ATTENTION,
+    text_layers=CLIP_ATTENTION,
+    scale: float = 0.05,
+    models=None,
+):
     """A random LoraWeights on the full-size ``arch`` model's layers whose path ends with one of
     ``unet_layers`` / ``text_layers`` (None: every Linear and Conv2d of that part)."""
     import torch
@@ -214,8 +241,11 @@ def comfyui_install() -> tuple[Path, Path] | None:
     python = os.environ.get("COMFYUI_PYTHON")
     if python:
         return root_path, Path(python)
-    for candidate in (root_path.parent / "venv" / "bin" / "python", root_path / "venv" / "bin" / "python",
-                      root_path / ".venv" / "bin" / "python"):
+    for candidate in (
+        root_path.parent / "venv" / "bin" / "python",
+        root_path / "venv" / "bin" / "python",
+        root_path / ".venv" / "bin" / "python",
+    ):
         if candidate.exists():
             return root_path, candidate
     raise RuntimeError(f"COMFYUI_PATH={root} but no python beside it; set COMFYUI_PYTHON to ComfyUI's python")
@@ -234,15 +264,25 @@ def cached_sd15_checkpoint(python: Path, comfyui: Path, timeout: float = 900) ->
     out = checkpoint_cache() / CHECKPOINT_NAME
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(python), __file__, "build-checkpoint", str(out)], check=True, timeout=timeout,
-                       env={**os.environ, "COMFYUI_PATH": str(comfyui)}, capture_output=True)
+        subprocess.run(
+            [str(python), __file__, "build-checkpoint", str(out)],
+            check=True,
+            timeout=timeout,
+            env={**os.environ, "COMFYUI_PATH": str(comfyui)},
+            capture_output=True,
+        )
     return out
 
 
 def run_in_comfyui(python: Path, comfyui: Path, *args: str, timeout: float = 300) -> dict:
     """Run one of this file's script commands with ComfyUI's Python; return its JSON answer."""
-    result = subprocess.run([str(python), __file__, *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "COMFYUI_PATH": str(comfyui)})
+    result = subprocess.run(
+        [str(python), __file__, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COMFYUI_PATH": str(comfyui)},
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{args[0]} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -264,14 +304,26 @@ class ComfyServer:
         self.log_path = base / "comfyui.log"
         self._process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "ComfyServer":
+    def start(self, timeout: float = 180) -> ComfyServer:
         for folder in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output", "temp", "user"):
             (self.base / folder).mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the server's log, closed by stop()
         self._process = subprocess.Popen(
-            [str(self.python), str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--disable-auto-launch"],
-            cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                str(self.python),
+                str(self.comfyui / "main.py"),
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(self.base),
+                "--disable-auto-launch",
+            ],
+            cwd=self.comfyui,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._process.poll() is None:
@@ -288,8 +340,11 @@ class ComfyServer:
             return json.loads(response.read())
 
     def queue(self, prompt: dict) -> str:
-        request = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + "/prompt",
+            data=json.dumps({"prompt": prompt}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())["prompt_id"]
@@ -301,7 +356,11 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str") in ("success", "error"):
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and entry["status"].get("status_str") in ("success", "error")
+            ):
                 return entry
             if self._process.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited; log:\n{self.log()[-4000:]}")
@@ -367,7 +426,9 @@ def load_pack_like_comfyui(pack: Path, loras: Path, python: str | Path = sys.exe
     """Import the pack folder ``pack`` as ComfyUI does, in ``python``, with diffusers, peft,
     transformers, huggingface_hub, accelerate and openai unimportable and sockets refused; then merge
     a.safetensors and b.safetensors of ``loras`` through the nodes and save the result there."""
-    code = _LOAD_LIKE_COMFYUI.format(blocked=BLOCKED, pack=str(pack), tests=str(Path(__file__).parent), loras=str(loras))
+    code = _LOAD_LIKE_COMFYUI.format(
+        blocked=BLOCKED, pack=str(pack), tests=str(Path(__file__).parent), loras=str(loras)
+    )
     result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=180, cwd=loras)
     if result.returncode != 0:
         raise AssertionError(f"loading the pack failed:\n{result.stderr[-3000:]}")
@@ -381,9 +442,15 @@ def write_two_small_experts(loras: Path) -> None:
 
     for seed, name in enumerate(("a", "b")):
         generator = torch.Generator().manual_seed(seed)
-        save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 320, generator=generator),
-                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(320, 2, generator=generator)},
-                  loras / f"{name}.safetensors")
+        save_file(
+            {
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(
+                    2, 320, generator=generator
+                ),
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(320, 2, generator=generator),
+            },
+            loras / f"{name}.safetensors",
+        )
 
 
 # --------------------------------------------------------------- run by ComfyUI's own Python
@@ -412,13 +479,31 @@ def _build_checkpoint(out: str) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                             cross_attention_dim=768, attention_head_dim=8).save_pretrained(root / "unet")
-        AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                      sample_size=512).save_pretrained(root / "vae")
-        config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                projection_dim=768, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
+        UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ).save_pretrained(root / "unet")
+        AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        ).save_pretrained(root / "vae")
+        config = CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+            max_position_embeddings=77,
+        )
         CLIPTextModel(config).save_pretrained(root / "text_encoder")
         # transformers 5 writes CLIP keys without "text_model."; ComfyUI would then leave the encoder at zero.
         clip_file = root / "text_encoder" / "model.safetensors"
@@ -453,7 +538,9 @@ def _key_check(lora_file: str, arch: str) -> dict:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**FULL_SIZE_UNET[arch])
     model = comfy.model_detection.model_config_from_diffusers_unet(unet.state_dict()).get_model({}, device="meta")
-    clip = comfy.sdxl_clip.SDXLClipModel(device="meta") if arch == "sdxl" else comfy.sd1_clip.SD1ClipModel(device="meta")
+    clip = (
+        comfy.sdxl_clip.SDXLClipModel(device="meta") if arch == "sdxl" else comfy.sd1_clip.SD1ClipModel(device="meta")
+    )
     key_map = comfy.lora.model_lora_keys_clip(clip, comfy.lora.model_lora_keys_unet(model, {}))
     unloaded: list[str] = []
 
@@ -470,8 +557,13 @@ def _key_check(lora_file: str, arch: str) -> dict:
     from comfyui_nodes.fit import comfy_lora_fit, weight_shapes
 
     unmatched, misfits = comfy_lora_fit(lora, key_map, patches, {**weight_shapes(model), **weight_shapes(clip)})
-    return {"model": type(model.model_config).__name__, "patched": len(patches), "keys": len(lora), "unloaded": unloaded,
-            "unfit": unmatched[:5] + [misfit.describe("the model") for misfit in misfits[:5]]}
+    return {
+        "model": type(model.model_config).__name__,
+        "patched": len(patches),
+        "keys": len(lora),
+        "unloaded": unloaded,
+        "unfit": unmatched[:5] + [misfit.describe("the model") for misfit in misfits[:5]],
+    }
 
 
 def _qwen_image_key_check(lora_file: str, config: str) -> dict:
@@ -507,6 +599,9 @@ def _qwen_image_key_check(lora_file: str, config: str) -> dict:
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    answer = {"build-checkpoint": _build_checkpoint, "key-check": _key_check,
-              "qwen-image-key-check": _qwen_image_key_check}[command](*arguments)
+    answer = {
+        "build-checkpoint": _build_checkpoint,
+        "key-check": _key_check,
+        "qwen-image-key-check": _qwen_image_key_check,
+    }[command](*arguments)
     print(json.dumps(answer))

@@ -23,7 +23,9 @@ def drawn_image(seed: int, size: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(3):
         x, y = rng.randrange(size - 16), rng.randrange(size - 16)
-        draw.ellipse([x, y, x + rng.randrange(8, 16), y + rng.randrange(8, 16)], fill=tuple(rng.randrange(256) for _ in range(3)))
+        draw.ellipse(
+            [x, y, x + rng.randrange(8, 16), y + rng.randrange(8, 16)], fill=tuple(rng.randrange(256) for _ in range(3))
+        )
     return image
 
 
@@ -33,8 +35,13 @@ def variant_items(seed_offset: int = 0):
 
     out = {}
     for v, variant in enumerate(VARIANTS):
-        out[variant] = {skill: [EvalItem(drawn_image(1000 * v + 10 * i + seed_offset), prompt, seed=0, prompt_id=i)
-                                for i, prompt in enumerate(prompts)] for skill, prompts in PROMPTS.items()}
+        out[variant] = {
+            skill: [
+                EvalItem(drawn_image(1000 * v + 10 * i + seed_offset), prompt, seed=0, prompt_id=i)
+                for i, prompt in enumerate(prompts)
+            ]
+            for skill, prompts in PROMPTS.items()
+        }
     return out
 
 
@@ -71,7 +78,11 @@ def open_clip_state_dict(model) -> dict:
     import torch
 
     for tower, prefix in (("text_model", "transformer"), ("vision_model", "visual.transformer")):
-        layers = model.config.text_config.num_hidden_layers if tower == "text_model" else model.config.vision_config.num_hidden_layers
+        layers = (
+            model.config.text_config.num_hidden_layers
+            if tower == "text_model"
+            else model.config.vision_config.num_hidden_layers
+        )
         for n in range(layers):
             hf = f"{tower}.encoder.layers.{n}"
             oc = f"{prefix}.resblocks.{n}"

@@ -35,8 +35,10 @@ import yaml
 from support_servers import send_json, stop_process
 
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "stand-in", "GIT_AUTHOR_EMAIL": "stand-in@127.0.0.1",
-    "GIT_COMMITTER_NAME": "stand-in", "GIT_COMMITTER_EMAIL": "stand-in@127.0.0.1",
+    "GIT_AUTHOR_NAME": "stand-in",
+    "GIT_AUTHOR_EMAIL": "stand-in@127.0.0.1",
+    "GIT_COMMITTER_NAME": "stand-in",
+    "GIT_COMMITTER_EMAIL": "stand-in@127.0.0.1",
 }
 
 
@@ -51,7 +53,11 @@ def free_port() -> int:
 
 def _git(repo: Path, *args: str, data: bytes | None = None, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        ["git", f"--git-dir={repo}", *args], input=data, capture_output=True, check=True, timeout=60,
+        ["git", f"--git-dir={repo}", *args],
+        input=data,
+        capture_output=True,
+        check=True,
+        timeout=60,
         env={**os.environ, **GIT_IDENTITY, **(env or {})},
     )
     return result.stdout.decode().strip()
@@ -118,7 +124,7 @@ class OlahHub:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "OlahHub":
+    def start(self, timeout: float = 60.0) -> OlahHub:
         # The readiness probe needs one repository (GET / answers 500 on an offline mirror).
         ready = init_repo(self.mirrors, self.READY_REPO)
         commit_files(ready, {"README.md": b"ready\n"}, "ready")
@@ -132,9 +138,12 @@ class OlahHub:
             "metadata-cache-ttl = 0\n"
             "[accessibility]\noffline = true\n"
         )
-        self._log = open(self.root / "olah.log", "wb")
+        self._log = open(self.root / "olah.log", "wb")  # noqa: SIM115 - the server's log, closed by stop()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "olah.server", "-c", str(config)], cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "olah.server", "-c", str(config)],
+            cwd=self.root,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         url = f"{self.endpoint}/api/models/{self.READY_REPO}/revision/main"
         deadline = time.monotonic() + timeout
@@ -168,7 +177,7 @@ class Received:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "HubWriteStandIn"
+    server: HubWriteStandIn
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -248,9 +257,14 @@ class HubWriteStandIn(_Server):
             return handler._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         if action == "preupload":
             files = json.loads(body)["files"]
-            return handler._reply(200, {"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
-            ]})
+            return handler._reply(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                    ]
+                },
+            )
         return self._commit(handler, repo_id, repo, revision, body)
 
     def _create(self, handler: _Handler, payload: dict) -> None:
@@ -306,10 +320,15 @@ class HostileListing(_Server):
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
         if method != "GET" or match is None:
             return handler._error(404, f"no route {method} {path}")
-        handler._reply(200, {
-            "id": match.group(1), "sha": "0" * 40, "private": False,
-            "siblings": [{"rfilename": name} for name in self.names],
-        })
+        handler._reply(
+            200,
+            {
+                "id": match.group(1),
+                "sha": "0" * 40,
+                "private": False,
+                "siblings": [{"rfilename": name} for name in self.names],
+            },
+        )
 
 
 # ------------------------------------------------------------------------------- test experts
@@ -326,8 +345,12 @@ def write_expert(path: Path, *, skill: str, seed: int, rank: int = 4, metadata: 
     for block in ("down_blocks.0.attentions.0", "up_blocks.1.attentions.0"):
         for proj in ("to_q", "to_k"):
             modules[f"unet.{block}.transformer_blocks.0.attn1.{proj}"] = LoraModule(
-                down=torch.randn(rank, 32, generator=generator), up=torch.randn(32, rank, generator=generator), alpha=float(rank)
+                down=torch.randn(rank, 32, generator=generator),
+                up=torch.randn(32, rank, generator=generator),
+                alpha=float(rank),
             )
-    meta = {**lora_metadata(base_model="stabilityai/stable-diffusion-2-1-base", architecture="sd2", skill=skill or None),
-            **(metadata or {})}
+    meta = {
+        **lora_metadata(base_model="stabilityai/stable-diffusion-2-1-base", architecture="sd2", skill=skill or None),
+        **(metadata or {}),
+    }
     return save_lora(LoraWeights(modules=modules), path, metadata=meta)

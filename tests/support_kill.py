@@ -89,7 +89,9 @@ class Tally:
         found, wanted = list(found), set(wanted)
         counts = Counter(found)
         self.add("lost", len(wanted - set(found)), f"{what}: {sorted(map(str, wanted - set(found)))[:5]}")
-        self.add("duplicated", sum(c - 1 for c in counts.values()), f"{what}: {[k for k, c in counts.items() if c > 1][:5]}")
+        self.add(
+            "duplicated", sum(c - 1 for c in counts.values()), f"{what}: {[k for k, c in counts.items() if c > 1][:5]}"
+        )
         self.add("extra", len(set(found) - wanted), f"{what}: {sorted(map(str, set(found) - wanted))[:5]}")
 
 
@@ -126,8 +128,17 @@ def _count(root: Path, pattern: str) -> int:
     return sum(1 for _ in root.glob(pattern))
 
 
-def run_until_killed(command: Sequence[str], pattern: str | None, delay: float, root: Path, log: Path, *,
-                     cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900) -> int:
+def run_until_killed(
+    command: Sequence[str],
+    pattern: str | None,
+    delay: float,
+    root: Path,
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> int:
     """Start ``command`` (in ``cwd``, with ``env``); SIGKILL it ``delay`` s after one more file matches
     ``pattern`` under ``root`` (or, with no pattern, ``delay`` s after its start). Return its exit
     status (-9 when killed)."""
@@ -171,14 +182,17 @@ def torn_files(root: Path) -> list[str]:
                 # io.read_jsonl(repair_tail=True)); every line before it must be whole.
                 for line in path.read_text().split("\n")[:-1]:
                     json.loads(line)
-        except Exception as exc:  # noqa: BLE001 - any failure to read back is what is counted
+        except Exception as exc:
             torn.append(f"{path.relative_to(root)} ({type(exc).__name__}: {str(exc)[:120]})")
     return torn
 
 
 def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")
-            if p.is_file() and not TEMPORARY.match(p.name) and p.name != LOCK}
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not TEMPORARY.match(p.name) and p.name != LOCK
+    }
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -204,10 +218,14 @@ def _score_key(row: dict) -> tuple:
 def check_run(root: Path, reference: Path, tally: Tally) -> None:
     """Count into ``tally`` how a resumed run folder differs from the uninterrupted ``reference``."""
     tally.folders += 1
-    status = subprocess.run([sys.executable, "-m", "selma_toolkit", "status", str(root)], capture_output=True, text=True,
-                            timeout=300)
-    tally.add("damaged", int(status.returncode != 0 or "the run is complete" not in status.stdout),
-              f"{root.name}: `selma status` does not say the run is complete: {status.stdout[-300:]}{status.stderr[-300:]}")
+    status = subprocess.run(
+        [sys.executable, "-m", "selma_toolkit", "status", str(root)], capture_output=True, text=True, timeout=300
+    )
+    tally.add(
+        "damaged",
+        int(status.returncode != 0 or "the run is complete" not in status.stdout),
+        f"{root.name}: `selma status` does not say the run is complete: {status.stdout[-300:]}{status.stderr[-300:]}",
+    )
     tally.items(f"{root.name}: files", _files(root), _files(reference))
     for skill in sorted(p.name for p in (reference / "skills").iterdir()):
         mine, theirs = root / "skills" / skill, reference / "skills" / skill
@@ -216,25 +234,37 @@ def check_run(root: Path, reference: Path, tally: Tally) -> None:
         if [r["prompt"] for r in prompts] != [r["prompt"] for r in wanted]:
             tally.problems.append(f"{skill}: prompts differ from the uninterrupted run's")
         rows = _jsonl(mine / "images" / "metadata.jsonl")
-        tally.items(f"{skill} image rows", [r["file_name"] for r in rows],
-                    [r["file_name"] for r in _jsonl(theirs / "images" / "metadata.jsonl")])
+        tally.items(
+            f"{skill} image rows",
+            [r["file_name"] for r in rows],
+            [r["file_name"] for r in _jsonl(theirs / "images" / "metadata.jsonl")],
+        )
         tally.items(f"{skill} PNGs", [p.name for p in (mine / "images").glob("*.png")], [r["file_name"] for r in rows])
         tally.items(f"{skill} checkpoints", _steps(mine), _steps(theirs))
-        tally.items(f"{skill} loss rows", [r["step"] for r in _jsonl(mine / "train" / "loss.jsonl")],
-                    [r["step"] for r in _jsonl(theirs / "train" / "loss.jsonl")])
-    tally.items("eval scores", map(_score_key, _jsonl(root / "eval" / "item_scores.jsonl")),
-                map(_score_key, _jsonl(reference / "eval" / "item_scores.jsonl")))
+        tally.items(
+            f"{skill} loss rows",
+            [r["step"] for r in _jsonl(mine / "train" / "loss.jsonl")],
+            [r["step"] for r in _jsonl(theirs / "train" / "loss.jsonl")],
+        )
+    tally.items(
+        "eval scores",
+        map(_score_key, _jsonl(root / "eval" / "item_scores.jsonl")),
+        map(_score_key, _jsonl(reference / "eval" / "item_scores.jsonl")),
+    )
     for lora in sorted([*(reference / "experts").glob("*.safetensors"), *(reference / "merged").glob("*.safetensors")]):
         mine = root / lora.relative_to(reference)
         try:
             if _shapes(mine) != _shapes(lora):
-                tally.add("damaged", 1, f"{mine.relative_to(root)}: other modules or shapes than the uninterrupted run's")
-        except Exception as exc:  # noqa: BLE001 - a missing file is counted above; a broken one here
+                tally.add(
+                    "damaged", 1, f"{mine.relative_to(root)}: other modules or shapes than the uninterrupted run's"
+                )
+        except Exception as exc:
             tally.add("damaged", 1, f"{mine.relative_to(root)}: does not load ({exc})")
 
 
-def kill_and_resume(workdir: Path, seed: int, points: int, overrides: Sequence[str],
-                    say: Callable[[str], None] = lambda _: None) -> Tally:
+def kill_and_resume(
+    workdir: Path, seed: int, points: int, overrides: Sequence[str], say: Callable[[str], None] = lambda _: None
+) -> Tally:
     """The whole procedure: an uninterrupted run, then ``points`` seeded kills and resumes (new
     folders as runs finish), each folder run to its end and checked; torn files checked after each kill."""
     log = workdir / "runs.log"
@@ -255,7 +285,9 @@ def kill_and_resume(workdir: Path, seed: int, points: int, overrides: Sequence[s
         else:
             tally.finished_before_kill += 1
             tally.add("damaged", int(status != 0), f"{root.name}: a resumed run failed (exit {status}); see {log}")
-        say(f"point {number}/{points}, {where}: {'killed' if killed else f'ended first (exit {status})'} in {root.name}")
+        say(
+            f"point {number}/{points}, {where}: {'killed' if killed else f'ended first (exit {status})'} in {root.name}"
+        )
         if not killed:  # this folder is done: check it, continue in a new one
             check_run(root, reference, tally)
             index += 1

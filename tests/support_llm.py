@@ -25,12 +25,72 @@ from typing import Any
 
 from support_servers import send_json
 
-_ADJECTIVES = ("red", "tiny", "wooden", "striped", "sleepy", "golden", "rusty", "fluffy", "glass", "ancient",
-               "purple", "shiny", "muddy", "paper", "frozen", "velvet", "neon", "marble", "dusty", "silver")
-_NOUNS = ("fox", "teapot", "bicycle", "lantern", "violin", "cactus", "penguin", "umbrella", "robot", "kettle",
-          "giraffe", "sailboat", "pumpkin", "owl", "typewriter", "canoe", "hedgehog", "telescope", "accordion", "yak")
-_PLACES = ("beach", "library", "rooftop", "forest", "market", "kitchen", "desert", "harbor", "attic", "stadium",
-           "glacier", "bakery", "subway", "meadow", "castle", "garage", "greenhouse", "canyon", "ferry", "museum")
+_ADJECTIVES = (
+    "red",
+    "tiny",
+    "wooden",
+    "striped",
+    "sleepy",
+    "golden",
+    "rusty",
+    "fluffy",
+    "glass",
+    "ancient",
+    "purple",
+    "shiny",
+    "muddy",
+    "paper",
+    "frozen",
+    "velvet",
+    "neon",
+    "marble",
+    "dusty",
+    "silver",
+)
+_NOUNS = (
+    "fox",
+    "teapot",
+    "bicycle",
+    "lantern",
+    "violin",
+    "cactus",
+    "penguin",
+    "umbrella",
+    "robot",
+    "kettle",
+    "giraffe",
+    "sailboat",
+    "pumpkin",
+    "owl",
+    "typewriter",
+    "canoe",
+    "hedgehog",
+    "telescope",
+    "accordion",
+    "yak",
+)
+_PLACES = (
+    "beach",
+    "library",
+    "rooftop",
+    "forest",
+    "market",
+    "kitchen",
+    "desert",
+    "harbor",
+    "attic",
+    "stadium",
+    "glacier",
+    "bakery",
+    "subway",
+    "meadow",
+    "castle",
+    "garage",
+    "greenhouse",
+    "canyon",
+    "ferry",
+    "museum",
+)
 _PATTERNS = (
     "A {a} {n} beside a {a2} {n2} on a {p}.",
     "{c} {a} {n}s resting in the {p} at dawn",
@@ -47,8 +107,9 @@ def fresh_prompts(seed_text: str, count: int) -> list[str]:
     for _ in range(count):
         a, a2 = rng.sample(_ADJECTIVES, 2)
         n, n2 = rng.sample(_NOUNS, 2)
-        prompts.append(rng.choice(_PATTERNS).format(a=a, a2=a2, n=n, n2=n2, p=rng.choice(_PLACES),
-                                                    c=rng.choice(("Two", "Three"))))
+        prompts.append(
+            rng.choice(_PATTERNS).format(a=a, a2=a2, n=n, n2=n2, p=rng.choice(_PLACES), c=rng.choice(("Two", "Three")))
+        )
     return prompts
 
 
@@ -133,12 +194,12 @@ class ScriptedLLM:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def then(self, *actions: Any) -> "ScriptedLLM":
+    def then(self, *actions: Any) -> ScriptedLLM:
         with self._lock:
             self.script.extend(actions)
         return self
 
-    def start(self) -> "ScriptedLLM":
+    def start(self) -> ScriptedLLM:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
@@ -169,11 +230,13 @@ class ScriptedLLM:
             def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 send_json(self, status, payload, headers)
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
-                    server.requests.append(SeenRequest(self.path, body, self.headers.get("Authorization"), time.monotonic()))
+                    server.requests.append(
+                        SeenRequest(self.path, body, self.headers.get("Authorization"), time.monotonic())
+                    )
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
@@ -197,8 +260,11 @@ class ScriptedLLM:
                     server._stopping.wait(action.seconds)
                     return
                 if isinstance(action, Fail):
-                    self._json(action.status, {"error": {"message": f"scripted {action.status}", "type": "scripted"}},
-                               action.headers)
+                    self._json(
+                        action.status,
+                        {"error": {"message": f"scripted {action.status}", "type": "scripted"}},
+                        action.headers,
+                    )
                     return
                 if server.delay:
                     server._stopping.wait(server.delay)
@@ -207,14 +273,27 @@ class ScriptedLLM:
                 usage = {"prompt_tokens": len(prompt_of(body).split()), "completion_tokens": len(reply.text.split())}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 if chat:
-                    choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
-                              "finish_reason": reply.finish_reason}
+                    choice = {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply.text},
+                        "finish_reason": reply.finish_reason,
+                    }
                     kind = "chat.completion"
                 else:
                     choice = {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}
                     kind = "text_completion"
-                self._json(200, {"id": request_id, "object": kind, "created": 0, "model": body.get("model", "scripted"),
-                                 "choices": [choice], "usage": usage}, {"x-request-id": request_id})
+                self._json(
+                    200,
+                    {
+                        "id": request_id,
+                        "object": kind,
+                        "created": 0,
+                        "model": body.get("model", "scripted"),
+                        "choices": [choice],
+                        "usage": usage,
+                    },
+                    {"x-request-id": request_id},
+                )
 
         return Handler
 
@@ -225,13 +304,23 @@ def skill_data(url: str, **changes: Any) -> dict[str, Any]:
         "name": "scripted",
         "source": "llm",
         "instruction": "Please create {n} more diverse image descriptions, each less than {max_words} words.\n"
-                       "Here are some image description examples:",
-        "seeds": ["Dogs stick their heads out of car windows.", "A brown purse is sitting on a green bench.",
-                  "A group of motorcycle riders driving past buildings."],
+        "Here are some image description examples:",
+        "seeds": [
+            "Dogs stick their heads out of car windows.",
+            "A brown purse is sitting on a green bench.",
+            "A group of motorcycle riders driving past buildings.",
+        ],
         "num_prompts": 12,
         "prompts_per_request": 5,
-        "llm": {"base_url": url, "model": "scripted-llm", "api": "completions", "concurrency": 2,
-                "max_retries": 2, "timeout": 5.0, "api_key_env": "SELMA_TEST_LLM_KEY"},
+        "llm": {
+            "base_url": url,
+            "model": "scripted-llm",
+            "api": "completions",
+            "concurrency": 2,
+            "max_retries": 2,
+            "timeout": 5.0,
+            "api_key_env": "SELMA_TEST_LLM_KEY",
+        },
     }
     for key, value in changes.items():
         if key == "llm":

@@ -18,14 +18,35 @@ from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Every kind of layer an SD UNet has that LoRA / LoCon trainers adapt: attention, projections,
 # feed-forward, resnet convs (LoCon), time embeddings, samplers, in/out convs.
-UNET_ALL = UNET_ATTENTION + [
-    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj", "conv_shortcut",
-    "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "conv_out", "time_embedding.linear_1",
-    "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2",
+UNET_ALL = [
+    *UNET_ATTENTION,
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
+    "add_embedding.linear_1",
+    "add_embedding.linear_2",
 ]
 TEXT_ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # The CLIP layers ComfyUI's key map knows (comfy.lora.LORA_CLIP_MAP), written down from its docs.
-COMFY_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+COMFY_CLIP_LAYERS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 def text_encoders(pipe) -> dict[str, torch.nn.Module]:
@@ -36,8 +57,19 @@ def text_encoders(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
-def add_peft_lora(pipe, *, rank=4, alpha=8, unet_targets=UNET_ATTENTION, text_targets=(), text_rank=None,
-                  text_alpha=None, rank_pattern=None, alpha_pattern=None, seed=0) -> dict:
+def add_peft_lora(
+    pipe,
+    *,
+    rank=4,
+    alpha=8,
+    unet_targets=UNET_ATTENTION,
+    text_targets=(),
+    text_rank=None,
+    text_alpha=None,
+    rank_pattern=None,
+    alpha_pattern=None,
+    seed=0,
+) -> dict:
     """Give ``pipe`` a random peft LoRA ("default" adapter, both factors random so the update is
     non-zero). Text encoders get theirs with ``inject_adapter_in_model`` (``add_adapter`` fails
     with transformers 5 + peft 0.21). Returns the LoraConfig of each adapted component."""
@@ -45,14 +77,24 @@ def add_peft_lora(pipe, *, rank=4, alpha=8, unet_targets=UNET_ATTENTION, text_ta
 
     torch.manual_seed(seed)
     configs = {}
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(unet_targets), init_lora_weights=False,
-                        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(unet_targets),
+        init_lora_weights=False,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+    )
     pipe.unet.add_adapter(config)
     configs["unet"] = config
     if text_targets:
         for component, encoder in text_encoders(pipe).items():
-            text_config = LoraConfig(r=text_rank or rank, lora_alpha=text_alpha or alpha, target_modules=list(text_targets),
-                                     init_lora_weights=False)
+            text_config = LoraConfig(
+                r=text_rank or rank,
+                lora_alpha=text_alpha or alpha,
+                target_modules=list(text_targets),
+                init_lora_weights=False,
+            )
             inject_adapter_in_model(text_config, encoder)
             configs[component] = text_config
     return configs
@@ -90,8 +132,9 @@ def peft_updates(pipe) -> dict[str, torch.Tensor]:
     return updates
 
 
-def random_lora(pipe, *, rank=4, alpha=8.0, unet_targets=UNET_ATTENTION, text_targets=(), seed=0,
-                dtype=torch.float32) -> LoraWeights:
+def random_lora(
+    pipe, *, rank=4, alpha=8.0, unet_targets=UNET_ATTENTION, text_targets=(), seed=0, dtype=torch.float32
+) -> LoraWeights:
     """A random LoraWeights for ``pipe`` built straight from its layer shapes (no peft), for tests
     that need many LoRAs fast (merge, ComfyUI). Conv layers get conv factors (LoCon)."""
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +153,9 @@ def random_lora(pipe, *, rank=4, alpha=8.0, unet_targets=UNET_ATTENTION, text_ta
                 up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
             else:
                 continue
-            modules[canonical_module_name(component, path)] = LoraModule(down.to(dtype) * 0.1, up.to(dtype) * 0.1, alpha)
+            modules[canonical_module_name(component, path)] = LoraModule(
+                down.to(dtype) * 0.1, up.to(dtype) * 0.1, alpha
+            )
     return LoraWeights(modules=modules)
 
 
@@ -133,11 +178,23 @@ def comfyui_accepted_keys(pipe, arch: str) -> set[str]:
     return {f"{name}.{suffix}" for name in names for suffix in ("lora_down.weight", "lora_up.weight", "alpha")}
 
 
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_BASIC_TO_LDM = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-                 "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                 "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_BASIC_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
 
 
 def diffusers_to_ldm(path: str, layers_per_block: int, up_has_attention: dict[int, bool]) -> str:
@@ -146,7 +203,7 @@ def diffusers_to_ldm(path: str, layers_per_block: int, up_has_attention: dict[in
     ``convert_ldm_unet_checkpoint``. ``up_has_attention[i]``: up block i has attentions."""
     for name, ldm in _BASIC_TO_LDM.items():
         if path == name or path.startswith(name + "."):
-            return ldm + path[len(name):]
+            return ldm + path[len(name) :]
     parts = path.split(".")
     step = layers_per_block + 1
     kind, block = parts[0], int(parts[1]) if parts[0] != "mid_block" else 0
@@ -174,24 +231,47 @@ def diffusers_to_ldm(path: str, layers_per_block: int, up_has_attention: dict[in
 # Full-size configs of the real models (public config.json values), for name tests on the meta
 # device: no weights are allocated.
 FULL_SIZE_UNET = {
-    "sd1": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    "sd2": dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
-                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-                 attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
-                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "sd1": dict(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sd2": dict(
+        sample_size=96,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
 }
 # CLIP-L (SD 1.x, SDXL's first), OpenCLIP-H (SD 2.x, 23 layers as shipped), OpenCLIP-bigG (SDXL's second).
 FULL_SIZE_TEXT = {
     "clip_l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     "clip_h": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
-    "clip_g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280),
+    "clip_g": dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
+    ),
 }
 
 
@@ -220,7 +300,10 @@ def lora_like(unet=None, text: dict | None = None, *, rank=2, alpha=1.0) -> Lora
     for component, model in parts.items():
         for path, layer in model.named_modules():
             if isinstance(layer, torch.nn.Linear):
-                down, up = torch.empty(rank, layer.in_features, device="meta"), torch.empty(layer.out_features, rank, device="meta")
+                down, up = (
+                    torch.empty(rank, layer.in_features, device="meta"),
+                    torch.empty(layer.out_features, rank, device="meta"),
+                )
             elif isinstance(layer, torch.nn.Conv2d):
                 down = torch.empty(rank, layer.in_channels, *layer.kernel_size, device="meta")
                 up = torch.empty(layer.out_channels, rank, 1, 1, device="meta")
@@ -250,6 +333,8 @@ def diffusers_warnings(*, include_peft: bool = False):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield records
-        records.extend(str(w.message) for w in caught if "peft" in (w.filename or "") or "lora" in str(w.message).lower())
+        records.extend(
+            str(w.message) for w in caught if "peft" in (w.filename or "") or "lora" in str(w.message).lower()
+        )
     finally:
         logger.removeHandler(handler)

@@ -8,7 +8,9 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+def send_json(
+    handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str] | None = None
+) -> None:
     """Answer a request with ``payload`` as JSON, a Content-Length and any extra ``headers``."""
     body = json.dumps(payload).encode()
     handler.send_response(status)

@@ -6,7 +6,6 @@ model with the merged update added to its weights by hand, computed in numpy fro
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -32,13 +31,20 @@ def experts(tiny_sd1) -> list[LoraWeights]:
 
     pipe = load_pipeline(str(tiny_sd1), device="cpu", dtype="float32")
     specs = [(4, 1.0), (4, 8.0), (4, 3.0)]
-    return [random_lora(pipe, rank=r, alpha=a, text_targets=TEXT_TARGETS, seed=10 + i) for i, (r, a) in enumerate(specs)]
+    return [
+        random_lora(pipe, rank=r, alpha=a, text_targets=TEXT_TARGETS, seed=10 + i) for i, (r, a) in enumerate(specs)
+    ]
 
 
 def outputs(pipe) -> tuple[np.ndarray, np.ndarray]:
     """(text-encoder hidden states, one UNet noise prediction) on fixed inputs."""
-    ids = pipe.tokenizer(["a red cube left of a blue ball"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a red cube left of a blue ball"],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=generator)  # 64 px: small is enough
     with torch.no_grad():
@@ -101,9 +107,15 @@ def test_selma_adapter_applies_the_papers_merged_update(fresh_pipe, experts):
 
 
 @pytest.mark.parametrize(("layout", "method"), [("kohya", "delta"), ("peft", "svd")])
-def test_merged_file_loads_in_a_fresh_pipeline_without_unexpected_or_missing_keys(fresh_pipe, experts, tmp_path, layout, method):
-    out = merge_files([save_lora(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)],
-                      tmp_path / "merged.safetensors", method, format=layout)
+def test_merged_file_loads_in_a_fresh_pipeline_without_unexpected_or_missing_keys(
+    fresh_pipe, experts, tmp_path, layout, method
+):
+    out = merge_files(
+        [save_lora(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)],
+        tmp_path / "merged.safetensors",
+        method,
+        format=layout,
+    )
     written = load_lora(tmp_path / "merged.safetensors")
     pipe = fresh_pipe()
     base = outputs(pipe)
@@ -112,7 +124,11 @@ def test_merged_file_loads_in_a_fresh_pipeline_without_unexpected_or_missing_key
     assert not [w for w in warnings if "unexpected" in w or "missing" in w or "No LoRA keys" in w], warnings
     from peft.tuners.lora import LoraLayer
 
-    adapted = sum(isinstance(m, LoraLayer) and "merged" in m.lora_A for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
+    adapted = sum(
+        isinstance(m, LoraLayer) and "merged" in m.lora_A
+        for part in (pipe.unet, pipe.text_encoder)
+        for m in part.modules()
+    )
     assert adapted == len(out.modules) == len(written.modules)
     by_hand = fresh_pipe()
     updates = {}
@@ -134,7 +150,12 @@ def test_fused_adapter_gives_the_unfused_output(fresh_pipe, experts):
 
 def block_weight_by_hand(name: str) -> float:
     """in=0.5, mid=0, out=2, te=0.25 read off a module name; UNet modules outside the blocks keep 1."""
-    for prefix, weight in (("unet.down_blocks.", 0.5), ("unet.mid_block.", 0.0), ("unet.up_blocks.", 2.0), ("text_encoder", 0.25)):
+    for prefix, weight in (
+        ("unet.down_blocks.", 0.5),
+        ("unet.mid_block.", 0.0),
+        ("unet.up_blocks.", 2.0),
+        ("text_encoder", 0.25),
+    ):
         if name.startswith(prefix):
             return weight
     return 1.0

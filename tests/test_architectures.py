@@ -40,8 +40,11 @@ def test_every_family_record_is_consistent():
 
 
 def test_unknown_family_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl, sd3, flux, chroma, "
-                                         r"qwen-image, z-image, flux2-klein"):
+    with pytest.raises(
+        ValueError,
+        match=r"architecture 'sd3x': expected one of sd1, sd2, sdxl, sd3, flux, chroma, "
+        r"qwen-image, z-image, flux2-klein",
+    ):
         get_family("sd3x")
 
 

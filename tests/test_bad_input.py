@@ -27,16 +27,28 @@ HUGE = 10**15  # a header length no file has: it must be refused, never allocate
 
 RECIPE_SYNTAX_ERRORS = {
     # name: (text, expected message after "FILE: ")
-    "unclosed_array": ('name = "r"\nbase_model = "tiny:sd1"\nskills = [\n  "count-grammar",\n',
-                       "line 5, column 1: TOML syntax error: Invalid value at the end of the file (an unclosed [ array, "
-                       "{ table or quoted string?)"),
-    "unclosed_array_without_newline": ('name = "r"\nskills = ["count-grammar"',
-                                       "line 2, column 26: TOML syntax error: Unclosed array at the end of the file"),
-    "doubled_equals": ('name = "r"\nbase_model = = "tiny:sd1"\n', "line 2, column 14: TOML syntax error: Invalid value"),
-    "unterminated_string": ('name = "r\nbase_model = "tiny:sd1"\n',
-                            "line 1, column 10: TOML syntax error: Illegal character '\\n'"),
+    "unclosed_array": (
+        'name = "r"\nbase_model = "tiny:sd1"\nskills = [\n  "count-grammar",\n',
+        "line 5, column 1: TOML syntax error: Invalid value at the end of the file (an unclosed [ array, "
+        "{ table or quoted string?)",
+    ),
+    "unclosed_array_without_newline": (
+        'name = "r"\nskills = ["count-grammar"',
+        "line 2, column 26: TOML syntax error: Unclosed array at the end of the file",
+    ),
+    "doubled_equals": (
+        'name = "r"\nbase_model = = "tiny:sd1"\n',
+        "line 2, column 14: TOML syntax error: Invalid value",
+    ),
+    "unterminated_string": (
+        'name = "r\nbase_model = "tiny:sd1"\n',
+        "line 1, column 10: TOML syntax error: Illegal character '\\n'",
+    ),
     "duplicate_key": ('name = "r"\nname = "s"\n', "line 2, column 11: TOML syntax error: Cannot overwrite a value"),
-    "bad_table_header": ('name = "r"\n[train\nsteps = 1\n', "line 2, column 7: TOML syntax error: Expected ']' at the end of a table declaration"),
+    "bad_table_header": (
+        'name = "r"\n[train\nsteps = 1\n',
+        "line 2, column 7: TOML syntax error: Expected ']' at the end of a table declaration",
+    ),
 }
 
 
@@ -58,14 +70,22 @@ def test_run_recipe_whose_skill_file_has_a_syntax_error_names_the_skill_file(cli
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("text", "what"), [("", "the file is empty"), ("  \n\n", "the file is empty"),
-                                            ("# a comment\n\n# another\n", "the file holds only comments and blank lines")])
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("", "the file is empty"),
+        ("  \n\n", "the file is empty"),
+        ("# a comment\n\n# another\n", "the file holds only comments and blank lines"),
+    ],
+)
 def test_empty_recipe_file_says_it_is_empty_and_what_to_start_from(cli, tmp_path, text, what):
     recipe = tmp_path / "empty.toml"
     recipe.write_text(text)
     line = one_error_line(cli("recipe", "validate", str(recipe)))
-    assert line == f"error: {recipe}: {what}; expected a TOML recipe (see `selma recipe show tiny-demo` for a run recipe, " \
-                   "`selma skill new NAME` for a skill recipe)"
+    assert (
+        line == f"error: {recipe}: {what}; expected a TOML recipe (see `selma recipe show tiny-demo` for a run recipe, "
+        "`selma skill new NAME` for a skill recipe)"
+    )
 
 
 def test_recipe_that_is_not_utf8_text_is_refused_by_name(cli, tmp_path):
@@ -89,7 +109,7 @@ RECIPE_VALUE_ERRORS = {
     "merge.method=average": "--set merge.method=average: expected 'selma', 'delta', 'svd', 'ties' or 'dare'",
     "skills.count-grammar.num_prompts=x": "--set skills.count-grammar.num_prompts=x: expected an integer",
     "skills.nope.num_prompts=2": "--set skills.nope.num_prompts=2: no such skill in this run; its skills are "
-                                 "['count-grammar', 'spatial-grammar', 'color-grammar']",
+    "['count-grammar', 'spatial-grammar', 'color-grammar']",
     "trainsteps": "--set trainsteps: expected KEY=VALUE, e.g. train.steps=100",
     "train.steps.x=1": "--set train.steps.x=1: 'steps' is a value, not a table",
 }
@@ -105,14 +125,18 @@ def test_several_wrong_overrides_are_listed_one_a_line_and_a_wrong_file_value_na
     result = cli("recipe", "validate", "tiny-demo", "--set", "train.steps=0", "--set", "images.steps=x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-3:] == [
-        "error: --set: invalid values", "  --set images.steps=x: expected an integer",
-        "  --set train.steps=0: expected 1 or more"]
+        "error: --set: invalid values",
+        "  --set images.steps=x: expected an integer",
+        "  --set train.steps=0: expected 1 or more",
+    ]
     recipe = tmp_path / "run.toml"
     recipe.write_text('name = "r"\nbase_model = "tiny:sd1"\nskills = ["count-grammar"]\n[train]\nsteps = "a"\n')
     result = cli("recipe", "validate", str(recipe), "--set", "images.steps=x")
     assert result.stderr.strip().splitlines()[-3:] == [
-        f"error: {recipe}: invalid recipe", "  --set images.steps=x: expected an integer",
-        "  train.steps: expected an integer (found 'a')"]
+        f"error: {recipe}: invalid recipe",
+        "  --set images.steps=x: expected an integer",
+        "  train.steps: expected an integer (found 'a')",
+    ]
 
 
 # ------------------------------------------------------------------------------- safetensors files
@@ -121,9 +145,14 @@ def test_several_wrong_overrides_are_listed_one_a_line_and_a_wrong_file_value_na
 def tiny_lora_bytes(folder: Path) -> bytes:
     """A small valid kohya-layout LoRA file's bytes (one module, rank 2)."""
     path = folder / "valid.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 1, 1),
-               "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1),
-               "lora_unet_conv_in.alpha": torch.tensor(2.0)}, str(path))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 1, 1),
+            "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1),
+            "lora_unet_conv_in.alpha": torch.tensor(2.0),
+        },
+        str(path),
+    )
     return path.read_bytes()
 
 
@@ -134,13 +163,19 @@ def broken_safetensors(folder: Path) -> dict[str, tuple[bytes, str]]:
     return {
         "empty": (b"", "0 bytes, too short for a safetensors file (truncated or empty)"),
         "five_bytes": (b"\x01\x02\x03\x04\x05", "5 bytes, too short for a safetensors file (truncated or empty)"),
-        "huge_header_length": (struct.pack("<Q", HUGE) + b"{}" + b"\0" * 30,
-                               f"not a safetensors file, or truncated: its first 8 bytes announce a {HUGE}-byte header "
-                               "but the file has 40 bytes"),
-        "header_cut_short": (valid[: 8 + header_size // 2],
-                             f"not a safetensors file, or truncated: its first 8 bytes announce a {header_size}-byte header"),
-        "header_not_json": (struct.pack("<Q", 12) + b"{not json!!}" + b"\0" * 16,
-                            "the safetensors header is not valid JSON; the file is damaged or not safetensors"),
+        "huge_header_length": (
+            struct.pack("<Q", HUGE) + b"{}" + b"\0" * 30,
+            f"not a safetensors file, or truncated: its first 8 bytes announce a {HUGE}-byte header "
+            "but the file has 40 bytes",
+        ),
+        "header_cut_short": (
+            valid[: 8 + header_size // 2],
+            f"not a safetensors file, or truncated: its first 8 bytes announce a {header_size}-byte header",
+        ),
+        "header_not_json": (
+            struct.pack("<Q", 12) + b"{not json!!}" + b"\0" * 16,
+            "the safetensors header is not valid JSON; the file is damaged or not safetensors",
+        ),
         "tensor_data_cut_short": (valid[:-7], "truncated: the header needs"),
         "random_bytes": (os.urandom(8) + b"\x00" * 64, "not a safetensors file, or truncated"),
     }
@@ -189,13 +224,22 @@ def test_valid_tiny_lora_file_used_by_these_cases_is_read(tmp_path):
     path = tmp_path / "ok.safetensors"
     path.write_bytes(tiny_lora_bytes(tmp_path))
     tensors, _ = read_safetensors(path)
-    assert set(tensors) == {"lora_unet_conv_in.lora_down.weight", "lora_unet_conv_in.lora_up.weight", "lora_unet_conv_in.alpha"}
+    assert set(tensors) == {
+        "lora_unet_conv_in.lora_down.weight",
+        "lora_unet_conv_in.lora_up.weight",
+        "lora_unet_conv_in.alpha",
+    }
 
 
 def tiny_lora(path: Path, rank: int = 2, scale: float = 1.0) -> Path:
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.ones(rank, 4, 1, 1) * scale,
-               "lora_unet_conv_in.lora_up.weight": torch.ones(8, rank, 1, 1),
-               "lora_unet_conv_in.alpha": torch.tensor(2.0)}, str(path))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.ones(rank, 4, 1, 1) * scale,
+            "lora_unet_conv_in.lora_up.weight": torch.ones(8, rank, 1, 1),
+            "lora_unet_conv_in.alpha": torch.tensor(2.0),
+        },
+        str(path),
+    )
     return path
 
 
@@ -213,27 +257,45 @@ def wrong_loras(tmp_path_factory) -> Path:
 
 WRONG_LORA_USES = {
     # name: (selma arguments, start of the expected message after "error: ")
-    "non_lora_safetensors": (["lora", "info", "full-model.safetensors"],
-                             "full-model.safetensors: not a LoRA: none of its 1 tensors has a LoRA key (e.g. 'model.weight')"),
-    "pickle_named_safetensors": (["lora", "info", "zipped.safetensors"],
-                                 "zipped.safetensors: this is a PyTorch pickle/zip file named .safetensors, not safetensors; "
-                                 "it is refused because unpickling can run arbitrary code"),
-    "pickle_bin": (["lora", "info", "expert.bin"],
-                   "expert.bin: .bin files are Python pickles and loading one can run arbitrary code"),
-    "ranks_differ_for_selma": (["merge", "a.safetensors", "rank4.safetensors", "--out", "m.safetensors"],
-                               "module unet.conv_in: method selma averages the A and B factors and needs equal ranks; "
-                               "found a.safetensors: rank 2, rank4.safetensors: rank 4. Use --method delta"),
-    "rank_for_selma": (["merge", "a.safetensors", "b.safetensors", "--rank", "4", "--out", "m.safetensors"],
-                       "--rank 4: only svd, ties and dare choose an output rank; selma keeps the experts' rank. Drop "
-                       "--rank or use --method svd."),
-    "weight_count": (["merge", "a.safetensors", "b.safetensors", "--weights", "0.5", "--out", "m.safetensors"],
-                     "weights: got 1 weight(s) for 2 expert(s); give one weight per expert in the same order"),
-    "weight_nan": (["merge", "a.safetensors", "b.safetensors", "--weights", "1,nan", "--out", "m.safetensors"],
-                   "weights: [1.0, nan] contains a non-finite value; expected finite numbers"),
-    "weight_not_a_number": (["merge", "a.safetensors", "b.safetensors", "--weights", "1,x", "--out", "m.safetensors"],
-                            "--weights '1,x': expected comma-separated numbers, one per expert, e.g. 0.2,0.8"),
-    "unknown_method": (["merge", "a.safetensors", "b.safetensors", "--method", "average", "--out", "m.safetensors"],
-                       "--method 'average': expected one of selma, delta, svd, ties, dare"),
+    "non_lora_safetensors": (
+        ["lora", "info", "full-model.safetensors"],
+        "full-model.safetensors: not a LoRA: none of its 1 tensors has a LoRA key (e.g. 'model.weight')",
+    ),
+    "pickle_named_safetensors": (
+        ["lora", "info", "zipped.safetensors"],
+        "zipped.safetensors: this is a PyTorch pickle/zip file named .safetensors, not safetensors; "
+        "it is refused because unpickling can run arbitrary code",
+    ),
+    "pickle_bin": (
+        ["lora", "info", "expert.bin"],
+        "expert.bin: .bin files are Python pickles and loading one can run arbitrary code",
+    ),
+    "ranks_differ_for_selma": (
+        ["merge", "a.safetensors", "rank4.safetensors", "--out", "m.safetensors"],
+        "module unet.conv_in: method selma averages the A and B factors and needs equal ranks; "
+        "found a.safetensors: rank 2, rank4.safetensors: rank 4. Use --method delta",
+    ),
+    "rank_for_selma": (
+        ["merge", "a.safetensors", "b.safetensors", "--rank", "4", "--out", "m.safetensors"],
+        "--rank 4: only svd, ties and dare choose an output rank; selma keeps the experts' rank. Drop "
+        "--rank or use --method svd.",
+    ),
+    "weight_count": (
+        ["merge", "a.safetensors", "b.safetensors", "--weights", "0.5", "--out", "m.safetensors"],
+        "weights: got 1 weight(s) for 2 expert(s); give one weight per expert in the same order",
+    ),
+    "weight_nan": (
+        ["merge", "a.safetensors", "b.safetensors", "--weights", "1,nan", "--out", "m.safetensors"],
+        "weights: [1.0, nan] contains a non-finite value; expected finite numbers",
+    ),
+    "weight_not_a_number": (
+        ["merge", "a.safetensors", "b.safetensors", "--weights", "1,x", "--out", "m.safetensors"],
+        "--weights '1,x': expected comma-separated numbers, one per expert, e.g. 0.2,0.8",
+    ),
+    "unknown_method": (
+        ["merge", "a.safetensors", "b.safetensors", "--method", "average", "--out", "m.safetensors"],
+        "--method 'average': expected one of selma, delta, svd, ties, dare",
+    ),
 }
 
 
@@ -254,8 +316,10 @@ def test_run_out_that_is_an_existing_file_is_refused_and_the_file_kept(cli, tmp_
     blocker = tmp_path / "notes.txt"
     blocker.write_text("keep me")
     line = one_error_line(cli("run", "tiny-demo", "--out", str(blocker), *SMALL))
-    assert line == (f"error: --out {blocker}: an existing file; expected a folder (or a path that does not exist yet). "
-                    "Choose another --out or move the file away.")
+    assert line == (
+        f"error: --out {blocker}: an existing file; expected a folder (or a path that does not exist yet). "
+        "Choose another --out or move the file away."
+    )
     assert blocker.read_text() == "keep me" and files_under(tmp_path) == [blocker]
 
 
@@ -263,8 +327,10 @@ def test_run_out_under_a_file_is_refused_naming_the_file_in_the_way(cli, tmp_pat
     blocker = tmp_path / "notes.txt"
     blocker.write_text("keep me")
     line = one_error_line(cli("run", "tiny-demo", "--out", str(blocker / "runs" / "demo"), *SMALL))
-    assert line == (f"error: {blocker / 'runs' / 'demo'}: cannot be created because {blocker} is a file, not a "
-                    "folder. Choose another --out.")
+    assert line == (
+        f"error: {blocker / 'runs' / 'demo'}: cannot be created because {blocker} is a file, not a "
+        "folder. Choose another --out."
+    )
     assert blocker.read_text() == "keep me" and files_under(tmp_path) == [blocker]
 
 
@@ -272,8 +338,9 @@ def test_merge_out_that_is_an_existing_folder_is_refused_before_reading_the_expe
     folder = tmp_path / "merged"
     folder.mkdir()
     line = one_error_line(cli("merge", "a.safetensors", "b.safetensors", "--out", str(folder)))
-    assert line == (f"error: --out {folder}: an existing folder; expected a file name such as "
-                    f"{folder / 'merged.safetensors'}")
+    assert line == (
+        f"error: --out {folder}: an existing folder; expected a file name such as {folder / 'merged.safetensors'}"
+    )
     assert files_under(tmp_path) == [folder]
 
 
@@ -286,16 +353,21 @@ def test_merge_out_under_a_file_is_refused_naming_the_file_in_the_way(cli, tmp_p
     assert blocker.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores mode bits, so a 0555 folder is writable for it; the "
-                                              "path-under-a-file tests above cover an output that cannot be created")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root ignores mode bits, so a 0555 folder is writable for it; the "
+    "path-under-a-file tests above cover an output that cannot be created",
+)
 def test_run_out_in_a_read_only_folder_is_refused_naming_the_folder(cli, tmp_path):
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)
     try:
         line = one_error_line(cli("run", "tiny-demo", "--out", str(read_only / "run"), *SMALL))
-        assert line == (f"error: {read_only / 'run'}: cannot write here (its nearest existing folder {read_only}): "
-                        "permission denied or a read-only file system. Choose another --out or change its permissions.")
+        assert line == (
+            f"error: {read_only / 'run'}: cannot write here (its nearest existing folder {read_only}): "
+            "permission denied or a read-only file system. Choose another --out or change its permissions."
+        )
         assert list(read_only.iterdir()) == []
     finally:
         read_only.chmod(0o755)
@@ -351,7 +423,8 @@ def test_merge_on_a_full_disk_is_one_line_and_leaves_no_file_and_an_older_merge_
     merge = ["merge", "a.safetensors", "b.safetensors", "--out", "m.safetensors"]
     line = one_error_line(selma_on_a_full_disk(*merge, cwd=tmp_path), exit_code=1)  # a runtime error
     assert line.startswith("error: m.safetensors: No space left on device while writing it (") and line.endswith(
-        "; nothing was written over it. Free some space, then run the command again or choose another --out.")
+        "; nothing was written over it. Free some space, then run the command again or choose another --out."
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no partial, no temporary
     assert run_cli(*merge, cwd=tmp_path).returncode == 0
     before = (tmp_path / "m.safetensors").read_bytes()
@@ -361,8 +434,7 @@ def test_merge_on_a_full_disk_is_one_line_and_leaves_no_file_and_an_older_merge_
 
 
 # `selma` killed with SIGKILL at its first fsync: a merge written but not yet renamed into place.
-KILLED_AT_FSYNC = FULL_DISK.replace('raise OSError(errno.ENOSPC, "No space left on device")',
-                                    "os.kill(os.getpid(), 9)")
+KILLED_AT_FSYNC = FULL_DISK.replace('raise OSError(errno.ENOSPC, "No space left on device")', "os.kill(os.getpid(), 9)")
 
 
 def test_merge_killed_before_its_rename_leaves_no_file_that_looks_like_a_lora(tmp_path):
@@ -375,7 +447,9 @@ def test_merge_killed_before_its_rename_leaves_no_file_that_looks_like_a_lora(tm
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("a.safetensors", "b.safetensors")]
-    assert leftovers and all(name.startswith(".m.safetensors.") and name.endswith(".tmp") for name in leftovers)  # hidden, not *.safetensors
+    assert leftovers and all(
+        name.startswith(".m.safetensors.") and name.endswith(".tmp") for name in leftovers
+    )  # hidden, not *.safetensors
     again = run_cli(*merge, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert read_safetensors(tmp_path / "m.safetensors")[0]
@@ -388,25 +462,40 @@ def test_jsonl_append_on_a_full_disk_is_a_disk_full_error_and_keeps_earlier_reco
     path = tmp_path / "prompts.jsonl"
     with JsonlAppender(path) as out:
         out.append({"id": 1})
+
         def full(fd: int) -> None:
             raise OSError(28, "No space left on device")
+
         monkeypatch.setattr(os, "fsync", full)
-        with pytest.raises(DiskFullError, match=r"prompts\.jsonl: No space left on device while writing it .*the records "
-                                                 r"before this one are kept") as refused:
+        with pytest.raises(
+            DiskFullError,
+            match=r"prompts\.jsonl: No space left on device while writing it .*the records "
+            r"before this one are kept",
+        ) as refused:
             out.append({"id": 2})
     assert isinstance(refused.value, SelmaError) and isinstance(refused.value, OSError) and refused.value.errno == 28
     assert read_jsonl(path, repair_tail=True)[0] == {"id": 1}
 
 
-RELIABILITY_MODULES = ("test_bad_input.py", "test_faults.py", "test_kill_resume.py", "test_run_lock.py", "test_secrets.py")
+RELIABILITY_MODULES = (
+    "test_bad_input.py",
+    "test_faults.py",
+    "test_kill_resume.py",
+    "test_run_lock.py",
+    "test_secrets.py",
+)
 
 
 def test_reliability_table_lists_every_test_of_its_modules():
     # docs/reliability.md names the test behind each row: a renamed test must be renamed there too.
     tests = Path(__file__).resolve().parent
     doc = (tests.parent / "docs" / "reliability.md").read_text()
-    names = [name for module in RELIABILITY_MODULES
-             for name in re.findall(r"^def (test_\w+)", (tests / module).read_text(), flags=re.M)]
-    missing = [name for name in names if name != "test_reliability_table_lists_every_test_of_its_modules"
-               and name not in doc]
+    names = [
+        name
+        for module in RELIABILITY_MODULES
+        for name in re.findall(r"^def (test_\w+)", (tests / module).read_text(), flags=re.M)
+    ]
+    missing = [
+        name for name in names if name != "test_reliability_table_lists_every_test_of_its_modules" and name not in doc
+    ]
     assert len(names) > 25 and not missing, f"docs/reliability.md does not list {missing}"

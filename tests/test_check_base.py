@@ -47,10 +47,24 @@ def test_best_of_n_by_the_metric_is_never_less_faithful_and_the_margins_are_pair
 
 def test_a_plain_recipe_trains_on_the_base_own_inference_images_and_the_cli_says_so(cli, tmp_path):
     run = load_run_recipe("demo")
-    assert [s.name for s in check_settings(run, None, None)] == [INFERENCE, "guidance-1", "guidance-2", "guidance-8",
-                                                                 "guidance-16"]
-    result = cli("check-base", "demo", "--out", str(tmp_path), "--prompts-per-skill", "2", "--guidance", "8",
-                 *(arg for value in SMALL for arg in ("--set", value)))
+    assert [s.name for s in check_settings(run, None, None)] == [
+        INFERENCE,
+        "guidance-1",
+        "guidance-2",
+        "guidance-8",
+        "guidance-16",
+    ]
+    result = cli(
+        "check-base",
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--prompts-per-skill",
+        "2",
+        "--guidance",
+        "8",
+        *(arg for value in SMALL for arg in ("--set", value)),
+    )
     assert result.returncode == 0, result.stderr
     assert "no: the recipe's training images are the base's own output at inference" in " ".join(result.stdout.split())
     assert json.loads((tmp_path / "check.json").read_text())["passes"] is False

@@ -44,8 +44,10 @@ def test_tiny_create_writes_a_loadable_model(cli, tmp_path):
 
 def test_help_shows_plain_metavars_and_the_set_options_own_examples(cli):
     """typer 0.2x would show Python types: `<bool>`, `<list[str]>`, `{recipe}`."""
-    pages = {command: cli(*command.split(), "--help", env={"COLUMNS": "200"}) for command in
-             ("run", "merge", "evaluate", "skill new", "skill propose", "hub pull", "recipe validate")}
+    pages = {
+        command: cli(*command.split(), "--help", env={"COLUMNS": "200"})
+        for command in ("run", "merge", "evaluate", "skill new", "skill propose", "hub pull", "recipe validate")
+    }
     for command, page in pages.items():
         assert page.returncode == 0, page.stderr
         python_types = re.search(r"<(bool|str|int|float|path|Path|list\[\w+\])>|\{\w+\}", page.stdout)
@@ -67,9 +69,14 @@ def test_output_and_logs_piped_to_a_file_keep_each_line_whole(cli, tmp_path):
     folder = tmp_path / ("a-folder-name-long-enough-that-a-path-in-it-passes-eighty-columns-" * 2)
     folder.mkdir()
     source = folder / "expert-with-bias-differences.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 1, 1),
-               "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1),
-               "lora_unet_conv_in.diff_b": torch.ones(8)}, str(source))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 1, 1),
+            "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1),
+            "lora_unet_conv_in.diff_b": torch.ones(8),
+        },
+        str(source),
+    )
     out = folder / "converted.safetensors"
     result = cli("lora", "convert", str(source), str(out), "--drop-bias-diffs")  # stdout and stderr are pipes
     assert result.returncode == 0, result.stderr

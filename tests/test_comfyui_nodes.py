@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import save_file
 from support_comfyui import free_port, full_size_expert, load_pack_like_comfyui, write_two_small_experts
 from support_lora import COMFY_CLIP_LAYERS, comfyui_accepted_keys, diffusers_to_ldm
-
 from support_nodes import (
     SelmaApplyLora,
     SelmaExpertLoader,
@@ -67,7 +66,9 @@ def test_every_node_declares_inputs_outputs_and_a_function_that_takes_them(loras
         assert set(inputs) <= {"required", "optional"} and inputs["required"], name
         # The classic class lists the spec's inputs, required ones first, each in the spec's order.
         assert [*inputs["required"], *inputs.get("optional", {})] == [
-            *(i.name for i in spec.inputs if not i.optional), *(i.name for i in spec.inputs if i.optional)]
+            *(i.name for i in spec.inputs if not i.optional),
+            *(i.name for i in spec.inputs if i.optional),
+        ]
         for section in inputs.values():
             for input_name, (kind, options) in section.items():
                 assert isinstance(kind, (str, list)) and isinstance(options, dict), (name, input_name)
@@ -90,10 +91,18 @@ def test_every_node_declares_inputs_outputs_and_a_function_that_takes_them(loras
         assert named <= {i.name for i in spec.inputs}, (name, named - {i.name for i in spec.inputs})
     assert SelmaMergeExperts.RETURN_TYPES[0] == SelmaApplyLora.INPUT_TYPES()["required"]["lora"][0] == "LORA_MODEL"
     assert SelmaApplyLora.RETURN_TYPES == ("MODEL", "CLIP", "LORA_MODEL") == SelmaLoraLoader.RETURN_TYPES[:3]
-    assert SelmaExpertLoader.RETURN_TYPES == SelmaHubExpert.RETURN_TYPES == (SelmaMergeExperts.INPUT_TYPES()["required"]["experts"][0],)
+    assert (
+        SelmaExpertLoader.RETURN_TYPES
+        == SelmaHubExpert.RETURN_TYPES
+        == (SelmaMergeExperts.INPUT_TYPES()["required"]["experts"][0],)
+    )
     assert SelmaMergeExperts.INPUT_TYPES()["required"]["method"][0] == ["selma", "delta", "svd", "ties", "dare"]
     assert SelmaMergeExperts.INPUT_TYPES()["optional"]["svd_mode"][0] == ["exact", "randomized"]
-    assert SelmaMergeLoraStack.RETURN_TYPES[0] == SelmaLoraLoader.INPUT_TYPES()["optional"]["lora_stack"][0] == "LORA_STACK"
+    assert (
+        SelmaMergeLoraStack.RETURN_TYPES[0]
+        == SelmaLoraLoader.INPUT_TYPES()["optional"]["lora_stack"][0]
+        == "LORA_STACK"
+    )
     assert SelmaSaveLora.OUTPUT_NODE and SelmaSaveLora.RETURN_TYPES == ("STRING",)
 
 
@@ -116,7 +125,10 @@ def test_expert_loader_lists_the_loras_folder(loras):
 
 def test_merge_node_with_equal_weights_averages_each_factor_as_the_paper(loras, models):
     layers = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",)
-    experts = [full_size_expert("sd1", seed=seed, rank=2, unet_layers=layers, text_layers=(), models=models["sd1"]) for seed in range(3)]
+    experts = [
+        full_size_expert("sd1", seed=seed, rank=2, unet_layers=layers, text_layers=(), models=models["sd1"])
+        for seed in range(3)
+    ]
     for seed, expert in enumerate(experts):
         expert.modules[f"unet.{layers[0]}"].alpha = 1.0 + seed  # scales alpha / r = 0.5, 1, 1.5 are folded into B
         save_lora(expert, loras / f"e{seed}.safetensors")
@@ -137,7 +149,9 @@ def test_merge_node_with_equal_weights_averages_each_factor_as_the_paper(loras, 
 def test_merge_node_output_keys_are_all_in_the_comfyui_key_map_of_full_size_unet_and_clips(loras, models, arch):
     unet, text = models[arch]
     for seed in range(2):
-        expert = full_size_expert(arch, seed=seed, rank=1, unet_layers=None, text_layers=COMFY_CLIP_LAYERS, models=models[arch])
+        expert = full_size_expert(
+            arch, seed=seed, rank=1, unet_layers=None, text_layers=COMFY_CLIP_LAYERS, models=models[arch]
+        )
         save_lora(expert, loras / f"{arch}-{seed}.safetensors")
     lora, _ = merge(stack((f"{arch}-0.safetensors", 1.0), (f"{arch}-1.safetensors", 1.0)))
     # ComfyUI's map, derived independently: "lora_unet_" + every diffusers UNet module path (and every
@@ -158,10 +172,18 @@ def test_merge_node_output_keys_are_all_in_the_comfyui_key_map_of_full_size_unet
 
 def test_loader_chain_keeps_order_weights_and_file_hashes(loras, models):
     for seed in range(3):
-        save_lora(full_size_expert("sd1", seed=seed, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]),
-                  loras / f"e{seed}.safetensors")
+        save_lora(
+            full_size_expert(
+                "sd1", seed=seed, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]
+            ),
+            loras / f"e{seed}.safetensors",
+        )
     experts = stack(("e2.safetensors", 0.5), ("e0.safetensors", 2.0), ("e1.safetensors", -1.0))
-    assert [(e.name, e.weight) for e in experts] == [("e2.safetensors", 0.5), ("e0.safetensors", 2.0), ("e1.safetensors", -1.0)]
+    assert [(e.name, e.weight) for e in experts] == [
+        ("e2.safetensors", 0.5),
+        ("e0.safetensors", 2.0),
+        ("e1.safetensors", -1.0),
+    ]
     assert [e.sha256 for e in experts] == [sha256(loras / e.name) for e in experts]
     assert all(len(e.lora.modules) == 16 for e in experts)
 
@@ -170,9 +192,15 @@ def test_merge_node_keeps_the_experts_architecture_base_model_and_provenance(lor
     # Experts of a small SD 1.x model: no layer width tells the architecture, only the files' metadata does.
     small = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)}
     for seed in range(2):
-        modules = {name: LoraModule(torch.randn(2, shape[1]), torch.randn(shape[0], 2), 2.0) for name, shape in small.items()}
-        meta = {"selma.architecture": "sd1", "selma.base_model": "tiny:sd1", "selma.skill": f"skill{seed}",
-                "selma.recipe_sha256": f"{seed}" * 64}
+        modules = {
+            name: LoraModule(torch.randn(2, shape[1]), torch.randn(shape[0], 2), 2.0) for name, shape in small.items()
+        }
+        meta = {
+            "selma.architecture": "sd1",
+            "selma.base_model": "tiny:sd1",
+            "selma.skill": f"skill{seed}",
+            "selma.recipe_sha256": f"{seed}" * 64,
+        }
         save_lora(LoraWeights(modules, meta), loras / f"e{seed}.safetensors")
         assert inspect_lora(loras / f"e{seed}.safetensors").architecture == "sd1"  # what `selma lora info` says
     assert guess_architecture(LoraWeights(modules)) is None  # the tensors alone do not tell
@@ -182,7 +210,9 @@ def test_merge_node_keeps_the_experts_architecture_base_model_and_provenance(lor
     assert json.loads(lora.metadata["selma.skills"]) == ["skill0", "skill1"]
     record = json.loads(lora.metadata["selma.merge"])
     assert [(e["skill"], e["base_model"], e["architecture"], e["recipe_sha256"]) for e in record["experts"]] == [
-        ("skill0", "tiny:sd1", "sd1", "0" * 64), ("skill1", "tiny:sd1", "sd1", "1" * 64)]
+        ("skill0", "tiny:sd1", "sd1", "0" * 64),
+        ("skill1", "tiny:sd1", "sd1", "1" * 64),
+    ]
     save(lora, "merged", "kohya")
     saved = inspect_lora(loras / "merged_00001_.safetensors")
     assert saved.architecture == "sd1" and saved.file_metadata["ss_base_model_version"] == "sd_v1"
@@ -203,30 +233,54 @@ def test_merge_node_block_weights_scale_each_groups_merged_update_and_are_record
     experts = []
     for seed in range(2):
         generator = torch.Generator().manual_seed(seed)
-        modules = {name: LoraModule(torch.randn(2, shape[1], generator=generator, dtype=torch.float64),
-                                    torch.randn(shape[0], 2, generator=generator, dtype=torch.float64), 1.0 + seed)
-                   for name, shape in BLOCK_MODULES.items()}
+        modules = {
+            name: LoraModule(
+                torch.randn(2, shape[1], generator=generator, dtype=torch.float64),
+                torch.randn(shape[0], 2, generator=generator, dtype=torch.float64),
+                1.0 + seed,
+            )
+            for name, shape in BLOCK_MODULES.items()
+        }
         experts.append(LoraWeights(modules))
         save_lora(experts[-1], loras / f"e{seed}.safetensors")
-    lora, summary = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 3.0)), "delta", block_weights="in=0.5, mid=0,out=2,te=0")
+    lora, summary = merge(
+        stack(("e0.safetensors", 1.0), ("e1.safetensors", 3.0)), "delta", block_weights="in=0.5, mid=0,out=2,te=0"
+    )
     merged = lora_from_state_dict(lora, lora.metadata)
     g = dict(zip(BLOCK_MODULES, (0.5, 0.0, 2.0, 0.0)))  # by hand: in, mid, out, te
     for name in BLOCK_MODULES:
-        expected = g[name] * sum(w * (e.modules[name].alpha / 2) * e.modules[name].up.numpy() @ e.modules[name].down.numpy()
-                                 for w, e in zip((0.25, 0.75), experts))  # normalized weights 1/4, 3/4
+        expected = g[name] * sum(
+            w * (e.modules[name].alpha / 2) * e.modules[name].up.numpy() @ e.modules[name].down.numpy()
+            for w, e in zip((0.25, 0.75), experts)
+        )  # normalized weights 1/4, 3/4
         module = merged.modules[name]
-        np.testing.assert_allclose(module.alpha / module.rank * module.up.double().numpy() @ module.down.double().numpy(),
-                                   expected, rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            module.alpha / module.rank * module.up.double().numpy() @ module.down.double().numpy(),
+            expected,
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=name,
+        )
     assert json.loads(lora.metadata["selma.merge"])["block_weights"] == {"in": 0.5, "mid": 0.0, "out": 2.0, "te": 0.0}
     assert summary.endswith("; block weights in=0.5, mid=0, out=2, te=0"), summary
     assert "block_weights" in SelmaMergeExperts.INPUT_TYPES()["optional"]
 
 
 def test_merge_node_unknown_block_group_is_a_node_error_listing_the_valid_groups(loras):
-    save_lora(LoraWeights({name: LoraModule(torch.ones(2, shape[1]), torch.ones(shape[0], 2), 2.0)
-                           for name, shape in BLOCK_MODULES.items()}), loras / "e.safetensors")
-    with pytest.raises(LoraFormatError, match=r"block weight group 'down' is not a group; valid groups: te, te1, te2, "
-                                              r"unet, in, in\.N, mid, out, out\.N"):
+    save_lora(
+        LoraWeights(
+            {
+                name: LoraModule(torch.ones(2, shape[1]), torch.ones(shape[0], 2), 2.0)
+                for name, shape in BLOCK_MODULES.items()
+            }
+        ),
+        loras / "e.safetensors",
+    )
+    with pytest.raises(
+        LoraFormatError,
+        match=r"block weight group 'down' is not a group; valid groups: te, te1, te2, "
+        r"unet, in, in\.N, mid, out, out\.N",
+    ):
         merge(stack(("e.safetensors", 1.0)), block_weights="down=0.5")
 
 
@@ -288,9 +342,17 @@ def test_non_lora_safetensors_error_says_it_is_not_a_lora(loras):
 
 
 def test_experts_of_different_architectures_are_not_merged(loras, models):
-    save_lora(full_size_expert("sd1", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sd1"]), loras / "sd1.safetensors")
-    save_lora(full_size_expert("sdxl", seed=1, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]), loras / "xl.safetensors")
-    with pytest.raises(LoraFormatError, match=r"sd1\.safetensors is a LoRA for sd1 but xl\.safetensors is one for sdxl"):
+    save_lora(
+        full_size_expert("sd1", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sd1"]),
+        loras / "sd1.safetensors",
+    )
+    save_lora(
+        full_size_expert("sdxl", seed=1, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]),
+        loras / "xl.safetensors",
+    )
+    with pytest.raises(
+        LoraFormatError, match=r"sd1\.safetensors is a LoRA for sd1 but xl\.safetensors is one for sdxl"
+    ):
         merge(stack(("sd1.safetensors", 1.0), ("xl.safetensors", 1.0)))
 
 
@@ -301,8 +363,17 @@ def test_empty_stack_error_says_to_connect_a_loader():
 
 def test_unequal_ranks_with_the_selma_method_suggest_delta_or_svd(loras, models):
     for seed, rank in enumerate((2, 4)):
-        save_lora(full_size_expert("sd1", seed=seed, rank=rank, unet_layers=("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",),
-                                   text_layers=(), models=models["sd1"]), loras / f"r{rank}.safetensors")
+        save_lora(
+            full_size_expert(
+                "sd1",
+                seed=seed,
+                rank=rank,
+                unet_layers=("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",),
+                text_layers=(),
+                models=models["sd1"],
+            ),
+            loras / f"r{rank}.safetensors",
+        )
     experts = stack(("r2.safetensors", 1.0), ("r4.safetensors", 1.0))
     with pytest.raises(LoraFormatError, match="needs equal ranks") as info:
         merge(experts, "selma")
@@ -314,17 +385,23 @@ def test_unequal_ranks_with_the_selma_method_suggest_delta_or_svd(loras, models)
     assert "--" not in str(info.value)
     delta, summary = merge(experts, "delta")
     assert "rank 6" in summary and all(t.shape[0] == 6 for k, t in delta.items() if k.endswith("lora_down.weight"))
-    svd, summary = merge(experts, "svd", rank=3)
+    _svd, summary = merge(experts, "svd", rank=3)
     assert "rank 3" in summary
 
 
 def test_apply_refuses_a_lora_matching_no_key_or_made_for_another_architecture(models):
-    sdxl_text_only = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(1, 1280),
-                      "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 1)}
-    with pytest.raises(LoraFormatError, match=r"none of the LoRA's 2 tensors .* matches a layer of this SD15 model") as info:
+    sdxl_text_only = {
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(1, 1280),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 1),
+    }
+    with pytest.raises(
+        LoraFormatError, match=r"none of the LoRA's 2 tensors .* matches a layer of this SD15 model"
+    ) as info:
         check_lora_fits(sdxl_text_only, "SD15", matched=0)
     assert "sdxl" in str(info.value)
-    sdxl, _ = lora_to_state_dict(full_size_expert("sdxl", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"]))
+    sdxl, _ = lora_to_state_dict(
+        full_size_expert("sdxl", seed=0, unet_layers=("attn2.to_k",), text_layers=(), models=models["sdxl"])
+    )
     with pytest.raises(LoraFormatError, match=r"the LoRA is for sdxl but the MODEL is SD15 \(sd1\)"):
         check_lora_fits(sdxl, "SD15", matched=len(sdxl) // 3)
     check_lora_fits(sdxl, "SDXL", matched=len(sdxl) // 3)
@@ -349,15 +426,21 @@ def test_apply_refuses_an_expert_of_another_width_naming_keys_and_shapes(sd15_co
     nowhere = [k for k in lora if k.startswith("lora_unet_up_blocks_0_")]
     patched = [k for k in layers if not k.startswith("lora_unet_up_blocks_0_")]
     assert len(nowhere) == 48 and len(patched) == 48
-    assert (f"48 of the 48 layers it patches have another shape in the model and 48 of its {len(lora)} tensors load "
-            "onto no layer of the model or its CLIP") in message
-    assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q: adapts a layer of shape [32, 32], "
-            "this model's is [320, 320]") in message
+    assert (
+        f"48 of the 48 layers it patches have another shape in the model and 48 of its {len(lora)} tensors load "
+        "onto no layer of the model or its CLIP"
+    ) in message
+    assert (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q: adapts a layer of shape [32, 32], "
+        "this model's is [320, 320]"
+    ) in message
     assert f"{nowhere[0]}: no such layer in this model or its CLIP" in message
     assert f"... ({48 - 5 + 48 - 5} more)" in message and "nothing was patched" in message
     text_layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert text_layer in patched
-    with pytest.raises(LoraFormatError, match=rf"{text_layer}: adapts a layer of shape \[32, 32\], this model's is \[768, 768\]"):
+    with pytest.raises(
+        LoraFormatError, match=rf"{text_layer}: adapts a layer of shape \[32, 32\], this model's is \[768, 768\]"
+    ):
         apply(model, clip, {k: v for k, v in lora.items() if k.startswith(text_layer)})
     assert calls == []  # refused before load_lora_for_models patched anything
 
@@ -367,11 +450,18 @@ def test_apply_patches_a_fitting_lora_and_refuses_one_with_a_key_that_loads_nowh
     lora, _ = lora_to_state_dict(full_size_expert("sd1", seed=1, rank=2, models=models["sd1"]))
     assert apply(model, clip, lora, 0.8, 0.5) == ("patched MODEL", "patched CLIP", lora)
     assert [(c[2], c[3], c[4]) for c in calls] == [(lora, 0.8, 0.5)]
-    extra = {**lora, "lora_unet_down_blocks_0_no_such_layer.lora_down.weight": torch.zeros(2, 320),
-             "lora_unet_down_blocks_0_no_such_layer.lora_up.weight": torch.zeros(320, 2)}
-    with pytest.raises(LoraFormatError, match=f"2 of its {len(extra)} tensors load onto no layer of the model or its CLIP") as info:
+    extra = {
+        **lora,
+        "lora_unet_down_blocks_0_no_such_layer.lora_down.weight": torch.zeros(2, 320),
+        "lora_unet_down_blocks_0_no_such_layer.lora_up.weight": torch.zeros(320, 2),
+    }
+    with pytest.raises(
+        LoraFormatError, match=f"2 of its {len(extra)} tensors load onto no layer of the model or its CLIP"
+    ) as info:
         apply(model, clip, extra)
-    assert "lora_unet_down_blocks_0_no_such_layer.lora_down.weight: no such layer in this model or its CLIP" in str(info.value)
+    assert "lora_unet_down_blocks_0_no_such_layer.lora_down.weight: no such layer in this model or its CLIP" in str(
+        info.value
+    )
     assert "another shape" not in str(info.value) and len(calls) == 1
 
 
@@ -386,11 +476,16 @@ def test_save_node_writes_the_merge_with_its_record_into_the_loras_folder(loras,
     first = save(lora, "selma/merged", "kohya")
     second = save(lora, "selma/merged", "peft")
     # The node shows the file it wrote and outputs its name under the loras folder (as LoraLoader lists it).
-    assert first == {"ui": {"text": ["saved loras/selma/merged_00001_.safetensors"]}, "result": ("selma/merged_00001_.safetensors",)}
+    assert first == {
+        "ui": {"text": ["saved loras/selma/merged_00001_.safetensors"]},
+        "result": ("selma/merged_00001_.safetensors",),
+    }
     assert second["ui"]["text"] == ["saved loras/selma/merged_00002_.safetensors"]
     # The same merge again (a re-queue after a change elsewhere): not written twice, the node shows the file.
-    assert save(lora, "selma/merged", "kohya") == {"ui": {"text": ["already saved as loras/selma/merged_00001_.safetensors"]},
-                                                   "result": ("selma/merged_00001_.safetensors",)}
+    assert save(lora, "selma/merged", "kohya") == {
+        "ui": {"text": ["already saved as loras/selma/merged_00001_.safetensors"]},
+        "result": ("selma/merged_00001_.safetensors",),
+    }
     other, _ = merge(stack(("e0.safetensors", 1.0), ("e1.safetensors", 1.0)))
     assert save(other, "selma/merged", "kohya")["result"] == ("selma/merged_00003_.safetensors",)
     assert len(list((loras / "selma").iterdir())) == 3
@@ -405,33 +500,45 @@ def test_save_node_writes_the_merge_with_its_record_into_the_loras_folder(loras,
             torch.testing.assert_close(module.up * module.scale, 0.25 * a[0].up + 0.75 * a[1].up, rtol=0, atol=1e-6)
         record = json.loads(saved.metadata["selma.merge"])
         assert record["method"] == "selma" and record["weights"] == [0.25, 0.75]
-        assert [(x["name"], x["sha256"]) for x in record["experts"]] == [(n, sha256(loras / n)) for n in ("e0.safetensors", "e1.safetensors")]
+        assert [(x["name"], x["sha256"]) for x in record["experts"]] == [
+            (n, sha256(loras / n)) for n in ("e0.safetensors", "e1.safetensors")
+        ]
     assert "selma/merged_00001_.safetensors" in SelmaExpertLoader.INPUT_TYPES()["required"]["lora_name"][0]
 
 
 def test_hub_expert_node_pulls_a_repo_file_into_the_loras_folder_and_stacks_it(loras, models, tmp_path):
     from support_hub import OlahHub, commit_files, init_repo
 
-    expert = save_lora(full_size_expert("sd1", seed=4, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]),
-                       tmp_path / "countbench.safetensors")
+    expert = save_lora(
+        full_size_expert("sd1", seed=4, rank=2, unet_layers=("attn1.to_q",), text_layers=(), models=models["sd1"]),
+        tmp_path / "countbench.safetensors",
+    )
     hub = OlahHub(tmp_path / "hub")
-    commit_files(init_repo(hub.mirrors, "alice/countbench-sd15"), {"countbench.safetensors": expert.read_bytes()}, "expert")
+    commit_files(
+        init_repo(hub.mirrors, "alice/countbench-sd15"), {"countbench.safetensors": expert.read_bytes()}, "expert"
+    )
     catalog = tmp_path / "my-catalog.toml"
-    catalog.write_text('[my-count]\nrepo = "alice/countbench-sd15"\nfile = "countbench.safetensors"\nskill = "countbench"\n'
-                       f'base_model = "runwayml/stable-diffusion-v1-5"\narchitecture = "sd1"\nsha256 = "{sha256(expert)}"\n')
+    catalog.write_text(
+        '[my-count]\nrepo = "alice/countbench-sd15"\nfile = "countbench.safetensors"\nskill = "countbench"\n'
+        f'base_model = "runwayml/stable-diffusion-v1-5"\narchitecture = "sd1"\nsha256 = "{sha256(expert)}"\n'
+    )
     hub.start()
     try:
         experts = pull("alice/countbench-sd15", 0.5, "", hub.endpoint)
         (loras / "countbench.safetensors").unlink()
         experts = pull("my-count", 2.0, "", hub.endpoint, experts, catalog=str(catalog))
-        with pytest.raises(SelmaError, match="the ref input: empty; expected a Hub repo id owner/name or a name from "
-                                             "your catalog: my-count"):
+        with pytest.raises(
+            SelmaError,
+            match="the ref input: empty; expected a Hub repo id owner/name or a name from your catalog: my-count",
+        ):
             pull("  ", 1.0, "", hub.endpoint, catalog=str(catalog))
     finally:
         hub.stop()
     assert (loras / "countbench.safetensors").read_bytes() == expert.read_bytes()
-    assert [(e.name, e.weight, e.sha256) for e in experts] == [("countbench.safetensors", 0.5, sha256(expert)),
-                                                               ("countbench.safetensors", 2.0, sha256(expert))]
+    assert [(e.name, e.weight, e.sha256) for e in experts] == [
+        ("countbench.safetensors", 0.5, sha256(expert)),
+        ("countbench.safetensors", 2.0, sha256(expert)),
+    ]
 
 
 def test_hub_expert_node_suggests_only_names_that_resolve(loras, monkeypatch):
@@ -439,8 +546,10 @@ def test_hub_expert_node_suggests_only_names_that_resolve(loras, monkeypatch):
 
     monkeypatch.delenv("SELMA_CATALOG", raising=False)
     shipped = sorted(load_catalog())  # the shipped catalog's entries, the only names that may be suggested
-    texts = [SelmaHubExpert.DESCRIPTION, *(spec[1]["tooltip"] for section in SelmaHubExpert.INPUT_TYPES().values()
-                                            for spec in section.values())]
+    texts = [
+        SelmaHubExpert.DESCRIPTION,
+        *(spec[1]["tooltip"] for section in SelmaHubExpert.INPUT_TYPES().values() for spec in section.values()),
+    ]
     assert "countbench" not in " ".join(texts) and "SELMA_CATALOG" in SelmaHubExpert.DESCRIPTION
     with pytest.raises(HubError, match="SELMA Hub Expert: the ref input: empty; expected a Hub repo id") as info:
         pull("", 1.0, "", "")
@@ -489,7 +598,8 @@ def test_install_copies_a_self_contained_pack_and_updates_only_its_own_folder(cl
     pack = comfyui / "custom_nodes" / "selma-toolkit"
     assert (pack / "__init__.py").read_text() == ROOT_INIT
     assert sorted(p.name for p in (pack / "example_workflows").iterdir()) == sorted(
-        p.name for p in (repo_root / "example_workflows").glob("*.json"))
+        p.name for p in (repo_root / "example_workflows").glob("*.json")
+    )
     assert (pack / "selma_toolkit" / "_shipped" / "hub" / "catalog.toml").is_file()
     assert not list(pack.rglob("__pycache__"))
     loras = tmp_path / "loras"
@@ -534,15 +644,20 @@ def test_install_says_when_comfyui_loads_custom_nodes_from_another_base_director
     checkout = tmp_path / "ComfyUI"  # a ComfyUI program folder: main.py beside the comfy package
     (checkout / "comfy").mkdir(parents=True)
     (checkout / "main.py").write_text("# ComfyUI")
-    with pytest.raises(SelmaError, match=r"a ComfyUI checkout without a custom_nodes folder\. If you start ComfyUI "
-                                         r"with --base-directory DIR, it loads custom nodes from DIR/custom_nodes: run "
-                                         r"`selma comfyui install DIR`"):
+    with pytest.raises(
+        SelmaError,
+        match=r"a ComfyUI checkout without a custom_nodes folder\. If you start ComfyUI "
+        r"with --base-directory DIR, it loads custom nodes from DIR/custom_nodes: run "
+        r"`selma comfyui install DIR`",
+    ):
         install_node_pack(checkout)
     (checkout / "custom_nodes").mkdir()
     result = cli("comfyui", "install", str(checkout))  # ComfyUI never started with it as its base: no user/
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stderr.split())
-    assert "has not used as its base folder yet" in said and "ignores this copy: run `selma comfyui install DIR`" in said
+    assert (
+        "has not used as its base folder yet" in said and "ignores this copy: run `selma comfyui install DIR`" in said
+    )
     (checkout / "user").mkdir()  # ComfyUI creates <base>/user when it starts
     assert base_directory_note(checkout) is None
     base = tmp_path / "comfy-base"  # a --base-directory folder without custom_nodes/ yet
@@ -583,7 +698,21 @@ CORE_NODES = {  # the core ComfyUI nodes the examples use: their inputs, and the
     "FluxGuidance": ({"conditioning", "guidance"}, ("CONDITIONING",)),
     "EmptyLatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
     "EmptySD3LatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
-    "KSampler": ({"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"}, ("LATENT",)),
+    "KSampler": (
+        {
+            "model",
+            "seed",
+            "steps",
+            "cfg",
+            "sampler_name",
+            "scheduler",
+            "positive",
+            "negative",
+            "latent_image",
+            "denoise",
+        },
+        ("LATENT",),
+    ),
     "VAEDecode": ({"samples", "vae"}, ("IMAGE",)),
     "SaveImage": ({"images", "filename_prefix"}, ()),
     "PreviewAny": ({"source"}, ()),
@@ -604,14 +733,20 @@ def test_templates_are_at_the_pack_root_one_per_use_and_their_api_copies_elsewhe
     from support_templates import API_FOLDER, GRAPHS, UI_FOLDER
 
     # ComfyUI lists every .json of these folders at a pack's root as a template: only the UI graphs are there.
-    listed = [p for name in ("example_workflows", "example", "examples", "workflow", "workflows")
-              for p in (repo_root / name).glob("*.json")]
+    listed = [
+        p
+        for name in ("example_workflows", "example", "examples", "workflow", "workflows")
+        for p in (repo_root / name).glob("*.json")
+    ]
     assert sorted(p.name for p in listed) == sorted(f"{name}.json" for name in GRAPHS)
-    assert UI_FOLDER == repo_root / "example_workflows" and API_FOLDER.parent == repo_root / "comfyui_nodes"
+    assert repo_root / "example_workflows" == UI_FOLDER and API_FOLDER.parent == repo_root / "comfyui_nodes"
     for name, graph in GRAPHS.items():  # the API copies are the definitions, as support_templates.py wrote them
         assert json.loads((API_FOLDER / f"{name}.api.json").read_text()) == graph(), name
     kinds = {name: [n["class_type"] for n in graph().values()] for name, graph in GRAPHS.items()}
-    assert kinds["selma-merge-experts"].count("SelmaExpertLoader") == 3 and "SelmaApplyLora" in kinds["selma-merge-experts"]
+    assert (
+        kinds["selma-merge-experts"].count("SelmaExpertLoader") == 3
+        and "SelmaApplyLora" in kinds["selma-merge-experts"]
+    )
     assert all("SelmaLoraLoader" in kinds[name] for name in ("selma-model-by-name", "selma-sdxl", "selma-flux"))
     assert "UNETLoader" in kinds["selma-flux"] and "sd_xl_base_1.0.safetensors" in json.dumps(GRAPHS["selma-sdxl"]())
 
@@ -627,7 +762,9 @@ def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras, name
         inputs, _ = node_io(node["class_type"])
         assert set(node["inputs"]) <= set(inputs), (node_id, set(node["inputs"]) - set(inputs))
         if node["class_type"] in NODE_CLASS_MAPPINGS:
-            assert set(NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"]), node_id
+            assert set(NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"]), (
+                node_id
+            )
         for input_name, value in node["inputs"].items():
             if isinstance(value, list):
                 source, slot = value
@@ -645,11 +782,25 @@ def test_example_workflows_use_real_inputs_and_agree_with_each_other(loras, name
     assert ui_links == api_links
     for node_id, node in api.items():
         if node["class_type"] in NODE_CLASS_MAPPINGS:
-            order = [n for n in node_io(node["class_type"])[0] if not isinstance(node["inputs"].get(n), list) and n in node["inputs"]]
+            order = [
+                n
+                for n in node_io(node["class_type"])[0]
+                if not isinstance(node["inputs"].get(n), list) and n in node["inputs"]
+            ]
             assert by_id[int(node_id)]["widgets_values"] == [node["inputs"][n] for n in order], node_id
     # Laid out without overlaps, as saved (the browser test checks the boxes the frontend draws).
-    boxes = {i: (n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-             for i, n in by_id.items()}
-    overlapping = [(a, b) for a in boxes for b in boxes if a < b and boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]
-                   and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+    boxes = {
+        i: (n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        for i, n in by_id.items()
+    }
+    overlapping = [
+        (a, b)
+        for a in boxes
+        for b in boxes
+        if a < b
+        and boxes[a][0] < boxes[b][2]
+        and boxes[b][0] < boxes[a][2]
+        and boxes[a][1] < boxes[b][3]
+        and boxes[b][1] < boxes[a][3]
+    ]
     assert overlapping == []

@@ -103,7 +103,9 @@ def comfy(tmp_path_factory, repo_root):
     models = full_size_models("sd1")
     for seed, skill in enumerate(EXPERTS):
         save_lora(full_size_expert("sd1", seed=seed, rank=4, models=models), loras / "selma" / f"{skill}.safetensors")
-    save_lora(full_size_expert("sdxl", seed=9, unet_layers=("attn2.to_k",), text_layers=()), loras / "sdxl-expert.safetensors")
+    save_lora(
+        full_size_expert("sdxl", seed=9, unet_layers=("attn2.to_k",), text_layers=()), loras / "sdxl-expert.safetensors"
+    )
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, loras / "pickled.pt")
     server = ComfyServer(comfyui, python, base).start()
     yield server
@@ -114,8 +116,11 @@ def small(prompt: dict) -> dict:
     """An API-format SD 1.5 example workflow made small and fast: 64 x 64 px, 1 step, the test checkpoint."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
-        changes = {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT_NAME}, "EmptyLatentImage": {"width": 64, "height": 64},
-                   "KSampler": {"steps": 1, "seed": 7}}.get(node["class_type"], {})
+        changes = {
+            "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT_NAME},
+            "EmptyLatentImage": {"width": 64, "height": 64},
+            "KSampler": {"steps": 1, "seed": 7},
+        }.get(node["class_type"], {})
         node["inputs"].update(changes)
     return prompt
 
@@ -139,7 +144,8 @@ def image(comfy: ComfyServer, entry: dict, node: str = "12") -> np.ndarray:
 
 
 def test_pack_loads_in_comfyui_as_v3_nodes_and_merges_in_its_python_without_diffusers_peft_or_transformers(
-        comfy, repo_root, tmp_path):
+    comfy, repo_root, tmp_path
+):
     _, python = INSTALL
     write_two_small_experts(tmp_path)
     loaded = load_pack_like_comfyui(repo_root, tmp_path, python)  # ComfyUI's Python, without ComfyUI on sys.path
@@ -154,11 +160,14 @@ def test_pack_loads_in_comfyui_as_v3_nodes_and_merges_in_its_python_without_diff
     assert kind == "COMBO" and "selma/countbench.safetensors" in options["options"]
     assert "selma/countbench.safetensors" in info["SelmaLoraLoader"]["input"]["required"]["expert_3"][1]["options"]
     log = comfy.log()
-    assert re.search(r"seconds: \S*custom_nodes/selma-toolkit\n", log) and "IMPORT FAILED): " + str(comfy.base) not in log
+    assert (
+        re.search(r"seconds: \S*custom_nodes/selma-toolkit\n", log) and "IMPORT FAILED): " + str(comfy.base) not in log
+    )
     assert "/extensions/selma-toolkit/selma.js" in json.dumps(comfy.get("/extensions"))
     # The template browser lists the four templates, served from the pack's example_workflows/.
     assert sorted(comfy.get("/workflow_templates")["selma-toolkit"]) == sorted(
-        p.stem for p in (repo_root / "example_workflows").glob("*.json"))
+        p.stem for p in (repo_root / "example_workflows").glob("*.json")
+    )
 
 
 def test_example_workflow_completes_and_the_merged_lora_changes_the_image(comfy):
@@ -237,9 +246,14 @@ def test_lora_stacks_go_in_and_a_fitted_merge_comes_out_as_a_stack_entry(comfy):
     prompt = small(json.loads((API_WORKFLOWS / "selma-model-by-name.api.json").read_text()))
     for index in range(1, 6):
         prompt["2"]["inputs"][f"expert_{index}"] = "None"
-    prompt["20"] = {"class_type": "FakeCRLoraStack", "inputs": {"lora_name": "selma/countbench.safetensors", "weight": 1.0}}
-    prompt["21"] = {"class_type": "FakeCRLoraStack", "inputs": {"lora_name": "selma/whoops.safetensors", "weight": 1.0,
-                                                                "lora_stack": ["20", 0]}}
+    prompt["20"] = {
+        "class_type": "FakeCRLoraStack",
+        "inputs": {"lora_name": "selma/countbench.safetensors", "weight": 1.0},
+    }
+    prompt["21"] = {
+        "class_type": "FakeCRLoraStack",
+        "inputs": {"lora_name": "selma/whoops.safetensors", "weight": 1.0, "lora_stack": ["20", 0]},
+    }
     loader = copy.deepcopy(prompt)
     loader["2"]["inputs"]["lora_stack"] = ["21", 0]
     through_loader = run(comfy, loader)
@@ -247,11 +261,23 @@ def test_lora_stacks_go_in_and_a_fitted_merge_comes_out_as_a_stack_entry(comfy):
     assert through_loader["outputs"]["2"]["text"][0].startswith("selma merge of 2 experts")
     # The same stack merged into a stack entry, applied by the stack consumer instead of SELMA's loader.
     stacked = copy.deepcopy(prompt)
-    stacked["22"] = {"class_type": "SelmaMergeLoraStack", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "lora_stack": ["21", 0], "method": "selma", "strength_model": 1.0,
-        "strength_clip": 1.0, "rank": 0, "normalize_weights": True}}
-    stacked["23"] = {"class_type": "FakeCRApplyLoraStack", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                                      "lora_stack": ["22", 0]}}
+    stacked["22"] = {
+        "class_type": "SelmaMergeLoraStack",
+        "inputs": {
+            "model": ["1", 0],
+            "clip": ["1", 1],
+            "lora_stack": ["21", 0],
+            "method": "selma",
+            "strength_model": 1.0,
+            "strength_clip": 1.0,
+            "rank": 0,
+            "normalize_weights": True,
+        },
+    }
+    stacked["23"] = {
+        "class_type": "FakeCRApplyLoraStack",
+        "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_stack": ["22", 0]},
+    }
     for node_id, output in (("3", 1), ("4", 1)):
         stacked[node_id]["inputs"]["clip"] = ["23", output]
     stacked["6"]["inputs"]["model"] = ["23", 0]
@@ -269,7 +295,10 @@ def test_lora_stacks_go_in_and_a_fitted_merge_comes_out_as_a_stack_entry(comfy):
     misfit["21"] = {"class_type": "FakeCRLoraStack", "inputs": {"lora_name": "sdxl-expert.safetensors", "weight": 1.0}}
     refused = run(comfy, misfit)
     error = execution_error(refused)
-    assert error["node_type"] == "SelmaMergeLoraStack" and "the LoRA is for sdxl but the MODEL is SD15" in error["exception_message"]
+    assert (
+        error["node_type"] == "SelmaMergeLoraStack"
+        and "the LoRA is for sdxl but the MODEL is SD15" in error["exception_message"]
+    )
     assert sorted((comfy.base / "models" / "loras" / "selma" / "stack").iterdir()) == before
 
 
@@ -280,11 +309,16 @@ def test_merge_node_output_is_loaded_whole_by_comfyui_key_maps(arch, tmp_path, m
     models = full_size_models(arch)
     experts = ()
     for seed in range(2):
-        expert = full_size_expert(arch, seed=seed, rank=1, unet_layers=None, text_layers=COMFY_CLIP_LAYERS, models=models)
+        expert = full_size_expert(
+            arch, seed=seed, rank=1, unet_layers=None, text_layers=COMFY_CLIP_LAYERS, models=models
+        )
         save_lora(expert, tmp_path / f"e{seed}.safetensors")
-        (experts,) = NODE_CLASS_MAPPINGS["SelmaExpertLoader"]().run(lora_name=f"e{seed}.safetensors", weight=1.0,
-                                                                   experts=experts)
-    merged = NODE_CLASS_MAPPINGS["SelmaMergeExperts"]().run(experts=experts, method="selma", rank=0, normalize_weights=True)
+        (experts,) = NODE_CLASS_MAPPINGS["SelmaExpertLoader"]().run(
+            lora_name=f"e{seed}.safetensors", weight=1.0, experts=experts
+        )
+    merged = NODE_CLASS_MAPPINGS["SelmaMergeExperts"]().run(
+        experts=experts, method="selma", rank=0, normalize_weights=True
+    )
     lora = merged["result"][0]
     save_file(dict(lora), tmp_path / "merged.safetensors")
     answer = run_in_comfyui(python, comfyui, "key-check", str(tmp_path / "merged.safetensors"), arch)
@@ -313,8 +347,15 @@ def test_an_extracted_lora_is_loaded_whole_by_comfyui_key_maps(arch, tmp_path):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+BROWSER_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
@@ -359,15 +400,26 @@ def test_every_template_loads_in_the_frontend_without_missing_nodes_or_overlaps_
         result = loaded[name]
         assert result["missing"] == [], (name, result["missing"])
         boxes = {i: (x, y, x + w, y + h) for i, (x, y, w, h) in result["boxes"].items()}
-        overlapping = [(a, b) for a in boxes for b in boxes if a < b and boxes[a][0] < boxes[b][2]
-                       and boxes[b][0] < boxes[a][2] and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+        overlapping = [
+            (a, b)
+            for a in boxes
+            for b in boxes
+            if a < b
+            and boxes[a][0] < boxes[b][2]
+            and boxes[b][0] < boxes[a][2]
+            and boxes[a][1] < boxes[b][3]
+            and boxes[b][1] < boxes[a][3]
+        ]
         assert overlapping == [], (name, overlapping)
         api = json.loads((API_WORKFLOWS / f"{name}.api.json").read_text())
         converted = result["prompt"]
         for node in converted.values():
             node["inputs"].pop("preview", None)  # Preview Any's display widget, not an input of the node
         assert {i: (n["class_type"], n["inputs"]) for i, n in converted.items()} == {
-            i: (n["class_type"], n["inputs"]) for i, n in api.items()}, name
+            i: (n["class_type"], n["inputs"]) for i, n in api.items()
+        }, name
     assert shown["value"] == "saved loras/selma/merged_00001_.safetensors"
     # Neither saved with the workflow (still only Save LoRA's two widgets) nor sent as an input.
-    assert "selma_output" not in shown["prompt"] and len(shown["saved"]) == 2 and "saved loras" not in str(shown["saved"])
+    assert (
+        "selma_output" not in shown["prompt"] and len(shown["saved"]) == 2 and "saved loras" not in str(shown["saved"])
+    )

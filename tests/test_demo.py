@@ -32,8 +32,14 @@ def test_demo_recipe_exercises_every_stage():
 
 @pytest.mark.slow
 def test_selma_demo_runs_the_loop_on_the_toy_base_and_scores_it_exactly(tmp_path, cli):
-    small = ["images.steps=4", "train.steps=4", "train.checkpoint_every=2", "evaluate.prompts_per_skill=3",
-             "evaluate.bootstrap_samples=100", *[f"skills.{skill}.num_prompts=6" for skill in TOY_SKILLS]]
+    small = [
+        "images.steps=4",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "evaluate.prompts_per_skill=3",
+        "evaluate.bootstrap_samples=100",
+        *[f"skills.{skill}.num_prompts=6" for skill in TOY_SKILLS],
+    ]
     args = ["demo", "--out", str(tmp_path)]
     for override in small:
         args += ["--set", override]

@@ -70,7 +70,10 @@ def test_reference_model_is_the_base_without_the_lora_and_gradients_come_back(ti
             if "lora_B" in name:
                 p.normal_()
     g = torch.Generator().manual_seed(0)
-    sample, text = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 77, base.config.cross_attention_dim, generator=g)
+    sample, text = (
+        torch.randn(1, 4, 4, 4, generator=g),
+        torch.randn(1, 77, base.config.cross_attention_dim, generator=g),
+    )
     want = base(sample, 10, encoder_hidden_states=text).sample
     with torch.no_grad(), dpo.reference_model(unet):
         assert torch.allclose(unet(sample, 10, encoder_hidden_states=text).sample, want, atol=1e-6)
@@ -83,20 +86,32 @@ def test_reference_model_is_the_base_without_the_lora_and_gradients_come_back(ti
 
 def write_prompts(path: Path, skill: str, texts: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": i, "skill": skill, "prompt": t, "split": "train"}) + "\n"
-                            for i, t in enumerate(texts)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "skill": skill, "prompt": t, "split": "train"}) + "\n" for i, t in enumerate(texts)
+        )
+    )
 
 
 def tiny_run(model: Path, images: dict | None = None, clip_model: str = "tiny:clip", **dpo_settings) -> RunRecipe:
-    return RunRecipe.model_validate({
-        "name": "t", "base_model": str(model),
-        "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
-        "images": {"resolution": 32, "steps": 2, "batch_size": 4, **(images or {})},
-        "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2},
-        "evaluate": {"scorers": ["clipscore"], "clip_model": clip_model},
-        "dpo": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "beta": 500.0, "pairs_per_prompt": 2,
-                **dpo_settings},
-    })
+    return RunRecipe.model_validate(
+        {
+            "name": "t",
+            "base_model": str(model),
+            "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
+            "images": {"resolution": 32, "steps": 2, "batch_size": 4, **(images or {})},
+            "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2},
+            "evaluate": {"scorers": ["clipscore"], "clip_model": clip_model},
+            "dpo": {
+                "steps": 2,
+                "checkpoint_every": 2,
+                "learning_rate": 1e-3,
+                "beta": 500.0,
+                "pairs_per_prompt": 2,
+                **dpo_settings,
+            },
+        }
+    )
 
 
 class Brightness:
@@ -126,12 +141,15 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
     pairs = dpo.preference_pairs(run, "count", pair_run)
     assert pairs and len(pairs) <= 3 * 2
     for pair in pairs:
-        with Image.open(pair.winner) as w, Image.open(pair.loser) as l:
-            assert np.asarray(w, dtype=np.float64).mean() > np.asarray(l, dtype=np.float64).mean()
+        with Image.open(pair.winner) as w, Image.open(pair.loser) as lose:
+            assert np.asarray(w, dtype=np.float64).mean() > np.asarray(lose, dtype=np.float64).mean()
         assert pair.winner.parent == pair.loser.parent and pair.winner != pair.loser
     seeds = {int(p.stem.split("seed")[1]) for pair in pairs for p in (pair.winner, pair.loser)}
     assert seeds <= set(dpo.pair_seeds(run)) and run.images.seed not in seeds  # not the dataset's own seed
-    recorded = [json.loads(line) for line in (dpo.dpo_paths(pair_run).skill_dir("count") / "pairs.jsonl").read_text().splitlines()]
+    recorded = [
+        json.loads(line)
+        for line in (dpo.dpo_paths(pair_run).skill_dir("count") / "pairs.jsonl").read_text().splitlines()
+    ]
     assert [(r["prompt_id"], r["winner_score"]) for r in recorded] == [(p.prompt_id, p.winner_score) for p in pairs]
     scored = (dpo.dpo_paths(pair_run).skill_dir("count") / "scores.jsonl").read_text().splitlines()
     assert len(scored) == 3 * 4  # every image scored once; a second call reuses the scores
@@ -140,21 +158,28 @@ def test_winner_of_every_pair_is_the_image_the_scorer_prefers(tiny_model_dirs, p
 
 
 def test_judge_picks_the_pairs_with_the_images_judge_model_not_the_evaluation_one(tiny_model_dirs, tmp_path):
-    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.config.evaluate import EvaluateSettings
+    from selma_toolkit.evaluate.scorers import build_scorer
 
     paths = RunPaths(tmp_path / "run")
     write_prompts(paths.prompts("count"), "count", ["one red cube", "two blue balls"])
     # The evaluation's CLIP does not exist: only the images section's judge may be loaded.
-    run = tiny_run(tiny_model_dirs["sd1"], images={"judge": "clipscore", "judge_model": "tiny:clip"},
-                   clip_model="no-such/clip", scorer="judge", pairs_per_prompt=1)
+    run = tiny_run(
+        tiny_model_dirs["sd1"],
+        images={"judge": "clipscore", "judge_model": "tiny:clip"},
+        clip_model="no-such/clip",
+        scorer="judge",
+        pairs_per_prompt=1,
+    )
     pairs = dpo.preference_pairs(run, "count", paths)
-    rows = [json.loads(line) for line in (dpo.dpo_paths(paths).skill_dir("count") / "scores.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (dpo.dpo_paths(paths).skill_dir("count") / "scores.jsonl").read_text().splitlines()
+    ]
     assert {(row["scorer"], row["model"]) for row in rows} == {("clipscore", "tiny:clip")}
     judge = build_scorer("clipscore", EvaluateSettings(clip_model="tiny:clip"))
     for pair in pairs:
-        with Image.open(pair.winner) as w, Image.open(pair.loser) as l:
-            winner, loser = judge.score([w.convert("RGB"), l.convert("RGB")], [pair.text] * 2)
+        with Image.open(pair.winner) as win, Image.open(pair.loser) as lose:
+            winner, loser = judge.score([win.convert("RGB"), lose.convert("RGB")], [pair.text] * 2)
         assert winner > loser
     assert dpo.scorer_label(run) == "judge:clipscore(tiny:clip)"
 
@@ -171,7 +196,9 @@ def test_all_ties_is_a_clear_error(tiny_model_dirs, pair_run, monkeypatch):
         dpo.train_dpo_expert(tiny_run(tiny_model_dirs["sd1"]), "count", pair_run)
 
 
-def test_first_step_loss_is_log2_and_resume_equals_an_uninterrupted_run(tiny_model_dirs, pair_run, tmp_path, brightness):
+def test_first_step_loss_is_log2_and_resume_equals_an_uninterrupted_run(
+    tiny_model_dirs, pair_run, tmp_path, brightness
+):
     from safetensors.torch import load_file
 
     model = tiny_model_dirs["sd1"]
@@ -199,10 +226,16 @@ def test_first_step_loss_is_log2_and_resume_equals_an_uninterrupted_run(tiny_mod
         dpo.train_dpo_expert(tiny_run(model, steps=4, beta=50.0), "count", whole)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("dpo.beta=0", "dpo.beta"), ("dpo.scorer=nosuch", "dpo.scorer"), ("dpo.pairs_per_prompt=0", "dpo.pairs_per_prompt"),
-    ("moe.gate=router", "moe.gate"), ("moe.learning_rate=-1", "moe.learning_rate"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dpo.beta=0", "dpo.beta"),
+        ("dpo.scorer=nosuch", "dpo.scorer"),
+        ("dpo.pairs_per_prompt=0", "dpo.pairs_per_prompt"),
+        ("moe.gate=router", "moe.gate"),
+        ("moe.learning_rate=-1", "moe.learning_rate"),
+    ],
+)
 def test_bad_dpo_and_moe_settings_are_refused_by_name(override, message):
     from selma_toolkit.recipe import load_run_recipe
 
@@ -214,12 +247,26 @@ def test_study_kinds_dpo_and_moe_are_scored_and_compared_with_the_merges_with_pa
     from selma_toolkit.recipe import load_run_recipe
     from selma_toolkit.toyworld.study import StudyOptions, run_study
 
-    run = load_run_recipe("toy-study", [
-        "skills.toy-count.num_prompts=3", "skills.toy-color.num_prompts=3", "skills.toy-spatial.num_prompts=3",
-        "images.steps=3", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
-        "evaluate.prompts_per_skill=2", "evaluate.seeds=[5]", "evaluate.report_prompts_per_skill=1",
-        "dpo.steps=2", "dpo.batch_size=2", "dpo.pairs_per_prompt=3", "moe.steps=2", "moe.batch_size=2",
-    ])
+    run = load_run_recipe(
+        "toy-study",
+        [
+            "skills.toy-count.num_prompts=3",
+            "skills.toy-color.num_prompts=3",
+            "skills.toy-spatial.num_prompts=3",
+            "images.steps=3",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=2",
+            "evaluate.prompts_per_skill=2",
+            "evaluate.seeds=[5]",
+            "evaluate.report_prompts_per_skill=1",
+            "dpo.steps=2",
+            "dpo.batch_size=2",
+            "dpo.pairs_per_prompt=3",
+            "moe.steps=2",
+            "moe.batch_size=2",
+        ],
+    )
     run_study(run, tmp_path, StudyOptions(kinds=("selma", "dpo", "moe")))
     replicate = tmp_path / "seed-5"
     variants = set(json.loads((replicate / "eval" / "scores.json").read_text())["variants"])
@@ -231,7 +278,9 @@ def test_study_kinds_dpo_and_moe_are_scored_and_compared_with_the_merges_with_pa
     summary = json.loads((tmp_path / "study.json").read_text())
     assert "moe" in summary["kinds"] and set(summary["gains"]["moe"]) == set(skills)
     versus = summary["table4_vs_merged"]["moe - merged:selma"]
-    assert set(versus) == set(skills) and all(v["low"] <= v["mean"] <= v["high"] and v["n"] == 2 for v in versus.values())
+    assert set(versus) == set(skills) and all(
+        v["low"] <= v["mean"] <= v["high"] and v["n"] == 2 for v in versus.values()
+    )
     # the paired difference is the mean over the same (seed, prompt) items of moe minus merged
     cells = {}
     for item in json.loads((replicate / "eval" / "scores.json").read_text())["items"]:

@@ -16,16 +16,41 @@ from selma_toolkit.recipe import EvaluateSettings
 
 # Rows in the layout of DSG-1k's annotation CSV (children listed before their parents on purpose).
 DSG_ROWS = [
-    {"item_id": "x1", "text": "a red cube on a table", "proposition_id": "3", "dependency": "1,2",
-     "question_natural_language": "is the cube on the table?"},
-    {"item_id": "x1", "text": "a red cube on a table", "proposition_id": "1", "dependency": "0",
-     "question_natural_language": "is there a cube?"},
-    {"item_id": "x1", "text": "a red cube on a table", "proposition_id": "2", "dependency": "0",
-     "question_natural_language": "is there a table?"},
-    {"item_id": "x1", "text": "a red cube on a table", "proposition_id": "4", "dependency": "1",
-     "question_natural_language": "is the cube red?"},
-    {"item_id": "x2", "text": "two dogs", "proposition_id": "1", "dependency": "0",
-     "question_natural_language": "are there dogs?"},
+    {
+        "item_id": "x1",
+        "text": "a red cube on a table",
+        "proposition_id": "3",
+        "dependency": "1,2",
+        "question_natural_language": "is the cube on the table?",
+    },
+    {
+        "item_id": "x1",
+        "text": "a red cube on a table",
+        "proposition_id": "1",
+        "dependency": "0",
+        "question_natural_language": "is there a cube?",
+    },
+    {
+        "item_id": "x1",
+        "text": "a red cube on a table",
+        "proposition_id": "2",
+        "dependency": "0",
+        "question_natural_language": "is there a table?",
+    },
+    {
+        "item_id": "x1",
+        "text": "a red cube on a table",
+        "proposition_id": "4",
+        "dependency": "1",
+        "question_natural_language": "is the cube red?",
+    },
+    {
+        "item_id": "x2",
+        "text": "two dogs",
+        "proposition_id": "1",
+        "dependency": "0",
+        "question_natural_language": "are there dogs?",
+    },
 ]
 
 
@@ -47,28 +72,53 @@ def test_dsg_csv_groups_questions_by_prompt_with_parents_first(tmp_path):
 
 
 def test_tifa_json_and_jsonl_and_dataset_folder_read_the_same_questions(tmp_path):
-    tifa = [{"id": "coco_1", "caption": "two dogs", "question": "how many dogs are there?",
-             "choices": ["1", "2", "3"], "answer": "2"},
-            {"id": "coco_1", "caption": "two dogs", "question": "are there dogs?", "choices": ["yes", "no"], "answer": "yes"}]
+    tifa = [
+        {
+            "id": "coco_1",
+            "caption": "two dogs",
+            "question": "how many dogs are there?",
+            "choices": ["1", "2", "3"],
+            "answer": "2",
+        },
+        {
+            "id": "coco_1",
+            "caption": "two dogs",
+            "question": "are there dogs?",
+            "choices": ["yes", "no"],
+            "answer": "yes",
+        },
+    ]
     (tmp_path / "tifa.json").write_text(json.dumps(tifa))
     (tmp_path / "tifa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tifa))
     folder = tmp_path / "dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tifa))
-    read = [read_questions(tmp_path / "tifa.json"), read_questions(tmp_path / "tifa.jsonl"), read_questions(str(folder))]
+    read = [
+        read_questions(tmp_path / "tifa.json"),
+        read_questions(tmp_path / "tifa.jsonl"),
+        read_questions(str(folder)),
+    ]
     for questions in read:
         first = questions.for_prompt("two dogs")[0]
         assert (first.text, first.choices, first.answer) == ("how many dogs are there?", ("1", "2", "3"), "2")
     assert read[0].by_prompt == read[1].by_prompt == read[2].by_prompt
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a cube", "query": "is there a cube?"}], "needs a prompt column"),
-    ([{"prompt": "a cube", "question": "q", "question_id": 1, "parents": [2]}], r"depends on \['2'\]"),
-    ([{"prompt": "a cube", "question": "q1", "question_id": 1, "parents": [2]},
-      {"prompt": "a cube", "question": "q2", "question_id": 2, "parents": [1]}], "form a cycle"),
-    ([{"prompt": "a cube", "question": "q", "answer": "maybe"}], "not among the choices"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "a cube", "query": "is there a cube?"}], "needs a prompt column"),
+        ([{"prompt": "a cube", "question": "q", "question_id": 1, "parents": [2]}], r"depends on \['2'\]"),
+        (
+            [
+                {"prompt": "a cube", "question": "q1", "question_id": 1, "parents": [2]},
+                {"prompt": "a cube", "question": "q2", "question_id": 2, "parents": [1]},
+            ],
+            "form a cycle",
+        ),
+        ([{"prompt": "a cube", "question": "q", "answer": "maybe"}], "not among the choices"),
+    ],
+)
 def test_malformed_question_files_name_the_record_and_the_problem(tmp_path, rows, message):
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -78,8 +128,12 @@ def test_malformed_question_files_name_the_record_and_the_problem(tmp_path, rows
 
 
 def test_dsg_rule_counts_children_of_a_failed_parent_as_wrong():
-    questions = [Question("1", "cube?"), Question("2", "table?"), Question("3", "on?", parents=("1", "2")),
-                 Question("4", "red?", parents=("1",))]
+    questions = [
+        Question("1", "cube?"),
+        Question("2", "table?"),
+        Question("3", "on?", parents=("1", "2")),
+        Question("4", "red?", parents=("1",)),
+    ]
     all_yes = {"1": "yes", "2": "yes", "3": "yes", "4": "yes"}
     assert dsg_score(questions, all_yes) == (100.0, {"1": True, "2": True, "3": True, "4": True})
     # No table: question 3 depends on it and counts as wrong although the model said yes.
@@ -93,10 +147,12 @@ def test_dsg_rule_counts_children_of_a_failed_parent_as_wrong():
 def test_a_published_benchmarks_flaws_are_read_as_its_code_reads_them():
     from selma_toolkit.evaluate.questions import questions_from_records
 
-    rows = [{"item_id": "a_1", "text": "a cube", "proposition_id": 1, "question": "q1", "dependency": "2"},
-            {"item_id": "a_1", "text": "a cube", "proposition_id": 2, "question": "q2", "dependency": "1"},
-            {"item_id": "b_1", "text": "a ball", "proposition_id": 1, "question": "q1", "dependency": "0"},
-            {"item_id": "b_1", "text": "a ball", "proposition_id": 2, "question": "q2", "dependency": "1, air"}]
+    rows = [
+        {"item_id": "a_1", "text": "a cube", "proposition_id": 1, "question": "q1", "dependency": "2"},
+        {"item_id": "a_1", "text": "a cube", "proposition_id": 2, "question": "q2", "dependency": "1"},
+        {"item_id": "b_1", "text": "a ball", "proposition_id": 1, "question": "q1", "dependency": "0"},
+        {"item_id": "b_1", "text": "a ball", "proposition_id": 2, "question": "q2", "dependency": "1, air"},
+    ]
     with pytest.raises(DatasetError, match="form a cycle"):
         questions_from_records(rows, "f.csv", "item_id")
     published = questions_from_records(rows, "f.csv", "item_id", as_published=True)
@@ -107,8 +163,11 @@ def test_a_published_benchmarks_flaws_are_read_as_its_code_reads_them():
 
 
 def test_dsg_rule_as_dsg_and_dpg_benchmark_code_apply_it():
-    chain = [Question("1", "is there a cube?"), Question("2", "is the cube red?", ("1",)),
-             Question("3", "is the red cube shiny?", ("2",))]
+    chain = [
+        Question("1", "is there a cube?"),
+        Question("2", "is the cube red?", ("1",)),
+        Question("3", "is the red cube shiny?", ("2",)),
+    ]
     answers = {"1": "no", "2": "yes", "3": "yes"}
     # This toolkit's rule (and DPG-Bench's code): a failure runs down the chain.
     assert dsg_score(chain, answers) == (0.0, {"1": False, "2": False, "3": False})
@@ -122,7 +181,9 @@ def test_dsg_rule_as_dsg_and_dpg_benchmark_code_apply_it():
 
 def test_question_scorer_applies_the_dsg_rule_to_the_vqa_models_answers(tmp_path):
     path = write_csv(tmp_path / "dsg.csv", DSG_ROWS)
-    scorer = build_scorer("questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:vqa"))
+    scorer = build_scorer(
+        "questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:vqa")
+    )
     images = [drawn_image(1), drawn_image(2), drawn_image(3)]
     prompts = ["a red cube on a table", "two dogs", "a prompt without questions"]
     scores = scorer.score(images, prompts)
@@ -137,9 +198,11 @@ def test_question_scorer_applies_the_dsg_rule_to_the_vqa_models_answers(tmp_path
 def test_cached_question_scores_are_tied_to_the_question_file_contents(tmp_path):
     def scorer_for(rows):
         path = write_csv(tmp_path / "dsg.csv", rows)
-        return build_scorer("questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:vqa"))
+        return build_scorer(
+            "questions", EvaluateSettings(scorers=["questions"], questions=str(path), vqa_model="tiny:vqa")
+        )
 
     same, again = scorer_for(DSG_ROWS), scorer_for(DSG_ROWS)
-    edited = scorer_for(DSG_ROWS[:-1] + [dict(DSG_ROWS[-1], question_natural_language="is there a dog?")])
+    edited = scorer_for([*DSG_ROWS[:-1], dict(DSG_ROWS[-1], question_natural_language="is there a dog?")])
     assert same.cache_key == again.cache_key != edited.cache_key
     assert same.cache_key.startswith("tiny:vqa|questions:")

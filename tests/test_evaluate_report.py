@@ -81,7 +81,12 @@ class CountingScorer:
 
     def __init__(self, scorer):
         self.scorer, self.scored = scorer, 0
-        self.name, self.label, self.model_id, self.description = scorer.name, scorer.label, scorer.model_id, scorer.description
+        self.name, self.label, self.model_id, self.description = (
+            scorer.name,
+            scorer.label,
+            scorer.model_id,
+            scorer.description,
+        )
 
     def score(self, images, prompts):
         self.scored += len(images)
@@ -145,8 +150,17 @@ def answers_file(path: Path, wins: int, ties: int, losses: int) -> Path:
         left, right = ("merged:selma", "base") if n % 2 else ("base", "merged:selma")
         chosen = {"win": "merged:selma", "lose": "base"}.get(outcome)
         choice = "tie" if chosen is None else ("left" if left == chosen else "right")
-        answers.append({"pair": f"p{n}", "variant": "merged:selma", "baseline": "base", "prompt": "x",
-                        "left": left, "right": right, "choice": choice})
+        answers.append(
+            {
+                "pair": f"p{n}",
+                "variant": "merged:selma",
+                "baseline": "base",
+                "prompt": "x",
+                "left": left,
+                "right": right,
+                "choice": choice,
+            }
+        )
     path.write_text(json.dumps({"format": "selma-human-eval/1", "study": "s", "answers": answers}))
     return path
 
@@ -164,11 +178,19 @@ def test_evaluate_tally_command_prints_percentages_and_rejects_bad_files(cli, tm
     second = answers_file(tmp_path / "rater2.json", wins=2, ties=0, losses=8)
     result = cli("evaluate", "--tally", str(first), "--tally", str(second))
     assert result.returncode == 0, result.stderr
-    assert ("merged:selma vs base: win 40.0%, tie 5.0%, lose 55.0% of 20 answers (42.1% vs 57.9% without ties)"
-            in result.stdout)
+    assert (
+        "merged:selma vs base: win 40.0%, tie 5.0%, lose 55.0% of 20 answers (42.1% vs 57.9% without ties)"
+        in result.stdout
+    )
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": "selma-human-eval/1", "answers": [{"pair": "p", "variant": "a", "baseline": "b",
-                                                                             "left": "a", "right": "b", "choice": "up"}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "format": "selma-human-eval/1",
+                "answers": [{"pair": "p", "variant": "a", "baseline": "b", "left": "a", "right": "b", "choice": "up"}],
+            }
+        )
+    )
     result = cli("evaluate", "--tally", str(bad))
     assert result.returncode == 2 and "answer 1: choice must be left, right or tie" in result.stderr
     assert "Traceback" not in result.stderr
@@ -179,7 +201,9 @@ def test_evaluate_report_command_writes_the_report_beside_the_evaluation(cli, tm
     shutil.copytree(eval_dir, run / "eval")
     result = cli("evaluate", "--report", str(run / "eval"), "--pair", "expert:color,base")
     assert result.returncode == 0, result.stderr
-    assert (run / "report" / "index.html").is_file() and "expert:color" in (run / "report" / "human-eval.html").read_text()
+    assert (run / "report" / "index.html").is_file() and "expert:color" in (
+        run / "report" / "human-eval.html"
+    ).read_text()
     result = cli("evaluate", "--report", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "no scores file" in result.stderr
 
@@ -193,13 +217,16 @@ def test_report_states_each_variants_paired_change_over_the_base_with_its_verdic
     by_key = {(i["variant"], i["skill"], i["prompt_id"], i["seed"]): i["scores"] for i in document["items"]}
     for row in rows:
         # Independently: the variant's score minus the base's on the same (skill, prompt, seed).
-        diffs = [scores[row["metric"]] - by_key[("base", skill, pid, seed)][row["metric"]]
-                 for (variant, skill, pid, seed), scores in by_key.items()
-                 if variant == row["variant"] and skill == row["skill"] and ("base", skill, pid, seed) in by_key]
+        diffs = [
+            scores[row["metric"]] - by_key[("base", skill, pid, seed)][row["metric"]]
+            for (variant, skill, pid, seed), scores in by_key.items()
+            if variant == row["variant"] and skill == row["skill"] and ("base", skill, pid, seed) in by_key
+        ]
         assert row["change"].mean == pytest.approx(float(np.mean(diffs)))
         assert row["change"].low <= row["change"].mean <= row["change"].high
-        expected = ("helps" if row["change"].low > 0 else "hurts" if row["change"].high < 0
-                    else "not significant at this size")
+        expected = (
+            "helps" if row["change"].low > 0 else "hurts" if row["change"].high < 0 else "not significant at this size"
+        )
         assert row["verdict"] == expected
     assert {r["variant"] for r in rows} == set(document["variants"]) - {"base"}
     page = write_report(eval_dir, tmp_path / "report", note="Study numbers: docs/toyworld.md").read_text()
@@ -217,7 +244,8 @@ def test_what_this_run_showed_lists_each_merge_first_then_each_expert_on_its_own
     own_skills = [skill for (_, skill), kind in zip(rows, kinds, strict=True) if kind == "own"]
     assert own_skills[::2] == list(document["skills"])  # in the skills' order, two metrics each
     assert [(r["variant"], r["skill"]) for r in headline_gains(document, samples=200)] == [
-        row for row, kind in zip(rows, kinds, strict=True) if kind != "other"]
+        row for row, kind in zip(rows, kinds, strict=True) if kind != "other"
+    ]
     page = write_report(eval_dir, tmp_path / "report").read_text()
     table = page.split("What this run showed", 1)[1].split("<h2>", 1)[0]
     shown = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td>", table)
@@ -242,10 +270,15 @@ def test_report_images_show_their_scores_and_charts_fit_the_page_column(tmp_path
     document = read_scores(eval_dir / "scores.json")
     # Many variants (as a run with DPO, MoE and several merge methods): the chart would be wider than the page.
     extra = [f"merged:m{k}" for k in range(8)]
-    wide = dict(document, variants=[*document["variants"], *extra],
-                aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
-                items=[*document["items"], *[dict(i, variant=v) for v in extra for i in document["items"]
-                                             if i["variant"] == "merged:selma"]])
+    wide = dict(
+        document,
+        variants=[*document["variants"], *extra],
+        aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
+        items=[
+            *document["items"],
+            *[dict(i, variant=v) for v in extra for i in document["items"] if i["variant"] == "merged:selma"],
+        ],
+    )
     index = write_report(wide, tmp_path / "report", eval_dir=eval_dir)
     for metric in document["scorers"]:
         width, _ = Image.open(index.parent / "plots" / f"{metric}.png").size
@@ -265,19 +298,38 @@ def test_report_names_the_selected_checkpoint_of_each_expert_from_the_selection(
     paths = RunPaths(tmp_path / "run")
     chosen = paths.train_dir("color") / "checkpoints" / "step-4" / "color.safetensors"
     paths.selection.parent.mkdir(parents=True)
-    paths.selection.write_text(json.dumps({"format": "selma-checkpoint-selection/1", "skills": {"color": {
-        "metric": "clipscore", "best_step": 4, "expert": chosen.relative_to(paths.root).as_posix(), "sha256": "0" * 64,
-        "checkpoints": [{"step": 2, "mean": 20.5}, {"step": 4, "mean": 21.25}]}}}))
-    variants = {"base": None, "expert:color": chosen, "expert:count": paths.expert("count"),
-                "merged:selma": paths.merged("selma")}
+    paths.selection.write_text(
+        json.dumps(
+            {
+                "format": "selma-checkpoint-selection/1",
+                "skills": {
+                    "color": {
+                        "metric": "clipscore",
+                        "best_step": 4,
+                        "expert": chosen.relative_to(paths.root).as_posix(),
+                        "sha256": "0" * 64,
+                        "checkpoints": [{"step": 2, "mean": 20.5}, {"step": 4, "mean": 21.25}],
+                    }
+                },
+            }
+        )
+    )
+    variants = {
+        "base": None,
+        "expert:color": chosen,
+        "expert:count": paths.expert("count"),
+        "merged:selma": paths.merged("selma"),
+    }
     notes = _lora_notes(paths, variants)
     assert notes == {
         "expert:color": "the checkpoint of step 4 (skills/color/train/checkpoints/step-4/color.safetensors), the best "
-                        "by clipscore on the held-out prompts (step 2: 20.5, step 4: 21.25)",
+        "by clipscore on the held-out prompts (step 2: 20.5, step 4: 21.25)",
         "expert:count": "experts/count.safetensors (the final expert)",
         "merged:selma": "merged/selma.safetensors",
     }
     page = write_report(eval_dir, tmp_path / "report", loras=notes).read_text()
     shown = page.split("What this run showed", 1)[1].split("<table>", 1)[0]
-    assert ("<b>expert:color</b>: the checkpoint of step 4 (skills/color/train/checkpoints/step-4/color.safetensors)"
-            in shown)
+    assert (
+        "<b>expert:color</b>: the checkpoint of step 4 (skills/color/train/checkpoints/step-4/color.safetensors)"
+        in shown
+    )

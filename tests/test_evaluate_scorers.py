@@ -42,8 +42,13 @@ def cosines_from_forward(model, processor, images, prompts) -> torch.Tensor:
 
 
 def settings(**values) -> EvaluateSettings:
-    base = dict(clip_model="tiny:clip", pickscore_model="tiny:clip", pickscore_processor=None, hps_model="tiny:clip",
-                vqa_model="tiny:vqa")
+    base = dict(
+        clip_model="tiny:clip",
+        pickscore_model="tiny:clip",
+        pickscore_processor=None,
+        hps_model="tiny:clip",
+        vqa_model="tiny:vqa",
+    )
     return EvaluateSettings(**(base | values))
 
 
@@ -89,8 +94,15 @@ def test_hps_open_clip_checkpoint_scores_like_the_clip_it_holds(tmp_path, images
     model, processor = tiny_clip
     checkpoint = tmp_path / "HPS_v2_compressed.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in open_clip_state_dict(model).items()}}, checkpoint)
-    scorer = build_scorer("hps", settings(hps_model=str(checkpoint), hps_clip_config="tiny:clip", hps_allow_pickle=True,
-                                          hps_sha256=sha256_file(checkpoint)))
+    scorer = build_scorer(
+        "hps",
+        settings(
+            hps_model=str(checkpoint),
+            hps_clip_config="tiny:clip",
+            hps_allow_pickle=True,
+            hps_sha256=sha256_file(checkpoint),
+        ),
+    )
     expected = 100 * cosines_from_forward(model, processor, images, PROMPTS)
     assert scorer.score(images, PROMPTS) == pytest.approx(expected.tolist(), abs=1e-4)
 
@@ -106,8 +118,14 @@ def test_imagereward_needs_opt_in_pin_and_the_package(tmp_path):
         import ImageReward  # noqa: F401
     except ImportError:
         with pytest.raises(ModelError, match=r"pip install 'selma-toolkit\[eval\]'"):
-            build_scorer("imagereward", settings(imagereward_model=str(checkpoint), imagereward_allow_pickle=True,
-                                                 imagereward_sha256=sha256_file(checkpoint)))
+            build_scorer(
+                "imagereward",
+                settings(
+                    imagereward_model=str(checkpoint),
+                    imagereward_allow_pickle=True,
+                    imagereward_sha256=sha256_file(checkpoint),
+                ),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +143,11 @@ def answer_logprob_from_loss(model, processor, image, question: str, answer: str
     config = model.config.text_config
     assert config.label_smoothing == 0.0
     inputs = processor(images=[image], text=[question], return_tensors="pt")
-    labels = [config.bos_token_id] + processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [config.sep_token_id]
+    labels = (
+        [config.bos_token_id]
+        + processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        + [config.sep_token_id]
+    )
     with torch.no_grad():
         loss = model(**inputs, labels=torch.tensor([labels])).loss
     return -float(loss) * (len(labels) - 1)
@@ -171,5 +193,7 @@ def test_recipe_rejects_unknown_scorers_and_questions_without_a_file():
         load_run_recipe("tiny-demo", ["evaluate.scorers=['questions']"])
     with pytest.raises(RecipeError, match="hps_sha256"):
         load_run_recipe("tiny-demo", ["evaluate.hps_sha256='abc'"])
-    recipe = load_run_recipe("tiny-demo", ["evaluate.scorers=['clipscore', 'vqascore']", "evaluate.clip_model='tiny:clip'"])
+    recipe = load_run_recipe(
+        "tiny-demo", ["evaluate.scorers=['clipscore', 'vqascore']", "evaluate.clip_model='tiny:clip'"]
+    )
     assert [s.name for s in build_scorers(recipe.evaluate)] == ["clipscore", "vqascore"]

@@ -106,7 +106,6 @@ def test_pull_extracts_once_from_the_fp16_unet_only_and_serves_the_second_pull_f
 
 def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from_cache(hub, tmp_path, monkeypatch):
     from support_comfyui import FakeFolderPaths
-
     from support_nodes import pull as hub_expert_node
 
     from selma_toolkit.adapters.diffusers import load_experts
@@ -132,7 +131,10 @@ def test_load_experts_and_the_comfyui_node_take_catalog_names_the_node_only_from
     pull_extraction(load_catalog()["tiny-pinned"], endpoint=olah.endpoint)  # what `selma hub pull` does
     offered = cached_catalog_experts()
     assert "tiny-pinned" in offered and "tiny-never-pulled" not in offered
-    assert offered["tiny-pinned"].path.read_bytes() == next((tmp_path / "cache" / "extractions").rglob("*.safetensors")).read_bytes()
+    assert (
+        offered["tiny-pinned"].path.read_bytes()
+        == next((tmp_path / "cache" / "extractions").rglob("*.safetensors")).read_bytes()
+    )
     experts = hub_expert_node("tiny-pinned", 0.5, "", olah.endpoint)
     assert [(e.name, e.weight) for e in experts] == [("tiny-pinned.safetensors", 0.5)]
     assert set(experts[0].lora.modules) == set(lora.modules)

@@ -361,8 +361,10 @@ def test_comfyui_0364_loads_every_key_of_a_qwen_image_expert(experts, tiny_model
     if install is None:
         pytest.skip("COMFYUI_PATH is not set")
     comfyui, python = install
-    config = {key: list(value) if isinstance(value, tuple) else value
-              for key, value in get_family("qwen-image").tiny.denoiser.items()}
+    config = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in get_family("qwen-image").tiny.denoiser.items()
+    }
     answer = run_in_comfyui(python, comfyui, "qwen-image-key-check", str(experts["qwen-image"]), json.dumps(config))
     assert answer["model"] == "QwenImage" and answer["unloaded"] == []
     assert answer["patched"] == len(inspect_lora(experts["qwen-image"]).weights.modules) == answer["keys"] // 2
@@ -377,7 +379,8 @@ def test_comfyui_maps_every_key_of_a_chroma_expert_as_for_flux(experts, pipes):
     config = pipes["chroma"].transformer.config
     key_map = comfy_key_map_builders()["flux_to_diffusers"](
         {"depth": config.num_layers, "depth_single_blocks": config.num_single_layers, "hidden_size": 32},
-        output_prefix="diffusion_model.")
+        output_prefix="diffusion_model.",
+    )
     comfy_names = {"transformer." + key[: -len(".weight")] for key in key_map if key.endswith(".weight")}
     written = {key.rsplit(".lora_", 1)[0] for key in load_file(experts["chroma"])}
     assert written <= comfy_names, sorted(written - comfy_names)

@@ -46,11 +46,15 @@ def write_dataset(folder: Path, count: int, *, seed: int = 0, size: tuple[int, i
 
 def make_run(base_model: Path | str, **train) -> RunRecipe:
     settings = {"rank": 4, "batch_size": 2, "steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3, **train}
-    return RunRecipe.model_validate({
-        "name": "t", "base_model": str(base_model),
-        "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
-        "images": {"resolution": 32, "guidance_scale": 3.5}, "train": settings,
-    })
+    return RunRecipe.model_validate(
+        {
+            "name": "t",
+            "base_model": str(base_model),
+            "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
+            "images": {"resolution": 32, "guidance_scale": 3.5},
+            "train": settings,
+        }
+    )
 
 
 def new_run_dir(tmp_path: Path, name: str = "run", count: int = 4) -> RunPaths:
@@ -85,7 +89,9 @@ def experts(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("arch", DIT)
-def test_tiny_dit_model_has_the_family_layout_and_the_same_seed_writes_the_same_weights(arch, tiny_model_dirs, tmp_path):
+def test_tiny_dit_model_has_the_family_layout_and_the_same_seed_writes_the_same_weights(
+    arch, tiny_model_dirs, tmp_path
+):
     from selma_toolkit.models import detect_architecture
     from selma_toolkit.tiny import create_tiny_model
 
@@ -97,13 +103,18 @@ def test_tiny_dit_model_has_the_family_layout_and_the_same_seed_writes_the_same_
     t5 = next(e for e in family.text_encoders if e.kind == "t5")
     assert index[t5.component] == ["transformers", "T5EncoderModel"]
     assert index[t5.tokenizer][1].startswith("T5Tokenizer")
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert (
+        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "FlowMatchEulerDiscreteScheduler"
+    )
     assert detect_architecture(str(folder)) == arch
     again = create_tiny_model(tmp_path / "again", arch)
     for part in ("transformer/diffusion_pytorch_model.safetensors", f"{t5.component}/model.safetensors"):
         first, second = load_file(folder / part), load_file(again / part)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert (again / t5.tokenizer / "tokenizer.json").read_text() == (folder / t5.tokenizer / "tokenizer.json").read_text()
+    assert (again / t5.tokenizer / "tokenizer.json").read_text() == (
+        folder / t5.tokenizer / "tokenizer.json"
+    ).read_text()
 
 
 def test_the_recipe_default_targets_are_per_family_and_leave_the_unet_hashes_as_they_were():
@@ -131,7 +142,9 @@ def test_a_run_folder_recorded_with_the_old_explicit_default_targets_continues(t
     paths.expert("count-grammar").parent.mkdir(parents=True)
     paths.expert("count-grammar").write_bytes(b"trained")
     check_recipe_change(load_run_recipe("tiny-demo"), paths)  # unset now: the same training as recorded
-    with pytest.raises(RecipeError, match=r"train.target_modules: \['to_q', 'to_k', 'to_v', 'to_out.0'\] -> \['to_q'\]"):
+    with pytest.raises(
+        RecipeError, match=r"train.target_modules: \['to_q', 'to_k', 'to_v', 'to_out.0'\] -> \['to_q'\]"
+    ):
         check_recipe_change(load_run_recipe("tiny-demo", ['train.target_modules=["to_q"]']), paths)
 
 
@@ -143,11 +156,17 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
     family = get_family(arch)
     model_dir = tiny_model_dirs[arch]
     folder = write_dataset(tmp_path / "images", 2)
-    samples = [TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])]
+    samples = [
+        TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])
+    ]
     root = tmp_path / "cache"
     names = parts.text_encoder_names(family)
-    latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 32, image_digests(samples)), root, 2,
-                                  lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 32))
+    latents = caches.ensure_cache(
+        caches.latent_cache_spec(model_dir, 32, image_digests(samples)),
+        root,
+        2,
+        lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 32),
+    )
 
     def caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, family, torch.float32)
@@ -155,10 +174,17 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
 
     spec = caches.text_cache_spec(model_dir, names, torch.float32, samples)
     assert {f"{c}/" for c in names} | {f"{e.tokenizer}/" for e in family.text_encoders} <= {
-        key.split("/")[0] + "/" for key in _fingerprinted(model_dir, names)}
+        key.split("/")[0] + "/" for key in _fingerprinted(model_dir, names)
+    }
     texts = caches.ensure_cache(spec, root, 2, caption_encoder)
-    source = caches.ConditionSource(samples, 32, torch.device("cpu"), latents=caches.CachedTensors(latents),
-                                    texts=caches.CachedTensors(texts), family=family)
+    source = caches.ConditionSource(
+        samples,
+        32,
+        torch.device("cpu"),
+        latents=caches.CachedTensors(latents),
+        texts=caches.CachedTensors(texts),
+        family=family,
+    )
     cond = source([1, 0])
     pipe = pipes[arch]
     for row, index in enumerate([1, 0]):
@@ -166,8 +192,9 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
             embeds, pooled, text_ids = pipe.encode_prompt(samples[index].text, prompt_2=None, device="cpu")
             assert embeds.shape[1] == 512 and text_ids.shape == (512, 3)
         else:
-            embeds, _, pooled, _ = pipe.encode_prompt(samples[index].text, None, None, device="cpu",
-                                                      do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                samples[index].text, None, None, device="cpu", do_classifier_free_guidance=False
+            )
             assert embeds.shape[1] == 77 + 256
         # T5's CPU kernels round by batch layout (the cache encodes both captions at once): about 1e-5 on values ~1.
         assert torch.allclose(cond.prompt_embeds[row], embeds[0], atol=5e-5)
@@ -177,7 +204,12 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
 
 def _fingerprinted(model_dir: Path, names: list[str]) -> list[str]:
     tokenizer_names = [name.replace("text_encoder", "tokenizer") for name in names]
-    return [str(p.relative_to(model_dir)) for sub in names + tokenizer_names for p in (model_dir / sub).rglob("*") if p.is_file()]
+    return [
+        str(p.relative_to(model_dir))
+        for sub in names + tokenizer_names
+        for p in (model_dir / sub).rglob("*")
+        if p.is_file()
+    ]
 
 
 def test_flow_target_is_the_velocity_the_diffusers_euler_sampler_integrates(pipes):
@@ -207,9 +239,17 @@ def test_flow_loss_equals_the_mse_computed_with_the_pipelines_own_helpers(arch, 
     scheduler = parts.load_noise_scheduler(tiny_model_dirs[arch], family)
     generator = torch.Generator().manual_seed(1)
     n, channels, size = 2, 4, 16
-    mean, std = torch.randn(n, channels, size, size, generator=generator), torch.rand(n, channels, size, size, generator=generator)
-    embeds, pooled = pipe.encode_prompt(["a red cube", "two dogs"], prompt_2=None, device="cpu")[:2] if arch == "flux" else \
-        pipe.encode_prompt(["a red cube", "two dogs"], None, None, device="cpu", do_classifier_free_guidance=False)[::2]
+    mean, std = (
+        torch.randn(n, channels, size, size, generator=generator),
+        torch.rand(n, channels, size, size, generator=generator),
+    )
+    embeds, pooled = (
+        pipe.encode_prompt(["a red cube", "two dogs"], prompt_2=None, device="cpu")[:2]
+        if arch == "flux"
+        else pipe.encode_prompt(
+            ["a red cube", "two dogs"], None, None, device="cpu", do_classifier_free_guidance=False
+        )[::2]
+    )
     cond = parts.Conditioning(latent_mean=mean, latent_std=std, prompt_embeds=embeds, pooled=pooled)
     draws = parts.draw([torch.Generator().manual_seed(s) for s in (3, 4)], (channels, size, size), 1000)
     scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
@@ -224,17 +264,30 @@ def test_flow_loss_equals_the_mse_computed_with_the_pipelines_own_helpers(arch, 
             assert pipe.transformer.config.guidance_embeds
             packed = FluxPipeline._pack_latents(noisy, n, channels, size, size)
             ids = FluxPipeline._prepare_latent_image_ids(n, size // 2, size // 2, "cpu", torch.float32)
-            out = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.full((n,), 3.5),
-                                   pooled_projections=pooled, encoder_hidden_states=embeds,
-                                   txt_ids=torch.zeros(embeds.shape[1], 3), img_ids=ids, return_dict=False)[0]
-            prediction = FluxPipeline._unpack_latents(out, size * pipe.vae_scale_factor, size * pipe.vae_scale_factor,
-                                                      pipe.vae_scale_factor)
+            out = pipe.transformer(
+                hidden_states=packed,
+                timestep=timesteps / 1000,
+                guidance=torch.full((n,), 3.5),
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=torch.zeros(embeds.shape[1], 3),
+                img_ids=ids,
+                return_dict=False,
+            )[0]
+            prediction = FluxPipeline._unpack_latents(
+                out, size * pipe.vae_scale_factor, size * pipe.vae_scale_factor, pipe.vae_scale_factor
+            )
         else:
-            prediction = pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
-                                          pooled_projections=pooled, return_dict=False)[0]
+            prediction = pipe.transformer(
+                hidden_states=noisy,
+                timestep=timesteps,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
         expected = ((prediction - (draws.noise - x0)) ** 2).mean()
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
-    assert 0.0 < float(sigmas.min()) and float(sigmas.max()) <= 1.0
+    assert float(sigmas.min()) > 0.0 and float(sigmas.max()) <= 1.0
 
 
 # ------------------------------------------------------------------------------------- training
@@ -270,8 +323,10 @@ def test_training_from_the_caches_equals_training_through_the_vae_and_text_encod
     train_expert(make_run(tiny_model_dirs[arch], steps=2, cache=True), "count", cached)
     train_expert(make_run(tiny_model_dirs[arch], steps=2, cache=False), "count", direct)
     assert (cached.train_dir("count") / "cache").is_dir() and not (direct.train_dir("count") / "cache").exists()
-    losses = [[json.loads(line)["loss"] for line in (p.train_dir("count") / "loss.jsonl").read_text().splitlines()]
-              for p in (cached, direct)]
+    losses = [
+        [json.loads(line)["loss"] for line in (p.train_dir("count") / "loss.jsonl").read_text().splitlines()]
+        for p in (cached, direct)
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
     want, got = load_file(direct.expert("count")), load_file(cached.expert("count"))
     assert sorted(want) == sorted(got) and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
@@ -281,9 +336,14 @@ def test_a_negative_prompt_for_flux_is_reported_as_ignored(tiny_model_dirs, capl
     from selma_toolkit.images.generate import _check_model
 
     def run(arch: str, negative: str) -> RunRecipe:
-        return RunRecipe.model_validate({"name": "t", "base_model": str(tiny_model_dirs[arch]),
-                                         "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
-                                         "images": {"negative_prompt": negative}})
+        return RunRecipe.model_validate(
+            {
+                "name": "t",
+                "base_model": str(tiny_model_dirs[arch]),
+                "skills": [{"name": "count", "seeds": ["a", "b", "c"], "instruction": "x"}],
+                "images": {"negative_prompt": negative},
+            }
+        )
 
     with caplog.at_level("WARNING", logger="selma_toolkit.images.generate"):
         _check_model(run("flux", "blurry"))
@@ -312,8 +372,14 @@ def test_expert_file_loads_in_diffusers_with_exactly_its_update_and_changes_the_
     assert all(key.startswith("transformer.") and key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys)
 
     def draw():
-        return pipe("two red cubes", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "two red cubes",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = draw()
     pipe.load_lora_weights(str(experts[arch]), adapter_name="expert")
@@ -332,7 +398,9 @@ def test_expert_file_loads_in_diffusers_with_exactly_its_update_and_changes_the_
 @pytest.mark.parametrize("arch", DIT)
 def test_alpha_other_than_rank_is_folded_so_every_reader_gets_the_same_update(arch, experts, pipes, tmp_path):
     lora = load_lora(experts[arch])
-    halved = LoraWeights({n: LoraModule(m.down, m.up, alpha=m.alpha / 2) for n, m in lora.modules.items()}, dict(lora.metadata))
+    halved = LoraWeights(
+        {n: LoraModule(m.down, m.up, alpha=m.alpha / 2) for n, m in lora.modules.items()}, dict(lora.metadata)
+    )
     path = save_lora(halved, tmp_path / "half.safetensors")
     raw = load_file(path)
     assert not any(key.endswith(".alpha") for key in raw)  # ComfyUI: no alpha = scale 1, as the folded B wants
@@ -351,7 +419,9 @@ def test_alpha_other_than_rank_is_folded_so_every_reader_gets_the_same_update(ar
     finally:
         pipe.unload_lora_weights()
     peft_path = save_lora(halved, tmp_path / "peft.safetensors", format="peft")  # alpha in lora_adapter_metadata
-    assert all(torch.allclose(load_lora(peft_path).modules[n].delta(), m.delta(), atol=1e-7) for n, m in halved.modules.items())
+    assert all(
+        torch.allclose(load_lora(peft_path).modules[n].delta(), m.delta(), atol=1e-7) for n, m in halved.modules.items()
+    )
 
 
 @pytest.mark.parametrize("arch", DIT)
@@ -366,8 +436,12 @@ def test_every_transformer_layer_round_trips_through_kohya_peft_and_canonical_na
         assert module_from_key(kohya) == (canonical, "kohya")
         spelling, role = parse_key(f"{canonical}.lora_A.weight")
         assert (module_from_key(spelling), role) == ((canonical, "peft"), "down")
-    for path in ("single_transformer_blocks.37.proj_mlp", "transformer_blocks.18.norm1_context.linear",
-                 "time_text_embed.guidance_embedder.linear_2", "transformer_blocks.0.ff_context.net.0.proj"):
+    for path in (
+        "single_transformer_blocks.37.proj_mlp",
+        "transformer_blocks.18.norm1_context.linear",
+        "time_text_embed.guidance_embedder.linear_2",
+        "transformer_blocks.0.ff_context.net.0.proj",
+    ):
         assert module_from_key("lora_transformer_" + path.replace(".", "_")) == (f"transformer.{path}", "kohya")
 
 
@@ -389,35 +463,44 @@ def test_kohya_bfl_onetrainer_and_ai_toolkit_flux_files_are_read_as_diffusers_mo
     }
     state = {}
     for name, (down, up) in fused.items():
-        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)})
+        state.update(
+            {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)}
+        )
     lora = lora_from_state_dict(state)
     delta = {name: (1.0 / rank) * up @ down for name, (down, up) in fused.items()}
     h = hidden
     expected = {
         "transformer.transformer_blocks.0.attn.to_q": delta["lora_unet_double_blocks_0_img_attn_qkv"][:h],
-        "transformer.transformer_blocks.0.attn.to_k": delta["lora_unet_double_blocks_0_img_attn_qkv"][h:2 * h],
-        "transformer.transformer_blocks.0.attn.to_v": delta["lora_unet_double_blocks_0_img_attn_qkv"][2 * h:],
+        "transformer.transformer_blocks.0.attn.to_k": delta["lora_unet_double_blocks_0_img_attn_qkv"][h : 2 * h],
+        "transformer.transformer_blocks.0.attn.to_v": delta["lora_unet_double_blocks_0_img_attn_qkv"][2 * h :],
         "transformer.transformer_blocks.0.attn.add_q_proj": delta["lora_unet_double_blocks_0_txt_attn_qkv"][:h],
-        "transformer.transformer_blocks.0.attn.add_k_proj": delta["lora_unet_double_blocks_0_txt_attn_qkv"][h:2 * h],
-        "transformer.transformer_blocks.0.attn.add_v_proj": delta["lora_unet_double_blocks_0_txt_attn_qkv"][2 * h:],
+        "transformer.transformer_blocks.0.attn.add_k_proj": delta["lora_unet_double_blocks_0_txt_attn_qkv"][h : 2 * h],
+        "transformer.transformer_blocks.0.attn.add_v_proj": delta["lora_unet_double_blocks_0_txt_attn_qkv"][2 * h :],
         "transformer.transformer_blocks.0.attn.to_out.0": delta["lora_unet_double_blocks_0_img_attn_proj"],
         "transformer.transformer_blocks.0.ff_context.net.0.proj": delta["lora_unet_double_blocks_0_txt_mlp_0"],
         "transformer.single_transformer_blocks.3.attn.to_q": delta["lora_unet_single_blocks_3_linear1"][:h],
-        "transformer.single_transformer_blocks.3.attn.to_k": delta["lora_unet_single_blocks_3_linear1"][h:2 * h],
-        "transformer.single_transformer_blocks.3.attn.to_v": delta["lora_unet_single_blocks_3_linear1"][2 * h:3 * h],
-        "transformer.single_transformer_blocks.3.proj_mlp": delta["lora_unet_single_blocks_3_linear1"][3 * h:],
+        "transformer.single_transformer_blocks.3.attn.to_k": delta["lora_unet_single_blocks_3_linear1"][h : 2 * h],
+        "transformer.single_transformer_blocks.3.attn.to_v": delta["lora_unet_single_blocks_3_linear1"][2 * h : 3 * h],
+        "transformer.single_transformer_blocks.3.proj_mlp": delta["lora_unet_single_blocks_3_linear1"][3 * h :],
         "transformer.single_transformer_blocks.3.proj_out": delta["lora_unet_single_blocks_3_linear2"],
         # BFL's final modulation is (shift, scale); diffusers' norm_out.linear is (scale, shift).
-        "transformer.norm_out.linear": torch.cat([delta["lora_unet_final_layer_adaLN_modulation_1"][h:],
-                                                  delta["lora_unet_final_layer_adaLN_modulation_1"][:h]]),
+        "transformer.norm_out.linear": torch.cat(
+            [
+                delta["lora_unet_final_layer_adaLN_modulation_1"][h:],
+                delta["lora_unet_final_layer_adaLN_modulation_1"][:h],
+            ]
+        ),
     }
     assert sorted(lora.modules) == sorted(expected)
     for name, want in expected.items():
         assert torch.allclose(lora.modules[name].delta(), want, atol=1e-6), name
     assert guess_architecture(lora) == "flux"  # single-stream blocks exist only in Flux
     # ComfyUI's own trainer spells the same BFL modules diffusion_model.double_blocks.N...
-    comfy = {key.replace("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv"): value
-             for key, value in state.items() if key.startswith("lora_unet_double_blocks_0_img_attn_qkv")}
+    comfy = {
+        key.replace("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv"): value
+        for key, value in state.items()
+        if key.startswith("lora_unet_double_blocks_0_img_attn_qkv")
+    }
     assert len(comfy) == 3 and all(key.startswith("diffusion_model.") for key in comfy)
     from_comfy = lora_from_state_dict(comfy)
     for part in ("to_q", "to_k", "to_v"):
@@ -425,22 +508,34 @@ def test_kohya_bfl_onetrainer_and_ai_toolkit_flux_files_are_read_as_diffusers_mo
         assert torch.equal(from_comfy.modules[name].delta(), lora.modules[name].delta())
 
     # OneTrainer (lora_transformer_<diffusers path>) and ai-toolkit (transformer.<path>.lora_A/B) spellings
-    onetrainer = {"lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight": torch.ones(2, 8),
-                  "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_up.weight": torch.ones(8, 2),
-                  "lora_transformer_transformer_blocks_1_norm1_context_linear.lora_down.weight": torch.ones(2, 8),
-                  "lora_transformer_transformer_blocks_1_norm1_context_linear.lora_up.weight": torch.ones(48, 2),
-                  "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 8),
-                  "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(8, 2)}
+    onetrainer = {
+        "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight": torch.ones(2, 8),
+        "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_up.weight": torch.ones(8, 2),
+        "lora_transformer_transformer_blocks_1_norm1_context_linear.lora_down.weight": torch.ones(2, 8),
+        "lora_transformer_transformer_blocks_1_norm1_context_linear.lora_up.weight": torch.ones(48, 2),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 8),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(8, 2),
+    }
     assert sorted(lora_from_state_dict(onetrainer).modules) == [
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-        "transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.norm1_context.linear"]
-    ai_toolkit = {f"transformer.{path}.lora_{ab}.weight": torch.ones(2, 8) if ab == "A" else torch.ones(8, 2)
-                  for path in ("transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
-                               "single_transformer_blocks.1.proj_out", "transformer_blocks.0.ff.net.2",
-                               "transformer_blocks.0.norm1.linear")  # norm1.linear: Flux's, not Chroma's
-                  for ab in "AB"}
+        "transformer.single_transformer_blocks.0.attn.to_q",
+        "transformer.transformer_blocks.1.norm1_context.linear",
+    ]
+    ai_toolkit = {
+        f"transformer.{path}.lora_{ab}.weight": torch.ones(2, 8) if ab == "A" else torch.ones(8, 2)
+        for path in (
+            "transformer_blocks.0.attn.add_k_proj",
+            "transformer_blocks.0.attn.to_add_out",
+            "single_transformer_blocks.1.proj_out",
+            "transformer_blocks.0.ff.net.2",
+            "transformer_blocks.0.norm1.linear",
+        )  # norm1.linear: Flux's, not Chroma's
+        for ab in "AB"
+    }
     assert module_from_key("lycoris_single_transformer_blocks_2_attn_to_k") == (
-        "transformer.single_transformer_blocks.2.attn.to_k", "kohya")  # SimpleTuner's LyCORIS-LoRA spelling
+        "transformer.single_transformer_blocks.2.attn.to_k",
+        "kohya",
+    )  # SimpleTuner's LyCORIS-LoRA spelling
     read = lora_from_state_dict(ai_toolkit)
     assert sorted(read.modules) == sorted(k[: -len(".lora_A.weight")] for k in ai_toolkit if ".lora_A." in k)
     assert guess_architecture(read) == "flux"
@@ -458,12 +553,14 @@ def test_kohya_flux_files_split_as_diffusers_own_converter_splits_them():
 
     generator = torch.Generator().manual_seed(0)
     hidden, rank = 3072, 2
-    shapes = {"lora_unet_double_blocks_0_img_attn_qkv": (3 * hidden, hidden),
-              "lora_unet_double_blocks_0_txt_attn_qkv": (3 * hidden, hidden),
-              "lora_unet_double_blocks_0_txt_mod_lin": (6 * hidden, hidden),
-              "lora_unet_double_blocks_0_img_mlp_2": (hidden, 4 * hidden),
-              "lora_unet_single_blocks_0_linear1": (7 * hidden, hidden),
-              "lora_unet_final_layer_adaLN_modulation_1": (2 * hidden, hidden)}
+    shapes = {
+        "lora_unet_double_blocks_0_img_attn_qkv": (3 * hidden, hidden),
+        "lora_unet_double_blocks_0_txt_attn_qkv": (3 * hidden, hidden),
+        "lora_unet_double_blocks_0_txt_mod_lin": (6 * hidden, hidden),
+        "lora_unet_double_blocks_0_img_mlp_2": (hidden, 4 * hidden),
+        "lora_unet_single_blocks_0_linear1": (7 * hidden, hidden),
+        "lora_unet_final_layer_adaLN_modulation_1": (2 * hidden, hidden),
+    }
     state = {}
     for name, (out_features, in_features) in shapes.items():
         state[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator)
@@ -475,7 +572,9 @@ def test_kohya_flux_files_split_as_diffusers_own_converter_splits_them():
     for key in reference:
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            name = module if module.startswith("transformer.") else "transformer." + module  # diffusers: "norm_out.linear"
+            name = (
+                module if module.startswith("transformer.") else "transformer." + module
+            )  # diffusers: "norm_out.linear"
             theirs[name] = reference[f"{module}.lora_B.weight"] @ reference[key]
     assert sorted(ours.modules) == sorted(theirs) and len(theirs) == 13
     for name, delta in theirs.items():
@@ -485,12 +584,14 @@ def test_kohya_flux_files_split_as_diffusers_own_converter_splits_them():
 
 def test_lora_info_and_convert_read_a_kohya_flux_file_and_write_the_default_layout(cli, tmp_path):
     generator = torch.Generator().manual_seed(0)
-    state = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 8, generator=generator),
-             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(24, 2, generator=generator),
-             "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(1.0),
-             "lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(2, 40, generator=generator),
-             "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(8, 2, generator=generator),
-             "lora_unet_single_blocks_0_linear2.alpha": torch.tensor(1.0)}
+    state = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 8, generator=generator),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(24, 2, generator=generator),
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(1.0),
+        "lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(2, 40, generator=generator),
+        "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(8, 2, generator=generator),
+        "lora_unet_single_blocks_0_linear2.alpha": torch.tensor(1.0),
+    }
     source = tmp_path / "kohya-flux.safetensors"
     save_file(state, source, metadata={"ss_base_model_version": "flux1"})
     info = cli("lora", "info", str(source))
@@ -500,9 +601,16 @@ def test_lora_info_and_convert_read_a_kohya_flux_file_and_write_the_default_layo
     converted = cli("lora", "convert", str(source), str(out))
     assert converted.returncode == 0, converted.stderr
     written = load_file(out)
-    assert sorted(written) == sorted(f"transformer.{m}.lora_{ab}.weight" for ab in "AB" for m in (
-        "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
-        "single_transformer_blocks.0.proj_out"))
+    assert sorted(written) == sorted(
+        f"transformer.{m}.lora_{ab}.weight"
+        for ab in "AB"
+        for m in (
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_k",
+            "transformer_blocks.0.attn.to_v",
+            "single_transformer_blocks.0.proj_out",
+        )
+    )
     original, back = load_lora(source), load_lora(out)
     assert back.metadata["selma.architecture"] == "flux"
     assert all(torch.allclose(back.modules[n].delta(), m.delta(), atol=1e-6) for n, m in original.modules.items())
@@ -516,9 +624,14 @@ def test_the_architecture_guess_tells_flux_sd3_and_the_unet_families_apart(exper
     # Real widths of the double-stream attention: SD 3 1536 / 3.5 large 2432; 3072 is the width of Flux,
     # Chroma, Qwen-Image and FLUX.2 alike, told apart by their other modules or the metadata.
     assert guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072)) is None
-    assert guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072, ss_base_model_version="flux1")) == "flux"
+    assert (
+        guess_architecture(one("transformer.transformer_blocks.0.attn.add_q_proj", 3072, ss_base_model_version="flux1"))
+        == "flux"
+    )
     assert guess_architecture(one("transformer.transformer_blocks.0.norm1.linear", 3072, 18432)) == "flux"
-    assert guess_architecture(one("transformer.transformer_blocks.40.attn.add_q_proj", 3072)) == "qwen-image"  # 60 blocks
+    assert (
+        guess_architecture(one("transformer.transformer_blocks.40.attn.add_q_proj", 3072)) == "qwen-image"
+    )  # 60 blocks
     assert guess_architecture(one("transformer.transformer_blocks.0.attn.to_q", 1536)) == "sd3"
     assert guess_architecture(one("transformer.transformer_blocks.0.attn.to_k", 2432)) == "sd3"
     assert guess_architecture(one("transformer.time_text_embed.text_embedder.linear_1", 2048, 1536)) == "sd3"
@@ -531,8 +644,16 @@ def test_the_architecture_guess_tells_flux_sd3_and_the_unet_families_apart(exper
     assert guess_architecture(one(tiny_name, 32, **{"ss_base_model_version": "flux1"})) == "flux"
     assert guess_architecture(one(tiny_name, 32, **{"selma.architecture": "sdxl"})) is None
     # A Flux LoRA with T5 (text_encoder_2) modules is no SDXL LoRA; an SDXL one still is.
-    t5 = LoraWeights({"transformer.single_transformer_blocks.0.attn.to_q": LoraModule(torch.zeros(4, 32), torch.zeros(32, 4), 4.0),
-                      "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": LoraModule(torch.zeros(4, 32), torch.zeros(32, 4), 4.0)})
+    t5 = LoraWeights(
+        {
+            "transformer.single_transformer_blocks.0.attn.to_q": LoraModule(
+                torch.zeros(4, 32), torch.zeros(32, 4), 4.0
+            ),
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": LoraModule(
+                torch.zeros(4, 32), torch.zeros(32, 4), 4.0
+            ),
+        }
+    )
     assert guess_architecture(t5) == "flux"
     assert guess_architecture(one("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", 1280)) == "sdxl"
     assert guess_architecture(one("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 768, 320)) == "sd1"
@@ -543,10 +664,13 @@ def test_the_architecture_guess_tells_flux_sd3_and_the_unet_families_apart(exper
     assert guess_architecture(LoraWeights(sd3.modules, {})) is None
 
 
-@pytest.mark.parametrize(("arch", "kohya", "spec", "tag", "repo"), [
-    ("flux", "flux1", "flux-1-dev/lora", "flux", "black-forest-labs/FLUX.1-dev"),
-    ("sd3", "sd3", "stable-diffusion-3-medium/lora", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers"),
-])
+@pytest.mark.parametrize(
+    ("arch", "kohya", "spec", "tag", "repo"),
+    [
+        ("flux", "flux1", "flux-1-dev/lora", "flux", "black-forest-labs/FLUX.1-dev"),
+        ("sd3", "sd3", "stable-diffusion-3-medium/lora", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers"),
+    ],
+)
 def test_metadata_and_hub_card_name_the_family(arch, kohya, spec, tag, repo, experts):
     from safetensors import safe_open
 
@@ -563,10 +687,14 @@ def test_metadata_and_hub_card_name_the_family(arch, kohya, spec, tag, repo, exp
     facts = lora_facts(metadata)
     assert facts["architecture"] == arch
     card = render_model_card("someone/tiny-expert", {"experts/count.safetensors": facts})
-    assert f"`{facts['base_model']}` ({arch})" in card  # a local base is named in the body (the Hub links repo ids only)
+    assert (
+        f"`{facts['base_model']}` ({arch})" in card
+    )  # a local base is named in the body (the Hub links repo ids only)
     front = card.split("---")[1]
     assert f"- {tag}" in front and "- lora" in front and "stable-diffusion" not in front
-    real = render_model_card("someone/expert", {"experts/count.safetensors": lora_facts({**metadata, "selma.base_model": repo})})
+    real = render_model_card(
+        "someone/expert", {"experts/count.safetensors": lora_facts({**metadata, "selma.base_model": repo})}
+    )
     assert f"base_model: {repo}" in real.split("---")[1]
 
 
@@ -575,8 +703,10 @@ def test_every_merge_method_merges_tiny_flux_experts_into_a_flux_lora(method, ti
     from selma_toolkit.lora import merge_experts
 
     first = load_lora(experts["flux"])
-    other = LoraWeights({n: LoraModule(m.down.flip(0), -m.up.flip(1) * 0.5, m.alpha) for n, m in first.modules.items()},
-                        dict(first.metadata))
+    other = LoraWeights(
+        {n: LoraModule(m.down.flip(0), -m.up.flip(1) * 0.5, m.alpha) for n, m in first.modules.items()},
+        dict(first.metadata),
+    )
     rank = 4 if method in ("svd", "ties", "dare") else None  # only these choose an output rank
     merged = merge_experts([first, other], method, rank=rank, density=0.5, seed=0)
     assert set(merged.modules) == set(first.modules)
@@ -589,8 +719,9 @@ def test_every_merge_method_merges_tiny_flux_experts_into_a_flux_lora(method, ti
     assert all(key.startswith("transformer.") for key in load_file(path))
     from selma_toolkit.expert_fit import base_layer_shapes, check_expert_fits
 
-    check_expert_fits(load_lora(path), base_layer_shapes(str(tiny_model_dirs["flux"])), source=method,
-                      base_model="tiny:flux")
+    check_expert_fits(
+        load_lora(path), base_layer_shapes(str(tiny_model_dirs["flux"])), source=method, base_model="tiny:flux"
+    )
 
 
 def test_fit_check_lists_the_transformer_and_t5_layers_and_refuses_the_other_family(tiny_model_dirs, experts):
@@ -609,11 +740,12 @@ def test_fit_check_lists_the_transformer_and_t5_layers_and_refuses_the_other_fam
 
 def test_comfyui_node_fit_check_names_flux_and_sd3_models():
     from comfyui_nodes.fit import check_lora_fits
-
     from selma_toolkit.errors import LoraFormatError
 
-    flux_lora = {"transformer.single_transformer_blocks.0.norm.linear.lora_A.weight": torch.zeros(4, 32),
-                 "transformer.single_transformer_blocks.0.norm.linear.lora_B.weight": torch.zeros(96, 4)}
+    flux_lora = {
+        "transformer.single_transformer_blocks.0.norm.linear.lora_A.weight": torch.zeros(4, 32),
+        "transformer.single_transformer_blocks.0.norm.linear.lora_B.weight": torch.zeros(96, 4),
+    }
     check_lora_fits(flux_lora, "Flux", matched=1)
     check_lora_fits(flux_lora, "FluxSchnell", matched=1)
     with pytest.raises(LoraFormatError, match="the LoRA is for flux but the MODEL is SD3 \\(sd3\\)"):
@@ -631,10 +763,14 @@ def comfy_key_map_builders() -> dict:
     source = (Path(root) / "comfy" / "utils.py").read_text()
     tree = ast.parse(source)
     wanted = {"flux_to_diffusers", "mmdit_to_diffusers", "MMDIT_MAP_BASIC", "MMDIT_MAP_BLOCK", "swap_scale_shift"}
-    nodes = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name in wanted)
-             or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted for t in n.targets))]
+    nodes = [
+        n
+        for n in tree.body
+        if (isinstance(n, ast.FunctionDef) and n.name in wanted)
+        or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted for t in n.targets))
+    ]
     namespace: dict = {"torch": torch}
-    exec(compile(ast.Module(body=nodes, type_ignores=[]), "comfy/utils.py", "exec"), namespace)  # noqa: S102
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), "comfy/utils.py", "exec"), namespace)
     return namespace
 
 
@@ -647,11 +783,14 @@ def test_comfyui_key_map_names_every_key_of_the_written_files(arch, experts, pip
     namespace = comfy_key_map_builders()
     config = pipes[arch].transformer.config
     if arch == "flux":
-        key_map = namespace["flux_to_diffusers"]({"depth": config.num_layers, "depth_single_blocks": config.num_single_layers,
-                                                  "hidden_size": 32}, output_prefix="diffusion_model.")
+        key_map = namespace["flux_to_diffusers"](
+            {"depth": config.num_layers, "depth_single_blocks": config.num_single_layers, "hidden_size": 32},
+            output_prefix="diffusion_model.",
+        )
     else:
-        key_map = namespace["mmdit_to_diffusers"]({"depth": config.num_layers, "num_blocks": config.num_layers},
-                                                  output_prefix="diffusion_model.")
+        key_map = namespace["mmdit_to_diffusers"](
+            {"depth": config.num_layers, "num_blocks": config.num_layers}, output_prefix="diffusion_model."
+        )
     comfy_names = {"transformer." + key[: -len(".weight")] for key in key_map if key.endswith(".weight")}
     written = {key.rsplit(".lora_", 1)[0] for key in load_file(experts[arch])}
     assert written <= comfy_names, sorted(written - comfy_names)
@@ -667,8 +806,17 @@ def test_reduced_selma_run_of_the_tiny_recipe_writes_every_stage(arch, cli, tmp_
 
     out = tmp_path / "run"
     overrides = [item for o in small_tiny_run(train_steps=2) for item in ("--set", o)]
-    result = cli("run", f"tiny-{arch}", "--out", str(out), *overrides, "--set", "images.batch_size=2",
-                 "--set", "evaluate.merge_methods=[\"delta\", \"svd\", \"ties\", \"dare\"]")
+    result = cli(
+        "run",
+        f"tiny-{arch}",
+        "--out",
+        str(out),
+        *overrides,
+        "--set",
+        "images.batch_size=2",
+        "--set",
+        'evaluate.merge_methods=["delta", "svd", "ties", "dare"]',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for skill in TINY_RUN_SKILLS:
         expert = load_lora(out / "experts" / f"{skill}.safetensors")

@@ -75,10 +75,14 @@ def make_run(root: Path) -> Path:
     for seed, skill in enumerate(skills):
         write_expert(paths.expert(skill), skill=skill, seed=seed)
         paths.prompts(skill).parent.mkdir(parents=True, exist_ok=True)
-        paths.prompts(skill).write_text("".join(json.dumps({"id": i, "skill": skill, "prompt": f"p{i}"}) + "\n" for i in range(7)))
+        paths.prompts(skill).write_text(
+            "".join(json.dumps({"id": i, "skill": skill, "prompt": f"p{i}"}) + "\n" for i in range(7))
+        )
     merge_files([paths.expert(skill) for skill in skills], paths.merged("selma"), "selma")
     paths.eval_dir.mkdir(parents=True)
-    (paths.eval_dir / "scores.json").write_text(json.dumps({"merged": {"clipscore": 31.25}, "base": {"clipscore": 29.5}}))
+    (paths.eval_dir / "scores.json").write_text(
+        json.dumps({"merged": {"clipscore": 31.25}, "base": {"clipscore": 29.5}})
+    )
     for i in range(3):
         Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(paths.eval_dir / f"{i}.png")
     paths.report.parent.mkdir(parents=True)
@@ -96,7 +100,9 @@ def pushed_run(hub, tmp_path_factory):
 
 def _cli(*args: str, env: dict[str, str], drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in drop} | {"COLUMNS": "200"} | env
-    return subprocess.run([sys.executable, "-m", "selma_toolkit", *args], capture_output=True, text=True, env=full, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "selma_toolkit", *args], capture_output=True, text=True, env=full, timeout=120
+    )
 
 
 def _write_catalog(path: Path, **entries: dict[str, str]) -> Path:
@@ -109,8 +115,14 @@ def _write_catalog(path: Path, **entries: dict[str, str]) -> Path:
 
 
 def _entry(repo: str, file: str, **extra: str) -> dict[str, str]:
-    return {"repo": repo, "file": file, "skill": "countbench", "base_model": "stabilityai/stable-diffusion-2-1-base",
-            "architecture": "sd2", **extra}
+    return {
+        "repo": repo,
+        "file": file,
+        "skill": "countbench",
+        "base_model": "stabilityai/stable-diffusion-2-1-base",
+        "architecture": "sd2",
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------- push and pull
@@ -160,27 +172,44 @@ def test_private_push_creates_a_private_repo(hub, tmp_path):
 
 
 def test_pushing_a_run_folder_uploads_loras_recipe_scores_samples_and_card_in_one_commit(hub, pushed_run):
-    run, url, sent = pushed_run
+    run, _url, sent = pushed_run
     repo = hub.repo("alice/demo-run")
     assert sum("/commit/" in r.path for r in sent) == 1 and commit_count(repo) == 2  # the repo's initial commit + ours
     experts = sorted(f"experts/{p.name}" for p in (run / "experts").glob("*.safetensors"))
-    assert set(repo_files(repo)) == {".gitattributes", "README.md", "recipe.toml", "eval/scores.json", "samples.png",
-                                     "report/clipscore.png", "merged/selma.safetensors", *experts}
+    assert set(repo_files(repo)) == {
+        ".gitattributes",
+        "README.md",
+        "recipe.toml",
+        "eval/scores.json",
+        "samples.png",
+        "report/clipscore.png",
+        "merged/selma.safetensors",
+        *experts,
+    }
     for name in [*experts, "merged/selma.safetensors", "recipe.toml", "eval/scores.json", "report/clipscore.png"]:
         assert repo_file(repo, "main", name) == (run / name).read_bytes(), name
     from PIL import Image
 
     assert Image.open(io.BytesIO(repo_file(repo, "main", "samples.png"))).size == (3 * 256, 256)  # 3 eval images, 1 row
-    message = subprocess.run(["git", f"--git-dir={repo}", "log", "-1", "--format=%B"], capture_output=True, text=True).stdout
+    message = subprocess.run(
+        ["git", f"--git-dir={repo}", "log", "-1", "--format=%B"], capture_output=True, text=True
+    ).stdout
     assert message.startswith("Upload SELMA run tiny-demo: 2 experts, 1 merged LoRA")
 
 
 def test_model_card_metadata_read_back_with_ModelCard_load_has_the_hub_fields(hub, pushed_run):
     run, _, _ = pushed_run
-    code = ("import json; from huggingface_hub import ModelCard; c = ModelCard.load('alice/demo-run'); "
-            "print(json.dumps({'data': c.data.to_dict(), 'text': c.text}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_ENDPOINT": hub.read})
+    code = (
+        "import json; from huggingface_hub import ModelCard; c = ModelCard.load('alice/demo-run'); "
+        "print(json.dumps({'data': c.data.to_dict(), 'text': c.text}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_ENDPOINT": hub.read},
+    )
     assert result.returncode == 0, result.stderr
     card = json.loads(result.stdout)
     data, text = card["data"], card["text"]
@@ -220,8 +249,14 @@ def test_selma_merge_accepts_catalog_names_and_hub_repo_ids_as_experts(hub, tmp_
     hub.push(second, "alice/merge-two")
     catalog = _write_catalog(tmp_path / "mine.toml", **{"coco-mine": _entry("alice/merge-one", "m1.safetensors")})
     out = tmp_path / "merged.safetensors"
-    result = _cli("merge", "coco-mine", "alice/merge-two:m2.safetensors", "--out", str(out),
-                  env={"HF_ENDPOINT": hub.read, "SELMA_CATALOG": str(catalog)})
+    result = _cli(
+        "merge",
+        "coco-mine",
+        "alice/merge-two:m2.safetensors",
+        "--out",
+        str(out),
+        env={"HF_ENDPOINT": hub.read, "SELMA_CATALOG": str(catalog)},
+    )
     assert result.returncode == 0, result.stderr
     record = merge_record(load_lora(out))
     assert [e["sha256"] for e in record["experts"]] == [sha256_file(first), sha256_file(second)]
@@ -253,10 +288,14 @@ def test_offline_pull_is_served_from_the_cache_without_any_server(hub, tmp_path)
 def test_catalog_name_resolves_through_the_cli_verifies_sha256_and_copies_to_a_folder(hub, tmp_path):
     expert = write_expert(tmp_path / "countbench.safetensors", skill="countbench", seed=5)
     hub.push(expert, "alice/catalogued")
-    catalog = _write_catalog(tmp_path / "mine.toml", **{"countbench-sd2": _entry("alice/catalogued", "countbench.safetensors",
-                                                                                  sha256=sha256_file(expert))})
+    catalog = _write_catalog(
+        tmp_path / "mine.toml",
+        **{"countbench-sd2": _entry("alice/catalogued", "countbench.safetensors", sha256=sha256_file(expert))},
+    )
     loras = tmp_path / "ComfyUI" / "models" / "loras"
-    result = _cli("hub", "pull", "countbench-sd2", "--catalog", str(catalog), "--to", str(loras), env={"HF_ENDPOINT": hub.read})
+    result = _cli(
+        "hub", "pull", "countbench-sd2", "--catalog", str(catalog), "--to", str(loras), env={"HF_ENDPOINT": hub.read}
+    )
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == loras / "countbench.safetensors"
     assert (loras / "countbench.safetensors").read_bytes() == expert.read_bytes()
@@ -264,7 +303,9 @@ def test_catalog_name_resolves_through_the_cli_verifies_sha256_and_copies_to_a_f
 
 
 def test_hub_list_shows_user_catalog_entries(tmp_path):
-    catalog = _write_catalog(tmp_path / "mine.toml", **{"countbench-sd2": _entry("alice/catalogued", "countbench.safetensors")})
+    catalog = _write_catalog(
+        tmp_path / "mine.toml", **{"countbench-sd2": _entry("alice/catalogued", "countbench.safetensors")}
+    )
     result = _cli("hub", "list", "--catalog", str(catalog), env={})
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if "countbench-sd2" in line)
@@ -284,9 +325,13 @@ def test_sha256_mismatch_is_an_error_and_the_bad_file_is_removed(hub, tmp_path):
 
     expert = write_expert(tmp_path / "countbench.safetensors", skill="countbench", seed=6)
     hub.push(expert, "alice/tampered")
-    catalog = _write_catalog(tmp_path / "c.toml", tampered=_entry("alice/tampered", "countbench.safetensors", sha256="0" * 64))
+    catalog = _write_catalog(
+        tmp_path / "c.toml", tampered=_entry("alice/tampered", "countbench.safetensors", sha256="0" * 64)
+    )
     target = tmp_path / "loras"
-    with pytest.raises(HubError, match=f"sha256 of the download is {sha256_file(expert)}, the catalog expects 0{{64}}.*removed"):
+    with pytest.raises(
+        HubError, match=f"sha256 of the download is {sha256_file(expert)}, the catalog expects 0{{64}}.*removed"
+    ):
         hub.pull("tampered", catalog=catalog, to=target)
     cached = Path(constants.HF_HUB_CACHE) / "models--alice--tampered"
     assert not list(cached.glob("snapshots/*/countbench.safetensors")) and not list(cached.glob("blobs/*"))
@@ -329,7 +374,16 @@ def test_local_file_is_returned_as_is_and_pickles_or_folders_are_refused(tmp_pat
 
 def test_invalid_repo_ids_are_refused_with_the_expected_form(tmp_path):
     expert = write_expert(tmp_path / "e.safetensors", skill="coco", seed=8)
-    for bad in ("alice", "alice/", "-alice/x", "alice/x--y", "alice/x..y", "alice/x.git", "al ice/x", "alice/" + "x" * 97):
+    for bad in (
+        "alice",
+        "alice/",
+        "-alice/x",
+        "alice/x--y",
+        "alice/x..y",
+        "alice/x.git",
+        "al ice/x",
+        "alice/" + "x" * 97,
+    ):
         with pytest.raises(HubError, match="not a valid repo id"):
             push_expert(expert, bad, token=TOKEN, endpoint="http://127.0.0.1:9")
     with pytest.raises(HubError, match="not a valid repo id"):
@@ -339,7 +393,9 @@ def test_invalid_repo_ids_are_refused_with_the_expected_form(tmp_path):
 def test_an_unreachable_hub_is_a_clear_error(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(HubError, match=r"cannot reach the Hub .*Check the network or check the Hub endpoint given as "):
-        push_expert(write_expert(tmp_path / "e.safetensors", skill="coco", seed=8), "alice/x", token=TOKEN, endpoint=dead)
+        push_expert(
+            write_expert(tmp_path / "e.safetensors", skill="coco", seed=8), "alice/x", token=TOKEN, endpoint=dead
+        )
     # (A pull with a file name goes straight to hf_hub_download, which retries for about 20 s first.)
     with pytest.raises(HubError, match=f"alice/unreachable@main: cannot reach the Hub at {dead} .*Hub endpoint"):
         resolve_expert("alice/unreachable", endpoint=dead)
@@ -373,8 +429,14 @@ def test_file_names_from_the_server_with_dotdot_or_absolute_paths_are_refused(na
 def test_push_without_a_token_says_how_to_log_in_and_sends_nothing(hub, tmp_path):
     expert = write_expert(tmp_path / "e.safetensors", skill="coco", seed=9)
     before = len(hub.writer.received)
-    result = _cli("hub", "push", str(expert), "alice/no-token", drop=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
-                  env={"HF_ENDPOINT": hub.write, "HF_HOME": str(tmp_path / "empty-home")})
+    result = _cli(
+        "hub",
+        "push",
+        str(expert),
+        "alice/no-token",
+        drop=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        env={"HF_ENDPOINT": hub.write, "HF_HOME": str(tmp_path / "empty-home")},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "hf auth login" in result.stderr and "huggingface-cli login" in result.stderr and "HF_TOKEN" in result.stderr
     assert len(hub.writer.received) == before
@@ -391,8 +453,14 @@ def test_the_token_never_appears_in_output_logs_cards_or_uploaded_files(hub, tmp
     run = make_run(tmp_path / "run")
     home = tmp_path / "hf-home"
     before = len(hub.writer.received)
-    result = _cli("--verbose", "hub", "push", str(run), "alice/secret-scan",
-                  env={"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.write, "HF_HOME": str(home)})
+    result = _cli(
+        "--verbose",
+        "hub",
+        "push",
+        str(run),
+        "alice/secret-scan",
+        env={"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.write, "HF_HOME": str(home)},
+    )
     assert result.returncode == 0, result.stderr
     sent = hub.writer.received[before:]
     # The token was really used (so the scan below means something) ...

@@ -28,7 +28,9 @@ from selma_toolkit.recipe import load_run_recipe, recipe_hash
 SKILL = "count"
 # These compare images with ones drawn on the CPU (by plain diffusers, or by a subprocess); on a
 # machine with CUDA, generate_images in this process draws on the GPU in float16 instead.
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="compares with CPU-drawn images; here images are drawn on CUDA")
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compares with CPU-drawn images; here images are drawn on CUDA"
+)
 
 
 def write_recipe(folder: Path, base_model, *, images_model=None, **images) -> Path:
@@ -39,7 +41,9 @@ def write_recipe(folder: Path, base_model, *, images_model=None, **images) -> Pa
     data = {
         "name": "t",
         "base_model": str(base_model),
-        "skills": [{"name": SKILL, "instruction": "Write counting prompts.", "seeds": ["one cat", "two dogs", "three cups"]}],
+        "skills": [
+            {"name": SKILL, "instruction": "Write counting prompts.", "seeds": ["one cat", "two dogs", "three cups"]}
+        ],
         "images": settings,
     }
     path = folder / "recipe.in.toml"
@@ -52,8 +56,10 @@ def write_prompts(root: Path, count: int, heldout: tuple[int, ...] = ()) -> list
     path = RunPaths(root).prompts(SKILL)
     path.parent.mkdir(parents=True, exist_ok=True)
     texts = [f"{i + 1} red apples on a table, photo {i}" for i in range(count)]
-    rows = [{"id": i, "skill": SKILL, "prompt": t, "source": "llm", "split": "heldout" if i in heldout else "train"}
-            for i, t in enumerate(texts)]
+    rows = [
+        {"id": i, "skill": SKILL, "prompt": t, "source": "llm", "split": "heldout" if i in heldout else "train"}
+        for i, t in enumerate(texts)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [t for i, t in enumerate(texts) if i not in heldout]
 
@@ -86,8 +92,14 @@ def reference_image(model_dir: Path, prompt: str, seed: int, steps: int, resolut
 
     pipe = DiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=resolution, width=resolution,
-                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    image = pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        height=resolution,
+        width=resolution,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
     return np.asarray(image, dtype=np.int16)
 
 
@@ -111,7 +123,11 @@ def test_each_architecture_writes_an_imagefolder_that_datasets_and_our_reader_lo
         assert record.path.name == f"{prompt_id:06d}.png"
         assert record.path.with_suffix(".txt").read_text() == record.text
         assert record.extra["seed"] == documented_seed(0, prompt_id)
-        assert (record.extra["model"], record.extra["steps"], record.extra["guidance"]) == (str(tiny_model_dirs[arch]), 2, 7.5)
+        assert (record.extra["model"], record.extra["steps"], record.extra["guidance"]) == (
+            str(tiny_model_dirs[arch]),
+            2,
+            7.5,
+        )
     loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "hf"))
     assert loaded.num_rows == 5 and sorted(loaded["text"]) == sorted(texts)
     assert sorted(loaded["prompt_id"]) == [0, 1, 3, 4, 5]
@@ -126,7 +142,9 @@ def test_batches_are_dealt_to_processes_without_overlap_or_gaps():
         drawn = sorted(i for share in shares for batch in share for i in batch)
         assert drawn == items
         # A batch holds the same prompts whatever the number of processes.
-        assert sorted(tuple(b) for share in shares for b in share) == sorted(tuple(b) for b in batches_for_process(items, 4, 0, 1))
+        assert sorted(tuple(b) for share in shares for b in share) == sorted(
+            tuple(b) for b in batches_for_process(items, 4, 0, 1)
+        )
 
 
 # ------------------------------------------------------------------------------------ seeding
@@ -134,7 +152,7 @@ def test_batches_are_dealt_to_processes_without_overlap_or_gaps():
 
 @cpu_only
 def test_image_is_reproduced_bit_for_bit_by_diffusers_from_its_metadata_seed(tiny_sd1, tmp_path):
-    run, paths, texts = make_run(tmp_path, tiny_sd1, 3, batch_size=1, seed=7)
+    run, paths, _texts = make_run(tmp_path, tiny_sd1, 3, batch_size=1, seed=7)
     generate_images(run, SKILL, paths)
     for record in read_image_dataset(paths.images(SKILL)):
         assert record.extra["seed"] == documented_seed(7, record.extra["prompt_id"])
@@ -156,12 +174,18 @@ def test_batched_images_match_single_images_up_to_float_rounding(tiny_sd1, tmp_p
         # CPU kernels round differently for another batch shape: a few 8-bit levels at most.
         assert np.abs(image - batched[name]).max() <= 3, name
         # ...far below the difference between two seeds.
-        assert all(np.abs(image - other).mean() > 5 * np.abs(image - batched[name]).mean() for other in others if other is not image)
+        assert all(
+            np.abs(image - other).mean() > 5 * np.abs(image - batched[name]).mean()
+            for other in others
+            if other is not image
+        )
 
 
 @cpu_only
 def test_weak_to_strong_draws_with_the_images_model_not_the_base_model(tiny_model_dirs, tmp_path):
-    run, paths, texts = make_run(tmp_path, tiny_model_dirs["sdxl"], 2, images_model=tiny_model_dirs["sd1"], batch_size=1)
+    run, paths, _texts = make_run(
+        tmp_path, tiny_model_dirs["sdxl"], 2, images_model=tiny_model_dirs["sd1"], batch_size=1
+    )
     generate_images(run, SKILL, paths)
     for record in read_image_dataset(paths.images(SKILL)):
         assert record.extra["model"] == str(tiny_model_dirs["sd1"])
@@ -177,7 +201,9 @@ def test_jpg_format_writes_jpeg_files_that_both_readers_load(tiny_model_dirs, tm
     records = read_image_dataset(paths.images(SKILL))
     assert [r.path.name for r in records] == ["000000.jpg", "000001.jpg", "000002.jpg"]
     assert all(Image.open(r.path).format == "JPEG" for r in records)
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(paths.images(SKILL)), split="train", cache_dir=str(tmp_path / "hf"))
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(paths.images(SKILL)), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert sorted(loaded["text"]) == sorted(texts)
 
 
@@ -219,8 +245,11 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tiny_sd1, tmp_path):
     recipe = write_recipe(killed_dir, tiny_sd1, **settings)
     write_prompts(killed_dir / "run", count)
     folder = RunPaths(killed_dir / "run").images(SKILL)
-    process = subprocess.Popen([sys.executable, "-m", "selma_toolkit", "images", str(recipe), "--out", str(killed_dir / "run")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "selma_toolkit", "images", str(recipe), "--out", str(killed_dir / "run")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline and len(list(folder.glob("*.txt"))) < 4:
         time.sleep(0.02)
@@ -274,10 +303,28 @@ def test_two_processes_draw_every_prompt_exactly_once_and_match_one_process(tiny
     recipe = write_recipe(shared, tiny_sd1)
     write_prompts(shared / "run", count)
     # On a machine without GPUs only --multi_gpu starts several processes (see shard.py).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()),
-               "-m", "selma_toolkit", "images", str(recipe), "--out", str(shared / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "selma_toolkit",
+        "images",
+        str(recipe),
+        "--out",
+        str(shared / "run"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "drawn per process: [5, 4]" in result.stdout, result.stdout
@@ -300,8 +347,11 @@ def add_tiny_safety_checker(model_dir: Path, out: Path) -> Path:
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     torch.manual_seed(0)
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(small, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=8)
+    config = CLIPConfig(
+        text_config=dict(small, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(small, image_size=32, patch_size=8),
+        projection_dim=8,
+    )
     checker = StableDiffusionSafetyChecker(config)
     extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     components = {**pipe.components, "safety_checker": checker, "feature_extractor": extractor}
@@ -384,7 +434,9 @@ def test_only_heldout_prompts_is_a_clear_error(tiny_sd1, tmp_path):
         generate_images(run, SKILL, paths)
 
 
-@pytest.mark.parametrize("kind", ["no_model_index", "unknown_architecture", "ckpt", "bin", "single_file_without_config"])
+@pytest.mark.parametrize(
+    "kind", ["no_model_index", "unknown_architecture", "ckpt", "bin", "single_file_without_config"]
+)
 def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
     model = tmp_path / "model"
     if kind == "no_model_index":
@@ -393,7 +445,9 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
         expected = "no model_index.json"
     elif kind == "unknown_architecture":
         model.mkdir()
-        (model / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}))
+        (model / "model_index.json").write_text(
+            json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]})
+        )
         expected = r"none of the supported families; expected SD 1.x, SD 2.x, SDXL, SD 3, Flux, .* or FLUX.2 \[klein\]"
     elif kind in ("ckpt", "bin"):
         model = tmp_path / f"model.{kind}"
@@ -409,12 +463,15 @@ def test_unusable_models_are_refused_before_any_work(kind, tmp_path):
     assert not paths.images(SKILL).exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("images.steps=0", r"overrides 'images\.steps=0': expected 1 or more"),
-    ("images.resolution=30", r"overrides 'images\.resolution=30': must be a multiple of 8"),
-    ("images.guidance_scale=-1", r"images\.guidance_scale"),
-    ("images.stpes=3", r"overrides 'images\.stpes=3': unknown key; did you mean 'steps'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("images.steps=0", r"overrides 'images\.steps=0': expected 1 or more"),
+        ("images.resolution=30", r"overrides 'images\.resolution=30': must be a multiple of 8"),
+        ("images.guidance_scale=-1", r"images\.guidance_scale"),
+        ("images.stpes=3", r"overrides 'images\.stpes=3': unknown key; did you mean 'steps'"),
+    ],
+)
 def test_out_of_range_image_settings_are_recipe_errors(override, message, tmp_path):
     with pytest.raises(RecipeError, match=message):
         load_run_recipe(write_recipe(tmp_path, "tiny:sd1"), [override])

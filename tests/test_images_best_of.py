@@ -29,8 +29,14 @@ def draw_with_diffusers(model_dir, prompt: str, seed: int):
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
-                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
 
 
 def test_choose_prefers_the_highest_score_the_first_of_ties_and_never_none():
@@ -50,8 +56,8 @@ def test_candidate_zero_is_the_plain_stage_image_seed_and_the_others_differ():
 def test_best_of_n_keeps_the_judges_best_candidate_and_records_every_score(tiny_sd1, tmp_path):
     from PIL import Image
 
-    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.config.evaluate import EvaluateSettings
+    from selma_toolkit.evaluate.scorers import build_scorer
 
     run, paths, texts = make_run(tmp_path, tiny_sd1, 3, **JUDGED)
     stats = generate_images(run, SKILL, paths)
@@ -102,11 +108,14 @@ def test_resuming_with_another_judge_or_candidate_count_is_refused(tiny_sd1, tmp
         generate_images(changed, SKILL, paths)
 
 
-@pytest.mark.parametrize(("images", "message"), [
-    ({"candidates": 4}, "candidates = 4 needs a judge"),
-    ({"candidates": 2, "judge": "questions"}, "judge = 'questions' cannot score every prompt"),
-    ({"judge": "toyworld", "judge_model": "tiny:clip"}, "judge = 'toyworld' has no model"),
-])
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ({"candidates": 4}, "candidates = 4 needs a judge"),
+        ({"candidates": 2, "judge": "questions"}, "judge = 'questions' cannot score every prompt"),
+        ({"judge": "toyworld", "judge_model": "tiny:clip"}, "judge = 'toyworld' has no model"),
+    ],
+)
 def test_a_judge_that_cannot_choose_is_refused_when_the_recipe_loads(images, message, tmp_path):
     with pytest.raises(RecipeError, match=message):
         load_run_recipe(write_recipe(tmp_path, "tiny:sd1", **images))

@@ -13,10 +13,9 @@ from selma_toolkit.io import JsonlAppender, atomic_open, atomic_write_text, read
 def test_failed_atomic_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "f.txt"
     atomic_write_text(path, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_open(path) as handle:
-            handle.write(b"half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_open(path) as handle:
+        handle.write(b"half")
+        raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 

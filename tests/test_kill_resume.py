@@ -41,7 +41,9 @@ def killed_runs(tmp_path_factory) -> tuple[Path, Tally]:
 
 def test_selma_run_killed_at_seeded_points_and_resumed_loses_and_duplicates_nothing(killed_runs):
     workdir, tally = killed_runs
-    assert tally.kills >= 2, f"the kills must land while the run works ({tally.kills} of 3 did; see {workdir / 'runs.log'})"
+    assert tally.kills >= 2, (
+        f"the kills must land while the run works ({tally.kills} of 3 did; see {workdir / 'runs.log'})"
+    )
     assert tally.folders >= 1 and tally.problems == [] and tally.total == 0, tally.problems
 
 
@@ -55,7 +57,9 @@ def test_the_resume_check_counts_a_lost_a_duplicated_an_extra_and_a_torn_item(ki
     lines = prompts.read_text().splitlines(keepends=True)
     prompts.write_text("".join([*lines, lines[0]]))  # a prompt twice
     (damaged / "skills" / "spatial-grammar" / "images" / "000001.png").unlink()  # an image lost
-    (damaged / "merged" / "extra.safetensors").write_bytes((damaged / "merged" / "selma.safetensors").read_bytes()[:100])
+    (damaged / "merged" / "extra.safetensors").write_bytes(
+        (damaged / "merged" / "selma.safetensors").read_bytes()[:100]
+    )
     tally = Tally()
     check_run(damaged, reference, tally)
     assert tally.duplicated >= 1 and tally.lost >= 1 and tally.extra >= 1, tally.problems
@@ -71,9 +75,12 @@ def big_expert(path: Path, seed: int) -> Path:
     from selma_toolkit.lora import LoraModule, LoraWeights, save_lora
 
     generator = torch.Generator().manual_seed(seed)
-    modules = {f"unet.down_blocks.0.attentions.{i}.transformer_blocks.0.attn1.to_q": LoraModule(
-        down=torch.randn(32, 320, generator=generator), up=torch.randn(320, 32, generator=generator), alpha=32.0)
-        for i in range(64)}
+    modules = {
+        f"unet.down_blocks.0.attentions.{i}.transformer_blocks.0.attn1.to_q": LoraModule(
+            down=torch.randn(32, 320, generator=generator), up=torch.randn(320, 32, generator=generator), alpha=32.0
+        )
+        for i in range(64)
+    }
     return save_lora(LoraWeights(modules=modules), path)
 
 
@@ -82,8 +89,11 @@ def same_lora(path: Path, reference: Path) -> bool:
     from selma_toolkit.lora import read_safetensors
 
     (tensors, metadata), (wanted, wanted_metadata) = read_safetensors(path), read_safetensors(reference)
-    return metadata == wanted_metadata and tensors.keys() == wanted.keys() and all(
-        torch.equal(tensors[k], wanted[k]) for k in wanted)
+    return (
+        metadata == wanted_metadata
+        and tensors.keys() == wanted.keys()
+        and all(torch.equal(tensors[k], wanted[k]) for k in wanted)
+    )
 
 
 def test_selma_merge_killed_at_seeded_points_never_leaves_a_file_that_looks_like_a_merge(tmp_path):
@@ -91,7 +101,10 @@ def test_selma_merge_killed_at_seeded_points_never_leaves_a_file_that_looks_like
     big_expert(tmp_path / "b.safetensors", 2)
     merge = [*SELMA, "merge", "a.safetensors", "b.safetensors", "--out"]
     began = time.monotonic()
-    assert subprocess.run([*merge, "reference.safetensors"], cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+    assert (
+        subprocess.run([*merge, "reference.safetensors"], cwd=tmp_path, capture_output=True, timeout=300).returncode
+        == 0
+    )
     seconds = time.monotonic() - began
     reference = tmp_path / "reference.safetensors"
     rng, kills, log = random.Random(0), 0, tmp_path.parent / f"{tmp_path.name}-merge.log"
@@ -120,8 +133,13 @@ def test_selma_hub_pull_killed_at_seeded_points_leaves_no_partial_file_that_look
 
     olah = OlahHub(tmp_path / "hub").start()
     try:
-        data = save({"lora_unet_conv_in.lora_down.weight": torch.randn(2048, 4096),  # 32 MiB: a download to kill in
-                     "lora_unet_conv_in.lora_up.weight": torch.randn(8, 2048), "lora_unet_conv_in.alpha": torch.tensor(2.0)})
+        data = save(
+            {
+                "lora_unet_conv_in.lora_down.weight": torch.randn(2048, 4096),  # 32 MiB: a download to kill in
+                "lora_unet_conv_in.lora_up.weight": torch.randn(8, 2048),
+                "lora_unet_conv_in.alpha": torch.tensor(2.0),
+            }
+        )
         commit_files(init_repo(olah.mirrors, "alice/big"), {"big.safetensors": data}, "a big expert")
         wanted = hashlib.sha256(data).hexdigest()
         home, loras = tmp_path / "hf-home", tmp_path / "loras"
@@ -158,6 +176,8 @@ def test_selma_hub_pull_killed_at_seeded_points_leaves_no_partial_file_that_look
         assert kills >= 3, f"the kills must land while pulling ({kills} of 5 did)"
         again = subprocess.run(pull, env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-2000:]
-        assert sha256_file(loras / "big.safetensors") == wanted and Path(again.stdout.strip()) == loras / "big.safetensors"
+        assert (
+            sha256_file(loras / "big.safetensors") == wanted and Path(again.stdout.strip()) == loras / "big.safetensors"
+        )
     finally:
         olah.stop()

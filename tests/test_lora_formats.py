@@ -21,9 +21,9 @@ from support_lora import (
     UNET_ALL,
     UNET_ATTENTION,
     add_peft_lora,
-    diffusers_warnings,
     comfyui_accepted_keys,
     diffusers_to_ldm,
+    diffusers_warnings,
     lora_like,
     meta_text_encoder,
     meta_unet,
@@ -48,8 +48,11 @@ from selma_toolkit.lora import (
 from selma_toolkit.lora.keys import decode_kohya_path, kohya_module_name, ldm_to_diffusers_unet_path, module_from_key
 
 ARCHS = ("sd1", "sd2", "sdxl")
-TEXT_ENCODERS = {"sd1": {"text_encoder": "clip_l"}, "sd2": {"text_encoder": "clip_h"},
-                 "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}}
+TEXT_ENCODERS = {
+    "sd1": {"text_encoder": "clip_l"},
+    "sd2": {"text_encoder": "clip_h"},
+    "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+}
 
 
 def load_pipe(path):
@@ -65,7 +68,9 @@ def updates(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 
 def assert_same_updates(got: dict, want: dict, *, exact=True):
-    assert set(got) == set(want), f"missing {sorted(set(want) - set(got))[:3]}, extra {sorted(set(got) - set(want))[:3]}"
+    assert set(got) == set(want), (
+        f"missing {sorted(set(want) - set(got))[:3]}, extra {sorted(set(got) - set(want))[:3]}"
+    )
     for name in want:
         if exact:
             assert torch.equal(got[name], want[name]), name
@@ -80,8 +85,9 @@ def peft_files(tiny_model_dirs, tmp_path_factory):
     out = {}
     for arch in ARCHS:
         pipe = load_pipe(tiny_model_dirs[arch])
-        configs = add_peft_lora(pipe, rank=4, alpha=3, unet_targets=UNET_ALL, text_targets=TEXT_ALL, text_rank=2,
-                                text_alpha=5, seed=1)
+        configs = add_peft_lora(
+            pipe, rank=4, alpha=3, unet_targets=UNET_ALL, text_targets=TEXT_ALL, text_rank=2, text_alpha=5, seed=1
+        )
         folder = tmp_path_factory.mktemp(f"peft-{arch}")
         out[arch] = (save_peft_lora_with_diffusers(pipe, configs, folder), peft_updates(pipe))
     return out
@@ -96,7 +102,9 @@ def tiny_pipes(tiny_model_dirs):
 @pytest.fixture(scope="module")
 def meta_models():
     """Full-size SD1 / SD2 / SDXL UNets and their CLIP text encoders on the meta device."""
-    return {arch: (meta_unet(arch), {c: meta_text_encoder(n) for c, n in TEXT_ENCODERS[arch].items()}) for arch in ARCHS}
+    return {
+        arch: (meta_unet(arch), {c: meta_text_encoder(n) for c, n in TEXT_ENCODERS[arch].items()}) for arch in ARCHS
+    }
 
 
 # ------------------------------------------------------------------------------- names
@@ -122,7 +130,9 @@ def test_original_ldm_unet_names_map_to_diffusers_as_diffusers_own_converter_doe
     checkpoint, marker = {}, {}
     for index, key in enumerate(unet.state_dict()):
         module, _, param = key.rpartition(".")
-        checkpoint[f"model.diffusion_model.{diffusers_to_ldm(module, 2, up_attention)}.{param}"] = torch.tensor(float(index))
+        checkpoint[f"model.diffusion_model.{diffusers_to_ldm(module, 2, up_attention)}.{param}"] = torch.tensor(
+            float(index)
+        )
         marker[key] = float(index)
     converted = {key: float(value) for key, value in convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)).items()}
     assert converted == marker  # the test's LDM names are the ones diffusers reads
@@ -162,15 +172,23 @@ def test_round_trip_peft_kohya_internal_peft_keeps_every_update_exact(peft_files
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_default_file_loads_in_diffusers_without_stray_keys_and_changes_the_output(peft_files, tiny_model_dirs, arch, tmp_path):
+def test_default_file_loads_in_diffusers_without_stray_keys_and_changes_the_output(
+    peft_files, tiny_model_dirs, arch, tmp_path
+):
     path, want = peft_files[arch]
     written = save_lora(load_lora(path), tmp_path / "expert.safetensors")
     with safe_open(written, "pt") as handle:
-        assert all(key.startswith(("lora_unet_", "lora_te")) for key in handle.keys())
+        assert all(key.startswith(("lora_unet_", "lora_te")) for key in handle)
 
     def image(pipe):
-        return pipe("a red cube", num_inference_steps=1, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red cube",
+            num_inference_steps=1,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     pipe = load_pipe(tiny_model_dirs[arch])
     base = image(pipe)
@@ -205,8 +223,15 @@ def test_default_file_keys_are_all_in_comfyui_key_map(peft_files, tiny_pipes, ar
 
 def test_mixed_ranks_and_alphas_survive_every_conversion_and_load_in_diffusers(tiny_model_dirs, tmp_path):
     pipe = load_pipe(tiny_model_dirs["sd1"])
-    configs = add_peft_lora(pipe, rank=4, alpha=3, unet_targets=UNET_ATTENTION + ["conv1", "ff.net.2"], seed=2,
-                            rank_pattern={"attn2.to_k": 2, "conv1": 3}, alpha_pattern={"attn1.to_q": 7, "ff.net.2": 0.5})
+    configs = add_peft_lora(
+        pipe,
+        rank=4,
+        alpha=3,
+        unet_targets=[*UNET_ATTENTION, "conv1", "ff.net.2"],
+        seed=2,
+        rank_pattern={"attn2.to_k": 2, "conv1": 3},
+        alpha_pattern={"attn1.to_q": 7, "ff.net.2": 0.5},
+    )
     want = peft_updates(pipe)
     source = save_peft_lora_with_diffusers(pipe, configs, tmp_path / "src")
     weights = load_lora(source)
@@ -225,7 +250,7 @@ def test_mixed_ranks_and_alphas_survive_every_conversion_and_load_in_diffusers(t
     alpha_is_rank = LoraWeights({name: LoraModule(m.down, m.up, float(m.rank)) for name, m in weights.modules.items()})
     kohya_plain = save_lora(alpha_is_rank, tmp_path / "plain.safetensors")
     with safe_open(kohya_plain, "pt") as handle:
-        assert not [key for key in handle.keys() if key.endswith(".alpha")]  # alpha = rank, read so by every tool
+        assert not [key for key in handle if key.endswith(".alpha")]  # alpha = rank, read so by every tool
     assert_same_updates(updates(load_lora(kohya_plain)), updates(alpha_is_rank))
 
 
@@ -262,8 +287,13 @@ def test_reads_kohya_ldm_comfyui_and_old_diffusers_layouts_into_the_same_modules
             kohya_key = lycoris_key = "lora_te_" + path.replace(".", "_")
             comfy_key = "text_encoders.clip_l.transformer." + path
         for prefix, out in ((kohya_key, kohya_ldm), (comfy_key, comfy), (lycoris_key, lycoris)):
-            out.update({f"{prefix}.lora_down.weight": module.down, f"{prefix}.lora_up.weight": module.up,
-                        f"{prefix}.alpha": torch.tensor(module.alpha)})
+            out.update(
+                {
+                    f"{prefix}.lora_down.weight": module.down,
+                    f"{prefix}.lora_up.weight": module.up,
+                    f"{prefix}.alpha": torch.tensor(module.alpha),
+                }
+            )
         if component == "unet" and path.endswith(("to_q", "to_k", "to_v", "to_out.0")):
             procs = path.replace(".to_", ".processor.to_").removesuffix(".0")
             old |= {f"{procs}_lora.down.weight": module.down, f"{procs}_lora.up.weight": module.up}
@@ -272,8 +302,10 @@ def test_reads_kohya_ldm_comfyui_and_old_diffusers_layouts_into_the_same_modules
     assert_same_updates(updates(lora_from_state_dict(lycoris)), want)
     attention = {n: m for n, m in weights.modules.items() if n.startswith("unet.") and ".attn" in n}
     read_old = lora_from_state_dict(old)
-    assert_same_updates({n: m.delta() for n, m in read_old.modules.items()},
-                        {n: LoraModule(m.down, m.up, float(m.rank)).delta() for n, m in attention.items()})
+    assert_same_updates(
+        {n: m.delta() for n, m in read_old.modules.items()},
+        {n: LoraModule(m.down, m.up, float(m.rank)).delta() for n, m in attention.items()},
+    )
 
 
 def test_comfyui_trainer_file_dense_diffs_become_exact_and_bias_diffs_need_consent():
@@ -293,16 +325,22 @@ def test_comfyui_trainer_file_dense_diffs_become_exact_and_bias_diffs_need_conse
     assert len(lora_from_state_dict(state, drop_bias_diffs=True).modules) == 2
 
 
-@pytest.mark.parametrize(("key", "named"), [
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1", "LoKr"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
-    ("unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector", "DoRA"),
-    ("lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight", "Tucker"),
-])
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1", "LoKr"),
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
+        ("unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector", "DoRA"),
+        ("lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight", "Tucker"),
+    ],
+)
 def test_adapters_without_low_rank_form_are_refused_naming_the_format(key, named):
-    state = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
-             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2), key: torch.zeros(2, 2)}
+    state = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2),
+        key: torch.zeros(2, 2),
+    }
     with pytest.raises(LoraFormatError, match=named):
         lora_from_state_dict(state, source="odd.safetensors")
 
@@ -333,8 +371,13 @@ def test_pickle_files_are_refused_without_being_unpickled(tmp_path, suffix):
 
 def test_truncated_lying_and_non_lora_files_raise_errors_naming_the_file(tmp_path):
     good = tmp_path / "good.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
-               "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(good))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+            "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1),
+        },
+        str(good),
+    )
     raw = good.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(raw[:-7])
@@ -350,8 +393,14 @@ def test_truncated_lying_and_non_lora_files_raise_errors_naming_the_file(tmp_pat
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4)}, str(half_lora))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
-    cases = {truncated: "truncated", lying: "header lies", not_lora: "not a LoRA", half_lora: "lacks its up",
-             garbage: "not a safetensors file", tmp_path / "missing.safetensors": "no such file"}
+    cases = {
+        truncated: "truncated",
+        lying: "header lies",
+        not_lora: "not a LoRA",
+        half_lora: "lacks its up",
+        garbage: "not a safetensors file",
+        tmp_path / "missing.safetensors": "no such file",
+    }
     for path, message in cases.items():
         with pytest.raises(LoraFormatError, match=message) as error:
             load_lora(path)
@@ -365,8 +414,14 @@ def test_truncated_lying_and_non_lora_files_raise_errors_naming_the_file(tmp_pat
 def test_metadata_holds_ours_kohya_and_modelspec_fields_as_strings(peft_files, tmp_path):
     path, _ = peft_files["sdxl"]
     weights = load_lora(path)
-    ours = lora_metadata(base_model="tiny:sdxl", skill="countbench", method="selma", weights=[0.5, 0.5],
-                         recipe_sha256="ab" * 32, title="countbench expert")
+    ours = lora_metadata(
+        base_model="tiny:sdxl",
+        skill="countbench",
+        method="selma",
+        weights=[0.5, 0.5],
+        recipe_sha256="ab" * 32,
+        title="countbench expert",
+    )
     kohya = save_lora(weights, tmp_path / "k.safetensors", metadata=ours)
     peft = save_lora(weights, tmp_path / "p.safetensors", format="peft", metadata=ours)
     for written in (kohya, peft):

@@ -18,8 +18,10 @@ from selma_toolkit.errors import LoraFormatError
 from selma_toolkit.lora import LoraModule, LoraWeights, merge_experts
 from selma_toolkit.lora.merge import MERGE_METADATA_KEY, merge_record
 
-LINEAR = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (12, 10),
-          "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": (12, 7)}
+LINEAR = {
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (12, 10),
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": (12, 7),
+}
 
 
 def random_expert(seed: int, rank: int, alpha: float, shapes=None, dtype=torch.float64, metadata=None) -> LoraWeights:
@@ -75,7 +77,9 @@ def test_selma_weighted_merge_keeps_cross_terms_and_is_not_the_sum_of_updates():
     merged = merge_experts(experts, "selma", weights)
     for name, module in merged.modules.items():
         parts = [factors(e.modules[name]) for e in experts]
-        expected = sum(ws * wt * ss * bs @ at for ws, (bs, _, ss) in zip(weights, parts) for wt, (_, at, _) in zip(weights, parts))
+        expected = sum(
+            ws * wt * ss * bs @ at for ws, (bs, _, ss) in zip(weights, parts) for wt, (_, at, _) in zip(weights, parts)
+        )
         np.testing.assert_allclose(update(module), expected, rtol=1e-10, atol=1e-10)
         sum_of_updates = sum(w * s * b @ a for w, (b, a, s) in zip(weights, parts))
         assert not np.allclose(update(module), sum_of_updates, atol=1e-3)
@@ -104,7 +108,7 @@ def test_svd_is_the_best_rank_r_approximation_of_the_weighted_sum():
 def test_svd_default_rank_is_the_largest_expert_rank_and_exact_when_it_suffices():
     experts = [random_expert(10, 2, 2.0), random_expert(11, 1, 3.0)]
     merged = merge_experts(experts, "svd")
-    for name, module in merged.modules.items():
+    for module in merged.modules.values():
         assert module.rank == 2
     big = merge_experts(experts, "svd", rank=3)  # 2 + 1: the sum of updates has rank 3
     for name, module in big.modules.items():
@@ -142,7 +146,9 @@ def test_svd_from_the_factors_gives_the_product_of_the_dense_svd_at_sd_sizes():
     experts = [random_expert(30, 16, 8.0, SD_SIZED), random_expert(31, 16, 16.0, SD_SIZED)]
     weights = [0.6, -0.4]  # a negative weight: the merge of a difference
     for name, shape in SD_SIZED.items():
-        u, s, vh = np.linalg.svd(sum(w * update(e.modules[name]) for w, e in zip(weights, experts)), full_matrices=False)
+        u, s, vh = np.linalg.svd(
+            sum(w * update(e.modules[name]) for w, e in zip(weights, experts)), full_matrices=False
+        )
         for rank in (8, 20, 40):  # below R = 32, between the experts' rank and R, above R (zero-padded)
             module = merge_experts(experts, "svd", weights, rank=rank).modules[name]
             assert module.rank == rank and module.down.shape[1:] == shape[1:] and module.up.shape[0] == shape[0]
@@ -172,7 +178,9 @@ def test_svd_from_the_factors_never_forms_a_dense_update(monkeypatch):
 def test_svd_from_the_factors_handles_degenerate_stacks_exactly():
     shapes = {"unet.conv_out": (4, 320, 3, 3), "unet.mid_block.attentions.0.proj_in": (64, 16)}
     twin = random_expert(34, 12, 12.0, shapes)
-    same_a = LoraWeights({name: LoraModule(m.down.clone(), m.up.flip(0).clone(), 3.0) for name, m in twin.modules.items()})
+    same_a = LoraWeights(
+        {name: LoraModule(m.down.clone(), m.up.flip(0).clone(), 3.0) for name, m in twin.modules.items()}
+    )
     # conv_out: out = 4 < R = 24 (G_B singular); proj_in: in = 16 < R, and both experts share A (G_A singular).
     experts, weights = [twin, same_a], [0.7, 0.3]
     merged = merge_experts(experts, "svd", weights, rank=6)
@@ -192,11 +200,16 @@ def test_svd_from_the_factors_merges_modules_some_experts_lack_and_each_their_ow
     for name, gain in gains.items():
         present = [e for e in (first, second) if name in e.modules]
         expected = gain * dense_svd_reference(present, [0.5] * len(present), name, 4)
-        np.testing.assert_allclose(update(merged.modules[name]), expected, rtol=0, atol=1e-10 * max(np.abs(expected).max(), 1))
+        np.testing.assert_allclose(
+            update(merged.modules[name]), expected, rtol=0, atol=1e-10 * max(np.abs(expected).max(), 1)
+        )
 
 
 def test_svd_from_float16_experts_matches_the_dense_float64_svd_to_float16_precision():
-    experts = [random_expert(37, 16, 16.0, SD_SIZED, dtype=torch.float16), random_expert(38, 16, 8.0, SD_SIZED, dtype=torch.float16)]
+    experts = [
+        random_expert(37, 16, 16.0, SD_SIZED, dtype=torch.float16),
+        random_expert(38, 16, 8.0, SD_SIZED, dtype=torch.float16),
+    ]
     merged = merge_experts(experts, "svd", rank=8)
     for name, module in merged.modules.items():
         assert module.down.dtype == module.up.dtype == torch.float16
@@ -210,9 +223,15 @@ def test_svd_from_float32_experts_is_exact_to_float32_and_a_near_cancelling_merg
 
     precisions = []
     truncated_svd = lowrank._truncated_svd
-    monkeypatch.setattr(lowrank, "_truncated_svd", lambda group, rank, dtype: precisions.append(dtype) or
-                        truncated_svd(group, rank, dtype))
-    experts = [random_expert(40, 16, 16.0, SD_SIZED, dtype=torch.float32), random_expert(41, 16, 8.0, SD_SIZED, dtype=torch.float32)]
+    monkeypatch.setattr(
+        lowrank,
+        "_truncated_svd",
+        lambda group, rank, dtype: precisions.append(dtype) or truncated_svd(group, rank, dtype),
+    )
+    experts = [
+        random_expert(40, 16, 16.0, SD_SIZED, dtype=torch.float32),
+        random_expert(41, 16, 8.0, SD_SIZED, dtype=torch.float32),
+    ]
     merged = merge_experts(experts, "svd", [0.6, 0.4], rank=8)
     assert set(precisions) == {torch.float32}  # float32 Grams resolve every kept singular value here
     for name, module in merged.modules.items():
@@ -221,8 +240,12 @@ def test_svd_from_float32_experts_is_exact_to_float32_and_a_near_cancelling_merg
     # An expert minus a copy of itself with B changed by 1e-4: D is 1e-4 of the factors' scale, below what
     # float32 Grams resolve (every singular value would be dropped): the modules are computed in float64.
     generator = torch.Generator().manual_seed(42)
-    near = LoraWeights({name: LoraModule(m.down.clone(), m.up * (1 + 1e-4 * torch.randn(m.up.shape, generator=generator)),
-                                         m.alpha) for name, m in experts[0].modules.items()})
+    near = LoraWeights(
+        {
+            name: LoraModule(m.down.clone(), m.up * (1 + 1e-4 * torch.randn(m.up.shape, generator=generator)), m.alpha)
+            for name, m in experts[0].modules.items()
+        }
+    )
     precisions.clear()
     cancelled = merge_experts([experts[0], near], "svd", [1.0, -1.0], rank=8)
     assert torch.float64 in precisions
@@ -289,10 +312,19 @@ def test_dare_keeps_each_entry_of_each_update_or_drops_it_and_rescales_by_densit
 
 
 def test_dare_is_unbiased_over_seeds():
-    experts = [random_expert(21, 2, 2.0, shapes={"unet.x.to_q": (6, 5)}), random_expert(22, 2, 4.0, shapes={"unet.x.to_q": (6, 5)})]
+    experts = [
+        random_expert(21, 2, 2.0, shapes={"unet.x.to_q": (6, 5)}),
+        random_expert(22, 2, 4.0, shapes={"unet.x.to_q": (6, 5)}),
+    ]
     delta = update(merge_experts(experts, "delta").modules["unet.x.to_q"])
     runs = 400
-    mean = sum(update(merge_experts(experts, "dare", rank=5, density=0.5, seed=s).modules["unet.x.to_q"]) for s in range(runs)) / runs
+    mean = (
+        sum(
+            update(merge_experts(experts, "dare", rank=5, density=0.5, seed=s).modules["unet.x.to_q"])
+            for s in range(runs)
+        )
+        / runs
+    )
     # The relative error of a 400-run mean is about sqrt((1-p)/p/400) = 0.05 for p = 0.5.
     assert np.linalg.norm(mean - delta) / np.linalg.norm(delta) < 0.15
 
@@ -320,10 +352,14 @@ def test_normalize_divides_the_weights_by_their_sum():
 
 def test_merge_record_holds_what_recomputes_the_merge_exactly():
     experts = [random_expert(27, 3, 1.0), random_expert(28, 3, 2.0)]
-    merged = merge_experts(experts, "dare", [0.3, 0.9], rank=2, density=0.7, seed=5, names=["count.safetensors", "coco.safetensors"])
+    merged = merge_experts(
+        experts, "dare", [0.3, 0.9], rank=2, density=0.7, seed=5, names=["count.safetensors", "coco.safetensors"]
+    )
     record = json.loads(merged.metadata[MERGE_METADATA_KEY])
     assert [e["name"] for e in record["experts"]] == ["count.safetensors", "coco.safetensors"]
-    again = merge_experts(experts, record["method"], record["weights"], record["rank"], density=record["density"], seed=record["seed"])
+    again = merge_experts(
+        experts, record["method"], record["weights"], record["rank"], density=record["density"], seed=record["seed"]
+    )
     for name, module in merged.modules.items():
         assert torch.equal(module.down, again.modules[name].down) and torch.equal(module.up, again.modules[name].up)
 
@@ -342,7 +378,9 @@ def peft_model_with_two_adapters():
             self.conv = torch.nn.Conv2d(4, 6, 3)
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(Small(), peft.LoraConfig(r=3, lora_alpha=6.0, target_modules=["to_q", "conv"]), adapter_name="count")
+    model = peft.get_peft_model(
+        Small(), peft.LoraConfig(r=3, lora_alpha=6.0, target_modules=["to_q", "conv"]), adapter_name="count"
+    )
     model.add_adapter("coco", peft.LoraConfig(r=5, lora_alpha=2.0, target_modules=["to_q", "conv"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -359,7 +397,10 @@ def experts_from_peft(model) -> list[LoraWeights]:
         for short in ("to_q", "conv"):
             layer = getattr(model.base_model.model, short)
             modules[f"unet.{short}"] = LoraModule(
-                down=layer.lora_A[adapter].weight.detach().double(), up=layer.lora_B[adapter].weight.detach().double(), alpha=alpha)
+                down=layer.lora_A[adapter].weight.detach().double(),
+                up=layer.lora_B[adapter].weight.detach().double(),
+                alpha=alpha,
+            )
         experts.append(LoraWeights(modules))
     return experts
 
@@ -385,7 +426,9 @@ def test_merge_matches_peft_add_weighted_adapter(peft_type, peft_weights, ours, 
     merged = merge_experts(experts_from_peft(model), ours, weights, **kwargs)
     for short in ("to_q", "conv"):
         reference = getattr(model.base_model.model, short).get_delta_weight("merged").detach().double().numpy()
-        np.testing.assert_allclose(update(merged.modules[f"unet.{short}"]), reference.reshape(reference.shape[0], -1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            update(merged.modules[f"unet.{short}"]), reference.reshape(reference.shape[0], -1), rtol=1e-4, atol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -415,7 +458,7 @@ def test_missing_modules_count_as_zero_and_are_listed_in_a_warning(caplog):
     partial = random_expert(35, 2, 4.0, shapes={only_q: LINEAR[only_q]})
     with caplog.at_level(logging.WARNING, logger="selma_toolkit.lora.merge"):
         merged = merge_experts([full, partial], "delta", [0.5, 0.5], names=["full.safetensors", "partial.safetensors"])
-    missing = [n for n in LINEAR if n != only_q][0]
+    missing = next(n for n in LINEAR if n != only_q)
     assert any("partial.safetensors" in r.getMessage() and missing in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(update(merged.modules[missing]), 0.5 * update(full.modules[missing]), rtol=1e-12)
     selma = merge_experts([full, partial], "selma")  # zero A and B for the missing expert
@@ -457,8 +500,12 @@ def test_no_experts_is_an_error():
 def test_experts_for_different_architectures_raise_naming_both_files_and_a_module():
     # No module in common, so no shape clash: the architecture evidence must catch it
     # (cross-attention from 768-wide CLIP-L text = SD 1.x; a second transformer block = SDXL).
-    sd1 = random_expert(40, 1, 1.0, shapes={"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 768)})
-    sdxl = random_expert(41, 1, 1.0, shapes={"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (640, 640)})
+    sd1 = random_expert(
+        40, 1, 1.0, shapes={"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 768)}
+    )
+    sdxl = random_expert(
+        41, 1, 1.0, shapes={"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (640, 640)}
+    )
     with pytest.raises(LoraFormatError) as error:
         merge_experts([sd1, sdxl], "delta", names=["sd15.safetensors", "sdxl.safetensors"])
     message = str(error.value)
@@ -472,7 +519,9 @@ def test_experts_for_different_architectures_raise_naming_both_files_and_a_modul
 def save_experts(folder, experts, skills):
     from selma_toolkit.lora import save_lora
 
-    return [save_lora(e, folder / f"{skill}.safetensors", metadata={"skill": skill}) for e, skill in zip(experts, skills)]
+    return [
+        save_lora(e, folder / f"{skill}.safetensors", metadata={"skill": skill}) for e, skill in zip(experts, skills)
+    ]
 
 
 def test_merge_files_matches_the_in_memory_merge_and_records_each_input_sha256(tmp_path):
@@ -490,7 +539,8 @@ def test_merge_files_matches_the_in_memory_merge_and_records_each_input_sha256(t
     record = merge_record(written)
     assert record["method"] == "selma" and record["weights"] == [0.4, 0.6]
     assert [(e["name"], e["skill"], e["sha256"]) for e in record["experts"]] == [
-        (p.name, skill, sha256_file(p)) for p, skill in zip(paths, ["countbench", "whoops"])]
+        (p.name, skill, sha256_file(p)) for p, skill in zip(paths, ["countbench", "whoops"])
+    ]
     assert sorted(p.name for p in out.parent.iterdir()) == ["selma.safetensors"]  # no temporary file left
 
 
@@ -498,22 +548,37 @@ def test_merged_file_keeps_the_architecture_base_model_and_provenance_of_its_exp
     from selma_toolkit.lora import guess_architecture, inspect_lora, merge_files, save_lora
 
     # LINEAR's widths tell no architecture: only the experts' files say sd1 (as `selma lora info` shows).
-    paths = [save_lora(random_expert(50 + i, 2, 2.0, dtype=torch.float32), tmp_path / f"{skill}.safetensors",
-                       metadata={"skill": skill, "architecture": "sd1", "base_model": "tiny:sd1", "recipe_sha256": f"{i}" * 64})
-             for i, skill in enumerate(["countbench", "whoops"])]
+    paths = [
+        save_lora(
+            random_expert(50 + i, 2, 2.0, dtype=torch.float32),
+            tmp_path / f"{skill}.safetensors",
+            metadata={"skill": skill, "architecture": "sd1", "base_model": "tiny:sd1", "recipe_sha256": f"{i}" * 64},
+        )
+        for i, skill in enumerate(["countbench", "whoops"])
+    ]
     assert guess_architecture(random_expert(50, 2, 2.0)) is None
     assert [inspect_lora(p).architecture for p in paths] == ["sd1", "sd1"]
     merged = merge_files(paths, tmp_path / "merged.safetensors", "delta")
     info = inspect_lora(tmp_path / "merged.safetensors")
     assert info.architecture == "sd1" and guess_architecture(merged) == "sd1"
-    assert info.file_metadata["selma.base_model"] == "tiny:sd1" and info.file_metadata["ss_base_model_version"] == "sd_v1"
+    assert (
+        info.file_metadata["selma.base_model"] == "tiny:sd1" and info.file_metadata["ss_base_model_version"] == "sd_v1"
+    )
     assert info.file_metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     record = merge_record(info.weights)
     assert [(e["skill"], e["architecture"], e["base_model"], e["recipe_sha256"]) for e in record["experts"]] == [
-        ("countbench", "sd1", "tiny:sd1", "0" * 64), ("whoops", "sd1", "tiny:sd1", "1" * 64)]
+        ("countbench", "sd1", "tiny:sd1", "0" * 64),
+        ("whoops", "sd1", "tiny:sd1", "1" * 64),
+    ]
     # Experts that name no architecture (or disagree on the base model) leave those fields out.
-    plain = [save_lora(random_expert(60 + i, 2, 2.0, dtype=torch.float32), tmp_path / f"p{i}.safetensors",
-                       metadata={"base_model": f"model-{i}"}) for i in range(2)]
+    plain = [
+        save_lora(
+            random_expert(60 + i, 2, 2.0, dtype=torch.float32),
+            tmp_path / f"p{i}.safetensors",
+            metadata={"base_model": f"model-{i}"},
+        )
+        for i in range(2)
+    ]
     metadata = merge_files(plain, tmp_path / "plain.safetensors", "delta").metadata
     assert "selma.architecture" not in metadata and "selma.base_model" not in metadata
 
@@ -557,7 +622,11 @@ def test_cli_merge_svd_mode_picks_the_randomized_svd_for_ties_and_records_it(tmp
     exact = cli("merge", *map(str, paths), "--out", str(tmp_path / "exact.safetensors"), *common)
     assert exact.returncode == 0 and merge_record(load_lora(tmp_path / "exact.safetensors"))["svd_mode"] == "exact"
     for name in LINEAR:  # rank + oversampling covers these small layers whole: the randomized SVD is exact here
-        np.testing.assert_allclose(update(load_lora(out).modules[name]),
-                                   update(load_lora(tmp_path / "exact.safetensors").modules[name]), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            update(load_lora(out).modules[name]),
+            update(load_lora(tmp_path / "exact.safetensors").modules[name]),
+            rtol=1e-3,
+            atol=1e-4,
+        )
     refused = cli("merge", *map(str, paths), "--out", str(tmp_path / "x.safetensors"), "--svd-mode", "fast")
     assert refused.returncode == 2 and "--svd-mode 'fast': expected exact or randomized" in refused.stderr

@@ -82,7 +82,9 @@ def test_dare_block_weight_scales_the_same_masked_update():
     plain = merge_experts(loras, "dare", weights, rank=12, seed=5)
     weighted = merge_experts(loras, "dare", weights, rank=12, seed=5, block_weights=BLOCK_WEIGHTS)
     for name, g in EXPECTED_G.items():
-        np.testing.assert_allclose(update(weighted.modules[name]), g * update(plain.modules[name]), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            update(weighted.modules[name]), g * update(plain.modules[name]), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_block_weight_zero_removes_its_groups_effect_and_leaves_the_other_modules_bit_identical():
@@ -115,14 +117,17 @@ def test_unknown_block_group_is_an_error_naming_it_and_listing_the_valid_groups(
     assert "the experts' modules are in te, te1, te2, unet, in, in.0, in.1, mid, out, out.1, out.2" in message
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("in=1,mid", "'mid' is not GROUP=WEIGHT; expected pairs separated by commas, e.g. in=1,mid=0.5,out=1,te=0"),
-    ("in=1,mid=half", "'half' (for mid) is not a number"),
-    ("in=1,in=2", "group 'in' is given twice"),
-    ("input=1", "block weight group 'input' is not a group; valid groups: te, te1, te2, unet, in, in.N"),
-    ("in.01=1", "block weight group 'in.01' is not a group"),
-    ("out=inf", "block weight out=inf: expected a finite number"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("in=1,mid", "'mid' is not GROUP=WEIGHT; expected pairs separated by commas, e.g. in=1,mid=0.5,out=1,te=0"),
+        ("in=1,mid=half", "'half' (for mid) is not a number"),
+        ("in=1,in=2", "group 'in' is given twice"),
+        ("input=1", "block weight group 'input' is not a group; valid groups: te, te1, te2, unet, in, in.N"),
+        ("in.01=1", "block weight group 'in.01' is not a group"),
+        ("out=inf", "block weight out=inf: expected a finite number"),
+    ],
+)
 def test_bad_block_weight_strings_name_the_fault(text, fragment):
     with pytest.raises(LoraFormatError, match=re.escape(fragment)):
         parse_block_weights(text)
@@ -159,7 +164,9 @@ def test_apply_block_weights_scales_one_loras_B_and_keeps_its_dtype():
         module = scaled.modules[name]
         assert module.up.dtype == torch.float16 and module.alpha == 4.0
         assert torch.equal(module.down, lora.modules[name].down)
-        np.testing.assert_allclose(module.up.double().numpy(), (lora.modules[name].up.float() * g).half().double().numpy())
+        np.testing.assert_allclose(
+            module.up.double().numpy(), (lora.modules[name].up.float() * g).half().double().numpy()
+        )
     assert apply_block_weights(lora, None) is lora
 
 
@@ -169,7 +176,9 @@ def test_apply_block_weights_scales_one_loras_B_and_keeps_its_dtype():
 def save(folder, loras):
     from selma_toolkit.lora import save_lora
 
-    return [save_lora(e, folder / f"skill{i}.safetensors", metadata={"skill": f"skill{i}"}) for i, e in enumerate(loras)]
+    return [
+        save_lora(e, folder / f"skill{i}.safetensors", metadata={"skill": f"skill{i}"}) for i, e in enumerate(loras)
+    ]
 
 
 def test_merge_files_applies_block_weights_and_records_them_in_the_metadata(tmp_path):
@@ -216,14 +225,24 @@ def test_selma_merge_block_weights_option_gives_the_library_merge_and_is_refused
 
     loras = [random_expert(300 + i, 3, 3.0, SHAPES, dtype=torch.float32) for i in range(2)]
     paths = save(tmp_path, loras)
-    result = cli("merge", *map(str, paths), "--method", "delta", "--block-weights", "in=2,mid=0,te=0.25",
-                 "--out", str(tmp_path / "cli.safetensors"))
+    result = cli(
+        "merge",
+        *map(str, paths),
+        "--method",
+        "delta",
+        "--block-weights",
+        "in=2,mid=0,te=0.25",
+        "--out",
+        str(tmp_path / "cli.safetensors"),
+    )
     assert result.returncode == 0, result.stderr
     merge_files(paths, tmp_path / "lib.safetensors", "delta", block_weights={"in": 2.0, "mid": 0.0, "te": 0.25})
     from_cli, from_library = load_file(str(tmp_path / "cli.safetensors")), load_file(str(tmp_path / "lib.safetensors"))
     assert from_cli.keys() == from_library.keys()
     assert all(torch.equal(from_cli[k], from_library[k]) for k in from_cli)
     refused = cli("merge", "--add", str(paths[0]), "--to", str(tmp_path / "cli.safetensors"), "--block-weights", "in=1")
-    assert refused.returncode != 0 and "--block-weights" in refused.stderr and "keeps its merge settings" in refused.stderr
+    assert (
+        refused.returncode != 0 and "--block-weights" in refused.stderr and "keeps its merge settings" in refused.stderr
+    )
     unknown = cli("merge", *map(str, paths), "--block-weights", "down=1", "--out", str(tmp_path / "x.safetensors"))
     assert unknown.returncode != 0 and "'down'" in unknown.stderr and not (tmp_path / "x.safetensors").exists()

@@ -25,14 +25,19 @@ from selma_toolkit.lora.merging import formulas
 
 def expert(seed: int, rank: int = 2) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
-    module = LoraModule(down=torch.randn(rank, 6, generator=g, dtype=torch.float64),
-                        up=torch.randn(5, rank, generator=g, dtype=torch.float64), alpha=float(rank))
+    module = LoraModule(
+        down=torch.randn(rank, 6, generator=g, dtype=torch.float64),
+        up=torch.randn(5, rank, generator=g, dtype=torch.float64),
+        alpha=float(rank),
+    )
     return LoraWeights(modules={"unet.mid_block.attentions.0.proj_in": module})
 
 
 def test_the_table_imports_without_torch_so_recipes_and_the_cli_start_fast():
-    code = ("import sys, selma_toolkit.config.merge_methods, selma_toolkit.recipe, selma_toolkit.cli; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, selma_toolkit.config.merge_methods, selma_toolkit.recipe, selma_toolkit.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -49,8 +49,13 @@ class Toy(nn.Module):
 
 def random_expert(seed: int, rank: int, alpha: float, names=("unet.block.to_q",), widths=(6,)) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
-    return LoraWeights({name: LoraModule(torch.randn(rank, width, generator=g), torch.randn(5, rank, generator=g), alpha)
-                        for name, width in zip(names, widths)}, {"selma.skill": f"s{seed}"})
+    return LoraWeights(
+        {
+            name: LoraModule(torch.randn(rank, width, generator=g), torch.randn(5, rank, generator=g), alpha)
+            for name, width in zip(names, widths)
+        },
+        {"selma.skill": f"s{seed}"},
+    )
 
 
 def info(count: int) -> list[dict]:
@@ -63,7 +68,7 @@ def test_layer_gate_output_is_the_gated_sum_of_each_experts_update():
     experts = [random_expert(1, rank=2, alpha=1.0), random_expert(2, rank=3, alpha=6.0)]
     gate = {"unet.block.to_q.weight": torch.randn(2, 6), "unet.block.to_q.bias": torch.randn(2)}
     x = torch.randn(2, 4, 6, dtype=torch.float64)
-    base = (x @ model.block.to_q.weight.double().T + model.block.to_q.bias.double())
+    base = x @ model.block.to_q.weight.double().T + model.block.to_q.bias.double()
     attach_moe(model, MoELora(experts, "layer", gate, info(2)))
     got = model.block.to_q(x.float()).double()
     # Direct: per token g = softmax(W x + b); update_t = (alpha_t / r_t) * B_t A_t x.
@@ -73,7 +78,7 @@ def test_layer_gate_output_is_the_gated_sum_of_each_experts_update():
     for t, expert in enumerate(experts):
         m = expert.modules["unet.block.to_q"]
         update = torch.einsum("oi,bni->bno", m.up.double() @ m.down.double(), x) * (m.alpha / m.rank)
-        expected += g[..., t:t + 1] * update
+        expected += g[..., t : t + 1] * update
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -89,7 +94,9 @@ def test_prompt_gate_is_one_softmax_of_the_mean_text_conditioning_per_sample_in_
     model(sample, 0, encoder_hidden_states=text)
     g = torch.softmax(text.mean(dim=1) @ gate["prompt.weight"].T + gate["prompt.bias"], dim=-1)  # [2, 3]
     assert torch.allclose(attached.prompt_gate.current, g, atol=1e-6)
-    expected = q_base + sum(g[:, t, None, None] * (sample @ (e.modules[names[0]].delta()).T) for t, e in enumerate(experts))
+    expected = q_base + sum(
+        g[:, t, None, None] * (sample @ (e.modules[names[0]].delta()).T) for t, e in enumerate(experts)
+    )
     assert torch.allclose(model.block.to_q(sample), expected, atol=1e-5)
 
 
@@ -110,8 +117,15 @@ def test_detach_puts_the_original_layers_back():
     original = model.block.to_q
     x, text = torch.randn(1, 2, 6), torch.randn(1, 3, 3)
     before = model(x, 0, text).detach()
-    attached = attach_moe(model, MoELora([random_expert(1, 2, 2.0), random_expert(2, 2, 2.0)], "prompt",
-                                         zero_gate([random_expert(1, 2, 2.0)] * 2, "prompt", text_width=3), info(2)))
+    attached = attach_moe(
+        model,
+        MoELora(
+            [random_expert(1, 2, 2.0), random_expert(2, 2, 2.0)],
+            "prompt",
+            zero_gate([random_expert(1, 2, 2.0)] * 2, "prompt", text_width=3),
+            info(2),
+        ),
+    )
     assert not torch.allclose(model(x, 0, text), before)
     attached.detach()
     assert model.block.to_q is original and not hasattr(model, "selma_moe_gate")
@@ -121,8 +135,13 @@ def test_detach_puts_the_original_layers_back():
 def test_conv_or_text_encoder_experts_and_a_single_expert_are_refused_by_name():
     from selma_toolkit.adapters.moe import check_experts
 
-    te = LoraWeights({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj":
-                      LoraModule(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)})
+    te = LoraWeights(
+        {
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": LoraModule(
+                torch.zeros(2, 4), torch.zeros(4, 2), 2.0
+            )
+        }
+    )
     with pytest.raises(LoraFormatError, match="q_proj adapts a text encoder"):
         check_experts([random_expert(1, 2, 2.0), te], ["a", "b"])
     with pytest.raises(LoraFormatError, match="at least two experts"):
@@ -135,7 +154,11 @@ def test_file_round_trip_keeps_experts_gate_and_names(tmp_path):
     path = save_moe(MoELora(experts, "layer", gate, info(2), {"steps": 7}), tmp_path / "m.safetensors")
     assert is_moe_file(path)
     back = read_moe(path)
-    assert back.gate_kind == "layer" and back.extra["steps"] == 7 and [e["sha256"] for e in back.experts_info] == ["0" * 64, "1" * 64]
+    assert (
+        back.gate_kind == "layer"
+        and back.extra["steps"] == 7
+        and [e["sha256"] for e in back.experts_info] == ["0" * 64, "1" * 64]
+    )
     for got, want in zip(back.experts, experts):
         for name, module in want.modules.items():
             assert torch.equal(got.modules[name].down, module.down) and torch.equal(got.modules[name].up, module.up)
@@ -157,13 +180,16 @@ def write_dataset(folder: Path, count: int, seed: int, word: str) -> None:
 
 
 def tiny_run(model: Path, **moe) -> RunRecipe:
-    return RunRecipe.model_validate({
-        "name": "t", "base_model": str(model),
-        "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in ("count", "color")],
-        "images": {"resolution": 16},
-        "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2, "learning_rate": 1e-3},
-        "moe": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2, **moe},
-    })
+    return RunRecipe.model_validate(
+        {
+            "name": "t",
+            "base_model": str(model),
+            "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in ("count", "color")],
+            "images": {"resolution": 16},
+            "train": {"rank": 4, "batch_size": 2, "steps": 2, "checkpoint_every": 2, "learning_rate": 1e-3},
+            "moe": {"steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2, **moe},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +210,9 @@ def copy_run(paths: RunPaths, target: Path) -> RunPaths:
     return RunPaths(target)
 
 
-def test_training_changes_only_the_gate_and_the_file_names_the_experts_by_sha256(tiny_model_dirs, trained_experts, tmp_path):
+def test_training_changes_only_the_gate_and_the_file_names_the_experts_by_sha256(
+    tiny_model_dirs, trained_experts, tmp_path
+):
     from selma_toolkit.train.moe import train_moe
 
     source, experts = trained_experts
@@ -196,11 +224,13 @@ def test_training_changes_only_the_gate_and_the_file_names_the_experts_by_sha256
     for got, (_, path) in zip(moe.experts, experts):  # the experts as they are
         want = load_lora(path)
         assert set(got.modules) == set(want.modules)
-        assert all(torch.equal(got.modules[n].up, m.up) and torch.equal(got.modules[n].down, m.down)
-                   for n, m in want.modules.items())
+        assert all(
+            torch.equal(got.modules[n].up, m.up) and torch.equal(got.modules[n].down, m.down)
+            for n, m in want.modules.items()
+        )
     assert max(float(v.abs().max()) for v in moe.gate.values()) > 0  # trained away from the zero start
     assert set(moe.gate) == {f"{n}.{p}" for n in moe.module_names() for p in ("weight", "bias")}
-    state = (paths.root / "moe" / "train" / "checkpoints" / "step-2")
+    state = paths.root / "moe" / "train" / "checkpoints" / "step-2"
     assert (state / "moe.safetensors").is_file() and (state / "state.json").is_file()
 
 
@@ -231,15 +261,25 @@ def test_diffusers_adapter_attaches_the_moe_and_unload_restores_the_base_images(
 
     def expert(seed):
         g = torch.Generator().manual_seed(seed)
-        return LoraWeights({n: LoraModule(torch.randn(2, w, generator=g), torch.randn(o, 2, generator=g), 2.0)
-                            for n, w, o in zip(names, widths, outs)})
+        return LoraWeights(
+            {
+                n: LoraModule(torch.randn(2, w, generator=g), torch.randn(o, 2, generator=g), 2.0)
+                for n, w, o in zip(names, widths, outs)
+            }
+        )
 
     experts = [expert(1), expert(2)]
     path = save_moe(MoELora(experts, "layer", zero_gate(experts, "layer"), info(2)), tmp_path / "moe.safetensors")
 
     def draw():
-        return pipe("one red cube", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images[0]
+        return pipe(
+            "one red cube",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
 
     base = draw()
     load_moe(pipe, path)
@@ -260,10 +300,17 @@ def test_train_refuses_moe_with_a_skill(tmp_path):
 
 
 def test_selma_run_trains_and_evaluates_moe_and_dpo_next_to_the_merges(tmp_path):
-    overrides = small_tiny_run(train_steps=2) + [
-        "moe.enabled=true", "moe.steps=2", "moe.batch_size=2",
+    overrides = [
+        *small_tiny_run(train_steps=2),
+        "moe.enabled=true",
+        "moe.steps=2",
+        "moe.batch_size=2",
         # the tiny CLIP's CLIPScore is 0 for every image (cosines below 0): HPS (100 cos) tells images apart
-        "dpo.enabled=true", "dpo.steps=2", "dpo.batch_size=2", "dpo.scorer=hps", "evaluate.hps_model=tiny:clip",
+        "dpo.enabled=true",
+        "dpo.steps=2",
+        "dpo.batch_size=2",
+        "dpo.scorer=hps",
+        "evaluate.hps_model=tiny:clip",
     ]
     args = [item for o in overrides for item in ("--set", o)]
     out = tmp_path / "run"
@@ -275,12 +322,16 @@ def test_selma_run_trains_and_evaluates_moe_and_dpo_next_to_the_merges(tmp_path)
     assert is_moe_file(out / "moe" / "moe.safetensors")
     record = json.loads(load_lora(out / "dpo" / "merged" / "selma.safetensors").metadata["selma.merge"])
     assert [e["sha256"] for e in record["experts"]] == [
-        sha256_file(out / "dpo" / "experts" / f"{s}.safetensors") for s in ("count-grammar", "spatial-grammar", "color-grammar")]
+        sha256_file(out / "dpo" / "experts" / f"{s}.safetensors")
+        for s in ("count-grammar", "spatial-grammar", "color-grammar")
+    ]
     status = run_cli("status", str(out))
     assert status.returncode == 0, status.stderr[-2000:]
     assert "dpo:count-grammar" in status.stdout and "moe" in status.stdout
     again = run_cli("run", "tiny-demo", "--out", str(out), *args)  # everything complete: skipped
     shown = again.stdout + again.stderr
     assert again.returncode == 0, shown[-2000:]
-    assert "skip train moe" in shown and "skip merge dpo" in shown and "skip train dpo:color-grammar" in shown, shown[-3000:]
+    assert "skip train moe" in shown and "skip merge dpo" in shown and "skip train dpo:color-grammar" in shown, shown[
+        -3000:
+    ]
     assert "run  train" not in shown and "run  evaluate" not in shown

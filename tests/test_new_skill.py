@@ -50,10 +50,18 @@ bootstrap_samples = 200
 def new_skill_file(folder):
     from selma_toolkit.skill_new import new_skill_recipe
 
-    return new_skill_recipe(NEW, folder / f"{NEW}.toml", source="grammar", overrides=[
-        "description=Counting simple shapes.", 'seeds=["two circles", "three squares", "a photo of two stars"]',
-        'grammar.templates=["{count} {color} {shape}s"]', 'grammar.words.shape=["circle", "square", "star", "heart"]',
-        "num_prompts=4"]).path
+    return new_skill_recipe(
+        NEW,
+        folder / f"{NEW}.toml",
+        source="grammar",
+        overrides=[
+            "description=Counting simple shapes.",
+            'seeds=["two circles", "three squares", "a photo of two stars"]',
+            'grammar.templates=["{count} {color} {shape}s"]',
+            'grammar.words.shape=["circle", "square", "star", "heart"]',
+            "num_prompts=4",
+        ],
+    ).path
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +71,28 @@ def added(tmp_path_factory):
     from support_hub import OlahHub, commit_files, init_repo
 
     root = tmp_path_factory.mktemp("new-skill")
-    (root / "old.toml").write_text(f'name = "old"\nbase_model = "tiny:sd1"\nskills = [{{ recipe = "count-grammar", '
-                                   f'num_prompts = 4 }}, {{ recipe = "color-grammar", num_prompts = 4 }}]\n{SMALL}')
+    (root / "old.toml").write_text(
+        f'name = "old"\nbase_model = "tiny:sd1"\nskills = [{{ recipe = "count-grammar", '
+        f'num_prompts = 4 }}, {{ recipe = "color-grammar", num_prompts = 4 }}]\n{SMALL}'
+    )
     old = run_pipeline(load_run_recipe(root / "old.toml"), RunPaths(root / "runs" / "old"))
     hub = OlahHub(root / "hub").start()
     try:
-        commit_files(init_repo(hub.mirrors, HUB_REPO), {"color-grammar.safetensors": old.experts[1][1].read_bytes()}, "publish")
+        commit_files(
+            init_repo(hub.mirrors, HUB_REPO), {"color-grammar.safetensors": old.experts[1][1].read_bytes()}, "publish"
+        )
         new_skill_file(root)
-        (root / "new.toml").write_text(f'name = "new"\nbase_model = "tiny:sd1"\nskills = ["{NEW}.toml"]\n'
-                                       f'experts = ["runs/old/experts/count-grammar.safetensors", "{HUB_REPO}"]\n{SMALL}')
+        (root / "new.toml").write_text(
+            f'name = "new"\nbase_model = "tiny:sd1"\nskills = ["{NEW}.toml"]\n'
+            f'experts = ["runs/old/experts/count-grammar.safetensors", "{HUB_REPO}"]\n{SMALL}'
+        )
         result = run_cli("run", "new.toml", cwd=root, env={"HF_ENDPOINT": hub.endpoint})
-        yield {"root": root, "old": RunPaths(root / "runs" / "old"), "new": RunPaths(root / "runs" / "new"), "result": result}
+        yield {
+            "root": root,
+            "old": RunPaths(root / "runs" / "old"),
+            "new": RunPaths(root / "runs" / "new"),
+            "result": result,
+        }
     finally:
         hub.stop()
 
@@ -87,7 +106,9 @@ def test_a_run_with_two_listed_experts_and_a_new_skill_trains_only_the_new_exper
     record = merge_record(load_lora(new.merged("selma")))
     assert [e["skill"] for e in record["experts"]] == [NEW, *OLD]
     # The Hub expert is the old run's color expert, byte for byte (pulled through the HF cache).
-    assert [e["sha256"] for e in record["experts"]] == [sha256_file(p) for p in (new.expert(NEW), *map(old.expert, OLD))]
+    assert [e["sha256"] for e in record["experts"]] == [
+        sha256_file(p) for p in (new.expert(NEW), *map(old.expert, OLD))
+    ]
     assert json.loads(load_lora(new.merged("selma")).metadata["selma.skills"]) == [NEW, *OLD]
 
 
@@ -98,44 +119,75 @@ def test_incremental_merge_of_the_new_expert_equals_a_from_scratch_merge_of_the_
     scratch = merge_files([*map(old.expert, OLD), new.expert(NEW)], tmp_path / "scratch.safetensors", "selma")
     incremental = load_lora(result.path)
     for name, module in scratch.modules.items():
-        assert torch.equal(incremental.modules[name].down, module.down) and torch.equal(incremental.modules[name].up, module.up)
+        assert torch.equal(incremental.modules[name].down, module.down) and torch.equal(
+            incremental.modules[name].up, module.up
+        )
     # The run merged the same three in another order (new skill first): the same update up to rounding.
     run_merge = load_lora(new.merged("selma"))
     assert run_merge.modules.keys() == incremental.modules.keys()
     for name, module in incremental.modules.items():
-        torch.testing.assert_close(run_merge.modules[name].delta(torch.float64), module.delta(torch.float64), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            run_merge.modules[name].delta(torch.float64), module.delta(torch.float64), rtol=1e-5, atol=1e-7
+        )
 
 
 def random_lora(layers: dict, names: list[str], rank: int, seed: int) -> LoraWeights:
     generator = torch.Generator().manual_seed(seed)
-    return LoraWeights(modules={name: LoraModule(torch.randn(rank, layers[name][1], generator=generator),
-                                                 torch.randn(layers[name][0], rank, generator=generator), float(rank))
-                                for name in names})
+    return LoraWeights(
+        modules={
+            name: LoraModule(
+                torch.randn(rank, layers[name][1], generator=generator),
+                torch.randn(layers[name][0], rank, generator=generator),
+                float(rank),
+            )
+            for name in names
+        }
+    )
 
 
 def test_an_expert_for_another_architecture_or_model_size_stops_the_run_before_any_work(tmp_path, cli):
     from selma_toolkit.expert_fit import base_layer_shapes
 
     sdxl = base_layer_shapes("tiny:sdxl")
-    other_arch = save_lora(random_lora(sdxl, [n for n in sdxl if n.endswith("attn1.to_q")], 4, 0),
-                           tmp_path / "sdxl.safetensors", metadata=lora_metadata(architecture="sdxl", skill="sdxl-skill"))
+    other_arch = save_lora(
+        random_lora(sdxl, [n for n in sdxl if n.endswith("attn1.to_q")], 4, 0),
+        tmp_path / "sdxl.safetensors",
+        metadata=lora_metadata(architecture="sdxl", skill="sdxl-skill"),
+    )
     sd1 = base_layer_shapes("tiny:sd1")
     # The module names of the tiny SD 1.x model with the layer sizes of SD 1.5 (cross-attention 768).
-    full_size = {n: (320, 768) for n in sd1 if n.startswith("unet.down_blocks.0") and n.endswith(("attn2.to_k", "attn2.to_v"))}
-    other_size = save_lora(random_lora(full_size, list(full_size), 4, 1), tmp_path / "sd15.safetensors",
-                           metadata=lora_metadata(skill="sd15-skill"))
+    full_size = {
+        n: (320, 768) for n in sd1 if n.startswith("unet.down_blocks.0") and n.endswith(("attn2.to_k", "attn2.to_v"))
+    }
+    other_size = save_lora(
+        random_lora(full_size, list(full_size), 4, 1),
+        tmp_path / "sd15.safetensors",
+        metadata=lora_metadata(skill="sd15-skill"),
+    )
     new_skill_file(tmp_path)
-    for expert, message in [(other_arch, r"sdxl\.safetensors.* is a LoRA for sdxl, but base_model 'tiny:sd1' is sd1"),
-                            (other_size, (r"(?s)sd15\.safetensors.*does not fit base_model 'tiny:sd1'.*attn2\.to_k: adapts a "
-                                          r"layer of shape \[320, 768\], the base model's is \[32, 32\]"))]:
+    for expert, message in [
+        (other_arch, r"sdxl\.safetensors.* is a LoRA for sdxl, but base_model 'tiny:sd1' is sd1"),
+        (
+            other_size,
+            (
+                r"(?s)sd15\.safetensors.*does not fit base_model 'tiny:sd1'.*attn2\.to_k: adapts a "
+                r"layer of shape \[320, 768\], the base model's is \[32, 32\]"
+            ),
+        ),
+    ]:
         recipe = tmp_path / "run.toml"
-        recipe.write_text(f'name = "r"\nbase_model = "tiny:sd1"\nskills = ["{NEW}.toml"]\nexperts = ["{expert}"]\n{SMALL}')
+        recipe.write_text(
+            f'name = "r"\nbase_model = "tiny:sd1"\nskills = ["{NEW}.toml"]\nexperts = ["{expert}"]\n{SMALL}'
+        )
         with pytest.raises(LoraFormatError, match=message):
             run_pipeline(load_run_recipe(recipe), RunPaths(tmp_path / "out"))
         assert not (tmp_path / "out").exists()  # not even the recipe was written: no prompt, image or expert
     result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "does not fit base_model 'tiny:sd1'" in result.stderr and "list only experts trained for this base model" in result.stderr
+    assert (
+        "does not fit base_model 'tiny:sd1'" in result.stderr
+        and "list only experts trained for this base model" in result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -159,17 +211,23 @@ def test_before_after_compares_the_merges_on_the_new_and_the_old_skills_prompts(
     for skill, paths in [(NEW, new), *((s, old) for s in OLD)]:
         heldout = {p.id: p.prompt for p in read_prompts(paths.prompts(skill), split="heldout")}
         for variant in ("before", "after"):
-            assert {(i["prompt_id"], i["prompt"]) for i in items if i["skill"] == skill and i["variant"] == variant} == set(heldout.items())
+            assert {
+                (i["prompt_id"], i["prompt"]) for i in items if i["skill"] == skill and i["variant"] == variant
+            } == set(heldout.items())
     # The new skill's after images are the run evaluation's own, not drawn again.
     after_new = [i["image"] for i in items if i["variant"] == "after" and i["skill"] == NEW]
-    assert after_new and all(image.startswith(str((new.eval_dir / "images" / "merged-selma" / NEW).resolve())) for image in after_new)
+    assert after_new and all(
+        image.startswith(str((new.eval_dir / "images" / "merged-selma" / NEW).resolve())) for image in after_new
+    )
     # Every number, recomputed here from the per-image scores.
     recorded = json.loads((comparison.folder / "comparison.json").read_text())["changes"]
     for change in recorded:
         pairs = {}
         for item in items:
             if item["skill"] == change["skill"]:
-                pairs.setdefault((item["prompt_id"], item["seed"]), {})[item["variant"]] = item["scores"][change["metric"]]
+                pairs.setdefault((item["prompt_id"], item["seed"]), {})[item["variant"]] = item["scores"][
+                    change["metric"]
+                ]
         before = np.array([p["before"] for p in pairs.values()])
         after = np.array([p["after"] for p in pairs.values()])
         assert change["before"] == pytest.approx(before.mean()) and change["after"] == pytest.approx(after.mean())
@@ -190,12 +248,24 @@ def test_before_images_are_drawn_with_the_merged_lora_from_before(added, compare
     from selma_toolkit.models import resolve_model
 
     old, folder = added["old"], compared.folder
-    item = next(i for i in json.loads((folder / "scores.json").read_text())["items"]
-                if i["variant"] == "before" and i["skill"] == OLD[0])
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("tiny:sd1"), safety_checker=None, requires_safety_checker=False)
+    item = next(
+        i
+        for i in json.loads((folder / "scores.json").read_text())["items"]
+        if i["variant"] == "before" and i["skill"] == OLD[0]
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        resolve_model("tiny:sd1"), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(old.merged("selma")))
-    redrawn = pipe(item["prompt"], num_inference_steps=2, guidance_scale=7.5, height=32, width=32, output_type="np",
-                   generator=torch.Generator("cpu").manual_seed(image_seed(item["seed"], item["prompt_id"]))).images[0]
+    redrawn = pipe(
+        item["prompt"],
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(image_seed(item["seed"], item["prompt_id"])),
+    ).images[0]
     stored = np.asarray(Image.open(folder / item["image"]), dtype=np.float32) / 255
     assert np.abs(redrawn - stored).max() <= 2 / 255

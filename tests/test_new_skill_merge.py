@@ -17,37 +17,53 @@ from selma_toolkit.io import sha256_file
 from selma_toolkit.lora import LoraModule, LoraWeights, add_to_merge, load_lora, lora_metadata, merge_files, save_lora
 from selma_toolkit.lora.merge import merge_record
 
-SHAPES = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (12, 10),
-          "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": (12, 7)}
+SHAPES = {
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (12, 10),
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": (12, 7),
+}
 SKILLS = ("count", "color", "shape")
 
 
 def expert(seed: int, alpha: float, rank: int = 3) -> LoraWeights:
     """Random A and B (alpha != rank, so the scale must be folded in) for each module of SHAPES."""
     generator = torch.Generator().manual_seed(seed)
-    return LoraWeights(modules={name: LoraModule(torch.randn(rank, n_in, generator=generator),
-                                                 torch.randn(n_out, rank, generator=generator), alpha)
-                                for name, (n_out, n_in) in SHAPES.items()})
+    return LoraWeights(
+        modules={
+            name: LoraModule(
+                torch.randn(rank, n_in, generator=generator), torch.randn(n_out, rank, generator=generator), alpha
+            )
+            for name, (n_out, n_in) in SHAPES.items()
+        }
+    )
 
 
 @pytest.fixture
 def experts(tmp_path):
     """Three expert files in tmp/experts (count, color, shape), alphas 1, 6, 2 at rank 3."""
     folder = tmp_path / "experts"
-    return [save_lora(expert(i, alpha), folder / f"{skill}.safetensors", metadata=lora_metadata(skill=skill, architecture="sd1"))
-            for i, (skill, alpha) in enumerate(zip(SKILLS, (1.0, 6.0, 2.0)))]
+    return [
+        save_lora(
+            expert(i, alpha), folder / f"{skill}.safetensors", metadata=lora_metadata(skill=skill, architecture="sd1")
+        )
+        for i, (skill, alpha) in enumerate(zip(SKILLS, (1.0, 6.0, 2.0)))
+    ]
 
 
 def numpy_factors(path):
     """{module: (s*B, A)} of a LoRA file as float64 numpy arrays, read back through safetensors."""
     lora = load_lora(path)
-    return {name: (m.up.double().numpy() * (m.alpha / m.rank), m.down.double().numpy()) for name, m in lora.modules.items()}
+    return {
+        name: (m.up.double().numpy() * (m.alpha / m.rank), m.down.double().numpy()) for name, m in lora.modules.items()
+    }
 
 
 def paper_merge_update(paths):
     """The paper's rule computed here: B_m = mean_t s_t B_t, A_m = mean_t A_t; update B_m @ A_m."""
     parts = [numpy_factors(p) for p in paths]
-    return {name: np.mean([f[name][0] for f in parts], axis=0) @ np.mean([f[name][1] for f in parts], axis=0) for name in SHAPES}
+    return {
+        name: np.mean([f[name][0] for f in parts], axis=0) @ np.mean([f[name][1] for f in parts], axis=0)
+        for name in SHAPES
+    }
 
 
 def dense_updates(path):
@@ -57,7 +73,9 @@ def dense_updates(path):
 def identical(first, second) -> bool:
     a, b = load_lora(first), load_lora(second)
     return a.modules.keys() == b.modules.keys() and all(
-        torch.equal(a.modules[n].down, b.modules[n].down) and torch.equal(a.modules[n].up, b.modules[n].up) for n in a.modules)
+        torch.equal(a.modules[n].down, b.modules[n].down) and torch.equal(a.modules[n].up, b.modules[n].up)
+        for n in a.modules
+    )
 
 
 @pytest.mark.parametrize("method, rank", [("selma", None), ("delta", None), ("svd", 2), ("ties", 2), ("dare", 2)])
@@ -70,24 +88,32 @@ def test_adding_an_expert_gives_exactly_the_from_scratch_merge_of_all_of_them(ex
     assert result.recomputed and identical(result.path, scratch)
     record = merge_record(load_lora(result.path))
     assert record["method"] == method and record["weights"] == pytest.approx([1 / 3] * 3)
-    assert [(e["skill"], e["sha256"]) for e in record["experts"]] == [(s, sha256_file(p)) for s, p in zip(SKILLS, experts)]
+    assert [(e["skill"], e["sha256"]) for e in record["experts"]] == [
+        (s, sha256_file(p)) for s, p in zip(SKILLS, experts)
+    ]
     assert [e["source"] for e in record["experts"]] == [f"experts/{s}.safetensors" for s in SKILLS]
     if method == "selma":
         for name, expected in paper_merge_update(experts).items():
             np.testing.assert_allclose(dense_updates(result.path)[name], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_without_the_expert_files_a_uniform_selma_or_delta_merge_is_extended_exactly_from_its_factors(experts, tmp_path):
+def test_without_the_expert_files_a_uniform_selma_or_delta_merge_is_extended_exactly_from_its_factors(
+    experts, tmp_path
+):
     for method in ("selma", "delta"):
         merge_files(experts[:2], tmp_path / method / "merged.safetensors", method)
     moved = tmp_path / "moved"
     shutil.move(str(tmp_path / "experts"), str(moved))  # no listed expert can be found any more
     experts = [moved / p.name for p in experts]
     parts = [numpy_factors(p) for p in experts]
-    expected = {"selma": paper_merge_update(experts),
-                "delta": {name: sum(up @ down for up, down in (f[name] for f in parts)) / 3 for name in SHAPES}}
+    expected = {
+        "selma": paper_merge_update(experts),
+        "delta": {name: sum(up @ down for up, down in (f[name] for f in parts)) / 3 for name in SHAPES},
+    }
     for method in ("selma", "delta"):
-        result = add_to_merge(tmp_path / method / "merged.safetensors", [experts[2]], tmp_path / method / "added.safetensors")
+        result = add_to_merge(
+            tmp_path / method / "merged.safetensors", [experts[2]], tmp_path / method / "added.safetensors"
+        )
         assert not result.recomputed and result.found == [None, None]
         for name, update in dense_updates(result.path).items():
             np.testing.assert_allclose(update, expected[method][name], rtol=1e-5, atol=1e-6)
@@ -118,7 +144,10 @@ def test_a_moved_expert_given_with_expert_file_is_found_by_its_sha256(experts, t
     with pytest.raises(LoraFormatError) as refused:
         add_to_merge(merged, [experts[2]], tmp_path / "added.safetensors")
     message = str(refused.value)
-    assert "1 of its 2 experts were not found" in message and f"count.safetensors (skill count, sha256 {sha256_file(moved)[:12]})" in message
+    assert (
+        "1 of its 2 experts were not found" in message
+        and f"count.safetensors (skill count, sha256 {sha256_file(moved)[:12]})" in message
+    )
     assert "svd merge is not linear" in message and "Give the missing files with --expert" in cli_message(refused.value)
     result = add_to_merge(merged, [experts[2]], tmp_path / "added.safetensors", expert_files=[moved])
     scratch = merge_files([moved, *experts[1:]], tmp_path / "scratch.safetensors", "svd", rank=2)

@@ -33,8 +33,19 @@ def test_every_field_has_a_comment_and_the_fields_to_write_are_marked_and_refuse
     text = made.path.read_text()
     lines = text.splitlines()
     keys = top_level_keys(text)
-    assert {k for _, k in keys} >= {"name", "description", "source", "instruction", "seeds", "num_prompts",
-                                    "similarity_threshold", "max_words", "examples_per_request", "prompts_per_request", "seed"}
+    assert {k for _, k in keys} >= {
+        "name",
+        "description",
+        "source",
+        "instruction",
+        "seeds",
+        "num_prompts",
+        "similarity_threshold",
+        "max_words",
+        "examples_per_request",
+        "prompts_per_request",
+        "seed",
+    }
     assert all(lines[i - 1].startswith("#") for i, _ in keys), "a field without a comment above it"
     data = tomllib.loads(text)
     assert data["num_prompts"] == 1000 and data["similarity_threshold"] == 0.8 and data["examples_per_request"] == 3
@@ -53,11 +64,18 @@ def test_a_grammar_skill_filled_in_with_set_generates_its_prompts_offline(tmp_pa
     from selma_toolkit.dataset import read_prompts
     from selma_toolkit.prompts import generate_prompts
 
-    made = new_skill_recipe("shape-count", tmp_path / "shape-count.toml", source="grammar", overrides=[
-        "description=Counting simple shapes.",
-        'seeds=["two circles", "three squares on a table", "a photo of two stars"]',
-        'grammar.templates=["{count} {color} {shape}s"]', 'grammar.words.shape=["circle", "square", "star"]',
-        "num_prompts=6"])
+    made = new_skill_recipe(
+        "shape-count",
+        tmp_path / "shape-count.toml",
+        source="grammar",
+        overrides=[
+            "description=Counting simple shapes.",
+            'seeds=["two circles", "three squares on a table", "a photo of two stars"]',
+            'grammar.templates=["{count} {color} {shape}s"]',
+            'grammar.words.shape=["circle", "square", "star"]',
+            "num_prompts=6",
+        ],
+    )
     assert made.unfilled == []
     skill = load_skill_recipe(made.path)
     assert skill.source == "grammar" and skill.grammar.words["shape"] == ["circle", "square", "star"]
@@ -81,7 +99,9 @@ def test_bad_names_existing_files_and_unknown_keys_are_clear_errors(tmp_path):
 
 
 def test_cli_skill_new_writes_the_recipe_and_says_what_to_fill_in(tmp_path, cli):
-    result = cli("skill", "new", "whoops-mine", "--from", "whoops", "--source", "grammar", cwd=tmp_path, env={"COLUMNS": "200"})
+    result = cli(
+        "skill", "new", "whoops-mine", "--from", "whoops", "--source", "grammar", cwd=tmp_path, env={"COLUMNS": "200"}
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote skill recipe 'whoops-mine' (source grammar) to whoops-mine.toml" in result.stdout
     skill = load_skill_recipe(tmp_path / "whoops-mine.toml")  # whoops' seeds and instruction, a starter grammar

@@ -38,9 +38,18 @@ def tutorial(repo_root, tmp_path_factory):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "COLUMNS": "200"}
     exports, outputs = "", []
     for block in blocks:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", exports + block], cwd=folder, env=env,
-                                capture_output=True, text=True, timeout=300, check=False)
-        assert result.returncode == 0, f"tutorial block failed:\n{block}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", exports + block],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, (
+            f"tutorial block failed:\n{block}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
         outputs.append(result.stdout)
         exports += "".join(line + "\n" for line in block.splitlines() if line.startswith("export "))
     return {"text": text, "blocks": blocks, "folder": folder, "outputs": outputs}
@@ -48,8 +57,15 @@ def tutorial(repo_root, tmp_path_factory):
 
 def test_every_command_of_the_tiny_section_runs_as_written(tutorial):
     commands = [line for block in tutorial["blocks"] for line in block.splitlines() if line.startswith("selma ")]
-    used = {" ".join(line.split()[:3 if line.split()[1] in ("skill", "lora", "recipe") else 2]) for line in commands}
-    assert used >= {"selma run", "selma status", "selma skill new", "selma recipe validate", "selma merge", "selma evaluate"}
+    used = {" ".join(line.split()[: 3 if line.split()[1] in ("skill", "lora", "recipe") else 2]) for line in commands}
+    assert used >= {
+        "selma run",
+        "selma status",
+        "selma skill new",
+        "selma recipe validate",
+        "selma merge",
+        "selma evaluate",
+    }
 
 
 def test_the_tiny_section_leaves_what_it_says_it_does(tutorial):
@@ -62,7 +78,8 @@ def test_the_tiny_section_leaves_what_it_says_it_does(tutorial):
     assert [e["sha256"] for e in added["experts"]] == [
         sha256_file(runs / "old-skills" / "experts" / "count-grammar.safetensors"),
         sha256_file(runs / "old-skills" / "experts" / "color-grammar.safetensors"),
-        sha256_file(runs / "with-shapes" / "experts" / "shape-count.safetensors")]
+        sha256_file(runs / "with-shapes" / "experts" / "shape-count.safetensors"),
+    ]
     comparison = (runs / "with-shapes" / "eval" / "before-after" / "comparison.md").read_text()
     for skill, kind in [("shape-count", "new"), ("count-grammar", "old"), ("color-grammar", "old")]:
         assert f"| {skill} | {kind} | clipscore |" in comparison
@@ -81,5 +98,7 @@ def test_the_gpu_section_uses_the_same_commands_and_a_valid_sdxl_run_recipe(tuto
     (tmp_path / "sdxl-with-shapes.toml").write_text(recipe)
     shutil.copy(tutorial["folder"] / "shape-count.toml", tmp_path / "shape-count.toml")
     run = load_run_recipe(tmp_path / "sdxl-with-shapes.toml")  # parsed and validated; nothing is downloaded
-    assert run.base_model == "stabilityai/stable-diffusion-xl-base-1.0" and [s.name for s in run.skills] == ["shape-count"]
+    assert run.base_model == "stabilityai/stable-diffusion-xl-base-1.0" and [s.name for s in run.skills] == [
+        "shape-count"
+    ]
     assert len(run.experts) == 3 and run.train.rank == 128 and run.images.steps == 50

@@ -53,8 +53,11 @@ def test_resume_after_kill_keeps_every_prompt_once(tmp_path):
         # The same run without a kill (its own cache; the scripted LLM answers each request the
         # same way every time) writes the same file: resuming changed nothing.
         reference = tmp_path / "reference.jsonl"
-        generate_prompts(skill_recipe_from_dict(skill_data(server.url, num_prompts=60)), reference,
-                         cache_dir=tmp_path / "reference-cache")
+        generate_prompts(
+            skill_recipe_from_dict(skill_data(server.url, num_prompts=60)),
+            reference,
+            cache_dir=tmp_path / "reference-cache",
+        )
         assert read_jsonl(reference) == records
     finally:
         server.stop()
@@ -82,13 +85,25 @@ def test_api_key_never_appears_in_logs_outputs_or_the_cache(cli, scripted_llm, t
     ok = cli("-v", "prompts", str(recipe), "--out", str(tmp_path / "ok"), env=env)
     assert ok.returncode == 0, ok.stderr
     scripted_llm.then(*[Fail(401)] * 5)
-    refused = cli("-v", "prompts", str(recipe), "--out", str(tmp_path / "refused"),
-                  env={**env, "SELMA_CACHE": str(tmp_path / "cache-2")})  # no cached answers: it must ask
+    refused = cli(
+        "-v",
+        "prompts",
+        str(recipe),
+        "--out",
+        str(tmp_path / "refused"),
+        env={**env, "SELMA_CACHE": str(tmp_path / "cache-2")},
+    )  # no cached answers: it must ask
     assert refused.returncode == 1 and "refused the API key from $SELMA_TEST_LLM_KEY" in refused.stderr
     assert all(r.authorization == f"Bearer {MARKER_KEY}" for r in scripted_llm.requests)  # the key was used
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "prompts.jsonl" for p in written) and any("cache" in p.parts for p in written)
-    for text in [ok.stdout, ok.stderr, refused.stdout, refused.stderr, *(p.read_text(errors="replace") for p in written)]:
+    for text in [
+        ok.stdout,
+        ok.stderr,
+        refused.stdout,
+        refused.stderr,
+        *(p.read_text(errors="replace") for p in written),
+    ]:
         assert MARKER_KEY not in text and MARKER_KEY[-8:] not in text
 
 

@@ -21,15 +21,20 @@ def skill(server, **changes):
 
 def test_completions_endpoint_reaches_the_target_and_counts_each_rejection(scripted_llm, tmp_path):
     scripted_llm.then(
-        Reply("4. A red fox jumps over a sleeping dog in the snow\n"  # the list continues after the 3 examples
-              "5.\n"
-              "6. " + "word " * 31 + "\n"
-              "7. a red FOX jumps over a  sleeping dog in the snow\n"
-              "8. A red fox jumps over a sleeping dog in the deep snow\n"
-              "9. Dogs stick their heads out of car windows.\n"
-              "10. Three glass bottles on a windowsill at noon"),
-        Reply("4. Three glass bottles on a windowsill at noon!\n5. An old man feeding pigeons in a rainy square\n"
-              "6. A yellow submarine under a frozen lake\n7. A violin leaning on a pia", finish_reason="length"),
+        Reply(
+            "4. A red fox jumps over a sleeping dog in the snow\n"  # the list continues after the 3 examples
+            "5.\n"
+            "6. " + "word " * 31 + "\n"
+            "7. a red FOX jumps over a  sleeping dog in the snow\n"
+            "8. A red fox jumps over a sleeping dog in the deep snow\n"
+            "9. Dogs stick their heads out of car windows.\n"
+            "10. Three glass bottles on a windowsill at noon"
+        ),
+        Reply(
+            "4. Three glass bottles on a windowsill at noon!\n5. An old man feeding pigeons in a rainy square\n"
+            "6. A yellow submarine under a frozen lake\n7. A violin leaning on a pia",
+            finish_reason="length",
+        ),
     )
     out = tmp_path / "prompts.jsonl"
     recipe = skill(scripted_llm, num_prompts=4, llm={"concurrency": 1})
@@ -37,8 +42,11 @@ def test_completions_endpoint_reaches_the_target_and_counts_each_rejection(scrip
 
     records = read_prompts(out)
     assert [r.prompt for r in records] == [
-        "A red fox jumps over a sleeping dog in the snow", "Three glass bottles on a windowsill at noon",
-        "An old man feeding pigeons in a rainy square", "A yellow submarine under a frozen lake"]
+        "A red fox jumps over a sleeping dog in the snow",
+        "Three glass bottles on a windowsill at noon",
+        "An old man feeding pigeons in a rainy square",
+        "A yellow submarine under a frozen lake",
+    ]
     assert stats.rejected == {"empty": 1, "too_long": 1, "duplicate": 2, "similar": 2, "cut_off": 1}
     assert (stats.kept, stats.requests, len(scripted_llm.requests)) == (4, 2, 2)
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
@@ -74,7 +82,7 @@ def test_each_request_shows_examples_sampled_from_the_growing_pool_reproducibly(
     assert any(set(examples_in(prompt_of(b))) - set(recipe.seeds) for b in bodies)  # accepted prompts are shown
     # The same recipe samples the same examples: a second run (fresh cache) sends the same requests.
     generate_prompts(recipe, tmp_path / "b.jsonl", cache_dir=tmp_path / "cache-b")
-    assert [r.body for r in scripted_llm.requests[len(bodies):]] == bodies
+    assert [r.body for r in scripted_llm.requests[len(bodies) :]] == bodies
 
 
 def test_several_requests_are_in_flight_at_once(tmp_path):
@@ -90,7 +98,9 @@ def test_several_requests_are_in_flight_at_once(tmp_path):
 
 def test_429_is_retried_after_the_retry_after_delay(scripted_llm, tmp_path):
     scripted_llm.then(Fail(429, {"Retry-After": "1.2"}))
-    stats = generate_prompts(skill(scripted_llm, llm={"concurrency": 1}), tmp_path / "p.jsonl", cache_dir=tmp_path / "c")
+    stats = generate_prompts(
+        skill(scripted_llm, llm={"concurrency": 1}), tmp_path / "p.jsonl", cache_dir=tmp_path / "c"
+    )
     assert stats.kept == 12
     first, retry = scripted_llm.requests[:2]
     assert retry.body == first.body
@@ -121,7 +131,9 @@ def test_rerun_into_a_new_folder_hits_the_cache_and_sends_nothing(scripted_llm, 
 def test_missing_api_key_fails_before_any_request(scripted_llm, tmp_path, monkeypatch):
     monkeypatch.delenv("SELMA_TEST_LLM_KEY", raising=False)
     with pytest.raises(EndpointError, match=r"SELMA_TEST_LLM_KEY is not set.*api_key_required"):
-        generate_prompts(skill(scripted_llm, llm={"api_key_required": True}), tmp_path / "p.jsonl", cache_dir=tmp_path / "c")
+        generate_prompts(
+            skill(scripted_llm, llm={"api_key_required": True}), tmp_path / "p.jsonl", cache_dir=tmp_path / "c"
+        )
     assert scripted_llm.requests == [] and not (tmp_path / "p.jsonl").exists()
 
 
@@ -139,7 +151,10 @@ def test_unreachable_endpoint_fails_after_bounded_retries_keeping_what_was_kept(
     out = tmp_path / "p.jsonl"
     with pytest.raises(EndpointError, match=r"cannot reach .* after 1 retries.*2/12 prompts kept so far are saved"):
         generate_prompts(skill(scripted_llm, llm={"concurrency": 1, "max_retries": 1}), out, cache_dir=tmp_path / "c")
-    assert [r.prompt for r in read_prompts(out)] == ["A kettle whistling on a camping stove", "Two owls asleep in a barn"]
+    assert [r.prompt for r in read_prompts(out)] == [
+        "A kettle whistling on a camping stove",
+        "Two owls asleep in a barn",
+    ]
 
 
 def test_endpoint_answering_garbage_stops_after_max_empty_rounds(tmp_path):
@@ -165,7 +180,9 @@ def test_request_budget_stops_with_a_clear_message_and_a_rerun_continues(scripte
     assert stats.kept == 20 and [r.id for r in records] == list(range(20))
     assert [r.prompt for r in records[: len(kept_before)]] == kept_before
     with pytest.raises(EndpointError, match=r"llm.max_total_tokens = 1 tokens"):
-        generate_prompts(skill(scripted_llm, num_prompts=40, llm={"max_total_tokens": 1}), out, cache_dir=tmp_path / "c")
+        generate_prompts(
+            skill(scripted_llm, num_prompts=40, llm={"max_total_tokens": 1}), out, cache_dir=tmp_path / "c"
+        )
 
 
 def test_recipe_with_fewer_than_three_seeds_or_no_instruction_is_a_recipe_error():

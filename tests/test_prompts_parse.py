@@ -14,9 +14,16 @@ from selma_toolkit.recipe import GrammarSettings, load_skill_recipe, skill_recip
 
 
 def test_request_shows_the_instruction_then_the_examples_as_a_numbered_list():
-    text = request_text("Create {n} prompts, each under {max_words} words; keep {braces}.\nExamples:",
-                        ["a cat", "two dogs ", "a red car"], n=20, max_words=30)
-    assert text == "Create 20 prompts, each under 30 words; keep {braces}.\nExamples:\n\n1. a cat\n2. two dogs\n3. a red car\n"
+    text = request_text(
+        "Create {n} prompts, each under {max_words} words; keep {braces}.\nExamples:",
+        ["a cat", "two dogs ", "a red car"],
+        n=20,
+        max_words=30,
+    )
+    assert (
+        text
+        == "Create 20 prompts, each under 30 words; keep {braces}.\nExamples:\n\n1. a cat\n2. two dogs\n3. a red car\n"
+    )
 
 
 def test_numbered_list_is_parsed_with_prose_bullets_quotes_and_markup_removed():
@@ -33,8 +40,15 @@ def test_numbered_list_is_parsed_with_prose_bullets_quotes_and_markup_removed():
         "\nI hope these help! Let me know if you need more."
     )
     parsed = parse_answer(answer)
-    assert parsed.candidates == ["A cat on a mat.", "Two dogs under a table", "Three birds on a wire",
-                                 "A bold red kite", "a bulleted prompt", "another bullet", ""]
+    assert parsed.candidates == [
+        "A cat on a mat.",
+        "Two dogs under a table",
+        "Three birds on a wire",
+        "A bold red kite",
+        "a bulleted prompt",
+        "another bullet",
+        "",
+    ]
     assert parsed.cut_off == 0
 
 
@@ -45,8 +59,10 @@ def test_answer_cut_at_the_token_limit_drops_its_unfinished_last_item():
 
 
 def test_grammar_batches_are_deterministic_from_the_seed_and_fill_distinct_words():
-    grammar = GrammarSettings(templates=["{count} {object}s next to a {object2}"],
-                              words={"count": ["two", "three"], "object": ["box", "cherry", "apple"]})
+    grammar = GrammarSettings(
+        templates=["{count} {object}s next to a {object2}"],
+        words={"count": ["two", "three"], "object": ["box", "cherry", "apple"]},
+    )
     batch = GrammarSource(grammar, seed=7).batch(0, 30)
     assert batch == GrammarSource(grammar, seed=7).batch(0, 30)
     assert batch != GrammarSource(grammar, seed=8).batch(0, 30)
@@ -81,11 +97,16 @@ def test_grammar_skill_reaches_its_target_through_the_filters(tmp_path):
 
 
 def test_an_exhausted_grammar_stops_after_max_empty_rounds_with_what_it_kept(tmp_path):
-    skill = skill_recipe_from_dict({
-        "name": "tiny-grammar", "source": "grammar", "seeds": ["a red cup", "a blue cup", "a green cup"],
-        "num_prompts": 10, "llm": {"max_empty_rounds": 4},
-        "grammar": {"templates": ["a {color} ball"], "words": {"color": ["red", "blue"]}},
-    })
+    skill = skill_recipe_from_dict(
+        {
+            "name": "tiny-grammar",
+            "source": "grammar",
+            "seeds": ["a red cup", "a blue cup", "a green cup"],
+            "num_prompts": 10,
+            "llm": {"max_empty_rounds": 4},
+            "grammar": {"templates": ["a {color} ball"], "words": {"color": ["red", "blue"]}},
+        }
+    )
     out = tmp_path / "prompts.jsonl"
     with pytest.raises(RecipeError, match=r"4 grammar batches in a row added no prompt.*2/10 prompts kept so far"):
         generate_prompts(skill, out)

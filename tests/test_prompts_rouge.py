@@ -11,7 +11,28 @@ from rouge_score import rouge_scorer
 from selma_toolkit.prompts.rouge import RougeFilter, lcs_lengths
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-WORDS = "a the dog cat red blue on under big small sits runs park table chair of in with two three".split()
+WORDS = [
+    "a",
+    "the",
+    "dog",
+    "cat",
+    "red",
+    "blue",
+    "on",
+    "under",
+    "big",
+    "small",
+    "sits",
+    "runs",
+    "park",
+    "table",
+    "chair",
+    "of",
+    "in",
+    "with",
+    "two",
+    "three",
+]
 
 
 def reference_max(pool: list[str], text: str) -> float:

@@ -33,8 +33,13 @@ def test_paper_skills_and_settings_are_shipped():
     assert [s.name for s in run.skills] == ["coco", "localized-narratives", "diffusiondb", "countbench", "whoops"]
     assert run.base_model == "stabilityai/stable-diffusion-2"
     assert (run.images.steps, run.images.guidance_scale, run.images.resolution) == (50, 7.5, 768)
-    assert (run.train.rank, run.train.learning_rate, run.train.batch_size, run.train.steps, run.train.checkpoint_every) == (
-        128, 3e-4, 64, 5000, 1000)
+    assert (
+        run.train.rank,
+        run.train.learning_rate,
+        run.train.batch_size,
+        run.train.steps,
+        run.train.checkpoint_every,
+    ) == (128, 3e-4, 64, 5000, 1000)
     assert run.merge.method == "selma"
     countbench = run.skill("countbench")
     assert countbench.seeds[0] == "background photo of three light bulbs"
@@ -45,7 +50,11 @@ def test_paper_skills_and_settings_are_shipped():
 def test_defaults_are_the_papers_numbers():
     skill = SkillRecipe(name="s", instruction="make {n}", seeds=["a", "b", "c"])
     assert (skill.num_prompts, skill.similarity_threshold, skill.examples_per_request, skill.prompts_per_request) == (
-        1000, 0.8, 3, 20)
+        1000,
+        0.8,
+        3,
+        20,
+    )
     assert (skill.llm.temperature, skill.llm.top_p, skill.llm.max_tokens, skill.llm.concurrency) == (1.0, 1.0, 3072, 5)
     run = RunRecipe(name="r", base_model="tiny:sd1", skills=[skill])
     assert (run.images.steps, run.images.guidance_scale) == (50, 7.5)
@@ -54,8 +63,15 @@ def test_defaults_are_the_papers_numbers():
 
 
 def test_overrides_are_typed_and_reach_skills():
-    run = load_run_recipe("tiny-demo", ["train.steps=7", "train.learning_rate=0.5", "skills.count-grammar.num_prompts=3",
-                                   "images.negative_prompt=blurry"])
+    run = load_run_recipe(
+        "tiny-demo",
+        [
+            "train.steps=7",
+            "train.learning_rate=0.5",
+            "skills.count-grammar.num_prompts=3",
+            "images.negative_prompt=blurry",
+        ],
+    )
     assert run.train.steps == 7 and run.train.learning_rate == 0.5
     assert run.skill("count-grammar").num_prompts == 3
     assert run.skill("spatial-grammar").num_prompts == 16  # the demo's own value, untouched
@@ -80,7 +96,8 @@ def test_resolved_recipe_round_trips_with_the_same_hash(tmp_path):
 
 def test_skill_entry_table_replaces_values(tmp_path):
     (tmp_path / "run.toml").write_text(
-        'name = "r"\nbase_model = "tiny:sd1"\nskills = [{ recipe = "countbench", num_prompts = 5, llm = { model = "m" } }]\n')
+        'name = "r"\nbase_model = "tiny:sd1"\nskills = [{ recipe = "countbench", num_prompts = 5, llm = { model = "m" } }]\n'
+    )
     skill = load_run_recipe(tmp_path / "run.toml").skill("countbench")
     assert skill.num_prompts == 5 and skill.llm.model == "m" and skill.llm.api == "completions"
 
@@ -108,11 +125,11 @@ def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
 @pytest.mark.parametrize(
     "text, field",
     [
-        ('[train]\nsteps = -5\n', "train.steps"),
-        ('[images]\nsteps = 0\n', "images.steps"),
-        ('[images]\nresolution = 100\n', "images.resolution"),
-        ('[train]\nrank = 0\n', "train.rank"),
-        ('[train]\nbatch_size = 64\nmicro_batch_size = 5\n', "train"),
+        ("[train]\nsteps = -5\n", "train.steps"),
+        ("[images]\nsteps = 0\n", "images.steps"),
+        ("[images]\nresolution = 100\n", "images.resolution"),
+        ("[train]\nrank = 0\n", "train.rank"),
+        ("[train]\nbatch_size = 64\nmicro_batch_size = 5\n", "train"),
     ],
 )
 def test_out_of_range_run_values_name_the_field(tmp_path, text, field):
@@ -140,8 +157,12 @@ def test_bad_skill_values_name_the_field(tmp_path, text, field):
 
 
 def test_grammar_slot_without_words_is_an_error(tmp_path):
-    path = _write(tmp_path, 'name = "g"\nsource = "grammar"\nseeds = ["a", "b", "c"]\n[grammar]\n'
-                            'templates = ["{count} {thing}s"]\n[grammar.words]\ncount = ["two"]\n', "g.toml")
+    path = _write(
+        tmp_path,
+        'name = "g"\nsource = "grammar"\nseeds = ["a", "b", "c"]\n[grammar]\n'
+        'templates = ["{count} {thing}s"]\n[grammar.words]\ncount = ["two"]\n',
+        "g.toml",
+    )
     with pytest.raises(RecipeError, match=r"\{thing\}"):
         load_skill_recipe(path)
 

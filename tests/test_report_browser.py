@@ -18,8 +18,15 @@ from selma_toolkit.evaluate import tally_files, write_report
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
 # Flags known to work on these machines (no sandbox as root, no background network on a closed network).
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +86,11 @@ def test_human_eval_page_records_choices_and_exports_answers_that_tally(browser,
     for number, (pair, choice) in enumerate(zip(pairs, wanted)):
         assert page.locator("#prompt").inner_text() == pair["prompt"]
         assert page.get_attribute("#left-image", "src") == pair["left"]["src"]
-        button = "#choose-tie" if choice is None else ("#choose-left" if pair["left"]["variant"] == choice else "#choose-right")
+        button = (
+            "#choose-tie"
+            if choice is None
+            else ("#choose-left" if pair["left"]["variant"] == choice else "#choose-right")
+        )
         page.click(button)
         assert page.locator("#progress-text").inner_text() == f"{number + 1} of {len(pairs)} answered"
         if number == 1:  # answers survive a reload (kept in localStorage)
@@ -88,8 +99,10 @@ def test_human_eval_page_records_choices_and_exports_answers_that_tally(browser,
             # same page sees both answers, then reload.
             other = page.context.new_page()
             other.goto(page.url, wait_until="load")
-            other.wait_for_function("Object.keys(JSON.parse(localStorage.getItem("
-                                    "'selma-human-eval:' + document.body.getAttribute('data-study')) || '{}')).length === 2")
+            other.wait_for_function(
+                "Object.keys(JSON.parse(localStorage.getItem("
+                "'selma-human-eval:' + document.body.getAttribute('data-study')) || '{}')).length === 2"
+            )
             other.close()
             page.reload(wait_until="load")
             assert page.locator("#progress-text").inner_text() == f"2 of {len(pairs)} answered"
@@ -112,10 +125,15 @@ def test_charts_fit_the_page_column_in_a_1400_px_window_and_scale_down_in_a_narr
     eval_dir = scored_eval_dir(tmp_path)
     document = read_scores(eval_dir / "scores.json")
     extra = [f"merged:m{k}" for k in range(8)]
-    wide = dict(document, variants=[*document["variants"], *extra],
-                aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
-                items=[*document["items"], *[dict(i, variant=v) for v in extra for i in document["items"]
-                                             if i["variant"] == "merged:selma"]])
+    wide = dict(
+        document,
+        variants=[*document["variants"], *extra],
+        aggregate={**document["aggregate"], **{v: document["aggregate"]["merged:selma"] for v in extra}},
+        items=[
+            *document["items"],
+            *[dict(i, variant=v) for v in extra for i in document["items"] if i["variant"] == "merged:selma"],
+        ],
+    )
     index = write_report(wide, tmp_path / "report", eval_dir=eval_dir)
     for width, scaled in ((1400, False), (800, True)):
         context = browser.new_context(viewport={"width": width, "height": 900})

@@ -52,14 +52,18 @@ def test_changed_image_settings_are_refused_once_images_exist(recorded):
 def test_changed_skill_recipe_is_refused_once_its_prompts_exist(recorded):
     touch(recorded.prompts("count-grammar"))
     check_recipe_change(demo("skills.spatial-grammar.num_prompts=3"), recorded)  # no prompts of that skill yet
-    with pytest.raises(RecipeError, match=r"skills\.count-grammar\.num_prompts: 16 -> 3 \(prompts exist for count-grammar\)"):
+    with pytest.raises(
+        RecipeError, match=r"skills\.count-grammar\.num_prompts: 16 -> 3 \(prompts exist for count-grammar\)"
+    ):
         check_recipe_change(demo("skills.count-grammar.num_prompts=3"), recorded)
 
 
 def test_changed_training_settings_are_refused_once_an_expert_exists_but_more_steps_are_fine(recorded):
     touch(recorded.expert("count-grammar"))
-    check_recipe_change(demo("train.steps=60", "train.checkpoint_every=5", "merge.method=delta",
-                             "evaluate.prompts_per_skill=2"), recorded)
+    check_recipe_change(
+        demo("train.steps=60", "train.checkpoint_every=5", "merge.method=delta", "evaluate.prompts_per_skill=2"),
+        recorded,
+    )
     with pytest.raises(RecipeError, match=r"train\.rank: 8 -> 4 \(experts trained or training: count-grammar\)"):
         check_recipe_change(demo("train.rank=4"), recorded)
     with pytest.raises(RecipeError, match=r"base_model: 'tiny:sd1'@None -> 'tiny:sd2'@None"):
@@ -73,13 +77,21 @@ def test_listed_expert_that_does_not_fit_the_base_model_fails_before_any_work(tm
     from selma_toolkit.lora import lora_metadata, save_lora
 
     sdxl = DiffusionPipeline.from_pretrained(tiny_model_dirs["sdxl"])
-    other_arch = save_lora(random_lora(sdxl, rank=8), tmp_path / "sdxl-expert.safetensors",
-                           metadata=lora_metadata(architecture="sdxl", skill="sdxl-skill"))
+    other_arch = save_lora(
+        random_lora(sdxl, rank=8),
+        tmp_path / "sdxl-expert.safetensors",
+        metadata=lora_metadata(architecture="sdxl", skill="sdxl-skill"),
+    )
     sd1 = DiffusionPipeline.from_pretrained(tiny_model_dirs["sd1"])
-    other_rank = save_lora(random_lora(sd1, rank=4), tmp_path / "rank4.safetensors",
-                           metadata=lora_metadata(architecture="sd1", skill="rank4"))
+    other_rank = save_lora(
+        random_lora(sd1, rank=4),
+        tmp_path / "rank4.safetensors",
+        metadata=lora_metadata(architecture="sd1", skill="rank4"),
+    )
     out = tmp_path / "run"
-    with pytest.raises(LoraFormatError, match=r"sdxl-expert\.safetensors.* is a LoRA for sdxl, but base_model 'tiny:sd1' is sd1"):
+    with pytest.raises(
+        LoraFormatError, match=r"sdxl-expert\.safetensors.* is a LoRA for sdxl, but base_model 'tiny:sd1' is sd1"
+    ):
         run_pipeline(demo(f'experts=["{other_arch}"]'), RunPaths(out))
     with pytest.raises(LoraFormatError, match=r"has rank \[4\], but the run trains rank 8.*merge.method = 'delta'"):
         run_pipeline(demo(f'experts=["{other_rank}"]'), RunPaths(out))
@@ -87,17 +99,30 @@ def test_listed_expert_that_does_not_fit_the_base_model_fails_before_any_work(tm
     # With the delta merge (exact sum of updates, any ranks) the expert fits; a wrong number of merge
     # weights is still an error before any work.
     with pytest.raises(LoraFormatError, match="weights: got 2 weight"):
-        run_pipeline(demo(f'experts=["{other_rank}"]', "merge.method=delta", "evaluate.merge_methods=[]",
-                          "merge.weights=[0.5, 0.5]"), RunPaths(out))
+        run_pipeline(
+            demo(
+                f'experts=["{other_rank}"]',
+                "merge.method=delta",
+                "evaluate.merge_methods=[]",
+                "merge.weights=[0.5, 0.5]",
+            ),
+            RunPaths(out),
+        )
 
 
 def test_status_of_a_fresh_run_folder_lists_every_stage_still_to_do(recorded):
     run, paths = load_run_folder(recorded.root)
     states = run_status(run, paths)
     assert [(s.stage, s.target) for s in states] == [
-        *[(stage, skill) for stage in ("prompts", "images", "train")
-          for skill in ("count-grammar", "spatial-grammar", "color-grammar")],
-        ("select", ""), ("merge", "selma"), ("merge", "delta"), ("evaluate", ""),
+        *[
+            (stage, skill)
+            for stage in ("prompts", "images", "train")
+            for skill in ("count-grammar", "spatial-grammar", "color-grammar")
+        ],
+        ("select", ""),
+        ("merge", "selma"),
+        ("merge", "delta"),
+        ("evaluate", ""),
     ]
     assert not any(s.done for s in states)
     assert states[0].detail == "0/16 train, 0/4 held-out"

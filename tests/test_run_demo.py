@@ -28,10 +28,15 @@ from selma_toolkit.stages import merge_inputs
 
 SKILLS = ("count-grammar", "spatial-grammar", "color-grammar")
 SMALL_DEMO = [
-    "images.resolution=32", "images.steps=4", "images.batch_size=4",
-    "train.steps=6", "train.checkpoint_every=2", "train.batch_size=4",
+    "images.resolution=32",
+    "images.steps=4",
+    "images.batch_size=4",
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "train.batch_size=4",
     *[f"skills.{skill}.num_prompts=4" for skill in SKILLS],
-    "evaluate.prompts_per_skill=2", "evaluate.bootstrap_samples=200",
+    "evaluate.prompts_per_skill=2",
+    "evaluate.bootstrap_samples=200",
     "joint=true",  # the paper's mixture baseline too
 ]
 VARIANTS = {"base", *(f"expert:{s}" for s in SKILLS), "joint", "merged:selma", "merged:delta"}
@@ -50,7 +55,9 @@ def sha256(path: Path) -> str:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     """(mtime_ns, sha256) of every file under ``folder``."""
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, sha256(p)) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, sha256(p)) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +68,9 @@ def demo_run(tmp_path_factory):
     log = root.parent / "first-run.log"
     watched = root / "skills" / SKILLS[1] / "train" / "checkpoints" / "step-2" / "state.json"
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "selma_toolkit", *demo_args(root)], stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "selma_toolkit", *demo_args(root)], stdout=output, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 300
         while not watched.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -71,21 +79,33 @@ def demo_run(tmp_path_factory):
     if not watched.exists():
         pytest.fail(f"the first run never reached {watched}:\n{log.read_text()[-3000:]}")
     assert process.returncode == -signal.SIGKILL, "the first run ended before it could be killed during training"
-    steps_on_disk = sorted(int(p.name.split("-")[1]) for p in watched.parent.parent.iterdir() if p.name.startswith("step-"))
+    steps_on_disk = sorted(
+        int(p.name.split("-")[1]) for p in watched.parent.parent.iterdir() if p.name.startswith("step-")
+    )
     assert steps_on_disk[-1] < 6, "the first run finished training the second expert before it could be killed"
     before = {
         "killed_at": steps_on_disk[-1],
         "prompts": {s: snapshot(root / "skills" / s) for s in SKILLS},
-        "first_expert": snapshot(root / "skills" / SKILLS[0] / "train") | {"expert": (
-            (root / "experts" / f"{SKILLS[0]}.safetensors").stat().st_mtime_ns, sha256(root / "experts" / f"{SKILLS[0]}.safetensors"))},
+        "first_expert": snapshot(root / "skills" / SKILLS[0] / "train")
+        | {
+            "expert": (
+                (root / "experts" / f"{SKILLS[0]}.safetensors").stat().st_mtime_ns,
+                sha256(root / "experts" / f"{SKILLS[0]}.safetensors"),
+            )
+        },
         "second_step2": snapshot(watched.parent),
     }
     status_after_kill = run_cli("status", str(root))
     rerun = run_cli(*demo_args(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     status_after_rerun = run_cli("status", str(root))
-    return {"root": root, "before": before, "status_after_kill": status_after_kill, "rerun": rerun,
-            "status_after_rerun": status_after_rerun}
+    return {
+        "root": root,
+        "before": before,
+        "status_after_kill": status_after_kill,
+        "rerun": rerun,
+        "status_after_rerun": status_after_rerun,
+    }
 
 
 class ImageSources(HTMLParser):
@@ -103,7 +123,9 @@ def tiny_pipeline():
 
     from selma_toolkit.models import resolve_model
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("tiny:sd1"), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        resolve_model("tiny:sd1"), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -118,7 +140,12 @@ def test_demo_writes_every_artifact_and_each_is_valid(demo_run):
     context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base = pipe.unet(sample, 10, encoder_hidden_states=context).sample
-    for lora in [*(paths.expert(s) for s in SKILLS), paths.expert("joint"), paths.merged("selma"), paths.merged("delta")]:
+    for lora in [
+        *(paths.expert(s) for s in SKILLS),
+        paths.expert("joint"),
+        paths.merged("selma"),
+        paths.merged("delta"),
+    ]:
         pipe.load_lora_weights(str(lora), adapter_name="check")
         with torch.no_grad():
             adapted = pipe.unet(sample, 10, encoder_hidden_states=context).sample
@@ -138,7 +165,8 @@ def test_demo_writes_every_artifact_and_each_is_valid(demo_run):
     for variant in VARIANTS:
         items = [i for i in scores["items"] if i["variant"] == variant]
         assert sorted((i["skill"], i["prompt_id"]) for i in items) == sorted(
-            (s, p.id) for s in SKILLS for p in read_prompts(paths.prompts(s), split="heldout"))
+            (s, p.id) for s in SKILLS for p in read_prompts(paths.prompts(s), split="heldout")
+        )
         assert all(isinstance(i["scores"][m], float) for i in items for m in ("clipscore", "vqascore"))
     # The report shows images, and every image it references exists inside the report folder.
     parser = ImageSources()
@@ -155,16 +183,22 @@ def test_rerun_after_kill_during_training_redoes_no_finished_work(demo_run):
     root, before = demo_run["root"], demo_run["before"]
     output = demo_run["rerun"].stdout + demo_run["rerun"].stderr  # stage lines go to stderr, results to stdout
     for skill in SKILLS:
-        prompts_and_images = {k: v for k, v in snapshot(root / "skills" / skill).items()
-                              if k.startswith(("prompts.jsonl", "images/"))}
-        assert prompts_and_images == {k: v for k, v in before["prompts"][skill].items()
-                                      if k.startswith(("prompts.jsonl", "images/"))}, f"{skill}: prompts or images redone"
+        prompts_and_images = {
+            k: v for k, v in snapshot(root / "skills" / skill).items() if k.startswith(("prompts.jsonl", "images/"))
+        }
+        assert prompts_and_images == {
+            k: v for k, v in before["prompts"][skill].items() if k.startswith(("prompts.jsonl", "images/"))
+        }, f"{skill}: prompts or images redone"
         assert f"skip prompts {skill}" in output and f"skip images {skill}" in output
     # The finished expert was not trained again: its checkpoints, loss log and file are untouched.
     first = SKILLS[0]
     assert f"skip train {first}" in output
-    after = snapshot(root / "skills" / first / "train") | {"expert": (
-        (root / "experts" / f"{first}.safetensors").stat().st_mtime_ns, sha256(root / "experts" / f"{first}.safetensors"))}
+    after = snapshot(root / "skills" / first / "train") | {
+        "expert": (
+            (root / "experts" / f"{first}.safetensors").stat().st_mtime_ns,
+            sha256(root / "experts" / f"{first}.safetensors"),
+        )
+    }
     assert after == before["first_expert"]
     # The interrupted one resumed from its last checkpoint (step 2 not rewritten) and logged each step once.
     second = root / "skills" / SKILLS[1] / "train"
@@ -182,7 +216,9 @@ def test_status_shows_each_stage_after_the_kill_and_after_the_rerun(demo_run):
         assert f"done images {skill}: 4/4 images" in lines
     assert any(line.startswith(f"done train {SKILLS[0]}: step 6/6") for line in lines)
     killed_at = demo_run["before"]["killed_at"]
-    assert any(line.startswith(f"todo train {SKILLS[1]}: step {killed_at}/6, {killed_at // 2} checkpoint(s)") for line in lines)
+    assert any(
+        line.startswith(f"todo train {SKILLS[1]}: step {killed_at}/6, {killed_at // 2} checkpoint(s)") for line in lines
+    )
     assert any(line.startswith(f"todo train {SKILLS[2]}: step 0/6") for line in lines)
     assert any(line.startswith("todo train joint: step 0/6") for line in lines)
     assert any(line.startswith("todo merge selma") for line in lines)
@@ -223,9 +259,15 @@ def test_checkpoint_selection_picks_the_best_scoring_checkpoint_on_heldout_promp
     item = next(i for i in items_of(paths, skill) if i["variant"] == f"checkpoint:step-{entry['best_step']}")
     pipe = tiny_pipeline()
     pipe.load_lora_weights(str(paths.root / entry["expert"]))
-    redrawn = pipe(item["prompt"], num_inference_steps=run.images.steps, guidance_scale=run.images.guidance_scale,
-                   height=32, width=32, generator=torch.Generator("cpu").manual_seed(image_seed(item["seed"], item["prompt_id"])),
-                   output_type="np").images[0]
+    redrawn = pipe(
+        item["prompt"],
+        num_inference_steps=run.images.steps,
+        guidance_scale=run.images.guidance_scale,
+        height=32,
+        width=32,
+        generator=torch.Generator("cpu").manual_seed(image_seed(item["seed"], item["prompt_id"])),
+        output_type="np",
+    ).images[0]
     stored = np.asarray(Image.open(paths.eval_dir / "checkpoints" / skill / item["image"]), dtype=np.float32) / 255
     assert np.abs(redrawn - stored).max() <= 2 / 255
 
@@ -287,13 +329,20 @@ def test_listed_experts_are_merged_with_the_trained_ones(demo_run, tmp_path):
 
     copy = tmp_path / "run"
     shutil.copytree(demo_run["root"], copy)
-    extra = save_lora(random_lora(tiny_pipeline(), rank=8, alpha=8.0, seed=3), tmp_path / "extra.safetensors",
-                      metadata=lora_metadata(base_model="tiny:sd1", architecture="sd1", skill="extra-skill"))
+    extra = save_lora(
+        random_lora(tiny_pipeline(), rank=8, alpha=8.0, seed=3),
+        tmp_path / "extra.safetensors",
+        metadata=lora_metadata(base_model="tiny:sd1", architecture="sd1", skill="extra-skill"),
+    )
     # Adding an expert and changing evaluation settings mixes nothing: the run continues.
-    run = load_run_recipe(copy / "recipe.toml", [f'experts=["{extra}"]', "evaluate.prompts_per_skill=0",
-                                                 "evaluate.select_checkpoints=false"])
+    run = load_run_recipe(
+        copy / "recipe.toml",
+        [f'experts=["{extra}"]', "evaluate.prompts_per_skill=0", "evaluate.select_checkpoints=false"],
+    )
     events = []
-    result = run_pipeline(run, load_run_folder(copy)[1], on_stage=lambda state, action: events.append((state.stage, action)))
+    result = run_pipeline(
+        run, load_run_folder(copy)[1], on_stage=lambda state, action: events.append((state.stage, action))
+    )
     assert {action for stage, action in events if stage in ("prompts", "images", "train")} == {"skip"}
     record = merge_record(load_lora(result.merged["selma"]))
     assert [e["skill"] for e in record["experts"]] == [*SKILLS, "extra-skill"]

@@ -78,9 +78,8 @@ def test_second_holder_in_another_process_is_refused_naming_the_folder_pid_and_h
     folder = tmp_path / "run"
     holder = start_holder(folder)
     try:
-        with pytest.raises(FolderLockedError) as refused:
-            with folder_lock(folder, "selma run"):
-                pytest.fail("the lock was taken twice")
+        with pytest.raises(FolderLockedError) as refused, folder_lock(folder, "selma run"):
+            pytest.fail("the lock was taken twice")
         message = str(refused.value)
         assert "\n" not in message
         assert message.startswith(f"{folder}: this run folder is in use by another process")
@@ -117,9 +116,14 @@ def test_lock_of_a_killed_process_never_blocks_and_is_taken_over_with_a_log_line
 def test_lock_in_a_folder_under_a_file_is_an_output_error_naming_the_file(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(OutputError, match="^" + re.escape(f"{blocker}/run: cannot be created because {blocker} is a file, not a folder")):
-        with folder_lock(blocker / "run", "selma run"):
-            pass
+    with (
+        pytest.raises(
+            OutputError,
+            match="^" + re.escape(f"{blocker}/run: cannot be created because {blocker} is a file, not a folder"),
+        ),
+        folder_lock(blocker / "run", "selma run"),
+    ):
+        pass
 
 
 def test_selma_evaluate_on_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path):
@@ -149,8 +153,12 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lock") / "run"
     log = root.parent / "a.log"
     with open(log, "w") as output:
-        first = subprocess.Popen([sys.executable, "-m", "selma_toolkit", *run_args(root)], stdout=output,
-                                 stderr=subprocess.STDOUT, env={**os.environ, **WIDE})
+        first = subprocess.Popen(
+            [sys.executable, "-m", "selma_toolkit", *run_args(root)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **WIDE},
+        )
         try:
             record = wait_for_holder(root, first.pid, first)
             second = run_cli(*run_args(root), env=WIDE, timeout=300)
@@ -165,9 +173,17 @@ def two_runs(tmp_path_factory):
     stale.send_signal(signal.SIGKILL)
     stale.wait(timeout=30)
     third = run_cli(*run_args(root), env=WIDE, timeout=600)
-    return {"root": root, "first": first, "first_log": log.read_text(), "record": record, "second": second,
-            "first_running_after_second": first_running_after_second, "lock_after_first": lock_after_first,
-            "stale_pid": stale.pid, "third": third}
+    return {
+        "root": root,
+        "first": first,
+        "first_log": log.read_text(),
+        "record": record,
+        "second": second,
+        "first_running_after_second": first_running_after_second,
+        "lock_after_first": lock_after_first,
+        "stale_pid": stale.pid,
+        "third": third,
+    }
 
 
 def test_second_selma_run_on_a_folder_in_use_is_refused_with_one_line_naming_folder_and_holder(two_runs):
@@ -216,9 +232,14 @@ def test_ctrl_c_says_the_run_was_interrupted_and_that_the_same_command_resumes(t
     command = [sys.executable, "-m", "selma_toolkit", *run_args(root)]
     # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: the run is given the default disposition, as in a terminal.
-    started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **WIDE},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **WIDE},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(root.glob("skills/*/images/*.png")) and started.poll() is None and time.monotonic() < deadline:
@@ -232,8 +253,10 @@ def test_ctrl_c_says_the_run_was_interrupted_and_that_the_same_command_resumes(t
             started.wait(timeout=30)
     assert started.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
-    assert line == (f"interrupted: what finished is kept in {root}; run the same command again to resume: "
-                    f"selma {' '.join(run_args(root))}")
+    assert line == (
+        f"interrupted: what finished is kept in {root}; run the same command again to resume: "
+        f"selma {' '.join(run_args(root))}"
+    )
     assert (root / LOCK_NAME).read_text() == ""
     again = run_cli(*run_args(root), env=WIDE, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

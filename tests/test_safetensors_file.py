@@ -19,9 +19,14 @@ from selma_toolkit.io import sha256_file
 from selma_toolkit.lora.safetensors_file import read_safetensors, read_safetensors_with_sha256
 
 TENSORS = {
-    "half": torch.randn(3, 5).half(), "double": torch.randn(7, dtype=torch.float64), "scalar": torch.tensor(2.0),
-    "empty": torch.zeros(0, 4), "bytes": torch.arange(5, dtype=torch.uint8), "bf16_conv": torch.randn(2, 3, 1, 1).bfloat16(),
-    "flags": torch.tensor([True, False]), "long": torch.arange(3, dtype=torch.int64),
+    "half": torch.randn(3, 5).half(),
+    "double": torch.randn(7, dtype=torch.float64),
+    "scalar": torch.tensor(2.0),
+    "empty": torch.zeros(0, 4),
+    "bytes": torch.arange(5, dtype=torch.uint8),
+    "bf16_conv": torch.randn(2, 3, 1, 1).bfloat16(),
+    "flags": torch.tensor([True, False]),
+    "long": torch.arange(3, dtype=torch.int64),
 }
 
 
@@ -44,7 +49,9 @@ def test_read_gives_what_safetensors_load_file_gives_for_every_dtype_in_the_same
     reference = load_file(path)
     assert list(tensors) == list(reference) and metadata == {"selma.skill": "count"}
     for key, value in reference.items():
-        assert tensors[key].dtype == value.dtype and tensors[key].shape == value.shape and torch.equal(tensors[key], value), key
+        assert (
+            tensors[key].dtype == value.dtype and tensors[key].shape == value.shape and torch.equal(tensors[key], value)
+        ), key
 
 
 def test_unaligned_tensor_data_is_read_exactly(tmp_path):
@@ -74,11 +81,19 @@ def test_tensors_read_are_writable_and_writing_them_leaves_the_file_alone(tmp_pa
     assert torch.equal(read_safetensors(path)[0]["half"], TENSORS["half"])
 
 
-@pytest.mark.parametrize(("edit", "fragment"), [
-    (lambda h: {**h, "b": {**h["b"], "data_offsets": [h["a"]["data_offsets"][0], h["a"]["data_offsets"][0] + 8]}},
-     "overlapping tensors"),
-    (lambda h: {"a": h["a"]}, "bytes after the last tensor's data belong to no tensor"),
-])
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (
+            lambda h: {
+                **h,
+                "b": {**h["b"], "data_offsets": [h["a"]["data_offsets"][0], h["a"]["data_offsets"][0] + 8]},
+            },
+            "overlapping tensors",
+        ),
+        (lambda h: {"a": h["a"]}, "bytes after the last tensor's data belong to no tensor"),
+    ],
+)
 def test_offsets_that_overlap_or_leave_bytes_over_are_refused_naming_the_file(tmp_path, edit, fragment):
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(path))  # 8 bytes each

@@ -28,8 +28,11 @@ def forms(secret: str) -> list[bytes]:
     """What a leak could look like in a file: the value, its tail (a masked key shows the end),
     its base64 (an Authorization header or a config dump)."""
     raw = secret.encode()
-    return [raw, raw[-12:], *(base64.b64encode(b"x" * shift + raw)[4:-4] if shift else base64.b64encode(raw)
-                              for shift in range(3))]
+    return [
+        raw,
+        raw[-12:],
+        *(base64.b64encode(b"x" * shift + raw)[4:-4] if shift else base64.b64encode(raw) for shift in range(3)),
+    ]
 
 
 def leaks(data: bytes) -> list[str]:
@@ -40,7 +43,7 @@ def test_leak_check_finds_a_planted_secret_in_each_form_it_looks_for():
     for name, secret in SECRETS.items():
         for form in forms(secret):
             assert leaks(b"...header..." + form + b"...") == [name]
-    assert leaks(b"api_key_env = \"OPENAI_API_KEY\"") == []  # the variable's name is not its value
+    assert leaks(b'api_key_env = "OPENAI_API_KEY"') == []  # the variable's name is not its value
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,9 @@ def test_first_failures_blame_the_first_wrong_question_not_the_children_of_a_wro
     miscounted = toy_verdict("two red circles", {"are there exactly two red circles?"})
     assert miscounted.failed == ("count",) and miscounted.asked == ("entity", "color", "count")
     assert miscounted.score == pytest.approx(200 / 3)
-    misplaced = toy_verdict("a red circle to the left of a blue square",
-                            {"is the red circle to the left of the blue square?"})
+    misplaced = toy_verdict(
+        "a red circle to the left of a blue square", {"is the red circle to the left of the blue square?"}
+    )
     assert misplaced.failed == ("relation",) and misplaced.score == pytest.approx(80.0)
     assert toy_verdict("a red circle").failed == () and toy_verdict("a red circle").score == 100.0
 
@@ -61,13 +62,20 @@ def test_failing_prompts_are_grouped_by_the_question_kind_that_fails():
     results = [
         result(1, "a red circle", set(), set()),
         result(2, "a blue square", set(), {"is there a square?"}),  # entity, one image of two
-        result(3, "four red circles", {count_q.format("four", "red", "circle")}, {count_q.format("four", "red", "circle")}),
+        result(
+            3, "four red circles", {count_q.format("four", "red", "circle")}, {count_q.format("four", "red", "circle")}
+        ),
         result(4, "three blue squares", {count_q.format("three", "blue", "square")}, set()),
-        result(5, "four white diamonds", {count_q.format("four", "white", "diamond")},
-               {count_q.format("four", "white", "diamond")}),
+        result(
+            5,
+            "four white diamonds",
+            {count_q.format("four", "white", "diamond")},
+            {count_q.format("four", "white", "diamond")},
+        ),
         result(6, "three green triangles", set(), set()),
-        result(7, "a red circle to the left of a blue square", set(),
-               {"is the red circle to the left of the blue square?"}),
+        result(
+            7, "a red circle to the left of a blue square", set(), {"is the red circle to the left of the blue square?"}
+        ),
         result(8, "a green circle", set(), set()),
     ]
     groups = {g.key: g for g in group_by_kind(results, threshold=100.0, min_prompts=3, min_failure_rate=0.25)}
@@ -87,7 +95,10 @@ def test_failing_prompts_are_grouped_by_the_question_kind_that_fails():
 
 def test_a_kind_failing_in_many_prompts_but_rarely_is_not_proposed_and_the_threshold_decides_who_fails():
     wrong = {"is there a circle?"}
-    rare = [result(i, f"a {color} circle", wrong, set(), set(), set()) for i, color in enumerate(["red", "blue", "white"], 1)]
+    rare = [
+        result(i, f"a {color} circle", wrong, set(), set(), set())
+        for i, color in enumerate(["red", "blue", "white"], 1)
+    ]
     rare.append(result(10, "a green circle", set(), set(), set(), set()))
     # Each prompt fails in 1 of 4 images: below half, so no prompt fails the kind.
     (entity,) = group_by_kind(rare, threshold=100.0)
@@ -98,10 +109,26 @@ def test_a_kind_failing_in_many_prompts_but_rarely_is_not_proposed_and_the_thres
 
 
 def test_failing_prompts_without_reasons_are_clustered_on_their_text_embeddings():
-    prompts = ["a clock with the text noon", "a sign with the text open", "a shirt with the text hello",
-               "three dogs on a sofa", "three cups on a table", "three birds on a wire",
-               "a cat", "a dog"]
-    embeddings = [[1, 0.1, 0], [1, 0, 0.1], [0.9, 0.1, 0.1], [0, 1, 0.1], [0.1, 1, 0], [0, 0.9, 0.2], [0, 0, 1], [0, 0, 1]]
+    prompts = [
+        "a clock with the text noon",
+        "a sign with the text open",
+        "a shirt with the text hello",
+        "three dogs on a sofa",
+        "three cups on a table",
+        "three birds on a wire",
+        "a cat",
+        "a dog",
+    ]
+    embeddings = [
+        [1, 0.1, 0],
+        [1, 0, 0.1],
+        [0.9, 0.1, 0.1],
+        [0, 1, 0.1],
+        [0.1, 1, 0],
+        [0, 0.9, 0.2],
+        [0, 0, 1],
+        [0, 0, 1],
+    ]
     scores = [10, 12, 11, 20, 21, 19, 90, 95]
     results = [PromptResult(i + 1, p, (ImageVerdict(s),)) for i, (p, s) in enumerate(zip(prompts, scores))]
     groups = group_by_embedding(results, embeddings, threshold=50.0, min_prompts=3, max_skills=3)
@@ -159,7 +186,9 @@ FLOOR = ["--min-failure-rate", "0.4"]
 def proposal(tmp_path_factory):
     folder = tmp_path_factory.mktemp("propose")
     (folder / "prompts.txt").write_text(PROMPTS)
-    done = run_cli("skill", "propose", "prompts.txt", "--base", "toy:shapes", "--out", "proposal", *DRAW, *FLOOR, cwd=folder)
+    done = run_cli(
+        "skill", "propose", "prompts.txt", "--base", "toy:shapes", "--out", "proposal", *DRAW, *FLOOR, cwd=folder
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, done.stdout
 
@@ -252,32 +281,63 @@ def test_a_stopped_proposal_resumes_and_draws_only_the_missing_images(proposal, 
     rows = (copy / "draws.jsonl").read_text().splitlines(keepends=True)
     (copy / "draws.jsonl").write_text("".join(rows[:-3]) + rows[-3][:20])  # three records lost, one torn by a kill
     calls = []
-    proposed = propose_skills(folder / "prompts.txt", "toy:shapes", copy, draw=DrawSettings(steps=12, guidance_scale=4.0),
-                              min_failure_rate=0.4, progress=lambda done, total: calls.append((done, total)))
+    proposed = propose_skills(
+        folder / "prompts.txt",
+        "toy:shapes",
+        copy,
+        draw=DrawSettings(steps=12, guidance_scale=4.0),
+        min_failure_rate=0.4,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[0] == (25, 28) and calls[-1] == (28, 28)
     assert json.loads((copy / "report.json").read_text())["prompts"] == before["prompts"]
     assert [p.name for p in proposed] == ["fix-count"] and (copy / "skills" / "fix-count.toml").is_file()
     with pytest.raises(OutputError, match="already holds a finished proposal"):
         propose_skills(folder / "prompts.txt", "toy:shapes", copy, draw=DrawSettings(steps=12, guidance_scale=4.0))
-    again = propose_skills(folder / "prompts.txt", "toy:shapes", copy, draw=DrawSettings(steps=12, guidance_scale=4.0),
-                           min_failure_rate=0.0, force=True, progress=lambda done, total: calls.append((done, total)))
+    again = propose_skills(
+        folder / "prompts.txt",
+        "toy:shapes",
+        copy,
+        draw=DrawSettings(steps=12, guidance_scale=4.0),
+        min_failure_rate=0.0,
+        force=True,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (28, 28) and len(calls) == 3  # nothing drawn: grouped again from the images
     assert {p.key for p in again} >= {"count"}
     with pytest.raises(OutputError, match="other inputs"):
-        propose_skills(folder / "prompts.txt", "toy:shapes", copy, draw=DrawSettings(steps=6, guidance_scale=4.0), force=True)
+        propose_skills(
+            folder / "prompts.txt", "toy:shapes", copy, draw=DrawSettings(steps=6, guidance_scale=4.0), force=True
+        )
 
 
 def test_a_scorer_without_questions_clusters_the_worst_quarter_into_an_llm_recipe(tmp_path):
     from selma_toolkit.recipe import load_skill_recipe
 
-    prompts = ["a red apple on a table", "a green apple on a bench", "a photo of two apples", "a blue cup of tea",
-               "a cup of coffee on a desk", "a yellow cup", "a dog in the snow", "a cat on a sofa", "two dogs playing",
-               "a bird on a wire", "a horse in a field", "a cow on a hill"]
+    prompts = [
+        "a red apple on a table",
+        "a green apple on a bench",
+        "a photo of two apples",
+        "a blue cup of tea",
+        "a cup of coffee on a desk",
+        "a yellow cup",
+        "a dog in the snow",
+        "a cat on a sofa",
+        "two dogs playing",
+        "a bird on a wire",
+        "a horse in a field",
+        "a cow on a hill",
+    ]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     # HPS (100 x cos, not clamped at 0 like CLIPScore, so no ties) on the tiny random CLIP: its text embeddings cluster.
-    proposed = propose_skills(tmp_path / "p.txt", "tiny:sd1", tmp_path / "out", scorer="hps",
-                              evaluate=evaluate_settings("hps", ["hps_model=tiny:clip"]),
-                              draw=DrawSettings(steps=2, resolution=32, images_per_prompt=1))
+    proposed = propose_skills(
+        tmp_path / "p.txt",
+        "tiny:sd1",
+        tmp_path / "out",
+        scorer="hps",
+        evaluate=evaluate_settings("hps", ["hps_model=tiny:clip"]),
+        draw=DrawSettings(steps=2, resolution=32, images_per_prompt=1),
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     scores = sorted(p["score"] for p in report["prompts"])
     assert report["threshold"] == pytest.approx(scores[2], abs=1e-6)  # the lower quartile of 12 scores
@@ -292,13 +352,20 @@ def test_a_scorer_without_questions_clusters_the_worst_quarter_into_an_llm_recip
 # ----------------------------------------------------------------------------- (c) bad input
 
 
-@pytest.mark.parametrize(("text", "error", "message"), [
-    ("", DatasetError, "holds no prompts"),
-    ("# only a comment\n\n", DatasetError, "holds no prompts"),
-    ("a red circle\nfour blue squares\na red circle\n", DatasetError, r"p\.txt:3: 'a red circle' repeats line 1"),
-    ("a red circle\n\nfive red circles\n", DatasetError, r"p\.txt:3: 'five red circles': the toyworld scorer reads only"),
-    ("a cat wearing a hat\n", DatasetError, r"p\.txt:1: .*shapes-world captions"),
-])
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        ("", DatasetError, "holds no prompts"),
+        ("# only a comment\n\n", DatasetError, "holds no prompts"),
+        ("a red circle\nfour blue squares\na red circle\n", DatasetError, r"p\.txt:3: 'a red circle' repeats line 1"),
+        (
+            "a red circle\n\nfive red circles\n",
+            DatasetError,
+            r"p\.txt:3: 'five red circles': the toyworld scorer reads only",
+        ),
+        ("a cat wearing a hat\n", DatasetError, r"p\.txt:1: .*shapes-world captions"),
+    ],
+)
 def test_bad_prompt_files_are_refused_naming_the_file_and_line_before_any_work(tmp_path, text, error, message):
     (tmp_path / "p.txt").write_text(text)
     with pytest.raises(error, match=message):
@@ -309,11 +376,13 @@ def test_bad_prompt_files_are_refused_naming_the_file_and_line_before_any_work(t
 def test_bad_numbers_are_refused_naming_the_option(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n")
     with pytest.raises(InputError) as refused:
-        propose_skills(tmp_path / "p.txt", "toy:shapes", tmp_path / "out", min_prompts=2,
-                       draw=DrawSettings(images_per_prompt=0))
+        propose_skills(
+            tmp_path / "p.txt", "toy:shapes", tmp_path / "out", min_prompts=2, draw=DrawSettings(images_per_prompt=0)
+        )
     assert cli_message(refused.value) == (
         "invalid values\n  --images-per-prompt 0: expected 1 or more\n"
-        "  --min-prompts 2: expected 3 or more (a skill recipe needs three seed prompts)")
+        "  --min-prompts 2: expected 3 or more (a skill recipe needs three seed prompts)"
+    )
 
 
 def test_bad_options_and_outputs_are_refused(tmp_path):
@@ -357,8 +426,15 @@ def test_the_tutorial_section_runs_as_written(repo_root, tmp_path):
     section = text.split("## Let the model's failures propose a skill", 1)[1].split("\n## ", 1)[0]
     propose, run = re.findall(r"^```bash\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "COLUMNS": "200"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", propose], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", propose],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "proposed fix-count: count" in done.stdout
     for recipe in (tmp_path / "proposal" / "skills").iterdir():

@@ -33,8 +33,13 @@ def test_listing_the_stages_imports_no_stage():
 def test_each_stage_reads_only_what_the_stages_before_it_write(tmp_path):
     run = load_run_recipe(
         "tiny-demo",
-        ["joint=true", "dpo.enabled=true", "moe.enabled=true", "evaluate.select_checkpoints=true",
-         "evaluate.benchmark='dsg-1k'"],
+        [
+            "joint=true",
+            "dpo.enabled=true",
+            "moe.enabled=true",
+            "evaluate.select_checkpoints=true",
+            "evaluate.benchmark='dsg-1k'",
+        ],
     )
     ctx = RunContext(run, RunPaths(tmp_path / "run"))
     written: list[Path] = []

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selma_toolkit.models import architecture_from_config, detect_architecture, resolve_model
 from selma_toolkit.errors import ModelError
+from selma_toolkit.models import architecture_from_config, detect_architecture, resolve_model
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
@@ -23,8 +23,13 @@ def test_tiny_model_loads_and_generates(tiny_model_dirs, arch):
     assert expected <= {p.name for p in path.iterdir()}
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red cube left of a blue ball", num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red cube left of a blue ball",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
     assert detect_architecture(str(path)) == arch
 
@@ -41,14 +46,18 @@ def test_same_seed_writes_the_same_weights(tmp_path, tiny_model_dirs):
     from selma_toolkit.tiny import create_tiny_model
 
     again = create_tiny_model(tmp_path / "again", "sd1")
-    assert (again / "tokenizer/tokenizer.json").read_text() == (tiny_model_dirs["sd1"] / "tokenizer/tokenizer.json").read_text()
+    assert (again / "tokenizer/tokenizer.json").read_text() == (
+        tiny_model_dirs["sd1"] / "tokenizer/tokenizer.json"
+    ).read_text()
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         first, second = load_file(tiny_model_dirs["sd1"] / part), load_file(again / part)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first)
     other = load_file(create_tiny_model(tmp_path / "other", "sd1", seed=1) / "unet/diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(other[k], first_k) for k, first_k in load_file(
-        tiny_model_dirs["sd1"] / "unet/diffusion_pytorch_model.safetensors").items())
+    assert any(
+        not torch.equal(other[k], first_k)
+        for k, first_k in load_file(tiny_model_dirs["sd1"] / "unet/diffusion_pytorch_model.safetensors").items()
+    )
 
 
 def test_tiny_spec_resolves_to_a_cached_model():

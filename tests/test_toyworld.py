@@ -41,11 +41,19 @@ def test_every_toy_skill_prompt_parses_and_its_ground_truth_render_scores_100(sk
 
 def test_caption_parser_reads_counts_colours_and_relations():
     assert parse_caption("two red circles and a white square") == Scene(
-        groups=(Group(2, "circle", "red"), Group(1, "square", "white")))
+        groups=(Group(2, "circle", "red"), Group(1, "square", "white"))
+    )
     assert parse_caption("a triangle above a blue diamond.") == Scene(
-        groups=(Group(1, "triangle"), Group(1, "diamond", "blue")), relation="above")
-    for bad in ("two red circle", "a red circles", "five squares", "a cat", "two circles to the left of a square",
-                "three squares and two circles"):
+        groups=(Group(1, "triangle"), Group(1, "diamond", "blue")), relation="above"
+    )
+    for bad in (
+        "two red circle",
+        "a red circles",
+        "five squares",
+        "a cat",
+        "two circles to the left of a square",
+        "three squares and two circles",
+    ):
         with pytest.raises(CaptionError):
             parse_caption(bad)
 
@@ -53,8 +61,11 @@ def test_caption_parser_reads_counts_colours_and_relations():
 def test_questions_follow_dsg_dependencies():
     questions = caption_questions(parse_caption("a red circle to the left of a square"))
     assert [(q.text, q.parents) for q in questions] == [
-        ("is there a circle?", ()), ("is the circle red?", ("1",)), ("is there a square?", ()),
-        ("is the red circle to the left of the square?", ("1", "3"))]
+        ("is there a circle?", ()),
+        ("is the circle red?", ("1",)),
+        ("is there a square?", ()),
+        ("is the red circle to the left of the square?", ("1", "3")),
+    ]
 
 
 def _image(*objects: tuple[str, str, int, int]) -> Image.Image:
@@ -62,12 +73,18 @@ def _image(*objects: tuple[str, str, int, int]) -> Image.Image:
 
 
 def test_segmentation_finds_each_object_with_its_colour_shape_and_centre():
-    image = _image(("circle", "red", 2, 3), ("triangle", "blue", 18, 2), ("diamond", "white", 4, 19), ("square", "yellow", 20, 20))
+    image = _image(
+        ("circle", "red", 2, 3), ("triangle", "blue", 18, 2), ("diamond", "white", 4, 19), ("square", "yellow", 20, 20)
+    )
     found = sorted((s.color, s.shape, s.center) for s in segment(image))
     # Centres are pixel centroids: symmetric shapes centre in their box, a triangle lower (mass near its base).
     triangle_rows = np.nonzero(shape_mask("triangle", 10, 10))[0]
-    assert found == [("blue", "triangle", (22.5, pytest.approx(2 + triangle_rows.mean()))), ("red", "circle", (6.5, 7.5)),
-                     ("white", "diamond", (8.5, 23.5)), ("yellow", "square", (24.5, 24.5))]
+    assert found == [
+        ("blue", "triangle", (22.5, pytest.approx(2 + triangle_rows.mean()))),
+        ("red", "circle", (6.5, 7.5)),
+        ("white", "diamond", (8.5, 23.5)),
+        ("yellow", "square", (24.5, 24.5)),
+    ]
 
 
 def test_wrong_images_lose_exactly_the_questions_they_fail():
@@ -138,16 +155,33 @@ def test_study_summary_gains_and_retention_match_a_direct_computation(tmp_path):
         items = []
         for prompt_id in range(30):
             base = float(rng.integers(0, 5) * 25)
-            values = {"base": base, "expert": min(100.0, base + 25 * rng.integers(0, 3)),
-                      "merged:selma": min(100.0, base + 25 * rng.integers(0, 2))}
+            values = {
+                "base": base,
+                "expert": min(100.0, base + 25 * rng.integers(0, 3)),
+                "merged:selma": min(100.0, base + 25 * rng.integers(0, 2)),
+            }
             for variant, value in values.items():
                 expected[variant].append(value)
                 name = "expert:toy-count" if variant == "expert" else variant
-                items.append({"variant": name, "skill": "toy-count", "prompt_id": prompt_id, "seed": seed,
-                              "scores": {"toyworld": value}})
+                items.append(
+                    {
+                        "variant": name,
+                        "skill": "toy-count",
+                        "prompt_id": prompt_id,
+                        "seed": seed,
+                        "scores": {"toyworld": value},
+                    }
+                )
             # An expert of another skill scored on this skill is not part of the study's rows.
-            items.append({"variant": "expert:toy-color", "skill": "toy-count", "prompt_id": prompt_id, "seed": seed,
-                          "scores": {"toyworld": 0.0}})
+            items.append(
+                {
+                    "variant": "expert:toy-color",
+                    "skill": "toy-count",
+                    "prompt_id": prompt_id,
+                    "seed": seed,
+                    "scores": {"toyworld": 0.0},
+                }
+            )
         (folder / "eval" / "scores.json").write_text(json.dumps({"items": items}))
         (folder / "replicate.json").write_text(json.dumps({"train_images": {"selma": {"toy-count": 30}}}))
     summary = summarise(tmp_path, ["toy-count"])
@@ -160,8 +194,10 @@ def test_study_summary_gains_and_retention_match_a_direct_computation(tmp_path):
     assert gain["low"] <= gain["mean"] <= gain["high"]
     kept = summary["retention"]["merged:selma"]["toy-count"]
     assert kept["ratio"] == pytest.approx((merged - base).mean() / (expert - base).mean())
-    assert summary["scores"]["base"]["toy-count"]["per_seed"] == {"0": pytest.approx(base[:30].mean(), abs=0.01),
-                                                                   "1": pytest.approx(base[30:].mean(), abs=0.01)}
+    assert summary["scores"]["base"]["toy-count"]["per_seed"] == {
+        "0": pytest.approx(base[:30].mean(), abs=0.01),
+        "1": pytest.approx(base[30:].mean(), abs=0.01),
+    }
 
 
 def test_filtered_dataset_keeps_per_prompt_the_first_candidate_that_reaches_the_score(tmp_path):
@@ -169,13 +205,24 @@ def test_filtered_dataset_keeps_per_prompt_the_first_candidate_that_reaches_the_
     from selma_toolkit.paths import RunPaths
     from selma_toolkit.toyworld.study_data import write_dataset, write_filtered
 
-    first, second, target = RunPaths(tmp_path / "selma"), RunPaths(tmp_path / "candidates-1"), RunPaths(tmp_path / "filtered")
-    captions = ["two red circles", "a blue square and a green triangle", "a white diamond above a purple circle", "a red square"]
+    first, second, target = (
+        RunPaths(tmp_path / "selma"),
+        RunPaths(tmp_path / "candidates-1"),
+        RunPaths(tmp_path / "filtered"),
+    )
+    captions = [
+        "two red circles",
+        "a blue square and a green triangle",
+        "a white diamond above a purple circle",
+        "a red square",
+    ]
     blank = Image.new("RGB", (32, 32))
     # Prompt 0: right in both (the first is kept); 1: right only in the second; 2: right only in the first; 3: never.
     right = {(first, 0), (second, 0), (second, 1), (first, 2)}
     for source in (first, second):
-        examples = [(i, "toy-count", c, render_caption(c, i) if (source, i) in right else blank) for i, c in enumerate(captions)]
+        examples = [
+            (i, "toy-count", c, render_caption(c, i) if (source, i) in right else blank) for i, c in enumerate(captions)
+        ]
         write_dataset(source.images("toy-count"), examples, {})
     assert write_filtered([first, second], "toy-count", target, 100.0) == (3, 4)
     kept = {record.extra["prompt_id"]: record for record in read_image_dataset(target.images("toy-count"))}
@@ -195,8 +242,10 @@ def test_retention_is_undefined_unless_the_experts_gain_is_significant(tmp_path)
         base = 50.0
         # The expert's gain alternates +1 / -1 (mean 0: nothing to keep); the merge's is +1.
         values = {"base": base, "expert:toy-count": base + (1 if prompt_id % 2 else -1), "merged:selma": base + 1}
-        items += [{"variant": v, "skill": "toy-count", "prompt_id": prompt_id, "seed": 0, "scores": {"toyworld": x}}
-                  for v, x in values.items()]
+        items += [
+            {"variant": v, "skill": "toy-count", "prompt_id": prompt_id, "seed": 0, "scores": {"toyworld": x}}
+            for v, x in values.items()
+        ]
     (folder / "eval" / "scores.json").write_text(json.dumps({"items": items}))
     (folder / "replicate.json").write_text(json.dumps({"train_images": {}}))
     summary = summarise(tmp_path, ["toy-count"])

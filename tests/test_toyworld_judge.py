@@ -81,8 +81,8 @@ def test_the_judge_never_sees_a_heldout_or_development_prompt_of_its_study(tmp_p
 
 
 def test_exported_judge_loads_in_the_clipscore_scorer_and_records_its_rebuild(tmp_path):
-    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.config.evaluate import EvaluateSettings
+    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.toyworld.renderer import render_caption
 
     train_judge(tmp_path / "run", JudgeSettings(**TINY))
@@ -99,8 +99,8 @@ def test_exported_judge_loads_in_the_clipscore_scorer_and_records_its_rebuild(tm
 
 
 def test_shipped_judge_prefers_the_true_caption_to_its_hard_negatives():
-    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.config.evaluate import EvaluateSettings
+    from selma_toolkit.evaluate.scorers import build_scorer
     from selma_toolkit.toyworld.renderer import render_caption
 
     scorer = build_scorer("clipscore", EvaluateSettings(clip_model="toy:judge"))

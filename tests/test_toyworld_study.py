@@ -122,8 +122,12 @@ def test_shipped_toy_base_generates_shapes_world_images(spec):
     assert provenance["settings"]["seed"] == 0
     assert provenance["settings"].get("captions", "explicit") == ("web" if spec.endswith("-web") else "explicit")
     pipe = load_pipeline(spec, device="cpu")
-    images = pipe(["three red circles"] * 2, num_inference_steps=4, guidance_scale=4.0,
-                  generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    images = pipe(
+        ["three red circles"] * 2,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    ).images
     assert [image.size for image in images] == [(32, 32)] * 2
 
 
@@ -134,15 +138,32 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     from selma_toolkit.toyworld.study import StudyOptions, run_study
     from selma_toolkit.toyworld.study_kinds import EXPERT_PREFIX, KINDS
 
-    run = load_run_recipe("toy-study", [
-        "skills.toy-count.num_prompts=4", "skills.toy-color.num_prompts=4", "skills.toy-spatial.num_prompts=4",
-        "images.steps=3", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
-        "evaluate.prompts_per_skill=2", "evaluate.seeds=[5]", "evaluate.report_prompts_per_skill=1",
-        "images.judge=clipscore", "images.judge_model=tiny:clip",
-    ])
+    run = load_run_recipe(
+        "toy-study",
+        [
+            "skills.toy-count.num_prompts=4",
+            "skills.toy-color.num_prompts=4",
+            "skills.toy-spatial.num_prompts=4",
+            "images.steps=3",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=2",
+            "evaluate.prompts_per_skill=2",
+            "evaluate.seeds=[5]",
+            "evaluate.report_prompts_per_skill=1",
+            "images.judge=clipscore",
+            "images.judge_model=tiny:clip",
+        ],
+    )
     kinds = tuple(kind for kind in KINDS if kind != "bon8")  # bon8 is bon4 with more candidates
-    options = StudyOptions(kinds=kinds, merge_kinds=("selma", "bon4"), guidances=(1.0, 16.0),
-                           filter_min_score=0.0, filter_candidates=2, teacher="tiny:sd1")
+    options = StudyOptions(
+        kinds=kinds,
+        merge_kinds=("selma", "bon4"),
+        guidances=(1.0, 16.0),
+        filter_min_score=0.0,
+        filter_candidates=2,
+        teacher="tiny:sd1",
+    )
     summary_path = run_study(run, tmp_path, options)
     replicate = tmp_path / "seed-5"
     scores = json.loads((replicate / "eval" / "scores.json").read_text())
@@ -152,8 +173,17 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
     record = json.loads((replicate / "replicate.json").read_text())
     keyq = [s for s in skills if record["train_images"]["keyq"][s] > 0]
     prefixes = [EXPERT_PREFIX[kind] for kind in kinds]
-    on_all = {"base", "base-cfg1", "base-cfg16", "joint", "merged:selma", "merged:delta", "bon4-joint",
-              "bon4-merged:selma", "bon4-merged:delta"}
+    on_all = {
+        "base",
+        "base-cfg1",
+        "base-cfg16",
+        "joint",
+        "merged:selma",
+        "merged:delta",
+        "bon4-joint",
+        "bon4-merged:selma",
+        "bon4-merged:delta",
+    }
     expected = on_all | {f"{prefix}:{s}" for prefix in prefixes for s in skills if prefix != "keyq-expert" or s in keyq}
     assert set(scores["variants"]) == expected
     # Experts on their own skill, everything else on all three: 2 prompts x 1 seed each.
@@ -172,18 +202,27 @@ def test_reduced_study_writes_every_variant_report_and_summary(tmp_path):
             assert score_image(image.convert("RGB"), path.with_suffix(".txt").read_text()) == 100.0
     # Best of 4 / 8 by the judge: every candidate scored, the kept one the judge's best.
     for kind, n in (("bon4", 4),):
-        rows = [json.loads(line) for line in
-                (replicate / kind / "skills" / "toy-color" / "images" / "metadata.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (replicate / kind / "skills" / "toy-color" / "images" / "metadata.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         assert [len(row["candidates"]) for row in rows] == [n] * 4
         assert all(row["judge"] == "clipscore(tiny:clip)" for row in rows)
-        assert all(row["candidates"][row["chosen"]]["score"] == max(c["score"] for c in row["candidates"]) for row in rows)
+        assert all(
+            row["candidates"][row["chosen"]]["score"] == max(c["score"] for c in row["candidates"]) for row in rows
+        )
     # Round 2 draws with round 1's merged SELMA experts fused into the base.
-    round2 = json.loads((replicate / "round2" / "skills" / "toy-count" / "images" / "metadata.jsonl")
-                        .read_text().splitlines()[0])
+    round2 = json.loads(
+        (replicate / "round2" / "skills" / "toy-count" / "images" / "metadata.jsonl").read_text().splitlines()[0]
+    )
     assert round2["model"].endswith("round1-model")
     summary = json.loads((tmp_path / "study.json").read_text())
     assert summary["seeds"] == [5] and set(summary["kinds"]) == {
-        *on_all, *(p for p in prefixes if p != "keyq-expert" or keyq)}
+        *on_all,
+        *(p for p in prefixes if p != "keyq-expert" or keyq),
+    }
     # The mechanism table: every kind's training images scored; ground truth is perfect.
     assert summary["train_image_scores"]["gt"] == {s: 100.0 for s in skills}
     assert set(summary["train_image_scores"]) == set(kinds)
@@ -214,11 +253,21 @@ def test_development_prompts_are_neither_train_nor_heldout_and_are_what_a_dev_st
     from selma_toolkit.toyworld.study import StudyOptions, run_study
     from selma_toolkit.toyworld.study_data import DEV_ID_START
 
-    run = load_run_recipe("toy-study", [
-        "skills.toy-count.num_prompts=30", "skills.toy-color.num_prompts=3", "skills.toy-spatial.num_prompts=3",
-        "images.steps=2", "train.steps=1", "train.batch_size=2", "train.checkpoint_every=1",
-        "evaluate.prompts_per_skill=20", "evaluate.seeds=[0]", "evaluate.report_prompts_per_skill=0",
-    ])
+    run = load_run_recipe(
+        "toy-study",
+        [
+            "skills.toy-count.num_prompts=30",
+            "skills.toy-color.num_prompts=3",
+            "skills.toy-spatial.num_prompts=3",
+            "images.steps=2",
+            "train.steps=1",
+            "train.batch_size=2",
+            "train.checkpoint_every=1",
+            "evaluate.prompts_per_skill=20",
+            "evaluate.seeds=[0]",
+            "evaluate.report_prompts_per_skill=0",
+        ],
+    )
     run_study(run, tmp_path, StudyOptions(kinds=("gt",), merge_kinds=(), prompt_set="dev"))
     replicate = tmp_path / "seed-0"
     for skill in ("toy-count", "toy-color", "toy-spatial"):
@@ -229,8 +278,13 @@ def test_development_prompts_are_neither_train_nor_heldout_and_are_what_a_dev_st
         assert len(set(texts)) == 20 and not set(texts) & {p.prompt for p in stream}
         assert [p.id for p in dev] == list(range(DEV_ID_START, DEV_ID_START + 20))
     items = json.loads((replicate / "eval" / "scores.json").read_text())["items"]
-    assert {item["variant"] for item in items} == {"base", "base-cfg1", "gt-expert:toy-count", "gt-expert:toy-color",
-                                                   "gt-expert:toy-spatial"}
+    assert {item["variant"] for item in items} == {
+        "base",
+        "base-cfg1",
+        "gt-expert:toy-count",
+        "gt-expert:toy-color",
+        "gt-expert:toy-spatial",
+    }
     assert all(item["prompt_id"] >= DEV_ID_START for item in items)
     # No SELMA images or experts are made when the kind selma is not asked for.
     assert not (replicate / "selma" / "experts").exists()
@@ -243,27 +297,54 @@ def test_wheel_ships_both_toy_bases_and_the_judge_and_finds_them_outside_the_sou
 
     from selma_toolkit.toyworld.model import TOY_BASES
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(repo_root), "-w", str(tmp_path)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(repo_root), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = zipfile.ZipFile(next(tmp_path.glob("selma_toolkit-*.whl")))
     site = tmp_path / "site"
     wheel.extractall(site)
     for spec, folder in TOY_BASES.items():
         shipped = {p.relative_to(repo_root).as_posix() for p in folder.rglob("*") if p.is_file()}
         name = folder.name
-        assert {f"selma_toolkit/toyworld/{name}/unet/diffusion_pytorch_model.safetensors",
-                f"selma_toolkit/toyworld/{name}/model_index.json"} <= shipped <= set(wheel.namelist())
+        assert (
+            {
+                f"selma_toolkit/toyworld/{name}/unet/diffusion_pytorch_model.safetensors",
+                f"selma_toolkit/toyworld/{name}/model_index.json",
+            }
+            <= shipped
+            <= set(wheel.namelist())
+        )
         code = f"from selma_toolkit.models import resolve_model; print(resolve_model({spec!r}))"
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                                env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / name)
     # toy:judge ships the same way and the clipscore scorer's model resolver finds it there.
-    assert {"selma_toolkit/toyworld/judge/model.safetensors", "selma_toolkit/toyworld/judge/toyworld-judge.json",
-            "selma_toolkit/toyworld/judge/tokenizer.json"} <= set(wheel.namelist())
-    code = "from selma_toolkit.evaluate.scorers import resolve_scorer_model; print(resolve_scorer_model('toy:judge', 'x'))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert {
+        "selma_toolkit/toyworld/judge/model.safetensors",
+        "selma_toolkit/toyworld/judge/toyworld-judge.json",
+        "selma_toolkit/toyworld/judge/tokenizer.json",
+    } <= set(wheel.namelist())
+    code = (
+        "from selma_toolkit.evaluate.scorers import resolve_scorer_model; print(resolve_scorer_model('toy:judge', 'x'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(site / "selma_toolkit" / "toyworld" / "judge")
 
@@ -272,7 +353,9 @@ def test_unknown_toy_base_is_a_clear_error():
     from selma_toolkit.errors import ModelError
     from selma_toolkit.models import resolve_model
 
-    with pytest.raises(ModelError, match="toy:circles: unknown toy base; the shipped ones are toy:shapes, toy:shapes-web"):
+    with pytest.raises(
+        ModelError, match="toy:circles: unknown toy base; the shipped ones are toy:shapes, toy:shapes-web"
+    ):
         resolve_model("toy:circles")
 
 
@@ -295,11 +378,14 @@ def test_findings_say_when_self_generated_data_does_not_help_and_what_does():
     def gain(mean, low, high):
         return {"mean": mean, "low": low, "high": high, "n": 10}
 
-    summary = {"skills": ["toy-count", "toy-color"], "gains": {
-        "expert": {"toy-count": gain(-6.0, -9.0, -3.0), "toy-color": gain(4.0, 1.0, 7.0)},
-        "gt-expert": {"toy-count": gain(2.0, 0.5, 3.5), "toy-color": gain(0.5, -1.0, 2.0)},
-        "merged:selma": {"toy-count": gain(-1.0, -3.0, 1.0), "toy-color": gain(5.0, 2.0, 8.0)},
-    }}
+    summary = {
+        "skills": ["toy-count", "toy-color"],
+        "gains": {
+            "expert": {"toy-count": gain(-6.0, -9.0, -3.0), "toy-color": gain(4.0, 1.0, 7.0)},
+            "gt-expert": {"toy-count": gain(2.0, 0.5, 3.5), "toy-color": gain(0.5, -1.0, 2.0)},
+            "merged:selma": {"toy-count": gain(-1.0, -3.0, 1.0), "toy-color": gain(5.0, 2.0, 8.0)},
+        },
+    }
     count, color = findings(summary)
     assert count.startswith("toy-count: the SELMA expert (self-generated images) hurts (-6.0 [-9.0, -3.0])")
     assert count.endswith("; above the base: gt-expert +2.0.")

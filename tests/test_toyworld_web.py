@@ -13,14 +13,32 @@ from selma_toolkit.toyworld.web_captions import P_WRONG, web_caption
 from selma_toolkit.toyworld.world import parse_caption
 
 # The reader's own vocabulary (written from the module docstring, not imported from it).
-NOUNS = {"circle": "circle", "circles": "circle", "disc": "circle", "discs": "circle",
-         "square": "square", "squares": "square", "box": "square", "boxes": "square",
-         "triangle": "triangle", "triangles": "triangle",
-         "diamond": "diamond", "diamonds": "diamond", "rhombus": "diamond", "rhombuses": "diamond"}
+NOUNS = {
+    "circle": "circle",
+    "circles": "circle",
+    "disc": "circle",
+    "discs": "circle",
+    "square": "square",
+    "squares": "square",
+    "box": "square",
+    "boxes": "square",
+    "triangle": "triangle",
+    "triangles": "triangle",
+    "diamond": "diamond",
+    "diamonds": "diamond",
+    "rhombus": "diamond",
+    "rhombuses": "diamond",
+}
 PLURAL = {"circles", "discs", "squares", "boxes", "triangles", "diamonds", "rhombuses"}
 COLOURS = {
-    "red": "red", "green": "green", "blue": "blue", "yellow": "yellow", "purple": "purple", "white": "white",
-    "violet": "purple"}
+    "red": "red",
+    "green": "green",
+    "blue": "blue",
+    "yellow": "yellow",
+    "purple": "purple",
+    "white": "white",
+    "violet": "purple",
+}
 NUMBERS = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}
 FILLERS = ("a picture of ", "photo of ", "an image of ")
 ENDINGS = (" on black", " clipart", " simple shapes")
@@ -44,7 +62,7 @@ def read_phrase(text: str) -> tuple[str, str | None, int | None]:
 def is_true(caption: str, objects, relation: str | None) -> bool:
     for filler in FILLERS:
         if caption.startswith(filler):
-            caption = caption[len(filler):]
+            caption = caption[len(filler) :]
     for ending in ENDINGS:
         if caption.endswith(ending):
             caption = caption[: -len(ending)]
@@ -59,13 +77,15 @@ def is_true(caption: str, objects, relation: str | None) -> bool:
     phrases = [read_phrase(part) for part in parts]
     for shape, colour, count in phrases:
         matching = [o for o in objects if o.shape == shape and (colour is None or o.color == colour)]
-        if count is None and len(matching) < 2 or count is not None and len(matching) != count:
+        if (count is None and len(matching) < 2) or (count is not None and len(matching) != count):
             return False
     if stated is not None:
         # Only single objects are related: the two objects of a relation scene.
         (a_shape, a_colour, _), (b_shape, b_colour, _) = phrases
         first = next(o for o in objects if o.shape == a_shape and (a_colour is None or o.color == a_colour))
-        second = next(o for o in objects if o is not first and o.shape == b_shape and (b_colour is None or o.color == b_colour))
+        second = next(
+            o for o in objects if o is not first and o.shape == b_shape and (b_colour is None or o.color == b_colour)
+        )
         (x1, y1), (x2, y2) = first.center, second.center
         dx, dy = x2 - x1, y2 - y1
         along = {"left": dx, "right": -dx, "above": dy, "below": -dy}[stated]
@@ -122,7 +142,12 @@ def test_web_captions_are_partial_noisy_and_fit_the_text_encoder():
     related = sum(any(w in t for w in RELATIONS) for t in texts)
     related_explicit = sum(any(w in e for w in RELATIONS) for e in explicit)
     assert 0.1 * related_explicit < related < 0.45 * related_explicit
-    assert share(lambda t: any(w in t.split() for w in ("disc", "discs", "box", "boxes", "rhombus", "rhombuses", "violet"))) > 0.03
+    assert (
+        share(
+            lambda t: any(w in t.split() for w in ("disc", "discs", "box", "boxes", "rhombus", "rhombuses", "violet"))
+        )
+        > 0.03
+    )
     assert share(lambda t: t.startswith(FILLERS)) > 0.1
     assert sum(t != e for t, e in zip(texts, explicit)) / len(texts) > 0.6
 
@@ -132,8 +157,14 @@ def test_web_pretraining_renders_the_explicit_stream_and_reads_web_captions(tmp_
     the same pictures), and the explicit stream stays what toy:shapes was trained on."""
     import torch
 
-    from selma_toolkit.toyworld.pretrain import (PretrainSettings, batch_captions, caption_sources, draw_batch,
-                                                 render_batch, training_texts)
+    from selma_toolkit.toyworld.pretrain import (
+        PretrainSettings,
+        batch_captions,
+        caption_sources,
+        draw_batch,
+        render_batch,
+        training_texts,
+    )
 
     grammars = caption_sources()
     captions, rng = batch_captions(grammars, 0, "unet", 7, 16)

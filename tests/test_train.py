@@ -6,6 +6,7 @@ is refused clearly."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +35,9 @@ from selma_toolkit.train import model as parts
 from selma_toolkit.train.data import TrainSample, image_digests, sample_index
 
 
-def write_dataset(folder: Path, count: int, *, seed: int = 0, size: tuple[int, int] = (20, 24), word: str = "red") -> Path:
+def write_dataset(
+    folder: Path, count: int, *, seed: int = 0, size: tuple[int, int] = (20, 24), word: str = "red"
+) -> Path:
     """An imagefolder dataset of random images (height, width = ``size``) with metadata.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -48,11 +51,15 @@ def write_dataset(folder: Path, count: int, *, seed: int = 0, size: tuple[int, i
 
 def make_run(base_model: Path | str, skills=("count",), **train) -> RunRecipe:
     settings = {"rank": 4, "batch_size": 4, "steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3, **train}
-    return RunRecipe.model_validate({
-        "name": "t", "base_model": str(base_model),
-        "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in skills],
-        "images": {"resolution": 16}, "train": settings,
-    })
+    return RunRecipe.model_validate(
+        {
+            "name": "t",
+            "base_model": str(base_model),
+            "skills": [{"name": s, "seeds": ["a", "b", "c"], "instruction": "x"} for s in skills],
+            "images": {"resolution": 16},
+            "train": settings,
+        }
+    )
 
 
 def new_run_dir(tmp_path: Path, name: str = "run", skills=("count",), count: int = 8) -> RunPaths:
@@ -85,7 +92,7 @@ def test_overfitting_a_fixed_batch_lowers_the_loss(arch, tiny_model_dirs, tmp_pa
     curve = [r["loss"] for r in losses(paths)]
     assert [r["step"] for r in losses(paths)] == list(range(1, 21))
     assert curve[-1] < 0.85 * curve[0], curve
-    assert all(later < earlier for earlier, later in zip(curve[:5], curve[1:6])), curve
+    assert all(later < earlier for earlier, later in itertools.pairwise(curve)), curve
     assert (paths.train_dir("count") / "loss.png").stat().st_size > 0
 
 
@@ -96,7 +103,7 @@ def test_targets_follow_the_models_scheduler_epsilon_or_velocity(tiny_model_dirs
     assert torch.equal(parts.diffusion_target(sd1, latents, noise, timesteps), noise)
     sd2 = parts.load_noise_scheduler(tiny_model_dirs["sd2"])
     # Independent: SD's scaled_linear betas, alpha_bar = prod(1 - beta), v = sqrt(ab) eps - sqrt(1 - ab) x0.
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)[timesteps].float().view(-1, 1, 1, 1)
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
     assert torch.allclose(parts.diffusion_target(sd2, latents, noise, timesteps), velocity, atol=1e-6)
@@ -108,24 +115,40 @@ def test_cached_text_conditioning_equals_what_the_pipeline_encodes(arch, tiny_mo
 
     model_dir = tiny_model_dirs[arch]
     folder = write_dataset(tmp_path / "images", 2, size=(40, 48))
-    samples = [TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])]
+    samples = [
+        TrainSample(folder / f"{i:03d}.png", text, "count") for i, text in enumerate(["two red cubes", "a blue ball"])
+    ]
     root = tmp_path / "cache"
     names = parts.text_encoder_names(get_family(arch))
-    latents = caches.ensure_cache(caches.latent_cache_spec(model_dir, 16, image_digests(samples)), root, 2,
-                                  lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 16))
+    latents = caches.ensure_cache(
+        caches.latent_cache_spec(model_dir, 16, image_digests(samples)),
+        root,
+        2,
+        lambda: caches.latent_encoder(samples, parts.load_vae(model_dir), 16),
+    )
 
     def caption_encoder():
         tokenizers, encoders = parts.load_text_encoders(model_dir, get_family(arch), torch.float32)
         return caches.caption_encoder(samples, tokenizers, encoders, torch.device("cpu"), family=get_family(arch))
 
-    texts = caches.ensure_cache(caches.text_cache_spec(model_dir, names, torch.float32, samples), root, 2, caption_encoder)
-    source = caches.ConditionSource(samples, 16, torch.device("cpu"), latents=caches.CachedTensors(latents),
-                                    texts=caches.CachedTensors(texts), family=get_family(arch))
+    texts = caches.ensure_cache(
+        caches.text_cache_spec(model_dir, names, torch.float32, samples), root, 2, caption_encoder
+    )
+    source = caches.ConditionSource(
+        samples,
+        16,
+        torch.device("cpu"),
+        latents=caches.CachedTensors(latents),
+        texts=caches.CachedTensors(texts),
+        family=get_family(arch),
+    )
     cond = source([1, 0])
     pipe = DiffusionPipeline.from_pretrained(model_dir)
     for row, index in enumerate([1, 0]):
         if arch == "sdxl":
-            embeds, _, pooled, _ = pipe.encode_prompt(samples[index].text, device="cpu", do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                samples[index].text, device="cpu", do_classifier_free_guidance=False
+            )
             assert torch.allclose(cond.pooled[row], pooled[0], atol=1e-6)
         else:
             embeds, _ = pipe.encode_prompt(samples[index].text, "cpu", 1, False)
@@ -163,7 +186,9 @@ def test_saved_expert_loads_in_diffusers_with_the_trained_update(lora_format, te
     from peft.tuners.lora import LoraLayer
 
     paths = new_run_dir(tmp_path)
-    run = make_run(tiny_sd1, steps=2, alpha=8, learning_rate=1e-2, lora_format=lora_format, train_text_encoder=text_encoder)
+    run = make_run(
+        tiny_sd1, steps=2, alpha=8, learning_rate=1e-2, lora_format=lora_format, train_text_encoder=text_encoder
+    )
     expert = train_expert(run, "count", paths)
     files = {"unet": "lora_0.safetensors", **({"text_encoder": "lora_1.safetensors"} if text_encoder else {})}
     expected = trained_deltas(paths.train_dir("count") / "checkpoints" / "step-2", files, scale=8 / 4)
@@ -172,8 +197,14 @@ def test_saved_expert_loads_in_diffusers_with_the_trained_update(lora_format, te
     pipe.set_progress_bar_config(disable=True)
 
     def image():
-        return pipe("two red cubes", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "two red cubes",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = image()
     pipe.load_lora_weights(expert)
@@ -320,7 +351,9 @@ def test_cache_is_rebuilt_exactly_when_model_resolution_or_data_change(tiny_sd1,
         return caches.latent_encoder(samples, parts.load_vae(model_dir), 16)
 
     def build(resolution=16):
-        return caches.ensure_cache(caches.latent_cache_spec(model_dir, resolution, image_digests(samples)), root, 3, encoder)
+        return caches.ensure_cache(
+            caches.latent_cache_spec(model_dir, resolution, image_digests(samples)), root, 3, encoder
+        )
 
     first = build()
     assert build() == first and len(calls) == 1  # unchanged: reused

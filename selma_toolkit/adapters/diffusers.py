@@ -85,8 +85,17 @@ def load_experts(
         # Loading an adapter activates only that one: activate them all, with their weights, at the end.
         pipe.set_adapters(adapter_names, adapter_weights=effective)
     else:
-        merged = merge_experts(loras, method, weights, rank, density=density, seed=seed, names=names, normalize=normalize,
-                               block_weights=block_weights)
+        merged = merge_experts(
+            loras,
+            method,
+            weights,
+            rank,
+            density=density,
+            seed=seed,
+            names=names,
+            normalize=normalize,
+            block_weights=block_weights,
+        )
         adapter_names = [adapter_name]
         pipe.load_lora_weights(_diffusers_tensors(merged), adapter_name=adapter_name)
         pipe.set_adapters(adapter_names)
@@ -101,7 +110,9 @@ def _diffusers_tensors(lora: LoraWeights) -> dict[str, Any]:
     kohya reader rejects text-encoder LoRAs without out_proj ("Could not automatically infer state
     dict type", diffusers 0.42)."""
     folded = {
-        name: module if module.scale == 1.0 else LoraModule(down=module.down, up=module.up * module.scale, alpha=float(module.rank))
+        name: module
+        if module.scale == 1.0
+        else LoraModule(down=module.down, up=module.up * module.scale, alpha=float(module.rank))
         for name, module in lora.modules.items()
     }
     tensors, _ = lora_to_state_dict(LoraWeights(modules=folded, metadata=lora.metadata), "peft")

@@ -84,11 +84,15 @@ def check_experts(experts: Sequence[LoraWeights], names: Sequence[str]) -> None:
         for module_name, module in expert.modules.items():
             components.add(module_name.split(".", 1)[0])
             if module.is_conv:
-                raise LoraFormatError(f"{name}: {module_name} is a conv layer; MoE-LoRA gates linear layers only "
-                                      "(train the experts with the default attention targets)")
+                raise LoraFormatError(
+                    f"{name}: {module_name} is a conv layer; MoE-LoRA gates linear layers only "
+                    "(train the experts with the default attention targets)"
+                )
             if module_name.startswith("text_encoder"):
-                raise LoraFormatError(f"{name}: {module_name} adapts a text encoder; MoE-LoRA gates the denoiser's "
-                                      "layers only (train the experts with train.train_text_encoder = false)")
+                raise LoraFormatError(
+                    f"{name}: {module_name} adapts a text encoder; MoE-LoRA gates the denoiser's "
+                    "layers only (train the experts with train.train_text_encoder = false)"
+                )
     if len(components) != 1:
         raise LoraFormatError(f"MoE-LoRA experts adapt several components {sorted(components)}; expected one denoiser")
 
@@ -124,8 +128,9 @@ class PromptGate(nn.Module):
             self.linear.bias.copy_(bias)
         self.current: torch.Tensor | None = None  # [n, T] for the running denoiser call
 
-    def set_from(self, encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor],
-                 mask: torch.Tensor | None = None) -> None:
+    def set_from(
+        self, encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> None:
         """g from the text conditioning: [n, L, D] (mean over the tokens ``mask`` [n, L] keeps, all
         without one), or one [L_i, D] per prompt (Z-Image's transformer takes a list)."""
         if isinstance(encoder_hidden_states, torch.Tensor):
@@ -143,8 +148,13 @@ class PromptGate(nn.Module):
 class MoELoRALinear(nn.Module):
     """A frozen linear layer plus T gated LoRA experts (see the module docstring for the formula)."""
 
-    def __init__(self, base: nn.Linear, modules: Sequence[LoraModule | None], gate: nn.Linear | None,
-                 prompt_gate: PromptGate | None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        modules: Sequence[LoraModule | None],
+        gate: nn.Linear | None,
+        prompt_gate: PromptGate | None,
+    ):
         super().__init__()
         self.base = base
         self.count = len(modules)
@@ -163,7 +173,9 @@ class MoELoRALinear(nn.Module):
             return torch.softmax(self.gate.float()(x.float()), dim=-1)
         current = self._prompt_gate.current
         if current is None:
-            raise RuntimeError("MoE-LoRA prompt gate: no text conditioning seen (call the denoiser with encoder_hidden_states)")
+            raise RuntimeError(
+                "MoE-LoRA prompt gate: no text conditioning seen (call the denoiser with encoder_hidden_states)"
+            )
         if current.shape[0] != x.shape[0]:  # e.g. a batch split after the conditioning was seen
             raise RuntimeError(f"MoE-LoRA prompt gate: {current.shape[0]} prompts but a batch of {x.shape[0]} inputs")
         return current.reshape(current.shape[0], *([1] * (x.dim() - 2)), self.count)
@@ -177,7 +189,7 @@ class MoELoRALinear(nn.Module):
             if not self.present[t]:
                 continue
             down, up = getattr(self, f"down_{t}"), getattr(self, f"up_{t}")
-            update = update + g[..., t:t + 1] * (self.scales[t] * ((xf @ down.T) @ up.T))
+            update = update + g[..., t : t + 1] * (self.scales[t] * ((xf @ down.T) @ up.T))
         return out + update.to(out.dtype)
 
 
@@ -195,8 +207,10 @@ class AttachedMoE:
     def gate_tensors(self) -> dict[str, torch.Tensor]:
         """The gate as the file stores it (see ``MoELora.gate``), float32 on the CPU."""
         if self.prompt_gate is not None:
-            return {"prompt.weight": self.prompt_gate.linear.weight.detach().float().cpu().clone(),
-                    "prompt.bias": self.prompt_gate.linear.bias.detach().float().cpu().clone()}
+            return {
+                "prompt.weight": self.prompt_gate.linear.weight.detach().float().cpu().clone(),
+                "prompt.bias": self.prompt_gate.linear.bias.detach().float().cpu().clone(),
+            }
         tensors = {}
         for path, layer in self.layers.items():
             tensors[f"{self.component}.{path}.weight"] = layer.gate.weight.detach().float().cpu().clone()
@@ -325,7 +339,9 @@ def read_moe(path: str | os.PathLike[str]) -> MoELora:
     tensors, metadata = read_safetensors(path)
     raw = metadata.get(MOE_KEY)
     if not raw:
-        raise LoraFormatError(f"{path}: not a MoE-LoRA file (no {MOE_KEY} metadata); a LoRA file loads with load_experts")
+        raise LoraFormatError(
+            f"{path}: not a MoE-LoRA file (no {MOE_KEY} metadata); a LoRA file loads with load_experts"
+        )
     record = json.loads(raw)
     if record.get("format") != MOE_FORMAT:
         raise LoraFormatError(f"{path}: MoE-LoRA format {record.get('format')!r}, this toolkit reads {MOE_FORMAT}")
@@ -334,14 +350,20 @@ def read_moe(path: str | os.PathLike[str]) -> MoELora:
     gate: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if key.startswith("gate."):
-            gate[key[len("gate."):]] = value.float()
+            gate[key[len("gate.") :]] = value.float()
             continue
         _, index, rest = key.split(".", 2)
         name, _, part = rest.rpartition(".")
         modules[int(index)].setdefault(name, {})[part] = value
-    experts = [LoraWeights(modules={name: LoraModule(down=p["down"], up=p["up"], alpha=float(p["alpha"][0]))
-                                    for name, p in per.items()}, metadata=dict(entry.get("metadata") or {}))
-               for per, entry in zip(modules, info)]
+    experts = [
+        LoraWeights(
+            modules={
+                name: LoraModule(down=p["down"], up=p["up"], alpha=float(p["alpha"][0])) for name, p in per.items()
+            },
+            metadata=dict(entry.get("metadata") or {}),
+        )
+        for per, entry in zip(modules, info)
+    ]
     extra = {k: v for k, v in record.items() if k not in ("format", "gate", "experts")}
     return MoELora(experts, record["gate"], gate, info, extra)
 

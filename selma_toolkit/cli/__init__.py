@@ -18,7 +18,7 @@ import sys
 from rich.markup import escape
 
 # Importing a module registers its commands; this order is the order of `selma --help`.
-from selma_toolkit.cli import recipes, tiny, stages, hub, runs, check, skill, lora, comfyui, toyworld  # noqa: F401, I001
+from selma_toolkit.cli import check, comfyui, hub, lora, recipes, runs, skill, stages, tiny, toyworld  # noqa: F401
 from selma_toolkit.cli.app import app, err_console
 from selma_toolkit.cli.words import cli_message
 from selma_toolkit.errors import SelmaError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -100,7 +100,7 @@ app = SelmaTyper(
 )
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a recipe value, e.g. --set train.steps=100 (repeatable)."),
 ]
 
@@ -113,7 +113,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     from rich.logging import RichHandler
@@ -187,6 +189,8 @@ def set_threads(threads: int | None) -> None:
 
 
 # `selma lora convert` and `selma merge --format`; no torch import for --help (the layouts are lora/writing.py's WRITE_FORMATS).
-FORMAT_HELP = ("The file layout: kohya, peft or ai-toolkit. Default: the family's, which diffusers and ComfyUI both "
-               "load (kohya for SD 1.x / 2.x / XL; peft, transformer.*.lora_A/B, for SD 3, Flux, Chroma; "
-               "ai-toolkit, diffusion_model.*.lora_A/B, for Qwen-Image, Z-Image, FLUX.2 [klein]).")
+FORMAT_HELP = (
+    "The file layout: kohya, peft or ai-toolkit. Default: the family's, which diffusers and ComfyUI both "
+    "load (kohya for SD 1.x / 2.x / XL; peft, transformer.*.lora_A/B, for SD 3, Flux, Chroma; "
+    "ai-toolkit, diffusion_model.*.lora_A/B, for Qwen-Image, Z-Image, FLUX.2 [klein])."
+)

@@ -22,8 +22,11 @@ def comfyui_install(
     from comfyui_nodes.install import base_directory_note, install_node_pack
 
     target = install_node_pack(comfyui_dir)
-    console.print(f"installed the SELMA nodes into {escape(str(target))}; restart ComfyUI to load them "
-                  "(its Python needs torch and safetensors)", highlight=False)
+    console.print(
+        f"installed the SELMA nodes into {escape(str(target))}; restart ComfyUI to load them "
+        "(its Python needs torch and safetensors)",
+        highlight=False,
+    )
     note = base_directory_note(comfyui_dir)
     if note:
         err_console.print(f"warning: {escape(note)}", highlight=False)

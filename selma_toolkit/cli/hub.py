@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from selma_toolkit.cli.app import SelmaTyper, app, console
 
-
 # ------------------------------------------------------------------------------------------- hub
 
-hub_app = SelmaTyper(help="Share and fetch experts on the Hugging Face Hub (push, pull, catalog).",
-                     no_args_is_help=True)
+hub_app = SelmaTyper(
+    help="Share and fetch experts on the Hugging Face Hub (push, pull, catalog).", no_args_is_help=True
+)
 app.add_typer(hub_app, name="hub")
 CatalogOption = Annotated[
-    Optional[list[Path]],
-    typer.Option("--catalog", help="Your own catalog file (TOML, as hub/catalog.toml); repeatable. SELMA_CATALOG=FILE works for every command."),
+    list[Path] | None,
+    typer.Option(
+        "--catalog",
+        help="Your own catalog file (TOML, as hub/catalog.toml); repeatable. SELMA_CATALOG=FILE works for every command.",
+    ),
 ]
 
 
@@ -27,9 +30,11 @@ CatalogOption = Annotated[
 def hub_push(
     path: Annotated[Path, typer.Argument(help="An expert .safetensors file, a merged LoRA, or a run folder.")],
     repo_id: Annotated[str, typer.Argument(help="Target model repo, owner/name (created if needed).")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo as private (if it does not exist yet).")] = False,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if needed).")] = None,
-    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo as private (if it does not exist yet).")
+    ] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to (created if needed).")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
 ) -> None:
     """Upload LoRA file(s), a model card, the recipe, scores and samples in one commit. Token: `hf auth login` or HF_TOKEN."""
     from selma_toolkit.hub import push_expert
@@ -40,10 +45,16 @@ def hub_push(
 
 @hub_app.command("pull")
 def hub_pull(
-    ref: Annotated[str, typer.Argument(help="A catalog name, or a repo owner/name (owner/name:FILE for one of several files).")],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
-    to: Annotated[Optional[Path], typer.Option("--to", help="Also copy the file into this folder (e.g. ComfyUI/models/loras).")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", help="The .safetensors file in the repo, when it holds several.")] = None,
+    ref: Annotated[
+        str, typer.Argument(help="A catalog name, or a repo owner/name (owner/name:FILE for one of several files).")
+    ],
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    to: Annotated[
+        Path | None, typer.Option("--to", help="Also copy the file into this folder (e.g. ComfyUI/models/loras).")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Option("--file", help="The .safetensors file in the repo, when it holds several.")
+    ] = None,
     catalog: CatalogOption = None,
 ) -> None:
     """Download an expert into the Hugging Face cache (works offline from the cache) and print its local path.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -11,18 +11,19 @@ from rich.markup import escape
 from selma_toolkit.cli.app import FORMAT_HELP, SelmaTyper, app, console
 from selma_toolkit.errors import InputError
 
-
 # ------------------------------------------------------------------------------------------ lora
 
-lora_app = SelmaTyper(help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).",
-                      no_args_is_help=True)
+lora_app = SelmaTyper(
+    help="Inspect and convert LoRA files (kohya, diffusers/peft, ComfyUI layouts).", no_args_is_help=True
+)
 app.add_typer(lora_app, name="lora")
 ComponentOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(help="Model part of peft keys that lack a prefix (unet, text_encoder, text_encoder_2)."),
 ]
 DropBiasDiffsOption = Annotated[
-    bool, typer.Option("--drop-bias-diffs", help="Drop bias / norm differences (ComfyUI-trained files) a LoRA cannot carry.")
+    bool,
+    typer.Option("--drop-bias-diffs", help="Drop bias / norm differences (ComfyUI-trained files) a LoRA cannot carry."),
 ]
 
 
@@ -48,8 +49,12 @@ def lora_info(
     summary = Table(show_header=False, title=escape(str(file)))
     summary.add_row("layout", ", ".join(info.layouts))
     summary.add_row("architecture", info.architecture or "unknown (no shape or metadata tells)")
-    summary.add_row("modules", f"{len(modules)} ({', '.join(f'{c} {n}' for c, n in sorted(per_component.items()))}"
-                    + (f"; {conv} conv" if conv else "") + ")")
+    summary.add_row(
+        "modules",
+        f"{len(modules)} ({', '.join(f'{c} {n}' for c, n in sorted(per_component.items()))}"
+        + (f"; {conv} conv" if conv else "")
+        + ")",
+    )
     summary.add_row("ranks", ", ".join(f"{rank} x{count}" for rank, count in sorted(ranks.items())))
     summary.add_row("alphas", ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(alphas.items())))
     console.print(summary)
@@ -64,7 +69,7 @@ def lora_info(
 def lora_convert(
     source: Annotated[Path, typer.Argument(help="The LoRA .safetensors file to read (any layout).")],
     out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
-    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
+    format_: Annotated[str | None, typer.Option("--format", help=FORMAT_HELP)] = None,
     component: ComponentOption = None,
     drop_bias_diffs: DropBiasDiffsOption = False,
 ) -> None:
@@ -83,17 +88,28 @@ def lora_convert(
 ModelRef = "a diffusers folder, a single-file .safetensors checkpoint, or a Hub repo id (owner/name[:FILE])"
 ExtractModel = Annotated[str, typer.Option("--model", help=f"The fine-tuned model: {ModelRef}.")]
 ExtractBase = Annotated[str, typer.Option("--base", help="The model it was trained from (the same forms).")]
-ExtractRank = Annotated[str, typer.Option(
-    "--rank", help="auto: each layer's rank read from its spectrum against the rounding floor of the stored weights; "
-    "N: the best rank-N approximation (full fine-tunes)."
-)]
-ExtractParts = Annotated[str | None, typer.Option(
-    "--components", help="Model parts to compare, comma-separated, e.g. unet (default: every part both models have)."
-)]
-AllowPickle = Annotated[bool, typer.Option(
-    "--allow-pickle", help="Read .bin / .ckpt weights with torch's weights-only loader (refused otherwise: "
-    "pickles run code)."
-)]
+ExtractRank = Annotated[
+    str,
+    typer.Option(
+        "--rank",
+        help="auto: each layer's rank read from its spectrum against the rounding floor of the stored weights; "
+        "N: the best rank-N approximation (full fine-tunes).",
+    ),
+]
+ExtractParts = Annotated[
+    str | None,
+    typer.Option(
+        "--components",
+        help="Model parts to compare, comma-separated, e.g. unet (default: every part both models have).",
+    ),
+]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Read .bin / .ckpt weights with torch's weights-only loader (refused otherwise: pickles run code).",
+    ),
+]
 
 
 @lora_app.command("extract")
@@ -121,17 +137,27 @@ def lora_extract(
 
     check_output_file(out)
     parts = [part.strip() for part in components.split(",") if part.strip()] if components else None
-    extraction = run_with_progress(lambda on_stage, progress: extract_models(
-        model, base, revision=revision, base_revision=base_revision, rank=rank, components=parts,
-        allow_pickle=allow_pickle, progress=progress))
+    extraction = run_with_progress(
+        lambda on_stage, progress: extract_models(
+            model,
+            base,
+            revision=revision,
+            base_revision=base_revision,
+            rank=rank,
+            components=parts,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
+    )
     layout = resolve_layout(extraction.weights, format_)
     save_extraction(extraction, out, format=layout)
     print_extraction(extraction)
     if report is not None:
         layers = [asdict(layer) for layer in extraction.layers]
         atomic_write_text(report, json.dumps({"summary": extraction.summary(), "layers": layers}, indent=1) + "\n")
-    console.print(f"wrote {len(extraction.weights.modules)} modules in the {layout} layout to {escape(str(out))}",
-                  highlight=False)
+    console.print(
+        f"wrote {len(extraction.weights.modules)} modules in the {layout} layout to {escape(str(out))}", highlight=False
+    )
 
 
 def print_extraction(extraction) -> None:
@@ -144,12 +170,16 @@ def print_extraction(extraction) -> None:
         at = f"@{source.revision} ({source.commit[:10]})" if source.commit else ""
         table.add_row(role, escape(source.ref + at))
     table.add_row("architecture", extraction.family or "unknown")
-    table.add_row("layers compared", f"{summary['compared']}: {summary['changed']} changed ({summary['low_rank']} "
-                  f"low-rank, {summary['full_rank']} full-rank), {summary['unchanged']} unchanged (within the floor)")
+    table.add_row(
+        "layers compared",
+        f"{summary['compared']}: {summary['changed']} changed ({summary['low_rank']} "
+        f"low-rank, {summary['full_rank']} full-rank), {summary['unchanged']} unchanged (within the floor)",
+    )
     auto = extraction.rank == "auto"
     table.add_row("rank", f"{extraction.rank}" + (" (read from each layer's spectrum)" if auto else ""))
-    table.add_row("captured energy", f"min {summary['energy_min']:.4f}, median {summary['energy_median']:.4f} "
-                  "(low-rank layers)")
+    table.add_row(
+        "captured energy", f"min {summary['energy_min']:.4f}, median {summary['energy_median']:.4f} (low-rank layers)"
+    )
     table.add_row("|D| / |W|", f"median {summary['relative_median']:.3g}")
     table.add_row("est. error / raw difference", f"{summary['error_vs_raw']:.3f} (1: no better than the difference)")
     console.print(table)

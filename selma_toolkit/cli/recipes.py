@@ -9,7 +9,6 @@ import typer
 
 from selma_toolkit.cli.app import SelmaTyper, SetOption, app, console
 
-
 recipe_app = SelmaTyper(help="Validate and show recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -13,16 +13,20 @@ from selma_toolkit.cli.app import FORMAT_HELP, SetOption, app, console, err_cons
 from selma_toolkit.config import merge_methods as merging  # the merge method table (no torch): --method help
 from selma_toolkit.errors import InputError
 
-
 # --------------------------------------------------------------------------------------- prompts
 
 
 @app.command("prompts")
 def prompts(
     recipe: Annotated[str, typer.Argument(help="Run recipe (all its skills) or skill recipe: file or shipped name.")],
-    skill: Annotated[Optional[str], typer.Option(help="Only this skill of a run recipe.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (run recipe; default output_dir, else runs/<name>) "
-                                                     "or output folder (skill recipe; default runs/<skill>).")] = None,
+    skill: Annotated[str | None, typer.Option(help="Only this skill of a run recipe.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run folder (run recipe; default output_dir, else runs/<name>) "
+            "or output folder (skill recipe; default runs/<skill>)."
+        ),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Stage 1: each skill's prompts from its LLM endpoint (or offline grammar) into prompts.jsonl.
@@ -44,7 +48,9 @@ def prompts(
         write_resolved_recipe(loaded, paths.root)
     else:
         if skill and skill != loaded.name:
-            raise InputError(f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe")
+            raise InputError(
+                f"--skill {skill!r}: {recipe} is the skill recipe {loaded.name!r}; drop --skill or pass a run recipe"
+            )
         folder = out or Path("runs") / loaded.name
         jobs = [(loaded, folder / "prompts.jsonl", 0)]
         write_resolved_recipe(loaded, folder)
@@ -59,8 +65,11 @@ def prompts(
 
             def show(stats, task=task) -> None:
                 calls = f"{stats.requests} requests, {stats.cache_hits} cached, " if stats.source == "llm" else ""
-                bar.update(task, completed=stats.kept,
-                           description=f"{stats.skill}: {calls}{sum(stats.rejected.values())} rejected")
+                bar.update(
+                    task,
+                    completed=stats.kept,
+                    description=f"{stats.skill}: {calls}{sum(stats.rejected.values())} rejected",
+                )
 
             results.append(generate_prompts(skill_recipe, path, heldout, progress=show))
     _print_prompt_summary(results)
@@ -72,8 +81,15 @@ def _print_prompt_summary(results) -> None:
     table = Table("skill", "kept", "new", "requests", "cached", "tokens", "rejected", title="prompts")
     for stats in results:
         rejected = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items() if count) or "-"
-        table.add_row(stats.skill, f"{stats.kept}/{stats.target}", str(stats.added), str(stats.requests),
-                      str(stats.cache_hits), str(stats.total_tokens), rejected)
+        table.add_row(
+            stats.skill,
+            f"{stats.kept}/{stats.target}",
+            str(stats.added),
+            str(stats.requests),
+            str(stats.cache_hits),
+            str(stats.total_tokens),
+            rejected,
+        )
     console.print(table)
     for stats in results:
         console.print(f"{stats.skill}: {stats.path}", soft_wrap=True, highlight=False)
@@ -85,8 +101,10 @@ def _print_prompt_summary(results) -> None:
 @app.command("images")
 def images(
     recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
-    skill: Annotated[Optional[str], typer.Option(help="Only this skill (default: every skill of the run).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    skill: Annotated[str | None, typer.Option(help="Only this skill (default: every skill of the run).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Stage 2: draw one image per train prompt into each skill's image dataset (resumes a stopped run).
@@ -113,13 +131,24 @@ def images(
     state = process_state()
     share = f" (process {state.process_index + 1} of {state.num_processes})" if state.num_processes > 1 else ""
     results = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _rate_column(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err_console, disable=not state.is_main_process) as bar:
         for name in names:
             task = bar.add_task(f"{name}{share}", total=None)
-            results.append(generate_images(
-                run, name, paths, progress=lambda done, total, task=task: bar.update(task, completed=done, total=total)
-            ))
+            results.append(
+                generate_images(
+                    run,
+                    name,
+                    paths,
+                    progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+                )
+            )
     finish(state)
     if state.is_main_process:
         _print_image_summary(results, state.num_processes)
@@ -145,8 +174,15 @@ def _print_image_summary(results, num_processes: int) -> None:
     for column in ("skill", "train prompts", "in dataset", "drawn now", "already there", "blacked out", "img/s"):
         table.add_column(column)
     for stats in results:
-        table.add_row(stats.skill, str(stats.prompts), str(stats.images), str(stats.generated), str(stats.skipped),
-                      str(len(stats.blacked_out)), f"{stats.images_per_second:.2f}")
+        table.add_row(
+            stats.skill,
+            str(stats.prompts),
+            str(stats.images),
+            str(stats.generated),
+            str(stats.skipped),
+            str(len(stats.blacked_out)),
+            f"{stats.images_per_second:.2f}",
+        )
     console.print(table)
     for stats in results:
         per_process = f"; drawn per process: {stats.per_process}" if num_processes > 1 else ""
@@ -159,11 +195,27 @@ def _print_image_summary(results, num_processes: int) -> None:
 @app.command("train")
 def train(
     recipe: Annotated[str, typer.Argument(help="Run recipe file or shipped name.")],
-    skill: Annotated[Optional[str], typer.Option(help="Train the expert of this skill.")] = None,
-    joint: Annotated[bool, typer.Option("--joint", help="One LoRA on the mixture of all skills (the paper's baseline).")] = False,
-    moe: Annotated[bool, typer.Option("--moe", help="MoE-LoRA (paper Table 4): a gate over the trained experts, kept frozen, on the mixture; [moe] settings.")] = False,
-    dpo: Annotated[bool, typer.Option("--dpo", help="DPO variant (paper Table 4): each skill's Diffusion-DPO expert on scored pairs of base images, then merged (with --skill: that skill's); [dpo] settings.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")] = None,
+    skill: Annotated[str | None, typer.Option(help="Train the expert of this skill.")] = None,
+    joint: Annotated[
+        bool, typer.Option("--joint", help="One LoRA on the mixture of all skills (the paper's baseline).")
+    ] = False,
+    moe: Annotated[
+        bool,
+        typer.Option(
+            "--moe",
+            help="MoE-LoRA (paper Table 4): a gate over the trained experts, kept frozen, on the mixture; [moe] settings.",
+        ),
+    ] = False,
+    dpo: Annotated[
+        bool,
+        typer.Option(
+            "--dpo",
+            help="DPO variant (paper Table 4): each skill's Diffusion-DPO expert on scored pairs of base images, then merged (with --skill: that skill's); [dpo] settings.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default: the recipe's output_dir, else runs/<name>).")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Stage 3: train a LoRA skill expert; run again, it resumes from the latest checkpoint.
@@ -175,8 +227,10 @@ def train(
     """
     modes = joint + moe + dpo
     if modes > 1 or (modes == 0 and skill is None) or ((joint or moe) and skill is not None):
-        raise InputError("train: give one of --skill NAME (one expert), --joint (the mixture baseline), --moe (the MoE-LoRA "
-                         "gate over the trained experts) or --dpo [--skill NAME] (the DPO experts and their merge)")
+        raise InputError(
+            "train: give one of --skill NAME (one expert), --joint (the mixture baseline), --moe (the MoE-LoRA "
+            "gate over the trained experts) or --dpo [--skill NAME] (the DPO experts and their merge)"
+        )
     import torch
     from accelerate import PartialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -191,8 +245,14 @@ def train(
     quiet_loading_bars()
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # else a line per file of every checkpoint
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
     # The same process group train_expert's Accelerator joins (gloo on a CPU machine).
     is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     with Progress(*columns, console=err_console, disable=not is_main) as bar:
@@ -216,8 +276,11 @@ def train(
         elif dpo:
             from selma_toolkit.train.dpo import train_dpo, train_dpo_expert
 
-            expert = (train_dpo_expert(run, name, paths, progress=show) if skill else
-                      train_dpo(run, paths, progress=lambda _skill, event: show(event)))
+            expert = (
+                train_dpo_expert(run, name, paths, progress=show)
+                if skill
+                else train_dpo(run, paths, progress=lambda _skill, event: show(event))
+            )
         else:
             expert = train_expert(run, name, paths, progress=show)
     if is_main:
@@ -233,8 +296,10 @@ def _train_moe(run, paths, show):
     experts = merge_inputs(run, paths, resolve_external_experts(run))
     missing = [name for name, path in experts if not path.is_file()]
     if missing:
-        raise InputError(f"train --moe: no expert yet for {', '.join(missing)}; train them first "
-                         "(`selma train RECIPE --skill NAME`, or `selma run RECIPE`)")
+        raise InputError(
+            f"train --moe: no expert yet for {', '.join(missing)}; train them first "
+            "(`selma train RECIPE --skill NAME`, or `selma run RECIPE`)"
+        )
     return train_moe(run, paths, experts, progress=show)
 
 
@@ -247,7 +312,9 @@ def _parse_weights(text: str | None) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise InputError(f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8") from None
+        raise InputError(
+            f"--weights {text!r}: expected comma-separated numbers, one per expert, e.g. 0.2,0.8"
+        ) from None
 
 
 def _file_size(size: int) -> str:
@@ -256,20 +323,45 @@ def _file_size(size: int) -> str:
 
 @app.command("merge")
 def merge(
-    experts: Annotated[Optional[list[str]], typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The merged .safetensors file to write (with --to: default MERGED itself).")] = None,
-    method: Annotated[Optional[str], typer.Option(help=merging.method_help())] = None,
-    weights: Annotated[Optional[str], typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help=merging.rank_help())] = None,
-    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
-    density: Annotated[Optional[float], typer.Option(help=merging.density_help())] = None,
-    seed: Annotated[Optional[int], typer.Option(help=merging.seed_help())] = None,
-    svd_mode: Annotated[Optional[str], typer.Option("--svd-mode", help=merging.svd_mode_help())] = None,
+    experts: Annotated[
+        list[str] | None, typer.Argument(help="Expert LoRAs: .safetensors files, catalog names or Hub repo ids.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="The merged .safetensors file to write (with --to: default MERGED itself)."),
+    ] = None,
+    method: Annotated[str | None, typer.Option(help=merging.method_help())] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="One weight per expert, comma-separated (e.g. 0.2,0.8); default 1/T each.")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help=merging.rank_help())] = None,
+    format_: Annotated[str | None, typer.Option("--format", help=FORMAT_HELP)] = None,
+    density: Annotated[float | None, typer.Option(help=merging.density_help())] = None,
+    seed: Annotated[int | None, typer.Option(help=merging.seed_help())] = None,
+    svd_mode: Annotated[str | None, typer.Option("--svd-mode", help=merging.svd_mode_help())] = None,
     normalize: Annotated[bool, typer.Option(help="Divide the weights by their sum.")] = False,
-    add: Annotated[Optional[list[str]], typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable).")] = None,
-    to: Annotated[Optional[Path], typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it.")] = None,
-    expert_file: Annotated[Optional[list[Path]], typer.Option("--expert", help="With --to: a file of one of MERGED's experts, if it moved (matched by sha256; repeatable).")] = None,
-    block_weights: Annotated[Optional[str], typer.Option("--block-weights", help="Per-block weights GROUP=W,... (groups: unet, in, in.N, mid, out, out.N, te, te1, te2), e.g. in=1,mid=0.5,out=1,te=0: each merged module's update times its group's weight.")] = None,
+    add: Annotated[
+        list[str] | None,
+        typer.Option("--add", help="With --to: an expert to add (file, catalog name or repo id; repeatable)."),
+    ] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="A merged LoRA whose metadata lists its experts: add the --add experts to it."),
+    ] = None,
+    expert_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--expert",
+            help="With --to: a file of one of MERGED's experts, if it moved (matched by sha256; repeatable).",
+        ),
+    ] = None,
+    block_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--block-weights",
+            help="Per-block weights GROUP=W,... (groups: unet, in, in.N, mid, out, out.N, te, te1, te2), e.g. in=1,mid=0.5,out=1,te=0: each merged module's update times its group's weight.",
+        ),
+    ] = None,
 ) -> None:
     """Merge several LoRA experts into one LoRA file, or add experts to a merged one (--add NEW --to MERGED).
 
@@ -287,27 +379,51 @@ def merge(
         from selma_toolkit.lora.incremental import add_to_merge
 
         if to is None or not add:
-            raise InputError("--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]")
+            raise InputError(
+                "--add and --to go together: selma merge --add NEW.safetensors --to MERGED.safetensors [--out FILE]"
+            )
         if experts:
-            raise InputError(f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)")
-        given = (("--method", method), ("--rank", rank), ("--density", density), ("--seed", seed), ("--svd-mode", svd_mode),
-                 ("--block-weights", block_weights))
+            raise InputError(
+                f"{experts[0]}: with --to, the old experts come from {to}'s metadata; give new ones with --add (repeatable)"
+            )
+        given = (
+            ("--method", method),
+            ("--rank", rank),
+            ("--density", density),
+            ("--seed", seed),
+            ("--svd-mode", svd_mode),
+            ("--block-weights", block_weights),
+        )
         fixed = [name for name, value in given if value is not None] + (["--normalize"] if normalize else [])
         if fixed:
-            raise InputError(f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
-                             "change them, merge the experts from scratch: selma merge EXPERT... --out FILE")
+            raise InputError(
+                f"{', '.join(fixed)}: adding to {to} keeps its merge settings (recorded in its metadata); to "
+                "change them, merge the experts from scratch: selma merge EXPERT... --out FILE"
+            )
         check_output_file(out if out is not None else to)
         added = resolve_expert_files(add)
-        result = add_to_merge(to, [e.path for e in added], out, weights=_parse_weights(weights),
-                              expert_files=expert_file or [], new_sources=[e.source for e in added],
-                              format=format_, locate=listed_expert_places)  # type: ignore[arg-type]
-        how = ("every listed expert found and verified: merged again from the files" if result.recomputed else
-               "some listed experts not found: the merged factors were updated exactly (linear merge rule)")
+        result = add_to_merge(
+            to,
+            [e.path for e in added],
+            out,
+            weights=_parse_weights(weights),
+            expert_files=expert_file or [],
+            new_sources=[e.source for e in added],
+            format=format_,
+            locate=listed_expert_places,
+        )  # type: ignore[arg-type]
+        how = (
+            "every listed expert found and verified: merged again from the files"
+            if result.recomputed
+            else "some listed experts not found: the merged factors were updated exactly (linear merge rule)"
+        )
         _print_merge(result.weights, result.path, f"added {len(add)} expert(s) to {to.name}")
         console.print(how, highlight=False, soft_wrap=True)
         return
     if not experts or out is None:
-        raise InputError("selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)")
+        raise InputError(
+            "selma merge: give the experts and --out FILE (or --add NEW --to MERGED to add experts to a merge)"
+        )
     if expert_file:
         raise InputError("--expert helps find the experts of a merged file and goes with --to MERGED")
     method = method or "selma"
@@ -318,9 +434,17 @@ def merge(
     check_output_file(out)  # before reading any expert: a folder or read-only place in the way fails now
     files = resolve_expert_files(experts)
     merged = merge_files(
-        [e.path for e in files], out, method, _parse_weights(weights), rank,  # type: ignore[arg-type]
-        format=format_, density=0.5 if density is None else density, seed=seed or 0,  # type: ignore[arg-type]
-        normalize=normalize, svd_mode=svd_mode or "exact", sources=[e.source for e in files],  # type: ignore[arg-type]
+        [e.path for e in files],
+        out,
+        method,
+        _parse_weights(weights),
+        rank,  # type: ignore[arg-type]
+        format=format_,
+        density=0.5 if density is None else density,
+        seed=seed or 0,  # type: ignore[arg-type]
+        normalize=normalize,
+        svd_mode=svd_mode or "exact",
+        sources=[e.source for e in files],  # type: ignore[arg-type]
         block_weights=parse_block_weights(block_weights),
     )
     _print_merge(merged, out, f"merged {len(files)} experts")
@@ -340,7 +464,11 @@ def _print_merge(merged, out: Path, title: str) -> None:
     summary = Table("modules", "ranks", "method", "layout", "file size", "file")
     ranks = sorted(merged.ranks())
     summary.add_row(
-        str(len(merged.modules)), ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
-        record.get("method", "?"), ", ".join(inspect_lora(out).layouts), _file_size(out.stat().st_size), escape(str(out)),
+        str(len(merged.modules)),
+        ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]}",
+        record.get("method", "?"),
+        ", ".join(inspect_lora(out).layouts),
+        _file_size(out.stat().st_size),
+        escape(str(out)),
     )
     console.print(summary)

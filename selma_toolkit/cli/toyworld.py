@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -11,12 +11,12 @@ from rich.markup import escape
 from selma_toolkit.cli.app import SelmaTyper, SetOption, app, console, err_console, run_with_progress, set_threads
 from selma_toolkit.errors import InputError
 
-
 # -------------------------------------------------------------------------------------- toyworld
 # The shapes world (selma_toolkit/toyworld): ground-truth renders, the toy base model `toy:shapes`, the study.
 
-toyworld_app = SelmaTyper(help="The shapes world: exact faithfulness scores, the toy base model, the SELMA study.",
-                           no_args_is_help=True)
+toyworld_app = SelmaTyper(
+    help="The shapes world: exact faithfulness scores, the toy base model, the SELMA study.", no_args_is_help=True
+)
 app.add_typer(toyworld_app, name="toyworld")
 
 
@@ -35,7 +35,9 @@ def toyworld_render(
     try:
         scene = parse_caption(caption)
     except CaptionError as exc:
-        raise InputError(f"{exc}; see `selma toyworld --help` and selma_toolkit/toyworld/world.py for the grammar") from None
+        raise InputError(
+            f"{exc}; see `selma toyworld --help` and selma_toolkit/toyworld/world.py for the grammar"
+        ) from None
     image = render_caption(caption, seed)
     answers = answer_questions(scene, segment(image))
     for question in caption_questions(scene):
@@ -76,18 +78,34 @@ def toyworld_score(
 def toyworld_pretrain(
     out: Annotated[Path, typer.Option(help="Pretraining folder (checkpoint, snapshots, logs); rerun to resume.")],
     seed: Annotated[int, typer.Option(help="The run is a pure function of the settings and this seed.")] = 0,
-    steps: Annotated[int, typer.Option(help="UNet + text-encoder steps (a shorter run is a prefix of a longer one).")] = 8000,
+    steps: Annotated[
+        int, typer.Option(help="UNet + text-encoder steps (a shorter run is a prefix of a longer one).")
+    ] = 8000,
     vae_steps: Annotated[int, typer.Option(help="VAE steps (stage 1).")] = 600,
     batch_size: Annotated[int, typer.Option(help="UNet batch size.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="UNet + text-encoder learning rate (constant after warm-up).")] = 5e-4,
+    learning_rate: Annotated[
+        float, typer.Option(help="UNet + text-encoder learning rate (constant after warm-up).")
+    ] = 5e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint and EMA snapshot every N steps.")] = 500,
-    eval_every: Annotated[int, typer.Option(help="Score the EMA snapshot on held-out prompts every N steps (0: never).")] = 500,
-    captions: Annotated[str, typer.Option(help="What the model reads for each render: 'explicit' (the grammar caption: "
-                                               "toy:shapes) or 'web' (a web-like partial caption: toy:shapes-web).")] = "explicit",
-    vae_from: Annotated[Optional[str], typer.Option(help="Use this pipeline's VAE (a folder or toy:shapes) and skip "
-                                                         "stage 1.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice). Results "
-                                                        "depend slightly on it (floating-point sums).")] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Score the EMA snapshot on held-out prompts every N steps (0: never).")
+    ] = 500,
+    captions: Annotated[
+        str,
+        typer.Option(
+            help="What the model reads for each render: 'explicit' (the grammar caption: "
+            "toy:shapes) or 'web' (a web-like partial caption: toy:shapes-web)."
+        ),
+    ] = "explicit",
+    vae_from: Annotated[
+        str | None, typer.Option(help="Use this pipeline's VAE (a folder or toy:shapes) and skip stage 1.")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads (default: torch's choice). Results depend slightly on it (floating-point sums)."
+        ),
+    ] = None,
 ) -> None:
     """Pretrain a toy base model on ground-truth renders (VAE, then UNet + text encoder with EMA)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -95,11 +113,24 @@ def toyworld_pretrain(
     from selma_toolkit.toyworld.pretrain import PretrainSettings, pretrain
 
     set_threads(threads)
-    settings = PretrainSettings(seed=seed, steps=steps, vae_steps=vae_steps, batch_size=batch_size,
-                                learning_rate=learning_rate, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                                captions=captions, vae_from=vae_from)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"))
+    settings = PretrainSettings(
+        seed=seed,
+        steps=steps,
+        vae_steps=vae_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        captions=captions,
+        vae_from=vae_from,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+    )
     with Progress(*columns, console=err_console) as bar:
         tasks: dict[str, int] = {}
 
@@ -109,36 +140,66 @@ def toyworld_pretrain(
             bar.update(tasks[stage], completed=done, loss=loss)
 
         snapshot = pretrain(out, settings, progress=progress)
-    console.print(f"latest EMA snapshot: {escape(str(snapshot))}; export it with "
-                  f"`selma toyworld export {escape(str(out))} --to FOLDER`", highlight=False, soft_wrap=True)
+    console.print(
+        f"latest EMA snapshot: {escape(str(snapshot))}; export it with "
+        f"`selma toyworld export {escape(str(out))} --to FOLDER`",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @toyworld_app.command("study")
 def toyworld_study(
     recipe: Annotated[str, typer.Argument(help="Run recipe (file or shipped name), e.g. toy-study.")] = "toy-study",
     out: Annotated[Path, typer.Option(help="Study folder; rerun to resume.")] = Path("runs/toy-study"),
-    seed: Annotated[Optional[list[int]], typer.Option(
-        help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one.")] = None,
-    kind: Annotated[Optional[list[str]], typer.Option(
-        help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, bon4, bon8 (best of N by "
-             "images.judge), lowcfg, highcfg, teacher, round2 (drawn with round 1's merge), and the Table 4 baselines "
-             "dpo, moe ([dpo] / [moe] settings). Default: selma, gt, filtered, keyq, lowcfg, highcfg, and teacher "
-             "when --teacher is given.")] = None,
-    merge_kind: Annotated[Optional[list[str]], typer.Option(
-        help="Kinds whose experts are also merged and trained as one mixture LoRA (repeatable; default: selma).")] = None,
-    prompt_set: Annotated[str, typer.Option(
-        help="Where variants are scored: heldout (the measurement) or dev (a development prompt stream, neither "
-             "trained on nor held out, for sizing a study).")] = "heldout",
-    guidance: Annotated[Optional[list[float]], typer.Option(
-        help="Other guidance scales to draw the base at, variants base-cfg<g> (repeatable; default: 1).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(
-        help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes).")] = None,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Run only these replicate seeds (repeatable; default: evaluate.seeds). The summary covers every finished one."
+        ),
+    ] = None,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Data kinds to train experts on (repeatable): selma, gt, filtered, keyq, bon4, bon8 (best of N by "
+            "images.judge), lowcfg, highcfg, teacher, round2 (drawn with round 1's merge), and the Table 4 baselines "
+            "dpo, moe ([dpo] / [moe] settings). Default: selma, gt, filtered, keyq, lowcfg, highcfg, and teacher "
+            "when --teacher is given."
+        ),
+    ] = None,
+    merge_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Kinds whose experts are also merged and trained as one mixture LoRA (repeatable; default: selma)."
+        ),
+    ] = None,
+    prompt_set: Annotated[
+        str,
+        typer.Option(
+            help="Where variants are scored: heldout (the measurement) or dev (a development prompt stream, neither "
+            "trained on nor held out, for sizing a study)."
+        ),
+    ] = "heldout",
+    guidance: Annotated[
+        list[float] | None,
+        typer.Option(help="Other guidance scales to draw the base at, variants base-cfg<g> (repeatable; default: 1)."),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Weak-to-strong: the base model that draws the 'teacher' kind's images (e.g. toy:shapes)."),
+    ] = None,
     high_guidance: Annotated[float, typer.Option(min=1, help="Guidance of the 'highcfg' kind's images.")] = 8.0,
-    filter_min_score: Annotated[float, typer.Option(
-        min=0, max=100, help="Filtered experts train on self-generated images scoring at least this.")] = 100.0,
-    filter_candidates: Annotated[int, typer.Option(
-        min=1, help="Self-generated candidates per prompt for the filtered experts (the first that passes is kept).")] = 4,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    filter_min_score: Annotated[
+        float,
+        typer.Option(min=0, max=100, help="Filtered experts train on self-generated images scoring at least this."),
+    ] = 100.0,
+    filter_candidates: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Self-generated candidates per prompt for the filtered experts (the first that passes is kept)."
+        ),
+    ] = 4,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     set_: SetOption = None,
 ) -> None:
     """SELMA on a toy base, scored exactly: base, experts on self-generated / ground-truth / filtered /
@@ -153,9 +214,16 @@ def toyworld_study(
     set_threads(threads)
     run = load_run_recipe(recipe, set_ or [])
     kinds = kind or [*DEFAULT_KINDS, *(["teacher"] if teacher else [])]
-    options = StudyOptions(kinds=tuple(kinds), merge_kinds=tuple(merge_kind or ("selma",)), prompt_set=prompt_set,  # type: ignore[arg-type]
-                           guidances=tuple(guidance or (1.0,)), filter_min_score=filter_min_score,
-                           filter_candidates=filter_candidates, high_guidance=high_guidance, teacher=teacher)
+    options = StudyOptions(
+        kinds=tuple(kinds),
+        merge_kinds=tuple(merge_kind or ("selma",)),
+        prompt_set=prompt_set,  # type: ignore[arg-type]
+        guidances=tuple(guidance or (1.0,)),
+        filter_min_score=filter_min_score,
+        filter_candidates=filter_candidates,
+        high_guidance=high_guidance,
+        teacher=teacher,
+    )
     summary = run_with_progress(lambda on_stage, progress: run_study(run, out, options, seeds=seed, progress=progress))
     console.print(f"study summary: {escape(str(summary))}", highlight=False, soft_wrap=True)
     console.print(f"per-seed reports: {escape(str(out))}/seed-*/report/index.html", highlight=False, soft_wrap=True)
@@ -164,8 +232,10 @@ def toyworld_study(
 @toyworld_app.command("export")
 def toyworld_export(
     run_dir: Annotated[Path, typer.Argument(help="A pretraining folder.")],
-    to: Annotated[Path, typer.Option(help="Diffusers folder to write (replaced whole), e.g. selma_toolkit/toyworld/base.")],
-    step: Annotated[Optional[int], typer.Option(help="Snapshot step (default: the latest).")] = None,
+    to: Annotated[
+        Path, typer.Option(help="Diffusers folder to write (replaced whole), e.g. selma_toolkit/toyworld/base.")
+    ],
+    step: Annotated[int | None, typer.Option(help="Snapshot step (default: the latest).")] = None,
 ) -> None:
     """Write an EMA snapshot of a pretraining run as a diffusers pipeline folder (fp16 safetensors)."""
     from selma_toolkit.toyworld.snapshots import export_base, snapshot_path
@@ -179,15 +249,21 @@ def toyworld_judge_train(
     out: Annotated[Path, typer.Option(help="Training folder (checkpoint, log); rerun to resume.")],
     seed: Annotated[int, typer.Option(help="The run is a pure function of the settings and this seed.")] = 0,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
-    batch_size: Annotated[int, typer.Option(help="Renders per step (each with its caption and 3 hard negatives).")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Renders per step (each with its caption and 3 hard negatives).")
+    ] = 64,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant after warm-up).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
     noise: Annotated[float, typer.Option(help="Largest pixel-noise std of the degraded renders.")] = 0.1,
     blur: Annotated[float, typer.Option(help="Share of renders blurred (3x3 box).")] = 0.5,
-    exclude_recipe: Annotated[Optional[str], typer.Option(
-        help="A study recipe whose held-out and development prompts the judge must never see (e.g. toy-study-3).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    exclude_recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="A study recipe whose held-out and development prompts the judge must never see (e.g. toy-study-3)."
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train toy:judge, a small CLIP of the shapes world, on renders with hard-negative captions."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -195,11 +271,24 @@ def toyworld_judge_train(
     from selma_toolkit.toyworld.judge import JudgeSettings, train_judge
 
     set_threads(threads)
-    settings = JudgeSettings(seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                             warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, noise=noise, blur=blur,
-                             exclude_recipe=exclude_recipe)
-    columns = (TextColumn("judge"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"))
+    settings = JudgeSettings(
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        checkpoint_every=checkpoint_every,
+        noise=noise,
+        blur=blur,
+        exclude_recipe=exclude_recipe,
+    )
+    columns = (
+        TextColumn("judge"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+    )
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("judge", total=steps, loss=0.0)
         train_judge(out, settings, progress=lambda done, total, loss: bar.update(task, completed=done, loss=loss))
@@ -209,8 +298,12 @@ def toyworld_judge_train(
 @toyworld_app.command("judge-export")
 def toyworld_judge_export(
     run_dir: Annotated[Path, typer.Argument(help="A judge training folder.")],
-    to: Annotated[Optional[Path], typer.Option(help="Folder to write (replaced whole); default: the shipped "
-                                                    "selma_toolkit/toyworld/judge (toy:judge).")] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder to write (replaced whole); default: the shipped selma_toolkit/toyworld/judge (toy:judge)."
+        ),
+    ] = None,
 ) -> None:
     """Write a trained judge as a transformers CLIP folder (fp16 safetensors, processor, provenance)."""
     from selma_toolkit.toyworld.judge import JUDGE_DIR, export_judge

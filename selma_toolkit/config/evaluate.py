@@ -77,14 +77,18 @@ class EvaluateSettings(StrictModel):
     benchmark_variants: list[str] = []
 
     @model_validator(mode="after")
-    def _questions_scorer_has_questions(self) -> "EvaluateSettings":
+    def _questions_scorer_has_questions(self) -> EvaluateSettings:
         if "questions" in self.scorers and not self.questions:
-            raise ValueError("scorers: 'questions' needs evaluate.questions (a DSG/TIFA-style question file or datasets id)")
+            raise ValueError(
+                "scorers: 'questions' needs evaluate.questions (a DSG/TIFA-style question file or datasets id)"
+            )
         if self.benchmark is not None:
             benchmark_seeds(self, self.benchmark)
         if self.selection_metric is not None and self.selection_metric not in self.scorers:
-            raise ValueError(f"selection_metric: {self.selection_metric!r} is not one of scorers {self.scorers}; "
-                             "add it to scorers or choose one of them")
+            raise ValueError(
+                f"selection_metric: {self.selection_metric!r} is not one of scorers {self.scorers}; "
+                "add it to scorers or choose one of them"
+            )
         return self
 
 
@@ -94,7 +98,8 @@ def benchmark_seeds(settings: EvaluateSettings, name: str) -> list[int]:
     spec = BENCHMARKS[name]
     seeds = list(spec.seeds if settings.benchmark_seeds is None else settings.benchmark_seeds)
     if spec.fixed_images and len(seeds) != len(spec.seeds):
-        raise ValueError(f"benchmark_seeds: {name} draws {len(spec.seeds)} images per prompt (its protocol), "
-                         f"so it needs {len(spec.seeds)} seeds, not {len(seeds)}")
+        raise ValueError(
+            f"benchmark_seeds: {name} draws {len(spec.seeds)} images per prompt (its protocol), "
+            f"so it needs {len(spec.seeds)} seeds, not {len(seeds)}"
+        )
     return seeds
-

@@ -58,12 +58,18 @@ class ImageSettings(StrictModel):
     @model_validator(mode="after")
     def _judge_can_choose(self) -> ImageSettings:
         if self.candidates > 1 and self.judge is None:
-            raise ValueError(f"candidates = {self.candidates} needs a judge to choose among them: set images.judge "
-                             "(e.g. \"clipscore\" with images.judge_model), or candidates = 1")
+            raise ValueError(
+                f"candidates = {self.candidates} needs a judge to choose among them: set images.judge "
+                '(e.g. "clipscore" with images.judge_model), or candidates = 1'
+            )
         if self.judge_model is not None and self.judge not in SCORER_MODEL_FIELDS:
-            raise ValueError(f"judge_model = {self.judge_model!r} is set, but judge = {self.judge!r} has no model to "
-                             "set; remove judge_model or choose a judge with a model (e.g. clipscore)")
+            raise ValueError(
+                f"judge_model = {self.judge_model!r} is set, but judge = {self.judge!r} has no model to "
+                "set; remove judge_model or choose a judge with a model (e.g. clipscore)"
+            )
         if self.judge in NOT_JUDGES:
-            raise ValueError(f"judge = {self.judge!r} cannot score every prompt ({NOT_JUDGES[self.judge]}); use a "
-                             "scorer that reads the prompt itself: clipscore, pickscore, hps, vqascore, toyworld")
+            raise ValueError(
+                f"judge = {self.judge!r} cannot score every prompt ({NOT_JUDGES[self.judge]}); use a "
+                "scorer that reads the prompt itself: clipscore, pickscore, hps, vqascore, toyworld"
+            )
         return self

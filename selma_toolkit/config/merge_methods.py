@@ -65,19 +65,52 @@ class MethodSpec:
 
 
 _SVD = "re-factored by a truncated SVD"
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("selma", "merge_selma", "factors", "the paper's rule, A and B factors averaged separately, equal ranks needed",
-               kept_rank="the experts' rank", equal_ranks="averages the A and B factors"),
-    MethodSpec("delta", "merge_delta", "factors", "the exact weighted sum of the updates, rank = sum of ranks",
-               kept_rank="every expert (rank = sum of ranks)"),
-    MethodSpec("svd", "svd_update", "dense", "the weighted sum re-factored to the output rank by truncated SVD", nonlinear=_SVD,
-               low_rank="svd_from_factors"),
-    MethodSpec("ties", "ties_update", "dense", "sign consensus of the trimmed updates, re-factored like svd",
-               nonlinear=f"{_SVD}, with sign elections", density="share of largest entries kept",
-               positive_weights="elects signs on weighted updates"),
-    MethodSpec("dare", "dare_update", "dense", "random drop and rescale of the updates, re-factored like svd",
-               nonlinear=f"{_SVD}, with random drop masks", density="share of entries kept", seed="seed of the drop masks"),
-)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "selma",
+            "merge_selma",
+            "factors",
+            "the paper's rule, A and B factors averaged separately, equal ranks needed",
+            kept_rank="the experts' rank",
+            equal_ranks="averages the A and B factors",
+        ),
+        MethodSpec(
+            "delta",
+            "merge_delta",
+            "factors",
+            "the exact weighted sum of the updates, rank = sum of ranks",
+            kept_rank="every expert (rank = sum of ranks)",
+        ),
+        MethodSpec(
+            "svd",
+            "svd_update",
+            "dense",
+            "the weighted sum re-factored to the output rank by truncated SVD",
+            nonlinear=_SVD,
+            low_rank="svd_from_factors",
+        ),
+        MethodSpec(
+            "ties",
+            "ties_update",
+            "dense",
+            "sign consensus of the trimmed updates, re-factored like svd",
+            nonlinear=f"{_SVD}, with sign elections",
+            density="share of largest entries kept",
+            positive_weights="elects signs on weighted updates",
+        ),
+        MethodSpec(
+            "dare",
+            "dare_update",
+            "dense",
+            "random drop and rescale of the updates, re-factored like svd",
+            nonlinear=f"{_SVD}, with random drop masks",
+            density="share of entries kept",
+            seed="seed of the drop masks",
+        ),
+    )
+}
 DEFAULT_METHOD = "selma"
 
 MERGE_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -99,7 +132,9 @@ def method_spec(method: str) -> MethodSpec:
     return spec
 
 
-def recorded_settings(method: str, *, rank: int | None, density: float, seed: int, svd_mode: str = "exact") -> dict[str, Any]:
+def recorded_settings(
+    method: str, *, rank: int | None, density: float, seed: int, svd_mode: str = "exact"
+) -> dict[str, Any]:
     """The settings a merge record holds for ``method``, each None where the method does not use it:
     rank and svd_mode for the methods that re-factor; density where it has a meaning; seed for the
     methods that draw with it, and for any re-factoring method with the randomized SVD."""
@@ -137,7 +172,9 @@ def seed_text() -> str:
 
 def method_help() -> str:
     """Every method with its summary, for ``selma merge --method``."""
-    described = [f"{name} ({spec.summary}{'; the default' if name == DEFAULT_METHOD else ''})" for name, spec in METHODS.items()]
+    described = [
+        f"{name} ({spec.summary}{'; the default' if name == DEFAULT_METHOD else ''})" for name, spec in METHODS.items()
+    ]
     return listing(described) + "."
 
 
@@ -147,9 +184,11 @@ def rank_help() -> str:
 
 def svd_mode_text() -> str:
     """What each SVD mode does, for the CLI's and the nodes' help."""
-    return (f"exact: the exact truncated SVD (svd: from the experts' factors, no dense update; "
-            f"{listing([n for n in FACTORED_METHODS if not METHODS[n].low_rank], 'and')}: of each dense update); "
-            "randomized: torch.svd_lowrank of the dense update with the seed, approximate, faster for large layers")
+    return (
+        f"exact: the exact truncated SVD (svd: from the experts' factors, no dense update; "
+        f"{listing([n for n in FACTORED_METHODS if not METHODS[n].low_rank], 'and')}: of each dense update); "
+        "randomized: torch.svd_lowrank of the dense update with the seed, approximate, faster for large layers"
+    )
 
 
 def svd_mode_help() -> str:

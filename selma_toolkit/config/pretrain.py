@@ -50,7 +50,9 @@ class PretrainSettings(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:  # one line per problem, named as the CLI options are
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            )
             raise RecipeError(f"pretraining settings: {problems}") from None
 
 

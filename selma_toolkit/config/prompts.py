@@ -46,7 +46,7 @@ class GrammarSettings(StrictModel):
     words: dict[str, Annotated[list[str], Field(min_length=1)]]
 
     @model_validator(mode="after")
-    def _slots_have_words(self) -> "GrammarSettings":
+    def _slots_have_words(self) -> GrammarSettings:
         for template in self.templates:
             for slot in re.findall(r"\{(\w+)\}", template):
                 base = re.sub(r"\d+$", "", slot)  # {object1}, {object2} both draw from "object"

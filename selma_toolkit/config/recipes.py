@@ -63,7 +63,7 @@ class SkillRecipe(StrictModel):
         return seeds
 
     @model_validator(mode="after")
-    def _source_has_what_it_needs(self) -> "SkillRecipe":
+    def _source_has_what_it_needs(self) -> SkillRecipe:
         if self.source == "llm" and not self.instruction.strip():
             raise ValueError("instruction: must not be empty for source = 'llm' (it is what the LLM is asked)")
         if self.source == "grammar" and self.grammar is None:
@@ -71,14 +71,19 @@ class SkillRecipe(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _placeholders_filled_in(self) -> "SkillRecipe":
+    def _placeholders_filled_in(self) -> SkillRecipe:
         # `selma skill new` (skill_new.py) marks text the user must write with PLACEHOLDER.
-        texts = {"description": self.description, "instruction": self.instruction,
-                 **{f"seeds[{i}]": seed for i, seed in enumerate(self.seeds)}}
+        texts = {
+            "description": self.description,
+            "instruction": self.instruction,
+            **{f"seeds[{i}]": seed for i, seed in enumerate(self.seeds)},
+        }
         unfilled = [field for field, text in texts.items() if PLACEHOLDER in text]
         if unfilled:
-            raise ValueError(f"{', '.join(unfilled)}: still hold{'s' if len(unfilled) == 1 else ''} the {PLACEHOLDER}...> "
-                             "text that `selma skill new` wrote; replace it with the skill's own text")
+            raise ValueError(
+                f"{', '.join(unfilled)}: still hold{'s' if len(unfilled) == 1 else ''} the {PLACEHOLDER}...> "
+                "text that `selma skill new` wrote; replace it with the skill's own text"
+            )
         return self
 
 
@@ -109,7 +114,7 @@ class RunRecipe(StrictModel):
     dpo: DPOSettings = DPOSettings()
 
     @model_validator(mode="after")
-    def _skills_unique(self) -> "RunRecipe":
+    def _skills_unique(self) -> RunRecipe:
         names = [s.name for s in self.skills]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -117,8 +122,10 @@ class RunRecipe(StrictModel):
         if not self.skills and not self.experts:
             raise ValueError("skills: a run needs at least one skill (or one expert in experts)")
         if self.dpo.scorer == "judge" and self.images.judge is None:
-            raise ValueError("dpo.scorer = \"judge\" picks DPO's pairs with images.judge, which is not set; set "
-                             "images.judge (and images.judge_model) or choose a scorer for dpo.scorer")
+            raise ValueError(
+                'dpo.scorer = "judge" picks DPO\'s pairs with images.judge, which is not set; set '
+                "images.judge (and images.judge_model) or choose a scorer for dpo.scorer"
+            )
         return self
 
     def skill(self, name: str) -> SkillRecipe:

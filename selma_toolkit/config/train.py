@@ -55,13 +55,13 @@ class TrainSettings(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _warmup_has_a_scheduler(self) -> "TrainSettings":
+    def _warmup_has_a_scheduler(self) -> TrainSettings:
         if self.warmup_steps and self.lr_scheduler == "constant":
             raise ValueError(f"warmup_steps = {self.warmup_steps} needs lr_scheduler = 'constant_with_warmup'")
         return self
 
     @model_validator(mode="after")
-    def _micro_batch_divides(self) -> "TrainSettings":
+    def _micro_batch_divides(self) -> TrainSettings:
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}): "

@@ -28,7 +28,21 @@ from selma_toolkit.evaluate.stats import Interval, bootstrap_interval
 from selma_toolkit.evaluate.tally import Tally, tally_answers, tally_files
 
 __all__ = [
-    "SCORER_NAMES", "EvalItem", "Interval", "Question", "QuestionSet", "Scorer", "Tally", "bootstrap_interval",
-    "build_scorer", "build_scorers", "read_questions", "read_scores", "score_variants", "tally_answers",
-    "tally_files", "variant_sort_key", "write_report",
+    "SCORER_NAMES",
+    "EvalItem",
+    "Interval",
+    "Question",
+    "QuestionSet",
+    "Scorer",
+    "Tally",
+    "bootstrap_interval",
+    "build_scorer",
+    "build_scorers",
+    "read_questions",
+    "read_scores",
+    "score_variants",
+    "tally_answers",
+    "tally_files",
+    "variant_sort_key",
+    "write_report",
 ]

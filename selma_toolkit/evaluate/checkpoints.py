@@ -96,18 +96,25 @@ def read_selection(paths: RunPaths) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DatasetError(what=f"not valid JSON ({exc.msg})", where=str(path),
-                           remedies=[Remedy.do("delete it"), Remedy.run("selma evaluate RUN --checkpoints",
-                                                                         note="after deleting it")]) from None
+        raise DatasetError(
+            what=f"not valid JSON ({exc.msg})",
+            where=str(path),
+            remedies=[Remedy.do("delete it"), Remedy.run("selma evaluate RUN --checkpoints", note="after deleting it")],
+        ) from None
     if document.get("format") != SELECTION_FORMAT:
         raise DatasetError(f"{path}: expected format {SELECTION_FORMAT!r}, found {document.get('format')!r}")
     return document["skills"]
 
 
 def _choice(paths: RunPaths, skill: str, entry: dict[str, Any]) -> CheckpointChoice:
-    return CheckpointChoice(skill=skill, metric=entry["metric"], step=entry["best_step"],
-                            expert=paths.root / entry["expert"], sha256=entry["sha256"],
-                            means={c["step"]: c["mean"] for c in entry["checkpoints"]})
+    return CheckpointChoice(
+        skill=skill,
+        metric=entry["metric"],
+        step=entry["best_step"],
+        expert=paths.root / entry["expert"],
+        sha256=entry["sha256"],
+        means={c["step"]: c["mean"] for c in entry["checkpoints"]},
+    )
 
 
 def current_selection(run: RunRecipe, paths: RunPaths, skill: str) -> CheckpointChoice | None:
@@ -148,7 +155,9 @@ def select_checkpoints(
     if not names:
         raise DatasetError(f"run {run.name!r} has no skills of its own, so there are no checkpoints to select from")
     if settings.prompts_per_skill == 0:
-        raise DatasetError("evaluate.prompts_per_skill = 0: checkpoint selection needs held-out prompts; set it to 1 or more")
+        raise DatasetError(
+            "evaluate.prompts_per_skill = 0: checkpoint selection needs held-out prompts; set it to 1 or more"
+        )
     prompts = heldout_prompts(run, paths)
     recorded = read_selection(paths)
     choices: dict[str, CheckpointChoice] = {}
@@ -157,41 +166,69 @@ def select_checkpoints(
         run.skill(skill)
         found = _checkpoint_files(paths, skill)
         if not found:
-            raise TrainingError(what=f"no checkpoint of skill {skill!r} to select from",
-                                where=str(paths.train_dir(skill) / "checkpoints"),
-                                remedies=[Remedy.run(f"selma train RECIPE --skill {skill}"),
-                                          Remedy.run("selma run RECIPE")])
+            raise TrainingError(
+                what=f"no checkpoint of skill {skill!r} to select from",
+                where=str(paths.train_dir(skill) / "checkpoints"),
+                remedies=[Remedy.run(f"selma train RECIPE --skill {skill}"), Remedy.run("selma run RECIPE")],
+            )
         signature = _signature(run, found, prompts[skill])
         entry = recorded.get(skill)
         if entry is not None and entry.get("signature") == signature:
             choices[skill] = _choice(paths, skill, entry)
         else:
             todo[skill] = (found, signature)
-    jobs = [EvalJob(_variant(step), selection_folder(paths) / skill / "images" / variant_folder(_variant(step)), path,
-                    {skill: prompts[skill]})
-            for skill, (found, _) in todo.items() for step, path in found]
+    jobs = [
+        EvalJob(
+            _variant(step),
+            selection_folder(paths) / skill / "images" / variant_folder(_variant(step)),
+            path,
+            {skill: prompts[skill]},
+        )
+        for skill, (found, _) in todo.items()
+        for step, path in found
+    ]
     items = draw_eval_images(run, jobs, progress=progress) if jobs else {}
     for skill, (found, signature) in todo.items():
-        document = score_variants({_variant(step): {skill: items[_variant(step)][skill]} for step, _ in found},
-                                  [scorer], selection_folder(paths) / skill,
-                                  bootstrap_samples=settings.bootstrap_samples, batch_size=settings.batch_size)
+        document = score_variants(
+            {_variant(step): {skill: items[_variant(step)][skill]} for step, _ in found},
+            [scorer],
+            selection_folder(paths) / skill,
+            bootstrap_samples=settings.bootstrap_samples,
+            batch_size=settings.batch_size,
+        )
         rows = []
         for (step, path), (_, digest) in zip(found, signature["checkpoints"]):
             stats = document["aggregate"][_variant(step)]["overall"][metric]
-            rows.append({"step": step, "expert": path.relative_to(paths.root).as_posix(), "sha256": digest,
-                         **({"mean": None} if stats is None else stats)})
+            rows.append(
+                {
+                    "step": step,
+                    "expert": path.relative_to(paths.root).as_posix(),
+                    "sha256": digest,
+                    **({"mean": None} if stats is None else stats),
+                }
+            )
         scored = [row for row in rows if row["mean"] is not None]
         if not scored:
-            raise DatasetError(f"skill {skill!r}: the {metric} scorer gave no score to any checkpoint image; choose "
-                               "another evaluate.selection_metric")
+            raise DatasetError(
+                f"skill {skill!r}: the {metric} scorer gave no score to any checkpoint image; choose "
+                "another evaluate.selection_metric"
+            )
         best = max(scored, key=lambda row: (row["mean"], row["step"]))
-        recorded[skill] = {"metric": metric, "best_step": best["step"], "expert": best["expert"],
-                           "sha256": best["sha256"], "checkpoints": rows, "signature": signature}
+        recorded[skill] = {
+            "metric": metric,
+            "best_step": best["step"],
+            "expert": best["expert"],
+            "sha256": best["sha256"],
+            "checkpoints": rows,
+            "signature": signature,
+        }
         choices[skill] = _choice(paths, skill, recorded[skill])
         log.info("%s: best checkpoint step %d (%s %.4g)", skill, best["step"], metric, best["mean"])
     if todo:
-        atomic_write_text(paths.selection, json.dumps(
-            {"format": SELECTION_FORMAT, "skills": recorded}, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            paths.selection,
+            json.dumps({"format": SELECTION_FORMAT, "skills": recorded}, indent=1, ensure_ascii=False) + "\n",
+        )
     return {skill: choices[skill] for skill in names}
 
 

@@ -78,12 +78,16 @@ def heldout_prompts(run: RunRecipe, paths: RunPaths) -> dict[str, list[PromptRec
         heldout = sorted((r for r in records if r.split == "heldout"), key=lambda r: r.id)
         clean = [r for r in heldout if normalized(r.prompt) not in trained]
         if len(clean) < len(heldout):
-            log.warning("%s: %d held-out prompt(s) repeat a training prompt and are not evaluated", skill.name,
-                        len(heldout) - len(clean))
+            log.warning(
+                "%s: %d held-out prompt(s) repeat a training prompt and are not evaluated",
+                skill.name,
+                len(heldout) - len(clean),
+            )
         if len(clean) < wanted:
             raise DatasetError(
                 f"{path}: {len(clean)} usable held-out prompt(s), evaluate.prompts_per_skill asks for {wanted}; "
-                "run `selma prompts` (or `selma run`) for this skill to add them, or lower evaluate.prompts_per_skill")
+                "run `selma prompts` (or `selma run`) for this skill to add them, or lower evaluate.prompts_per_skill"
+            )
         chosen[skill.name] = clean[:wanted]
     return chosen
 
@@ -91,9 +95,16 @@ def heldout_prompts(run: RunRecipe, paths: RunPaths) -> dict[str, list[PromptRec
 def generation_settings(run: RunRecipe) -> dict[str, Any]:
     """Every setting that changes an evaluation image besides the LoRA and the seed."""
     images = run.images
-    return {"model": run.base_model, "revision": run.revision, "steps": images.steps,
-            "guidance_scale": images.guidance_scale, "resolution": images.resolution,
-            "negative_prompt": images.negative_prompt, "scheduler": images.scheduler, "dtype": images.dtype}
+    return {
+        "model": run.base_model,
+        "revision": run.revision,
+        "steps": images.steps,
+        "guidance_scale": images.guidance_scale,
+        "resolution": images.resolution,
+        "negative_prompt": images.negative_prompt,
+        "scheduler": images.scheduler,
+        "dtype": images.dtype,
+    }
 
 
 def lora_digest(path: Path | None) -> str | None:
@@ -122,11 +133,20 @@ def draw_eval_images(
     settings = generation_settings(run)
     missing: list[tuple[EvalJob, list[tuple[str, PromptRecord, int]]]] = []
     for job in jobs:
-        manifest = {"variant": job.variant, "lora": str(job.lora) if job.lora else None,
-                    "lora_sha256": lora_digest(job.lora), "settings": settings}
+        manifest = {
+            "variant": job.variant,
+            "lora": str(job.lora) if job.lora else None,
+            "lora_sha256": lora_digest(job.lora),
+            "settings": settings,
+        }
         _prepare_folder(job.folder, manifest)
-        todo = [(skill, prompt, seed) for skill, prompts in job.prompts.items() for prompt in prompts for seed in seeds
-                if not image_path(job.folder, skill, prompt.id, seed).is_file()]
+        todo = [
+            (skill, prompt, seed)
+            for skill, prompts in job.prompts.items()
+            for prompt in prompts
+            for seed in seeds
+            if not image_path(job.folder, skill, prompt.id, seed).is_file()
+        ]
         if todo:
             missing.append((job, todo))
     total = sum(len(todo) for _, todo in missing)
@@ -138,8 +158,11 @@ def draw_eval_images(
     for job in jobs:  # jobs of one variant name for different skills (checkpoint selection) share its table
         table = items.setdefault(job.variant, {})
         for skill, prompts in job.prompts.items():
-            table[skill] = [EvalItem(image_path(job.folder, skill, p.id, seed), p.prompt, seed, p.id)
-                            for p in prompts for seed in seeds]
+            table[skill] = [
+                EvalItem(image_path(job.folder, skill, p.id, seed), p.prompt, seed, p.id)
+                for p in prompts
+                for seed in seeds
+            ]
     return items
 
 
@@ -169,8 +192,9 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
     from selma_toolkit.adapters.moe import is_moe_file, load_moe, unload_moe
 
     images = run.images
-    pipe = load_pipeline(run.base_model, revision=run.revision, device=device, dtype=images.dtype,
-                         scheduler=images.scheduler)
+    pipe = load_pipeline(
+        run.base_model, revision=run.revision, device=device, dtype=images.dtype, scheduler=images.scheduler
+    )
     family = pipeline_family(pipe)  # names the guidance argument and whether a negative prompt goes with it
     done = 0
     for job, todo in missing:
@@ -189,14 +213,16 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
                 lora_base.setLevel(level)
         try:
             for start in range(0, len(todo), images.batch_size):
-                batch = todo[start:start + images.batch_size]
+                batch = todo[start : start + images.batch_size]
                 output = pipe(
                     prompt=[prompt.prompt for _, prompt, _ in batch],
                     **family.pipeline_arguments(images.negative_prompt, images.guidance_scale, len(batch)),
                     num_inference_steps=images.steps,
                     height=images.resolution,
                     width=images.resolution,
-                    generator=[torch.Generator("cpu").manual_seed(image_seed(seed, prompt.id)) for _, prompt, seed in batch],
+                    generator=[
+                        torch.Generator("cpu").manual_seed(image_seed(seed, prompt.id)) for _, prompt, seed in batch
+                    ],
                     output_type="pil",
                 )
                 for (skill, prompt, seed), image in zip(batch, output.images):
@@ -217,8 +243,9 @@ def _draw_missing(run: RunRecipe, missing, device: str | None, total: int, progr
 # ------------------------------------------------------------------------------ the whole run
 
 
-def evaluation_signature(run: RunRecipe, variants: Mapping[str, Path | None],
-                         prompts: Mapping[str, Sequence[PromptRecord]]) -> dict[str, Any]:
+def evaluation_signature(
+    run: RunRecipe, variants: Mapping[str, Path | None], prompts: Mapping[str, Sequence[PromptRecord]]
+) -> dict[str, Any]:
     """What a finished evaluation depends on: each variant's LoRA (sha256), the prompts, seeds,
     scorers and generation settings. Equal signatures: the scores and report are up to date."""
     return {
@@ -227,8 +254,10 @@ def evaluation_signature(run: RunRecipe, variants: Mapping[str, Path | None],
         "seeds": list(run.evaluate.seeds),
         "scorers": {s.name: getattr(s, "cache_key", s.model_id) for s in build_scorers(run.evaluate)},
         "settings": generation_settings(run),
-        "report": {"prompts_per_skill": run.evaluate.report_prompts_per_skill,
-                   "human_eval_pairs": run.evaluate.human_eval_pairs},
+        "report": {
+            "prompts_per_skill": run.evaluate.report_prompts_per_skill,
+            "human_eval_pairs": run.evaluate.human_eval_pairs,
+        },
     }
 
 
@@ -260,10 +289,14 @@ def _lora_notes(paths: RunPaths, variants: Mapping[str, Path | None]) -> dict[st
         shown = lora.relative_to(paths.root).as_posix() if lora.is_relative_to(paths.root) else str(lora)
         entry = selection.get(variant.removeprefix("expert:")) if variant.startswith("expert:") else None
         if entry and entry.get("expert") == shown:
-            means = ", ".join(f"step {c['step']}: " + ("-" if c.get("mean") is None else f"{c['mean']:.4g}")
-                              for c in entry.get("checkpoints", []))
-            notes[variant] = (f"the checkpoint of step {entry['best_step']} ({shown}), the best by "
-                              f"{entry['metric']} on the held-out prompts ({means})")
+            means = ", ".join(
+                f"step {c['step']}: " + ("-" if c.get("mean") is None else f"{c['mean']:.4g}")
+                for c in entry.get("checkpoints", [])
+            )
+            notes[variant] = (
+                f"the checkpoint of step {entry['best_step']} ({shown}), the best by "
+                f"{entry['metric']} on the held-out prompts ({means})"
+            )
         elif variant.startswith("expert:") and lora == paths.expert(variant.removeprefix("expert:")):
             notes[variant] = f"{shown} (the final expert)"
         else:
@@ -283,15 +316,25 @@ def evaluate_variants(
     settings = run.evaluate
     scorers = build_scorers(settings)  # checks every scorer setting before anything is drawn
     prompts = heldout_prompts(run, paths)
-    jobs = [EvalJob(variant, paths.eval_dir / "images" / variant_folder(variant), lora, prompts)
-            for variant, lora in variants.items()]
+    jobs = [
+        EvalJob(variant, paths.eval_dir / "images" / variant_folder(variant), lora, prompts)
+        for variant, lora in variants.items()
+    ]
     items = draw_eval_images(run, jobs, progress=progress)
-    score_variants(items, scorers, paths.eval_dir, bootstrap_samples=settings.bootstrap_samples,
-                   batch_size=settings.batch_size)
-    index = write_report(paths.eval_dir, paths.report.parent, title=f"SELMA evaluation: {run.name}",
-                         prompts_per_skill=settings.report_prompts_per_skill,
-                         human_eval_pairs=settings.human_eval_pairs or None, note=settings.report_note,
-                         loras=_lora_notes(paths, variants))
-    atomic_write_text(paths.eval_dir / EVALUATION_RECORD,
-                      json.dumps(evaluation_signature(run, variants, prompts), indent=1, ensure_ascii=False) + "\n")
+    score_variants(
+        items, scorers, paths.eval_dir, bootstrap_samples=settings.bootstrap_samples, batch_size=settings.batch_size
+    )
+    index = write_report(
+        paths.eval_dir,
+        paths.report.parent,
+        title=f"SELMA evaluation: {run.name}",
+        prompts_per_skill=settings.report_prompts_per_skill,
+        human_eval_pairs=settings.human_eval_pairs or None,
+        note=settings.report_note,
+        loras=_lora_notes(paths, variants),
+    )
+    atomic_write_text(
+        paths.eval_dir / EVALUATION_RECORD,
+        json.dumps(evaluation_signature(run, variants, prompts), indent=1, ensure_ascii=False) + "\n",
+    )
     return index

@@ -28,8 +28,9 @@ from selma_toolkit.io import atomic_write_text
 ANSWERS_FORMAT = "selma-human-eval/1"
 
 
-def build_pairs(document: Mapping[str, Any], pairs: Sequence[Sequence[str]] | None, *, max_pairs: int = 200,
-                seed: int = 0) -> list[dict[str, Any]]:
+def build_pairs(
+    document: Mapping[str, Any], pairs: Sequence[Sequence[str]] | None, *, max_pairs: int = 200, seed: int = 0
+) -> list[dict[str, Any]]:
     """Image pairs for the page: for each [variant, baseline], the items both have (same skill,
     prompt index and seed), at most ``max_pairs`` of them (a seeded sample), sides drawn at random.
 
@@ -48,21 +49,31 @@ def build_pairs(document: Mapping[str, Any], pairs: Sequence[Sequence[str]] | No
     for variant, baseline in pairs:
         missing = [v for v in (variant, baseline) if v not in variants]
         if missing:
-            raise DatasetError(f"human-evaluation pair [{variant!r}, {baseline!r}]: no variant {missing[0]!r} in the "
-                               f"scores; variants are {variants}")
+            raise DatasetError(
+                f"human-evaluation pair [{variant!r}, {baseline!r}]: no variant {missing[0]!r} in the "
+                f"scores; variants are {variants}"
+            )
         shared = sorted(key[1:] for key in by_key if key[0] == variant and (baseline, *key[1:]) in by_key)
         if len(shared) > max_pairs:
             shared = sorted(rng.sample(shared, max_pairs))
         for skill, index, image_seed in shared:
-            sides = [(variant, by_key[(variant, skill, index, image_seed)]), (baseline, by_key[(baseline, skill, index, image_seed)])]
+            sides = [
+                (variant, by_key[(variant, skill, index, image_seed)]),
+                (baseline, by_key[(baseline, skill, index, image_seed)]),
+            ]
             if rng.random() < 0.5:
                 sides.reverse()
-            out.append({
-                "id": f"{variant}|{baseline}|{skill}|{index}|{image_seed}",
-                "variant": variant, "baseline": baseline, "skill": skill, "prompt": sides[0][1]["prompt"],
-                "left": {"variant": sides[0][0], "item": sides[0][1]},
-                "right": {"variant": sides[1][0], "item": sides[1][1]},
-            })
+            out.append(
+                {
+                    "id": f"{variant}|{baseline}|{skill}|{index}|{image_seed}",
+                    "variant": variant,
+                    "baseline": baseline,
+                    "skill": skill,
+                    "prompt": sides[0][1]["prompt"],
+                    "left": {"variant": sides[0][0], "item": sides[0][1]},
+                    "right": {"variant": sides[1][0], "item": sides[1][1]},
+                }
+            )
     return out
 
 
@@ -151,11 +162,22 @@ progress{width:60%}.note{color:#555;font-size:.9rem}
 """
 
 
-def write_human_eval_page(pairs: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Human evaluation") -> Path:
+def write_human_eval_page(
+    pairs: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Human evaluation"
+) -> Path:
     """Write the page for ``pairs`` (from build_pairs, each side with ``src`` relative to the page)."""
-    public = [{"id": p["id"], "variant": p["variant"], "baseline": p["baseline"], "skill": p["skill"],
-               "prompt": p["prompt"], "left": {"variant": p["left"]["variant"], "src": p["left"]["src"]},
-               "right": {"variant": p["right"]["variant"], "src": p["right"]["src"]}} for p in pairs]
+    public = [
+        {
+            "id": p["id"],
+            "variant": p["variant"],
+            "baseline": p["baseline"],
+            "skill": p["skill"],
+            "prompt": p["prompt"],
+            "left": {"variant": p["left"]["variant"], "src": p["left"]["src"]},
+            "right": {"variant": p["right"]["variant"], "src": p["right"]["src"]},
+        }
+        for p in pairs
+    ]
     payload = json.dumps(public, ensure_ascii=False)
     study = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
     # "</" inside a script element would end it early: escape it in the embedded JSON.

@@ -80,6 +80,8 @@ def clip_state_dict_from_open_clip(state_dict: dict[str, Any], source: str = "ch
         else:
             unknown.append(raw_key)
     if unknown:
-        raise ModelError(f"{source}: not an open_clip CLIP state dict; unknown keys {unknown[:5]}"
-                         f"{' and more' if len(unknown) > 5 else ''}")
+        raise ModelError(
+            f"{source}: not an open_clip CLIP state dict; unknown keys {unknown[:5]}"
+            f"{' and more' if len(unknown) > 5 else ''}"
+        )
     return out

@@ -96,13 +96,18 @@ def read_questions(
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
         else:
-            raise DatasetError(f"{path}: question file must end in .jsonl, .json or .csv (found {suffix or 'no suffix'!r})")
+            raise DatasetError(
+                f"{path}: question file must end in .jsonl, .json or .csv (found {suffix or 'no suffix'!r})"
+            )
         return questions_from_records(rows, str(path), item_column, as_published=as_published)
     if path.is_dir() or (str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))):
-        return questions_from_records(_load_dataset(str(ref), split), f"{ref} (split {split})", item_column,
-                                      as_published=as_published)
-    raise DatasetError(f"{ref}: question file not found; give a .jsonl/.json/.csv file, a dataset folder, "
-                       "or a Hugging Face dataset id (owner/name)")
+        return questions_from_records(
+            _load_dataset(str(ref), split), f"{ref} (split {split})", item_column, as_published=as_published
+        )
+    raise DatasetError(
+        f"{ref}: question file not found; give a .jsonl/.json/.csv file, a dataset folder, "
+        "or a Hugging Face dataset id (owner/name)"
+    )
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
@@ -120,7 +125,7 @@ def _load_dataset(ref: str, split: str) -> list[dict[str, Any]]:
 
     try:
         return list(datasets.load_dataset(ref, split=split))
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read it"
+    except Exception as exc:
         raise DatasetError(f"{ref}: could not load the question dataset (split {split!r}): {exc}") from None
 
 
@@ -184,8 +189,10 @@ def questions_from_records(
         key = prompt if item_column is None else str(row[item_column]).strip()
         owner, questions = grouped.setdefault(key, (prompt, []))
         if owner != prompt:
-            raise DatasetError(f"{source}: record {number}: item {key!r} has the prompt {owner[:60]!r} in an earlier "
-                               f"record and {prompt[:60]!r} here")
+            raise DatasetError(
+                f"{source}: record {number}: item {key!r} has the prompt {owner[:60]!r} in an earlier "
+                f"record and {prompt[:60]!r} here"
+            )
         raw_id = _column(row, ID_COLUMNS)
         qid = _normalise_id(raw_id) if raw_id is not None else str(len(questions) + 1)
         listed = _as_list(_column(row, PARENT_COLUMNS), numeric_sep=True)
@@ -195,24 +202,29 @@ def questions_from_records(
         choices = tuple(c.lower() for c in _as_list(row.get("choices"))) or ("yes", "no")
         answer = str(row.get("answer") or "yes").strip().lower()
         if answer not in choices and not as_published:  # TIFA's code scores such a question as never right
-            raise DatasetError(f"{source}: record {number}: expected answer {answer!r} is not among the choices "
-                               f"{list(choices)}")
+            raise DatasetError(
+                f"{source}: record {number}: expected answer {answer!r} is not among the choices {list(choices)}"
+            )
         if any(qid == other.id for _, other in questions):
-            raise DatasetError(f"{source}: record {number}: question id {qid!r} appears twice for prompt "
-                               f"{prompt[:60]!r}")
+            raise DatasetError(
+                f"{source}: record {number}: question id {qid!r} appears twice for prompt {prompt[:60]!r}"
+            )
         questions.append((number, Question(qid, str(text).strip(), parents, choices, answer)))
     if not grouped:
         raise DatasetError(f"{source}: no questions found")
     if as_published:
-        ordered = {key: (prompt, _published_parents(items, key in unreadable))
-                   for key, (prompt, items) in grouped.items()}
+        ordered = {
+            key: (prompt, _published_parents(items, key in unreadable)) for key, (prompt, items) in grouped.items()
+        }
     else:
         ordered = {key: (prompt, _parents_first(prompt, items, source)) for key, (prompt, items) in grouped.items()}
     by_prompt: dict[str, list[Question]] = {}
     for key, (prompt, questions) in ordered.items():
         if by_prompt.setdefault(prompt, questions) != questions and not as_published:
-            raise DatasetError(f"{source}: item {key!r} shares its prompt {prompt[:60]!r} with an earlier item but not "
-                               "its questions, so an image of that prompt cannot be scored")
+            raise DatasetError(
+                f"{source}: item {key!r} shares its prompt {prompt[:60]!r} with an earlier item but not "
+                "its questions, so an image of that prompt cannot be scored"
+            )
     return QuestionSet(source, by_prompt, ordered if item_column is not None else {})
 
 
@@ -232,8 +244,10 @@ def _parents_first(prompt: str, items: list[tuple[int, Question]], source: str) 
     for number, question in items:
         unknown = [p for p in question.parents if p not in by_id]
         if unknown:
-            raise DatasetError(f"{source}: record {number}: question {question.id!r} depends on {unknown}, "
-                               f"which prompt {prompt[:60]!r} has no question with that id")
+            raise DatasetError(
+                f"{source}: record {number}: question {question.id!r} depends on {unknown}, "
+                f"which prompt {prompt[:60]!r} has no question with that id"
+            )
     ordered: list[Question] = []
     state: dict[str, str] = {}
 
@@ -241,8 +255,10 @@ def _parents_first(prompt: str, items: list[tuple[int, Question]], source: str) 
         if state.get(qid) == "done":
             return
         if state.get(qid) == "visiting":
-            raise DatasetError(f"{source}: record {by_id[qid][0]}: the dependencies of prompt {prompt[:60]!r} form a "
-                               f"cycle through question {qid!r}; DSG dependencies must form a tree")
+            raise DatasetError(
+                f"{source}: record {by_id[qid][0]}: the dependencies of prompt {prompt[:60]!r} form a "
+                f"cycle through question {qid!r}; DSG dependencies must form a tree"
+            )
         state[qid] = "visiting"
         for parent in by_id[qid][1].parents:
             visit(parent)

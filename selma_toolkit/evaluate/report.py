@@ -69,14 +69,19 @@ def _cell(stats: Mapping[str, Any] | None, best: bool = False) -> str:
     if stats is None:
         return "<td>–</td>"
     mark = ' class="best"' if best else ""
-    return (f'<td{mark}>{_fmt(stats["mean"])} <span class="ci">[{_fmt(stats["low"])}, {_fmt(stats["high"])}]'
-            f' n={stats["n"]}</span></td>')
+    return (
+        f'<td{mark}>{_fmt(stats["mean"])} <span class="ci">[{_fmt(stats["low"])}, {_fmt(stats["high"])}]'
+        f" n={stats['n']}</span></td>"
+    )
 
 
 def _table(rows: Sequence[str], columns: Sequence[str], lookup, header: str) -> str:
     """A table of mean [interval] cells; the highest mean in each column is marked when no other row has it."""
-    out = [f"<div class='scroll'><table><tr><th>{html.escape(header)}</th>"
-           + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    out = [
+        f"<div class='scroll'><table><tr><th>{html.escape(header)}</th>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        + "</tr>"
+    ]
     best: dict[str, str | None] = {}
     for column in columns:
         means = {row: lookup(row, column)["mean"] for row in rows if lookup(row, column) is not None}
@@ -124,9 +129,16 @@ def copy_image(item: Mapping[str, Any], eval_dir: Path, out_dir: Path) -> str:
     source = Path(item["image"])
     source = source if source.is_absolute() else eval_dir / source
     if not source.is_file():
-        raise DatasetError(f"{source}: image of {item['variant']} / {item['skill']} #{item['index']} listed in "
-                           "scores.json is missing; rerun `selma evaluate`")
-    relative = Path("images") / variant_folder(item["variant"]) / item["skill"] / f"{item['index']:04d}-seed{item['seed']}{source.suffix}"
+        raise DatasetError(
+            f"{source}: image of {item['variant']} / {item['skill']} #{item['index']} listed in "
+            "scores.json is missing; rerun `selma evaluate`"
+        )
+    relative = (
+        Path("images")
+        / variant_folder(item["variant"])
+        / item["skill"]
+        / f"{item['index']:04d}-seed{item['seed']}{source.suffix}"
+    )
     target = out_dir / relative
     if not target.is_file() or target.stat().st_size != source.stat().st_size:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +156,11 @@ def _grids(document: Mapping[str, Any], eval_dir: Path, out_dir: Path, prompts_p
         if not indices:
             continue
         shown = [v for v in variants if any((v, skill, n) in by_key for n in indices)]
-        rows = ["<div class='scroll'><table class='grid'><tr><th>prompt</th>"
-                + "".join(f"<th>{html.escape(v)}</th>" for v in shown) + "</tr>"]
+        rows = [
+            "<div class='scroll'><table class='grid'><tr><th>prompt</th>"
+            + "".join(f"<th>{html.escape(v)}</th>" for v in shown)
+            + "</tr>"
+        ]
         for index in indices:
             prompt = next(by_key[(v, skill, index)]["prompt"] for v in shown if (v, skill, index) in by_key)
             cells = []
@@ -156,11 +171,16 @@ def _grids(document: Mapping[str, Any], eval_dir: Path, out_dir: Path, prompts_p
                     continue
                 src = copy_image(item, eval_dir, out_dir)
                 title = ", ".join(f"{k} {_fmt(v)}" for k, v in item["scores"].items() if v is not None)
-                scores = " · ".join(f"{document['scorers'][k]['label']} {'-' if v is None else _fmt(v)}"
-                                    for k, v in item["scores"].items() if k in document["scorers"])
-                cells.append(f"<td><img src='{html.escape(src)}' alt='{html.escape(variant)}' "
-                             f"title='{html.escape(title)}' loading='eager'>"
-                             f"<div class='score'>{html.escape(scores)}</div></td>")
+                scores = " · ".join(
+                    f"{document['scorers'][k]['label']} {'-' if v is None else _fmt(v)}"
+                    for k, v in item["scores"].items()
+                    if k in document["scorers"]
+                )
+                cells.append(
+                    f"<td><img src='{html.escape(src)}' alt='{html.escape(variant)}' "
+                    f"title='{html.escape(title)}' loading='eager'>"
+                    f"<div class='score'>{html.escape(scores)}</div></td>"
+                )
             rows.append(f"<tr><td class='prompt'>{html.escape(prompt)}</td>{''.join(cells)}</tr>")
         sections.append(f"<h3>{html.escape(skill)}</h3>" + "\n".join(rows) + "</table></div>")
     return "\n".join(sections)
@@ -179,14 +199,22 @@ def paired_gains(document: Mapping[str, Any], baseline: str = "base", samples: i
             continue
         for skill in document["skills"]:
             for metric in document["scorers"]:
-                diffs = [v[variant][metric] - v[baseline][metric] for key, v in sorted(by_key.items(), key=lambda kv: str(kv[0]))
-                         if key[0] == skill and variant in v and baseline in v
-                         and v[variant][metric] is not None and v[baseline][metric] is not None]
+                diffs = [
+                    v[variant][metric] - v[baseline][metric]
+                    for key, v in sorted(by_key.items(), key=lambda kv: str(kv[0]))
+                    if key[0] == skill
+                    and variant in v
+                    and baseline in v
+                    and v[variant][metric] is not None
+                    and v[baseline][metric] is not None
+                ]
                 if len(diffs) < 2:
                     continue
                 change = bootstrap_interval(diffs, samples=samples)
                 verdict = "helps" if change.low > 0 else "hurts" if change.high < 0 else "not significant at this size"
-                rows.append({"variant": variant, "skill": skill, "metric": metric, "change": change, "verdict": verdict})
+                rows.append(
+                    {"variant": variant, "skill": skill, "metric": metric, "change": change, "verdict": verdict}
+                )
     return rows
 
 
@@ -206,15 +234,20 @@ def ordered_gains(document: Mapping[str, Any], samples: int = 2000) -> list[dict
 
 def headline_gains(document: Mapping[str, Any], samples: int = 2000) -> list[dict[str, Any]]:
     """The rows of :func:`ordered_gains` that answer "did it help?": the merges, and each expert on its own skill."""
-    return [row for row in ordered_gains(document, samples) if row["variant"].startswith("merged:")
-            or row["variant"] == f"expert:{row['skill']}"]
+    return [
+        row
+        for row in ordered_gains(document, samples)
+        if row["variant"].startswith("merged:") or row["variant"] == f"expert:{row['skill']}"
+    ]
 
 
 def gain_line(row: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     """One paired change as a line of text: ``merged:selma on count, CLIPScore: +1.2 [+0.3, +2.1] helps``."""
     change = row["change"]
-    return (f"{row['variant']} on {row['skill']}, {labels[row['metric']]}: {change.mean:+.3g} "
-            f"[{change.low:+.3g}, {change.high:+.3g}] {row['verdict']}")
+    return (
+        f"{row['variant']} on {row['skill']}, {labels[row['metric']]}: {change.mean:+.3g} "
+        f"[{change.low:+.3g}, {change.high:+.3g}] {row['verdict']}"
+    )
 
 
 def _paired_section(document: Mapping[str, Any]) -> str:
@@ -225,13 +258,17 @@ def _paired_section(document: Mapping[str, Any]) -> str:
     body = "".join(
         f"<tr><td>{html.escape(r['variant'])}</td><td>{html.escape(r['skill'])}</td><td>{html.escape(labels[r['metric']])}</td>"
         f"<td>{r['change'].mean:+.3g} <span class='ci'>[{r['change'].low:+.3g}, {r['change'].high:+.3g}]</span></td>"
-        f"<td>{r['change'].n}</td><td>{html.escape(r['verdict'])}</td></tr>" for r in rows)
-    return ("<p class='note'>Each variant minus the base on the same prompts and seeds (the same initial noise), "
-            "with its 95% bootstrap interval: <i>helps</i> when the interval lies above 0, <i>hurts</i> when below, "
-            "else <i>not significant at this size</i> (more prompts or seeds would tell). The merges come first, "
-            "then each expert on its own skill, then the rest.</p>"
-            "<div class='scroll'><table><tr><th>variant</th><th>skill</th><th>metric</th><th>change vs base</th>"
-            f"<th>n</th><th>verdict</th></tr>{body}</table></div>")
+        f"<td>{r['change'].n}</td><td>{html.escape(r['verdict'])}</td></tr>"
+        for r in rows
+    )
+    return (
+        "<p class='note'>Each variant minus the base on the same prompts and seeds (the same initial noise), "
+        "with its 95% bootstrap interval: <i>helps</i> when the interval lies above 0, <i>hurts</i> when below, "
+        "else <i>not significant at this size</i> (more prompts or seeds would tell). The merges come first, "
+        "then each expert on its own skill, then the rest.</p>"
+        "<div class='scroll'><table><tr><th>variant</th><th>skill</th><th>metric</th><th>change vs base</th>"
+        f"<th>n</th><th>verdict</th></tr>{body}</table></div>"
+    )
 
 
 def _lora_list(loras: Mapping[str, str], variants: Sequence[str]) -> str:
@@ -283,22 +320,33 @@ def write_report(
         _plot(document, metric, out_dir / "plots" / f"{metric}.png")
         plots.append(f"<figure><img src='plots/{html.escape(metric)}.png' alt='{html.escape(metric)} chart'></figure>")
     labels = [document["scorers"][m]["label"] for m in metrics]
-    summary = _table(document["variants"], labels,
-                     lambda v, label: aggregate[v]["overall"][metrics[labels.index(label)]], "variant")
+    summary = _table(
+        document["variants"], labels, lambda v, label: aggregate[v]["overall"][metrics[labels.index(label)]], "variant"
+    )
     per_skill = "".join(
         f"<h3>{html.escape(document['scorers'][m]['label'])}</h3>"
-        + _table(document["variants"], document["skills"], lambda v, s, m=m: aggregate[v]["skills"].get(s, {}).get(m), "variant")
-        for m in metrics)
-    notes = "".join(f"<li><b>{html.escape(info['label'])}</b> ({html.escape(info['model'])}): {html.escape(info['description'])}</li>"
-                    for info in document["scorers"].values())
+        + _table(
+            document["variants"],
+            document["skills"],
+            lambda v, s, m=m: aggregate[v]["skills"].get(s, {}).get(m),
+            "variant",
+        )
+        for m in metrics
+    )
+    notes = "".join(
+        f"<li><b>{html.escape(info['label'])}</b> ({html.escape(info['model'])}): {html.escape(info['description'])}</li>"
+        for info in document["scorers"].values()
+    )
     pairs = build_pairs(document, human_eval_pairs, max_pairs=max_pairs, seed=seed)
     for pair in pairs:
         for side in ("left", "right"):
             pair[side]["src"] = copy_image(pair[side].pop("item"), eval_dir, out_dir)
     if pairs:
         write_human_eval_page(pairs, out_dir / "human-eval.html", title=f"{title}: human evaluation")
-        human = (f"<p><a href='human-eval.html'>Human evaluation</a>: {len(pairs)} image pairs in random left/right order; "
-                 "export the answers and count them with <code>selma evaluate --tally ANSWERS.json</code>.</p>")
+        human = (
+            f"<p><a href='human-eval.html'>Human evaluation</a>: {len(pairs)} image pairs in random left/right order; "
+            "export the answers and count them with <code>selma evaluate --tally ANSWERS.json</code>.</p>"
+        )
     else:
         human = "<p class='note'>No human-evaluation page: no two variants share prompts to compare.</p>"
     n_images = len(document["items"])
@@ -307,7 +355,7 @@ def write_report(
 <body>
 <h1>{html.escape(title)}</h1>
 <div id="image-check"></div>
-<p class="note">{n_images} images, {len(document['variants'])} variants, {len(document['skills'])} skills.
+<p class="note">{n_images} images, {len(document["variants"])} variants, {len(document["skills"])} skills.
 Cells show the mean and its 95% bootstrap interval over images; the best mean per column is marked (no cell
 when several share it).</p>
 <h2>What this run showed</h2>
@@ -318,7 +366,7 @@ when several share it).</p>
 {summary}
 <ul class="note">{notes}</ul>
 <h2>Charts</h2>
-{''.join(plots)}
+{"".join(plots)}
 <h2>Per skill</h2>
 {per_skill}
 <h2>Images</h2>

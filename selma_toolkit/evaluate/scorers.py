@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 class Scorer(Protocol):
     """What score_variants needs from a scorer."""
 
@@ -49,7 +50,7 @@ class Scorer(Protocol):
     model_id: str  # the model reference from the recipe (a scorer may add ``cache_key`` when more matters)
     description: str  # one line for the report: what the number is, and caveats
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         """One score per image (None where the scorer does not apply, e.g. a prompt without questions)."""
         ...
 
@@ -96,13 +97,13 @@ def require_pickle_opt_in(spec: str, field: str, allow: bool, sha256: str | None
         raise ModelError(
             f"evaluate.{field} = {spec!r} is a pickled PyTorch checkpoint: unpickling a file can run arbitrary code "
             f"on this machine. It is read only if you accept that risk for this scorer and pin the exact file: set "
-            f"evaluate.{prefix}_allow_pickle = true and evaluate.{prefix}_sha256 = \"<sha256 of the file>\" "
+            f'evaluate.{prefix}_allow_pickle = true and evaluate.{prefix}_sha256 = "<sha256 of the file>" '
             "(the Hub shows it on the file's page), or use a model in safetensors format."
         )
     if sha256 is None:
         raise ModelError(
             f"evaluate.{prefix}_allow_pickle is true but evaluate.{prefix}_sha256 is not set: a pickled checkpoint is "
-            f"read only when its sha256 is pinned. Add evaluate.{prefix}_sha256 = \"<sha256 of {spec}>\"."
+            f'read only when its sha256 is pinned. Add evaluate.{prefix}_sha256 = "<sha256 of {spec}>".'
         )
 
 
@@ -127,12 +128,14 @@ def _fetch_file(spec: str, field: str) -> Path:
         return path
     repo, sep, filename = spec.partition(":")
     if not sep or repo.count("/") != 1 or not filename:
-        raise ModelError(f"evaluate.{field} = {spec!r}: no such file, and not a Hub file of the form owner/repo:file.pt")
+        raise ModelError(
+            f"evaluate.{field} = {spec!r}: no such file, and not a Hub file of the form owner/repo:file.pt"
+        )
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo, filename))
-    except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+    except Exception as exc:
         raise ModelError(f"evaluate.{field} = {spec!r}: could not download {filename} from {repo} ({exc})") from None
 
 
@@ -148,8 +151,17 @@ class ClipSimilarityScorer:
     (PickScore); ``"percent"`` -> 100 * cos (HPS v2).
     """
 
-    def __init__(self, name: str, label: str, model_id: str, description: str, scale: str,
-                 load: Any, device: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        model_id: str,
+        description: str,
+        scale: str,
+        load: Any,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         self.name, self.label, self.model_id, self.description = name, label, model_id, description
         self.scale = scale
         self.batch_size = batch_size
@@ -164,7 +176,7 @@ class ClipSimilarityScorer:
             model, self._processor = self._load()
             self._model = model.to(self.device).eval()
 
-    def embeddings(self, images: Sequence["Image"], prompts: Sequence[str]):
+    def embeddings(self, images: Sequence[Image], prompts: Sequence[str]):
         """L2-normalised image and text embeddings, [n, d] each (float32)."""
         import torch
 
@@ -173,20 +185,26 @@ class ClipSimilarityScorer:
         image_parts, text_parts = [], []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                batch_images = [image.convert("RGB") for image in images[start:start + self.batch_size]]
-                batch_prompts = list(prompts[start:start + self.batch_size])
+                batch_images = [image.convert("RGB") for image in images[start : start + self.batch_size]]
+                batch_prompts = list(prompts[start : start + self.batch_size])
                 pixels = self._processor(images=batch_images, return_tensors="pt")["pixel_values"].to(self.device)
-                tokens = self._processor(text=batch_prompts, return_tensors="pt", padding=True, truncation=True,
-                                         max_length=max_length)
+                tokens = self._processor(
+                    text=batch_prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+                )
                 image_parts.append(_features(self._model.get_image_features(pixel_values=pixels)).float())
-                text_parts.append(_features(self._model.get_text_features(
-                    input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
-                )).float())
+                text_parts.append(
+                    _features(
+                        self._model.get_text_features(
+                            input_ids=tokens["input_ids"].to(self.device),
+                            attention_mask=tokens["attention_mask"].to(self.device),
+                        )
+                    ).float()
+                )
         image_embeds = torch.nn.functional.normalize(torch.cat(image_parts), dim=-1)
         text_embeds = torch.nn.functional.normalize(torch.cat(text_parts), dim=-1)
         return image_embeds, text_embeds
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts")
         if not images:
@@ -213,7 +231,7 @@ def _clip_loader(model_spec: str, model_field: str, processor_spec: str | None, 
     return load
 
 
-def _hps_pickle_loader(settings: "EvaluateSettings"):
+def _hps_pickle_loader(settings: EvaluateSettings):
     """HPS v2's published checkpoint is an open_clip state dict in a pickle; it is read (after the
     opt-in and pin) with torch.load(weights_only=True) into a transformers CLIPModel built from
     ``hps_clip_config``, so open_clip (and torchvision) are not needed."""
@@ -225,7 +243,7 @@ def _hps_pickle_loader(settings: "EvaluateSettings"):
         path = pinned_pickle(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a file that is not a plain tensor dict
+        except Exception as exc:
             raise ModelError(f"{path}: could not read it as a PyTorch state dict ({exc})") from None
         config = load_pretrained(CLIPConfig, settings.hps_clip_config, "hps_clip_config", weights=False)
         model = CLIPModel(config)
@@ -250,14 +268,15 @@ class ImageRewardScorer:
     name, label = "imagereward", "ImageReward"
     description = "ImageReward reward model score (higher is better)."
 
-    def __init__(self, settings: "EvaluateSettings", device: str | None = None):
+    def __init__(self, settings: EvaluateSettings, device: str | None = None):
         self.model_id = settings.imagereward_model
         self.settings = settings
         self.device = device
         self._model: Any = None
         # Checked now so that a missing opt-in or package fails before images are generated.
-        require_pickle_opt_in(self.model_id, "imagereward_model", settings.imagereward_allow_pickle,
-                              settings.imagereward_sha256)
+        require_pickle_opt_in(
+            self.model_id, "imagereward_model", settings.imagereward_allow_pickle, settings.imagereward_sha256
+        )
         try:
             import ImageReward  # noqa: F401
         except ImportError:
@@ -266,7 +285,7 @@ class ImageRewardScorer:
                 "(or drop 'imagereward' from evaluate.scorers)"
             ) from None
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         if self._model is None:
             import ImageReward
 
@@ -284,41 +303,62 @@ def _sibling(spec: str, filename: str) -> str:
     return f"{spec.partition(':')[0]}:{filename}"
 
 
-def build_clipscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_clipscore(settings: EvaluateSettings, device: str | None) -> Scorer:
     return ClipSimilarityScorer(
-        "clipscore", "CLIPScore", settings.clip_model, "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
-        "clipscore", _clip_loader(settings.clip_model, "clip_model", None, "clip_model"), device, settings.batch_size)
+        "clipscore",
+        "CLIPScore",
+        settings.clip_model,
+        "100 * max(cos(image, prompt), 0) in CLIP embedding space.",
+        "clipscore",
+        _clip_loader(settings.clip_model, "clip_model", None, "clip_model"),
+        device,
+        settings.batch_size,
+    )
 
 
-def build_pickscore(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_pickscore(settings: EvaluateSettings, device: str | None) -> Scorer:
     return ClipSimilarityScorer(
-        "pickscore", "PickScore", settings.pickscore_model, "PickScore human-preference model: logit_scale * cos.",
-        "logit_scale", _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor,
-                                    "pickscore_processor"), device, settings.batch_size)
+        "pickscore",
+        "PickScore",
+        settings.pickscore_model,
+        "PickScore human-preference model: logit_scale * cos.",
+        "logit_scale",
+        _clip_loader(settings.pickscore_model, "pickscore_model", settings.pickscore_processor, "pickscore_processor"),
+        device,
+        settings.batch_size,
+    )
 
 
-def build_hps(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_hps(settings: EvaluateSettings, device: str | None) -> Scorer:
     if settings.hps_model.endswith((".pt", ".pth", ".bin")):
         # Refuse now (before images are generated) if the opt-in or the pin is missing.
         require_pickle_opt_in(settings.hps_model, "hps_model", settings.hps_allow_pickle, settings.hps_sha256)
         load = _hps_pickle_loader(settings)
     else:
         load = _clip_loader(settings.hps_model, "hps_model", None, "hps_model")
-    return ClipSimilarityScorer("hps", "HPS v2", settings.hps_model, "Human Preference Score v2: 100 * cos.",
-                                "percent", load, device, settings.batch_size)
+    return ClipSimilarityScorer(
+        "hps",
+        "HPS v2",
+        settings.hps_model,
+        "Human Preference Score v2: 100 * cos.",
+        "percent",
+        load,
+        device,
+        settings.batch_size,
+    )
 
 
-def build_imagereward(settings: "EvaluateSettings", device: str | None) -> Scorer:
+def build_imagereward(settings: EvaluateSettings, device: str | None) -> Scorer:
     return ImageRewardScorer(settings, device)
 
 
-def build_scorer(name: str, settings: "EvaluateSettings", device: str | None = None) -> Scorer:
+def build_scorer(name: str, settings: EvaluateSettings, device: str | None = None) -> Scorer:
     """The scorer called ``name`` (one of SCORER_NAMES) with its models from ``settings``."""
     if name not in SCORERS:
         raise ModelError(f"unknown scorer {name!r}; expected one of {', '.join(SCORER_NAMES)}")
     return import_object(SCORERS[name])(settings, device)
 
 
-def build_scorers(settings: "EvaluateSettings", device: str | None = None) -> list[Scorer]:
+def build_scorers(settings: EvaluateSettings, device: str | None = None) -> list[Scorer]:
     """Every scorer the recipe lists, in its order."""
     return [build_scorer(name, settings, device) for name in settings.scorers]

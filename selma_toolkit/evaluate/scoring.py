@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from selma_toolkit.errors import DatasetError
 from selma_toolkit.evaluate.stats import bootstrap_interval, finite
@@ -58,7 +58,7 @@ _VARIANT_RANK = {"base": 0, "expert": 1, "joint": 2, "merged": 3}
 class EvalItem:
     """One evaluation image: a file (or a PIL image, saved under ``images/``), its prompt and seed."""
 
-    image: Union[Path, str, "Image"]
+    image: Path | str | Image
     prompt: str
     seed: int = 0
     prompt_id: int | str | None = None
@@ -90,13 +90,21 @@ def _materialise(item: EvalItem, out_dir: Path, variant: str, skill: str, index:
 
 
 def _record_key(record: Mapping[str, Any]) -> tuple:
-    return (record["variant"], record["skill"], record["index"], record["seed"], record["prompt"],
-            record["image_sha256"], record["scorer"], record["model"])
+    return (
+        record["variant"],
+        record["skill"],
+        record["index"],
+        record["seed"],
+        record["prompt"],
+        record["image_sha256"],
+        record["scorer"],
+        record["model"],
+    )
 
 
 def score_variants(
     variants: Mapping[str, Mapping[str, Sequence[EvalItem]]],
-    scorers: Sequence["Scorer"],
+    scorers: Sequence[Scorer],
     out_dir: str | Path,
     *,
     bootstrap_samples: int = 1000,
@@ -116,16 +124,34 @@ def score_variants(
         for skill, items in variants[variant].items():
             for index, item in enumerate(items):
                 path = _materialise(item, out_dir, variant, skill, index)
-                rows.append({"variant": variant, "skill": skill, "index": index, "prompt_id": item.prompt_id,
-                             "prompt": item.prompt, "seed": item.seed, "path": path, "image_sha256": sha256_file(path)})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "skill": skill,
+                        "index": index,
+                        "prompt_id": item.prompt_id,
+                        "prompt": item.prompt,
+                        "seed": item.seed,
+                        "path": path,
+                        "image_sha256": sha256_file(path),
+                    }
+                )
     cache_path = out_dir / ITEM_SCORES
-    cached = {_record_key(r): r["score"] for r in read_jsonl(cache_path, repair_tail=True)} if cache_path.exists() else {}
+    cached = (
+        {_record_key(r): r["score"] for r in read_jsonl(cache_path, repair_tail=True)} if cache_path.exists() else {}
+    )
     with JsonlAppender(cache_path) as appender:
         for scorer in scorers:
             todo = [row for row in rows if _key(row, scorer) not in cached]
-            logger.info("%s: %d of %d images to score (%d done earlier)", scorer.name, len(todo), len(rows), len(rows) - len(todo))
+            logger.info(
+                "%s: %d of %d images to score (%d done earlier)",
+                scorer.name,
+                len(todo),
+                len(rows),
+                len(rows) - len(todo),
+            )
             for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
+                batch = todo[start : start + batch_size]
                 images = []
                 for row in batch:
                     with Image.open(row["path"]) as opened:
@@ -145,7 +171,7 @@ def score_variants(
     return document
 
 
-def _score(scorer: "Scorer", images: list[Any], batch: list[dict[str, Any]]) -> list[float | None]:
+def _score(scorer: Scorer, images: list[Any], batch: list[dict[str, Any]]) -> list[float | None]:
     """``scorer.score`` on a batch; a scorer that tells images apart by prompt id (``score_by_id``: a
     benchmark whose prompt texts are not unique) gets the ids instead."""
     by_id = getattr(scorer, "score_by_id", None)
@@ -158,12 +184,12 @@ def _key_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("variant", "skill", "index", "seed", "prompt", "image_sha256")}
 
 
-def _model_key(scorer: "Scorer") -> str:
+def _model_key(scorer: Scorer) -> str:
     """What a cached score depends on besides the image: the model, and e.g. the question set."""
     return getattr(scorer, "cache_key", scorer.model_id)
 
 
-def _key(row: Mapping[str, Any], scorer: "Scorer") -> tuple:
+def _key(row: Mapping[str, Any], scorer: Scorer) -> tuple:
     return _record_key({**_key_fields(row), "scorer": scorer.name, "model": _model_key(scorer)})
 
 
@@ -181,8 +207,10 @@ def _document(rows, scorers, cached, out_dir: Path, samples: int, seed: int) -> 
         except ValueError:
             image = str(path.resolve())
         scores = {scorer.name: cached[_key(row, scorer)] for scorer in scorers}
-        items.append({k: row[k] for k in ("variant", "skill", "index", "prompt_id", "prompt", "seed")}
-                     | {"image": image, "scores": scores})
+        items.append(
+            {k: row[k] for k in ("variant", "skill", "index", "prompt_id", "prompt", "seed")}
+            | {"image": image, "scores": scores}
+        )
     variants = list(dict.fromkeys(item["variant"] for item in items))
     skills = list(dict.fromkeys(item["skill"] for item in items))
     aggregate: dict[str, Any] = {}
@@ -190,8 +218,14 @@ def _document(rows, scorers, cached, out_dir: Path, samples: int, seed: int) -> 
         mine = [item for item in items if item["variant"] == variant]
         aggregate[variant] = {
             "overall": {s.name: _stats([i["scores"][s.name] for i in mine], samples, seed) for s in scorers},
-            "skills": {skill: {s.name: _stats([i["scores"][s.name] for i in mine if i["skill"] == skill], samples, seed)
-                               for s in scorers} for skill in skills if any(i["skill"] == skill for i in mine)},
+            "skills": {
+                skill: {
+                    s.name: _stats([i["scores"][s.name] for i in mine if i["skill"] == skill], samples, seed)
+                    for s in scorers
+                }
+                for skill in skills
+                if any(i["skill"] == skill for i in mine)
+            },
         }
     return {
         "format": SCORES_FORMAT,
@@ -214,10 +248,23 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 def _write_csvs(document: Mapping[str, Any], out_dir: Path) -> None:
     metrics = list(document["scorers"])
-    per_item = [[i["variant"], i["skill"], i["index"], i["prompt_id"], i["seed"], i["prompt"], i["image"],
-                 *[i["scores"][m] for m in metrics]] for i in document["items"]]
-    atomic_write_text(out_dir / SCORES_CSV, _csv_text(
-        ["variant", "skill", "index", "prompt_id", "seed", "prompt", "image", *metrics], per_item))
+    per_item = [
+        [
+            i["variant"],
+            i["skill"],
+            i["index"],
+            i["prompt_id"],
+            i["seed"],
+            i["prompt"],
+            i["image"],
+            *[i["scores"][m] for m in metrics],
+        ]
+        for i in document["items"]
+    ]
+    atomic_write_text(
+        out_dir / SCORES_CSV,
+        _csv_text(["variant", "skill", "index", "prompt_id", "seed", "prompt", "image", *metrics], per_item),
+    )
     summary = []
     for variant, parts in document["aggregate"].items():
         for skill, stats in [("(all)", parts["overall"]), *parts["skills"].items()]:
@@ -225,7 +272,9 @@ def _write_csvs(document: Mapping[str, Any], out_dir: Path) -> None:
                 if stats[metric] is not None:
                     s = stats[metric]
                     summary.append([variant, skill, metric, s["n"], s["mean"], s["low"], s["high"]])
-    atomic_write_text(out_dir / SUMMARY_CSV, _csv_text(["variant", "skill", "metric", "n", "mean", "ci_low", "ci_high"], summary))
+    atomic_write_text(
+        out_dir / SUMMARY_CSV, _csv_text(["variant", "skill", "metric", "n", "mean", "ci_low", "ci_high"], summary)
+    )
 
 
 def read_scores(path: str | Path) -> dict[str, Any]:

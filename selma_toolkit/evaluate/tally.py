@@ -50,9 +50,15 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """The answers in one exported file; errors name the file and the answer that is wrong."""
     path = Path(path)
     document = read_json(path, missing="answers file not found; export it from the report's human-eval.html page")
-    if not isinstance(document, dict) or document.get("format") != ANSWERS_FORMAT or not isinstance(document.get("answers"), list):
-        raise DatasetError(f"{path}: expected an answers file of format {ANSWERS_FORMAT!r} with an 'answers' list "
-                           "(as exported by human-eval.html)")
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != ANSWERS_FORMAT
+        or not isinstance(document.get("answers"), list)
+    ):
+        raise DatasetError(
+            f"{path}: expected an answers file of format {ANSWERS_FORMAT!r} with an 'answers' list "
+            "(as exported by human-eval.html)"
+        )
     for number, answer in enumerate(document["answers"], start=1):
         problem = _problem(answer)
         if problem:
@@ -63,7 +69,9 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
 def _problem(answer: Any) -> str | None:
     if not isinstance(answer, dict):
         return f"expected an object, found {type(answer).__name__}"
-    missing = [k for k in ("pair", "variant", "baseline", "left", "right", "choice") if not isinstance(answer.get(k), str)]
+    missing = [
+        k for k in ("pair", "variant", "baseline", "left", "right", "choice") if not isinstance(answer.get(k), str)
+    ]
     if missing:
         return f"missing {', '.join(missing)}"
     if answer["choice"] not in ("left", "right", "tie"):

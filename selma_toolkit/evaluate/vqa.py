@@ -50,8 +50,10 @@ if TYPE_CHECKING:
     from selma_toolkit.config.evaluate import EvaluateSettings
 
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
-COMPARABILITY_NOTE = ("Scores from a VQA model are comparable only between runs that used the same VQA model "
-                      "(the paper used mPLUG-large for DSG and BLIP-2 for TIFA).")
+COMPARABILITY_NOTE = (
+    "Scores from a VQA model are comparable only between runs that used the same VQA model "
+    "(the paper used mPLUG-large for DSG and BLIP-2 for TIFA)."
+)
 
 
 def dsg_score(
@@ -142,28 +144,35 @@ class BlipAnswerer:
             asked = tokenizer(list(questions), padding=True, truncation=True, return_tensors="pt").to(device)
             image_embeds = image_embeds.expand(len(questions), -1, -1)
             question_embeds = model.text_encoder(
-                input_ids=asked["input_ids"], attention_mask=asked["attention_mask"],
+                input_ids=asked["input_ids"],
+                attention_mask=asked["attention_mask"],
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
             )[0]
             results = []
             for index, candidates in enumerate(choices):
-                answer_ids = [[text_config.bos_token_id] + tokenizer(c, add_special_tokens=False)["input_ids"]
-                              + [text_config.sep_token_id] for c in candidates]
+                answer_ids = [
+                    [text_config.bos_token_id]
+                    + tokenizer(c, add_special_tokens=False)["input_ids"]
+                    + [text_config.sep_token_id]
+                    for c in candidates
+                ]
                 length = max(len(ids) for ids in answer_ids)
                 decoder_ids = torch.full((len(candidates), length), text_config.pad_token_id, dtype=torch.long)
                 decoder_mask = torch.zeros((len(candidates), length), dtype=torch.long)
                 for row, ids in enumerate(answer_ids):
-                    decoder_ids[row, :len(ids)] = torch.tensor(ids)
-                    decoder_mask[row, :len(ids)] = 1
+                    decoder_ids[row, : len(ids)] = torch.tensor(ids)
+                    decoder_mask[row, : len(ids)] = 1
                 decoder_ids, decoder_mask = decoder_ids.to(device), decoder_mask.to(device)
                 count = len(candidates)
                 # Only this question's own tokens: with transformers 5.24 a padded encoder_attention_mask
                 # in BLIP's decoder cross-attention still lets padding through (logits move by ~1e-3).
                 own = int(asked["attention_mask"][index].sum())
-                memory = question_embeds[index:index + 1, :own].expand(count, -1, -1)
+                memory = question_embeds[index : index + 1, :own].expand(count, -1, -1)
                 logits = model.text_decoder(
-                    input_ids=decoder_ids, attention_mask=decoder_mask, encoder_hidden_states=memory,
+                    input_ids=decoder_ids,
+                    attention_mask=decoder_mask,
+                    encoder_hidden_states=memory,
                     encoder_attention_mask=torch.ones(memory.shape[:-1], dtype=torch.long, device=device),
                     return_logits=True,
                 ).float()  # [count, length - 1, vocab]: predictions for positions 1..length-1
@@ -186,8 +195,12 @@ def is_blip_vqa(model_id: str) -> bool:
     try:
         config = AutoConfig.from_pretrained(resolve_scorer_model(model_id, "vqa_model"))
     except (OSError, ValueError) as exc:
-        raise ModelError(what=f"could not read the config of {model_id} ({exc})", where="vqa_model", found=model_id,
-                         expected="a local folder or Hub id of a BLIP VQA or image-text-to-text model") from None
+        raise ModelError(
+            what=f"could not read the config of {model_id} ({exc})",
+            where="vqa_model",
+            found=model_id,
+            expected="a local folder or Hub id of a BLIP VQA or image-text-to-text model",
+        ) from None
     return "BlipForQuestionAnswering" in (getattr(config, "architectures", None) or [])
 
 
@@ -202,8 +215,11 @@ class VqaAnswerer:
     @property
     def backend(self) -> Answerer:
         if self._backend is None:
-            self._backend = (BlipAnswerer(self.model_id, self.device) if is_blip_vqa(self.model_id)
-                             else VlmAnswerer(self.model_id, self.device, self.dtype, self.batch_size))
+            self._backend = (
+                BlipAnswerer(self.model_id, self.device)
+                if is_blip_vqa(self.model_id)
+                else VlmAnswerer(self.model_id, self.device, self.dtype, self.batch_size)
+            )
         return self._backend
 
     @property
@@ -227,14 +243,17 @@ class VqaScoreScorer:
     def __init__(self, answerer: VqaAnswerer, cache_key: str):
         self.model_id = answerer.model_id
         self.cache_key = cache_key
-        self.description = (f"100 x P(yes) that the image shows the prompt, answered by {self.model_id}. "
-                            f"{COMPARABILITY_NOTE}")
+        self.description = (
+            f"100 x P(yes) that the image shows the prompt, answered by {self.model_id}. {COMPARABILITY_NOTE}"
+        )
         self.answerer = answerer
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         _check_lengths(images, prompts, self.name)
-        asks = [Ask(image, VQASCORE_TEMPLATE.format(prompt=prompt), ("yes", "no"))
-                for image, prompt in zip(images, prompts, strict=True)]
+        asks = [
+            Ask(image, VQASCORE_TEMPLATE.format(prompt=prompt), ("yes", "no"))
+            for image, prompt in zip(images, prompts, strict=True)
+        ]
         rows = self.answerer.answer_logprobs(asks) if asks else []
         if self.answerer.yes_no_normalised:
             return [100.0 / (1.0 + math.exp(no - yes)) for yes, no in rows]
@@ -251,12 +270,16 @@ class QuestionScorer:
         self.transitive = transitive  # dsg_score's rule
         self.model_id = answerer.model_id
         # Cached scores (score_variants) depend on the questions too: a changed file is scored again.
-        canonical = json.dumps({p: [dataclasses.astuple(q) for q in qs] for p, qs in questions.by_prompt.items()},
-                               sort_keys=True)
+        canonical = json.dumps(
+            {p: [dataclasses.astuple(q) for q in qs] for p, qs in questions.by_prompt.items()}, sort_keys=True
+        )
         self.cache_key = f"{model_key}|questions:{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}" + (
-            "" if transitive else "|parents-by-own-answer")
-        self.description = (f"100 x share of the prompt's questions ({questions.source}) answered correctly by "
-                            f"{self.model_id}, DSG dependency rule. {COMPARABILITY_NOTE}")
+            "" if transitive else "|parents-by-own-answer"
+        )
+        self.description = (
+            f"100 x share of the prompt's questions ({questions.source}) answered correctly by "
+            f"{self.model_id}, DSG dependency rule. {COMPARABILITY_NOTE}"
+        )
         self.answerer = answerer
 
     def answers(self, image: Image, questions: Sequence[Question]) -> dict[str, str]:
@@ -267,8 +290,10 @@ class QuestionScorer:
         """``answers`` for many images at once (one batch of asks over every image's questions)."""
         asks = [Ask(image, q.text, q.choices) for image, qs in zip(images, questions, strict=True) for q in qs]
         rows = iter(self.answerer.answer_logprobs(asks) if asks else [])
-        return [{q.id: q.choices[max(range(len(q.choices)), key=row.__getitem__)]
-                 for q, row in zip(qs, rows, strict=False)} for qs in questions]
+        return [
+            {q.id: q.choices[max(range(len(q.choices)), key=row.__getitem__)] for q, row in zip(qs, rows, strict=False)}
+            for qs in questions
+        ]
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         _check_lengths(images, prompts, self.name)
@@ -299,5 +324,8 @@ def build_question_scorer(settings: EvaluateSettings, device: str | None = None)
     """The ``questions`` scorer of the registry: the recipe's question file, answered by vqa_model."""
     if not settings.questions:
         raise ModelError("scorer 'questions' needs evaluate.questions (a DSG/TIFA-style question file or dataset id)")
-    return QuestionScorer(read_questions(settings.questions, settings.questions_split), vqa_answerer(settings, device),
-                          model_key(settings))
+    return QuestionScorer(
+        read_questions(settings.questions, settings.questions_split),
+        vqa_answerer(settings, device),
+        model_key(settings),
+    )

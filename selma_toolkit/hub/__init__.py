@@ -34,7 +34,18 @@ from selma_toolkit.hub.pull import cached_file, pull_file, resolve_expert
 from selma_toolkit.hub.push import push_expert
 
 __all__ = [
-    "CATALOG_ENV", "LOGIN_HINT", "PICKLE_SUFFIXES", "REPO_ID", "CatalogEntry", "cached_file", "check_repo_id",
-    "check_repo_path", "check_safetensors_name", "load_catalog", "pull_file", "push_expert", "read_catalog",
+    "CATALOG_ENV",
+    "LOGIN_HINT",
+    "PICKLE_SUFFIXES",
+    "REPO_ID",
+    "CatalogEntry",
+    "cached_file",
+    "check_repo_id",
+    "check_repo_path",
+    "check_safetensors_name",
+    "load_catalog",
+    "pull_file",
+    "push_expert",
+    "read_catalog",
     "resolve_expert",
 ]

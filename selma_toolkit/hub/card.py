@@ -69,7 +69,7 @@ def lora_file_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             return dict(handle.metadata() or {})
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
+    except Exception as exc:
         raise HubError(f"{path}: not a readable .safetensors file ({exc})") from None
 
 
@@ -179,9 +179,13 @@ def plan_upload(path: Path, repo_id: str) -> UploadPlan:
         loras = {path.name: path}
     elif path.is_dir():
         run = RunPaths(path)
-        loras = {f"{sub}/{p.name}": p for sub in ("experts", "merged") for p in sorted((path / sub).glob("*.safetensors"))}
+        loras = {
+            f"{sub}/{p.name}": p for sub in ("experts", "merged") for p in sorted((path / sub).glob("*.safetensors"))
+        }
         if not loras:
-            raise HubError(f"{path}: no experts/*.safetensors or merged/*.safetensors to push; train or merge first, or give a LoRA file")
+            raise HubError(
+                f"{path}: no experts/*.safetensors or merged/*.safetensors to push; train or merge first, or give a LoRA file"
+            )
     else:
         raise HubError(f"{path}: no such file or folder; expected a .safetensors LoRA file or a run folder")
 
@@ -199,7 +203,11 @@ def plan_upload(path: Path, repo_id: str) -> UploadPlan:
                 scores = json.loads(scores_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 log.warning("%s: uploaded but not shown in the card (%s)", scores_path, exc)
-        samples = sorted(p for p in run.eval_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if run.eval_dir.is_dir() else []
+        samples = (
+            sorted(p for p in run.eval_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if run.eval_dir.is_dir()
+            else []
+        )
         if samples:
             files[SAMPLES_FILE] = sample_grid(samples)
             images.append(SAMPLES_FILE)
@@ -209,14 +217,19 @@ def plan_upload(path: Path, repo_id: str) -> UploadPlan:
             images.append(f"report/{chart.name}")
 
     facts = {name: lora_facts(lora_file_metadata(p)) for name, p in loras.items()}
-    readme = render_model_card(repo_id, facts, recipe=recipe, run=run if path.is_dir() else None, scores=scores, images=images)
+    readme = render_model_card(
+        repo_id, facts, recipe=recipe, run=run if path.is_dir() else None, scores=scores, images=images
+    )
     files["README.md"] = readme.encode("utf-8")
 
     kinds = [("expert", "experts/"), ("merged LoRA", "merged/")]
     if path.is_file():
         message = f"Upload SELMA {'merged LoRA' if path.parent.name == 'merged' else 'expert'} {path.name}"
     else:
-        counts = [f"{sum(n.startswith(prefix) for n in loras)} {kind}{'s' if kind == 'expert' else ''}" for kind, prefix in kinds]
+        counts = [
+            f"{sum(n.startswith(prefix) for n in loras)} {kind}{'s' if kind == 'expert' else ''}"
+            for kind, prefix in kinds
+        ]
         message = f"Upload SELMA run {recipe.name if recipe else path.name}: {', '.join(counts)}"
     description = f"Pushed with selma-toolkit {__version__}. Files:\n" + "\n".join(f"- {name}" for name in files)
     return UploadPlan(files=files, commit_message=message, commit_description=description)
@@ -252,7 +265,10 @@ def render_model_card(
     license_ = (recipe.license if recipe else None) or first["license"]
     if license_ is None:
         license_ = RunRecipe.model_fields["license"].default
-        log.info("no license recorded in the LoRA file or a recipe; the card says %s (the recipe default): edit it if wrong", license_)
+        log.info(
+            "no license recorded in the LoRA file or a recipe; the card says %s (the recipe default): edit it if wrong",
+            license_,
+        )
 
     skills = []
     for name in skill_names:
@@ -263,7 +279,10 @@ def render_model_card(
             description = load_skill_recipe(name).description
         counts = {}
         if run is not None:
-            counts = {"prompts": _count_lines(run.prompts(name)), "images": _count_lines(run.images(name) / "metadata.jsonl")}
+            counts = {
+                "prompts": _count_lines(run.prompts(name)),
+                "images": _count_lines(run.images(name) / "metadata.jsonl"),
+            }
         skills.append({"name": name, "recipe": skill, "description": description, **counts})
 
     family_tag = family.hub_tag if family else "stable-diffusion"
@@ -290,7 +309,10 @@ def render_model_card(
         loras=[{"file": name, **facts} for name, facts in loras.items()],
         main_file=main_file,
         example_prompt=next((s["recipe"].seeds[0] for s in skills if s["recipe"]), None)
-        or next((load_skill_recipe(s["name"]).seeds[0] for s in skills if shipped_skill(s["name"])), "a photo of two apples on a table"),
+        or next(
+            (load_skill_recipe(s["name"]).seeds[0] for s in skills if shipped_skill(s["name"])),
+            "a photo of two apples on a table",
+        ),
         recipe=recipe,
         # train.target_modules unset: the family's default layers (architectures.py), as training used them.
         lora_targets=recipe.train.denoiser_targets((family or FAMILIES["sd1"]).lora_targets) if recipe else [],

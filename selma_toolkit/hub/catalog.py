@@ -60,7 +60,7 @@ class CatalogEntry:
 
     @property
     def kind(self) -> str:
-        """"file" (a LoRA file in a repo) or "extract" (a LoRA extracted from two models)."""
+        """ "file" (a LoRA file in a repo) or "extract" (a LoRA extracted from two models)."""
         return "extract" if self.extract is not None else "file"
 
 
@@ -74,7 +74,9 @@ _EXTRACT_SPEC_OPTIONAL = ("model_revision", "base_revision", "rank", "components
 def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
     where = f"{source}: [{name}]"
     if not _CATALOG_NAME.match(name):
-        raise HubError(f"{where}: entry name must be lower-case letters, digits, '-', '_' or '.' (no '/'; that would read as a repo id)")
+        raise HubError(
+            f"{where}: entry name must be lower-case letters, digits, '-', '_' or '.' (no '/'; that would read as a repo id)"
+        )
     if not isinstance(table, dict):
         raise HubError(f"{where}: expected a table with keys {', '.join(_REQUIRED)}, found {table!r}")
     if "extract" in table:
@@ -82,9 +84,13 @@ def _catalog_entry(name: str, table: Any, source: str) -> CatalogEntry:
     unknown = sorted(set(table) - set(_REQUIRED) - set(_OPTIONAL))
     missing = [key for key in _REQUIRED if key not in table]
     if unknown or missing:
-        raise HubError(f"{where}: " + "; ".join(
-            ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])
-        ) + f"; valid keys: {', '.join(_REQUIRED + _OPTIONAL)}")
+        raise HubError(
+            f"{where}: "
+            + "; ".join(
+                ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])
+            )
+            + f"; valid keys: {', '.join(_REQUIRED + _OPTIONAL)}"
+        )
     bad_types = [key for key, value in table.items() if not isinstance(value, str)]
     if bad_types:
         raise HubError(f"{where}: {', '.join(bad_types)}: expected strings")
@@ -105,39 +111,63 @@ def _extract_entry(name: str, table: dict[str, Any], source: str, where: str) ->
     components] }``, ``architecture``, optional ``skill`` and ``base_model`` (default: the base)."""
     unknown = sorted(set(table) - set(_EXTRACT_KEYS))
     if unknown or "architecture" not in table:
-        raise HubError(f"{where}: an extract entry takes the keys {', '.join(_EXTRACT_KEYS)} (architecture required)"
-                       + (f"; found unknown key(s) {unknown}" if unknown else ""))
+        raise HubError(
+            f"{where}: an extract entry takes the keys {', '.join(_EXTRACT_KEYS)} (architecture required)"
+            + (f"; found unknown key(s) {unknown}" if unknown else "")
+        )
     spec = table["extract"]
     allowed = set(_EXTRACT_SPEC_REQUIRED + _EXTRACT_SPEC_OPTIONAL)
     if not isinstance(spec, dict) or set(_EXTRACT_SPEC_REQUIRED) - set(spec) or set(spec) - allowed:
-        raise HubError(f"{where}: extract = {spec!r}: expected a table with model and base (Hub repo ids) and "
-                       f"optionally {', '.join(_EXTRACT_SPEC_OPTIONAL)}")
-    strings = [k for k in ("model", "base", "model_revision", "base_revision")
-               if k in spec and not isinstance(spec[k], str)]
+        raise HubError(
+            f"{where}: extract = {spec!r}: expected a table with model and base (Hub repo ids) and "
+            f"optionally {', '.join(_EXTRACT_SPEC_OPTIONAL)}"
+        )
+    strings = [
+        k for k in ("model", "base", "model_revision", "base_revision") if k in spec and not isinstance(spec[k], str)
+    ]
     strings += [k for k in ("architecture", "skill", "base_model") if k in table and not isinstance(table[k], str)]
     if strings:
         raise HubError(f"{where}: {', '.join(strings)}: expected strings")
     rank = spec.get("rank", "auto")
     if rank != "auto" and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
-        raise HubError(f"{where}: extract.rank {rank!r}: expected \"auto\" or a positive integer")
+        raise HubError(f'{where}: extract.rank {rank!r}: expected "auto" or a positive integer')
     if table["architecture"] not in FAMILIES:
         raise HubError(f"{where}: architecture {table['architecture']!r}: expected one of {', '.join(FAMILY_NAMES)}")
     parts = FAMILIES[table["architecture"]].components
     components = spec.get("components")
-    if components is not None and (not isinstance(components, list) or not components
-                                   or not all(isinstance(c, str) and c in parts for c in components)):
-        raise HubError(f"{where}: extract.components {components!r}: expected a list of model parts of "
-                       f"{table['architecture']}: {', '.join(parts)}")
+    if components is not None and (
+        not isinstance(components, list)
+        or not components
+        or not all(isinstance(c, str) and c in parts for c in components)
+    ):
+        raise HubError(
+            f"{where}: extract.components {components!r}: expected a list of model parts of "
+            f"{table['architecture']}: {', '.join(parts)}"
+        )
     try:
         check_repo_id(spec["model"])
         check_repo_id(spec["base"])
     except HubError as exc:
         raise HubError(f"{where}: extract: {exc}") from None
-    extract = ExtractSpec(spec["model"], spec["base"], spec.get("model_revision"), spec.get("base_revision"), rank,
-                          tuple(components) if components else None)
-    return CatalogEntry(name=name, repo=extract.model, file=f"{name}.safetensors", skill=table.get("skill", ""),
-                        base_model=table.get("base_model", extract.base), architecture=table["architecture"],
-                        revision=extract.model_revision, source=source, extract=extract)
+    extract = ExtractSpec(
+        spec["model"],
+        spec["base"],
+        spec.get("model_revision"),
+        spec.get("base_revision"),
+        rank,
+        tuple(components) if components else None,
+    )
+    return CatalogEntry(
+        name=name,
+        repo=extract.model,
+        file=f"{name}.safetensors",
+        skill=table.get("skill", ""),
+        base_model=table.get("base_model", extract.base),
+        architecture=table["architecture"],
+        revision=extract.model_revision,
+        source=source,
+        extract=extract,
+    )
 
 
 def read_catalog(path: str | Path) -> dict[str, CatalogEntry]:

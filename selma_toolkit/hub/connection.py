@@ -31,14 +31,16 @@ def hub_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
     except RepositoryNotFoundError:
         raise HubError(f"{what}: repository not found (or private: {LOGIN_HINT})") from None
     except RevisionNotFoundError:
-        raise HubError(what="revision not found", where=what,
-                       remedies=[Remedy.check("revision", "branch, tag or commit")]) from None
+        raise HubError(
+            what="revision not found", where=what, remedies=[Remedy.check("revision", "branch, tag or commit")]
+        ) from None
     except RemoteEntryNotFoundError:
         raise HubError(f"{what}: the file is not in the repo at this revision") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         if isinstance(exc.__cause__, _transport_errors()):  # online, but the server did not answer
-            raise _unreachable(what, endpoint, exc.__cause__,
-                               " (the file is not in the local Hugging Face cache either)") from None
+            raise _unreachable(
+                what, endpoint, exc.__cause__, " (the file is not in the local Hugging Face cache either)"
+            ) from None
         raise HubError(
             f"{what}: not in the local Hugging Face cache and the Hub cannot be reached (offline mode: "
             "HF_HUB_OFFLINE=1, or no network); pull it once while online"
@@ -56,8 +58,11 @@ def _unreachable(what: str, endpoint: str | None, exc: BaseException, note: str 
     from huggingface_hub import constants
 
     where = endpoint or constants.ENDPOINT
-    return HubError(what=f"cannot reach the Hub at {where} ({type(exc).__name__}: {exc}){note}", where=what,
-                    remedies=[Remedy.do("check the network"), Remedy.check("endpoint", "Hub endpoint")])
+    return HubError(
+        what=f"cannot reach the Hub at {where} ({type(exc).__name__}: {exc}){note}",
+        where=what,
+        remedies=[Remedy.do("check the network"), Remedy.check("endpoint", "Hub endpoint")],
+    )
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

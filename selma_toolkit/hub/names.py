@@ -28,8 +28,9 @@ def check_repo_id(repo_id: str) -> str:
     try:  # the client's own rules on top of the shape (no '--' or '..', at most 96 characters)
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise HubInputError(what=f"not a valid repo id ({exc})", where=f"repo id {repo_id!r}",
-                            expected=expected) from None
+        raise HubInputError(
+            what=f"not a valid repo id ({exc})", where=f"repo id {repo_id!r}", expected=expected
+        ) from None
     return repo_id
 
 
@@ -41,7 +42,9 @@ def check_repo_path(name: str, source: str) -> str:
     if not parts or absolute or "\\" in name or ".." in parts:
         raise HubInputError(
             what=f"refusing file name {name!r}: from a command line, a catalog or a server, it could write outside the "
-            "target folder", where=source, expected="a relative path inside the repo without '..'"
+            "target folder",
+            where=source,
+            expected="a relative path inside the repo without '..'",
         )
     return name
 
@@ -50,6 +53,9 @@ def check_safetensors_name(name: str, source: str) -> str:
     """Refuse anything but ``.safetensors``, naming why."""
     if not name.lower().endswith(".safetensors"):
         why = " (a pickle file: loading one can run arbitrary code)" if name.lower().endswith(PICKLE_SUFFIXES) else ""
-        raise HubInputError(what=f"not a .safetensors file{why}", where=(source, repr(name)),
-                            expected="a .safetensors file (selma-toolkit accepts LoRA experts only as .safetensors)")
+        raise HubInputError(
+            what=f"not a .safetensors file{why}",
+            where=(source, repr(name)),
+            expected="a .safetensors file (selma-toolkit accepts LoRA experts only as .safetensors)",
+        )
     return name

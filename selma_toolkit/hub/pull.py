@@ -47,11 +47,18 @@ def _choose_expert_file(repo_id: str, revision: str | None, endpoint: str | None
         return candidates[0]
     if not candidates:
         pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-        found = f"only pickle weight files ({', '.join(pickles[:5])}: loading one can run arbitrary code)" if pickles else "no .safetensors file"
-        raise HubError(f"{repo_id}@{revision or 'main'}: found {found}; selma-toolkit accepts LoRA experts only as .safetensors")
+        found = (
+            f"only pickle weight files ({', '.join(pickles[:5])}: loading one can run arbitrary code)"
+            if pickles
+            else "no .safetensors file"
+        )
+        raise HubError(
+            f"{repo_id}@{revision or 'main'}: found {found}; selma-toolkit accepts LoRA experts only as .safetensors"
+        )
     shown = ", ".join(candidates[:10]) + (", ..." if len(candidates) > 10 else "")
     raise HubError(
-        what=f"holds {len(candidates)} .safetensors files ({shown})", where=f"{repo_id}@{revision or 'main'}",
+        what=f"holds {len(candidates)} .safetensors files ({shown})",
+        where=f"{repo_id}@{revision or 'main'}",
         remedies=[Remedy.do(f"name one as {repo_id}:FILE"), Remedy.give("filename")],
     )
 
@@ -72,9 +79,11 @@ def _check_safetensors_file(path: Path, source: str) -> None:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             handle.keys()
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
+    except Exception as exc:
         _remove_downloaded(path)
-        raise HubError(f"{source}: the downloaded file is not a valid .safetensors file ({exc}); it was removed") from None
+        raise HubError(
+            f"{source}: the downloaded file is not a valid .safetensors file ({exc}); it was removed"
+        ) from None
 
 
 def pull_file(
@@ -128,7 +137,9 @@ def cached_file(repo_id: str, filename: str, revision: str | None = None) -> Pat
 
 def _looks_like_local_path(text: str) -> bool:
     return (
-        text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
         or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES))
     )
 
@@ -161,7 +172,9 @@ def resolve_expert(
             check_safetensors_name(local.name, str(local))
         return local
     if local.is_dir():
-        raise LoraFormatError(f"{text}: is a folder; expected a .safetensors LoRA file, a catalog name or a repo id owner/name")
+        raise LoraFormatError(
+            f"{text}: is a folder; expected a .safetensors LoRA file, a catalog name or a repo id owner/name"
+        )
     repo_id, _, in_ref = text.partition(":")
     if "/" not in repo_id and not in_ref and not _looks_like_local_path(text):
         entries = load_catalog(catalog)
@@ -170,18 +183,29 @@ def resolve_expert(
             known = f"catalog names: {', '.join(sorted(entries))}" if entries else "the catalog is empty"
             raise HubInputError(
                 what=f"no such file, and no catalog entry of that name ({known}); a Hub repo is written owner/name",
-                where=repr(text), remedies=[Remedy.give("catalog", noun="a catalog file with your own entries")],
+                where=repr(text),
+                remedies=[Remedy.give("catalog", noun="a catalog file with your own entries")],
             )
         if entry.extract is not None:
             from selma_toolkit.hub.extraction import pull_extraction
 
-            return pull_extraction(entry, revision=revision, to=to, endpoint=endpoint, token=token,
-                                   cached_only=cached_only)
+            return pull_extraction(
+                entry, revision=revision, to=to, endpoint=endpoint, token=token, cached_only=cached_only
+            )
         log.info("catalog %s -> %s:%s", entry.name, entry.repo, entry.file)
-        return pull_file(entry.repo, entry.file, revision=revision or entry.revision, sha256=entry.sha256,
-                         to=to, endpoint=endpoint, token=token)
+        return pull_file(
+            entry.repo,
+            entry.file,
+            revision=revision or entry.revision,
+            sha256=entry.sha256,
+            to=to,
+            endpoint=endpoint,
+            token=token,
+        )
     if _looks_like_local_path(repo_id) or not REPO_ID.match(repo_id):
-        raise HubInputError(f"{text}: no such file; an expert is a .safetensors file, a catalog name, or a Hub repo id owner/name")
+        raise HubInputError(
+            f"{text}: no such file; an expert is a .safetensors file, a catalog name, or a Hub repo id owner/name"
+        )
     check_repo_id(repo_id)
     file = filename or in_ref or _choose_expert_file(repo_id, revision, endpoint, token)
     return pull_file(repo_id, file, revision=revision, to=to, endpoint=endpoint, token=token)

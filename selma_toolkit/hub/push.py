@@ -38,15 +38,20 @@ def push_expert(
     if not token:
         raise HubError(f"pushing to {repo_id} needs a Hugging Face token and none was found: {LOGIN_HINT}")
     plan.refuse_if_contains(token)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in plan.files.items()]
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in plan.files.items()
+    ]
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(f"push to {repo_id}", endpoint):
         api.create_repo(repo_id, private=private or None, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(
-            repo_id, operations, revision=revision,
-            commit_message=commit_message or plan.commit_message, commit_description=plan.commit_description,
+            repo_id,
+            operations,
+            revision=revision,
+            commit_message=commit_message or plan.commit_message,
+            commit_description=plan.commit_description,
         )
     log.info("pushed %d files to %s (%s)", len(operations), repo_id, revision or "main")
     return str(info.commit_url)

@@ -99,8 +99,13 @@ def draw_best(pipe, batch: Sequence[Any], run, judge: Scorer, draw) -> tuple[lis
         chosen = choose(column)
         kept.append(drawn[chosen][i])
         blacked.append(all(flags[k][i] for k in range(settings.candidates)))
-        records.append({"judge": judge_label(settings), "chosen": chosen,
-                        "candidates": [{"seed": seeds[k][i], "score": column[k]} for k in range(settings.candidates)]})
+        records.append(
+            {
+                "judge": judge_label(settings),
+                "chosen": chosen,
+                "candidates": [{"seed": seeds[k][i], "score": column[k]} for k in range(settings.candidates)],
+            }
+        )
     return kept, blacked, records
 
 

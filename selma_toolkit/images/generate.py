@@ -80,8 +80,10 @@ def check_image_inputs(run: RunRecipe, skill: str, paths: RunPaths) -> list[Prom
     prompt_file = paths.prompts(skill)
     prompts = sorted(read_prompts(prompt_file, split="train"), key=lambda p: p.id)
     if not prompts:
-        raise DatasetError(f"{prompt_file}: no prompts with split 'train'; expected at least one to draw "
-                           "(held-out prompts are for evaluation only)")
+        raise DatasetError(
+            f"{prompt_file}: no prompts with split 'train'; expected at least one to draw "
+            "(held-out prompts are for evaluation only)"
+        )
     _check_model(run)
     return prompts
 
@@ -116,8 +118,14 @@ def generate_images(
     pending = [(batch, missing) for batch, missing in pending if missing]
     total = sum(len(missing) for _, missing in pending)
     skipped = sum(len(batch) for batch in batches) - total
-    log.info("%s: process %d/%d draws %d image(s); %d already there", skill, state.process_index + 1,
-             state.num_processes, total, skipped)
+    log.info(
+        "%s: process %d/%d draws %d image(s); %d already there",
+        skill,
+        state.process_index + 1,
+        state.num_processes,
+        total,
+        skipped,
+    )
     generated, blacked_out, done = 0, [], 0
     pipe = _load_generation_pipeline(run, device) if pending else None
     judge = best_of.load_judge(settings, device) if pending and settings.candidates > 1 else None
@@ -160,8 +168,12 @@ def generate_images(
         per_process=[p[0] for p in per_process],
     )
     if stats.blacked_out and state.is_main_process:
-        log.warning("%s: the safety checker blacked out %d image(s) (prompt ids %s); they are not in the dataset",
-                    skill, len(stats.blacked_out), stats.blacked_out[:20])
+        log.warning(
+            "%s: the safety checker blacked out %d image(s) (prompt ids %s); they are not in the dataset",
+            skill,
+            len(stats.blacked_out),
+            stats.blacked_out[:20],
+        )
     return stats
 
 
@@ -178,15 +190,20 @@ def _check_model(run: RunRecipe) -> None:
     source = resolve_model(run.image_model)
     if source.endswith(".safetensors"):
         if run.images.single_file_config is None:
-            raise ModelError(f"the image model {run.image_model!r} is a single-file checkpoint; set "
-                             "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
-                             "architecture, so that no config is fetched at run time")
+            raise ModelError(
+                f"the image model {run.image_model!r} is a single-file checkpoint; set "
+                "images.single_file_config to a local diffusers folder (or tiny:<arch>) of the same "
+                "architecture, so that no config is fetched at run time"
+            )
         return
     family = detect_family(run.image_model, revision=_model_revision(run))
     if run.images.negative_prompt and not family.negative_prompt:
-        log.warning("images.negative_prompt is set, but %s pipelines take no negative prompt for their guidance "
-                    "(Flux's guidance_scale is an embedded guidance; FLUX.2 [klein] has no negative prompt); the images "
-                    "are drawn without it", family.title)
+        log.warning(
+            "images.negative_prompt is set, but %s pipelines take no negative prompt for their guidance "
+            "(Flux's guidance_scale is an embedded guidance; FLUX.2 [klein] has no negative prompt); the images "
+            "are drawn without it",
+            family.title,
+        )
 
 
 def _load_generation_pipeline(run: RunRecipe, device: str):
@@ -204,13 +221,16 @@ def _load_generation_pipeline(run: RunRecipe, device: str):
         cpu_offload=settings.cpu_offload,
     )
     if settings.safety_checker and getattr(pipe, "safety_checker", None) is None:
-        raise ModelError(f"images.safety_checker = true, but {run.image_model!r} has no safety checker (only SD 1.x "
-                         "pipelines ship one); set images.safety_checker = false or use a model that has one")
+        raise ModelError(
+            f"images.safety_checker = true, but {run.image_model!r} has no safety checker (only SD 1.x "
+            "pipelines ship one); set images.safety_checker = false or use a model that has one"
+        )
     return pipe
 
 
-def _draw(pipe, batch: Sequence[PromptRecord], run: RunRecipe,
-          seeds: Sequence[int] | None = None) -> tuple[list[Any], list[bool]]:
+def _draw(
+    pipe, batch: Sequence[PromptRecord], run: RunRecipe, seeds: Sequence[int] | None = None
+) -> tuple[list[Any], list[bool]]:
     """One pipeline call for a batch: its PIL images and, per image, whether it was blacked out.
     ``seeds``: one per prompt (best-of-N's candidates); default ``image_seed(images.seed, prompt id)``."""
     import torch
@@ -251,7 +271,11 @@ def _settings_record(run: RunRecipe, device: str) -> dict[str, Any]:
         "dtype": str(default_dtype(device, settings.dtype)).removeprefix("torch."),
         "image_format": settings.image_format,
         # Only for best-of-N, so that folders drawn before these settings existed still resume.
-        **({"candidates": settings.candidates, "judge": best_of.judge_label(settings)} if settings.candidates > 1 else {}),
+        **(
+            {"candidates": settings.candidates, "judge": best_of.judge_label(settings)}
+            if settings.candidates > 1
+            else {}
+        ),
     }
 
 
@@ -262,15 +286,21 @@ def _check_settings(folder: Path, recorded: dict[str, Any]) -> None:
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        raise DatasetError(f"{path}: not valid JSON; delete it only if every image in {folder} was drawn "
-                           "with the current settings") from None
+        raise DatasetError(
+            f"{path}: not valid JSON; delete it only if every image in {folder} was drawn with the current settings"
+        ) from None
     changed = {k: (previous.get(k), v) for k, v in recorded.items() if previous.get(k) != v}
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise DatasetError(what=f"holds images drawn with other settings ({shown}); resuming would mix them",
-                           where=str(folder), remedies=[Remedy.do("restore those settings"),
-                                                        Remedy.change("out", "folder"),
-                                                        Remedy.do("delete the folder to start over")])
+        raise DatasetError(
+            what=f"holds images drawn with other settings ({shown}); resuming would mix them",
+            where=str(folder),
+            remedies=[
+                Remedy.do("restore those settings"),
+                Remedy.change("out", "folder"),
+                Remedy.do("delete the folder to start over"),
+            ],
+        )
 
 
 def _prepare_folder(folder: Path, recorded: dict[str, Any]) -> None:
@@ -299,8 +329,11 @@ def _has_caption(folder: Path, prompt: PromptRecord) -> bool:
 
 def _is_done(folder: Path, prompt: PromptRecord, settings) -> bool:
     name = image_name(prompt.id, settings.image_format)
-    return (_has_caption(folder, prompt) and _decodes(folder / name)
-            and (settings.candidates == 1 or best_of.read_record(folder, name) is not None))
+    return (
+        _has_caption(folder, prompt)
+        and _decodes(folder / name)
+        and (settings.candidates == 1 or best_of.read_record(folder, name) is not None)
+    )
 
 
 def _write_example(folder: Path, prompt: PromptRecord, image, image_format: str, record: dict | None = None) -> None:
@@ -339,12 +372,22 @@ def _write_metadata(folder: Path, prompts: Sequence[PromptRecord], run: RunRecip
         }
         record = best_of.read_record(folder, name) if settings.candidates > 1 else None
         if record is not None:
-            row.update(seed=record["candidates"][record["chosen"]]["seed"], judge=record["judge"],
-                       chosen=record["chosen"], candidates=record["candidates"])
+            row.update(
+                seed=record["candidates"][record["chosen"]]["seed"],
+                judge=record["judge"],
+                chosen=record["chosen"],
+                candidates=record["candidates"],
+            )
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(folder / METADATA, "".join(lines))
     known = {image_name(p.id, settings.image_format) for p in prompts}
     orphans = [p.name for p in folder.glob(f"*.{settings.image_format}") if p.name not in known]
     if orphans:
-        log.warning("%s: %d image(s) belong to no train prompt of %s (e.g. %s); left in place, not in %s",
-                    folder, len(orphans), skill, sorted(orphans)[0], METADATA)
+        log.warning(
+            "%s: %d image(s) belong to no train prompt of %s (e.g. %s); left in place, not in %s",
+            folder,
+            len(orphans),
+            skill,
+            sorted(orphans)[0],
+            METADATA,
+        )

@@ -45,7 +45,7 @@ def batches_for_process(items: Sequence[T], batch_size: int, process_index: int,
     """
     if batch_size < 1 or not 0 <= process_index < num_processes:
         raise ValueError(f"batch_size {batch_size}, process {process_index} of {num_processes}: out of range")
-    batches = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+    batches = [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
     return batches[process_index::num_processes]
 
 

@@ -28,8 +28,16 @@ import torch
 
 # ComfyUI's own trainer writes the same BFL names as ``diffusion_model.double_blocks.0.img_attn.qkv``.
 _COMFY_BFL = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.", "diffusion_model.final_layer.")
-BFL_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
-                "lora_unet_time_in_", "lora_unet_vector_in_", "lora_unet_guidance_in_", "lora_unet_final_layer_")
+BFL_PREFIXES = (
+    "lora_unet_double_blocks_",
+    "lora_unet_single_blocks_",
+    "lora_unet_img_in",
+    "lora_unet_txt_in",
+    "lora_unet_time_in_",
+    "lora_unet_vector_in_",
+    "lora_unet_guidance_in_",
+    "lora_unet_final_layer_",
+)
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # BFL name inside a double block -> diffusers names of the parts its output stacks (one: no split).
 _DOUBLE = {
@@ -50,7 +58,8 @@ _SINGLE = {
     "modulation_lin": ("norm.linear",),
 }
 _OTHER = {
-    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
     "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
     "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
     "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
@@ -76,7 +85,7 @@ def _kohya_spelling(key: str) -> str:
     suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
     if suffix is None:
         return key
-    return "lora_unet_" + key[len("diffusion_model."): -len(suffix)].replace(".", "_") + suffix
+    return "lora_unet_" + key[len("diffusion_model.") : -len(suffix)].replace(".", "_") + suffix
 
 
 def _parts(module: str) -> tuple[tuple[str, ...], str] | None:
@@ -90,7 +99,7 @@ def _parts(module: str) -> tuple[tuple[str, ...], str] | None:
         prefix = f"transformer_blocks.{index}." if kind == "double" else f"single_transformer_blocks.{index}."
         split = "single" if (kind, name) == ("single", "linear1") else "even"
         return tuple(prefix + part for part in table[name]), split
-    name = module[len("lora_unet_"):]
+    name = module[len("lora_unet_") :]
     if name in _OTHER:
         return (_OTHER[name],), "swap" if name == "final_layer_adaLN_modulation_1" else "even"
     return None
@@ -122,10 +131,7 @@ def split_bfl_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             continue
         paths, split = found
         names = ["lora_transformer_" + path.replace(".", "_") for path in paths]
-        if suffix == ".lora_up.weight":
-            pieces = _split_rows(tensor, len(paths), split)
-        else:
-            pieces = [tensor] * len(paths)
+        pieces = _split_rows(tensor, len(paths), split) if suffix == ".lora_up.weight" else [tensor] * len(paths)
         for name, piece in zip(names, pieces):
             out[name + suffix] = piece
     return out
@@ -148,12 +154,14 @@ _FLUX2_DOUBLE = {
 }
 _FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
 _FLUX2_OTHER = {
-    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
     "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
     "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
     "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
     "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
     "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
     "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
     "single_stream_modulation.lin": "single_stream_modulation.linear",
@@ -174,11 +182,16 @@ def is_bfl_flux2(state_dict: Mapping[str, object], metadata: Mapping[str, str] |
     """Whether a state dict holds FLUX.2 modules in BFL's names: ``diffusion_model.double_blocks`` /
     ``single_blocks`` keys of a file its metadata says is FLUX.2, or with FLUX.2's shared modulation."""
     keys = [key for key in state_dict if key.startswith(_FLUX2_PREFIX)]
-    if not any(key[len(_FLUX2_PREFIX):].startswith(("double_blocks.", "single_blocks.", "double_stream_modulation",
-                                                      "single_stream_modulation")) for key in keys):
+    if not any(
+        key[len(_FLUX2_PREFIX) :].startswith(
+            ("double_blocks.", "single_blocks.", "double_stream_modulation", "single_stream_modulation")
+        )
+        for key in keys
+    ):
         return False
-    said = " ".join((metadata or {}).get(k, "") for k in ("selma.architecture", "modelspec.architecture",
-                                                          "ss_base_model_version"))
+    said = " ".join(
+        (metadata or {}).get(k, "") for k in ("selma.architecture", "modelspec.architecture", "ss_base_model_version")
+    )
     return "flux2" in said or "flux-2" in said or any("_stream_modulation" in key for key in keys)
 
 
@@ -204,9 +217,9 @@ def _split_fused(down: torch.Tensor, up: torch.Tensor, count: int) -> list[tuple
     rows = torch.chunk(up, count)
     if down.shape[0] % count == 0:
         rank = down.shape[0] // count
-        blocks = [row[:, i * rank:(i + 1) * rank] for i, row in enumerate(rows)]
+        blocks = [row[:, i * rank : (i + 1) * rank] for i, row in enumerate(rows)]
         if all(int(torch.count_nonzero(row)) == int(torch.count_nonzero(block)) for row, block in zip(rows, blocks)):
-            return [(down[i * rank:(i + 1) * rank], block) for i, block in enumerate(blocks)]
+            return [(down[i * rank : (i + 1) * rank], block) for i, block in enumerate(blocks)]
     return [(down, row) for row in rows]
 
 
@@ -219,7 +232,7 @@ def split_bfl_flux2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         suffix = next((s for s in (*_AB, ".alpha") if key.endswith(s)), None)
-        path = key[len(_FLUX2_PREFIX):-len(suffix)] if suffix and key.startswith(_FLUX2_PREFIX) else None
+        path = key[len(_FLUX2_PREFIX) : -len(suffix)] if suffix and key.startswith(_FLUX2_PREFIX) else None
         if path is None or _flux2_parts(path) is None:
             out[key] = tensor
             continue
@@ -243,7 +256,9 @@ def split_bfl_flux2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def fuse_flux2(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def fuse_flux2(
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """diffusers' FLUX.2 modules ({path without component: (A, B)}, scale already folded into B) ->
     BFL's ({BFL path: (A, B)}). Three LoRAs on q, k and v become one on the fused qkv, exactly:
     A = [A_q; A_k; A_v] [r_q + r_k + r_v, in], B = blockdiag(B_q, B_k, B_v); a part the LoRA lacks
@@ -275,7 +290,12 @@ def fuse_flux2(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict
         given = {position: (down, up) for position, down, up in pieces}
         rank = max(down.shape[0] for _, down, _ in pieces)
         width, rows = pieces[0][1].shape[1], pieces[0][2].shape[0]
-        factors = [given.get(i, (torch.zeros(rank, width, dtype=pieces[0][1].dtype),
-                                 torch.zeros(rows, rank, dtype=pieces[0][2].dtype))) for i in range(count)]
+        factors = [
+            given.get(
+                i,
+                (torch.zeros(rank, width, dtype=pieces[0][1].dtype), torch.zeros(rows, rank, dtype=pieces[0][2].dtype)),
+            )
+            for i in range(count)
+        ]
         out[target] = (torch.cat([down for down, _ in factors]), torch.block_diag(*[up for _, up in factors]))
     return out

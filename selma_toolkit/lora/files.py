@@ -67,7 +67,11 @@ def load_lora(
     :class:`LoraFormatError` naming the file. Options as in :func:`lora_from_state_dict`.
     """
     return inspect_lora(
-        path, component=component, alpha=alpha, ldm_layers_per_block=ldm_layers_per_block, drop_bias_diffs=drop_bias_diffs
+        path,
+        component=component,
+        alpha=alpha,
+        ldm_layers_per_block=ldm_layers_per_block,
+        drop_bias_diffs=drop_bias_diffs,
     ).weights
 
 
@@ -102,8 +106,13 @@ def lora_from_state_dict(
     ``drop_bias_diffs``. ``source`` names the input in messages.
     """
     weights, _ = _read_state_dict(
-        state_dict, dict(metadata or {}), source=source, component=component, alpha=alpha,
-        ldm_layers_per_block=ldm_layers_per_block, drop_bias_diffs=drop_bias_diffs,
+        state_dict,
+        dict(metadata or {}),
+        source=source,
+        component=component,
+        alpha=alpha,
+        ldm_layers_per_block=ldm_layers_per_block,
+        drop_bias_diffs=drop_bias_diffs,
     )
     return weights
 
@@ -249,10 +258,9 @@ def _handle_bias_diffs(source: str, state_dict, keys: list[str], drop: bool) -> 
     if nonzero and not drop:
         raise LoraFormatError(
             what=f"{len(nonzero)} bias / norm differences (e.g. {nonzero[0]!r}, as ComfyUI's LoRA trainer writes) "
-            "cannot be carried by a LoRA", where=source,
+            "cannot be carried by a LoRA",
+            where=source,
             remedies=[Remedy.set("drop_bias_diffs", True, note="the result then differs from the file")],
         )
     if nonzero:
         logger.warning("%s: dropped %d non-zero bias / norm differences (e.g. %s)", source, len(nonzero), nonzero[0])
-
-

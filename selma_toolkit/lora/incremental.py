@@ -91,8 +91,11 @@ def add_to_merge(
     if record is None:
         raise LoraFormatError(
             what="has no merge record (selma.merge metadata), so the experts it was made from are not known",
-            where=str(merged), remedies=[Remedy.run("selma merge EXPERT... NEW.safetensors --out FILE",
-                                                    note="the experts merged from scratch")])
+            where=str(merged),
+            remedies=[
+                Remedy.run("selma merge EXPERT... NEW.safetensors --out FILE", note="the experts merged from scratch")
+            ],
+        )
     old = record.experts
     total = len(old) + len(new_paths)
     weights = _weights_for(merged, record, weights, total)
@@ -101,8 +104,9 @@ def add_to_merge(
     new_digests = [sha256_file(path) for path in new_paths]  # once: the exact update records them too
     for path, digest in zip(new_paths, new_digests):
         if digest in listed:
-            raise LoraFormatError(f"{path}: is already one of the experts of {merged} (same sha256); adding it again "
-                                  "would count it twice")
+            raise LoraFormatError(
+                f"{path}: is already one of the experts of {merged} (same sha256); adding it again would count it twice"
+            )
     written = [layout for layout in info.layouts if layout in WRITE_FORMATS]
     format = format or (written[0] if len(written) == 1 else None)  # None: the family's default
     found, looked = _find_experts(merged, old, expert_files, locate)
@@ -110,18 +114,35 @@ def add_to_merge(
     if not missing:
         paths = [*found, *new_paths]
         sources = [_kept_source(entry) for entry in old] + list(new_sources or [None] * len(new_paths))
-        result = merge_files(paths, out, record.method, weights, record.rank, format=format,
-                             density=record.density or 0.5, seed=record.seed or 0,
-                             svd_mode=record.svd_mode or "exact", sources=sources,
-                             block_weights=record.block_weights)
-        log.info("merged the %d listed experts and %d new one(s) from their files into %s", len(old), len(new_paths), out)
+        result = merge_files(
+            paths,
+            out,
+            record.method,
+            weights,
+            record.rank,
+            format=format,
+            density=record.density or 0.5,
+            seed=record.seed or 0,
+            svd_mode=record.svd_mode or "exact",
+            sources=sources,
+            block_weights=record.block_weights,
+        )
+        log.info(
+            "merged the %d listed experts and %d new one(s) from their files into %s", len(old), len(new_paths), out
+        )
         return AddedMerge(out, result, found, recomputed=True)
-    scale = _common_scale(record.weights, weights[:len(old)])
+    scale = _common_scale(record.weights, weights[: len(old)])
     if not method_spec(record.method).linear or scale is None:
         raise _missing_error(merged, record, missing)
-    result = _update_linear(merged, info.weights, record, new_paths, new_digests, new_sources, out, format, scale, weights)
-    log.info("%s: %d listed expert(s) not found; updated the merged factors exactly (%s rule)",
-             merged, len(missing), record.method)
+    result = _update_linear(
+        merged, info.weights, record, new_paths, new_digests, new_sources, out, format, scale, weights
+    )
+    log.info(
+        "%s: %d listed expert(s) not found; updated the merged factors exactly (%s rule)",
+        merged,
+        len(missing),
+        record.method,
+    )
     return AddedMerge(out, result, found, recomputed=False)
 
 
@@ -130,15 +151,20 @@ def _weights_for(merged: Path, record: MergeRecord, weights: Sequence[float] | N
     old = [float(w) for w in record.weights]
     if weights is not None:
         if len(weights) != total:
-            raise LoraFormatError(f"weights: got {len(weights)} for {total} experts ({len(old)} in {merged.name} and "
-                                  f"{total - len(old)} new); give one per expert, the merged file's experts first")
+            raise LoraFormatError(
+                f"weights: got {len(weights)} for {total} experts ({len(old)} in {merged.name} and "
+                f"{total - len(old)} new); give one per expert, the merged file's experts first"
+            )
         return [float(w) for w in weights]
     if all(math.isclose(w, 1.0 / len(old), rel_tol=1e-9) for w in old):
         return [1.0 / total] * total  # what merge_experts' default gives, value for value
     example = ",".join(f"{w:g}" for w in old) + "," + ",".join(["W"] * (total - len(old)))
     raise LoraFormatError(
         what=f"its {len(old)} experts were merged with weights {old}, not uniformly, so the weights of {total} "
-        "experts cannot be inferred", where=str(merged), remedies=[Remedy.give("weights", example)])
+        "experts cannot be inferred",
+        where=str(merged),
+        remedies=[Remedy.give("weights", example)],
+    )
 
 
 def _common_scale(old: Sequence[float], new: Sequence[float]) -> float | None:
@@ -164,8 +190,9 @@ def is_file_source(source: str) -> bool:
 # ---------------------------------------------------------------------------- finding experts
 
 
-def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path], locate: Locate | None
-                ) -> Iterator[tuple[str, Path | None]]:
+def _candidates(
+    merged: Path, entry: dict, expert_files: Sequence[Path], locate: Locate | None
+) -> Iterator[tuple[str, Path | None]]:
     """(where, file) for each place a listed expert may be, in order; file None when that place failed."""
     yield from ((f"given file {p}", p) for p in expert_files)
     source = entry.get("source")
@@ -180,8 +207,9 @@ def _candidates(merged: Path, entry: dict, expert_files: Sequence[Path], locate:
         yield from locate(merged, entry)
 
 
-def _find_experts(merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]],
-                  locate: Locate | None) -> tuple[list[Path | None], list[list[str]]]:
+def _find_experts(
+    merged: Path, old: Sequence[dict], expert_files: Sequence[str | os.PathLike[str]], locate: Locate | None
+) -> tuple[list[Path | None], list[list[str]]]:
     """Each listed expert's verified file (or None) and where it was looked for, in the record's order."""
     digests: dict[Path, str] = {}
     given = [Path(p) for p in expert_files]
@@ -215,24 +243,41 @@ def _missing_error(merged: Path, record: MergeRecord, missing: Sequence[tuple[di
         lines.append(f"{label}; looked at: " + "; ".join(places))
     spec = method_spec(record.method)
     if not spec.linear:
-        why = (f"the {record.method} merge is not linear in its experts ({spec.nonlinear}), so it can be extended "
-               "exactly only from every expert file")
+        why = (
+            f"the {record.method} merge is not linear in its experts ({spec.nonlinear}), so it can be extended "
+            "exactly only from every expert file"
+        )
     else:
-        why = ("the weights given for the old experts are not proportional to the ones they were merged with, so their "
-               "updates must be reweighted one by one, which needs their files")
+        why = (
+            "the weights given for the old experts are not proportional to the ones they were merged with, so their "
+            "updates must be reweighted one by one, which needs their files"
+        )
     return LoraFormatError(
-        what=f"{len(missing)} of its {len(record.experts)} experts were not found", where=str(merged),
-        details=[*lines, f"{why}."], remedies=[
+        what=f"{len(missing)} of its {len(record.experts)} experts were not found",
+        where=str(merged),
+        details=[*lines, f"{why}."],
+        remedies=[
             Remedy.give("expert_files", noun="the missing files", note="they are matched by sha256"),
-            Remedy.run("selma hub pull NAME", note="to pull them")])
+            Remedy.run("selma hub pull NAME", note="to pull them"),
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------ exact updates
 
 
-def _update_linear(merged: Path, merged_lora: LoraWeights, record: MergeRecord, new_paths: Sequence[Path],
-                   new_digests: Sequence[str], new_sources: Sequence[str | None] | None, out: Path, format: str,
-                   scale: float, weights: Sequence[float]) -> LoraWeights:
+def _update_linear(
+    merged: Path,
+    merged_lora: LoraWeights,
+    record: MergeRecord,
+    new_paths: Sequence[Path],
+    new_digests: Sequence[str],
+    new_sources: Sequence[str | None] | None,
+    out: Path,
+    format: str,
+    scale: float,
+    weights: Sequence[float],
+) -> LoraWeights:
     """The merge (of a linear method: selma, delta) of T old experts, known only through the merged factors (scale 1),
     with weights ``scale`` * their old ones, and K new ones: merge_experts' rule on [merged, new...]
     with weights [scale, w_new...] (uniform: [T/(T+K), 1/(T+K), ...])."""
@@ -241,8 +286,12 @@ def _update_linear(merged: Path, merged_lora: LoraWeights, record: MergeRecord, 
     # Block weights g scale the merged B linearly (B_m = g * rule(...)), so the new experts enter
     # with their B scaled by g; the merged factors already carry it (g = 0 modules keep their A).
     scaled = [apply_block_weights(lora, record.block_weights) for lora in new_loras]
-    result = merge_experts([merged_lora, *scaled], record.method, [scale, *weights[len(old):]],  # type: ignore[arg-type]
-                           names=[merged.name, *(p.name for p in new_paths)])
+    result = merge_experts(
+        [merged_lora, *scaled],
+        record.method,
+        [scale, *weights[len(old) :]],  # type: ignore[arg-type]
+        names=[merged.name, *(p.name for p in new_paths)],
+    )
     sources = list(new_sources or [None] * len(new_paths))
     entries = [{**entry, "source": _rebased_source(entry, merged, out)} for entry in old]
     for path, lora, digest, source in zip(new_paths, new_loras, new_digests, sources):

@@ -64,7 +64,10 @@ REFUSED_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.hada_(w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "LyCORIS LoHa (hada_* keys)"),
     (re.compile(r"\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t2)$"), "LyCORIS LoKr (lokr_* keys)"),
     (re.compile(r"\.(oft_blocks|oft_diag|oft_R\.weight|boft_R|boft_s)$"), "OFT / BOFT (oft_* keys)"),
-    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.[A-Za-z0-9_\-]+)?(\.weight)?)$"), "DoRA (dora_scale / lora_magnitude_vector keys)"),
+    (
+        re.compile(r"\.(dora_scale|lora_magnitude_vector(\.[A-Za-z0-9_\-]+)?(\.weight)?)$"),
+        "DoRA (dora_scale / lora_magnitude_vector keys)",
+    ),
     (re.compile(r"\.lora_mid\.weight$"), "LoCon with Tucker decomposition (lora_mid keys)"),
     (re.compile(r"\.lora_B(\.[A-Za-z0-9_\-]+)?\.bias$"), "peft LoRA with biases (lora_bias=True: lora_B.bias keys)"),
     (re.compile(r"\.lora_embedding_[AB](\.[A-Za-z0-9_\-]+)?$"), "peft embedding LoRA (lora_embedding_A/B keys)"),
@@ -75,25 +78,96 @@ REFUSED_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
 # so decoding has to know which underscores were there to begin with.
 _COMPOUND_WORDS = (
     # diffusers UNet
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut", "time_emb_proj",
-    "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding", "encoder_hid_proj",
-    "add_k_proj", "add_v_proj",
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "proj_in",
+    "proj_out",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "conv_shortcut",
+    "time_emb_proj",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "class_embedding",
+    "encoder_hid_proj",
+    "add_k_proj",
+    "add_v_proj",
     # original (LDM / sgm) UNet
-    "input_blocks", "output_blocks", "middle_block", "in_layers", "out_layers", "emb_layers",
-    "skip_connection", "time_embed", "label_emb",
+    "input_blocks",
+    "output_blocks",
+    "middle_block",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
+    "time_embed",
+    "label_emb",
     # diffusers DiT transformers (SD3Transformer2DModel, FluxTransformer2DModel, Chroma, Qwen-Image,
     # Z-Image, FLUX.2)
-    "single_transformer_blocks", "add_q_proj", "to_add_out", "ff_context", "norm1_context", "proj_mlp",
-    "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder", "guidance_embedder", "text_embedder",
-    "norm_out", "pos_embed", "distilled_guidance_layer", "in_proj", "img_in", "txt_in", "txt_norm", "img_mod",
-    "txt_mod", "img_mlp", "txt_mlp", "noise_refiner", "context_refiner", "feed_forward", "adaLN_modulation",
-    "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2", "all_x_embedder", "all_final_layer",
-    "cap_embedder", "t_embedder", "to_qkv_mlp_proj", "linear_in", "linear_out", "time_guidance_embed",
-    "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+    "single_transformer_blocks",
+    "add_q_proj",
+    "to_add_out",
+    "ff_context",
+    "norm1_context",
+    "proj_mlp",
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed",
+    "timestep_embedder",
+    "guidance_embedder",
+    "text_embedder",
+    "norm_out",
+    "pos_embed",
+    "distilled_guidance_layer",
+    "in_proj",
+    "img_in",
+    "txt_in",
+    "txt_norm",
+    "img_mod",
+    "txt_mod",
+    "img_mlp",
+    "txt_mlp",
+    "noise_refiner",
+    "context_refiner",
+    "feed_forward",
+    "adaLN_modulation",
+    "attention_norm1",
+    "attention_norm2",
+    "ffn_norm1",
+    "ffn_norm2",
+    "all_x_embedder",
+    "all_final_layer",
+    "cap_embedder",
+    "t_embedder",
+    "to_qkv_mlp_proj",
+    "linear_in",
+    "linear_out",
+    "time_guidance_embed",
+    "double_stream_modulation_img",
+    "double_stream_modulation_txt",
+    "single_stream_modulation",
     # CLIP text encoders
-    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
-    "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "layer_norm1",
+    "layer_norm2",
+    "final_layer_norm",
+    "token_embedding",
+    "position_embedding",
+    "text_projection",
 )
 _COMPOUNDS = sorted((tuple(word.split("_")) for word in _COMPOUND_WORDS), key=len, reverse=True)
 # The compounds by their first token, longest first (the order of _COMPOUNDS): decoding tries only
@@ -102,15 +176,39 @@ _COMPOUNDS_BY_HEAD: dict[str, tuple[tuple[str, ...], ...]] = {
     head: tuple(compound for compound in _COMPOUNDS if compound[0] == head) for head in {c[0] for c in _COMPOUNDS}
 }
 # Top-level modules of diffusers' DiT transformers (none is a top-level UNet module name).
-_DIT_HEADS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
-              "pos_embed", "norm_out", "proj_out", "distilled_guidance_layer", "img_in", "txt_in", "txt_norm", "layers",
-              "noise_refiner", "context_refiner", "all_x_embedder", "all_final_layer", "cap_embedder", "t_embedder",
-              "time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
-              "single_stream_modulation")
+_DIT_HEADS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed",
+    "pos_embed",
+    "norm_out",
+    "proj_out",
+    "distilled_guidance_layer",
+    "img_in",
+    "txt_in",
+    "txt_norm",
+    "layers",
+    "noise_refiner",
+    "context_refiner",
+    "all_x_embedder",
+    "all_final_layer",
+    "cap_embedder",
+    "t_embedder",
+    "time_guidance_embed",
+    "double_stream_modulation_img",
+    "double_stream_modulation_txt",
+    "single_stream_modulation",
+)
 _LDM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 _RESNET_LDM_TO_DIFFUSERS = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
 }
 _ADD_EMBEDDING_LDM = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # Old diffusers text-encoder attention names -> CLIP's own.
@@ -183,9 +281,13 @@ def ldm_to_diffusers_unet_path(path: str, layers_per_block: int = 2) -> str:
     step = layers_per_block + 1
     head, rest = parts[0], parts[1:]
     fixed = {
-        "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-        "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-        "out.0": "conv_norm_out", "out.2": "conv_out", "input_blocks.0.0": "conv_in",
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "label_emb.0.0": "add_embedding.linear_1",
+        "label_emb.0.2": "add_embedding.linear_2",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+        "input_blocks.0.0": "conv_in",
     }
     if path in fixed:
         return fixed[path]
@@ -230,18 +332,18 @@ def _ldm_resnet(prefix: str, inner: list[str], path: str) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 16)  # names only, and the experts of a merge share them
-def module_from_key(
-    spelling: str, *, component: str | None = None, ldm_layers_per_block: int = 2
-) -> tuple[str, str]:
+def module_from_key(spelling: str, *, component: str | None = None, ldm_layers_per_block: int = 2) -> tuple[str, str]:
     """A module spelling from :func:`parse_key` -> (canonical module name, layout).
 
     ``component`` names the model part for peft keys without a component prefix. Raises
     :class:`LoraFormatError` when the spelling cannot be placed.
     """
     if spelling.startswith("lora_transformer_"):
-        return canonical_module_name("transformer", decode_kohya_path(spelling[len("lora_transformer_"):])), "kohya"
+        return canonical_module_name("transformer", decode_kohya_path(spelling[len("lora_transformer_") :])), "kohya"
     if spelling.startswith(("lora_unet_", "lycoris_")):
-        path = decode_kohya_path(spelling.split("_", 2)[2] if spelling.startswith("lora_unet_") else spelling[len("lycoris_"):])
+        path = decode_kohya_path(
+            spelling.split("_", 2)[2] if spelling.startswith("lora_unet_") else spelling[len("lycoris_") :]
+        )
         if path.split(".")[0] in _DIT_HEADS:  # SimpleTuner's DiT files (lycoris_), musubi-tuner's (lora_unet_)
             return canonical_module_name("transformer", path), "kohya"
         if path.split(".")[0] in _LDM_HEADS:
@@ -249,18 +351,20 @@ def module_from_key(
         return canonical_module_name("unet", path), "kohya"
     for prefix, te_component in KOHYA_TEXT_PREFIXES:
         if spelling.startswith(prefix):
-            return canonical_module_name(te_component, decode_kohya_path(spelling[len(prefix):])), "kohya"
+            return canonical_module_name(te_component, decode_kohya_path(spelling[len(prefix) :])), "kohya"
     if spelling.startswith("diffusion_model."):
-        path = spelling[len("diffusion_model."):]
+        path = spelling[len("diffusion_model.") :]
         if path.split(".")[0] in _DIT_HEADS:  # ai-toolkit's DiT files: diffusers' module paths
             return canonical_module_name("transformer", path), "ai-toolkit"
         return canonical_module_name("unet", _ldm_path(path, spelling, ldm_layers_per_block)), "comfyui"
     if spelling.startswith("text_encoders."):
-        clip, _, rest = spelling[len("text_encoders."):].partition(".")
+        clip, _, rest = spelling[len("text_encoders.") :].partition(".")
         if clip not in COMFY_CLIP_COMPONENTS or not rest.startswith("transformer."):
-            raise LoraFormatError(f"key {spelling!r}: ComfyUI text-encoder key for {clip!r}; expected "
-                                  f"{', '.join(COMFY_CLIP_COMPONENTS)} followed by .transformer.")
-        return canonical_module_name(COMFY_CLIP_COMPONENTS[clip], rest[len("transformer."):]), "comfyui"
+            raise LoraFormatError(
+                f"key {spelling!r}: ComfyUI text-encoder key for {clip!r}; expected "
+                f"{', '.join(COMFY_CLIP_COMPONENTS)} followed by .transformer."
+            )
+        return canonical_module_name(COMFY_CLIP_COMPONENTS[clip], rest[len("transformer.") :]), "comfyui"
 
     head, _, rest = spelling.partition(".")
     if head in COMPONENTS and rest:
@@ -272,7 +376,8 @@ def module_from_key(
     else:
         raise LoraFormatError(
             what="has no component prefix (unet. / transformer. / text_encoder. / text_encoder_2.), as "
-            "peft.get_peft_model_state_dict(model) returns keys", where=f"key {spelling!r}",
+            "peft.get_peft_model_state_dict(model) returns keys",
+            where=f"key {spelling!r}",
             remedies=[Remedy.set("component", "unet", note="the model part its keys are for")],
         )
     path = path.removeprefix("base_model.model.")

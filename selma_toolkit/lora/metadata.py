@@ -28,17 +28,37 @@ from selma_toolkit.published import dit_families_with
 
 SELMA_PREFIX = "selma."
 SELMA_FIELDS = (
-    "base_model", "architecture", "rank", "alpha", "targets", "skill", "skills", "method", "weights",
-    "recipe_sha256", "toolkit_version",
+    "base_model",
+    "architecture",
+    "rank",
+    "alpha",
+    "targets",
+    "skill",
+    "skills",
+    "method",
+    "weights",
+    "recipe_sha256",
+    "toolkit_version",
 )
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 ARCHITECTURES = FAMILY_NAMES  # the registry's family names (selma_toolkit/architectures.py)
 # Fields recomputed from the tensors on every write, so a converted or merged file never carries
 # stale values from its source.
 _DERIVED = (
-    "format", PEFT_METADATA_KEY, "ss_network_dim", "ss_network_alpha", "ss_network_module",
-    "ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
-    "modelspec.sai_model_spec", "selma.rank", "selma.alpha", "selma.targets", "selma.toolkit_version",
+    "format",
+    PEFT_METADATA_KEY,
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_module",
+    "ss_base_model_version",
+    "ss_v2",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.sai_model_spec",
+    "selma.rank",
+    "selma.alpha",
+    "selma.targets",
+    "selma.toolkit_version",
 )
 
 
@@ -62,8 +82,13 @@ def lora_metadata(
     if architecture is not None and architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
     fields = {
-        "base_model": base_model, "architecture": architecture, "skill": skill, "skills": skills,
-        "method": method, "weights": weights, "recipe_sha256": recipe_sha256,
+        "base_model": base_model,
+        "architecture": architecture,
+        "skill": skill,
+        "skills": skills,
+        "method": method,
+        "weights": weights,
+        "recipe_sha256": recipe_sha256,
     }
     metadata = {SELMA_PREFIX + key: as_metadata_string(value) for key, value in fields.items() if value is not None}
     if title is not None:
@@ -93,7 +118,9 @@ def metadata_value(weights: LoraWeights | Mapping[str, str], field: str) -> str 
 def file_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``__metadata__`` a file of ``weights`` gets: its own metadata and ``extra`` (plain field
     names such as ``base_model`` moved under ``selma.``), derived fields recomputed."""
-    merged: dict[str, str] = {key: as_metadata_string(value) for key, value in {**weights.metadata, **(extra or {})}.items()}
+    merged: dict[str, str] = {
+        key: as_metadata_string(value) for key, value in {**weights.metadata, **(extra or {})}.items()
+    }
     for field in SELMA_FIELDS:
         if field in merged:
             merged.setdefault(SELMA_PREFIX + field, merged[field])
@@ -117,7 +144,10 @@ def file_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None) 
         merged["ss_v2"] = str(family.kohya_base_version.startswith("sd_v2"))  # kohya's flag for SD 2.x text encoders
         spec_arch, resolution = family.modelspec_architecture, family.resolution
         if spec_arch.startswith("stable-diffusion-v2") and "base" in (merged.get(SELMA_PREFIX + "base_model") or ""):
-            spec_arch, resolution = "stable-diffusion-v2-512", 512  # stabilityai/stable-diffusion-2-base is the 512 px model
+            spec_arch, resolution = (
+                "stable-diffusion-v2-512",
+                512,
+            )  # stabilityai/stable-diffusion-2-base is the 512 px model
         merged["modelspec.sai_model_spec"] = "1.0.0"
         merged["modelspec.architecture"] = f"{spec_arch}/lora"
         merged["modelspec.implementation"] = "diffusers"  # module names follow diffusers' UNet
@@ -144,24 +174,32 @@ def peft_adapter_metadata(weights: LoraWeights) -> dict[str, Any]:
     the modules that differ (module paths, as diffusers itself writes them)."""
     config: dict[str, Any] = {}
     for component in sorted(weights.components()):
-        modules = {peft_module_path(name): module for name, module in weights.modules.items() if name.split(".", 1)[0] == component}
+        modules = {
+            peft_module_path(name): module
+            for name, module in weights.modules.items()
+            if name.split(".", 1)[0] == component
+        }
         rank = _most_common(module.rank for module in modules.values())
         alpha = _most_common(float(module.alpha) for module in modules.values())
         config[f"{component}.r"] = rank
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(modules)
         config[f"{component}.rank_pattern"] = {path: m.rank for path, m in modules.items() if m.rank != rank}
-        config[f"{component}.alpha_pattern"] = {path: float(m.alpha) for path, m in modules.items() if float(m.alpha) != alpha}
+        config[f"{component}.alpha_pattern"] = {
+            path: float(m.alpha) for path, m in modules.items() if float(m.alpha) != alpha
+        }
     return config
 
 
-def peft_alpha(config: Mapping[str, Any], canonical: str, rank: int, component_given: str | None = None) -> float | None:
+def peft_alpha(
+    config: Mapping[str, Any], canonical: str, rank: int, component_given: str | None = None
+) -> float | None:
     """The alpha peft would give module ``canonical`` under a ``lora_adapter_metadata`` config:
     its ``alpha_pattern`` entry, else ``lora_alpha``; rsLoRA's alpha / sqrt(r) scaling is folded
     into the returned alpha (scale = alpha / r here). None when the config does not say."""
     component = canonical.split(".", 1)[0]
     prefix = component + "."
-    section = {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)}
+    section = {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
     if not section and component_given == component:
         section = dict(config)  # an unprefixed LoraConfig given for a single component
     alpha = section.get("lora_alpha")
@@ -193,7 +231,9 @@ def _peft_pattern_key(patterns: Mapping[str, Any], paths: tuple[str, ...]) -> st
 _UNET_FAMILIES = {name: f for name, f in FAMILIES.items() if f.denoiser == DENOISERS[0]}
 _CROSS_ATTENTION_DIM = {family.cross_attention_dim: name for name, family in _UNET_FAMILIES.items()}
 _WIDTH_COUNT = Counter(e.hidden_size for f in _UNET_FAMILIES.values() for e in f.text_encoders)
-_TEXT_HIDDEN = {e.hidden_size: f.name for f in _UNET_FAMILIES.values() for e in f.text_encoders if _WIDTH_COUNT[e.hidden_size] == 1}
+_TEXT_HIDDEN = {
+    e.hidden_size: f.name for f in _UNET_FAMILIES.values() for e in f.text_encoders if _WIDTH_COUNT[e.hidden_size] == 1
+}
 # DiT families: the transformer's attention width and the pooled text width of the real models.
 _DIT_WIDTH_COUNT = Counter(w for f in FAMILIES.values() for w in f.denoiser_widths)
 _DIT_WIDTH = {w: f.name for f in FAMILIES.values() for w in f.denoiser_widths if _DIT_WIDTH_COUNT[w] == 1}
@@ -285,9 +325,9 @@ def _evidence(name: str, module: LoraModule, excluded: set[str]) -> set[str]:
         found.update(_STACKED)
     if name.startswith("unet.") and re.search(r"\.attn2\.to_[kv]$", name) and in_features in _CROSS_ATTENTION_DIM:
         found.add(_CROSS_ATTENTION_DIM[in_features])
-    if name.startswith("text_encoder") and re.search(r"\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1)$", name):
-        if in_features in _TEXT_HIDDEN:
-            found.add(_TEXT_HIDDEN[in_features])
+    text_input = re.search(r"\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1)$", name)
+    if name.startswith("text_encoder") and text_input and in_features in _TEXT_HIDDEN:
+        found.add(_TEXT_HIDDEN[in_features])
     match = _TEXT_LAYER_INDEX.search(name)
     if match and int(match.group(1)) >= _CLIP_L_LAYERS:
         found.update(_DEEP_FIRST_ENCODER)

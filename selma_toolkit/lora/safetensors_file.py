@@ -30,15 +30,39 @@ from selma_toolkit.io import sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
-    "U64": torch.uint64, "F64": torch.float64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
 }
 
 
@@ -78,8 +102,11 @@ def read_safetensors_hashing_later(
         data = _map_whole(path)
     except (OSError, RuntimeError) as exc:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    return (_tensors_from_buffer(path, data, header, 8 + header_size), metadata,
-            lambda: hashlib.sha256(memoryview(data.numpy())).hexdigest())
+    return (
+        _tensors_from_buffer(path, data, header, 8 + header_size),
+        metadata,
+        lambda: hashlib.sha256(memoryview(data.numpy())).hexdigest(),
+    )
 
 
 def _map_whole(path: Path) -> torch.Tensor:
@@ -90,7 +117,9 @@ def _map_whole(path: Path) -> torch.Tensor:
     return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
 
 
-def _tensors_from_buffer(path: Path, data: torch.Tensor, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+def _tensors_from_buffer(
+    path: Path, data: torch.Tensor, header: dict[str, Any], data_start: int
+) -> dict[str, torch.Tensor]:
     """The header's tensors as views into ``data`` (uint8 [file size]), in the order of their data
     (as safetensors' ``load_file`` returns them); offsets must tile the data exactly, as
     safetensors requires."""
@@ -141,7 +170,9 @@ def _check_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         head = handle.read(9)
         # A safetensors header is JSON right after its 8-byte length; torch.save writes a zip
         # ("PK\x03\x04") or a pickle (0x80, protocol 2-5).
-        looks_pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+        looks_pickled = head[:4] == b"PK\x03\x04" or (
+            head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        )
         if head[8:9] != b"{" and looks_pickled:
             raise LoraFormatError(
                 f"{path}: this is a PyTorch pickle/zip file named {path.suffix}, not safetensors; it is "
@@ -160,7 +191,9 @@ def _check_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoraFormatError(f"{path}: the safetensors header is not valid JSON; the file is damaged or not safetensors") from None
+        raise LoraFormatError(
+            f"{path}: the safetensors header is not valid JSON; the file is damaged or not safetensors"
+        ) from None
     if not isinstance(header, dict):
         raise LoraFormatError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}

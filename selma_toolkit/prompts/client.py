@@ -85,7 +85,12 @@ class LLMClient:
 
     def _body(self, prompt: str) -> dict[str, Any]:
         s = self.settings
-        body: dict[str, Any] = {"model": s.model, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+        body: dict[str, Any] = {
+            "model": s.model,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+        }
         if s.api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
@@ -97,8 +102,12 @@ class LLMClient:
             return None
         # ``sample`` tells apart requests with the same text (early on, the pool is only the seeds):
         # each is its own draw at temperature > 0, and a rerun asks for the same draws again.
-        identity = {"base_url": self.settings.base_url.rstrip("/"), "api": self.settings.api, "body": self._body(prompt),
-                    "sample": sample}
+        identity = {
+            "base_url": self.settings.base_url.rstrip("/"),
+            "api": self.settings.api,
+            "body": self._body(prompt),
+            "sample": sample,
+        }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
         return self._cache_dir / digest[:2] / f"{digest}.json"
 
@@ -159,8 +168,10 @@ class LLMClient:
         elif isinstance(exc, openai.APIConnectionError):
             message = f"cannot reach {where} {tries}; check that the server runs and the URL (usually ending in /v1)"
         elif isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            message = (f"{where} refused the API key from ${s.api_key_env} ({exc.status_code}); "
-                       f"set a valid key in {s.api_key_env}")
+            message = (
+                f"{where} refused the API key from ${s.api_key_env} ({exc.status_code}); "
+                f"set a valid key in {s.api_key_env}"
+            )
         elif isinstance(exc, openai.NotFoundError):
             message = f"{where} answered 404: check llm.model and llm.base_url (and llm.api: chat or completions)"
         elif isinstance(exc, openai.RateLimitError):

@@ -69,14 +69,24 @@ def _read_existing(path: Path, skill: str) -> list[dict[str, Any]]:
     for index, record in enumerate(records):
         where = f"{path}: record {index + 1}"
         if record.get("skill") != skill:
-            raise DatasetError(what=f"belongs to skill {record.get('skill')!r}, not {skill!r}", where=where,
-                               remedies=[Remedy.change("out", "folder", note="for this skill's prompts")])
+            raise DatasetError(
+                what=f"belongs to skill {record.get('skill')!r}, not {skill!r}",
+                where=where,
+                remedies=[Remedy.change("out", "folder", note="for this skill's prompts")],
+            )
         request = record.get("request")
-        if record.get("id") != index or not isinstance(request, int) or request < last_request \
-                or record.get("split") not in SPLITS or not str(record.get("prompt", "")).strip():
-            raise DatasetError(f"{where}: expected id {index}, a non-empty prompt, split train or heldout and a "
-                               f"request number not below {last_request}, found {record!r}; this file was not written "
-                               "by `selma prompts` or was edited: move it away to start over")
+        if (
+            record.get("id") != index
+            or not isinstance(request, int)
+            or request < last_request
+            or record.get("split") not in SPLITS
+            or not str(record.get("prompt", "")).strip()
+        ):
+            raise DatasetError(
+                f"{where}: expected id {index}, a non-empty prompt, split train or heldout and a "
+                f"request number not below {last_request}, found {record!r}; this file was not written "
+                "by `selma prompts` or was edited: move it away to start over"
+            )
         last_request = request
     return records
 
@@ -89,8 +99,9 @@ class _Generation:
         self.out = out
         self.wanted = {"train": skill.num_prompts, "heldout": heldout}
         self.splits = Counter(record["split"] for record in existing)
-        self.stats = PromptStats(skill=skill.name, source=skill.source, path=out, target=skill.num_prompts + heldout,
-                                 kept=len(existing))
+        self.stats = PromptStats(
+            skill=skill.name, source=skill.source, path=out, target=skill.num_prompts + heldout, kept=len(existing)
+        )
         self.pool = PromptPool(skill.max_words, skill.similarity_threshold)
         for prompt in [*skill.seeds, *(record["prompt"] for record in existing)]:
             self.pool.add(prompt)
@@ -133,10 +144,18 @@ class _Generation:
                 stats.rejected[verdict.reason] += 1
                 continue
             split = "train" if self.splits["train"] < self.wanted["train"] else "heldout"
-            writer.append({
-                "id": stats.kept, "skill": self.skill.name, "prompt": text, "source": self.skill.source,
-                "split": split, "max_rouge": verdict.max_rouge, "request_id": batch.request_id, "request": request,
-            })
+            writer.append(
+                {
+                    "id": stats.kept,
+                    "skill": self.skill.name,
+                    "prompt": text,
+                    "source": self.skill.source,
+                    "split": split,
+                    "max_rouge": verdict.max_rouge,
+                    "request_id": batch.request_id,
+                    "request": request,
+                }
+            )
             self.pool.add(text)
             self.kept_requests.append(request)
             self.splits[split] += 1
@@ -144,15 +163,24 @@ class _Generation:
             stats.added += 1
             added += 1
         self.empty_rounds = 0 if added else self.empty_rounds + 1
-        log.debug("%s: answer %d: %d candidates, %d kept, %d/%d in total", self.skill.name, request,
-                  len(batch.candidates), added, stats.kept, stats.target)
+        log.debug(
+            "%s: answer %d: %d candidates, %d kept, %d/%d in total",
+            self.skill.name,
+            request,
+            len(batch.candidates),
+            added,
+            stats.kept,
+            stats.target,
+        )
 
     def rejected_summary(self) -> str:
         return ", ".join(f"{reason} {count}" for reason, count in self.stats.rejected.items())
 
     def kept_note(self) -> str:
-        return (f"{self.stats.kept}/{self.stats.target} prompts kept so far are saved in {self.out}; "
-                "rerun the same command to continue")
+        return (
+            f"{self.stats.kept}/{self.stats.target} prompts kept so far are saved in {self.out}; "
+            "rerun the same command to continue"
+        )
 
     def too_many_empty_rounds(self, source: PromptSource) -> Exception:
         return source.exhausted(self.empty_rounds, self.stats.candidates, self.rejected_summary(), self.kept_note())
@@ -189,8 +217,17 @@ def generate_prompts(
     with open_source(skill, cache_dir) as source:
         _run_requests(run, source, progress)
     stats = run.stats
-    log.debug("%s: %d/%d prompts in %s (%d requests, %d cached, %d tokens; rejected: %s)", skill.name, stats.kept,
-             stats.target, out, stats.requests, stats.cache_hits, stats.total_tokens, run.rejected_summary())
+    log.debug(
+        "%s: %d/%d prompts in %s (%d requests, %d cached, %d tokens; rejected: %s)",
+        skill.name,
+        stats.kept,
+        stats.target,
+        out,
+        stats.requests,
+        stats.cache_hits,
+        stats.total_tokens,
+        run.rejected_summary(),
+    )
     return stats
 
 
@@ -199,13 +236,16 @@ def _run_requests(run: _Generation, source: PromptSource, progress: Callable[[Pr
     llm = run.skill.llm
     # A killed run resumes at the answer it was processing (the request of its last prompt).
     first = run.kept_requests[-1] if run.kept_requests else 0
-    kept_prompts = run.pool.prompts[len(run.skill.seeds):]
+    kept_prompts = run.pool.prompts[len(run.skill.seeds) :]
     already_kept = {normalized(p) for p, r in zip(kept_prompts, run.kept_requests, strict=True) if r == first}
     pending: dict[int, Future | Batch] = {}
     sent = 0
     issued = processed = first
     stop_reason = None
-    with JsonlAppender(run.out) as writer, ThreadPoolExecutor(max_workers=source.window, thread_name_prefix="selma-llm") as pool:
+    with (
+        JsonlAppender(run.out) as writer,
+        ThreadPoolExecutor(max_workers=source.window, thread_name_prefix="selma-llm") as pool,
+    ):
         try:
             while not run.complete:
                 while issued < processed + source.window and stop_reason is None:
@@ -228,8 +268,10 @@ def _run_requests(run: _Generation, source: PromptSource, progress: Callable[[Pr
                     raise EndpointError(
                         what=f"stopped at {stop_reason} (a limit in the recipe); the {run.stats.kept}/"
                         f"{run.stats.target} prompts kept so far are saved in {run.out} and the answers received are "
-                        "cached, so the same command continues", where=f"skill {run.skill.name!r}",
-                        remedies=[Remedy.give("overrides", f"{limit}=N", noun=f"a higher {limit}")])
+                        "cached, so the same command continues",
+                        where=f"skill {run.skill.name!r}",
+                        remedies=[Remedy.give("overrides", f"{limit}=N", noun=f"a higher {limit}")],
+                    )
                 item = pending.pop(processed)
                 try:
                     batch = item.result() if isinstance(item, Future) else item

@@ -47,7 +47,9 @@ class GrammarSource:
         values: dict[str, str] = {}
         for list_name, members in by_list.items():
             words = self.grammar.words[list_name]
-            drawn = rng.sample(words, len(members)) if len(words) >= len(members) else rng.choices(words, k=len(members))
+            drawn = (
+                rng.sample(words, len(members)) if len(words) >= len(members) else rng.choices(words, k=len(members))
+            )
             values.update(zip(members, drawn, strict=True))
         text = _SLOT.sub(lambda m: plural(values[m.group(1)]) if m.group(2) else values[m.group(1)], template)
         return _ARTICLE.sub(lambda m: m.group(1) + "n ", text)

@@ -33,7 +33,7 @@ def clean_item(text: str) -> str:
     while True:
         for opening, closing in _WRAPPERS:
             if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
-                text = text[len(opening):-len(closing)].strip()
+                text = text[len(opening) : -len(closing)].strip()
                 break
         else:
             return text

@@ -66,7 +66,9 @@ def lcs_lengths(candidate: np.ndarray, rows: np.ndarray, vocab_size: int) -> np.
     words = (m + 63) // 64
     match = np.zeros((vocab_size, words), dtype=np.uint64)
     positions = np.arange(m)
-    np.bitwise_or.at(match, (candidate, positions // 64), np.left_shift(np.uint64(1), (positions % 64).astype(np.uint64)))
+    np.bitwise_or.at(
+        match, (candidate, positions // 64), np.left_shift(np.uint64(1), (positions % 64).astype(np.uint64))
+    )
     match[0] = 0
     if words == 1:
         table = match[:, 0]

@@ -82,8 +82,15 @@ class LLMSource:
     @staticmethod
     def _batch(answer: Any) -> Batch:
         parsed = parse_answer(answer.text, truncated=answer.finish_reason == "length")
-        return Batch(parsed.candidates, parsed.cut_off, answer.request_id, answer.prompt_tokens,
-                     answer.completion_tokens, from_network=not answer.from_cache, from_cache=answer.from_cache)
+        return Batch(
+            parsed.candidates,
+            parsed.cut_off,
+            answer.request_id,
+            answer.prompt_tokens,
+            answer.completion_tokens,
+            from_network=not answer.from_cache,
+            from_cache=answer.from_cache,
+        )
 
     def exhausted(self, rounds: int, candidates: int, rejected: str, kept_note: str) -> Exception:
         llm = self.skill.llm
@@ -91,7 +98,8 @@ class LLMSource:
             f"skill {self.skill.name!r}: {rounds} answers in a row from {llm.base_url} (model {llm.model!r}) added no "
             f"usable prompt (llm.max_empty_rounds = {llm.max_empty_rounds}; this run: {candidates} "
             f"candidates, rejected: {rejected}). Expected a numbered list of prompts; check llm.model, "
-            f"llm.api and the instruction. {kept_note}")
+            f"llm.api and the instruction. {kept_note}"
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -120,7 +128,8 @@ class GrammarSource:
         return RecipeError(
             f"skill {self.skill.name!r}: {rounds} grammar batches in a row added no prompt (rejected: "
             f"{rejected}); the grammar cannot make more prompts that differ enough: add templates "
-            f"or words, lower num_prompts or raise similarity_threshold. {kept_note}")
+            f"or words, lower num_prompts or raise similarity_threshold. {kept_note}"
+        )
 
     def close(self) -> None:
         pass

@@ -97,8 +97,9 @@ class JudgeSettings(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
-                                 for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            )
             raise RecipeError(f"judge settings: {problems}") from None
 
 
@@ -148,8 +149,14 @@ def hard_negative(scene: Scene, kind: str, rng: random.Random) -> Scene:
             return _replace(scene, index, count=rng.choice(options))
     if kind == "color":
         coloured = [i for i, g in enumerate(scene.groups) if g.color]
-        pairs = [(i, j) for i in coloured for j in coloured if i < j and scene.groups[i].color != scene.groups[j].color
-                 and scene.groups[i].shape != scene.groups[j].shape]
+        pairs = [
+            (i, j)
+            for i in coloured
+            for j in coloured
+            if i < j
+            and scene.groups[i].color != scene.groups[j].color
+            and scene.groups[i].shape != scene.groups[j].shape
+        ]
         if coloured and (not pairs or rng.random() < 0.3):  # one colour changed (what a swap cannot reach)
             index = rng.choice(coloured)
             return _replace(scene, index, color=rng.choice([c for c in COLORS if c != scene.groups[index].color]))
@@ -216,19 +223,38 @@ def build_judge():
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-
     tokenizer = toy_tokenizer()
     vocab = len(tokenizer)
-    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", bos_token_id=vocab - 2,
-                eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    vision = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, hidden_act="quick_gelu")
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
+    vision = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        hidden_act="quick_gelu",
+    )
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
     # The PIL image processor: the default one needs torchvision, which this project does not install.
     size = IMAGE_SIZE
-    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                   image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+    )
     return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
@@ -237,7 +263,6 @@ def contrastive_loss(model, input_ids, pixels, captions: list[str], negatives: l
     the batch (texts equal to its own caption masked out, as they are true of it), each caption
     against every image."""
     import torch
-
 
     n = len(captions)
     texts = captions + [text for row in negatives for text in row]
@@ -253,8 +278,9 @@ def contrastive_loss(model, input_ids, pixels, captions: list[str], negatives: l
 
 
 def _tokens(tokenizer, texts: list[str]):
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 # ------------------------------------------------------------------------------------ training
@@ -281,23 +307,28 @@ def _load_state(out: Path, settings: JudgeSettings) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    changed = {k: (record["settings"].get(k), v) for k, v in settings.model_dump().items()
-               if k not in RESUMABLE and record["settings"].get(k) != v}
+    changed = {
+        k: (record["settings"].get(k), v)
+        for k, v in settings.model_dump().items()
+        if k not in RESUMABLE and record["settings"].get(k) != v
+    }
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise TrainingError(f"{out}: holds a judge training run with other settings ({shown}); resume with the same "
-                            "settings or choose another --out")
+        raise TrainingError(
+            f"{out}: holds a judge training run with other settings ({shown}); resume with the same "
+            "settings or choose another --out"
+        )
     if record["step"] > settings.steps:
         raise TrainingError(f"{out}: already trained {record['step']} steps, more than --steps {settings.steps}")
     return record
 
 
-def train_judge(out: str | Path, settings: JudgeSettings, *,
-                progress: Callable[[int, int, float], None] | None = None) -> Path:
+def train_judge(
+    out: str | Path, settings: JudgeSettings, *, progress: Callable[[int, int, float], None] | None = None
+) -> Path:
     """Train (or resume) the judge in ``out``; return the checkpoint folder (export it with export_judge)."""
     import torch
     from safetensors.torch import load_file
-
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,19 +364,27 @@ def train_judge(out: str | Path, settings: JudgeSettings, *,
                 progress(done, settings.steps, loss.item())
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 tensors, extra = flatten_optimizer(optimizer)
-                save_checkpoint(out, {"step": done, "settings": settings.model_dump(), "optimizer": extra,
-                                      "schedule": schedule.state_dict(), "threads": torch.get_num_threads(),
-                                      "excluded_prompts": len(excluded)},
-                                {"model": model.state_dict(), "optimizer": tensors})
+                save_checkpoint(
+                    out,
+                    {
+                        "step": done,
+                        "settings": settings.model_dump(),
+                        "optimizer": extra,
+                        "schedule": schedule.state_dict(),
+                        "threads": torch.get_num_threads(),
+                        "excluded_prompts": len(excluded),
+                    },
+                    {"model": model.state_dict(), "optimizer": tensors},
+                )
     return out / "checkpoint"
 
 
-def negative_accuracy(model, processor, settings: JudgeSettings, excluded: set[str],
-                      batches: int = 4) -> dict[str, float]:
+def negative_accuracy(
+    model, processor, settings: JudgeSettings, excluded: set[str], batches: int = 4
+) -> dict[str, float]:
     """On fresh clean renders (another seed, the study's prompts still excluded): the share of images
     whose caption the judge scores above its hard negative, per negative kind."""
     import torch
-
 
     check = JudgeSettings(**{**settings.model_dump(), "seed": settings.seed + 10_000})
     wins = {kind: [] for kind in NEGATIVE_KINDS}
@@ -356,7 +395,8 @@ def negative_accuracy(model, processor, settings: JudgeSettings, excluded: set[s
             texts = captions + [text for row in negatives for text in row]
             image = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
             text = torch.nn.functional.normalize(
-                model.get_text_features(input_ids=_tokens(processor.tokenizer, texts)).pooler_output, dim=-1)
+                model.get_text_features(input_ids=_tokens(processor.tokenizer, texts)).pooler_output, dim=-1
+            )
             n = len(captions)
             positive = (image * text[:n]).sum(-1)
             for k, kind in enumerate(NEGATIVE_KINDS):
@@ -385,11 +425,17 @@ def export_judge(out: str | Path, target: str | Path = JUDGE_DIR) -> Path:
     model.to(torch.float16).save_pretrained(partial, safe_serialization=True)
     processor.save_pretrained(partial)
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.model_dump().items() if v is not None)
-    provenance = {"step": record["step"], "settings": settings.model_dump(), "threads": record.get("threads"),
-                  "excluded_prompts": record.get("excluded_prompts"),
-                  "caption_beats_hard_negative": checks,
-                  "rebuild": [f"selma toyworld judge-train --out OUT {options} --threads {record.get('threads')}",
-                              f"selma toyworld judge-export OUT --to {target.name}"]}
+    provenance = {
+        "step": record["step"],
+        "settings": settings.model_dump(),
+        "threads": record.get("threads"),
+        "excluded_prompts": record.get("excluded_prompts"),
+        "caption_beats_hard_negative": checks,
+        "rebuild": [
+            f"selma toyworld judge-train --out OUT {options} --threads {record.get('threads')}",
+            f"selma toyworld judge-export OUT --to {target.name}",
+        ],
+    }
     atomic_write_text(partial / RECORD_FILE, json.dumps(provenance, indent=1) + "\n")
     for path in partial.rglob("*"):
         if path.is_file():
@@ -403,7 +449,9 @@ def export_judge(out: str | Path, target: str | Path = JUDGE_DIR) -> Path:
 def judge_dir() -> Path:
     """The shipped ``toy:judge`` folder; ValueError when its weights are missing."""
     if not (JUDGE_DIR / "model.safetensors").is_file():
-        raise ValueError(f"{JUDGE_SPEC}: the shapes-world judge is missing from {JUDGE_DIR}; rebuild it with "
-                         f"`selma toyworld judge-train --out DIR` and `selma toyworld judge-export DIR`, or reinstall "
-                         "selma-toolkit")
+        raise ValueError(
+            f"{JUDGE_SPEC}: the shapes-world judge is missing from {JUDGE_DIR}; rebuild it with "
+            f"`selma toyworld judge-train --out DIR` and `selma toyworld judge-export DIR`, or reinstall "
+            "selma-toolkit"
+        )
     return JUDGE_DIR

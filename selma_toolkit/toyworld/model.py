@@ -35,8 +35,9 @@ VAE_SCALE = 2
 LATENT_SIZE = IMAGE_SIZE // VAE_SCALE
 
 # The pretraining noise schedule; the shipped scheduler config (DPM-Solver++) uses the same betas.
-NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                      prediction_type="epsilon")
+NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+)
 
 
 def toy_words() -> list[str]:
@@ -69,9 +70,17 @@ def build_text_encoder(vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=64,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        projection_dim=64,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     return CLIPTextModel(config)
 
@@ -80,10 +89,16 @@ def build_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
@@ -92,10 +107,16 @@ def build_vae():
 
     # Two blocks: one 2x downsampling. No attention in the mid block: shapes are local.
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=16, sample_size=IMAGE_SIZE, mid_block_add_attention=False,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
     )
 
 
@@ -104,17 +125,25 @@ def build_scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
     # steps_offset does nothing with trailing spacing; 1 keeps the SD pipeline from warning about an "outdated" config.
-    return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
-                                       timestep_spacing="trailing", steps_offset=1)
+    return DPMSolverMultistepScheduler(
+        **NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", steps_offset=1
+    )
 
 
 def build_pipeline(unet, vae, text_encoder, tokenizer):
     """A StableDiffusionPipeline from toy parts (no safety checker: the shapes world has no people)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -129,9 +158,14 @@ def toy_base_dir(spec: str = TOY_SPEC) -> Path:
     if spec not in TOY_BASES:
         raise ValueError(f"{spec}: unknown toy base; the shipped ones are {', '.join(TOY_BASES)}")
     folder = TOY_BASES[spec]
-    if not (folder / "model_index.json").is_file() or not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+    if (
+        not (folder / "model_index.json").is_file()
+        or not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    ):
         captions = " --captions web" if spec == WEB_SPEC else ""
-        raise ValueError(f"{spec}: the toy base model is missing from {folder}; rebuild it with "
-                         f"`selma toyworld pretrain --out DIR{captions}` and `selma toyworld export DIR --to {folder}`, "
-                         "or reinstall selma-toolkit")
+        raise ValueError(
+            f"{spec}: the toy base model is missing from {folder}; rebuild it with "
+            f"`selma toyworld pretrain --out DIR{captions}` and `selma toyworld export DIR --to {folder}`, "
+            "or reinstall selma-toolkit"
+        )
     return folder

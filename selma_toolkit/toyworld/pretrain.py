@@ -61,8 +61,11 @@ Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 def caption_sources() -> list[Any]:
     """The grammars captions are drawn from: the three toy skills and single objects."""
     grammars = [load_skill_recipe(name).grammar for name in SKILLS]
-    grammars.append(GrammarSettings(templates=["a {color} {shape}", "a {shape}"],
-                                    words={"color": list(COLORS), "shape": list(SHAPES)}))
+    grammars.append(
+        GrammarSettings(
+            templates=["a {color} {shape}", "a {shape}"], words={"color": list(COLORS), "shape": list(SHAPES)}
+        )
+    )
     return grammars
 
 
@@ -96,7 +99,7 @@ def draw_batch(captions: list[str], rng: random.Random):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0, drawn
 
 
-def training_texts(captions: list[str], drawn: list, settings: "PretrainSettings", step: int) -> list[str]:
+def training_texts(captions: list[str], drawn: list, settings: PretrainSettings, step: int) -> list[str]:
     """What the text encoder reads for each render: the explicit caption, or a web-like caption of
     the drawn objects from a generator seeded by (seed, step) (the renders stay those of "explicit")."""
     if settings.captions == "explicit":
@@ -122,7 +125,9 @@ def step_generator(seed: int, stage: str, step: int):
 def flatten_optimizer(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """AdamW state as safetensors tensors plus JSON (its param groups), so no pickle is written."""
     state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items() for key, value in entry.items()}
+    tensors = {
+        f"{index}.{key}": value.contiguous() for index, entry in state["state"].items() for key, value in entry.items()
+    }
     return tensors, {"param_groups": state["param_groups"]}
 
 
@@ -147,7 +152,9 @@ def save_checkpoint(out: Path, record: dict[str, Any], files: dict[str, dict[str
         atomic_write_text(partial / STATE_FILE, json.dumps(record, indent=1) + "\n")
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        raise TrainingError(f"{out}: could not write a checkpoint ({exc}); free disk space and rerun to resume") from None
+        raise TrainingError(
+            f"{out}: could not write a checkpoint ({exc}); free disk space and rerun to resume"
+        ) from None
     if final.exists():
         final.rename(old)
     partial.rename(final)
@@ -164,16 +171,25 @@ def _load_state(out: Path, settings: PretrainSettings) -> dict[str, Any] | None:
     record = json.loads(path.read_text())
     saved = record["settings"]
     defaults = PretrainSettings().model_dump()  # a checkpoint written before a setting existed has its default
-    changed = {k: (saved.get(k, defaults[k]), v) for k, v in settings.model_dump().items()
-               if k not in RESUMABLE and saved.get(k, defaults[k]) != v}
+    changed = {
+        k: (saved.get(k, defaults[k]), v)
+        for k, v in settings.model_dump().items()
+        if k not in RESUMABLE and saved.get(k, defaults[k]) != v
+    }
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise TrainingError(what=f"holds a pretraining run with other settings ({shown})", where=str(out),
-                            remedies=[Remedy.do("resume with the same settings"), Remedy.change("out", "folder")])
+        raise TrainingError(
+            what=f"holds a pretraining run with other settings ({shown})",
+            where=str(out),
+            remedies=[Remedy.do("resume with the same settings"), Remedy.change("out", "folder")],
+        )
     if record["step"] > settings.steps and record["stage"] == "unet":
-        raise TrainingError(what=f"already trained {record['step']} steps, more than asked",
-                            where=(str(out), Option("steps")), found=settings.steps,
-                            remedies=[Remedy.do(f"export a snapshot from {out / 'snapshots'} instead")])
+        raise TrainingError(
+            what=f"already trained {record['step']} steps, more than asked",
+            where=(str(out), Option("steps")),
+            found=settings.steps,
+            remedies=[Remedy.do(f"export a snapshot from {out / 'snapshots'} instead")],
+        )
     return record
 
 
@@ -210,8 +226,11 @@ def _train_vae(out: Path, settings: PretrainSettings, grammars, record, progress
                 progress("vae", step + 1, settings.vae_steps, mse.item())
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.vae_steps:
                 tensors, extra = flatten_optimizer(optimizer)
-                save_checkpoint(out, {"stage": "vae", "step": step + 1, "settings": settings.model_dump(), "optimizer": extra},
-                                 {"vae": vae.state_dict(), "optimizer": tensors})
+                save_checkpoint(
+                    out,
+                    {"stage": "vae", "step": step + 1, "settings": settings.model_dump(), "optimizer": extra},
+                    {"vae": vae.state_dict(), "optimizer": tensors},
+                )
     # Latent scale: 1 / std of the latent means over fresh renders (SD chose 0.18215 the same way).
     with torch.no_grad():
         captions, rng = batch_captions(grammars, settings.seed, "scale", 0, 512)
@@ -254,12 +273,19 @@ def _threads_history(record: dict[str, Any] | None, start: int, threads: int) ->
 
 def _snapshot_parts(unet, text_encoder, ema) -> dict[str, Any]:
     """EMA weights of the UNet and the text encoder, named ``unet.<param>`` / ``text_encoder.<param>``."""
-    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [
+        f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()
+    ]
     return {name: shadow.detach().clone() for name, shadow in zip(names, ema.shadow_params)}
 
 
-def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress | None = None,
-             evaluate: Callable[[Path, int], dict[str, float]] | None = None) -> Path:
+def pretrain(
+    out: str | Path,
+    settings: PretrainSettings,
+    *,
+    progress: Progress | None = None,
+    evaluate: Callable[[Path, int], dict[str, float]] | None = None,
+) -> Path:
     """Run (or resume) pretraining into ``out``; return the latest EMA snapshot's path.
 
     ``evaluate(snapshot, step)`` (default: ``snapshots.evaluate_snapshot``) scores a snapshot on held-out
@@ -308,8 +334,10 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
     snapshots = out / "snapshots"
     snapshots.mkdir(exist_ok=True)
     if evaluate is None:
+
         def evaluate(snapshot: Path, step: int) -> dict[str, float]:
             return evaluate_snapshot(snapshot, out / "vae", settings)
+
     unet.train()
     text_encoder.train()
     with JsonlAppender(out / "log.jsonl") as logger:
@@ -319,15 +347,22 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
             pixels, drawn = draw_batch(captions, rng)
             generator = step_generator(settings.seed, "unet", step)
             dropped = torch.rand(len(captions), generator=generator) < settings.caption_dropout
-            texts = ["" if drop else text for text, drop in zip(training_texts(captions, drawn, settings, step), dropped.tolist())]
+            texts = [
+                "" if drop else text
+                for text, drop in zip(training_texts(captions, drawn, settings, step), dropped.tolist())
+            ]
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scale
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps,
-                              encoder_hidden_states=text_encoder(ids)[0]).sample
+            ids = tokenizer(
+                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            prediction = unet(
+                noise_scheduler.add_noise(latents, noise, timesteps),
+                timesteps,
+                encoder_hidden_states=text_encoder(ids)[0],
+            ).sample
             loss = torch.nn.functional.mse_loss(prediction, noise)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -336,8 +371,15 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
             optimizer.zero_grad(set_to_none=True)
             ema.step(params)
             done = step + 1
-            logger.append({"stage": "unet", "step": done, "loss": round(loss.item(), 6),
-                           "lr": schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - began, 3)})
+            logger.append(
+                {
+                    "stage": "unet",
+                    "step": done,
+                    "loss": round(loss.item(), 6),
+                    "lr": schedule.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - began, 3),
+                }
+            )
             if progress:
                 progress("unet", done, settings.steps, loss.item())
             if done % settings.checkpoint_every == 0 or done == settings.steps:
@@ -346,11 +388,25 @@ def pretrain(out: str | Path, settings: PretrainSettings, *, progress: Progress 
                 tensors, extra = flatten_optimizer(optimizer)
                 ema_state = ema.state_dict()
                 shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
-                save_checkpoint(out, {"stage": "unet", "step": done, "settings": settings.model_dump(), "optimizer": extra,
-                                       "ema": ema_state, "schedule": schedule.state_dict(), "threads": torch.get_num_threads(),
-                                       "threads_history": threads},
-                                 {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                                  "optimizer": tensors, "ema": shadow})
+                save_checkpoint(
+                    out,
+                    {
+                        "stage": "unet",
+                        "step": done,
+                        "settings": settings.model_dump(),
+                        "optimizer": extra,
+                        "ema": ema_state,
+                        "schedule": schedule.state_dict(),
+                        "threads": torch.get_num_threads(),
+                        "threads_history": threads,
+                    },
+                    {
+                        "unet": unet.state_dict(),
+                        "text_encoder": text_encoder.state_dict(),
+                        "optimizer": tensors,
+                        "ema": shadow,
+                    },
+                )
                 if settings.eval_every and done % settings.eval_every == 0:
                     scores = evaluate(snapshot, done)
                     with JsonlAppender(out / "evals.jsonl") as evals:

@@ -70,8 +70,12 @@ def _relation_holds(relation: str, first: PlacedObject, second: PlacedObject, ma
 
 
 def _apart(a: PlacedObject, b: PlacedObject) -> bool:
-    return (a.left + a.size + GAP <= b.left or b.left + b.size + GAP <= a.left
-            or a.top + a.size + GAP <= b.top or b.top + b.size + GAP <= a.top)
+    return (
+        a.left + a.size + GAP <= b.left
+        or b.left + b.size + GAP <= a.left
+        or a.top + a.size + GAP <= b.top
+        or b.top + b.size + GAP <= a.top
+    )
 
 
 def place_objects(scene: Scene, rng: random.Random) -> list[PlacedObject]:
@@ -84,7 +88,9 @@ def place_objects(scene: Scene, rng: random.Random) -> list[PlacedObject]:
         placed: list[PlacedObject] = []
         for shape, color in wanted:
             size = rng.randint(MIN_SIZE, MAX_SIZE)
-            candidate = PlacedObject(shape, color, rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size), size)
+            candidate = PlacedObject(
+                shape, color, rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size), size
+            )
             if not all(_apart(candidate, other) for other in placed):
                 break
             placed.append(candidate)
@@ -103,7 +109,7 @@ def draw_objects(objects: list[PlacedObject]):
     pixels[:] = BACKGROUND
     for obj in objects:
         mask = shape_mask(obj.shape, obj.size, obj.size)
-        region = pixels[obj.top:obj.top + obj.size, obj.left:obj.left + obj.size]
+        region = pixels[obj.top : obj.top + obj.size, obj.left : obj.left + obj.size]
         region[mask] = COLORS[obj.color]
     return Image.fromarray(pixels, mode="RGB")
 

@@ -71,23 +71,41 @@ def _questions_and_checks(scene: Scene) -> list[tuple[Question, Check, str]]:
 
     entity_ids = []
     for group in scene.groups:
-        entity = ask(f"is there a {group.shape}?", lambda segs, g=group: any(_matches(s, g, with_color=False) for s in segs))
+        entity = ask(
+            f"is there a {group.shape}?", lambda segs, g=group: any(_matches(s, g, with_color=False) for s in segs)
+        )
         entity_ids.append(entity)
         if group.color:
-            text = f"is the {group.shape} {group.color}?" if group.count == 1 else f"are the {group.shape}s {group.color}?"
+            text = (
+                f"is the {group.shape} {group.color}?" if group.count == 1 else f"are the {group.shape}s {group.color}?"
+            )
             ask(text, lambda segs, g=group: any(_matches(s, g) for s in segs), (entity,), "color")
         if group.count > 1:
-            ask(f"are there exactly {_NUMBER_WORDS[group.count]} {group.phrase()}s?",
-                lambda segs, g=group: sum(_matches(s, g) for s in segs) == g.count, (entity,), "count")
+            ask(
+                f"are there exactly {_NUMBER_WORDS[group.count]} {group.phrase()}s?",
+                lambda segs, g=group: sum(_matches(s, g) for s in segs) == g.count,
+                (entity,),
+                "count",
+            )
     if scene.relation is not None:
         first, second = scene.groups
         words = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 
         def related(segs: Sequence[Segment]) -> bool:
-            return any(relation_holds(scene.relation, a.center, b.center)
-                       for a in segs if _matches(a, first) for b in segs if b is not a and _matches(b, second))
+            return any(
+                relation_holds(scene.relation, a.center, b.center)
+                for a in segs
+                if _matches(a, first)
+                for b in segs
+                if b is not a and _matches(b, second)
+            )
 
-        ask(f"is the {first.phrase()} {words[scene.relation]} the {second.phrase()}?", related, tuple(entity_ids), "relation")
+        ask(
+            f"is the {first.phrase()} {words[scene.relation]} the {second.phrase()}?",
+            related,
+            tuple(entity_ids),
+            "relation",
+        )
     return asked
 
 
@@ -106,7 +124,7 @@ def answer_questions(scene: Scene, segments: Sequence[Segment]) -> dict[str, str
     return {q.id: "yes" if check(segments) else "no" for q, check, _ in _questions_and_checks(scene)}
 
 
-def key_questions_pass(image: "Image", caption: str, kind: str) -> bool | None:
+def key_questions_pass(image: Image, caption: str, kind: str) -> bool | None:
     """Whether every question of ``kind`` (e.g. "count") of the caption is answered right on the
     image, with its parents (DSG's rule); a caption without such questions needs all of them right.
     None outside the grammar. The study's per-question data filter."""
@@ -126,7 +144,7 @@ def key_questions_pass(image: "Image", caption: str, kind: str) -> bool | None:
     return all(right(qid) for qid in wanted)
 
 
-def segment(image: "Image") -> list[Segment]:
+def segment(image: Image) -> list[Segment]:
     """The objects in an image (see the module docstring for the method)."""
     import numpy as np
     from PIL import Image
@@ -144,13 +162,22 @@ def segment(image: "Image") -> list[Segment]:
     for label in np.unique(labels[labels > 0]):
         ys, xs = np.nonzero(labels == label)
         top, left = ys.min(), xs.min()
-        region = labels[top:ys.max() + 1, left:xs.max() + 1] == label
+        region = labels[top : ys.max() + 1, left : xs.max() + 1] == label
         height, width = region.shape
-        if (len(ys) < MIN_OBJECT_PIXELS or not BOX_SIDE[0] <= min(height, width) <= max(height, width) <= BOX_SIDE[1]
-                or max(height, width) > MAX_ASPECT * min(height, width)):
+        if (
+            len(ys) < MIN_OBJECT_PIXELS
+            or not BOX_SIDE[0] <= min(height, width) <= max(height, width) <= BOX_SIDE[1]
+            or max(height, width) > MAX_ASPECT * min(height, width)
+        ):
             continue
-        segments.append(Segment(color=names[int(nearest[ys[0], xs[0]])], shape=_best_shape(region),
-                                pixels=int(len(ys)), center=(float(xs.mean()), float(ys.mean()))))
+        segments.append(
+            Segment(
+                color=names[int(nearest[ys[0], xs[0]])],
+                shape=_best_shape(region),
+                pixels=len(ys),
+                center=(float(xs.mean()), float(ys.mean())),
+            )
+        )
     return segments
 
 
@@ -172,8 +199,8 @@ def _connected_components(classes):
         padded_classes = np.pad(classes, 1, constant_values=0)
         candidates = [labels]
         for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            neighbour = padded[dy:dy + height, dx:dx + width]
-            same = padded_classes[dy:dy + height, dx:dx + width] == classes
+            neighbour = padded[dy : dy + height, dx : dx + width]
+            same = padded_classes[dy : dy + height, dx : dx + width] == classes
             candidates.append(np.where(same, neighbour, big))
         labels = np.where(classes > 0, np.minimum.reduce(candidates), big)
         if np.array_equal(labels, previous):
@@ -204,7 +231,7 @@ def _matches(segment: Segment, group: Group, with_color: bool = True) -> bool:
     return segment.shape == group.shape and (not with_color or group.color is None or segment.color == group.color)
 
 
-def score_image(image: "Image", caption: str) -> float | None:
+def score_image(image: Image, caption: str) -> float | None:
     """100 x share of the caption's questions answered correctly (DSG rule); None outside the grammar."""
     scene = try_parse_caption(caption)
     if scene is None:
@@ -222,15 +249,17 @@ class ToyWorldScorer:
     name = "toyworld"
     label = "Shapes-world DSG"
     model_id = "toyworld-segmentation/1"
-    description = ("100 x share of DSG-style questions (entity, then colour / count / relation) answered correctly by "
-                   "exact segmentation of the shapes-world image; ground-truth renders score 100.")
+    description = (
+        "100 x share of DSG-style questions (entity, then colour / count / relation) answered correctly by "
+        "exact segmentation of the shapes-world image; ground-truth renders score 100."
+    )
 
-    def score(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float | None]:
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> list[float | None]:
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts")
         return [score_image(image, prompt) for image, prompt in zip(images, prompts)]
 
 
-def build_toyworld_scorer(settings: "EvaluateSettings", device: str | None = None) -> ToyWorldScorer:
+def build_toyworld_scorer(settings: EvaluateSettings, device: str | None = None) -> ToyWorldScorer:
     """The ``toyworld`` scorer of the evaluate registry (evaluate/scorers.py ``SCORERS``): no model, no settings."""
     return ToyWorldScorer()

@@ -30,11 +30,13 @@ def load_snapshot(snapshot: Path, vae_dir: Path, captions: str = "explicit"):
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     weights = load_file(str(snapshot))
     for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
-        part = {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}
+        part = {k[len(prefix) :]: v.float() for k, v in weights.items() if k.startswith(prefix)}
         missing, unexpected = model.load_state_dict(part, strict=False)
         # Only buffers (position ids) may be absent: a snapshot holds parameters.
         if unexpected or any(name in dict(model.named_parameters()) for name in missing):
-            raise TrainingError(f"{snapshot}: does not fit the toy model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise TrainingError(
+                f"{snapshot}: does not fit the toy model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32)
     return build_pipeline(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer)
 
@@ -57,8 +59,13 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[chunk]]
-        images += pipe(prompt=prompts[chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, output_type="pil").images
+        images += pipe(
+            prompt=prompts[chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="pil",
+        ).images
     return images
 
 
@@ -67,8 +74,13 @@ def evaluate_snapshot(snapshot: Path, vae_dir: Path, settings: PretrainSettings)
     pipe = load_snapshot(snapshot, vae_dir, settings.captions)
     scores = {}
     for skill, prompts in eval_prompts(snapshot.parent.parent, settings.eval_prompts).items():
-        images = sample_images(pipe, prompts, list(range(len(prompts))), steps=settings.eval_sampling_steps,
-                               guidance=settings.eval_guidance)
+        images = sample_images(
+            pipe,
+            prompts,
+            list(range(len(prompts))),
+            steps=settings.eval_sampling_steps,
+            guidance=settings.eval_guidance,
+        )
         values = [score_image(image, prompt) for image, prompt in zip(images, prompts)]
         scores[skill] = round(sum(values) / len(values), 2)
     return scores
@@ -105,26 +117,50 @@ def provenance(out: Path, snapshot: Path) -> dict[str, Any]:
     settings = {**record["settings"], "steps": step}
     threads = record.get("threads")
     defaults = PretrainSettings().model_dump()
-    options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
-                       if key in ("seed", "steps", "vae_steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
-                                  "captions", "vae_from")
-                       and (value != defaults[key] or key in ("seed", "steps")))
+    options = " ".join(
+        f"--{key.replace('_', '-')} {value}"
+        for key, value in settings.items()
+        if key
+        in (
+            "seed",
+            "steps",
+            "vae_steps",
+            "batch_size",
+            "learning_rate",
+            "checkpoint_every",
+            "eval_every",
+            "captions",
+            "vae_from",
+        )
+        and (value != defaults[key] or key in ("seed", "steps"))
+    )
     # One command per part of the run that used its own torch thread count (an exact rebuild needs them all).
     history = [part for part in record.get("threads_history") or ([[0, threads]] if threads else []) if part[0] < step]
     ends = [start for start, _ in history[1:]] + [step]
-    commands = [re.sub(r"--steps \d+", f"--steps {end}", f"selma toyworld pretrain --out OUT {options}") + f" --threads {count}"
-                for (_, count), end in zip(history, ends)] or [f"selma toyworld pretrain --out OUT {options}"]
-    return {"snapshot": snapshot.name, "step": step, "settings": settings, "threads": threads, "threads_history": history,
-            "rebuild": [*commands, f"selma toyworld export OUT --step {step} --to FOLDER"]}
+    commands = [
+        re.sub(r"--steps \d+", f"--steps {end}", f"selma toyworld pretrain --out OUT {options}") + f" --threads {count}"
+        for (_, count), end in zip(history, ends)
+    ] or [f"selma toyworld pretrain --out OUT {options}"]
+    return {
+        "snapshot": snapshot.name,
+        "step": step,
+        "settings": settings,
+        "threads": threads,
+        "threads_history": history,
+        "rebuild": [*commands, f"selma toyworld export OUT --step {step} --to FOLDER"],
+    }
 
 
 def snapshot_path(out: str | Path, step: int | None = None) -> Path:
     """The EMA snapshot of ``step`` (default: the latest) in a pretraining folder."""
     folder = Path(out) / "snapshots"
-    found = sorted(folder.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+    found = (
+        sorted(folder.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+    )
     if not found:
-        raise TrainingError(what="no snapshots", where=str(folder),
-                            remedies=[Remedy.run(f"selma toyworld pretrain --out {out}")])
+        raise TrainingError(
+            what="no snapshots", where=str(folder), remedies=[Remedy.run(f"selma toyworld pretrain --out {out}")]
+        )
     if step is None:
         return found[-1]
     path = folder / f"step-{step}.safetensors"

@@ -116,11 +116,13 @@ def joint_variant(kind: str) -> str:
 
 def replicate_recipe(run: RunRecipe, seed: int) -> RunRecipe:
     """The run of one replicate: image, training and evaluation seeds set to ``seed``."""
-    return run.model_copy(update={
-        "images": run.images.model_copy(update={"seed": seed}),
-        "train": run.train.model_copy(update={"seed": seed}),
-        "evaluate": run.evaluate.model_copy(update={"seeds": [seed]}),
-    })
+    return run.model_copy(
+        update={
+            "images": run.images.model_copy(update={"seed": seed}),
+            "train": run.train.model_copy(update={"seed": seed}),
+            "evaluate": run.evaluate.model_copy(update={"seeds": [seed]}),
+        }
+    )
 
 
 def check_study_recipe(run: RunRecipe, options: StudyOptions | None = None) -> None:
@@ -144,14 +146,21 @@ def check_study_recipe(run: RunRecipe, options: StudyOptions | None = None) -> N
         problems.append("skills: the study needs at least one toy skill (e.g. toy-count)")
     kinds = options.kinds if options else ()
     if any(kind in BEST_OF for kind in kinds) and not run.images.judge:
-        problems.append("kinds bon4 / bon8 need images.judge (the scorer that picks the best candidate, e.g. "
-                        "judge = \"clipscore\" with judge_model = \"toy:judge\")")
+        problems.append(
+            "kinds bon4 / bon8 need images.judge (the scorer that picks the best candidate, e.g. "
+            'judge = "clipscore" with judge_model = "toy:judge")'
+        )
     if "keyq" in kinds and (missing := [s.name for s in run.skills if s.name not in KEY_QUESTIONS]):
-        problems.append(f"kind keyq: no key question kind for skill(s) {', '.join(missing)}; known: "
-                        f"{', '.join(f'{k} ({v})' for k, v in KEY_QUESTIONS.items())}")
+        problems.append(
+            f"kind keyq: no key question kind for skill(s) {', '.join(missing)}; known: "
+            f"{', '.join(f'{k} ({v})' for k, v in KEY_QUESTIONS.items())}"
+        )
     if problems:
-        raise RecipeError(f"run recipe {run.name!r} cannot drive the shapes-world study:\n  " + "\n  ".join(problems)
-                          + "\nStart from recipes/runs/toy-study.toml.")
+        raise RecipeError(
+            f"run recipe {run.name!r} cannot drive the shapes-world study:\n  "
+            + "\n  ".join(problems)
+            + "\nStart from recipes/runs/toy-study.toml."
+        )
 
 
 @dataclass(frozen=True)
@@ -182,12 +191,18 @@ class StudyOptions:
         if unknown:
             raise RecipeError(f"study kinds {', '.join(map(repr, unknown))}: expected some of {', '.join(ALL_KINDS)}")
         if "teacher" in self.kinds and not self.teacher:
-            raise RecipeError(what="needs a teacher base model", where="study kind 'teacher'",
-                              remedies=[Remedy.give("teacher", "toy:shapes", noun="a base model (a folder, a Hub id)")])
+            raise RecipeError(
+                what="needs a teacher base model",
+                where="study kind 'teacher'",
+                remedies=[Remedy.give("teacher", "toy:shapes", noun="a base model (a folder, a Hub id)")],
+            )
         if self.filter_candidates < 1 or self.high_guidance < 1 or any(g < 1 for g in self.guidances):
             raise RecipeError("filter_candidates, high_guidance and every guidance must be at least 1")
-        needs_selma = [kind for kind in (*self.kinds, *self.merge_kinds)
-                       if kind in ("round2", "moe", "filtered", "keyq")] if "selma" not in self.kinds else []
+        needs_selma = (
+            [kind for kind in (*self.kinds, *self.merge_kinds) if kind in ("round2", "moe", "filtered", "keyq")]
+            if "selma" not in self.kinds
+            else []
+        )
         if needs_selma:
             raise RecipeError(f"study kinds {', '.join(needs_selma)} are built from the SELMA run: add the kind selma")
         if any(kind in RUN_KINDS for kind in self.merge_kinds):
@@ -207,27 +222,38 @@ def _with_images(run: RunRecipe, **update: object) -> RunRecipe:
 def _image_runs(run: RunRecipe, options: StudyOptions) -> dict[str, RunRecipe]:
     """The recipe that draws each self-generated kind's images (same prompts and image seeds); the
     round-2 kind is drawn later, from round 1's merge."""
-    recipes = {"selma": run, "lowcfg": _with_images(run, guidance_scale=1.0),
-               "highcfg": _with_images(run, guidance_scale=options.high_guidance),
-               **{kind: _with_images(run, candidates=n) for kind, n in BEST_OF.items()}}
+    recipes = {
+        "selma": run,
+        "lowcfg": _with_images(run, guidance_scale=1.0),
+        "highcfg": _with_images(run, guidance_scale=options.high_guidance),
+        **{kind: _with_images(run, candidates=n) for kind, n in BEST_OF.items()},
+    }
     if options.teacher:
         recipes["teacher"] = _with_images(run, model=options.teacher)
     return {kind: recipe for kind, recipe in recipes.items() if kind in options.kinds}
 
 
-def _datasets(run: RunRecipe, root: Path, roots: dict[str, RunPaths], options: StudyOptions,
-              report: Progress) -> dict[str, dict[str, int]]:
+def _datasets(
+    run: RunRecipe, root: Path, roots: dict[str, RunPaths], options: StudyOptions, report: Progress
+) -> dict[str, dict[str, int]]:
     """Every data kind's training images but round 2's (drawn, rendered or filtered); images per skill."""
 
     selma, seed, skills = roots["selma"], run.images.seed, [s.name for s in run.skills]
     filtering = [k for k in ("filtered", "keyq") if k in options.kinds]
-    extra = [(RunPaths(root / f"candidates-{k}"), _with_images(run, seed=seed + CANDIDATE_SEED_STEP * k))
-             for k in range(1, options.filter_candidates)] if filtering else []
+    extra = (
+        [
+            (RunPaths(root / f"candidates-{k}"), _with_images(run, seed=seed + CANDIDATE_SEED_STEP * k))
+            for k in range(1, options.filter_candidates)
+        ]
+        if filtering
+        else []
+    )
     data: dict[str, dict[str, int]] = {}
     for skill in skills:
         for kind, kind_run in _image_runs(run, options).items():
-            stats = generate_images(kind_run, skill, roots[kind],
-                                    progress=lambda d, t, s=skill, k=kind: report(f"{k} images {s}", d, t))
+            stats = generate_images(
+                kind_run, skill, roots[kind], progress=lambda d, t, s=skill, k=kind: report(f"{k} images {s}", d, t)
+            )
             data.setdefault(kind, {})[skill] = stats.images
         if "gt" in options.kinds:
             data.setdefault("gt", {})[skill] = write_ground_truth(run, skill, roots["gt"])
@@ -235,16 +261,29 @@ def _datasets(run: RunRecipe, root: Path, roots: dict[str, RunPaths], options: S
             copy_prompts(selma, paths, skill)
             generate_images(candidate_run, skill, paths, progress=lambda d, t, s=skill: report(f"candidates {s}", d, t))
         for kind in filtering:
-            kept, total = write_filtered([selma, *(paths for paths, _ in extra)], skill, roots[kind],
-                                         options.filter_min_score, KEY_QUESTIONS[skill] if kind == "keyq" else None)
+            kept, total = write_filtered(
+                [selma, *(paths for paths, _ in extra)],
+                skill,
+                roots[kind],
+                options.filter_min_score,
+                KEY_QUESTIONS[skill] if kind == "keyq" else None,
+            )
             data.setdefault(kind, {})[skill] = kept
-            log.info("seed %d, %s, %s: %d of %d prompts kept (best of %d)", seed, kind, skill, kept, total,
-                     options.filter_candidates)
+            log.info(
+                "seed %d, %s, %s: %d of %d prompts kept (best of %d)",
+                seed,
+                kind,
+                skill,
+                kept,
+                total,
+                options.filter_candidates,
+            )
     return data
 
 
-def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | None = None, *,
-                  progress: Progress | None = None) -> dict[str, object]:
+def run_replicate(
+    run: RunRecipe, out: Path, seed: int, options: StudyOptions | None = None, *, progress: Progress | None = None
+) -> dict[str, object]:
     """Every stage of one replicate (see the module docstring); returns its record (also written
     to ``seed-<s>/replicate.json``) with the data sizes and the path of its scores.json."""
 
@@ -271,17 +310,21 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
     if "round2" in options.kinds:  # round 2 draws with round 1's merged SELMA experts fused into the base
         model = fused_model(run, selma.merged(run.merge.method), roots["round2"].root / "round1-model")
         for skill in skills:
-            stats = generate_images(_with_images(run, model=str(model)), skill, roots["round2"],
-                                    progress=lambda d, t, s=skill: report(f"round2 images {s}", d, t))
+            stats = generate_images(
+                _with_images(run, model=str(model)),
+                skill,
+                roots["round2"],
+                progress=lambda d, t, s=skill: report(f"round2 images {s}", d, t),
+            )
             data.setdefault("round2", {})[skill] = stats.images
 
     # A filter may keep no image of a skill: that expert is left out (write_filtered warns).
     trained = {kind: [s for s in skills if (roots[kind].images(s) / METADATA).is_file()] for kind in data_kinds}
-    item_scores = {kind: {skill: image_scores(roots[kind].images(skill)) for skill in trained[kind]}
-                   for kind in data_kinds}
+    item_scores = {
+        kind: {skill: image_scores(roots[kind].images(skill)) for skill in trained[kind]} for kind in data_kinds
+    }
     agreement = {}
     if run.images.judge and "selma" in options.kinds:  # the judge against the exact scorer on the base's own images
-
         agreement = {skill: judge_agreement(selma.images(skill), load_judge(run.images)) for skill in skills}
     for kind in data_kinds:
         train_experts(run, roots[kind], trained[kind], f"train {kind}", report)
@@ -304,33 +347,61 @@ def run_replicate(run: RunRecipe, out: Path, seed: int, options: StudyOptions | 
             if run.joint:
                 variants[joint_variant(kind)] = (roots[kind].expert(JOINT), skills)
             variants.update({merged_variant(kind, m): (roots[kind].merged(m), skills) for m in methods})
-    jobs = [EvalJob(name, eval_dir / "images" / variant_folder(name), lora, {s: prompts[s] for s in chosen})
-            for name, (lora, chosen) in variants.items()]
+    jobs = [
+        EvalJob(name, eval_dir / "images" / variant_folder(name), lora, {s: prompts[s] for s in chosen})
+        for name, (lora, chosen) in variants.items()
+    ]
     items = draw_eval_images(run, jobs, progress=lambda d, t: report("evaluation images", d, t))
     for guidance in options.guidances:
         name = base_variant(guidance)
-        items.update(draw_eval_images(_with_images(run, guidance_scale=guidance),
-                                      [EvalJob(name, eval_dir / "images" / variant_folder(name), None, prompts)],
-                                      progress=lambda d, t, n=name: report(f"evaluation images, {n}", d, t)))
-    score_variants(items, [ToyWorldScorer()], eval_dir, bootstrap_samples=run.evaluate.bootstrap_samples,
-                   batch_size=run.evaluate.batch_size)
-    write_report(eval_dir, root / "report", title=f"Shapes-world study: {run.name}, seed {seed}",
-                 prompts_per_skill=run.evaluate.report_prompts_per_skill,
-                 human_eval_pairs=run.evaluate.human_eval_pairs or None)
-    record = {"seed": seed, "base_model": run.base_model, "train_images": data,
-              "train_image_scores": {kind: {s: mean_score(v) for s, v in per.items()}
-                                     for kind, per in item_scores.items()},
-              "train_item_scores": item_scores,
-              "options": asdict(options), "prompt_set": options.prompt_set, "judge_agreement": agreement,
-              "guidance": run.images.guidance_scale,
-              "filter_min_score": options.filter_min_score, "filter_candidates": options.filter_candidates,
-              "scores": str((eval_dir / "scores.json").relative_to(out)), "merge_methods": methods}
+        items.update(
+            draw_eval_images(
+                _with_images(run, guidance_scale=guidance),
+                [EvalJob(name, eval_dir / "images" / variant_folder(name), None, prompts)],
+                progress=lambda d, t, n=name: report(f"evaluation images, {n}", d, t),
+            )
+        )
+    score_variants(
+        items,
+        [ToyWorldScorer()],
+        eval_dir,
+        bootstrap_samples=run.evaluate.bootstrap_samples,
+        batch_size=run.evaluate.batch_size,
+    )
+    write_report(
+        eval_dir,
+        root / "report",
+        title=f"Shapes-world study: {run.name}, seed {seed}",
+        prompts_per_skill=run.evaluate.report_prompts_per_skill,
+        human_eval_pairs=run.evaluate.human_eval_pairs or None,
+    )
+    record = {
+        "seed": seed,
+        "base_model": run.base_model,
+        "train_images": data,
+        "train_image_scores": {kind: {s: mean_score(v) for s, v in per.items()} for kind, per in item_scores.items()},
+        "train_item_scores": item_scores,
+        "options": asdict(options),
+        "prompt_set": options.prompt_set,
+        "judge_agreement": agreement,
+        "guidance": run.images.guidance_scale,
+        "filter_min_score": options.filter_min_score,
+        "filter_candidates": options.filter_candidates,
+        "scores": str((eval_dir / "scores.json").relative_to(out)),
+        "merge_methods": methods,
+    }
     atomic_write_text(root / "replicate.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
-def run_study(run: RunRecipe, out: str | Path, options: StudyOptions | None = None, *, seeds: list[int] | None = None,
-              progress: Progress | None = None) -> Path:
+def run_study(
+    run: RunRecipe,
+    out: str | Path,
+    options: StudyOptions | None = None,
+    *,
+    seeds: list[int] | None = None,
+    progress: Progress | None = None,
+) -> Path:
     """Run (or resume) the replicates for ``seeds`` (default: the recipe's evaluate.seeds), then
     summarise every finished replicate in ``out``; return the path of study.md."""
 

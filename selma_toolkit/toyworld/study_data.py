@@ -42,7 +42,9 @@ def write_dataset(folder: Path, examples: list[tuple[int, str, str, object]], ex
             data = buffer.getvalue()
         atomic_write_bytes(folder / name, data)
         atomic_write_text(folder / image_name(prompt_id, "txt"), caption)
-        rows.append(json.dumps({"file_name": name, "text": caption, "prompt_id": prompt_id, "skill": skill, **extra}) + "\n")
+        rows.append(
+            json.dumps({"file_name": name, "text": caption, "prompt_id": prompt_id, "skill": skill, **extra}) + "\n"
+        )
     # metadata.jsonl last: its presence marks the dataset complete.
     atomic_write_text(folder / METADATA, "".join(rows))
 
@@ -55,13 +57,16 @@ def write_ground_truth(run: RunRecipe, skill: str, paths: RunPaths) -> int:
     prompts = sorted(read_prompts(paths.prompts(skill), split="train"), key=lambda p: p.id)
     if not (folder / METADATA).is_file():
         seed = run.images.seed
-        examples = [(p.id, skill, p.prompt, render_caption(p.prompt, random.Random(image_seed(seed, p.id)))) for p in prompts]
+        examples = [
+            (p.id, skill, p.prompt, render_caption(p.prompt, random.Random(image_seed(seed, p.id)))) for p in prompts
+        ]
         write_dataset(folder, examples, {"source": "ground-truth render", "seed": seed})
     return len(prompts)
 
 
-def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_score: float,
-                   key_question: str | None = None) -> tuple[int, int]:
+def write_filtered(
+    sources: list[RunPaths], skill: str, paths: RunPaths, min_score: float, key_question: str | None = None
+) -> tuple[int, int]:
     """Best-of-K filtering: for each train prompt of ``skill``, the first of its self-generated
     candidates (one per run folder in ``sources``, in order) that passes, copied into
     ``paths.images(skill)``: its toyworld score is at least ``min_score``, or, with
@@ -70,14 +75,15 @@ def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_sco
     (that expert is left out of the replicate, with a warning, rather than stopping the study)."""
     from PIL import Image
 
-
     def passes(image, caption: str) -> bool:
         if key_question is not None:
             return bool(key_questions_pass(image, caption, key_question))
         score = score_image(image, caption)
         return score is not None and score >= min_score
 
-    candidates = [{int(r.extra["prompt_id"]): r for r in read_image_dataset(source.images(skill))} for source in sources]
+    candidates = [
+        {int(r.extra["prompt_id"]): r for r in read_image_dataset(source.images(skill))} for source in sources
+    ]
     folder = paths.images(skill)
     record_path = folder / ".selma-filter.json"
     wanted = {"min_score": min_score, "candidates": len(sources), "key_question": key_question}
@@ -86,7 +92,7 @@ def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_sco
         if all(done.get(key) == value for key, value in wanted.items()):
             return done["kept"], done["total"]
     kept = []
-    for prompt_id, first in sorted(candidates[0].items()):
+    for prompt_id, _first in sorted(candidates[0].items()):
         for records in candidates:
             record = records.get(prompt_id)
             if record is None:
@@ -101,12 +107,16 @@ def write_filtered(sources: list[RunPaths], skill: str, paths: RunPaths, min_sco
     if kept:
         write_dataset(folder, kept, {"source": f"self-generated, best of {len(sources)}, {rule}"})
     else:
-        log.warning("%s: none of the %d prompts has a self-generated image (of %d per prompt) with %s: no expert is "
-                    "trained on this data (lower --filter-min-score or raise --filter-candidates)",
-                    sources[0].images(skill), total, len(sources), rule)
+        log.warning(
+            "%s: none of the %d prompts has a self-generated image (of %d per prompt) with %s: no expert is "
+            "trained on this data (lower --filter-min-score or raise --filter-candidates)",
+            sources[0].images(skill),
+            total,
+            len(sources),
+            rule,
+        )
     atomic_write_text(record_path, json.dumps({**wanted, "kept": len(kept), "total": total}) + "\n")
     return len(kept), total
-
 
 
 def copy_prompts(source: RunPaths, target: RunPaths, skill: str) -> None:
@@ -117,7 +127,6 @@ def copy_prompts(source: RunPaths, target: RunPaths, skill: str) -> None:
 def image_scores(folder: Path) -> dict[int, float]:
     """The toyworld score of every image of a dataset on its own caption, by prompt id."""
     from PIL import Image
-
 
     scores = {}
     for record in read_image_dataset(folder):
@@ -170,11 +179,17 @@ def dev_prompts(run: RunRecipe, paths: RunPaths, folder: Path) -> dict[str, list
             if len(records) == wanted:
                 break
         else:
-            raise RecipeError(f"skill {skill.name!r}: its grammar has fewer than {wanted} prompts beyond the train and "
-                              "held-out prompts; lower evaluate.prompts_per_skill or num_prompts")
+            raise RecipeError(
+                f"skill {skill.name!r}: its grammar has fewer than {wanted} prompts beyond the train and "
+                "held-out prompts; lower evaluate.prompts_per_skill or num_prompts"
+            )
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps({"id": r.id, "skill": r.skill, "prompt": r.prompt, "split": r.split})
-                                        + "\n" for r in records))
+        atomic_write_text(
+            path,
+            "".join(
+                json.dumps({"id": r.id, "skill": r.skill, "prompt": r.prompt, "split": r.split}) + "\n" for r in records
+            ),
+        )
         chosen[skill.name] = records
     return chosen
 
@@ -208,7 +223,6 @@ def judge_agreement(folder: Path, judge) -> dict[str, object]:
     and exact scores are kept so that seeds can be pooled."""
     from PIL import Image
 
-
     images, captions, exact = [], [], []
     for record in read_image_dataset(folder):
         with Image.open(record.path) as image:
@@ -217,5 +231,10 @@ def judge_agreement(folder: Path, judge) -> dict[str, object]:
         exact.append(score_image(images[-1], record.text) or 0.0)
     judged = [float(v) if v is not None else float("-inf") for v in judge.score(images, captions)]
     right = [value == 100.0 for value in exact]
-    return {"auc": roc_auc(judged, right), "images": len(images), "all_right": sum(right),
-            "judge_scores": [round(v, 4) for v in judged], "exact_scores": exact}
+    return {
+        "auc": roc_auc(judged, right),
+        "images": len(images),
+        "all_right": sum(right),
+        "judge_scores": [round(v, 4) for v in judged],
+        "exact_scores": exact,
+    }

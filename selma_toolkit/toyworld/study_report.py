@@ -131,11 +131,22 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
             if column is None:
                 continue
             mean, low, high = _bootstrap(column, _mean_row)
-            per_seed = {str(s): round(sum(v for (sd, _), v in cells[(kind, skill)].items() if sd == s)
-                                      / max(1, sum(1 for sd, _ in cells[(kind, skill)] if sd == s)), 2)
-                        for s in seeds if any(sd == s for sd, _ in cells[(kind, skill)])}
-            scores.setdefault(kind, {})[skill] = {"mean": mean, "low": low, "high": high, "n": len(column[0]),
-                                                  "per_seed": per_seed}
+            per_seed = {
+                str(s): round(
+                    sum(v for (sd, _), v in cells[(kind, skill)].items() if sd == s)
+                    / max(1, sum(1 for sd, _ in cells[(kind, skill)] if sd == s)),
+                    2,
+                )
+                for s in seeds
+                if any(sd == s for sd, _ in cells[(kind, skill)])
+            }
+            scores.setdefault(kind, {})[skill] = {
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "n": len(column[0]),
+                "per_seed": per_seed,
+            }
             paired = aligned((kind, skill), ("base", skill)) if kind != "base" else None
             if paired is not None:
                 diff, low, high = _bootstrap(paired, _diff)
@@ -151,8 +162,11 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
                 # gain is significant (its interval above 0); a ratio over a gain near 0 is noise.
                 expert_gain = gains.get("expert", {}).get(skill)
                 defined = math.isfinite(ratio) and expert_gain is not None and expert_gain["low"] > 0
-                retention.setdefault(kind, {})[skill] = {"ratio": ratio if defined else None,
-                                                         "low": low if defined else None, "high": high if defined else None}
+                retention.setdefault(kind, {})[skill] = {
+                    "ratio": ratio if defined else None,
+                    "low": low if defined else None,
+                    "high": high if defined else None,
+                }
             pair = aligned((kind, skill), ("joint", skill))
             if pair is not None:
                 diff, low, high = _bootstrap(pair, _diff)
@@ -165,8 +179,12 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
                 pair = aligned((kind, skill), (merged, skill))
                 if pair is not None:
                     diff, low, high = _bootstrap(pair, _diff)
-                    table4.setdefault(f"{kind} - {merged}", {})[skill] = {"mean": diff, "low": low, "high": high,
-                                                                          "n": len(pair[0])}
+                    table4.setdefault(f"{kind} - {merged}", {})[skill] = {
+                        "mean": diff,
+                        "low": low,
+                        "high": high,
+                        "n": len(pair[0]),
+                    }
     versus_gt: dict[str, Any] = {}
     for skill in skills:
         pair = aligned(("expert", skill), ("gt-expert", skill))
@@ -176,17 +194,27 @@ def summarise(out: Path, skills: list[str]) -> dict[str, Any]:
     records = _replicates(out, seeds)
     prompt_sets = sorted({str(r.get("prompt_set", "heldout")) for r in records.values()})
     guidances = {r.get("guidance") for r in records.values()}
-    summary = {"format": STUDY_FORMAT, "metric": METRIC, "seeds": seeds, "skills": skills, "kinds": kinds,
-               "base_models": sorted({str(r.get("base_model")) for r in records.values()}),
-               "prompt_set": "+".join(prompt_sets), "guidance": guidances.pop() if len(guidances) == 1 else None,
-               "gains_seeds_items": hierarchical_gains(cells, kinds, skills),
-               "judge_agreement": pooled_agreement(records, skills),
-               "scores": scores, "gains": gains, "retention": retention, "merged_vs_joint": versus_joint,
-               "table4_vs_merged": table4,
-               "selma_vs_gt": versus_gt,
-               "train_images": {seed: r["train_images"] for seed, r in records.items()},
-               "train_image_scores": _train_image_scores(records, skills),
-               "training_margins": training_margins(records, skills)}
+    summary = {
+        "format": STUDY_FORMAT,
+        "metric": METRIC,
+        "seeds": seeds,
+        "skills": skills,
+        "kinds": kinds,
+        "base_models": sorted({str(r.get("base_model")) for r in records.values()}),
+        "prompt_set": "+".join(prompt_sets),
+        "guidance": guidances.pop() if len(guidances) == 1 else None,
+        "gains_seeds_items": hierarchical_gains(cells, kinds, skills),
+        "judge_agreement": pooled_agreement(records, skills),
+        "scores": scores,
+        "gains": gains,
+        "retention": retention,
+        "merged_vs_joint": versus_joint,
+        "table4_vs_merged": table4,
+        "selma_vs_gt": versus_gt,
+        "train_images": {seed: r["train_images"] for seed, r in records.items()},
+        "train_image_scores": _train_image_scores(records, skills),
+        "training_margins": training_margins(records, skills),
+    }
     summary["rule_check"] = rule_check(summary)
     summary["targets"] = targets(summary)
     summary["findings"] = findings(summary)
@@ -205,8 +233,10 @@ def _train_image_scores(records: dict[str, dict[str, Any]], skills: list[str]) -
         for kind, per_skill in record.get("train_image_scores", {}).items():
             for skill, value in per_skill.items():
                 pooled.setdefault(kind, {}).setdefault(skill, []).append(value)
-    return {kind: {s: round(sum(v) / len(v), 2) for s, v in per_skill.items() if s in skills}
-            for kind, per_skill in pooled.items()}
+    return {
+        kind: {s: round(sum(v) / len(v), 2) for s, v in per_skill.items() if s in skills}
+        for kind, per_skill in pooled.items()
+    }
 
 
 def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,34 +245,60 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for skill in summary["skills"]:
         base = summary["scores"].get("base", {}).get(skill)
         if base:
-            rows.append({"target": f"base on {skill} in {TARGET_BASE[0]:.0f}-{TARGET_BASE[1]:.0f}",
-                         "measured": f"{base['mean']:.1f}", "met": TARGET_BASE[0] <= base["mean"] <= TARGET_BASE[1]})
+            rows.append(
+                {
+                    "target": f"base on {skill} in {TARGET_BASE[0]:.0f}-{TARGET_BASE[1]:.0f}",
+                    "measured": f"{base['mean']:.1f}",
+                    "met": TARGET_BASE[0] <= base["mean"] <= TARGET_BASE[1],
+                }
+            )
         unguided = summary["gains"].get(BASE_LOW_GUIDANCE, {}).get(skill)
         if unguided:
-            rows.append({"target": f"base on {skill} clearly worse at guidance 1 than at the recipe's guidance",
-                         "measured": f"{unguided['mean']:+.1f} [{unguided['low']:+.1f}, {unguided['high']:+.1f}]",
-                         "met": unguided["high"] < 0})
+            rows.append(
+                {
+                    "target": f"base on {skill} clearly worse at guidance 1 than at the recipe's guidance",
+                    "measured": f"{unguided['mean']:+.1f} [{unguided['low']:+.1f}, {unguided['high']:+.1f}]",
+                    "met": unguided["high"] < 0,
+                }
+            )
         gain = summary["gains"].get("expert", {}).get(skill)
         if gain:
-            rows.append({"target": f"SELMA expert gain on {skill} >= +{TARGET_GAIN:.0f}, interval above 0",
-                         "measured": f"{gain['mean']:+.1f} [{gain['low']:+.1f}, {gain['high']:+.1f}]",
-                         "met": gain["mean"] >= TARGET_GAIN and gain["low"] > 0})
+            rows.append(
+                {
+                    "target": f"SELMA expert gain on {skill} >= +{TARGET_GAIN:.0f}, interval above 0",
+                    "measured": f"{gain['mean']:+.1f} [{gain['low']:+.1f}, {gain['high']:+.1f}]",
+                    "met": gain["mean"] >= TARGET_GAIN and gain["low"] > 0,
+                }
+            )
         for kind, per_skill in summary["retention"].items():
             kept = per_skill.get(skill)
             if kept:
-                rows.append({"target": f"{kind} keeps >= {TARGET_RETENTION:.0%} of the expert's gain on {skill}",
-                             "measured": _share(kept), "met": kept["ratio"] is not None and kept["ratio"] >= TARGET_RETENTION})
+                rows.append(
+                    {
+                        "target": f"{kind} keeps >= {TARGET_RETENTION:.0%} of the expert's gain on {skill}",
+                        "measured": _share(kept),
+                        "met": kept["ratio"] is not None and kept["ratio"] >= TARGET_RETENTION,
+                    }
+                )
         for kind, per_skill in summary["merged_vs_joint"].items():
             versus = per_skill.get(skill)
             if versus:
-                rows.append({"target": f"{kind} beats the mixture LoRA on {skill}",
-                             "measured": f"{versus['mean']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]",
-                             "met": versus["mean"] > 0 and versus["low"] > 0})
+                rows.append(
+                    {
+                        "target": f"{kind} beats the mixture LoRA on {skill}",
+                        "measured": f"{versus['mean']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]",
+                        "met": versus["mean"] > 0 and versus["low"] > 0,
+                    }
+                )
         versus_gt = summary.get("selma_vs_gt", {}).get(skill)
         if versus_gt:
-            rows.append({"target": f"SELMA expert within {TARGET_GT_GAP:.0f} points of the ground-truth expert on {skill}",
-                         "measured": f"{versus_gt['mean']:+.1f} [{versus_gt['low']:+.1f}, {versus_gt['high']:+.1f}]",
-                         "met": versus_gt["mean"] >= -TARGET_GT_GAP})
+            rows.append(
+                {
+                    "target": f"SELMA expert within {TARGET_GT_GAP:.0f} points of the ground-truth expert on {skill}",
+                    "measured": f"{versus_gt['mean']:+.1f} [{versus_gt['low']:+.1f}, {versus_gt['high']:+.1f}]",
+                    "met": versus_gt["mean"] >= -TARGET_GT_GAP,
+                }
+            )
     return rows
 
 
@@ -264,13 +320,20 @@ def findings(summary: dict[str, Any]) -> list[str]:
         if gain is None:
             continue
         sentence = f"{skill}: the SELMA expert (self-generated images) {_verdict(gain)} ({_cell(gain, signed=True)})"
-        helping = sorted(((per_skill[skill]["mean"], kind) for kind, per_skill in summary["gains"].items()
-                          if skill in per_skill and per_skill[skill]["low"] > 0), reverse=True)
+        helping = sorted(
+            (
+                (per_skill[skill]["mean"], kind)
+                for kind, per_skill in summary["gains"].items()
+                if skill in per_skill and per_skill[skill]["low"] > 0
+            ),
+            reverse=True,
+        )
         if helping:
             sentence += "; above the base: " + ", ".join(f"{kind} {mean:+.1f}" for mean, kind in helping)
         else:
-            best_mean, best_kind = max((per_skill[skill]["mean"], kind) for kind, per_skill in summary["gains"].items()
-                                       if skill in per_skill)
+            best_mean, best_kind = max(
+                (per_skill[skill]["mean"], kind) for kind, per_skill in summary["gains"].items() if skill in per_skill
+            )
             sentence += f"; no variant beats the base (closest: {best_kind} {best_mean:+.1f})"
         lines.append(sentence + ".")
     return lines
@@ -294,43 +357,88 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     skills = summary["skills"]
     bases = ", ".join(summary.get("base_models", [])) or "?"
     where = {"heldout": "held-out prompts", "dev": "development prompts (neither trained on nor held out)"}.get(
-        summary.get("prompt_set", "heldout"), summary.get("prompt_set"))
-    lines = [f"# {title}", "", f"Base model: {bases}. Metric: toyworld score (0-100, share of DSG-style questions right). Seeds: "
-             f"{', '.join(map(str, summary['seeds']))}; n = (seed, prompt) items per cell. Brackets: 95% bootstrap interval.",
-             "", "## Findings", "", *(f"* {line}" for line in findings(summary)),
-             "", f"## Scores on {where} (experts on their own skill)", "",
-             "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+        summary.get("prompt_set", "heldout"), summary.get("prompt_set")
+    )
+    lines = [
+        f"# {title}",
+        "",
+        f"Base model: {bases}. Metric: toyworld score (0-100, share of DSG-style questions right). Seeds: "
+        f"{', '.join(map(str, summary['seeds']))}; n = (seed, prompt) items per cell. Brackets: 95% bootstrap interval.",
+        "",
+        "## Findings",
+        "",
+        *(f"* {line}" for line in findings(summary)),
+        "",
+        f"## Scores on {where} (experts on their own skill)",
+        "",
+        "| variant | " + " | ".join(skills) + " |",
+        "|---" * (len(skills) + 1) + "|",
+    ]
     for kind in summary["kinds"]:
         lines.append(f"| {kind} | " + " | ".join(_cell(summary["scores"].get(kind, {}).get(s)) for s in skills) + " |")
     lines += ["", "Per-seed means:", "", "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
     for kind in summary["kinds"]:
-        cells = [", ".join(f"{v:.1f}" for v in summary["scores"].get(kind, {}).get(s, {}).get("per_seed", {}).values()) or "–"
-                 for s in skills]
+        cells = [
+            ", ".join(f"{v:.1f}" for v in summary["scores"].get(kind, {}).get(s, {}).get("per_seed", {}).values())
+            or "–"
+            for s in skills
+        ]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "## Gain over the base (paired; bootstrap over (seed, prompt) items)", "",
-              "| variant | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+    lines += [
+        "",
+        "## Gain over the base (paired; bootstrap over (seed, prompt) items)",
+        "",
+        "| variant | " + " | ".join(skills) + " |",
+        "|---" * (len(skills) + 1) + "|",
+    ]
     for kind, per_skill in summary["gains"].items():
         lines.append(f"| {kind} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
     lines += more_markdown(summary)
     if summary["retention"]:
-        lines += ["", "## Share of the SELMA expert's gain kept by the merge", "", "| merge | " + " | ".join(skills) + " |",
-                  "|---" * (len(skills) + 1) + "|"]
+        lines += [
+            "",
+            "## Share of the SELMA expert's gain kept by the merge",
+            "",
+            "| merge | " + " | ".join(skills) + " |",
+            "|---" * (len(skills) + 1) + "|",
+        ]
         for kind, per_skill in summary["retention"].items():
-            lines.append(f"| {kind} | " + " | ".join(_share(r) if (r := per_skill.get(s)) else "–" for s in skills) + " |")
+            lines.append(
+                f"| {kind} | " + " | ".join(_share(r) if (r := per_skill.get(s)) else "–" for s in skills) + " |"
+            )
     if summary.get("table4_vs_merged"):
-        lines += ["", "## Table 4 baselines minus the merged experts (paired)", "",
-                  "| comparison | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+        lines += [
+            "",
+            "## Table 4 baselines minus the merged experts (paired)",
+            "",
+            "| comparison | " + " | ".join(skills) + " |",
+            "|---" * (len(skills) + 1) + "|",
+        ]
         for name, per_skill in summary["table4_vs_merged"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
     lines += ["", "## Targets (as measured)", "", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |" for row in summary["targets"]]
+    lines += [
+        f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |" for row in summary["targets"]
+    ]
     if summary.get("train_image_scores"):
-        lines += ["", "## How well the training images show their prompts (mean toyworld score)", "",
-                  "| data | " + " | ".join(skills) + " |", "|---" * (len(skills) + 1) + "|"]
+        lines += [
+            "",
+            "## How well the training images show their prompts (mean toyworld score)",
+            "",
+            "| data | " + " | ".join(skills) + " |",
+            "|---" * (len(skills) + 1) + "|",
+        ]
         for kind, per_skill in summary["train_image_scores"].items():
-            lines.append(f"| {kind} | " + " | ".join(f"{per_skill[s]:.1f}" if s in per_skill else "–" for s in skills) + " |")
-    lines += ["", "## Training images per expert", "", "| seed | data | " + " | ".join(skills) + " |",
-              "|---" * (len(skills) + 2) + "|"]
+            lines.append(
+                f"| {kind} | " + " | ".join(f"{per_skill[s]:.1f}" if s in per_skill else "–" for s in skills) + " |"
+            )
+    lines += [
+        "",
+        "## Training images per expert",
+        "",
+        "| seed | data | " + " | ".join(skills) + " |",
+        "|---" * (len(skills) + 2) + "|",
+    ]
     for seed, kinds in summary["train_images"].items():
         for kind, counts in kinds.items():
             lines.append(f"| {seed} | {kind} | " + " | ".join(str(counts.get(s, "–")) for s in skills) + " |")

@@ -43,8 +43,9 @@ def seed_item_bootstrap(by_seed: dict[int, list[float]], seed: int = 0) -> tuple
     return estimate, float(low), float(high)
 
 
-def hierarchical_gains(cells: dict[tuple[str, str], dict[tuple[int, Any], float]], kinds: list[str],
-                       skills: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+def hierarchical_gains(
+    cells: dict[tuple[str, str], dict[tuple[int, Any], float]], kinds: list[str], skills: list[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Every kind's paired gain over the base per skill, with the seeds-then-items interval."""
     gains: dict[str, dict[str, dict[str, Any]]] = {}
     for kind in kinds:
@@ -59,8 +60,13 @@ def hierarchical_gains(cells: dict[tuple[str, str], dict[tuple[int, Any], float]
                 by_seed.setdefault(key[0], []).append(variant[key] - base[key])
             if by_seed:
                 mean, low, high = seed_item_bootstrap(by_seed)
-                gains.setdefault(kind, {})[skill] = {"mean": mean, "low": low, "high": high,
-                                                     "n": sum(map(len, by_seed.values())), "seeds": len(by_seed)}
+                gains.setdefault(kind, {})[skill] = {
+                    "mean": mean,
+                    "low": low,
+                    "high": high,
+                    "n": sum(map(len, by_seed.values())),
+                    "seeds": len(by_seed),
+                }
     return gains
 
 
@@ -78,8 +84,15 @@ def pooled_agreement(records: dict[str, dict[str, Any]], skills: list[str]) -> d
             cell["judge"] += agreement["judge_scores"]
             cell["right"] += [value == 100.0 for value in agreement["exact_scores"]]
             cell["per_seed"][seed] = agreement["auc"]
-    return {skill: {"auc": roc_auc(cell["judge"], cell["right"]), "images": len(cell["right"]),
-                    "all_right": sum(cell["right"]), "per_seed": cell["per_seed"]} for skill, cell in pooled.items()}
+    return {
+        skill: {
+            "auc": roc_auc(cell["judge"], cell["right"]),
+            "images": len(cell["right"]),
+            "all_right": sum(cell["right"]),
+            "per_seed": cell["per_seed"],
+        }
+        for skill, cell in pooled.items()
+    }
 
 
 def training_margins(records: dict[str, dict[str, Any]], skills: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -115,8 +128,17 @@ def rule_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
             gain = summary.get("gains_seeds_items", {}).get(EXPERT_PREFIX.get(kind, ""), {}).get(skill)
             can_help = margin["low"] > 0
             helped = gain is not None and gain["low"] > 0
-            rows.append({"kind": kind, "skill": skill, "margin": margin, "gain": gain, "can_help": can_help,
-                         "helped": helped, "holds": can_help or not helped})
+            rows.append(
+                {
+                    "kind": kind,
+                    "skill": skill,
+                    "margin": margin,
+                    "gain": gain,
+                    "can_help": can_help,
+                    "helped": helped,
+                    "holds": can_help or not helped,
+                }
+            )
     return rows
 
 
@@ -130,8 +152,11 @@ def base_guidance(kind: str, recipe_guidance: float | None) -> float | None:
 
 def guidance_curve(summary: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
     """(guidance, {skill: score stats}) of the base at every guidance drawn, in increasing guidance."""
-    rows = [(g, summary["scores"][kind]) for kind in summary["kinds"]
-            if (g := base_guidance(kind, summary.get("guidance"))) is not None and kind in summary["scores"]]
+    rows = [
+        (g, summary["scores"][kind])
+        for kind in summary["kinds"]
+        if (g := base_guidance(kind, summary.get("guidance"))) is not None and kind in summary["scores"]
+    ]
     return sorted(rows, key=lambda row: row[0])
 
 
@@ -146,16 +171,26 @@ def more_markdown(summary: dict[str, Any]) -> list[str]:
     """study.md's sections from this module: seeds-then-items gains, judge agreement, guidance curve."""
     skills = summary["skills"]
     head = ["|---" * (len(skills) + 1) + "|"]
-    lines = ["", "## Gain over the base, bootstrap over seeds then items (the shipping rule's interval)", "",
-             "| variant | " + " | ".join(skills) + " |", *head]
+    lines = [
+        "",
+        "## Gain over the base, bootstrap over seeds then items (the shipping rule's interval)",
+        "",
+        "| variant | " + " | ".join(skills) + " |",
+        *head,
+    ]
     for kind, per_skill in summary.get("gains_seeds_items", {}).items():
         lines.append(f"| {kind} | " + " | ".join(_cell(per_skill.get(s), signed=True) for s in skills) + " |")
     agreement = summary.get("judge_agreement") or {}
     if agreement:
-        lines += ["", "## The judge against the exact scorer (base's own training images)", "",
-                  "ROC AUC of the judge's score for \"every question right\" (toyworld score 100), pooled over "
-                  "seeds.", "",
-                  "| skill | AUC | images | all right | AUC per seed |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## The judge against the exact scorer (base's own training images)",
+            "",
+            'ROC AUC of the judge\'s score for "every question right" (toyworld score 100), pooled over seeds.',
+            "",
+            "| skill | AUC | images | all right | AUC per seed |",
+            "|---|---|---|---|---|",
+        ]
         for skill in skills:
             if skill in agreement:
                 cell = agreement[skill]
@@ -164,15 +199,23 @@ def more_markdown(summary: dict[str, Any]) -> list[str]:
                 lines.append(f"| {skill} | {auc} | {cell['images']} | {cell['all_right']} | {per_seed} |")
     checks = summary.get("rule_check") or []
     if checks:
-        lines += ["", "## The rule against every data kind", "",
-                  "Margin: a kind's training images minus the base's own image of the same train prompt at the "
-                  "inference guidance (toyworld score, paired). The rule: self-generated data can help only when the "
-                  "margin's interval lies above 0.", "",
-                  "| data | skill | margin | rule says | expert's gain | rule holds |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## The rule against every data kind",
+            "",
+            "Margin: a kind's training images minus the base's own image of the same train prompt at the "
+            "inference guidance (toyworld score, paired). The rule: self-generated data can help only when the "
+            "margin's interval lies above 0.",
+            "",
+            "| data | skill | margin | rule says | expert's gain | rule holds |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in checks:
             says = "can help" if row["can_help"] else "cannot help"
-            lines.append(f"| {row['kind']} | {row['skill']} | {_cell(row['margin'], signed=True)} | {says} | "
-                         f"{_cell(row['gain'], signed=True)} | {'yes' if row['holds'] else 'NO'} |")
+            lines.append(
+                f"| {row['kind']} | {row['skill']} | {_cell(row['margin'], signed=True)} | {says} | "
+                f"{_cell(row['gain'], signed=True)} | {'yes' if row['holds'] else 'NO'} |"
+            )
     curve = guidance_curve(summary)
     if len(curve) > 1:
         lines += ["", "## The base at each guidance", "", "| guidance | " + " | ".join(skills) + " |", *head]
@@ -191,7 +234,6 @@ def rule_figure(summary: dict[str, Any], path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     skills = summary["skills"]
     gains = summary.get("gains_seeds_items", {})
@@ -216,10 +258,18 @@ def rule_figure(summary: dict[str, Any], path) -> bool:
     markers = dict(zip(skills, "osD^v"))
     for row in rows:
         margin, gain = row["margin"], row["gain"]
-        right.errorbar(margin["mean"], gain["mean"], xerr=[[margin["mean"] - margin["low"]], [margin["high"] - margin["mean"]]],
-                       yerr=[[gain["mean"] - gain["low"]], [gain["high"] - gain["mean"]]], fmt=markers.get(row["skill"], "o"),
-                       capsize=2, color="tab:green" if row["helped"] else "tab:gray")
-        right.annotate(row["kind"], (margin["mean"], gain["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        right.errorbar(
+            margin["mean"],
+            gain["mean"],
+            xerr=[[margin["mean"] - margin["low"]], [margin["high"] - margin["mean"]]],
+            yerr=[[gain["mean"] - gain["low"]], [gain["high"] - gain["mean"]]],
+            fmt=markers.get(row["skill"], "o"),
+            capsize=2,
+            color="tab:green" if row["helped"] else "tab:gray",
+        )
+        right.annotate(
+            row["kind"], (margin["mean"], gain["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+        )
     right.axhline(0, color="black", linewidth=0.8)
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel("training margin: training images minus the base at inference (toyworld points)")

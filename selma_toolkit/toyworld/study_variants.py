@@ -32,8 +32,16 @@ def merge_experts(run: RunRecipe, paths: RunPaths, skills: list[str], methods: l
 
     for method in methods:
         if not paths.merged(method).is_file():
-            merge_files([paths.expert(s) for s in skills], paths.merged(method), method, run.merge.weights,  # type: ignore[arg-type]
-                        run.merge.rank, format=run.train.lora_format, density=run.merge.density, seed=run.merge.seed)
+            merge_files(
+                [paths.expert(s) for s in skills],
+                paths.merged(method),
+                method,
+                run.merge.weights,  # type: ignore[arg-type]
+                run.merge.rank,
+                format=run.train.lora_format,
+                density=run.merge.density,
+                seed=run.merge.seed,
+            )
 
 
 def fused_model(run: RunRecipe, lora: Path, folder: Path) -> Path:
@@ -58,8 +66,9 @@ def fused_model(run: RunRecipe, lora: Path, folder: Path) -> Path:
     return folder
 
 
-def table4_baselines(run: RunRecipe, selma: RunPaths, skills: list[str], kinds: tuple[str, ...],
-                      progress: Progress) -> dict[str, tuple[Path | None, list[str]]]:
+def table4_baselines(
+    run: RunRecipe, selma: RunPaths, skills: list[str], kinds: tuple[str, ...], progress: Progress
+) -> dict[str, tuple[Path | None, list[str]]]:
     """Train the ``dpo`` / ``moe`` kinds from the SELMA run folder; their evaluation variants."""
     variants: dict[str, tuple[Path | None, list[str]]] = {}
     if "dpo" in kinds:
@@ -76,8 +85,12 @@ def table4_baselines(run: RunRecipe, selma: RunPaths, skills: list[str], kinds: 
         trained = []
         for skill in skills:
             if not dpo_is_current(run, selma, skill)[0]:
-                if not preference_pairs(run, skill, selma):  # every pair a tie: left out, as a filter that keeps nothing
-                    log.warning("%s: every DPO preference pair is a tie; no DPO expert (raise dpo.pairs_per_prompt)", skill)
+                if not preference_pairs(
+                    run, skill, selma
+                ):  # every pair a tie: left out, as a filter that keeps nothing
+                    log.warning(
+                        "%s: every DPO preference pair is a tie; no DPO expert (raise dpo.pairs_per_prompt)", skill
+                    )
                     continue
                 train_dpo_expert(run, skill, selma, progress=lambda e, s=skill: progress(f"dpo {s}", e.done, e.total))
             trained.append(skill)

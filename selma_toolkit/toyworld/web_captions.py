@@ -46,8 +46,11 @@ P_SUFFIX = 0.15
 P_WRONG = 0.05
 MAX_WORDS = 14  # 16 tokens with the start and end tokens, one token per word
 
-SYNONYMS: dict[str, tuple[str, str]] = {"circle": ("disc", "discs"), "square": ("box", "boxes"),
-                                        "diamond": ("rhombus", "rhombuses")}
+SYNONYMS: dict[str, tuple[str, str]] = {
+    "circle": ("disc", "discs"),
+    "square": ("box", "boxes"),
+    "diamond": ("rhombus", "rhombuses"),
+}
 COLOR_SYNONYMS: dict[str, str] = {"purple": "violet"}
 PREFIXES = ("a picture of", "photo of", "an image of")
 SUFFIXES = ("on black", "clipart", "simple shapes")
@@ -75,10 +78,7 @@ class Phrase:
     def words(self, rng: random.Random) -> str:
         plural = self.count is None or self.count > 1
         synonym = rng.random() < P_SYNONYM and self.shape in SYNONYMS
-        if synonym:
-            noun = SYNONYMS[self.shape][1 if plural else 0]
-        else:
-            noun = self.shape + ("s" if plural else "")
+        noun = SYNONYMS[self.shape][1 if plural else 0] if synonym else self.shape + ("s" if plural else "")
         color = self.color
         if color in COLOR_SYNONYMS and rng.random() < P_SYNONYM:
             color = COLOR_SYNONYMS[color]
@@ -112,8 +112,9 @@ def _phrases_for(shape: str, objects: list[PlacedObject], rng: random.Random) ->
     return [Phrase(shape, None, total if total == 1 or rng.random() < P_COUNT else None)]
 
 
-def _make_wrong(phrases: list[Phrase], relation: str | None, objects: list[PlacedObject],
-                rng: random.Random) -> tuple[list[Phrase], str | None]:
+def _make_wrong(
+    phrases: list[Phrase], relation: str | None, objects: list[PlacedObject], rng: random.Random
+) -> tuple[list[Phrase], str | None]:
     """One claim made false (see the module docstring)."""
     if relation is not None and rng.random() < 0.5:
         return phrases, INVERSE[relation]
@@ -132,7 +133,7 @@ def _make_wrong(phrases: list[Phrase], relation: str | None, objects: list[Place
     else:  # every shape is in the image: a colour this shape does not have
         colors_of_shape = {o.color for o in objects if o.shape == phrase.shape}
         new = Phrase(phrase.shape, rng.choice(sorted(set(COLORS) - colors_of_shape)), phrase.count)
-    return phrases[:index] + [new] + phrases[index + 1:], relation
+    return [*phrases[:index], new, *phrases[index + 1 :]], relation
 
 
 def web_caption(objects: list[PlacedObject], relation: str | None, rng: random.Random) -> WebCaption:
@@ -145,7 +146,9 @@ def web_caption(objects: list[PlacedObject], relation: str | None, rng: random.R
     if relation is not None and len(objects) == 2 and rng.random() < P_RELATION:
         first, second = (0, 1) if rng.random() < 0.5 else (1, 0)
         stated_relation = relation if first == 0 else INVERSE[relation]
-        phrases = [Phrase(objects[i].shape, objects[i].color if rng.random() < P_COLOR else None, 1) for i in (first, second)]
+        phrases = [
+            Phrase(objects[i].shape, objects[i].color if rng.random() < P_COLOR else None, 1) for i in (first, second)
+        ]
     else:
         shapes = list(dict.fromkeys(o.shape for o in objects))
         rng.shuffle(shapes)

@@ -86,7 +86,9 @@ def _plural_to_shape(word: str) -> tuple[str, bool] | None:
 
 def _parse_phrase(words: list[str], caption: str) -> Group:
     if not words or words[0] not in NUMBERS:
-        raise CaptionError(f"{caption!r}: a phrase must start with a, an, one, two, three or four, found {' '.join(words)!r}")
+        raise CaptionError(
+            f"{caption!r}: a phrase must start with a, an, one, two, three or four, found {' '.join(words)!r}"
+        )
     count = NUMBERS[words[0]]
     rest = words[1:]
     color = None
@@ -94,8 +96,10 @@ def _parse_phrase(words: list[str], caption: str) -> Group:
         color, rest = rest[0], rest[1:]
     shape = _plural_to_shape(rest[0]) if len(rest) == 1 else None
     if shape is None:
-        raise CaptionError(f"{caption!r}: expected [colour] shape after {words[0]!r}, found {' '.join(rest)!r} "
-                           f"(colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)})")
+        raise CaptionError(
+            f"{caption!r}: expected [colour] shape after {words[0]!r}, found {' '.join(rest)!r} "
+            f"(colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)})"
+        )
     name, plural = shape
     if plural != (count > 1):
         raise CaptionError(f"{caption!r}: {' '.join(words)!r}: the number and the noun disagree")
@@ -108,15 +112,18 @@ def parse_caption(caption: str) -> Scene:
     for words, relation in RELATIONS.items():
         left, sep, right = text.partition(f" {words} ")
         if sep:
-            scene = Scene(groups=(_parse_phrase(left.split(), caption), _parse_phrase(right.split(), caption)),
-                          relation=relation)
+            scene = Scene(
+                groups=(_parse_phrase(left.split(), caption), _parse_phrase(right.split(), caption)), relation=relation
+            )
             if any(group.count != 1 for group in scene.groups):
                 raise CaptionError(f"{caption!r}: a relation joins two single objects")
             break
     else:
         scene = Scene(groups=tuple(_parse_phrase(part.split(), caption) for part in text.split(" and ")))
     if scene.num_objects > MAX_OBJECTS:
-        raise CaptionError(f"{caption!r}: {scene.num_objects} objects; the {IMAGE_SIZE}x{IMAGE_SIZE} world holds at most {MAX_OBJECTS}")
+        raise CaptionError(
+            f"{caption!r}: {scene.num_objects} objects; the {IMAGE_SIZE}x{IMAGE_SIZE} world holds at most {MAX_OBJECTS}"
+        )
     return scene
 
 

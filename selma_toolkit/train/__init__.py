@@ -14,5 +14,13 @@ from selma_toolkit.train.loop import train_expert, train_joint
 from selma_toolkit.train.moe import train_moe
 from selma_toolkit.train.steps import Progress, TrainEvent
 
-__all__ = ["JOINT", "Progress", "TrainEvent", "checkpoint_experts", "train_dpo", "train_expert", "train_joint",
-           "train_moe"]
+__all__ = [
+    "JOINT",
+    "Progress",
+    "TrainEvent",
+    "checkpoint_experts",
+    "train_dpo",
+    "train_expert",
+    "train_joint",
+    "train_moe",
+]

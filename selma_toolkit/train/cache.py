@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from selma_toolkit.architectures import Family
 from selma_toolkit.io import atomic_write_bytes, atomic_write_text, sha256_file
 from selma_toolkit.train.data import TrainSample, prepare_image
-from selma_toolkit.architectures import Family
 from selma_toolkit.train.model import Conditioning, encode_conditioning, encode_images, sdxl_time_ids
 
 log = logging.getLogger(__name__)
@@ -68,23 +68,45 @@ def _digest(items: list[str]) -> str:
 
 
 def latent_cache_spec(model_dir: Path, resolution: int, digests: list[str]) -> CacheSpec:
-    return CacheSpec("latents", {
-        "format": CACHE_FORMAT, "vae": component_fingerprint(model_dir, ["vae"]),
-        "resolution": str(resolution), "images": _digest(digests), "count": str(len(digests)),
-    })
+    return CacheSpec(
+        "latents",
+        {
+            "format": CACHE_FORMAT,
+            "vae": component_fingerprint(model_dir, ["vae"]),
+            "resolution": str(resolution),
+            "images": _digest(digests),
+            "count": str(len(digests)),
+        },
+    )
 
 
-def text_cache_spec(model_dir: Path, encoder_names: list[str], dtype: torch.dtype, samples: list[TrainSample]) -> CacheSpec:
+def text_cache_spec(
+    model_dir: Path, encoder_names: list[str], dtype: torch.dtype, samples: list[TrainSample]
+) -> CacheSpec:
     tokenizer_names = [name.replace("text_encoder", "tokenizer") for name in encoder_names]
-    return CacheSpec("text", {
-        "format": CACHE_FORMAT, "text_encoders": component_fingerprint(model_dir, encoder_names + tokenizer_names),
-        "dtype": str(dtype), "captions": _digest([s.text for s in samples]), "count": str(len(samples)),
-    })
+    return CacheSpec(
+        "text",
+        {
+            "format": CACHE_FORMAT,
+            "text_encoders": component_fingerprint(model_dir, encoder_names + tokenizer_names),
+            "dtype": str(dtype),
+            "captions": _digest([s.text for s in samples]),
+            "count": str(len(samples)),
+        },
+    )
 
 
 def _changes(old: dict[str, str], new: dict[str, str]) -> str:
-    names = {"vae": "VAE weights", "text_encoders": "text encoders", "images": "images", "captions": "captions",
-             "resolution": "resolution", "count": "number of samples", "dtype": "dtype", "format": "cache format"}
+    names = {
+        "vae": "VAE weights",
+        "text_encoders": "text encoders",
+        "images": "images",
+        "captions": "captions",
+        "resolution": "resolution",
+        "count": "number of samples",
+        "dtype": "dtype",
+        "format": "cache format",
+    }
     return ", ".join(names.get(k, k) for k in sorted(new) if old.get(k) != new[k]) or "nothing"
 
 
@@ -93,8 +115,13 @@ def is_complete(spec: CacheSpec, root: Path) -> bool:
     return index_path.is_file() and json.loads(index_path.read_text()).get("key") == spec.key
 
 
-def ensure_cache(spec: CacheSpec, root: Path, count: int, make_encoder: Callable[[], Encoder],
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+def ensure_cache(
+    spec: CacheSpec,
+    root: Path,
+    count: int,
+    make_encoder: Callable[[], Encoder],
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Build the cache for ``spec`` under ``root`` unless it is complete; return its folder.
 
     ``make_encoder()`` is called only when some shard is missing (it loads the VAE or the text
@@ -121,13 +148,17 @@ def ensure_cache(spec: CacheSpec, root: Path, count: int, make_encoder: Callable
         shards.append(shard.name)
         if not shard.is_file():
             encode = encode or make_encoder()
-            parts = [encode(indices[i:i + ENCODE_BATCH]) for i in range(0, len(indices), ENCODE_BATCH)]
+            parts = [encode(indices[i : i + ENCODE_BATCH]) for i in range(0, len(indices), ENCODE_BATCH)]
             tensors = {name: cat_rows([p[name] for p in parts], name).contiguous() for name in parts[0]}
             atomic_write_bytes(shard, save(tensors, metadata={"key": spec.key, "start": str(start)}))
         if progress is not None:
             progress(indices[-1] + 1, count)
-    atomic_write_text(index_path, json.dumps({"key": spec.key, "parts": spec.parts, "count": count,
-                                              "shard_size": SHARD_SIZE, "shards": shards}, indent=1))
+    atomic_write_text(
+        index_path,
+        json.dumps(
+            {"key": spec.key, "parts": spec.parts, "count": count, "shard_size": SHARD_SIZE, "shards": shards}, indent=1
+        ),
+    )
     for old in stale:
         shutil.rmtree(old, ignore_errors=True)
     return folder
@@ -149,8 +180,8 @@ class CachedTensors:
         for index in indices:
             shard, row = divmod(index, self.shard_size)
             handle = self._shards[shard]
-            for name in handle.keys():
-                picked.setdefault(name, []).append(handle.get_slice(name)[row:row + 1])
+            for name in handle:
+                picked.setdefault(name, []).append(handle.get_slice(name)[row : row + 1])
         return {name: cat_rows(rows, name) for name, rows in picked.items()}
 
 
@@ -166,25 +197,31 @@ def cat_rows(rows: list[torch.Tensor], name: str) -> torch.Tensor:
 
 def latent_encoder(samples: list[TrainSample], vae, resolution: int, family: Family | None = None) -> Encoder:
     """indices -> {mean, std, original_size, crop_top_left} through the VAE."""
+
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         images = [prepare_image(samples[i].image, resolution) for i in indices]
         mean, std = encode_images(vae, torch.stack([im.pixels for im in images]), family)
         return {
-            "mean": mean.cpu(), "std": std.cpu(),
+            "mean": mean.cpu(),
+            "std": std.cpu(),
             "original_size": torch.tensor([im.original_size for im in images]),
             "crop_top_left": torch.tensor([im.crop_top_left for im in images]),
         }
+
     return encode
 
 
-def caption_encoder(samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *,
-                    family: Family) -> Encoder:
+def caption_encoder(
+    samples: list[TrainSample], tokenizers: list, encoders: list, device: torch.device, *, family: Family
+) -> Encoder:
     """indices -> {prompt_embeds[, pooled][, text_mask]} through the frozen text encoders, stored as
     float32 (the mask as int64), encoded as the family's pipeline does (``encode_conditioning``)."""
+
     def encode(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             encoded = encode_conditioning(family, tokenizers, encoders, [samples[i].text for i in indices], device)
         return {name: (value.long() if name == "text_mask" else value.float()).cpu() for name, value in encoded.items()}
+
     return encode
 
 
@@ -192,9 +229,19 @@ class ConditionSource:
     """Conditioning for a list of dataset indices, from the caches where they exist and through
     the VAE / text encoders otherwise (the text encoders always, when they are trained)."""
 
-    def __init__(self, samples: list[TrainSample], resolution: int, device: torch.device, *, family: Family,
-                 latents: CachedTensors | None = None, texts: CachedTensors | None = None,
-                 vae=None, tokenizers: list | None = None, text_encoders: list | None = None):
+    def __init__(
+        self,
+        samples: list[TrainSample],
+        resolution: int,
+        device: torch.device,
+        *,
+        family: Family,
+        latents: CachedTensors | None = None,
+        texts: CachedTensors | None = None,
+        vae=None,
+        tokenizers: list | None = None,
+        text_encoders: list | None = None,
+    ):
         self.samples, self.resolution, self.device, self.family = samples, resolution, device, family
         self.latents, self.texts = latents, texts
         self.encode_latents = latent_encoder(samples, vae, resolution, family) if latents is None else None
@@ -216,7 +263,10 @@ class ConditionSource:
         if pooled is not None:
             pooled = pooled.to(self.device)
         return Conditioning(
-            latent_mean=image["mean"].to(self.device), latent_std=image["std"].to(self.device),
-            prompt_embeds=embeds.to(self.device), pooled=pooled, time_ids=time_ids,
+            latent_mean=image["mean"].to(self.device),
+            latent_std=image["std"].to(self.device),
+            prompt_embeds=embeds.to(self.device),
+            pooled=pooled,
+            time_ids=time_ids,
             text_mask=None if mask is None else mask.to(self.device),
         )

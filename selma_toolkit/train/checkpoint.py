@@ -36,11 +36,21 @@ STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that may change between a run and its resumption: they change how the run is
 # carried out or written, not what it computes (the effective batch stays batch_size).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "cache", "lora_format", "gradient_checkpointing",
-                     "micro_batch_size", "mixed_precision", "trackers"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "checkpoint_every",
+    "cache",
+    "lora_format",
+    "gradient_checkpointing",
+    "micro_batch_size",
+    "mixed_precision",
+    "trackers",
+}
 
 
-def training_fingerprint(run: RunRecipe, skill: str, architecture: str, resolution: int, dataset: str) -> dict[str, Any]:
+def training_fingerprint(
+    run: RunRecipe, skill: str, architecture: str, resolution: int, dataset: str
+) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint: the base model, the
     skill, the dataset content and every training setting that changes the result."""
     train = run.train.model_dump(mode="json", context={"hash": True})  # unset targets as before (recipe.py)
@@ -86,15 +96,21 @@ def checkpoint_experts(train_dir: Path) -> list[tuple[int, Path]]:
 def check_resumable(checkpoint: Checkpoint, fingerprint: dict[str, Any], total_steps: int) -> None:
     """Refuse to resume from ``checkpoint`` when the setup differs, naming every difference."""
     saved = checkpoint.state.get("fingerprint", {})
-    changed = [f"{key}: {saved.get(key)!r} -> {fingerprint.get(key)!r}"
-               for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {fingerprint.get(key)!r}"
+        for key in sorted(set(saved) | set(fingerprint))
+        if saved.get(key) != fingerprint.get(key)
+    ]
     if changed:
         raise RecipeError(
-            what="cannot resume, this checkpoint was trained with a different setup:", where=str(checkpoint.path),
-            details=changed, remedies=[
+            what="cannot resume, this checkpoint was trained with a different setup:",
+            where=str(checkpoint.path),
+            details=changed,
+            remedies=[
                 Remedy.do("resume with the recipe it was started with"),
                 Remedy.change("out", "folder", note="to train from scratch"),
-                Remedy.do(f"train from scratch after removing {checkpoint.path.parent.parent}")],
+                Remedy.do(f"train from scratch after removing {checkpoint.path.parent.parent}"),
+            ],
         )
     if checkpoint.step > total_steps:
         raise RecipeError(
@@ -104,8 +120,14 @@ def check_resumable(checkpoint: Checkpoint, fingerprint: dict[str, Any], total_s
         )
 
 
-def save_checkpoint(accelerator, train_dir: Path, step: int, fingerprint: dict[str, Any],
-                    expert_name: str, write_expert: Callable[[Path], None]) -> Path:
+def save_checkpoint(
+    accelerator,
+    train_dir: Path,
+    step: int,
+    fingerprint: dict[str, Any],
+    expert_name: str,
+    write_expert: Callable[[Path], None],
+) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically (see the module docstring); every process
     calls this. ``write_expert(path)`` writes the expert file of this step (main process)."""
     folder = train_dir / "checkpoints"
@@ -119,15 +141,21 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, fingerprint: dict[s
         accelerator.save_state(str(partial), safe_serialization=True)
         if accelerator.is_main_process:
             write_expert(partial / expert_name)
-            atomic_write_text(partial / STATE_FILE, json.dumps(
-                {"step": step, "expert": expert_name, "fingerprint": fingerprint}, indent=1))
+            atomic_write_text(
+                partial / STATE_FILE,
+                json.dumps({"step": step, "expert": expert_name, "fingerprint": fingerprint}, indent=1),
+            )
     except (OSError, RuntimeError, SafetensorError) as exc:
         # A full disk surfaces as OSError (Python writes), RuntimeError (torch.save) or
         # SafetensorError (safetensors): whichever, the partial folder goes, the last checkpoint stays.
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         previous = checkpoints(train_dir)
-        kept = f"the previous checkpoint {previous[-1].path.name} is intact" if previous else "no earlier checkpoint exists"
+        kept = (
+            f"the previous checkpoint {previous[-1].path.name} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TrainingError(
             f"{partial}: could not write checkpoint step-{step} ({reason}); {kept}. "

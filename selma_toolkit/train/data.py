@@ -84,8 +84,10 @@ def prepare_image(path: Path, resolution: int) -> PreparedImage:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"{path}: cannot read the image ({exc}); regenerate it with `selma images` or remove its row "
-                           "from metadata.jsonl") from None
+        raise DatasetError(
+            f"{path}: cannot read the image ({exc}); regenerate it with `selma images` or remove its row "
+            "from metadata.jsonl"
+        ) from None
     original_size = (image.height, image.width)
     scale = resolution / min(image.width, image.height)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))

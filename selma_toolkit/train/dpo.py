@@ -132,7 +132,7 @@ def _score_images(path: Path, scorer, items: list[tuple[Path, str]], batch_size:
     todo = [(image, text) for image, text in items if (digests[image], scorer.name, model) not in known]
     with JsonlAppender(path) as appender:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             opened = []
             for image, _ in batch:
                 with Image.open(image) as handle:
@@ -140,13 +140,21 @@ def _score_images(path: Path, scorer, items: list[tuple[Path, str]], batch_size:
             for (image, _), value in zip(batch, scorer.score(opened, [text for _, text in batch])):
                 value = None if value is None else float(value)
                 known[(digests[image], scorer.name, model)] = value
-                appender.append({"image": image.name, "sha256": digests[image], "scorer": scorer.name, "model": model,
-                                 "score": value})
+                appender.append(
+                    {
+                        "image": image.name,
+                        "sha256": digests[image],
+                        "scorer": scorer.name,
+                        "model": model,
+                        "score": value,
+                    }
+                )
     return {image: known[(digests[image], scorer.name, model)] for image, _ in items}
 
 
-def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
-                     progress: Callable[[int, int], None] | None = None) -> list[Pair]:
+def preference_pairs(
+    run: RunRecipe, skill: str, paths: RunPaths, *, progress: Callable[[int, int], None] | None = None
+) -> list[Pair]:
     """Draw (or reuse) the pair images of ``skill``'s train prompts, score them, pair them up (see
     the module docstring); writes ``pairs.jsonl`` and returns the pairs, prompts in id order."""
     from selma_toolkit.evaluate.generate import EvalJob, draw_eval_images
@@ -160,42 +168,75 @@ def preference_pairs(run: RunRecipe, skill: str, paths: RunPaths, *,
     job = EvalJob(PAIR_VARIANT, out.root / PAIR_IMAGES, None, {skill: prompts})
     items = draw_eval_images(drawing, [job], progress=progress)[PAIR_VARIANT][skill]
     scorer = load_judge(run.images) if scorer_name(run) == "judge" else build_scorer(scorer_name(run), run.evaluate)
-    scores = _score_images(out.skill_dir(skill) / "scores.jsonl", scorer,
-                           [(Path(item.image), item.prompt) for item in items], run.evaluate.batch_size)
+    scores = _score_images(
+        out.skill_dir(skill) / "scores.jsonl",
+        scorer,
+        [(Path(item.image), item.prompt) for item in items],
+        run.evaluate.batch_size,
+    )
     pairs: list[Pair] = []
     per_prompt = len(seeds)
     for index, prompt in enumerate(prompts):  # items: prompts in id order, seeds inner
-        chunk = items[index * per_prompt:(index + 1) * per_prompt]
+        chunk = items[index * per_prompt : (index + 1) * per_prompt]
         images = [Path(item.image) for item in chunk]
         pairs.extend(pair_up(prompt.id, prompt.prompt, images, [scores[image] for image in images]))
     total = len(prompts) * run.dpo.pairs_per_prompt
-    atomic_write_text(out.skill_dir(skill) / "pairs.jsonl", "".join(
-        json.dumps({"prompt_id": p.prompt_id, "text": p.text, "winner": p.winner.relative_to(out.root).as_posix(),
-                    "loser": p.loser.relative_to(out.root).as_posix(), "winner_score": p.winner_score,
-                    "loser_score": p.loser_score, "scorer": scorer.name}) + "\n" for p in pairs))
-    log.info("%s: %d preference pairs of %d (%d ties dropped), scorer %s", skill, len(pairs), total,
-             total - len(pairs), scorer.name)
+    atomic_write_text(
+        out.skill_dir(skill) / "pairs.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "prompt_id": p.prompt_id,
+                    "text": p.text,
+                    "winner": p.winner.relative_to(out.root).as_posix(),
+                    "loser": p.loser.relative_to(out.root).as_posix(),
+                    "winner_score": p.winner_score,
+                    "loser_score": p.loser_score,
+                    "scorer": scorer.name,
+                }
+            )
+            + "\n"
+            for p in pairs
+        ),
+    )
+    log.info(
+        "%s: %d preference pairs of %d (%d ties dropped), scorer %s",
+        skill,
+        len(pairs),
+        total,
+        total - len(pairs),
+        scorer.name,
+    )
     return pairs
 
 
 # ---------------------------------------------------------------------------------------- loss
 
 
-def dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> torch.Tensor:
+def dpo_loss(
+    model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Diffusion-DPO: mean over pairs of -log sigmoid(-beta/2 ((e_w - r_w) - (e_l - r_l))); each
     argument [n]: the squared errors of the model (e) and the reference (r) on winners and losers."""
     inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
     return -F.logsigmoid(inside).mean()
 
 
-def per_sample_errors(denoiser, noise_scheduler, cond: parts.Conditioning, draws: parts.Draws,
-                      latent_scale: parts.LatentScale | tuple[float, float], family: Family | None = None,
-                      guidance: float = 3.5) -> torch.Tensor:
+def per_sample_errors(
+    denoiser,
+    noise_scheduler,
+    cond: parts.Conditioning,
+    draws: parts.Draws,
+    latent_scale: parts.LatentScale | tuple[float, float],
+    family: Family | None = None,
+    guidance: float = 3.5,
+) -> torch.Tensor:
     """[n] mean squared error per sample of the denoiser's prediction against its target (epsilon
     or v; the flow families' velocity noise - x0): ``diffusion_loss`` (train/model.py) before its
     batch mean. ``guidance``: FLUX.1-dev's guidance embedding, as in its denoising loss."""
-    prediction, target = parts.prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance)
+    prediction, target = parts.prediction_and_target(
+        denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance
+    )
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
@@ -224,7 +265,9 @@ def pair_draws(generators: list[torch.Generator], latent_shape: tuple[int, ...],
         latent_w.append(torch.randn(latent_shape, generator=generator))
         latent_l.append(torch.randn(latent_shape, generator=generator))
     t, eps = torch.cat(timesteps), torch.stack(noise)
-    return parts.Draws(torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([torch.stack(latent_w), torch.stack(latent_l)]))
+    return parts.Draws(
+        torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([torch.stack(latent_w), torch.stack(latent_l)])
+    )
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -242,34 +285,49 @@ def dpo_is_current(run: RunRecipe, paths: RunPaths, skill: str) -> tuple[bool, s
 def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progress | None = None) -> Path:
     """The DPO expert of ``skill`` (pairs, then Diffusion-DPO; see the module docstring), resumable;
     returns ``<run>/dpo/experts/<skill>.safetensors``."""
-    settings = variant_settings(run.train, learning_rate=run.dpo.learning_rate, steps=run.dpo.steps,
-                                batch_size=run.dpo.batch_size, checkpoint_every=run.dpo.checkpoint_every)
+    settings = variant_settings(
+        run.train,
+        learning_rate=run.dpo.learning_rate,
+        steps=run.dpo.steps,
+        batch_size=run.dpo.batch_size,
+        checkpoint_every=run.dpo.checkpoint_every,
+    )
     trained_run = with_train(run, settings)
     model_dir = parts.local_model_dir(run.base_model, run.revision)
     family = detect_family(str(model_dir))
     run.skill(skill)
     out = dpo_paths(paths)
-    pairs = preference_pairs(run, skill, paths, progress=(lambda d, t: progress(TrainEvent("cache", d, t)))
-                             if progress else None)
+    pairs = preference_pairs(
+        run, skill, paths, progress=(lambda d, t: progress(TrainEvent("cache", d, t))) if progress else None
+    )
     if not pairs:
-        raise DatasetError(f"{out.skill_dir(skill)}: every preference pair of {skill} is a tie under "
-                           f"{scorer_name(run)}; nothing to learn from (raise dpo.pairs_per_prompt or use another dpo.scorer)")
-    samples = [TrainSample(p.winner, p.text, skill) for p in pairs] + [TrainSample(p.loser, p.text, skill) for p in pairs]
+        raise DatasetError(
+            f"{out.skill_dir(skill)}: every preference pair of {skill} is a tie under "
+            f"{scorer_name(run)}; nothing to learn from (raise dpo.pairs_per_prompt or use another dpo.scorer)"
+        )
+    samples = [TrainSample(p.winner, p.text, skill) for p in pairs] + [
+        TrainSample(p.loser, p.text, skill) for p in pairs
+    ]
     count = len(pairs)
     resolution = settings.resolution or run.images.resolution
     train_dir, output = out.train_dir(skill), out.expert(skill)
     digests = image_digests(samples)
-    fingerprint = {**training_fingerprint(trained_run, f"{DPO}:{skill}", family.name, resolution,
-                                          dataset_fingerprint(samples, digests)),
-                   "dpo.beta": run.dpo.beta, "dpo.scorer": scorer_label(run)}
+    fingerprint = {
+        **training_fingerprint(
+            trained_run, f"{DPO}:{skill}", family.name, resolution, dataset_fingerprint(samples, digests)
+        ),
+        "dpo.beta": run.dpo.beta,
+        "dpo.scorer": scorer_label(run),
+    }
     fingerprint = json.loads(json.dumps(fingerprint))
     accelerator = make_accelerator(settings, train_dir)
     if finished(train_dir, fingerprint, settings.steps, f"{skill}.safetensors", output):
         return output
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(trained_run, samples, digests, model_dir, family, train_dir, accelerator,
-                                            weight_dtype, progress)
+    latent_cache, text_cache = build_caches(
+        trained_run, samples, digests, model_dir, family, train_dir, accelerator, weight_dtype, progress
+    )
     from accelerate.utils import set_seed
 
     set_seed(settings.seed)  # the LoRA's initial A, as train_expert seeds it
@@ -284,8 +342,9 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
         model = models[family.denoiser]
         chosen = [sample_index(step * settings.batch_size + s, count, settings.seed) for s in slots]
         cond = source(chosen + [count + k for k in chosen])  # winners, then their losers
-        draws = pair_draws([sample_generator(settings.seed, step, s) for s in slots],
-                           tuple(cond.latent_mean.shape[1:]), num_timesteps)
+        draws = pair_draws(
+            [sample_generator(settings.seed, step, s) for s in slots], tuple(cond.latent_mean.shape[1:]), num_timesteps
+        )
         guidance = run.images.guidance_scale
         with torch.no_grad(), reference_model(model):  # first: re-enabling restores requires_grad
             reference = per_sample_errors(model, noise_scheduler, cond, draws, latent_scale, family, guidance)
@@ -295,15 +354,35 @@ def train_dpo_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: P
 
     def write_output(path: Path, steps: int) -> None:
         metadata = expert_metadata(run, skill, family, steps)
-        metadata.update({"selma.training": "diffusion-dpo", "selma.dpo": json.dumps(
-            {"beta": run.dpo.beta, "pairs": count, "scorer": scorer_label(run), "learning_rate": settings.learning_rate})})
+        metadata.update(
+            {
+                "selma.training": "diffusion-dpo",
+                "selma.dpo": json.dumps(
+                    {
+                        "beta": run.dpo.beta,
+                        "pairs": count,
+                        "scorer": scorer_label(run),
+                        "learning_rate": settings.learning_rate,
+                    }
+                ),
+            }
+        )
         lora = parts.lora_weights({family.denoiser: accelerator.unwrap_model(denoiser)}, metadata)
         save_lora(lora, path, format=settings.lora_format)
 
     log.info("%s: Diffusion-DPO on %d pairs, beta %g, %d steps", skill, count, run.dpo.beta, settings.steps)
-    return run_steps(accelerator=accelerator, settings=settings, models={family.denoiser: denoiser}, train_dir=train_dir,
-                     fingerprint=fingerprint, output_name=f"{skill}.safetensors", micro_loss=micro_loss,
-                     write_output=write_output, output=output, progress=progress)
+    return run_steps(
+        accelerator=accelerator,
+        settings=settings,
+        models={family.denoiser: denoiser},
+        train_dir=train_dir,
+        fingerprint=fingerprint,
+        output_name=f"{skill}.safetensors",
+        micro_loss=micro_loss,
+        write_output=write_output,
+        output=output,
+        progress=progress,
+    )
 
 
 def dpo_merged(run: RunRecipe, paths: RunPaths) -> Path:
@@ -314,9 +393,16 @@ def dpo_merged(run: RunRecipe, paths: RunPaths) -> Path:
 def merge_dpo(run: RunRecipe, paths: RunPaths) -> Path:
     """Merge every skill's DPO expert with the recipe's merge settings."""
     out = dpo_paths(paths)
-    merge_files([out.expert(s.name) for s in run.skills], dpo_merged(run, paths), run.merge.method,  # type: ignore[arg-type]
-                run.merge.weights, run.merge.rank, format=run.train.lora_format, density=run.merge.density,
-                seed=run.merge.seed)
+    merge_files(
+        [out.expert(s.name) for s in run.skills],
+        dpo_merged(run, paths),
+        run.merge.method,  # type: ignore[arg-type]
+        run.merge.weights,
+        run.merge.rank,
+        format=run.train.lora_format,
+        density=run.merge.density,
+        seed=run.merge.seed,
+    )
     return dpo_merged(run, paths)
 
 
@@ -334,15 +420,17 @@ def dpo_merge_is_current(run: RunRecipe, paths: RunPaths) -> bool:
         return False
     experts = [dpo_paths(paths).expert(s.name) for s in run.skills]
     return all(p.is_file() for p in experts) and [e.get("sha256") for e in record.get("experts", [])] == [
-        sha256_file(p) for p in experts]
+        sha256_file(p) for p in experts
+    ]
 
 
 def train_dpo(run: RunRecipe, paths: RunPaths, *, progress: Callable[[str, object], None] | None = None) -> Path:
     """Every skill's DPO expert, then their merge (the run's variant ``dpo``); returns the merged file."""
     for skill in run.skills:
         if not dpo_is_current(run, paths, skill.name)[0]:
-            train_dpo_expert(run, skill.name, paths,
-                             progress=(lambda e, s=skill.name: progress(s, e)) if progress else None)
+            train_dpo_expert(
+                run, skill.name, paths, progress=(lambda e, s=skill.name: progress(s, e)) if progress else None
+            )
     if not dpo_merge_is_current(run, paths):
         merge_dpo(run, paths)
     return dpo_merged(run, paths)

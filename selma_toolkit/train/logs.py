@@ -40,8 +40,10 @@ class LossLog:
         steps = [r["step"] for r in records]
         losses = [r["loss"] for r in records]
         window = max(1, len(losses) // 20)
-        running = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                   for i in range(len(losses))]
+        running = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         figure, axes = plt.subplots(figsize=(7, 4))
         axes.plot(steps, losses, alpha=0.35, label="loss")
         axes.plot(steps, running, label=f"mean of {window} steps")

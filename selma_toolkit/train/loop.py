@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from selma_toolkit.errors import RecipeError
 from selma_toolkit.architectures import Family
 from selma_toolkit.config.recipes import RunRecipe
 from selma_toolkit.config.train import TrainSettings
+from selma_toolkit.errors import RecipeError
 from selma_toolkit.lora import load_lora, lora_metadata, save_lora
 from selma_toolkit.models import detect_family
 from selma_toolkit.paths import JOINT, RunPaths
@@ -45,9 +45,12 @@ def expert_metadata(run: RunRecipe, skill: str, family: Family, steps: int) -> d
     """The ``__metadata__`` of an expert file; ``save_lora`` adds rank, alpha, targets, toolkit
     version and the kohya / ModelSpec fields from the tensors."""
     return lora_metadata(
-        base_model=run.base_model, architecture=family.name, skill=skill,
+        base_model=run.base_model,
+        architecture=family.name,
+        skill=skill,
         skills=[s.name for s in run.skills] if skill == JOINT else None,
-        recipe_sha256=recipe_hash(run), **{"selma.steps": steps},
+        recipe_sha256=recipe_hash(run),
+        **{"selma.steps": steps},
     )
 
 
@@ -65,22 +68,38 @@ def make_accelerator(settings: TrainSettings, train_dir: Path):
         available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
         missing = [t for t in settings.trackers if not available[t]]
         if missing:
-            raise RecipeError(f"train.trackers = {settings.trackers}: {missing} not installed; pip install {' '.join(missing)}")
+            raise RecipeError(
+                f"train.trackers = {settings.trackers}: {missing} not installed; pip install {' '.join(missing)}"
+            )
     # The lr scheduler is stepped by hand once per optimizer step (accelerate would otherwise step
     # it once per process), and accumulation is done by hand (see the loop): a resumed run with a
     # different micro-batch size must not inherit accelerate's micro-step counter.
     # cpu=True without CUDA: processes started by torchrun / accelerate launch then join one gloo
     # group instead of each training alone.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=settings.trackers or None,
-                       project_dir=str(train_dir), step_scheduler_with_optimizer=False)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        log_with=settings.trackers or None,
+        project_dir=str(train_dir),
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def _show_cache_progress(progress, done: int, total: int) -> None:
     progress(TrainEvent("cache", done, total))
 
 
-def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, family: Family, train_dir: Path, accelerator,
-                 weight_dtype: torch.dtype, progress: Progress | None):
+def build_caches(
+    run: RunRecipe,
+    samples,
+    digests: list[str],
+    model_dir: Path,
+    family: Family,
+    train_dir: Path,
+    accelerator,
+    weight_dtype: torch.dtype,
+    progress: Progress | None,
+):
     """(latent cache, text cache), built where missing by the main process first; each None when
     off (the text cache is off while the text encoders train: their outputs change every step)."""
     if not run.train.cache:
@@ -111,8 +130,9 @@ def build_caches(run: RunRecipe, samples, digests: list[str], model_dir: Path, f
     return latents, texts
 
 
-def build_models(settings: TrainSettings, model_dir: Path, family: Family, device, weight_dtype: torch.dtype, *,
-                 cache_text: bool):
+def build_models(
+    settings: TrainSettings, model_dir: Path, family: Family, device, weight_dtype: torch.dtype, *, cache_text: bool
+):
     """({component: model with trainable LoRA}, tokenizers, text encoders): the frozen base in
     ``weight_dtype``, LoRA parameters in float32; text encoders only when their outputs are not
     cached. The denoiser is the family's (UNet, or the SD 3 / Flux transformer), its targets the
@@ -141,8 +161,9 @@ def build_models(settings: TrainSettings, model_dir: Path, family: Family, devic
     return trained, tokenizers, text_encoders
 
 
-def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.ConditionSource, model_dir: Path,
-                   family: Family):
+def denoising_loss(
+    run: RunRecipe, settings: TrainSettings, source: caches.ConditionSource, model_dir: Path, family: Family
+):
     """``loss(denoiser, step, slots)``: the family's denoising loss (epsilon / v, or flow) on the
     samples at stream positions ``step * batch_size + slot``, with each slot's own noise draws; what
     an expert, the mixture baseline and the MoE gate train on."""
@@ -157,8 +178,9 @@ def denoising_loss(run: RunRecipe, settings: TrainSettings, source: caches.Condi
         generators = [sample_generator(settings.seed, step, s) for s in slots]
         draws = parts.draw(generators, tuple(cond.latent_mean.shape[1:]), num_timesteps)
         # Flux's guidance embedding gets the guidance the run's images were drawn with.
-        return parts.diffusion_loss(denoiser, noise_scheduler, cond, draws, latent_scale, family,
-                                    guidance=run.images.guidance_scale)
+        return parts.diffusion_loss(
+            denoiser, noise_scheduler, cond, draws, latent_scale, family, guidance=run.images.guidance_scale
+        )
 
     return loss
 
@@ -174,8 +196,10 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     model_dir = parts.local_model_dir(run.base_model, run.revision)
     family = detect_family(str(model_dir))
     if settings.train_text_encoder and family.conditioning != "unet":
-        raise RecipeError(f"train.train_text_encoder = true: text-encoder LoRA is trained for SD 1.x / 2.x / XL only; "
-                          f"{family.title} experts adapt the transformer. Set train.train_text_encoder = false")
+        raise RecipeError(
+            f"train.train_text_encoder = true: text-encoder LoRA is trained for SD 1.x / 2.x / XL only; "
+            f"{family.title} experts adapt the transformer. Set train.train_text_encoder = false"
+        )
     resolution = settings.resolution or run.images.resolution
     accelerator = make_accelerator(settings, train_dir)
     micro_batching(settings, accelerator.num_processes)  # a batch size that does not split fails before any work
@@ -195,14 +219,25 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
     set_seed(settings.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    latent_cache, text_cache = build_caches(run, samples, digests, model_dir, family, train_dir, accelerator, weight_dtype,
-                                            progress)
-    trained, tokenizers, text_encoders = build_models(settings, model_dir, family, device, weight_dtype,
-                                                      cache_text=text_cache is not None)
+    latent_cache, text_cache = build_caches(
+        run, samples, digests, model_dir, family, train_dir, accelerator, weight_dtype, progress
+    )
+    trained, tokenizers, text_encoders = build_models(
+        settings, model_dir, family, device, weight_dtype, cache_text=text_cache is not None
+    )
     vae = parts.load_vae(model_dir, family).to(device) if latent_cache is None else None
     names = parts.text_encoder_names(family)
-    source = caches.ConditionSource(samples, resolution, device, latents=latent_cache, texts=text_cache, vae=vae,
-                                    tokenizers=tokenizers, text_encoders=text_encoders, family=family)
+    source = caches.ConditionSource(
+        samples,
+        resolution,
+        device,
+        latents=latent_cache,
+        texts=text_cache,
+        vae=vae,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        family=family,
+    )
     loss = denoising_loss(run, settings, source, model_dir, family)
 
     def micro_loss(models, step: int, slots: list[int]) -> torch.Tensor:
@@ -214,8 +249,9 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
         record = {"epoch": round((step + 1) * settings.batch_size / len(samples), 4)}
         if skill == JOINT:  # which skills the batch drew from
             positions = range(step * settings.batch_size, (step + 1) * settings.batch_size)
-            record["sources"] = dict(Counter(samples[sample_index(p, len(samples), settings.seed)].source
-                                             for p in positions))
+            record["sources"] = dict(
+                Counter(samples[sample_index(p, len(samples), settings.seed)].source for p in positions)
+            )
         return record
 
     def write_expert(path: Path, steps: int) -> None:
@@ -223,9 +259,20 @@ def train_expert(run: RunRecipe, skill: str, paths: RunPaths, *, progress: Progr
         lora = parts.lora_weights(unwrapped, expert_metadata(run, skill, family, steps))
         save_lora(lora, path, format=settings.lora_format)
 
-    run_steps(accelerator=accelerator, settings=settings, models=trained, train_dir=train_dir, fingerprint=fingerprint,
-              output_name=expert_name, micro_loss=micro_loss, write_output=write_expert, output=paths.expert(skill),
-              progress=progress, loss_record=loss_record, tracker_run=f"selma-{run.name}-{skill}")
+    run_steps(
+        accelerator=accelerator,
+        settings=settings,
+        models=trained,
+        train_dir=train_dir,
+        fingerprint=fingerprint,
+        output_name=expert_name,
+        micro_loss=micro_loss,
+        write_output=write_expert,
+        output=paths.expert(skill),
+        progress=progress,
+        loss_record=loss_record,
+        tracker_run=f"selma-{run.name}-{skill}",
+    )
     log.info("%s: expert written to %s", skill, paths.expert(skill))
     return paths.expert(skill)
 

@@ -33,7 +33,7 @@ from selma_toolkit.config.train import UNET_TARGET_MODULES, TrainSettings
 from selma_toolkit.errors import ModelError, RecipeError
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 from selma_toolkit.models import hub_model_error, resolve_model
-from selma_toolkit.train.conditioning import (  # noqa: F401 - Conditioning and LatentScale are imported from here too
+from selma_toolkit.train.conditioning import (
     Conditioning,
     LatentScale,
     TextEncoding,
@@ -67,8 +67,10 @@ def local_model_dir(spec: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE))
-    except Exception as exc:  # noqa: BLE001 - any Hub failure becomes one clear message
+        return Path(
+            snapshot_download(source, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE)
+        )
+    except Exception as exc:
         raise hub_model_error(f"{spec}: could not download the model from the Hub", exc) from None
 
 
@@ -149,7 +151,9 @@ def _lora_config(settings: TrainSettings, targets: list[str]):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=settings.rank, lora_alpha=settings.effective_alpha, lora_dropout=settings.dropout,
+        r=settings.rank,
+        lora_alpha=settings.effective_alpha,
+        lora_dropout=settings.dropout,
         target_modules=targets,
     )
 
@@ -166,14 +170,18 @@ def add_lora(model, component: str, settings: TrainSettings, targets: list[str] 
     denoiser = component in DENOISERS
     field = "target_modules" if denoiser else "text_encoder_target_modules"
     if targets is None:
-        targets = settings.denoiser_targets(UNET_TARGET_MODULES) if denoiser else list(settings.text_encoder_target_modules)
+        targets = (
+            settings.denoiser_targets(UNET_TARGET_MODULES) if denoiser else list(settings.text_encoder_target_modules)
+        )
     try:
         if denoiser:
             model.add_adapter(_lora_config(settings, _adaptable_targets(model, targets)))
         else:
             inject_adapter_in_model(_lora_config(settings, targets), model)
     except ValueError as exc:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
         raise RecipeError(
             f"train.{field} = {targets}: peft could not place LoRA layers in the {component} ({exc}); "
             f"linear layer names there include {linear[:20]}"
@@ -254,8 +262,9 @@ def encode_texts(
     hidden, pooled = [], None
     penultimate = hidden_layer == -2
     for tokenizer, encoder in zip(tokenizers, encoders):
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         output = encoder(ids, output_hidden_states=penultimate)
         if penultimate:
             hidden.append(output.hidden_states[-2])
@@ -266,8 +275,9 @@ def encode_texts(
     return torch.cat(hidden, dim=-1), pooled
 
 
-def encode_conditioning(family: Family, tokenizers: list, encoders: list, texts: list[str],
-                        device: torch.device | str = "cpu") -> TextEncoding:
+def encode_conditioning(
+    family: Family, tokenizers: list, encoders: list, texts: list[str], device: torch.device | str = "cpu"
+) -> TextEncoding:
     """captions -> {prompt_embeds, pooled?, text_mask?} as the family's pipeline encodes them:
     ``encode_texts`` for the UNet families, the family's entry of ``train/conditioning.py`` otherwise."""
     if family.conditioning == "unet":
@@ -276,8 +286,9 @@ def encode_conditioning(family: Family, tokenizers: list, encoders: list, texts:
     return flow_model(family).encode(family, tokenizers, encoders, texts, device)
 
 
-def encode_prompts(family: Family, tokenizers: list, encoders: list, texts: list[str],
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompts(
+    family: Family, tokenizers: list, encoders: list, texts: list[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """captions -> (prompt_embeds, pooled or None): :func:`encode_conditioning` without the text mask."""
     encoded = encode_conditioning(family, tokenizers, encoders, texts, device)
     return encoded["prompt_embeds"], encoded.get("pooled")
@@ -312,17 +323,23 @@ def draw(generators: list[torch.Generator], latent_shape: tuple[int, ...], num_t
     return Draws(torch.cat(timesteps), torch.stack(noise), torch.stack(latent_noise))
 
 
-def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet must predict: the noise (epsilon) or the velocity (v_prediction)."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ModelError(f"scheduler prediction_type {prediction_type!r} is not supported; expected epsilon or v_prediction")
+    raise ModelError(
+        f"scheduler prediction_type {prediction_type!r} is not supported; expected epsilon or v_prediction"
+    )
 
 
-def flow_noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_noisy_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified flow: (noisy = (1 - sigma) x0 + sigma noise, target velocity = noise - x0), sigma [n]."""
     sigma = sigmas.to(latents.dtype).reshape(-1, *([1] * (latents.dim() - 1)))
     return (1.0 - sigma) * latents + sigma * noise, noise - latents
@@ -335,8 +352,15 @@ def flow_sigmas(noise_scheduler, indices: torch.Tensor) -> tuple[torch.Tensor, t
     return noise_scheduler.timesteps[indices].float(), noise_scheduler.sigmas[indices].float()
 
 
-def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: LatentScale | tuple[float, float],
-                   family: Family | None = None, guidance: float = 3.5) -> torch.Tensor:
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    cond: Conditioning,
+    draws: Draws,
+    latent_scale: LatentScale | tuple[float, float],
+    family: Family | None = None,
+    guidance: float = 3.5,
+) -> torch.Tensor:
     """The standard denoising loss: MSE between the denoiser's prediction on the noised latents and
     the target (epsilon or v of the model's scheduler; the velocity noise - x0 for the families whose
     ``loss_target`` is "flow", see :func:`flow_prediction_and_target`), averaged over the batch.
@@ -345,9 +369,15 @@ def diffusion_loss(unet, noise_scheduler, cond: Conditioning, draws: Draws, late
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
 
-def prediction_and_target(denoiser, noise_scheduler, cond: Conditioning, draws: Draws,
-                          latent_scale: LatentScale | tuple[float, float], family: Family | None = None,
-                          guidance: float = 3.5) -> tuple[torch.Tensor, torch.Tensor]:
+def prediction_and_target(
+    denoiser,
+    noise_scheduler,
+    cond: Conditioning,
+    draws: Draws,
+    latent_scale: LatentScale | tuple[float, float],
+    family: Family | None = None,
+    guidance: float = 3.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the denoiser's prediction, its target), each [n, C, h, w]: what ``diffusion_loss`` averages
     and Diffusion-DPO compares per sample, for the family's loss."""
     if family is not None and family.loss_target == "flow":
@@ -355,8 +385,9 @@ def prediction_and_target(denoiser, noise_scheduler, cond: Conditioning, draws: 
     return unet_prediction_and_target(denoiser, noise_scheduler, cond, draws, latent_scale)
 
 
-def unet_prediction_and_target(unet, noise_scheduler, cond: Conditioning, draws: Draws,
-                               latent_scale: LatentScale | tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def unet_prediction_and_target(
+    unet, noise_scheduler, cond: Conditioning, draws: Draws, latent_scale: LatentScale | tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the UNet's prediction on the noised latents, the scheduler's target: epsilon or v), each
     [n, C, h, w]."""
     device = cond.prompt_embeds.device
@@ -372,9 +403,15 @@ def unet_prediction_and_target(unet, noise_scheduler, cond: Conditioning, draws:
     return prediction, target
 
 
-def flow_prediction_and_target(transformer, noise_scheduler, cond: Conditioning, draws: Draws,
-                               latent_scale: LatentScale | tuple[float, float], family: Family,
-                               guidance: float = 3.5) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_prediction_and_target(
+    transformer,
+    noise_scheduler,
+    cond: Conditioning,
+    draws: Draws,
+    latent_scale: LatentScale | tuple[float, float],
+    family: Family,
+    guidance: float = 3.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the transformer's velocity prediction on (1 - sigma) x0 + sigma noise, the target noise - x0),
     sigma = the training scheduler's sigma at the drawn index (``draws.timesteps``); the transformer
     called as the family's entry of ``train/conditioning.py`` calls it, in its weights' dtype."""
@@ -385,16 +422,29 @@ def flow_prediction_and_target(transformer, noise_scheduler, cond: Conditioning,
     timesteps, sigmas = timesteps.to(device), sigmas.to(device)
     noisy, target = flow_noisy_and_target(latents, draws.noise.to(device), sigmas)
     dtype = next(transformer.parameters()).dtype
-    typed = Conditioning(cond.latent_mean, cond.latent_std, cond.prompt_embeds.to(device, dtype),
-                         None if cond.pooled is None else cond.pooled.to(device, dtype), cond.time_ids,
-                         None if cond.text_mask is None else cond.text_mask.to(device))
+    typed = Conditioning(
+        cond.latent_mean,
+        cond.latent_std,
+        cond.prompt_embeds.to(device, dtype),
+        None if cond.pooled is None else cond.pooled.to(device, dtype),
+        cond.time_ids,
+        None if cond.text_mask is None else cond.text_mask.to(device),
+    )
     prediction = flow_model(family).predict(transformer, noisy.to(dtype), timesteps, typed, guidance)
     return prediction, target
 
 
-def flow_loss(transformer, noise_scheduler, cond: Conditioning, draws: Draws,
-              latent_scale: LatentScale | tuple[float, float], family: Family, guidance: float = 3.5) -> torch.Tensor:
+def flow_loss(
+    transformer,
+    noise_scheduler,
+    cond: Conditioning,
+    draws: Draws,
+    latent_scale: LatentScale | tuple[float, float],
+    family: Family,
+    guidance: float = 3.5,
+) -> torch.Tensor:
     """MSE between the transformer's velocity prediction and noise - x0 (:func:`flow_prediction_and_target`)."""
-    prediction, target = flow_prediction_and_target(transformer, noise_scheduler, cond, draws, latent_scale, family,
-                                                    guidance)
+    prediction, target = flow_prediction_and_target(
+        transformer, noise_scheduler, cond, draws, latent_scale, family, guidance
+    )
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")

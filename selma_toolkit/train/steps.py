@@ -72,8 +72,9 @@ def make_optimizer(settings: TrainSettings, params: list[torch.nn.Parameter]):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RecipeError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
-                              "or use optimizer = 'adamw'") from None
+            raise RecipeError(
+                "train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, or use optimizer = 'adamw'"
+            ) from None
         return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=1e-2)
     # The diffusers LoRA scripts' defaults: betas (0.9, 0.999), weight decay 1e-2, eps 1e-8.
     return torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
@@ -98,22 +99,31 @@ def register_lora_state_hooks(accelerator) -> None:
             state = load_file(f"{input_dir}/lora_{index}.safetensors")
             expected = set(trainable_parameters(model))
             if set(state) != expected:
-                raise RecipeError(f"{input_dir}/lora_{index}.safetensors: holds other LoRA layers than this run has "
-                                  f"({len(state)} vs {len(expected)} tensors); resume with the recipe it was written with")
+                raise RecipeError(
+                    f"{input_dir}/lora_{index}.safetensors: holds other LoRA layers than this run has "
+                    f"({len(state)} vs {len(expected)} tensors); resume with the recipe it was written with"
+                )
             model.load_state_dict(state, strict=False)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def variant_settings(train: TrainSettings, *, learning_rate: float, steps: int, batch_size: int | None,
-                     checkpoint_every: int | None) -> TrainSettings:
+def variant_settings(
+    train: TrainSettings, *, learning_rate: float, steps: int, batch_size: int | None, checkpoint_every: int | None
+) -> TrainSettings:
     """``train`` with a baseline's own optimisation settings (None: train's value); text encoders
     untrained and caches on (both baselines train on the denoiser from cached conditioning)."""
-    return train.model_copy(update={
-        "learning_rate": learning_rate, "steps": steps, "batch_size": batch_size or train.batch_size,
-        "checkpoint_every": checkpoint_every or train.checkpoint_every, "train_text_encoder": False, "cache": True,
-    })
+    return train.model_copy(
+        update={
+            "learning_rate": learning_rate,
+            "steps": steps,
+            "batch_size": batch_size or train.batch_size,
+            "checkpoint_every": checkpoint_every or train.checkpoint_every,
+            "train_text_encoder": False,
+            "cache": True,
+        }
+    )
 
 
 def with_train(run: RunRecipe, settings: TrainSettings) -> RunRecipe:
@@ -135,10 +145,21 @@ def finished(train_dir: Path, fingerprint: dict[str, Any], steps: int, output_na
     return True
 
 
-def run_steps(*, accelerator, settings: TrainSettings, models: Mapping[str, torch.nn.Module], train_dir: Path,
-              fingerprint: dict[str, Any], output_name: str, micro_loss: MicroLoss, write_output: WriteOutput,
-              output: Path, progress: Progress | None = None,
-              loss_record: Callable[[int], dict[str, Any]] | None = None, tracker_run: str | None = None) -> Path:
+def run_steps(
+    *,
+    accelerator,
+    settings: TrainSettings,
+    models: Mapping[str, torch.nn.Module],
+    train_dir: Path,
+    fingerprint: dict[str, Any],
+    output_name: str,
+    micro_loss: MicroLoss,
+    write_output: WriteOutput,
+    output: Path,
+    progress: Progress | None = None,
+    loss_record: Callable[[int], dict[str, Any]] | None = None,
+    tracker_run: str | None = None,
+) -> Path:
     """Train ``models``' trainable parameters for ``settings.steps`` optimizer steps, resuming from
     the latest checkpoint; write ``output`` at the end (main process). ``micro_loss(models, step,
     slots)`` is the mean loss of the stream positions ``step * batch_size + slot`` computed with the
@@ -152,7 +173,7 @@ def run_steps(*, accelerator, settings: TrainSettings, models: Mapping[str, torc
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps)
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
     wrapped = dict(zip(models, prepared[: len(models)]))
-    optimizer, lr_scheduler = prepared[len(models):]
+    optimizer, lr_scheduler = prepared[len(models) :]
     register_lora_state_hooks(accelerator)  # checkpoints hold the trainable parameters only
     saved = checkpoints(train_dir)
     start = 0
@@ -162,8 +183,10 @@ def run_steps(*, accelerator, settings: TrainSettings, models: Mapping[str, torc
         start = saved[-1].step
         log.info("%s: resuming from %s", train_dir, saved[-1].path)
     if settings.trackers and tracker_run:
-        accelerator.init_trackers(tracker_run, config={k: v for k, v in settings.model_dump().items()
-                                                       if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            tracker_run,
+            config={k: v for k, v in settings.model_dump().items() if isinstance(v, (int, float, str, bool))},
+        )
     per_process = micro * accumulation
     first_slot = accelerator.process_index * per_process
 
@@ -198,12 +221,20 @@ def run_steps(*, accelerator, settings: TrainSettings, models: Mapping[str, torc
             if settings.trackers and tracker_run:
                 accelerator.log({"loss": loss, "lr": lr}, step=step + 1)
             if loss_log is not None:
-                loss_log.append({"step": step + 1, "loss": loss, "lr": lr, **(loss_record(step) if loss_record else {})})
+                loss_log.append(
+                    {"step": step + 1, "loss": loss, "lr": lr, **(loss_record(step) if loss_record else {})}
+                )
                 if progress:
                     progress(TrainEvent("step", step + 1, settings.steps, loss, lr, time.perf_counter() - began))
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(accelerator, train_dir, step + 1, fingerprint, output_name,
-                                lambda path, done=step + 1: write_output(path, done))
+                save_checkpoint(
+                    accelerator,
+                    train_dir,
+                    step + 1,
+                    fingerprint,
+                    output_name,
+                    lambda path, done=step + 1: write_output(path, done),
+                )
                 if loss_log is not None:
                     loss_log.plot()
     finally:

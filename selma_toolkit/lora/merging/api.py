@@ -16,14 +16,19 @@ from typing import Literal
 
 import torch
 
+from selma_toolkit.architectures import FAMILIES
 from selma_toolkit.config.merge_methods import MergeMethod, MethodSpec, SvdMode, method_spec
 from selma_toolkit.errors import LoraFormatError
-from selma_toolkit.architectures import FAMILIES
 from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights, unused_groups
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.files import lora_from_state_dict, save_lora
 from selma_toolkit.lora.merging.checks import (
-    check_compatible, check_options, check_ranks, check_shapes, expert_weights, warn_missing,
+    check_compatible,
+    check_options,
+    check_ranks,
+    check_shapes,
+    expert_weights,
+    warn_missing,
 )
 from selma_toolkit.lora.merging.formulas import MergeOptions, ModuleInputs, Part, merge_module, uses_low_rank_svd
 from selma_toolkit.lora.merging.lowrank import low_rank_formula
@@ -102,10 +107,14 @@ def merge_experts(
     block_weights = check_block_weights(block_weights, module_names, family)
     module_weights = block_weight_of(module_names, block_weights, family)
     if block_weights and (unused := unused_groups(block_weights, module_names, family)):
-        logger.warning("block weights for %s change nothing: no module of the experts is in %s",
-                       ", ".join(unused), "that group" if len(unused) == 1 else "those groups")
-    options = MergeOptions(method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights),
-                           block_weights=block_weights)
+        logger.warning(
+            "block weights for %s change nothing: no module of the experts is in %s",
+            ", ".join(unused),
+            "that group" if len(unused) == 1 else "those groups",
+        )
+    options = MergeOptions(
+        method, rank, density, seed, svd_mode, strength=math.fsum(effective_weights), block_weights=block_weights
+    )
     modules: list[ModuleInputs] = []
     for module_name in module_names:
         parts = [
@@ -118,8 +127,16 @@ def merge_experts(
         modules.append(ModuleInputs(module_name, parts, names, options, module_weights[module_name]))
     merged = _merge_modules(spec, modules, options)
     infos = [expert_info(name, expert, architecture=arch) for name, expert, arch in zip(names, experts, architectures)]
-    record = MergeRecord.new(method, effective_weights, infos, rank=rank, density=density, seed=seed,
-                             svd_mode=svd_mode, block_weights=block_weights)
+    record = MergeRecord.new(
+        method,
+        effective_weights,
+        infos,
+        rank=rank,
+        density=density,
+        seed=seed,
+        svd_mode=svd_mode,
+        block_weights=block_weights,
+    )
     return LoraWeights(modules=merged, metadata=record.metadata())
 
 
@@ -172,12 +189,22 @@ def merge_files(
         with intra_op_threads(1):  # see intra_op_threads
             read = [read_safetensors_hashing_later(path) for path in paths]
         hashing = [hasher.submit(sha256) for _, _, sha256 in read]
-        experts = [lora_from_state_dict(tensors, metadata, source=str(path))
-                   for path, (tensors, metadata, _) in zip(paths, read)]
+        experts = [
+            lora_from_state_dict(tensors, metadata, source=str(path))
+            for path, (tensors, metadata, _) in zip(paths, read)
+        ]
         del read
         merged = merge_experts(
-            experts, method, weights, rank, density=density, seed=seed, names=distinct_labels(paths),
-            normalize=normalize, svd_mode=svd_mode, block_weights=block_weights,
+            experts,
+            method,
+            weights,
+            rank,
+            density=density,
+            seed=seed,
+            names=distinct_labels(paths),
+            normalize=normalize,
+            svd_mode=svd_mode,
+            block_weights=block_weights,
         )
         digests = [future.result() for future in hashing]
     given = sources or [None] * len(paths)

@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Sequence
 
-from selma_toolkit.config.merge_methods import FACTORED_METHODS, METHODS, MethodSpec, SVD_MODES, listing, method_spec
+from selma_toolkit.config.merge_methods import FACTORED_METHODS, METHODS, SVD_MODES, MethodSpec, listing, method_spec
 from selma_toolkit.errors import LoraFormatError, Option, Remedy
 from selma_toolkit.lora.core import LoraModule, LoraWeights
 from selma_toolkit.lora.merging.formulas import Part
@@ -33,14 +33,20 @@ def expert_weights(
     if normalize:
         total = math.fsum(values)
         if total == 0:
-            raise LoraFormatError(f"weights: {values} sum to 0 and cannot be normalised; give weights with a non-zero sum")
+            raise LoraFormatError(
+                f"weights: {values} sum to 0 and cannot be normalised; give weights with a non-zero sum"
+            )
         values = [w / total for w in values]
     spec = METHODS.get(method)
     if spec is not None and spec.positive_weights and any(w <= 0 for w in values):
         raise LoraFormatError(
-            what=f"method {method} {spec.positive_weights} and needs weights > 0", where="weights", found=values,
-            remedies=[Remedy.set("method", "delta"),
-                      Remedy.set("method", "svd", note="they take negative or zero weights")],
+            what=f"method {method} {spec.positive_weights} and needs weights > 0",
+            where="weights",
+            found=values,
+            remedies=[
+                Remedy.set("method", "delta"),
+                Remedy.set("method", "svd", note="they take negative or zero weights"),
+            ],
         )
     return values
 
@@ -52,13 +58,16 @@ def check_options(method: str, rank: int | None, density: float, svd_mode: str) 
     if rank is not None and not spec.dense:
         raise LoraFormatError(
             what=f"only {listing(FACTORED_METHODS, 'and')} choose an output rank; {method} keeps {spec.kept_rank}",
-            where=Option("rank"), found=rank, remedies=[Remedy.unset("rank"), Remedy.set("method", "svd")],
+            where=Option("rank"),
+            found=rank,
+            remedies=[Remedy.unset("rank"), Remedy.set("method", "svd")],
         )
     if rank is not None and rank < 1:
         raise LoraFormatError(what="", where=Option("rank"), found=rank, expected="a positive integer")
     if spec.density and not 0.0 < density <= 1.0:
-        raise LoraFormatError(what="", where=Option("density"), found=density,
-                              expected="a share in (0, 1] of the entries to keep")
+        raise LoraFormatError(
+            what="", where=Option("density"), found=density, expected="a share in (0, 1] of the entries to keep"
+        )
     if svd_mode not in SVD_MODES:
         raise LoraFormatError(what="", where=Option("svd_mode"), found=svd_mode, expected="'exact' or 'randomized'")
 
@@ -72,7 +81,8 @@ def check_compatible(experts: Sequence[LoraWeights], names: Sequence[str], archi
             raise LoraFormatError(
                 what=f"{names[first]} is a LoRA for {first_architecture} but {names[index]} is one for {architecture} "
                 f"(module {_module_telling_apart(experts[first], experts[index])}); experts for different base "
-                "architectures cannot be merged", remedies=[Remedy.do("merge only experts trained for one base model")],
+                "architectures cannot be merged",
+                remedies=[Remedy.do("merge only experts trained for one base model")],
             )
     base_models = {names[i]: base for i, expert in enumerate(experts) if (base := metadata_value(expert, "base_model"))}
     if len(set(base_models.values())) > 1:
@@ -114,8 +124,10 @@ def check_ranks(spec: MethodSpec, module_name: str, parts: Sequence[Part], names
     if spec.equal_ranks and len({p.module.rank for p in parts}) > 1:
         listed = ", ".join(f"{names[p.index]}: rank {p.module.rank}" for p in parts)
         raise LoraFormatError(
-            what=f"method {spec.name} {spec.equal_ranks} and needs equal ranks", where=f"module {module_name}",
-            found=listed, remedies=[
+            what=f"method {spec.name} {spec.equal_ranks} and needs equal ranks",
+            where=f"module {module_name}",
+            found=listed,
+            remedies=[
                 Remedy.set("method", "delta", note="the exact weighted sum of updates, rank = sum of ranks"),
                 Remedy.set("method", "svd", also={"rank": None}),
             ],
@@ -130,5 +142,8 @@ def warn_missing(experts: Sequence[LoraWeights], names: Sequence[str], module_na
             shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
             logger.warning(
                 "%s lacks %d of the %d modules the experts adapt; they count as zero updates for it: %s",
-                name, len(missing), len(module_names), shown,
+                name,
+                len(missing),
+                len(module_names),
+                shown,
             )

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from selma_toolkit.config.merge_methods import MethodSpec
 from selma_toolkit.architectures import get_family
+from selma_toolkit.config.merge_methods import MethodSpec
 from selma_toolkit.lora.blocks import BlockWeights, block_weight_of, check_block_weights
-from selma_toolkit.lora.metadata import guess_architecture
 from selma_toolkit.lora.core import LoraModule, LoraWeights
+from selma_toolkit.lora.metadata import guess_architecture
 
 _RANDOMIZED_OVERSAMPLE = 10
 _RANDOMIZED_ITERATIONS = 4
@@ -138,7 +138,11 @@ def merge_delta(inputs: ModuleInputs) -> LoraModule:
     up = torch.empty((first.shape[0], down.shape[0], *first.shape[2:]), dtype=out_dtype, device=first.device)
     column = 0
     for p in parts:
-        torch.mul(p.module.up.to(out_dtype), block_weight * p.weight * p.module.scale, out=up[:, column : column + p.module.rank])
+        torch.mul(
+            p.module.up.to(out_dtype),
+            block_weight * p.weight * p.module.scale,
+            out=up[:, column : column + p.module.rank],
+        )
         column += p.module.rank
     return LoraModule(down=down, up=up, alpha=float(down.shape[0]))
 
@@ -232,7 +236,9 @@ def factor(update: torch.Tensor, rank: int, inputs: ModuleInputs) -> LoraModule:
     else:
         with torch.random.fork_rng(devices=[update.device] if update.is_cuda else []):
             torch.manual_seed(options.seed)
-            u, s, v = torch.svd_lowrank(update, q=min(rank + _RANDOMIZED_OVERSAMPLE, *update.shape), niter=_RANDOMIZED_ITERATIONS)
+            u, s, v = torch.svd_lowrank(
+                update, q=min(rank + _RANDOMIZED_OVERSAMPLE, *update.shape), niter=_RANDOMIZED_ITERATIONS
+            )
         vh = v.mT
     up, down = u[:, :rank] * s[:rank], vh[:rank]
     if block_weight != 1.0:
@@ -265,6 +271,8 @@ def apply_block_weights(lora: LoraWeights, block_weights: BlockWeights | None) -
         g = weights[name]
         if g != 1.0:
             compute = torch.float64 if module.up.dtype == torch.float64 else torch.float32
-            module = LoraModule(down=module.down, up=(module.up.to(compute) * g).to(module.up.dtype), alpha=module.alpha)
+            module = LoraModule(
+                down=module.down, up=(module.up.to(compute) * g).to(module.up.dtype), alpha=module.alpha
+            )
         modules[name] = module
     return LoraWeights(modules=modules, metadata=dict(lora.metadata))

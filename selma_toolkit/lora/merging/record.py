@@ -42,8 +42,18 @@ class MergeRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, method: str, weights: Sequence[float], experts: list[dict[str, Any]], *, rank: int | None,
-            density: float, seed: int, svd_mode: str, block_weights: dict[str, float] | None) -> MergeRecord:
+    def new(
+        cls,
+        method: str,
+        weights: Sequence[float],
+        experts: list[dict[str, Any]],
+        *,
+        rank: int | None,
+        density: float,
+        seed: int,
+        svd_mode: str,
+        block_weights: dict[str, float] | None,
+    ) -> MergeRecord:
         """The record of a merge with these settings, each kept where ``method`` uses it."""
         settings = recorded_settings(method, rank=rank, density=density, seed=seed, svd_mode=svd_mode)
         return cls(method, list(weights), **settings, block_weights=block_weights, experts=experts)
@@ -88,12 +98,15 @@ class MergeRecord:
 _GUESS: Any = object()
 
 
-def expert_info(name: str, expert: LoraWeights, sha256: str | None = None, *, architecture: str | None = _GUESS
-                ) -> dict[str, str | None]:
+def expert_info(
+    name: str, expert: LoraWeights, sha256: str | None = None, *, architecture: str | None = _GUESS
+) -> dict[str, str | None]:
     """One expert's entry in a merge record: its name, sha256 and provenance from its file's metadata
     (skill, base model, architecture (guessed unless given), the recipe hash it was trained with)."""
     return {
-        "name": name, "sha256": sha256, "skill": metadata_value(expert, "skill"),
+        "name": name,
+        "sha256": sha256,
+        "skill": metadata_value(expert, "skill"),
         "base_model": metadata_value(expert, "base_model"),
         "architecture": guess_architecture(expert) if architecture is _GUESS else architecture,
         "recipe_sha256": metadata_value(expert, "recipe_sha256"),
