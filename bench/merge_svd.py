@@ -1,8 +1,8 @@
 """Benchmark of the exact `svd` merge (issue 31): the SVD taken from the experts' stacked factors,
 never of a dense update, against the `selma` merge of the same experts, measured in the same run.
 
-Two random rank-16 experts on every Linear and Conv2d layer of the full-size SD 1.5 UNet and of its
-CLIP-L text encoder (shapes from the diffusers / transformers configs on the meta device, no
+Two random rank-16 experts on the attention projections (``--every-layer``: every Linear and Conv2d
+layer) of the full-size SD 1.5 UNet and of its CLIP-L text encoder (shapes from the diffusers / transformers configs on the meta device, no
 download), float16 as trained experts are stored, merged in memory with ``merge_experts``: `svd` to
 rank 8 and `selma` (the paper's rule, the fast baseline), interleaved, median of ``--repeats``.
 ``--dense`` also times the dense exact SVD the `svd` method took before (each module's full
