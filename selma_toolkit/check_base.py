@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selma_toolkit.errors import RecipeError
+from selma_toolkit.errors import Option, RecipeError
 from selma_toolkit.evaluate.scorers import build_scorers
 from selma_toolkit.evaluate.scoring import EvalItem, score_variants
 from selma_toolkit.evaluate.stats import bootstrap_interval
@@ -118,7 +118,10 @@ def check_base(
 
     if prompts_per_skill < 2:
         raise RecipeError(
-            f"check-base: --prompts-per-skill {prompts_per_skill}: at least 2 prompts per skill are needed"
+            what="too few prompts per skill for a paired comparison",
+            where=Option("prompts_per_skill"),
+            found=prompts_per_skill,
+            expected="at least 2",
         )
     out = Path(out)
     scorers = build_scorers(run.evaluate)  # checks every scorer setting before anything is drawn

@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selma_toolkit.dataset import read_prompts
-from selma_toolkit.errors import RecipeError, TrainingError
+from selma_toolkit.errors import Option, RecipeError, Remedy, TrainingError
 from selma_toolkit.io import JsonlAppender, atomic_write_text
 from selma_toolkit.paths import RunPaths
 from selma_toolkit.prompts import generate_prompts
@@ -315,11 +315,17 @@ def _load_state(out: Path, settings: JudgeSettings) -> dict[str, Any] | None:
     if changed:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise TrainingError(
-            f"{out}: holds a judge training run with other settings ({shown}); resume with the same "
-            "settings or choose another --out"
+            what=f"holds a judge training run with other settings ({shown})",
+            where=str(out),
+            remedies=[Remedy.do("resume with the same settings"), Remedy.change("out", "folder")],
         )
     if record["step"] > settings.steps:
-        raise TrainingError(f"{out}: already trained {record['step']} steps, more than --steps {settings.steps}")
+        raise TrainingError(
+            what=f"already trained {record['step']} steps, more than asked",
+            where=(str(out), Option("steps")),
+            found=settings.steps,
+            remedies=[Remedy.do(f"export it with judge-export {out}")],
+        )
     return record
 
 
