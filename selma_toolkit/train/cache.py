@@ -180,7 +180,7 @@ class CachedTensors:
         for index in indices:
             shard, row = divmod(index, self.shard_size)
             handle = self._shards[shard]
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors safe_open handle is not iterable
                 picked.setdefault(name, []).append(handle.get_slice(name)[row : row + 1])
         return {name: cat_rows(rows, name) for name, rows in picked.items()}
 
