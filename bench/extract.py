@@ -38,26 +38,15 @@ import time
 import zlib
 from pathlib import Path
 
+from selma_toolkit.architectures import FAMILIES
+
 GOAL = 1.2
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 EXPERT_RANK = 128
 EXPERT_WEIGHTS = (1 / 29, 1 / 31, 1 / 34, 1 / 37, 1 / 40)  # set_adapters' 1 / len(model id) of five experts
 SHARD_BYTES = 1 << 30
-# diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json).
-SDXL_UNET = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    transformer_layers_per_block=(1, 2, 10),
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
+# diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0, as the sdxl family records it.
+SDXL_UNET = dict(FAMILIES["sdxl"].published_denoiser)
 QUICK_UNET = {
     **SDXL_UNET,
     "block_out_channels": (160, 320, 640),

@@ -24,20 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from selma_toolkit.architectures import FAMILIES
+
 RANK, MERGED_RANK, EXPERTS = 16, 8, 2
-# diffusers' UNet2DConditionModel config of runwayml/stable-diffusion-v1-5 and its CLIP-L text encoder.
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
+# diffusers' UNet2DConditionModel config of runwayml/stable-diffusion-v1-5, as the sd1 family records it.
+SD15_UNET = dict(FAMILIES["sd1"].published_denoiser)
+# Its CLIP-L text encoder.
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 
 

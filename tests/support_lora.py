@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from selma_toolkit.architectures import FAMILIES
 from selma_toolkit.lora import LoraModule, LoraWeights, canonical_module_name
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -231,15 +232,7 @@ def diffusers_to_ldm(path: str, layers_per_block: int, up_has_attention: dict[in
 # Full-size configs of the real models (public config.json values), for name tests on the meta
 # device: no weights are allocated.
 FULL_SIZE_UNET = {
-    "sd1": dict(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ),
+    "sd1": dict(FAMILIES["sd1"].published_denoiser),
     "sd2": dict(
         sample_size=96,
         block_out_channels=(320, 640, 1280, 1280),
@@ -250,20 +243,7 @@ FULL_SIZE_UNET = {
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ),
-    "sdxl": dict(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2, 10),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    ),
+    "sdxl": dict(FAMILIES["sdxl"].published_denoiser),
 }
 # CLIP-L (SD 1.x, SDXL's first), OpenCLIP-H (SD 2.x, 23 layers as shipped), OpenCLIP-bigG (SDXL's second).
 FULL_SIZE_TEXT = {
