@@ -455,6 +455,8 @@ def bar_chart(summary: dict[str, Any], path: Path) -> None:
     skills, kinds = summary["skills"], summary["kinds"]
     figure, axis = plt.subplots(figsize=(2.2 + 1.1 * len(skills) * len(kinds) / 3, 4), dpi=110)
     width = 0.8 / max(1, len(kinds))
+    # matplotlib's default cycle repeats after 10 colours; a study has more variants than that.
+    palette = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
     for k, kind in enumerate(kinds):
         means, errors, xs = [], [[], []], []
         for s, skill in enumerate(skills):
@@ -465,7 +467,7 @@ def bar_chart(summary: dict[str, Any], path: Path) -> None:
             means.append(stats["mean"])
             errors[0].append(stats["mean"] - stats["low"])
             errors[1].append(stats["high"] - stats["mean"])
-        axis.bar(xs, means, width, yerr=errors, capsize=2, label=kind)
+        axis.bar(xs, means, width, yerr=errors, capsize=2, label=kind, color=palette(k % palette.N))
     axis.set_xticks(range(len(skills)), skills)
     axis.set_ylabel("toyworld score (0-100)")
     axis.set_ylim(0, 100)
