@@ -74,6 +74,19 @@ def toyworld_score(
     console.print(f"score {score_image(picture, caption):.1f}")
 
 
+def _training_columns(description: str) -> tuple:
+    """A training loop's progress columns: what it is, the bar, steps done of all, time, the loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+    )
+
+
 @toyworld_app.command("pretrain")
 def toyworld_pretrain(
     out: Annotated[Path, typer.Option(help="Pretraining folder (checkpoint, snapshots, logs); rerun to resume.")],
@@ -108,7 +121,7 @@ def toyworld_pretrain(
     ] = None,
 ) -> None:
     """Pretrain a toy base model on ground-truth renders (VAE, then UNet + text encoder with EMA)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from selma_toolkit.toyworld.pretrain import PretrainSettings, pretrain
 
@@ -124,14 +137,7 @@ def toyworld_pretrain(
         captions=captions,
         vae_from=vae_from,
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-    )
-    with Progress(*columns, console=err_console) as bar:
+    with Progress(*_training_columns("{task.description}"), console=err_console) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int, loss: float) -> None:
@@ -266,7 +272,7 @@ def toyworld_judge_train(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train toy:judge, a small CLIP of the shapes world, on renders with hard-negative captions."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from selma_toolkit.toyworld.judge import JudgeSettings, train_judge
 
@@ -282,14 +288,7 @@ def toyworld_judge_train(
         blur=blur,
         exclude_recipe=exclude_recipe,
     )
-    columns = (
-        TextColumn("judge"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-    )
-    with Progress(*columns, console=err_console) as bar:
+    with Progress(*_training_columns("judge"), console=err_console) as bar:
         task = bar.add_task("judge", total=steps, loss=0.0)
         train_judge(out, settings, progress=lambda done, total, loss: bar.update(task, completed=done, loss=loss))
     console.print(f"export it with `selma toyworld judge-export {escape(str(out))}`", highlight=False, soft_wrap=True)
